@@ -1,0 +1,17 @@
+"""Gemma 4 26B_A4B fine-tuned with QLORA.
+
+Run (full size, needs the model download credentials, see README):
+
+    gemma4-keras train --config=configs/26b_a4b_qlora.py --workdir=runs/26b_a4b_qlora \
+        --config.data.path=train.jsonl
+
+Smoke test on the tiny model (CPU, seconds):
+
+    gemma4-keras train --config=configs/26b_a4b_qlora.py:runlocal --workdir=/tmp/26b_a4b_qlora
+"""
+
+from gemma4_keras import config_lib
+
+
+def get_config(arg=None):
+    return config_lib.get_config("26b_a4b", "qlora", arg)

@@ -1,0 +1,277 @@
+"""Model-size and method tables, the config builder, and config validation.
+
+Every file under `configs/` is `get_config(arg)` delegating to `get_config`
+here: adding a size is one row of `SIZES`, adding a method one row of
+`METHODS`. Fields users type on the command line:
+
+    --config.model.preset=gemma4_instruct_4b      (preset | hf://org/repo | dir | tiny)
+    --config.data.path=train.jsonl                (file or tfds:name[/config]:split)
+    --config.lora.rank=16 --config.lora.alpha=32 --config.lora.dropout=0.05
+    --config.lora.targets=q_proj,v_proj           (HF module names or all-linear)
+    --config.quant.mode=nf4                       (none | nf4 | int8 | int4)
+    --config.train.learning_rate=2e-4 --config.checkpoint.every_steps=100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from collections.abc import Sequence
+
+import ml_collections
+
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+QUANT_MODES = ("none", "nf4", "int8", "int4")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field has a value the package cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Facts of one Gemma 4 size that change default run settings."""
+
+    preset: str  # KerasHub preset of the instruction-tuned model
+    base_preset: str  # KerasHub preset of the pretrained (base) model
+    hf_id: str  # Hugging Face repo of the instruction-tuned model
+    max_length: int  # default training sequence length, tokens
+    remat: bool  # rematerialise decoder blocks by default
+    micro_batch: int  # per-device micro-batch
+
+
+SIZES: dict[str, Size] = {
+    "tiny": Size("tiny", "tiny", "", 128, False, 8),
+    "e2b": Size("gemma4_instruct_2b", "gemma4_2b", "google/gemma-4-E2B-it", 2048, True, 4),
+    "e4b": Size("gemma4_instruct_4b", "gemma4_4b", "google/gemma-4-E4B-it", 2048, True, 4),
+    "26b_a4b": Size(
+        "gemma4_instruct_26b_a4b",
+        "gemma4_26b_a4b",
+        "google/gemma-4-26B-A4B-it",
+        2048,
+        True,
+        2,
+    ),
+    "31b": Size("gemma4_instruct_31b", "gemma4_31b", "google/gemma-4-31B-it", 2048, True, 1),
+}
+
+# method -> quantisation of the frozen base. Hyperparameters follow the
+# fine-tuning guide: rank 16, alpha 2 x rank, dropout 0.05, lr 2e-4.
+METHODS: dict[str, dict] = {
+    "lora": {"mode": "none", "double_quant": False},
+    "qlora": {"mode": "nf4", "double_quant": True},
+}
+
+
+def default_dataset_path() -> str:
+    """Path of the sentiment dataset that ships with the package."""
+    return str(importlib.resources.files("gemma4_keras") / "resources" / "sentiment.jsonl")
+
+
+def get_config(size: str, method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Builds the run config for `size` x `method`.
+
+    Args:
+      size: a key of `SIZES` (tiny, e2b, e4b, 26b_a4b, 31b).
+      method: a key of `METHODS` (lora, qlora).
+      arg: the `:arg` of `--config=file.py:arg`; `runlocal` shrinks the run to
+        the tiny model for a couple of steps (tests, smoke runs).
+
+    Example:
+      >>> cfg = get_config("e4b", "qlora")
+      >>> cfg.quant.mode, cfg.lora.rank, cfg.lora.alpha
+      ('nf4', 16, 32.0)
+    """
+    if size not in SIZES:
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    facts = SIZES[size]
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.method = method
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = facts.preset  # KerasHub preset name, hf://org/repo, a local dir, or tiny
+    c.model.dtype = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
+    c.model.allow_float16 = False  # Gemma 4 overflows in float16; set True to force
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 16
+    c.lora.alpha = 32.0  # scale = alpha / rank (alpha / sqrt(rank) with rslora)
+    c.lora.dropout = 0.05  # on the adapter input only, only while training
+    c.lora.targets = "all-linear"  # comma-separated HF module names, or all-linear
+    c.lora.layers = ""  # comma-separated decoder layer indices; empty = all layers
+    c.lora.rslora = False
+    c.lora.seed = 0
+
+    c.quant = ml_collections.ConfigDict(dict(METHODS[method]))
+    c.quant.block_size = 64  # NF4 block (bitsandbytes' default)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # JSONL/CSV file or tfds:name[/config]:split; empty = shipped sample
+    c.data.format = "auto"  # auto | messages | prompt_completion | alpaca | csv | tfds
+    c.data.fields = ml_collections.ConfigDict(
+        {"prompt": "", "completion": "", "system": "", "messages": ""}
+    )  # column / feature names for csv and tfds
+    c.data.on_error = "raise"  # raise | skip (skipped records are listed in the report)
+    c.data.system_prompt = ""  # added as system turn when a record has none
+    c.data.train_on = "last_model_turn"  # last_model_turn | all_model_turns
+    c.data.max_length = facts.max_length  # tokens per example
+    c.data.truncation = "drop"  # drop | cut_history
+    c.data.packing = False  # pack several examples into one row
+    c.data.holdout_fraction = 0.1  # held out by content hash, in (0, 0.5]
+    c.data.dedupe = True
+    c.data.enable_thinking = False
+    c.data.seed = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 3
+    c.train.max_steps = -1  # optimiser steps; -1 = epochs x data
+    c.train.batch_size = facts.micro_batch  # examples per micro-batch
+    c.train.grad_accum = 4  # micro-batches per optimiser step
+    c.train.learning_rate = 2e-4
+    c.train.warmup_ratio = 0.1  # of all optimiser steps; ignored when warmup_steps > 0
+    c.train.warmup_steps = 0
+    c.train.schedule = "cosine"  # cosine | constant
+    c.train.weight_decay = 0.0
+    c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
+    c.train.remat = facts.remat  # rematerialise each decoder block
+    c.train.loss_chunk_size = 1024  # tokens per chunk of the vocab projection
+    c.train.seed = 0
+    c.train.log_every = 10  # optimiser steps between progress lines
+    c.train.eval_every = 0  # optimiser steps between validation losses; 0 = each epoch
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # optimiser steps
+    c.checkpoint.max_to_keep = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_examples = 200  # held-out examples generated for the report; -1 = all
+    c.eval.max_new_tokens = 64
+    c.eval.task_type = ""  # classification | generation | extraction | instruction; empty = infer
+    c.eval.batch_size = 8
+    c.eval.compare_base = True  # also evaluate the untouched base model
+
+    if arg:
+        _apply_arg(c, arg)
+    return c
+
+
+def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
+    """Applies the `:arg` switches (comma-separated)."""
+    for switch in arg.split(","):
+        if switch == "runlocal":
+            _shrink_to_tiny(c)
+        else:
+            raise ConfigError(f"unknown config switch {switch!r}; known switches: runlocal")
+
+
+def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
+    """Turns any config into a two-step run of the tiny model on the sample data."""
+    c.model.preset = "tiny"
+    c.data.path = ""
+    c.data.max_length = 96
+    c.train.batch_size = 2
+    c.train.grad_accum = 1
+    c.train.max_steps = 2
+    c.train.remat = c.train.remat  # keep the size's setting so remat is exercised
+    c.train.log_every = 1
+    c.checkpoint.every_steps = 2
+    c.eval.max_examples = 4
+    c.eval.max_new_tokens = 4
+    c.eval.compare_base = False
+    c.lora.rank = 4
+    c.lora.alpha = 8.0
+
+
+def parse_list(value: str | Sequence[str]) -> list[str]:
+    """Splits a comma-separated config value.
+
+    >>> parse_list("q_proj, v_proj")
+    ['q_proj', 'v_proj']
+    """
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value]
+
+
+def lora_targets(value: str | Sequence[str]) -> list[str]:
+    """Resolves `lora.targets` to HF module names, in canonical order."""
+    names = parse_list(value)
+    if not names:
+        raise ConfigError("lora.targets is empty; give HF module names, e.g. q_proj,v_proj, or all-linear")
+    if names == ["all-linear"]:
+        return list(LORA_TARGETS)
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(
+            f"lora.targets has unknown module name(s) {unknown}; known: "
+            f"{', '.join(LORA_TARGETS)} or all-linear"
+        )
+    return [t for t in LORA_TARGETS if t in names]
+
+
+def lora_layers(value: str | Sequence[str]) -> list[int] | None:
+    """Resolves `lora.layers` to layer indices; None means every layer."""
+    names = parse_list(value)
+    if not names:
+        return None
+    try:
+        return sorted({int(n) for n in names})
+    except ValueError as e:
+        raise ConfigError(f"lora.layers must be comma-separated integers, got {value!r}") from e
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first field whose value is unusable."""
+    checks = [
+        (c.lora.rank > 0, "lora.rank", "must be > 0"),
+        (c.lora.alpha > 0, "lora.alpha", "must be > 0"),
+        (0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (c.quant.mode in QUANT_MODES, "quant.mode", f"must be one of {', '.join(QUANT_MODES)}"),
+        (c.quant.block_size > 0, "quant.block_size", "must be > 0"),
+        (0 < c.data.holdout_fraction <= 0.5, "data.holdout_fraction", "must be in (0, 0.5]"),
+        (c.data.max_length > 1, "data.max_length", "must be > 1"),
+        (c.data.on_error in ("raise", "skip"), "data.on_error", "must be raise or skip"),
+        (c.data.train_on in ("last_model_turn", "all_model_turns"), "data.train_on",
+         "must be last_model_turn or all_model_turns"),
+        (c.data.truncation in ("drop", "cut_history"), "data.truncation", "must be drop or cut_history"),
+        (c.train.batch_size > 0, "train.batch_size", "must be > 0"),
+        (c.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
+        (c.train.epochs > 0, "train.epochs", "must be > 0"),
+        (c.train.learning_rate > 0, "train.learning_rate", "must be > 0"),
+        (0 <= c.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
+        (c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (c.train.schedule in ("cosine", "constant"), "train.schedule", "must be cosine or constant"),
+        (c.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0"),
+        (c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0"),
+        (c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0"),
+        (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
+        (bool(str(c.model.preset).strip()), "model.preset", "is empty; name a preset, hf://org/repo or a directory"),
+    ]
+    for ok, field, rule in checks:
+        if not ok:
+            raise ConfigError(f"--config.{field}={_value(c, field)!r} {rule}")
+    if c.model.dtype == "float16" and not c.model.allow_float16:
+        raise ConfigError(
+            "--config.model.dtype='float16': Gemma 4 overflows in float16 (NaN "
+            "gradients); use bfloat16 or float32, or set --config.model.allow_float16=True"
+        )
+    lora_targets(c.lora.targets)
+    lora_layers(c.lora.layers)
+
+
+def _value(c: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
