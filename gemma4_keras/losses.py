@@ -1,0 +1,338 @@
+"""Masked cross-entropy over Gemma 4's 262,144-token vocabulary, in chunks.
+
+Gemma 4 ties its output projection to the input embedding and soft-caps the
+final logits: `logits = cap * tanh(hidden @ embedding.T / cap)` with cap 30.
+At batch 1 and 4096 tokens the float32 logits alone take 4 GiB, and autodiff
+of the naive loss keeps several arrays of that size alive. The loss here walks
+the flattened tokens in chunks and has a hand-written gradient, so the
+compiled train step only ever holds one chunk's `[chunk, vocab]` logits:
+
+* forward: per chunk, logits -> soft-cap -> float32 logsumexp; it saves the
+  per-token logsumexp and negative log-likelihood (two floats per token);
+* backward: per chunk, it recomputes the logits and forms
+  `d_logits = (softmax - onehot) * weight * (1 - tanh^2)`, then
+  `d_hidden = d_logits @ embedding` (and, only when asked,
+  `d_embedding += d_logits.T @ hidden`).
+
+Both return the *sum* of weighted token losses and the sum of weights, so the
+caller divides by a global token count; that keeps gradient accumulation over
+micro-batches exact.
+
+This module depends on JAX only.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["chunked_cross_entropy", "full_cross_entropy", "token_logprobs"]
+
+# Below this cap the soft-capped logits lie in [-cap, cap], so shifting the
+# exponent by `cap` instead of the row maximum can neither overflow nor push
+# the row's largest term out of float32's normal range (exp(-2 * 40) ~ 2e-35).
+# That saves a max-reduction pass over every [chunk, vocab] block.
+_MAX_CAP_FOR_CONSTANT_SHIFT = 40.0
+
+
+def _check_inputs(
+    hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array
+) -> None:
+    """Raises ValueError naming the argument whose shape does not fit."""
+    if hidden.ndim < 2:
+        raise ValueError(
+            f"hidden must be [batch, seq, dim] (or [tokens, dim]); got shape "
+            f"{hidden.shape}."
+        )
+    if embedding.ndim != 2 or embedding.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"embedding must be [vocab, {hidden.shape[-1]}] to match hidden's last "
+            f"dimension; got shape {embedding.shape}."
+        )
+    for name, array in (("targets", targets), ("weights", weights)):
+        if array.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"{name} must have shape {hidden.shape[:-1]} (hidden's shape "
+                f"without the last dimension); got {array.shape}."
+            )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer token ids; got {targets.dtype}.")
+
+
+def _logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Raw logits `h @ embedding.T`, multiplied in h's dtype, accumulated in f32."""
+    return jnp.einsum("nd,vd->nv", h, embedding, preferred_element_type=jnp.float32)
+
+
+def _soft_cap(raw: jax.Array, soft_cap: float | None) -> tuple[jax.Array, jax.Array]:
+    """Returns (capped logits, tanh) in float32; tanh is None without a cap."""
+    if soft_cap is None:
+        return raw, None
+    tanh = jnp.tanh(raw / soft_cap)
+    return soft_cap * tanh, tanh
+
+
+def _logsumexp(logits: jax.Array, soft_cap: float | None) -> jax.Array:
+    """Stable float32 logsumexp over the last axis of one chunk."""
+    if soft_cap is not None and soft_cap <= _MAX_CAP_FOR_CONSTANT_SHIFT:
+        return soft_cap + jnp.log(jnp.sum(jnp.exp(logits - soft_cap), axis=-1))
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+def _chunk_forward(
+    h: jax.Array, embedding: jax.Array, targets: jax.Array, soft_cap: float | None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token (logsumexp, nll) of one [chunk, dim] block, both float32."""
+    raw = _logits(h, embedding)
+    logits, _ = _soft_cap(raw, soft_cap)
+    lse = _logsumexp(logits, soft_cap)
+    # Gather the raw target logit and cap just that value: the same elementwise
+    # op on the same float gives exactly the entry the softmax saw.
+    target_raw = jnp.take_along_axis(raw, targets[:, None], axis=-1)[:, 0]
+    target_logit, _ = _soft_cap(target_raw, soft_cap)
+    return lse, lse - target_logit
+
+
+def _scan_forward(
+    h_chunks: jax.Array,
+    embedding: jax.Array,
+    t_chunks: jax.Array,
+    soft_cap: float | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token (logsumexp, nll), shaped [num_chunks, chunk]."""
+
+    def body(_, xs):
+        h, t = xs
+        return None, _chunk_forward(h, embedding, t, soft_cap)
+
+    _, (lse, nll) = jax.lax.scan(body, None, (h_chunks, t_chunks))
+    return lse, nll
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_loss_sum(
+    h_chunks: jax.Array,
+    embedding: jax.Array,
+    t_chunks: jax.Array,
+    w_chunks: jax.Array,
+    soft_cap: float | None,
+    embedding_grad: bool,
+) -> jax.Array:
+    """Sum of weights * nll over [num_chunks, chunk] tokens (float32 scalar)."""
+    _, nll = _scan_forward(h_chunks, embedding, t_chunks, soft_cap)
+    return jnp.sum(w_chunks * nll)
+
+
+def _chunked_loss_sum_fwd(h_chunks, embedding, t_chunks, w_chunks, soft_cap, _):
+    lse, nll = _scan_forward(h_chunks, embedding, t_chunks, soft_cap)
+    loss = jnp.sum(w_chunks * nll)
+    # Residuals: the inputs (already alive in the caller) plus two floats per
+    # token. Nothing of size vocab per token survives the forward pass.
+    return loss, (h_chunks, embedding, t_chunks, w_chunks, lse, nll)
+
+
+def _chunked_loss_sum_bwd(soft_cap, embedding_grad, residuals, g):
+    h_chunks, embedding, t_chunks, w_chunks, lse, nll = residuals
+    vocab = embedding.shape[0]
+
+    def body(d_embedding, xs):
+        h, t, w, lse_c = xs
+        raw = _logits(h, embedding)
+        logits, tanh = _soft_cap(raw, soft_cap)
+        probs = jnp.exp(logits - lse_c[:, None])
+        onehot = t[:, None] == jnp.arange(vocab, dtype=t.dtype)[None, :]
+        d_logits = (probs - onehot) * (w * g)[:, None]
+        if tanh is not None:
+            # d/dx [cap * tanh(x / cap)] = 1 - tanh(x / cap)^2.
+            d_logits = d_logits * (1.0 - tanh * tanh)
+        d_logits = d_logits.astype(h.dtype)
+        d_h = jnp.einsum(
+            "nv,vd->nd", d_logits, embedding, preferred_element_type=jnp.float32
+        ).astype(h.dtype)
+        if embedding_grad:
+            d_embedding = d_embedding + jnp.einsum(
+                "nv,nd->vd", d_logits, h, preferred_element_type=jnp.float32
+            )
+        return d_embedding, d_h
+
+    init = jnp.zeros(embedding.shape, jnp.float32) if embedding_grad else None
+    d_embedding, d_h = jax.lax.scan(body, init, (h_chunks, t_chunks, w_chunks, lse))
+    if embedding_grad:
+        d_embedding = d_embedding.astype(embedding.dtype)
+    else:
+        # The tied embedding is frozen under LoRA; a zero cotangent that no one
+        # reads is removed by XLA, so this costs nothing in the train step.
+        d_embedding = jnp.zeros_like(embedding)
+    # d(loss)/d(weight) is the token's nll, which is saved anyway, so the
+    # weights get their exact gradient for free. Targets are integers: None.
+    d_w = (g * nll).astype(w_chunks.dtype)
+    return d_h, d_embedding, None, d_w
+
+
+_chunked_loss_sum.defvjp(_chunked_loss_sum_fwd, _chunked_loss_sum_bwd)
+
+
+def _to_chunks(
+    hidden: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Flattens tokens and pads them with weight 0 to whole chunks.
+
+    Returns ([n, c, dim] hidden, [n, c] targets, [n, c] float32 weights, tokens).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    dim = hidden.shape[-1]
+    h = hidden.reshape(-1, dim)
+    t = targets.reshape(-1).astype(jnp.int32)
+    w = weights.reshape(-1).astype(jnp.float32)
+    tokens = h.shape[0]
+    # A short batch is one chunk of its own length, not padded to chunk_size.
+    chunk = max(1, min(chunk_size, tokens))
+    padded = -(-tokens // chunk) * chunk
+    if padded != tokens:
+        pad = padded - tokens
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        t = jnp.pad(t, (0, pad))
+        w = jnp.pad(w, (0, pad))
+    n = padded // chunk
+    return h.reshape(n, chunk, dim), t.reshape(n, chunk), w.reshape(n, chunk), tokens
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    embedding: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    soft_cap: float | None = 30.0,
+    chunk_size: int = 1024,
+    embedding_grad: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Weighted token cross-entropy from hidden states, without full logits.
+
+    The logits are `soft_cap * tanh(hidden @ embedding.T / soft_cap)`. They
+    are computed `chunk_size` tokens at a time, in both the forward and the
+    (custom) backward pass, so `[batch, seq, vocab]` logits never exist. The
+    matmul runs in `hidden.dtype` with float32 accumulation; the soft-cap,
+    softmax and logsumexp run in float32.
+
+    Args:
+      hidden: `[batch, seq, dim]` final hidden states (after the final norm),
+        any float dtype.
+      embedding: `[vocab, dim]` tied token embedding; cast to `hidden.dtype`
+        for the matmul.
+      targets: `[batch, seq]` integer next-token ids.
+      weights: `[batch, seq]` per-token loss weights; 0 ignores a token.
+      soft_cap: final logit soft-cap (Gemma 4: 30.0); None for plain logits.
+      chunk_size: tokens per chunk (static). Peak temp memory grows with
+        `chunk_size * vocab`; the flattened token count is padded up to a
+        multiple of it with weight-0 tokens.
+      embedding_grad: whether to compute the embedding gradient (static). The
+        tied embedding is frozen under LoRA, so by default its gradient is
+        returned as zeros, which XLA removes from the compiled step.
+
+    Returns:
+      `(loss_sum, weight_sum)`, float32 scalars: the sum over tokens of
+      `weights * nll` and the sum of `weights`. Divide by a global token
+      count (e.g. `weight_sum` summed over micro-batches) for the mean loss.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> hidden = jnp.ones((2, 5, 8)) * 0.1
+      >>> embedding = jnp.ones((32, 8)) * 0.2
+      >>> targets = jnp.zeros((2, 5), jnp.int32)
+      >>> weights = jnp.ones((2, 5)).at[:, :2].set(0.0)  # mask the prompt
+      >>> def loss_fn(h):
+      ...     total, count = chunked_cross_entropy(
+      ...         h, embedding, targets, weights, chunk_size=4)
+      ...     return total / count
+      >>> loss, grad = jax.value_and_grad(loss_fn)(hidden)
+      >>> round(float(loss), 4)  # all 32 logits equal: log(32)
+      3.4657
+    """
+    _check_inputs(hidden, embedding, targets, weights)
+    h, t, w, _ = _to_chunks(hidden, targets, weights, chunk_size)
+    loss_sum = _chunked_loss_sum(
+        h, embedding.astype(hidden.dtype), t, w, soft_cap, bool(embedding_grad)
+    )
+    return loss_sum, jnp.sum(weights.astype(jnp.float32))
+
+
+def full_cross_entropy(
+    hidden: jax.Array,
+    embedding: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    soft_cap: float | None = 30.0,
+) -> tuple[jax.Array, jax.Array]:
+    """The naive reference: materialises all logits, autodiff does the rest.
+
+    Same arguments and results as `chunked_cross_entropy`; use it in tests and
+    benchmarks, not in training (it holds `[batch, seq, vocab]` float32 logits
+    and their gradients).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> total, count = full_cross_entropy(
+      ...     jnp.zeros((1, 3, 4)), jnp.ones((10, 4)),
+      ...     jnp.array([[1, 2, 3]]), jnp.ones((1, 3)))
+      >>> round(float(total / count), 4)  # uniform over 10 tokens: log(10)
+      2.3026
+    """
+    _check_inputs(hidden, embedding, targets, weights)
+    raw = jnp.einsum(
+        "...d,vd->...v",
+        hidden,
+        embedding.astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    logits = raw if soft_cap is None else soft_cap * jnp.tanh(raw / soft_cap)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    target_log_probs = jnp.take_along_axis(
+        log_probs, targets[..., None].astype(jnp.int32), axis=-1
+    )[..., 0]
+    weights = weights.astype(jnp.float32)
+    return -jnp.sum(weights * target_log_probs), jnp.sum(weights)
+
+
+def token_logprobs(
+    hidden: jax.Array,
+    embedding: jax.Array,
+    targets: jax.Array,
+    *,
+    soft_cap: float | None = 30.0,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    """Per-token log-probability of `targets`, chunked, with no gradient.
+
+    For evaluation (perplexity, scoring answer options) without building
+    `[batch, seq, vocab]` logits.
+
+    Args:
+      hidden: `[batch, seq, dim]` final hidden states.
+      embedding: `[vocab, dim]` tied token embedding.
+      targets: `[batch, seq]` integer token ids to score.
+      soft_cap: final logit soft-cap; None for plain logits.
+      chunk_size: tokens per chunk (static).
+
+    Returns:
+      `[batch, seq]` float32 `log p(targets | hidden)`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logp = token_logprobs(
+      ...     jnp.zeros((1, 3, 4)), jnp.ones((10, 4)), jnp.array([[1, 2, 3]]))
+      >>> logp.shape
+      (1, 3)
+    """
+    weights = jnp.ones(targets.shape, jnp.float32)
+    _check_inputs(hidden, embedding, targets, weights)
+    hidden = jax.lax.stop_gradient(hidden)
+    embedding = jax.lax.stop_gradient(embedding.astype(hidden.dtype))
+    h, t, _, tokens = _to_chunks(hidden, targets, weights, chunk_size)
+    _, nll = _scan_forward(h, embedding, t, soft_cap)
+    return -nll.reshape(-1)[:tokens].reshape(targets.shape)
