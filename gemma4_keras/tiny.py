@@ -1,0 +1,673 @@
+"""A hermetic tiny Gemma 4 checkpoint in Hugging Face format.
+
+Tests and the embedded default run (`configs/tiny.py`) need a model with the
+real Gemma 4 architecture (sliding + full attention with a wider global head,
+partial RoPE, Q/K/V norms, four norms per block, layer scalars, optional
+per-layer embeddings, KV sharing and MoE) that is small enough to train on a
+CPU in minutes, and that both KerasHub (`Gemma4Backbone.from_preset(dir)`) and
+transformers (`AutoModelForCausalLM.from_pretrained(dir)`) load. This module
+writes such a checkpoint from a seed, with numpy, safetensors and tokenizers
+only (no torch or transformers at run time):
+
+    path = tiny_checkpoint()                  # cached, ~1 MB
+    path = tiny_checkpoint(ple=True, kv_shared_layers=2, moe=True)
+
+The directory holds `config.json`, `model.safetensors` (float32),
+`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` and
+`generation_config.json`.
+
+Shape: 4 decoder layers `[sliding, full, sliding, full]`. The 1 : 1 pattern
+(instead of the real 4 : 1 or 5 : 1) is what lets KV sharing exist in a 4-layer
+model: transformers requires the non-shared layers to contain every attention
+type the shared ones use (`Gemma4TextConfig.kv_sharing_modes`), so with
+`kv_shared_layers=2` layers 2 and 3 reuse the K/V of layers 0 and 1.
+
+Layouts:
+  * `"causal_lm"`: `Gemma4ForCausalLM`, `model_type="gemma4_text"`, weights
+    under `model.*`.
+  * `"conditional_generation"`: `Gemma4ForConditionalGeneration`,
+    `model_type="gemma4"` with the text config nested under `text_config` and
+    text weights under `model.language_model.*`, like the released
+    checkpoints, but with no vision or audio tower. The `vision_config` and
+    `audio_config` keys are omitted rather than null: transformers accepts
+    both, while KerasHub's converter builds a vision encoder whenever the
+    `vision_config` key exists (and fails on null).
+
+`global_head_dim` is written where both readers look for it: KerasHub's
+converter reads the key of the text config; transformers 5.x pops that same key
+in `Gemma4TextConfig.__post_init__` and turns it into
+`per_layer_config[i].head_dim` for the full-attention layers.
+
+Tokenizer: a BPE with byte fallback trained on the shipped sentiment dataset,
+with `▁` for spaces and no dummy prefix (like Gemma's), the Gemma 4 special
+tokens at their real ids where those are below the tiny vocabulary size
+(`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, `<mask>`=4, tool tokens 46-52,
+`<|think|>`=98, `<|channel>`=100, `<channel|>`=101, `<|turn>`=105,
+`<turn|>`=106), the multimodal markers (real ids 255999 and up) moved to
+107-113, and `<unusedN>` fillers so that ids are contiguous (KerasHub rebuilds
+a SentencePiece proto whose piece index is the id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+
+# Bump when the files written change, so stale caches are not reused.
+FORMAT_VERSION = 1
+TINY_VOCAB_SIZE = 1024
+NUM_LAYERS = 4
+HIDDEN_SIZE = 64
+LAYER_TYPES = (
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+)
+PLE_HIDDEN_SIZE = 8
+CACHE_ENV_VAR = "GEMMA4_KERAS_CACHE"
+LAYOUTS = ("causal_lm", "conditional_generation")
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+TURN_START_ID, TURN_END_ID = 105, 106
+
+# Named special tokens at their Gemma 4 ids. The multimodal markers live at
+# 255999+ in the real 262144-token vocabulary; here they follow `<turn|>`.
+SPECIAL_TOKENS: dict[str, int] = {
+    "<pad>": PAD_ID,
+    "<eos>": EOS_ID,
+    "<bos>": BOS_ID,
+    "<unk>": UNK_ID,
+    "<mask>": 4,
+    "<|tool>": 46,
+    "<tool|>": 47,
+    "<|tool_call>": 48,
+    "<tool_call|>": 49,
+    "<|tool_response>": 50,
+    "<tool_response|>": 51,
+    '<|"|>': 52,
+    "<|think|>": 98,
+    "<|channel>": 100,
+    "<channel|>": 101,
+    "<|turn>": TURN_START_ID,
+    "<turn|>": TURN_END_ID,
+    "<|image>": 107,
+    "<|image|>": 108,
+    "<image|>": 109,
+    "<|audio>": 110,
+    "<|audio|>": 111,
+    "<audio|>": 112,
+    "<|video|>": 113,
+}
+NUM_SPECIAL_IDS = 114  # ids 0..113: named tokens and `<unusedN>` fillers
+FIRST_BYTE_ID = NUM_SPECIAL_IDS  # `<0x00>`..`<0xFF>` follow the special ids
+FIRST_PIECE_ID = FIRST_BYTE_ID + 256
+
+# How the trainer cuts text into words before learning merges: a word is an
+# optional run of `▁` (spaces) and the non-space characters after it, so no
+# piece spans two words, as in SentencePiece's `split_by_whitespace`.
+_WORD_PATTERN = r"▁*[^▁\n]+|\n+|▁+"
+_SPACE = "▁"
+
+
+# --------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------
+
+
+def _text_config(ple: bool, kv_shared_layers: int, moe: bool) -> dict:
+    """The Gemma4TextConfig fields of the tiny model."""
+    if not 0 <= kv_shared_layers <= NUM_LAYERS - 2:
+        raise ValueError(
+            f"kv_shared_layers={kv_shared_layers}: must be in 0..{NUM_LAYERS - 2} "
+            "so that a sliding and a full layer remain to share K/V from."
+        )
+    return {
+        "model_type": "gemma4_text",
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": HIDDEN_SIZE,
+        "intermediate_size": 128,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_global_key_value_heads": None,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "layer_types": list(LAYER_TYPES),
+        "sliding_window": 16,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+            },
+        },
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6,
+        "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attention_k_eq_v": False,
+        "use_bidirectional_attention": None,
+        "hidden_size_per_layer_input": PLE_HIDDEN_SIZE if ple else 0,
+        "vocab_size_per_layer_input": TINY_VOCAB_SIZE,
+        "num_kv_shared_layers": kv_shared_layers,
+        "use_double_wide_mlp": False,
+        "enable_moe_block": moe,
+        "num_experts": 4 if moe else None,
+        "top_k_experts": 2 if moe else None,
+        "moe_intermediate_size": 32 if moe else None,
+        "pad_token_id": PAD_ID,
+        "eos_token_id": EOS_ID,
+        "bos_token_id": BOS_ID,
+        "initializer_range": 0.02,
+        "dtype": "float32",
+    }
+
+
+def tiny_hf_config(
+    *,
+    ple: bool = False,
+    kv_shared_layers: int = 0,
+    moe: bool = False,
+    layout: str = "causal_lm",
+    **overrides,
+) -> dict:
+    """Returns the `config.json` dict of the tiny Gemma 4 model.
+
+    Args:
+        ple: enable per-layer embeddings (`hidden_size_per_layer_input=8`).
+        kv_shared_layers: number of trailing layers that reuse the K/V of an
+            earlier layer of the same attention type (0, 1 or 2).
+        moe: enable the MoE block (4 experts, top 2, expert width 32) that runs
+            beside the dense MLP in every layer.
+        layout: `"causal_lm"` (`Gemma4ForCausalLM`, flat text config) or
+            `"conditional_generation"` (`Gemma4ForConditionalGeneration`, text
+            config nested under `text_config`, no vision / audio tower).
+        **overrides: text-config fields to replace, e.g. `sliding_window=8`.
+
+    Returns:
+        A JSON-serialisable dict.
+
+    Example:
+
+    >>> cfg = tiny_hf_config(moe=True)
+    >>> cfg["architectures"], cfg["num_experts"]
+    (['Gemma4ForCausalLM'], 4)
+    >>> tiny_hf_config(layout="conditional_generation")["text_config"]["hidden_size"]
+    64
+    """
+    text = _text_config(ple, kv_shared_layers, moe)
+    text.update(overrides)
+    if layout == "causal_lm":
+        return {"architectures": ["Gemma4ForCausalLM"], **text}
+    if layout == "conditional_generation":
+        return {
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": text,
+            "image_token_id": SPECIAL_TOKENS["<|image|>"],
+            "boi_token_id": SPECIAL_TOKENS["<|image>"],
+            "eoi_token_id": SPECIAL_TOKENS["<image|>"],
+            "audio_token_id": SPECIAL_TOKENS["<|audio|>"],
+            "boa_token_id": SPECIAL_TOKENS["<|audio>"],
+            "eoa_token_index": SPECIAL_TOKENS["<audio|>"],
+            "video_token_id": SPECIAL_TOKENS["<|video|>"],
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+        }
+    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}.")
+
+
+def _text_of(config: dict) -> dict:
+    """The text config inside either layout."""
+    return config.get("text_config", config)
+
+
+# --------------------------------------------------------------------------
+# model.safetensors
+# --------------------------------------------------------------------------
+
+
+def _layer_head_dim(text: dict, i: int) -> int:
+    if text["layer_types"][i] == "full_attention":
+        return text["global_head_dim"]
+    return text["head_dim"]
+
+
+def _is_kv_shared(text: dict, i: int) -> bool:
+    return i >= text["num_hidden_layers"] - text["num_kv_shared_layers"]
+
+
+def _layer_shapes(text: dict, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF weight names (relative to `layers.i.`) -> (shape, init kind)."""
+    h, hd = text["hidden_size"], _layer_head_dim(text, i)
+    q, kv, ffn = text["num_attention_heads"], text["num_key_value_heads"], None
+    ffn = text["intermediate_size"]
+    shapes = {
+        "input_layernorm.weight": ((h,), "norm"),
+        "post_attention_layernorm.weight": ((h,), "norm"),
+        "pre_feedforward_layernorm.weight": ((h,), "norm"),
+        "post_feedforward_layernorm.weight": ((h,), "norm"),
+        "layer_scalar": ((1,), "scalar"),
+        "self_attn.q_proj.weight": ((q * hd, h), "matrix"),
+        "self_attn.q_norm.weight": ((hd,), "norm"),
+        "self_attn.o_proj.weight": ((h, q * hd), "matrix"),
+        "mlp.gate_proj.weight": ((ffn, h), "matrix"),
+        "mlp.up_proj.weight": ((ffn, h), "matrix"),
+        "mlp.down_proj.weight": ((h, ffn), "matrix"),
+    }
+    # KV-shared layers own no K/V projections (like E2B / E4B checkpoints).
+    if not _is_kv_shared(text, i):
+        shapes["self_attn.k_proj.weight"] = ((kv * hd, h), "matrix")
+        shapes["self_attn.v_proj.weight"] = ((kv * hd, h), "matrix")
+        shapes["self_attn.k_norm.weight"] = ((hd,), "norm")
+    if text["hidden_size_per_layer_input"]:
+        p = text["hidden_size_per_layer_input"]
+        shapes["per_layer_input_gate.weight"] = ((p, h), "matrix")
+        shapes["per_layer_projection.weight"] = ((h, p), "matrix")
+        shapes["post_per_layer_input_norm.weight"] = ((h,), "norm")
+    if text["enable_moe_block"]:
+        e, m = text["num_experts"], text["moe_intermediate_size"]
+        shapes["router.proj.weight"] = ((e, h), "matrix")
+        shapes["router.scale"] = ((h,), "norm")
+        shapes["router.per_expert_scale"] = ((e,), "norm")
+        shapes["experts.gate_up_proj"] = ((e, 2 * m, h), "matrix")
+        shapes["experts.down_proj"] = ((e, h, m), "matrix")
+        shapes["post_feedforward_layernorm_1.weight"] = ((h,), "norm")
+        shapes["post_feedforward_layernorm_2.weight"] = ((h,), "norm")
+        shapes["pre_feedforward_layernorm_2.weight"] = ((h,), "norm")
+    return shapes
+
+
+def weight_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """All checkpoint tensor names -> (shape, init kind) for a tiny config.
+
+    Example:
+
+    >>> shapes = weight_shapes(tiny_hf_config())
+    >>> shapes["model.layers.1.self_attn.q_proj.weight"][0]
+    (128, 64)
+    """
+    text = _text_of(config)
+    prefix = "model.language_model." if "text_config" in config else "model."
+    h, v = text["hidden_size"], text["vocab_size"]
+    shapes = {
+        "embed_tokens.weight": ((v, h), "embedding"),
+        "norm.weight": ((h,), "norm"),
+    }
+    if text["hidden_size_per_layer_input"]:
+        lp = text["num_hidden_layers"] * text["hidden_size_per_layer_input"]
+        vp = text["vocab_size_per_layer_input"]
+        shapes["embed_tokens_per_layer.weight"] = ((vp, lp), "embedding")
+        shapes["per_layer_model_projection.weight"] = ((lp, h), "matrix")
+        shapes["per_layer_projection_norm.weight"] = (
+            (text["hidden_size_per_layer_input"],),
+            "norm",
+        )
+    for i in range(text["num_hidden_layers"]):
+        for name, spec in _layer_shapes(text, i).items():
+            shapes[f"layers.{i}.{name}"] = spec
+    return {prefix + name: spec for name, spec in shapes.items()}
+
+
+def _init_tensor(seed: int, name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    """Draws one tensor; its own RNG stream, so names shared by variants match."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if kind == "norm":
+        values = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif kind == "scalar":
+        values = rng.uniform(0.6, 1.0, shape)
+    elif kind == "embedding":
+        values = 0.1 * rng.standard_normal(shape)
+    else:
+        # ~ 1/sqrt(fan_in) scaled down: keeps activations O(1) through 4 blocks.
+        values = rng.standard_normal(shape) * (0.5 / np.sqrt(shape[-1]))
+    return values.astype(np.float32)
+
+
+def tiny_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights for a tiny config, deterministic from `seed`.
+
+    Example:
+
+    >>> w = tiny_weights(tiny_hf_config(), seed=0)
+    >>> w["model.embed_tokens.weight"].shape
+    (1024, 64)
+    """
+    return {
+        name: _init_tensor(seed, name, shape, kind)
+        for name, (shape, kind) in sorted(weight_shapes(config).items())
+    }
+
+
+# --------------------------------------------------------------------------
+# tokenizer.json
+# --------------------------------------------------------------------------
+
+
+def special_token_list() -> list[str]:
+    """Pieces of ids 0..NUM_SPECIAL_IDS-1: named tokens and `<unusedN>` fillers.
+
+    Example:
+
+    >>> tokens = special_token_list()
+    >>> tokens[2], tokens[5], tokens[106]
+    ('<bos>', '<unused0>', '<turn|>')
+    """
+    by_id = {i: t for t, i in SPECIAL_TOKENS.items()}
+    tokens, unused = [], 0
+    for i in range(NUM_SPECIAL_IDS):
+        if i in by_id:
+            tokens.append(by_id[i])
+        else:
+            tokens.append(f"<unused{unused}>")
+            unused += 1
+    return tokens
+
+
+def _train_pieces(corpus: Iterable[str], num_pieces: int) -> list[str]:
+    """Learns up to `num_pieces` BPE pieces (characters, then merges in order)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(
+        Regex(_WORD_PATTERN), behavior="isolated"
+    )
+    trainer = BpeTrainer(
+        vocab_size=num_pieces, min_frequency=2, show_progress=False, special_tokens=[]
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer)
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab, key=vocab.__getitem__)
+
+
+def _complete_merges(pieces: list[str]) -> list[list[str]]:
+    """Every split `left + right = piece` with both halves in the vocabulary.
+
+    Ordered by the rank of the merged piece, the way transformers' converter
+    derives merges from a SentencePiece vocabulary. A merge list with every
+    such split makes the HF BPE (which applies listed merges by rank) and the
+    SentencePiece BPE KerasHub rebuilds (which merges any adjacent pair whose
+    concatenation is a piece, by the piece's score) produce the same ids.
+    """
+    known = set(pieces)
+    merges = []
+    for piece in pieces:
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in known and right in known:
+                merges.append([left, right])
+    return merges
+
+
+def build_tokenizer_json(
+    corpus: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE
+) -> dict:
+    """Trains a Gemma-style BPE tokenizer and returns its `tokenizer.json` dict.
+
+    Ids: 0..113 special tokens (see `SPECIAL_TOKENS`) and `<unusedN>`
+    fillers, 114..369 the byte-fallback pieces `<0x00>`..`<0xFF>`, then the
+    learned pieces; leftover ids up to `vocab_size` are `<unusedN>` too.
+    Training is deterministic for a given corpus.
+
+    Args:
+        corpus: training texts (plain text; special tokens are not needed).
+        vocab_size: total number of ids.
+
+    Returns:
+        The JSON dict `tokenizers.Tokenizer.from_str(json.dumps(d))` accepts.
+
+    Example:
+
+    >>> from tokenizers import Tokenizer
+    >>> d = build_tokenizer_json(["great food", "bad food"], vocab_size=400)
+    >>> tok = Tokenizer.from_str(json.dumps(d))
+    >>> tok.encode("<|turn>great food", add_special_tokens=False).tokens[0]
+    '<|turn>'
+    """
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+
+    specials = special_token_list()
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    learned = _train_pieces(corpus, vocab_size - FIRST_PIECE_ID)
+    learned = [p for p in learned if p not in set(specials) | set(byte_pieces)]
+    fillers = [
+        f"<unused{NUM_SPECIAL_IDS - len(SPECIAL_TOKENS) + i}>"
+        for i in range(vocab_size - FIRST_PIECE_ID - len(learned))
+    ]
+    ordered = specials + byte_pieces + learned + fillers
+    vocab = {piece: i for i, piece in enumerate(ordered)}
+
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[tuple(m) for m in _complete_merges(learned)],
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+    # The same no-op split GemmaTokenizer installs (spaces are already `▁`).
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(
+        " ", behavior="merged_with_previous", invert=False
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    # Added tokens keep their vocab ids; they are matched before the BPE runs.
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in specials + fillers]
+    )
+    return json.loads(tokenizer.to_str())
+
+
+def tokenizer_training_corpus() -> list[str]:
+    """Texts the tiny tokenizer learns from: the shipped dataset's messages.
+
+    Example:
+
+    >>> tokenizer_training_corpus()[-1]
+    'thought\\n'
+    """
+    from gemma4_keras import datasets
+
+    # Each turn as the chat format shows it between the special tokens, so
+    # role names and the empty thought block become single pieces too.
+    roles = {"system": "system", "user": "user", "assistant": "model"}
+    texts = []
+    for example in datasets.load_sentiment_examples():
+        for message in example["messages"]:
+            texts.append(f"{roles[message['role']]}\n{message['content']}")
+        texts.append("thought\n")
+    return texts
+
+
+def tokenizer_config() -> dict:
+    """The `tokenizer_config.json` transformers needs for the tiny tokenizer."""
+    return {
+        "tokenizer_class": "GemmaTokenizer",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "padding_side": "left",
+    }
+
+
+# --------------------------------------------------------------------------
+# The checkpoint directory
+# --------------------------------------------------------------------------
+
+
+def _dump_json(path: pathlib.Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tiny_checkpoint(
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    ple: bool = False,
+    kv_shared_layers: int = 0,
+    moe: bool = False,
+    layout: str = "causal_lm",
+) -> pathlib.Path:
+    """Writes a tiny Gemma 4 checkpoint in Hugging Face format into `path`.
+
+    Same arguments, same bytes: the weights come from `seed` alone and the
+    tokenizer from the shipped dataset.
+
+    Args:
+        path: directory to write (created if missing; files are overwritten).
+        seed: weight seed.
+        ple, kv_shared_layers, moe, layout: see `tiny_hf_config`.
+
+    Returns:
+        `path` as a `pathlib.Path`.
+
+    Example:
+
+    >>> d = write_tiny_checkpoint("/tmp/tiny_gemma4", seed=1, moe=True)
+    >>> sorted(p.name for p in d.iterdir())[:2]
+    ['config.json', 'generation_config.json']
+    """
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = tiny_hf_config(
+        ple=ple, kv_shared_layers=kv_shared_layers, moe=moe, layout=layout
+    )
+    _dump_json(path / "config.json", config)
+    # transformers refuses safetensors files without format metadata.
+    save_file(
+        tiny_weights(config, seed), str(path / "model.safetensors"), {"format": "pt"}
+    )
+    _dump_json(
+        path / "tokenizer.json", build_tokenizer_json(tokenizer_training_corpus())
+    )
+    _dump_json(path / "tokenizer_config.json", tokenizer_config())
+    _dump_json(
+        path / "special_tokens_map.json",
+        {
+            k: tokenizer_config()[k]
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
+        },
+    )
+    _dump_json(
+        path / "generation_config.json",
+        {
+            "bos_token_id": BOS_ID,
+            "eos_token_id": [EOS_ID, TURN_END_ID],
+            "pad_token_id": PAD_ID,
+        },
+    )
+    return path
+
+
+def _cache_root() -> pathlib.Path:
+    root = os.environ.get(CACHE_ENV_VAR)
+    base = (
+        pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "gemma4_keras"
+    )
+    return base / "tiny"
+
+
+def _cache_key(seed: int, variant: dict) -> str:
+    """Readable and collision-safe directory name for one checkpoint."""
+    spec = json.dumps(
+        {"format": FORMAT_VERSION, "seed": seed, **variant}, sort_keys=True
+    )
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    flags = [k if v is True else f"{k}{v}" for k, v in sorted(variant.items()) if v]
+    return "-".join([f"v{FORMAT_VERSION}", f"seed{seed}", *flags, digest])
+
+
+def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
+    """Returns a cached tiny checkpoint directory, writing it on first use.
+
+    The cache is `$GEMMA4_KERAS_CACHE/tiny/<key>` (default
+    `~/.cache/gemma4_keras/tiny/<key>`), the key derived from the seed, the
+    variant and `FORMAT_VERSION`. The files are written into a temporary
+    directory beside it and renamed into place, so concurrent callers (e.g.
+    pytest-xdist workers) never see a half-written checkpoint.
+
+    Args:
+        seed: weight seed.
+        **variant: `ple`, `kv_shared_layers`, `moe`, `layout` as in
+            `write_tiny_checkpoint`.
+
+    Returns:
+        The checkpoint directory; load it with
+        `keras_hub.models.Gemma4Backbone.from_preset(str(path))` or
+        `transformers.AutoModelForCausalLM.from_pretrained(path)`.
+
+    Example:
+
+    >>> path = tiny_checkpoint(ple=True)
+    >>> (path / "model.safetensors").exists()
+    True
+    """
+    defaults = {
+        "ple": False,
+        "kv_shared_layers": 0,
+        "moe": False,
+        "layout": "causal_lm",
+    }
+    unknown = set(variant) - set(defaults)
+    if unknown:
+        raise TypeError(
+            f"tiny_checkpoint: unknown variant options {sorted(unknown)}; expected {sorted(defaults)}."
+        )
+    variant = {**defaults, **variant}
+    key_variant = {k: v for k, v in variant.items() if v != defaults[k]}
+    final = _cache_root() / _cache_key(seed, key_variant)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write_tiny_checkpoint(tmp, seed=seed, **variant)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process renamed its copy into place first; theirs is
+            # identical, so keep it.
+            if not final.is_dir():
+                raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+    return final
