@@ -1,0 +1,270 @@
+"""Tests of the hermetic tiny Gemma 4 checkpoint and the shipped dataset.
+
+KerasHub and transformers are both oracles here: the checkpoint must load in
+each with every weight used, and their logits must agree.
+"""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from gemma4_keras import datasets, tiny
+
+# float32 logits of the two frameworks agree to ~1e-5 relative on this model;
+# 1e-4 is the cross-framework floor DESIGN.md promises users.
+LOGIT_RTOL = 1e-4
+SEQ_LEN = 40  # > sliding_window (16), so the window is exercised.
+
+VARIANTS = {
+    "default": {},
+    "ple": {"ple": True},
+    "kv_shared": {"kv_shared_layers": 2},
+    "moe": {"moe": True},
+    "all": {"ple": True, "kv_shared_layers": 2, "moe": True},
+    "conditional_generation": {"layout": "conditional_generation"},
+}
+
+CHAT_TEXTS = [
+    "<bos><|turn>user\nClassify: 'great food'<turn|>\n<|turn>model\n"
+    "<|channel>thought\n<channel|>positive<turn|>\n",
+    "<bos><|turn>system\n<|think|>\nYou label reviews.<turn|>\n<|turn>user\n"
+    "Is this review positive or negative? 'What a truly stale salad!'<turn|>\n",
+    "héllo wörld ñ 日本語 😀🎉",
+    "multiple   spaces  and\n\nnewlines\n",
+    " leading and trailing ",
+    '<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|><|image|><|audio|><|video|>',
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Points GEMMA4_KERAS_CACHE at a fresh directory for this module."""
+    path = tmp_path_factory.mktemp("gemma4_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(tiny.CACHE_ENV_VAR, str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(cache_dir):
+    return {name: tiny.tiny_checkpoint(**v) for name, v in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    rng = np.random.default_rng(0)
+    return rng.integers(4, tiny.TINY_VOCAB_SIZE, size=(2, SEQ_LEN)).astype("int32")
+
+
+@pytest.fixture(scope="module")
+def keras_hub():
+    import keras_hub
+
+    return keras_hub
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _read_all(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+# --- dataset -------------------------------------------------------------
+
+
+def test_shipped_dataset_is_reproduced_byte_for_byte():
+    shipped = datasets.SENTIMENT_PATH.read_bytes()
+    assert datasets.sentiment_jsonl_text().encode("utf-8") == shipped
+
+
+def test_shipped_dataset_is_balanced_unique_and_well_formed():
+    lines = datasets.SENTIMENT_PATH.read_text(encoding="utf-8").splitlines()
+    assert 1000 <= len(lines) <= 1500
+    assert len(set(lines)) == len(lines)
+    examples = [json.loads(line) for line in lines]
+    labels = collections.Counter(e["messages"][-1]["content"] for e in examples)
+    assert labels == {"positive": len(lines) // 2, "negative": len(lines) // 2}
+    for e in examples:
+        roles = [m["role"] for m in e["messages"]]
+        assert roles in (["user", "assistant"], ["system", "user", "assistant"])
+    num_system = sum(e["messages"][0]["role"] == "system" for e in examples)
+    assert 0.1 * len(lines) < num_system < 0.5 * len(lines)
+
+
+# --- checkpoint files ----------------------------------------------------
+
+
+def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
+    a = _read_all(tiny.write_tiny_checkpoint(tmp_path / "a", seed=0, moe=True))
+    b = _read_all(tiny.write_tiny_checkpoint(tmp_path / "b", seed=0, moe=True))
+    c = _read_all(tiny.write_tiny_checkpoint(tmp_path / "c", seed=1, moe=True))
+    assert a == b
+    assert a["model.safetensors"] != c["model.safetensors"]
+    assert a["tokenizer.json"] == c["tokenizer.json"]
+
+
+def test_tiny_checkpoint_is_cached_per_variant(cache_dir, checkpoints):
+    assert tiny.tiny_checkpoint() == checkpoints["default"]
+    assert len(set(checkpoints.values())) == len(VARIANTS)
+    assert all(p.parent == cache_dir / "tiny" for p in checkpoints.values())
+    # Only finished directories remain: the temporary ones were renamed.
+    assert sorted((cache_dir / "tiny").iterdir()) == sorted(checkpoints.values())
+    with pytest.raises(TypeError, match="unknown variant options"):
+        tiny.tiny_checkpoint(moee=True)
+
+
+def test_kv_shared_layers_have_no_kv_weights(checkpoints):
+    from safetensors.numpy import load_file
+
+    names = load_file(checkpoints["kv_shared"] / "model.safetensors").keys()
+    for i in range(tiny.NUM_LAYERS):
+        has_kv = f"model.layers.{i}.self_attn.k_proj.weight" in names
+        assert has_kv == (i < 2), i
+
+
+def test_moe_experts_are_raw_tensors_named_like_transformers(checkpoints):
+    from safetensors.numpy import load_file
+
+    weights = load_file(checkpoints["moe"] / "model.safetensors")
+    assert weights["model.layers.0.experts.gate_up_proj"].shape == (4, 64, 64)
+    assert weights["model.layers.0.experts.down_proj"].shape == (4, 64, 32)
+    assert weights["model.layers.0.router.proj.weight"].shape == (4, 64)
+
+
+# --- model parity --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_keras_hub_and_transformers_logits_agree(
+    name, checkpoints, token_ids, keras_hub, transformers
+):
+    import torch
+
+    path = checkpoints[name]
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, output_loading_info=True, dtype=torch.float32
+    )
+    assert not any(info.values()), info  # no missing / unexpected keys
+    model.eval()
+    with torch.no_grad():
+        # A slice (not the default int 0) sidesteps a transformers 5.24 bug:
+        # KV-shared layers without PLE crash slicing `per_layer_inputs=None`.
+        out = model(torch.tensor(token_ids).long(), logits_to_keep=slice(None))
+    expected = out.logits.numpy()
+
+    positions = np.broadcast_to(np.arange(SEQ_LEN, dtype="int32"), token_ids.shape)
+    hidden = backbone(
+        {
+            "token_ids": token_ids,
+            "padding_mask": np.ones_like(token_ids),
+            "position_ids": positions,
+        }
+    )
+    # reverse=True applies the tied output projection and the final soft-cap.
+    logits = np.asarray(backbone.token_embedding(hidden, reverse=True))
+
+    assert np.abs(expected).max() < 30.0  # soft-capped on both sides
+    assert expected.std() > 0.1  # logits are not degenerate
+    rel = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert rel < LOGIT_RTOL, f"{name}: max relative logit error {rel:.2e}"
+
+
+def test_both_frameworks_read_the_architecture(checkpoints, keras_hub, transformers):
+    path = checkpoints["all"]
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path))
+    kh = backbone.get_config()
+    assert kh["global_head_dim"] == 32 and kh["head_dim"] == 16
+    assert kh["layer_types"] == list(tiny.LAYER_TYPES)
+    assert kh["hidden_size_per_layer_input"] == tiny.PLE_HIDDEN_SIZE
+    assert kh["enable_moe_block"] and kh["num_experts"] == 4
+    shared = [backbone.get_layer(f"decoder_block_{i}") for i in (2, 3)]
+    assert [b.kv_shared_layer_index for b in shared] == [0, 1]
+
+    hf = transformers.AutoConfig.from_pretrained(path)
+    head_dims = [hf.per_layer_config[i].head_dim for i in range(tiny.NUM_LAYERS)]
+    assert head_dims == [16, 32, 16, 32]
+    assert hf.kv_sharing_modes == ["store", "store", "reuse", "reuse"]
+    assert hf.sliding_window == 16 and hf.final_logit_softcapping == 30.0
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="transformers 5.24 bug")
+def test_transformers_kv_sharing_without_ple_default_forward(checkpoints, transformers):
+    """Tracks the bug the parity test works around; fails once it is fixed."""
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["kv_shared"])
+    model(torch.ones((1, 4), dtype=torch.long))
+
+
+# --- tokenizer -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizers(checkpoints, keras_hub, transformers):
+    path = checkpoints["default"]
+    return (
+        keras_hub.models.Gemma4Tokenizer.from_preset(str(path)),
+        transformers.AutoTokenizer.from_pretrained(path),
+    )
+
+
+def test_special_token_ids(tokenizers):
+    keras_tok, hf_tok = tokenizers
+    expected = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    expected.update({"<|turn>": 105, "<turn|>": 106, "<|tool_response>": 50})
+    expected.update({t: tiny.SPECIAL_TOKENS[t] for t in ("<|video|>", "<|image|>")})
+    for token, token_id in expected.items():
+        assert keras_tok.token_to_id(token) == token_id, token
+        assert hf_tok.convert_tokens_to_ids(token) == token_id, token
+    assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.bos_token_id) == (0, 1, 2)
+    assert keras_tok.vocabulary_size() == len(hf_tok) == tiny.TINY_VOCAB_SIZE
+
+
+def test_every_special_token_is_one_unit_inside_text(tokenizers):
+    keras_tok, hf_tok = tokenizers
+    for token in tiny.special_token_list():
+        if token == "<unk>":
+            continue  # see the next test
+        text = f"ab{token}cd"
+        ids = np.asarray(keras_tok(text)).tolist()
+        assert tiny.special_token_list().index(token) in ids, token
+        assert ids == hf_tok(text, add_special_tokens=False)["input_ids"], token
+
+
+def test_literal_unk_text_is_the_one_known_difference(tokenizers):
+    """KerasHub's converter makes `<unk>` an UNKNOWN piece, which SentencePiece
+    never matches in text (it spells it out); transformers matches it as an
+    added token. The real Gemma 4 tokenizer.json behaves the same way."""
+    keras_tok, hf_tok = tokenizers
+    assert hf_tok("<unk>", add_special_tokens=False)["input_ids"] == [tiny.UNK_ID]
+    assert tiny.UNK_ID not in np.asarray(keras_tok("<unk>")).tolist()
+
+
+@pytest.mark.parametrize("text", CHAT_TEXTS)
+def test_keras_hub_and_transformers_tokenize_identically(text, tokenizers):
+    keras_tok, hf_tok = tokenizers
+    ids = np.asarray(keras_tok(text)).tolist()
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert hf_tok.decode(ids) == text
+    detok = keras_tok.detokenize(np.asarray(ids, "int32"))
+    assert (detok.numpy().decode() if hasattr(detok, "numpy") else detok) == text
+
+
+def test_dataset_sentences_tokenize_into_few_tokens(tokenizers):
+    keras_tok, _ = tokenizers
+    example = datasets.load_sentiment_examples()[0]
+    user = example["messages"][-2]["content"]
+    assert len(np.asarray(keras_tok(user))) <= len(user.split()) + 4
+    # Byte fallback: characters absent from the corpus become <0xNN> pieces.
+    assert np.asarray(keras_tok("😀")).tolist() == [
+        tiny.FIRST_BYTE_ID + b for b in "😀".encode()
+    ]
