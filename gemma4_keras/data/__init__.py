@@ -1,0 +1,84 @@
+"""Training data: read, validate, render in the Gemma 4 chat format, pack.
+
+A run's data path, step by step (or all at once with `prepare`):
+
+    conversations, read_stats = load_conversations(config.data)
+    conversations, dedupe_stats = dedupe(conversations)
+    train, holdout = split_holdout(conversations, 0.1, seed=0)
+    examples, encode_stats = encode_conversations(
+        train, tokenizer, train_on="last_model_turn", max_length=1024)
+    report = quality_report(train + holdout, examples, read_stats,
+                            dedupe_stats=dedupe_stats, encode_stats=encode_stats)
+    print(format_report(report))
+    batches = build_dataset(examples, seq_len=1024, batch_size=8, seed=0)
+"""
+
+# Records: readers and validation.
+from gemma4_keras.data.records import (
+    Conversation,
+    DataError,
+    Message,
+    Problem,
+    load_conversations,
+    validate_messages,
+)
+
+# Chat format.
+from gemma4_keras.data.chat import (  # isort: skip
+    generation_prompt,
+    render_conversation,
+    strip_thinking,
+)
+
+# Tokens and loss masks.
+from gemma4_keras.data.tokenize import (  # isort: skip
+    ChatTokenizer,
+    EncodedExample,
+    as_chat_tokenizer,
+    encode_conversation,
+    encode_conversations,
+)
+
+# Quality: duplicates, split, report.
+from gemma4_keras.data.quality import (  # isort: skip
+    dedupe,
+    format_report,
+    quality_report,
+    split_holdout,
+)
+
+# Packing and batches.
+from gemma4_keras.data.packing import pack_examples  # isort: skip
+from gemma4_keras.data.pipeline import BatchStream, build_dataset  # isort: skip
+
+# Whole steps (train.py, `gemma4-keras data check|stats|split`).
+from gemma4_keras.data.commands import PreparedData, check, prepare, split, stats  # isort: skip
+
+__all__ = [
+    "BatchStream",
+    "ChatTokenizer",
+    "Conversation",
+    "DataError",
+    "EncodedExample",
+    "Message",
+    "PreparedData",
+    "Problem",
+    "as_chat_tokenizer",
+    "build_dataset",
+    "check",
+    "dedupe",
+    "encode_conversation",
+    "encode_conversations",
+    "format_report",
+    "generation_prompt",
+    "load_conversations",
+    "pack_examples",
+    "prepare",
+    "quality_report",
+    "render_conversation",
+    "split",
+    "split_holdout",
+    "stats",
+    "strip_thinking",
+    "validate_messages",
+]

@@ -1,0 +1,128 @@
+"""Shift, pack and pad examples into fixed-length rows.
+
+Each example is shifted on its own (inputs = ids[:-1], targets = ids[1:],
+weights = mask[1:]) before packing, so no target crosses an example boundary.
+A row holds one or more examples: `segment_ids` numbers them 1..k (0 is
+padding) and `positions` restart at 0 for each; the model must not attend
+across segments.
+
+Worked example (seq_len 8; example A = ids [2 5 6 7], mask [0 0 1 1];
+example B = ids [2 8 9], mask [0 0 1]):
+
+    token_ids     2 5 6   2 8   0 0 0
+    target_ids    5 6 7   8 9   0 0 0
+    loss_weights  0 1 1   0 1   0 0 0
+    segment_ids   1 1 1   2 2   0 0 0
+    positions     0 1 2   0 1   0 0 0
+    padding_mask  1 1 1   1 1   0 0 0
+"""
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from gemma4_keras.data.records import DataError, Problem
+from gemma4_keras.data.tokenize import EncodedExample
+
+FIELDS = (
+    "token_ids",
+    "target_ids",
+    "loss_weights",
+    "segment_ids",
+    "positions",
+    "padding_mask",
+)
+
+
+@dataclasses.dataclass
+class Row:
+    """The examples (indices into the example list) that share one row."""
+
+    members: tuple[int, ...]
+
+
+def input_lengths(examples: Sequence[EncodedExample], seq_len: int) -> np.ndarray:
+    """Positions each example takes after the shift (len - 1); checks they fit."""
+    lengths = np.array([len(e) - 1 for e in examples], dtype=np.int64)
+    too_long = [
+        Problem(
+            examples[i].source,
+            f"{lengths[i] + 1} tokens do not fit seq_len + 1 = {seq_len + 1}",
+        )
+        for i in np.flatnonzero(lengths > seq_len)
+    ]
+    too_short = [
+        Problem(examples[i].source, "an example needs at least 2 tokens")
+        for i in np.flatnonzero(lengths < 1)
+    ]
+    if too_long or too_short:
+        raise DataError(too_long + too_short)
+    return lengths
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int) -> list[Row]:
+    """Groups examples into rows by best-fit decreasing (deterministic).
+
+    Example:
+        >>> [r.members for r in pack_rows([5, 3, 4, 2], seq_len=8)]
+        [(0, 1), (2, 3)]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), sorted
+    for i in order:
+        slot = bisect.bisect_left(free, (lengths[i], -1))
+        if slot < len(free):
+            space, r = free.pop(slot)
+        else:
+            space, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space - lengths[i] > 0:
+            bisect.insort(free, (space - lengths[i], r))
+    return [Row(tuple(sorted(members))) for members in rows]
+
+
+def single_rows(n: int) -> list[Row]:
+    """One example per row (no packing)."""
+    return [Row((i,)) for i in range(n)]
+
+
+def materialise(
+    rows: Sequence[Row], examples: Sequence[EncodedExample], seq_len: int
+) -> dict[str, np.ndarray]:
+    """Builds the [len(rows), seq_len] arrays of the rows (see module docstring)."""
+    out = {name: np.zeros((len(rows), seq_len), np.int32) for name in FIELDS}
+    out["loss_weights"] = np.zeros((len(rows), seq_len), np.float32)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(row.members, 1):
+            ids, mask = examples[i].token_ids, examples[i].loss_mask
+            end = start + len(ids) - 1
+            if end > seq_len:
+                raise DataError(
+                    Problem(examples[i].source, f"does not fit a row of {seq_len}")
+                )
+            out["token_ids"][r, start:end] = ids[:-1]
+            out["target_ids"][r, start:end] = ids[1:]
+            out["loss_weights"][r, start:end] = mask[1:]
+            out["segment_ids"][r, start:end] = segment
+            out["positions"][r, start:end] = np.arange(end - start)
+            start = end
+    out["padding_mask"] = (out["segment_ids"] > 0).astype(np.int32)
+    return out
+
+
+def pack_examples(
+    examples: Sequence[EncodedExample], seq_len: int
+) -> list[dict[str, np.ndarray]]:
+    """Packs examples into rows of `seq_len`; each row is a dict of 1-D arrays.
+
+    Raises:
+        DataError: an example longer than seq_len + 1 tokens (named).
+    """
+    rows = pack_rows(input_lengths(examples, seq_len), seq_len)
+    arrays = materialise(rows, examples, seq_len)
+    return [{name: arrays[name][r] for name in FIELDS} for r in range(len(rows))]

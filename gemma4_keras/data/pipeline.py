@@ -1,0 +1,152 @@
+"""Deterministic, resumable batches of packed rows (plain numpy).
+
+Why numpy and not tf.data: a fine-tuning set fits in memory once tokenized;
+packing is Python either way; a pure function of (seed, step) gives exact
+resumption at any step in O(1) without replaying earlier batches, with no TF
+runtime threads competing with JAX for the host. `BatchStream` is an
+iterable of dicts, which `keras.Model.fit` accepts (with `steps_per_epoch`).
+
+Rows are grouped once (packing is deterministic); each epoch shuffles the
+rows with `np.random.default_rng([seed, epoch])`. Batch k is rows
+perm(epoch)[j*B:(j+1)*B] with epoch, j = divmod(k, steps_per_epoch).
+"""
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from gemma4_keras.data import packing as packing_lib
+from gemma4_keras.data.records import DataError, Problem
+from gemma4_keras.data.tokenize import EncodedExample
+
+
+class BatchStream:
+    """Batches of `[batch_size, seq_len]` arrays; `batch(step)` is random access.
+
+    Each batch is a dict with `token_ids`, `target_ids`, `loss_weights`
+    (float32), `segment_ids`, `positions` and `padding_mask` (int32).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[EncodedExample],
+        rows: Sequence[packing_lib.Row],
+        *,
+        seq_len: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_remainder: bool = True,
+        start_step: int = 0,
+        num_epochs: int | None = None,
+    ):
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(
+                f"batch_size={batch_size} and seq_len={seq_len} must be positive"
+            )
+        n = len(rows) // batch_size if drop_remainder else -(-len(rows) // batch_size)
+        if n == 0:
+            raise DataError(
+                f"{len(rows)} rows make no full batch of {batch_size}; lower the batch size or set drop_remainder=False"
+            )
+        self.examples, self.rows = examples, list(rows)
+        self.seq_len, self.batch_size, self.steps_per_epoch = seq_len, batch_size, n
+        self.shuffle, self.seed, self.start_step, self.num_epochs = (
+            shuffle,
+            seed,
+            start_step,
+            num_epochs,
+        )
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            n = len(self.rows)
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch at global step `step` (epochs follow one another)."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        picked = self._permutation(epoch)[
+            j * self.batch_size : (j + 1) * self.batch_size
+        ]
+        rows = [self.rows[r] for r in picked]
+        rows += [packing_lib.Row(())] * (
+            self.batch_size - len(rows)
+        )  # drop_remainder=False
+        arrays = packing_lib.materialise(rows, self.examples, self.seq_len)
+        if not arrays["loss_weights"].any():
+            sources = [self.examples[i].source for row in rows for i in row.members]
+            raise DataError(
+                [
+                    Problem(
+                        s, f"batch {step} has no trained token (all loss weights are 0)"
+                    )
+                    for s in sources
+                ]
+            )
+        return arrays
+
+    def __len__(self) -> int:
+        if self.num_epochs is None:
+            raise TypeError("an endless BatchStream has no length; use steps_per_epoch")
+        return self.num_epochs * self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        step = self.start_step
+        end = (
+            None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+        )
+        while end is None or step < end:
+            yield self.batch(step)
+            step += 1
+
+
+def build_dataset(
+    examples: Sequence[EncodedExample],
+    *,
+    seq_len: int,
+    batch_size: int,
+    packing: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_remainder: bool = True,
+    start_step: int = 0,
+    num_epochs: int | None = None,
+) -> BatchStream:
+    """Batches for training, packed or one example per row.
+
+    Args:
+        examples: encoded examples (each at most seq_len + 1 tokens).
+        seq_len: row length (inputs are ids[:-1], so data.max_length works).
+        batch_size: rows per batch.
+        packing: pack several examples per row (else pad each to seq_len).
+        shuffle: reshuffle rows every epoch (seeded).
+        seed: shuffle seed.
+        drop_remainder: drop the last partial batch of each epoch (else pad
+            it with empty rows).
+        start_step: first global step to yield (resume).
+        num_epochs: stop after this many epochs; None repeats forever.
+
+    Returns:
+        A BatchStream (iterable of batch dicts, `steps_per_epoch`, `batch(k)`).
+    """
+    lengths = packing_lib.input_lengths(examples, seq_len)
+    if packing:
+        rows = packing_lib.pack_rows(lengths, seq_len)
+    else:
+        rows = packing_lib.single_rows(len(examples))
+    return BatchStream(
+        examples,
+        rows,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        start_step=start_step,
+        num_epochs=num_epochs,
+    )
