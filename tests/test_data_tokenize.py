@@ -213,6 +213,7 @@ def test_encode_conversations_matches_one_by_one(tokenizer):
         e.loss_mask.tolist() for e in one_by_one
     ]
     assert stats["examples"] == len(examples) == len(CONVERSATIONS) + 1
+    assert stats["thoughts_not_trained"] == 1  # CONVERSATIONS[3], thinking off
 
 
 def test_bad_options_and_boundary_check(tokenizer):

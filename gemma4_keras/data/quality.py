@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gemma4_keras.data.chat import LEGACY_MARKERS
 from gemma4_keras.data.records import Conversation
 
 PERCENTILES = (50, 90, 95, 99)
@@ -148,10 +149,7 @@ def _conversation_stats(conversations: Sequence[Conversation]) -> dict:
     legacy = [
         c.source
         for c in conversations
-        if any(
-            "<start_of_turn>" in m["content"] or "<end_of_turn>" in m["content"]
-            for m in c.messages
-        )
+        if any(marker in m["content"] for m in c.messages for marker in LEGACY_MARKERS)
     ]
     return {
         "count": len(conversations),
@@ -220,6 +218,11 @@ def _warnings(report: dict) -> list[str]:
     if trunc.get("dropped_too_long"):
         warnings.append(
             f"{trunc['dropped_too_long']} examples dropped as longer than max_length"
+        )
+    if trunc.get("thoughts_not_trained"):
+        warnings.append(
+            f"{trunc['thoughts_not_trained']} trained turns carry thoughts that are "
+            "not trained (data.enable_thinking=False)"
         )
     if trunc.get("history_cut"):
         warnings.append(f"{trunc['history_cut']} examples had their oldest history cut")

@@ -121,7 +121,7 @@ def _normalise_message(raw: Any, index: int) -> Message:
         if key not in raw:
             raise ValueError(f"message {index}: missing field '{key}'")
     role = raw["role"]
-    if role not in chat.ROLE_ALIASES:
+    if not isinstance(role, str) or role not in chat.ROLE_ALIASES:
         raise ValueError(
             f"message {index}: unknown role {role!r} (expected one of: {', '.join(ROLES)})"
         )
@@ -272,7 +272,7 @@ def detect_format(record: Mapping, fields: Mapping) -> str:
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -292,7 +292,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
@@ -314,7 +314,7 @@ def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_csv(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

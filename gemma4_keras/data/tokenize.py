@@ -202,6 +202,8 @@ def _encode_turn(
         (messages, turn), cuts = cut, cuts + 1
     if cuts:
         _count(stats, "history_cut", conversation.source, cuts)
+    if not enable_thinking and messages[turn].get("thinking"):
+        _count(stats, "thoughts_not_trained", conversation.source, 1)
     return EncodedExample(ids, mask, conversation.source)
 
 
@@ -260,7 +262,8 @@ def encode_conversation(
             the oldest user/model pairs (keeping the system prompt and the
             trained turn) until it fits and drops it only if it never does.
         enable_thinking: thinking mode (trains the thought of the turn).
-        stats: if given, counts `dropped_too_long` and `history_cut` with
+        stats: if given, counts `dropped_too_long`, `history_cut` and
+            `thoughts_not_trained` (thinking off, the turn has a thought) with
             the sources, for the quality report.
 
     Returns:
@@ -296,8 +299,8 @@ def encode_conversations(
     """Encodes many conversations (text encoded in one batch); returns (examples, stats).
 
     Takes the keyword arguments of `encode_conversation`. stats holds
-    `conversations`, `examples`, `dropped_too_long`, `history_cut` (+ the
-    `*_records` lists of sources).
+    `conversations`, `examples`, `dropped_too_long`, `history_cut`,
+    `thoughts_not_trained` (+ the `*_records` lists of sources).
     """
     tok = as_chat_tokenizer(tokenizer)
     thinking = kwargs.get("enable_thinking", False)
@@ -320,6 +323,7 @@ def encode_conversations(
         "conversations": len(conversations),
         "dropped_too_long": 0,
         "history_cut": 0,
+        "thoughts_not_trained": 0,
     }
     try:
         examples = [
