@@ -283,3 +283,21 @@ def test_validate_messages_keeps_thinking_field():
         ]
     )
     assert messages[-1] == {"role": "model", "content": "a", "thinking": "r"}
+
+
+def test_empty_field_mapping_means_the_fields_own_name():
+    names = (
+        "messages",
+        "prompt",
+        "completion",
+        "system",
+        "instruction",
+        "input",
+        "output",
+    )
+    fields = ml_collections.ConfigDict({k: "" for k in names})
+    for name in ("messages", "prompt_completion", "alpaca"):
+        conversations, _ = load_conversations(
+            _cfg(f"{DATA}/{name}.jsonl", fields=fields)
+        )
+        assert conversations and conversations[0].messages[-1]["role"] == "model"

@@ -12,7 +12,7 @@ Formats (`data.format`, or "auto" to detect):
 | tfds              | `data.path = "tfds:name[/config]:split"`, fields as for csv     |
 
 `data.fields` renames keys for every format: the canonical key `k` is read
-from the record's `fields[k]` (default `k`). Files are `.jsonl` (one JSON
+from the record's `fields[k]` (when empty or absent: `k`). Files are `.jsonl` (one JSON
 object a line), `.json` (a JSON list of objects) or `.csv`.
 
 Every problem is reported as a `Problem(source, reason)` where source is
@@ -185,9 +185,7 @@ def validate_messages(raw_messages: Any) -> list[Message]:
 
 
 def _field(record: Mapping, fields: Mapping, key: str, *, required: bool = True) -> Any:
-    name = fields.get(key, key)
-    if not name:  # mapped to "" = not present in this data
-        return None
+    name = fields.get(key) or key  # "" or absent: the field's own name
     if name not in record:
         if required:
             renamed = f" (data.fields maps {key!r} to {name!r})" if name != key else ""
@@ -278,7 +276,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
                 continue
             source = f"{path}:{line_no}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield (
                     source,
