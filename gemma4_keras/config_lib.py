@@ -30,6 +30,7 @@ LORA_TARGETS = (
     "down_proj",
 )
 QUANT_MODES = ("none", "nf4", "int8", "int4")
+DATA_FIELDS = ("messages", "prompt", "completion", "system", "instruction", "input", "output")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -120,9 +121,8 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # JSONL/CSV file or tfds:name[/config]:split; empty = shipped sample
     c.data.format = "auto"  # auto | messages | prompt_completion | alpaca | csv | tfds
-    c.data.fields = ml_collections.ConfigDict(
-        {"prompt": "", "completion": "", "system": "", "messages": ""}
-    )  # column / feature names for csv and tfds
+    # Record field -> column / feature name in the data; "" = the field's own name.
+    c.data.fields = ml_collections.ConfigDict({k: "" for k in DATA_FIELDS})
     c.data.on_error = "raise"  # raise | skip (skipped records are listed in the report)
     c.data.system_prompt = ""  # added as system turn when a record has none
     c.data.train_on = "last_model_turn"  # last_model_turn | all_model_turns
@@ -192,6 +192,19 @@ def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.eval.compare_base = False
     c.lora.rank = 4
     c.lora.alpha = 8.0
+
+
+def data_settings(data_cfg) -> dict:
+    """`config.data` as the data package reads it.
+
+    Empty `data.fields` entries are dropped (the field keeps its own name) and
+    an empty `data.path` becomes the shipped sample dataset.
+    """
+    d = data_cfg.to_dict()
+    d["fields"] = {k: v for k, v in d.get("fields", {}).items() if v}
+    if not d.get("path"):
+        d["path"] = default_dataset_path()
+    return d
 
 
 def parse_list(value: str | Sequence[str]) -> list[str]:

@@ -1,0 +1,152 @@
+"""`gemma4-keras <command>`: parse flags, log versions and config, delegate.
+
+    gemma4-keras train    --config=configs/tiny.py --workdir=runs/tiny
+    gemma4-keras data     check|stats|split --config=configs/tiny.py [--out=DIR]
+
+Every command takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
+overrides (the config is locked: a misspelt field is an error) and most take
+`--workdir`. Adding a command is one function decorated with `@command`.
+A test calls `main(["gemma4-keras", "train", ...])`, which returns the exit
+code instead of exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+import gemma4_keras  # noqa: F401  (selects the JAX backend first)
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory of the run (created; rerun to resume).")
+flags.DEFINE_string("out", None, "Output directory (data split, export).")
+
+COMMANDS: dict[str, tuple[Callable, str]] = {}
+
+
+def command(name: str, help_text: str):
+    """Registers `fn(config, args)` as `gemma4-keras <name>`."""
+
+    def register(fn):
+        COMMANDS[name] = (fn, help_text)
+        return fn
+
+    return register
+
+
+def usage() -> str:
+    lines = ["usage: gemma4-keras <command> --config=configs/<file>.py [flags]", "", "commands:"]
+    lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from gemma4_keras import checkpointing, config_lib, models, train
+    from gemma4_keras.data import DataError
+    from gemma4_keras.export.peft import AdapterFormatError
+
+    return (config_lib.ConfigError, models.PresetError, DataError,
+            checkpointing.CheckpointError, train.WorkdirError, AdapterFormatError,
+            FileExistsError, FileNotFoundError)
+
+
+def _require(value, flag: str) -> str:
+    if not value:
+        raise UsageError(f"--{flag} is required")
+    return value
+
+
+class UsageError(ValueError):
+    """A missing or wrong command-line flag."""
+
+
+def log_environment(config) -> None:
+    import jax
+    import keras
+    import keras_hub
+
+    logging.info("gemma4_keras %s, keras %s, keras_hub %s, jax %s",
+                 gemma4_keras.__version__, keras.__version__, keras_hub.__version__, jax.__version__)
+    logging.info("devices: %s", jax.devices())
+    if config is not None:
+        logging.info("config:\n%s", config)
+
+
+@command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
+def _train(config, args) -> int:
+    from gemma4_keras import train
+
+    state = train.run(config, _require(FLAGS.workdir, "workdir"))
+    return 0 if state.get("status") in ("finished", "preempted") else 1
+
+
+@command("data", "check | stats | split the configured dataset")
+def _data(config, args) -> int:
+    from gemma4_keras import data
+
+    verb = args[0] if args else ""
+    if verb not in ("check", "stats", "split"):
+        raise UsageError("gemma4-keras data needs one of: check, stats, split")
+    from gemma4_keras import config_lib
+
+    cfg = config_lib.data_settings(config.data)
+    if verb == "split":
+        result = data.split(cfg, _require(FLAGS.out, "out"))
+    else:
+        result = getattr(data, verb)(cfg, _tokenizer(config))
+    print(data.format_report(result) if "records" in result else json.dumps(result, indent=2))
+    return 1 if result.get("failed") else 0
+
+
+def _tokenizer(config):
+    from gemma4_keras import models
+
+    try:
+        return models.load_tokenizer(models.resolve_preset(config.model.preset))
+    except models.PresetError:
+        raise
+    except Exception as e:  # tokenizer download needs credentials / network
+        logging.warning("no tokenizer (%s): token statistics are skipped", e)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage)."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        return 2
+    name, rest = argv[1], argv[2:]
+    try:
+        FLAGS.unparse_flags()
+        positional = FLAGS([argv[0], *rest])[1:]
+    except flags.Error as e:
+        print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
+        return 2
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    try:
+        config = _CONFIG.value
+        if config is None:
+            raise UsageError("--config=configs/<file>.py is required")
+        log_environment(config)
+        fn, _ = COMMANDS[name]
+        return fn(config, positional)
+    except (UsageError, *_user_errors()) as e:
+        print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

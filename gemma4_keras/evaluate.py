@@ -1,0 +1,65 @@
+"""Base vs fine-tuned evaluation on held-out conversations.
+
+Each held-out conversation is cut before its last model turn; the model
+generates that turn from the exact serving prompt, and task metrics compare
+it with the reference. The untouched base model and the fine-tuned model run
+on the same prompts, through KerasHub's cached generation (the adapter is
+merged into a freshly loaded backbone for the fine-tuned pass).
+"""
+
+from __future__ import annotations
+
+from absl import logging
+
+from gemma4_keras import metrics, models, report, weights
+from gemma4_keras.generate import Generator
+
+
+def split_prompt(conversation) -> tuple[list[dict], str]:
+    """(messages up to the last user turn, reference answer)."""
+    messages = list(conversation.messages)
+    if not messages or messages[-1]["role"] != "model":
+        raise ValueError(f"{conversation.source}: does not end with a model turn")
+    return messages[:-1], messages[-1]["content"]
+
+
+def evaluate_holdout(model, tokenizer, preset: str, conversations, config, out_dir: str,
+                     train_log: str | None = None) -> dict:
+    """Generates with base and fine-tuned models; writes the report to `out_dir`.
+
+    Returns a summary: headline metric name, base and fine-tuned values and
+    the report path.
+    """
+    ev = config.eval
+    convs = list(conversations)
+    if ev.max_examples >= 0:
+        convs = convs[: ev.max_examples]
+    prompts, refs = zip(*(split_prompt(c) for c in convs)) if convs else ((), ())
+    backbone = models.load_backbone(preset, models.compute_dtype(config.model))
+    gen = Generator(backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking))
+    predictions = {}
+    if ev.compare_base:
+        predictions["base"] = gen.generate(list(prompts), max_new_tokens=ev.max_new_tokens,
+                                           batch_size=ev.batch_size)
+    weights.merge_into_backbone(model, backbone)
+    predictions["finetuned"] = gen.generate(list(prompts), max_new_tokens=ev.max_new_tokens,
+                                            batch_size=ev.batch_size)
+    task = ev.task_type or None
+    results = {k: metrics.compute_metrics(task, list(refs), v) for k, v in predictions.items()}
+    prompt_text = [p[-1]["content"] for p in prompts]
+    examples = {k: [{"prompt": p, "reference": r, "prediction": y}
+                    for p, r, y in zip(prompt_text, refs, v)] for k, v in predictions.items()}
+    paths = report.write_eval_report(out_dir, results=results, examples=examples,
+                                     train_log_csv=train_log)
+    task_type = results["finetuned"]["task_type"]
+    head = metrics.headline_metric(task_type)
+    summary = {
+        "metric": head,
+        "finetuned": results["finetuned"].get(head),
+        "base": results.get("base", {}).get(head),
+        "report": str(paths["markdown"]),
+        "num_examples": len(convs),
+    }
+    print(report.format_metrics_table(results), flush=True)
+    logging.info("eval: %s", summary)
+    return summary

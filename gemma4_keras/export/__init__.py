@@ -1,0 +1,1 @@
+"""Exports: PEFT adapters, merged Hugging Face safetensors, KerasHub presets, GGUF."""

@@ -1,0 +1,172 @@
+"""Adapters in Hugging Face PEFT format, both ways.
+
+A directory holds `adapter_config.json` and `adapter_model.safetensors` with
+PEFT's key names for a Gemma 4 base:
+
+    causal_lm:               base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight
+    conditional_generation:  base_model.model.model.language_model.layers.N.mlp.down_proj.lora_B.weight
+
+`lora_A.weight` is (r, in) and `lora_B.weight` is (out, r): the transposes of
+our (in, r) / (r, out) factors. This is what `peft.PeftModel.from_pretrained`
+and vLLM's runtime LoRA loading read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from gemma4_keras import config_lib
+from gemma4_keras.modeling import ATTN_TARGETS, LoraSpec
+
+PREFIXES = {
+    "causal_lm": "base_model.model.model.layers",
+    "conditional_generation": "base_model.model.model.language_model.layers",
+}
+_KEY = re.compile(
+    r"^base_model\.model\.model\.(?:language_model\.)?layers\.(\d+)\."
+    r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+class AdapterFormatError(ValueError):
+    """A PEFT adapter that does not fit the model."""
+
+
+def module_name(layer: int, target: str) -> str:
+    group = "self_attn" if target in ATTN_TARGETS else "mlp"
+    return f"layers.{layer}.{group}.{target}"
+
+
+def adapter_tensors(model, name: str | None = None, layout: str = "causal_lm") -> dict[str, np.ndarray]:
+    """{PEFT key: array} of adapter `name` (float32)."""
+    prefix = PREFIXES[layout].rsplit(".layers", 1)[0]
+    out = {}
+    for (layer, target), a in sorted(model.adapters(name).items()):
+        base = f"{prefix}.{module_name(layer, target)}"
+        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a.lora_a.value, np.float32).T)
+        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(np.asarray(a.lora_b.value, np.float32).T)
+    return out
+
+
+def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -> dict:
+    targets = list(spec.targets)
+    if layout == "conditional_generation":
+        # A plain name list would also match the vision tower's q_proj etc.
+        target_modules: list[str] | str = (
+            r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + ")")
+    else:
+        target_modules = targets
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "target_modules": target_modules,
+        "layers_to_transform": None if spec.layers is None else list(spec.layers),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
+def save_adapter(model, directory: str, *, base_model: str, name: str | None = None,
+                 layout: str = "causal_lm", lora=None, overwrite: bool = False) -> str:
+    """Writes adapter `name` to `directory` in PEFT format (atomically).
+
+    Example:
+      >>> save_adapter(model, "out/adapter", base_model="google/gemma-4-E4B-it")
+    """
+    name = name or model.active_adapter
+    if name is None or not model.adapters(name):
+        raise AdapterFormatError("the model has no active adapter to save")
+    spec = model.lora_specs[name]
+    if os.path.exists(directory) and os.listdir(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; choose another directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    save_file(adapter_tensors(model, name, layout), os.path.join(tmp, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config(spec, base_model, layout), f, indent=2)
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
+    cfg_path = os.path.join(directory, "adapter_config.json")
+    w_path = os.path.join(directory, "adapter_model.safetensors")
+    for p in (cfg_path, w_path):
+        if not os.path.exists(p):
+            raise AdapterFormatError(f"{p} is missing; a PEFT adapter directory holds "
+                                     "adapter_config.json and adapter_model.safetensors")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    return cfg, load_file(w_path)
+
+
+def load_adapter(model, directory: str, name: str = "default", activate: bool = True) -> None:
+    """Loads a PEFT LoRA adapter (trained anywhere) into `model` as `name`."""
+    cfg, tensors = read_adapter(directory)
+    factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if not m:
+            raise AdapterFormatError(
+                f"{directory}: tensor {key!r} is not a Gemma 4 text-decoder LoRA weight")
+        layer, _, target, ab = int(m[1]), m[2], m[3], m[4]
+        if target not in config_lib.LORA_TARGETS:
+            raise AdapterFormatError(f"{directory}: module {key!r} targets {target!r}, "
+                                     f"not one of {config_lib.LORA_TARGETS}")
+        factors.setdefault((layer, target), {})[ab] = value
+    rank = int(cfg["r"])
+    targets = tuple(t for t in config_lib.LORA_TARGETS if any(t == k[1] for k in factors))
+    layers = tuple(sorted({k[0] for k in factors}))
+    spec = LoraSpec(rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
+                    dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets,
+                    layers=layers, rslora=bool(cfg.get("use_rslora", False)))
+    _check_sites(model, factors, rank, directory)
+    model.add_adapter(name, spec, activate=activate)
+    adapters = model.adapters(name)
+    for site, ab in factors.items():
+        adapters[site].lora_a.assign(ab["A"].T.astype(np.float32))
+        adapters[site].lora_b.assign(ab["B"].T.astype(np.float32))
+    # Sites PEFT would create but the file omits (e.g. a layer subset) stay
+    # at B = 0, i.e. no effect, exactly as in PEFT.
+
+
+def _check_sites(model, factors, rank: int, directory: str) -> None:
+    s = model.spec
+    for (layer, target), ab in sorted(factors.items()):
+        where = f"{directory}: {module_name(layer, target)}"
+        if layer >= s.num_layers:
+            raise AdapterFormatError(f"{where}: the model has only {s.num_layers} layers "
+                                     "(an adapter for another Gemma 4 size?)")
+        if not s.has_projection(layer, target):
+            raise AdapterFormatError(f"{where}: this layer has no {target} (KV-shared layer)")
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(f"{where}: lora_A or lora_B is missing")
+        din, dout = s.projection_shape(layer, target)
+        if ab["A"].shape != (rank, din) or ab["B"].shape != (dout, rank):
+            raise AdapterFormatError(
+                f"{where}: lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} do not fit "
+                f"rank {rank} on a ({dout}, {din}) weight; expected ({rank}, {din}) / ({dout}, {rank})")

@@ -1,0 +1,84 @@
+"""Text generation through KerasHub's cached `Gemma4CausalLM.generate`.
+
+Adapters are merged into a KerasHub backbone's kernels for generation
+(exact in float32; `weights.merge_into_backbone`), so decoding uses
+KerasHub's KV cache and samplers. Prompts are rendered by
+`data.generation_prompt` and already start with `<bos>`: they are tokenized
+without adding another start token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gemma4_keras.data import as_chat_tokenizer, generation_prompt
+
+EOS_ID = 1
+END_OF_TURN_ID = 106  # <turn|>
+
+
+class Generator:
+    """Batched generation from chat messages.
+
+    Example:
+      >>> gen = Generator(backbone, tokenizer)
+      >>> gen.generate([[{"role": "user", "content": "Hi"}]], max_new_tokens=16)
+      ['Hello! How can I help?']
+    """
+
+    def __init__(self, backbone, tokenizer, *, sampler: str = "greedy",
+                 enable_thinking: bool = False):
+        import keras_hub
+
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.chat_tokenizer = as_chat_tokenizer(tokenizer)
+        self.enable_thinking = enable_thinking
+        self.lm = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)
+        self.lm.compile(sampler=sampler)
+        stop = {EOS_ID, END_OF_TURN_ID}
+        self.stop_ids = tuple(sorted(stop))
+
+    def prompt_ids(self, messages_list) -> list[list[int]]:
+        texts = [generation_prompt(m, enable_thinking=self.enable_thinking) for m in messages_list]
+        return self.chat_tokenizer.encode_texts(texts)
+
+    def generate(self, messages_list, *, max_new_tokens: int = 64,
+                 batch_size: int = 8) -> list[str]:
+        """Generates one model turn for each conversation (ending in a user turn)."""
+        prompts = self.prompt_ids(messages_list)
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            out += self._generate_batch(prompts[start:start + batch_size], max_new_tokens)
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        text = self.tokenizer.detokenize(np.asarray(ids, np.int32))
+        text = text.numpy() if hasattr(text, "numpy") else text
+        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        length = max(len(p) for p in prompts) + max_new_tokens
+        # Round up so a handful of compiled shapes serve every batch.
+        length = int(2 ** np.ceil(np.log2(length)))
+        n = len(prompts)
+        token_ids = np.zeros((n, length), np.int32)
+        padding_mask = np.zeros((n, length), bool)
+        for i, p in enumerate(prompts):
+            token_ids[i, : len(p)] = p
+            padding_mask[i, : len(p)] = True
+        result = self.lm.generate(
+            {"token_ids": token_ids, "padding_mask": padding_mask},
+            stop_token_ids=self.stop_ids,
+        )
+        ids, mask = np.asarray(result["token_ids"]), np.asarray(result["padding_mask"])
+        texts = []
+        for i, p in enumerate(prompts):
+            new = [int(t) for t, m in zip(ids[i, len(p):], mask[i, len(p):]) if m]
+            new = new[:max_new_tokens]
+            cut = [j for j, t in enumerate(new) if t in self.stop_ids]
+            new = new[: cut[0]] if cut else new
+            texts.append(self._decode(new))
+        return texts

@@ -1,0 +1,140 @@
+"""Loading Gemma 4 presets through KerasHub, and the dtype policy.
+
+A preset is a KerasHub preset name (`gemma4_instruct_4b`), a Hugging Face repo
+(`hf://google/gemma-4-E4B-it`), a local directory in either format, or `tiny`
+(the small Gemma 4-architecture checkpoint the package writes itself).
+Downloads use KerasHub's own credentials: `KAGGLE_USERNAME` / `KAGGLE_KEY`
+(or ~/.kaggle/kaggle.json) for KerasHub presets, `HF_TOKEN` for `hf://`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from gemma4_keras import config_lib
+
+HF_FILES = ("config.json", "tokenizer.json")
+KERAS_FILES = ("config.json", "metadata.json")
+
+
+class PresetError(ValueError):
+    """A preset name or directory that cannot be loaded."""
+
+
+def known_presets() -> list[str]:
+    import keras_hub
+
+    return sorted(keras_hub.models.Gemma4Backbone.presets)
+
+
+def resolve_preset(preset: str) -> str:
+    """Checks `preset` and returns what KerasHub's `from_preset` should get.
+
+    Raises PresetError naming the missing files of a local directory, or the
+    known names for a misspelt preset.
+    """
+    preset = str(preset).strip()
+    if preset == "tiny":
+        from gemma4_keras.tiny import tiny_checkpoint
+
+        return str(tiny_checkpoint())
+    if preset.startswith(("hf://", "kaggle://", "gs://")):
+        return preset
+    if os.path.sep in preset or preset.startswith(".") or os.path.exists(preset):
+        return _check_directory(preset)
+    if preset not in known_presets():
+        raise PresetError(
+            f"--config.model.preset={preset!r} is neither a directory nor a known "
+            f"Gemma 4 preset; known presets: {', '.join(known_presets())}, or use "
+            "hf://org/repo or a local directory"
+        )
+    return preset
+
+
+def _check_directory(path: str) -> str:
+    if not os.path.isdir(path):
+        raise PresetError(f"--config.model.preset={path!r}: no such directory")
+    files = set(os.listdir(path))
+    if "metadata.json" in files:  # a KerasHub preset
+        missing = [f for f in KERAS_FILES if f not in files]
+    else:  # a Hugging Face checkpoint
+        missing = [f for f in HF_FILES if f not in files]
+        if not files & {"model.safetensors", "model.safetensors.index.json"}:
+            missing.append("model.safetensors (or model.safetensors.index.json)")
+    if missing:
+        raise PresetError(
+            f"--config.model.preset={path!r} is missing {', '.join(missing)}; a "
+            "preset directory holds a Hugging Face checkpoint (config.json, "
+            "model.safetensors, tokenizer.json) or a KerasHub preset (metadata.json, ...)"
+        )
+    if "config.json" in files:
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            raise PresetError(f"{os.path.join(path, 'config.json')}: not valid JSON ({e})") from e
+    return path
+
+
+def compute_dtype(model_cfg) -> str:
+    """`model.dtype`, with `auto` = bfloat16 on GPU/TPU and float32 on CPU."""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load_backbone(preset: str, dtype: str):
+    """KerasHub `Gemma4Backbone` for a resolved preset."""
+    import keras_hub
+
+    try:
+        return keras_hub.models.Gemma4Backbone.from_preset(preset, dtype=dtype)
+    except (FileNotFoundError, OSError) as e:
+        raise PresetError(f"could not load preset {preset!r}: {e}") from e
+
+
+def load_tokenizer(preset: str):
+    """KerasHub `Gemma4Tokenizer` for a resolved preset."""
+    import keras_hub
+
+    return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
+
+
+def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
+    """Builds the trainable model: backbone -> (quantised) base + adapters.
+
+    Returns (model, tokenizer, resolved_preset).
+    """
+    from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec
+
+    preset = resolve_preset(model_cfg.preset)
+    dtype = compute_dtype(model_cfg)
+    backbone = load_backbone(preset, dtype)
+    tokenizer = load_tokenizer(preset)
+    model = Gemma4LoraModel.from_backbone(
+        backbone,
+        LoraSpec.from_config(lora_cfg),
+        quant=quant_cfg.mode,
+        double_quant=bool(quant_cfg.double_quant),
+        block_size=int(quant_cfg.block_size),
+        remat=bool(train_cfg.remat),
+        loss_chunk_size=int(train_cfg.loss_chunk_size),
+        dtype=dtype,
+    )
+    del backbone  # the training model holds its own copy (maybe quantised)
+    return model, tokenizer, preset
+
+
+__all__ = [
+    "PresetError",
+    "compute_dtype",
+    "config_lib",
+    "known_presets",
+    "load_backbone",
+    "load_tokenizer",
+    "load_training_model",
+    "resolve_preset",
+]

@@ -1,0 +1,282 @@
+"""`run(config, workdir)`: one fine-tuning run, told as a story of builders.
+
+A workdir holds everything of a run:
+
+    config.json          the resolved config (a rerun must match it)
+    data_report.json     the data quality report
+    checkpoints/         adapter-only Orbax checkpoints (resume = rerun)
+    train_log.csv        loss / val_loss / learning rate per optimiser step
+    adapter/             the final adapter in PEFT format
+    eval/                base vs fine-tuned report (JSON, Markdown, PNGs)
+    run_state.json       "finished" once everything above is written
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+
+import keras
+import numpy as np
+from absl import logging
+
+from gemma4_keras import callbacks as cb
+from gemma4_keras import checkpointing, config_lib, data, models
+
+
+class WorkdirError(RuntimeError):
+    """The workdir belongs to another run."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """Step counts of a run (optimiser steps; micro-batches = steps x accum)."""
+
+    total_steps: int
+    grad_accum: int
+    batches_per_epoch: int
+    tokens_per_step: int
+
+
+def run(config, workdir: str) -> dict:
+    """Trains, evaluates and exports one run; resumes or reports a finished one."""
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    state = read_run_state(workdir)
+    if state.get("status") == "finished":
+        print(f"{workdir}: this run finished at step {state['step']}; nothing to do. "
+              f"Report: {state.get('report', '-')}")
+        return state
+    check_or_write_config(config, workdir)
+
+    model, tokenizer, preset = models.load_training_model(
+        config.model, config.lora, config.quant, config.train)
+    prepared = prepare_data(config.data, tokenizer, workdir)
+    stream, plan = build_batches(prepared.train_examples, config.data, config.train)
+    compile_model(model, config.train, plan)
+    ckpt = checkpointing.AdapterCheckpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.checkpoint.max_to_keep,
+        meta=checkpoint_meta(config, model, preset))
+    start = ckpt.restore_latest(model)
+    history_cbs = build_callbacks(config, workdir, plan, ckpt, start)
+    if start < plan.total_steps:
+        fit(model, stream, prepared, config, plan, history_cbs, start)
+    stopped = _stopped(history_cbs, plan)
+    if stopped:
+        return write_run_state(workdir, status=stopped["status"], step=stopped["step"])
+    save_adapter(model, config, preset, workdir)
+    summary = evaluate_run(model, tokenizer, preset, prepared, config, workdir)
+    return write_run_state(workdir, status="finished", step=plan.total_steps, **summary)
+
+
+# --- workdir ----------------------------------------------------------------
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def read_run_state(workdir: str) -> dict:
+    path = os.path.join(workdir, "run_state.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run_state(workdir: str, **state) -> dict:
+    _atomic_json(os.path.join(workdir, "run_state.json"), state)
+    return state
+
+
+# Fields that may change between a run and its resumption.
+_RESUMABLE = ("train.log_every", "eval.", "checkpoint.max_to_keep")
+
+
+def check_or_write_config(config, workdir: str) -> None:
+    """Writes config.json, or checks a rerun's config matches the stored one."""
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diffs = [k for k in _flat(old).keys() | _flat(new).keys()
+                 if _flat(old).get(k) != _flat(new).get(k) and not k.startswith(_RESUMABLE)]
+        if diffs:
+            k = sorted(diffs)[0]
+            raise WorkdirError(
+                f"{workdir} holds a run with another config: {k} was "
+                f"{_flat(old).get(k)!r}, now {_flat(new).get(k)!r}. Rerun with the same "
+                "config to resume, or pick a new --workdir")
+    _atomic_json(path, new)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checkpoint_meta(config, model, preset: str) -> dict:
+    shapes = {f"{layer}.{t}": [a.in_features, a.rank, a.out_features]
+              for (layer, t), a in model.adapters().items()}
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {"preset": str(config.model.preset), "lora.rank": int(config.lora.rank),
+            "lora.targets": str(config.lora.targets), "adapter_shapes_sha": digest,
+            "num_layers": model.spec.num_layers, "hidden_dim": model.spec.hidden_dim}
+
+
+# --- data -------------------------------------------------------------------
+
+
+def prepare_data(data_cfg, tokenizer, workdir: str):
+    """Reads, checks, splits and encodes the data; writes data_report.json."""
+    prepared = data.prepare(config_lib.data_settings(data_cfg), tokenizer)
+    _atomic_json(os.path.join(workdir, "data_report.json"), prepared.report)
+    print(data.format_report(prepared.report), flush=True)
+    return prepared
+
+
+def build_batches(examples, data_cfg, train_cfg):
+    """The batch stream and the step plan."""
+    batch = int(train_cfg.batch_size)
+    stream = data.build_dataset(
+        examples, seq_len=int(data_cfg.max_length), batch_size=batch,
+        packing=bool(data_cfg.packing), shuffle=True, seed=int(train_cfg.seed))
+    accum = int(train_cfg.grad_accum)
+    per_epoch = max(1, stream.steps_per_epoch // accum)
+    total = int(train_cfg.max_steps) if train_cfg.max_steps > 0 else per_epoch * int(train_cfg.epochs)
+    tokens = batch * int(data_cfg.max_length) * accum
+    return stream, Plan(total, accum, stream.steps_per_epoch, tokens)
+
+
+def step_batches(stream, plan: Plan, start_step: int):
+    """Micro-batches from optimiser step `start_step` on, with `loss_norm`.
+
+    `loss_norm` = (trained tokens in the whole optimiser step) / grad_accum:
+    Keras averages the accumulated gradients, so each micro-batch loss
+    sum / loss_norm makes the update the exact mean over the global batch.
+    """
+    step = start_step
+    while True:
+        group = [stream.batch(step * plan.grad_accum + i) for i in range(plan.grad_accum)]
+        tokens = sum(float(b["loss_weights"].sum()) for b in group)
+        norm = np.float32(tokens / plan.grad_accum)
+        for b in group:
+            b["loss_norm"] = np.full((b["token_ids"].shape[0],), norm, np.float32)
+            yield (b,)
+        step += 1
+
+
+def validation_batches(examples, data_cfg, train_cfg):
+    if not examples:
+        return None, 0
+    stream = data.build_dataset(
+        examples, seq_len=int(data_cfg.max_length), batch_size=int(train_cfg.batch_size),
+        packing=bool(data_cfg.packing), shuffle=False, drop_remainder=False)
+    batches = [stream.batch(i) for i in range(stream.steps_per_epoch)]
+    tokens = sum(float(b["loss_weights"].sum()) for b in batches)
+    for b in batches:  # mean over all held-out target tokens
+        b["loss_norm"] = np.full((b["token_ids"].shape[0],), tokens / len(batches), np.float32)
+    return batches, len(batches)
+
+
+# --- model and fit ----------------------------------------------------------
+
+
+def compile_model(model, train_cfg, plan: Plan) -> None:
+    accum = plan.grad_accum
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=float(train_cfg.learning_rate),
+        weight_decay=float(train_cfg.weight_decay),
+        global_clipnorm=float(train_cfg.max_grad_norm) or None,
+        gradient_accumulation_steps=accum if accum > 1 else None,
+    )
+    model.compile(optimizer=optimizer, jit_compile=True)
+
+
+def build_callbacks(config, workdir: str, plan: Plan, ckpt, start: int) -> list:
+    total = plan.total_steps
+    warm = cb.warmup_steps(config.train, total)
+    lr_fn = lambda step: cb.learning_rate(  # noqa: E731
+        step, base=float(config.train.learning_rate), total=total, warmup=warm,
+        schedule=config.train.schedule)
+    return [
+        cb.LearningRateSchedule(lr_fn),
+        cb.NanGuard(),
+        cb.PreemptionGuard(),
+        cb.Progress(total, plan.tokens_per_step, int(config.train.log_every), start),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "train_log.csv"), append=start > 0),
+        checkpointing.CheckpointCallback(ckpt, int(config.checkpoint.every_steps), total),
+    ]
+
+
+def fit(model, stream, prepared, config, plan: Plan, callbacks: list, start: int) -> None:
+    val, val_steps = validation_batches(prepared.holdout_examples, config.data, config.train)
+    every = int(config.train.eval_every) or max(1, plan.total_steps // max(1, int(config.train.epochs)))
+    logging.info("training steps %d..%d (x%d micro-batches)", start, plan.total_steps, plan.grad_accum)
+    model.fit(
+        step_batches(stream, plan, start),
+        steps_per_epoch=plan.grad_accum,
+        epochs=plan.total_steps,
+        initial_epoch=start,
+        validation_data=_repeat(val) if val else None,
+        validation_steps=val_steps or None,
+        validation_freq=every,
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def _repeat(batches):
+    while True:
+        for b in batches:
+            yield (b,)
+
+
+def _stopped(callbacks: list, plan: Plan) -> dict | None:
+    for c in callbacks:
+        if isinstance(c, cb.NanGuard) and c.bad_step is not None:
+            return {"status": "diverged", "step": c.bad_step}
+        if isinstance(c, cb.PreemptionGuard) and c.requested:
+            saved = next(x.last_saved for x in callbacks
+                         if isinstance(x, checkpointing.CheckpointCallback))
+            return {"status": "preempted", "step": saved}
+    return None
+
+
+# --- outputs ----------------------------------------------------------------
+
+
+def save_adapter(model, config, preset: str, workdir: str) -> None:
+    """Writes the final adapter in PEFT format to workdir/adapter."""
+    from gemma4_keras.export import peft
+
+    peft.save_adapter(model, os.path.join(workdir, "adapter"), base_model=preset,
+                      lora=config.lora, overwrite=True)
+
+
+def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> dict:
+    """Generates on the held-out split with base and fine-tuned; writes the report."""
+    from gemma4_keras import evaluate
+
+    if not prepared.holdout:
+        return {}
+    return evaluate.evaluate_holdout(model, tokenizer, preset, prepared.holdout,
+                                     config, os.path.join(workdir, "eval"),
+                                     train_log=os.path.join(workdir, "train_log.csv"))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return int(math.ceil(a / b))
