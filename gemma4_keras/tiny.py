@@ -13,8 +13,9 @@ only (no torch or transformers at run time):
     path = tiny_checkpoint(ple=True, kv_shared_layers=2, moe=True)
 
 The directory holds `config.json`, `model.safetensors` (float32),
-`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` and
-`generation_config.json`.
+`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
+`generation_config.json` and an empty `processor_config.json` (which
+`keras_hub.models.Gemma4CausalLM.from_preset` insists on reading).
 
 Shape: 4 decoder layers `[sliding, full, sliding, full]`. The 1 : 1 pattern
 (instead of the real 4 : 1 or 5 : 1) is what lets KV sharing exist in a 4-layer
@@ -63,7 +64,7 @@ from collections.abc import Iterable
 import numpy as np
 
 # Bump when the files written change, so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TINY_VOCAB_SIZE = 1024
 NUM_LAYERS = 4
 HIDDEN_SIZE = 64
@@ -254,7 +255,7 @@ def _is_kv_shared(text: dict, i: int) -> bool:
 def _layer_shapes(text: dict, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF weight names (relative to `layers.i.`) -> (shape, init kind)."""
     h, hd = text["hidden_size"], _layer_head_dim(text, i)
-    q, kv, ffn = text["num_attention_heads"], text["num_key_value_heads"], None
+    q, kv = text["num_attention_heads"], text["num_key_value_heads"]
     ffn = text["intermediate_size"]
     shapes = {
         "input_layernorm.weight": ((h,), "norm"),
@@ -586,6 +587,10 @@ def write_tiny_checkpoint(
             for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
         },
     )
+    # KerasHub's Gemma4CausalLM.from_preset (unlike Gemma4Backbone's) reads
+    # processor_config.json; empty means "no image / audio / video
+    # processor", which is what a text-only model has.
+    _dump_json(path / "processor_config.json", {})
     _dump_json(
         path / "generation_config.json",
         {
