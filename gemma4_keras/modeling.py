@@ -247,7 +247,7 @@ class FrozenLinear(keras.layers.Layer):
             from gemma4_keras import quant as quant_lib
 
             self.nf4 = quant_lib.NF4Kernel.from_array(
-                self, np.ascontiguousarray(kernel.T), block_size=block_size,
+                np.ascontiguousarray(kernel.T), block_size=block_size,
                 double_quant=double_quant, name="kernel_nf4",
             )
         else:
@@ -381,8 +381,8 @@ class DecoderBlock(keras.layers.Layer):
             from gemma4_keras import quant as quant_lib
 
             self.extra[name] = quant_lib.NF4Kernel.from_array(
-                self, np.asarray(value), block_size=block_size,
-                double_quant=double_quant, name=name,
+                np.asarray(value), block_size=block_size, double_quant=double_quant,
+                per_expert=True, name=name,
             )
         else:
             self.add_extra(name, value)
