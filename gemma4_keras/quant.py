@@ -19,9 +19,15 @@ quant_type="nf4", compress_statistics=...))`:
   half-way between two levels takes the lower code;
 * two codes per byte, the first element in the high nibble; an odd count is
   padded with the code of 0.0 (7);
-* double quantisation subtracts the mean of the absmax values (the "offset")
-  and quantises the rest with bitsandbytes' signed 8-bit dynamic codebook in
-  blocks of 256: nearest level, ties to the lower code.
+* double quantisation subtracts the mean of the absmax values (the "offset",
+  summed in torch's float32 order) and quantises the rest with bitsandbytes'
+  signed 8-bit dynamic codebook in blocks of 256, through the same
+  65536-bin lookup table its CPU kernel uses (nearly, not exactly, nearest).
+
+bitsandbytes 0.50's AVX-512 CPU `dequantize_4bit` mis-indexes the absmax of
+tensors whose last dimension is even but not a multiple of the block (e.g.
+(2, 96)); there it disagrees with its own quantiser and its CUDA / generic
+kernels. We follow the flat-block definition those share.
 
 Quantisation runs once, at load time, in numpy on the host (exact IEEE float32
 arithmetic, no dependence on an accelerator's rounding). Dequantisation is
@@ -38,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +99,7 @@ _NF4_BOUNDS = ((NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / np.float32(2)).astype(
 _NF4_ZERO_CODE = 7  # NF4_CODEBOOK[7] == 0.0; bitsandbytes pads odd counts with it.
 
 DOUBLE_QUANT_BLOCK_SIZE = 256  # bitsandbytes' fixed block for the absmax codes.
+_LUT_SIZE = 65536  # bins of bitsandbytes' CPU 8-bit quantisation table
 
 # torch's CPU float32 sum (which gives bitsandbytes' offset via `absmax.mean()`)
 # accumulates in Vectorized<float> registers of this many lanes.
@@ -309,6 +317,7 @@ def _multi_row_sum(rows: np.ndarray) -> np.ndarray:
     return acc[0]
 
 
+@functools.cache
 def _dynamic_lookup_table() -> np.ndarray:
     """bitsandbytes' 65536-bin table from a normalised value to an 8-bit code.
 
@@ -324,9 +333,6 @@ def _dynamic_lookup_table() -> np.ndarray:
     return np.searchsorted(midpoints, centres, side="left").astype(np.uint8)
 
 
-_LUT_SIZE = 65536
-
-
 def _quantize_8bit_blockwise(
     x: np.ndarray, block_size: int = DOUBLE_QUANT_BLOCK_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -338,9 +344,6 @@ def _quantize_8bit_blockwise(
     the nearest level (a value within ~1.5e-5 of a midpoint may round the
     other way).
     """
-    global _DYNAMIC_LUT
-    if _DYNAMIC_LUT is None:
-        _DYNAMIC_LUT = _dynamic_lookup_table()
     n = x.size
     n_blocks = -(-n // block_size)
     padded = np.zeros(n_blocks * block_size, dtype=np.float32)
@@ -354,12 +357,9 @@ def _quantize_8bit_blockwise(
     # into one rounding as bitsandbytes' x86 build (-mfma) compiles it.
     half_scaled = ((normed + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
     bins = (half_scaled.astype(np.float64) * (_LUT_SIZE - 1) + 0.5).astype(np.float32)
-    codes = _DYNAMIC_LUT[bins.astype(np.int64)]
+    codes = _dynamic_lookup_table()[bins.astype(np.int64)]
     codes[scales == 0] = 0
     return codes.reshape(-1)[:n], scales
-
-
-_DYNAMIC_LUT: np.ndarray | None = None
 
 
 def _quantize_flat(x: np.ndarray, block_size: int, double_quant: bool) -> dict:
@@ -695,6 +695,9 @@ class NF4Kernel(keras.layers.Layer):
                 dtype=_LEAF_DTYPES[field],
                 initializer="zeros",
                 trainable=False,
+                # Never autocast the float32 scales to a mixed-precision
+                # compute dtype: dequantisation needs them exact.
+                autocast=False,
                 name=field,
             )
             setattr(self, field, variable)

@@ -263,6 +263,18 @@ def test_nf4_kernel_holder():
     assert len(layer.non_trainable_weights) == 4 and layer.trainable_weights == []
     np.testing.assert_allclose(np.asarray(out), x @ expected, rtol=1e-5, atol=1e-5)
 
+    # Under mixed precision the float32 scales must not be autocast to bf16.
+    class Probe(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.kernel = quant.NF4Kernel.from_array(w, double_quant=True)
+
+        def call(self, x):
+            return self.kernel.dequantize("float32")
+
+    inside_call = Probe(dtype="mixed_bfloat16")(x)
+    np.testing.assert_array_equal(np.asarray(inside_call), expected)
+
     clone = quant.NF4Kernel.from_config(holder.get_config())
     clone.set_weights(holder.get_weights())
     np.testing.assert_array_equal(np.asarray(clone.dequantize()), expected)
