@@ -23,11 +23,12 @@ def split_prompt(conversation) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
-def evaluate_holdout(model, tokenizer, preset: str, conversations, config, out_dir: str,
-                     train_log: str | None = None) -> dict:
+def evaluate_holdout(deltas: dict, tokenizer, preset: str, conversations, config,
+                     out_dir: str, train_log: str | None = None) -> dict:
     """Generates with base and fine-tuned models; writes the report to `out_dir`.
 
-    Returns a summary: headline metric name, base and fine-tuned values and
+    `deltas` are the adapter's (in, out) weight deltas (`weights.model_deltas`
+    or `weights.peft_deltas`). Returns a summary: headline metric name, base and fine-tuned values and
     the report path.
     """
     ev = config.eval
@@ -41,7 +42,7 @@ def evaluate_holdout(model, tokenizer, preset: str, conversations, config, out_d
     if ev.compare_base:
         predictions["base"] = gen.generate(list(prompts), max_new_tokens=ev.max_new_tokens,
                                            batch_size=ev.batch_size)
-    weights.merge_into_backbone(model, backbone)
+    weights.apply_deltas(backbone, deltas)
     predictions["finetuned"] = gen.generate(list(prompts), max_new_tokens=ev.max_new_tokens,
                                             batch_size=ev.batch_size)
     task = ev.task_type or None
@@ -63,3 +64,21 @@ def evaluate_holdout(model, tokenizer, preset: str, conversations, config, out_d
     print(report.format_metrics_table(results), flush=True)
     logging.info("eval: %s", summary)
     return summary
+
+
+def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
+    """`gemma4-keras evaluate`: the held-out split (or data.eval_path) of a run."""
+    import os
+
+    from gemma4_keras import config_lib, data
+
+    adapter = os.path.join(workdir, "adapter")
+    if not os.path.isdir(adapter):
+        raise FileNotFoundError(f"{adapter} is missing: train first (gemma4-keras train "
+                                f"--workdir={workdir}) or point --workdir at a finished run")
+    preset = models.resolve_preset(config.model.preset)
+    tokenizer = models.load_tokenizer(preset)
+    prepared = data.prepare(config_lib.data_settings(config.data), tokenizer)
+    return evaluate_holdout(weights.peft_deltas(adapter), tokenizer, preset, prepared.holdout,
+                            config, out_dir or os.path.join(workdir, "eval"),
+                            train_log=os.path.join(workdir, "train_log.csv"))

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from gemma4_keras import callbacks as cb
-from gemma4_keras import checkpointing, config_lib, data, models
+from gemma4_keras import checkpointing, config_lib, data, models, weights
 
 
 class WorkdirError(RuntimeError):
@@ -273,7 +273,7 @@ def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> di
 
     if not prepared.holdout:
         return {}
-    return evaluate.evaluate_holdout(model, tokenizer, preset, prepared.holdout,
+    return evaluate.evaluate_holdout(weights.model_deltas(model), tokenizer, preset, prepared.holdout,
                                      config, os.path.join(workdir, "eval"),
                                      train_log=os.path.join(workdir, "train_log.csv"))
 

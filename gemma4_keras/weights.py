@@ -123,17 +123,50 @@ def _copy_block(blk, src, spec, *, quant, double_quant, block_size) -> None:
             blk.add_bank(name, _np(_get(src, path)), quant, double_quant, block_size)
 
 
-def merge_into_backbone(model, backbone, name: str | None = None, sign: float = 1.0) -> int:
-    """Adds (sign=-1: removes) adapter `name`'s deltas into KerasHub kernels.
+def model_deltas(model, name: str | None = None) -> dict[tuple[int, str], np.ndarray]:
+    """{(layer, target): scale * A @ B} of adapter `name`, (in, out) float32."""
+    return {site: a.delta_weight() for site, a in model.adapters(name).items()}
+
+
+def peft_deltas(directory: str) -> dict[tuple[int, str], np.ndarray]:
+    """The same, read from a PEFT adapter directory (no model needed)."""
+    from gemma4_keras.export import peft
+
+    cfg, tensors = peft.read_adapter(directory)
+    rank = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", rank))
+    scale = alpha / (rank**0.5 if cfg.get("use_rslora") else rank)
+    factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        m = peft._KEY.match(key)
+        if not m:
+            raise peft.AdapterFormatError(f"{directory}: {key!r} is not a Gemma 4 LoRA weight")
+        factors.setdefault((int(m[1]), m[3]), {})[m[4]] = np.asarray(value, np.float32)
+    return {site: (ab["B"] @ ab["A"]).T * np.float32(scale) for site, ab in factors.items()}
+
+
+def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
+    """Adds (sign=-1: removes) (in, out) deltas into a KerasHub backbone's kernels.
 
     Returns the number of kernels changed. Exact in float32; the kernels of a
     bfloat16 backbone are rounded once.
     """
-    changed = 0
-    for (layer, target), adapter in model.adapters(name).items():
+    for (layer, target), delta in deltas.items():
         path, layout = KERAS_KERNELS[target]
-        var = _get(backbone.get_layer(f"decoder_block_{layer}"), path).kernel
-        delta = twod_to_keras(adapter.delta_weight(), layout, tuple(var.shape))
-        var.assign((_np(var).astype(np.float32) + sign * delta).astype(_np(var).dtype))
-        changed += 1
-    return changed
+        block = backbone.get_layer(f"decoder_block_{layer}")
+        dense = _get(block, path)
+        if dense is None:
+            raise ValueError(f"layer {layer} has no {target} (KV-shared layer?)")
+        var = dense.kernel
+        if tuple(var.shape) != tuple(twod_to_keras(delta, layout, tuple(var.shape)).shape) or \
+                delta.size != int(np.prod(var.shape)):
+            raise ValueError(f"layers.{layer}.{target}: adapter delta {delta.shape} does not fit "
+                             f"the base kernel {tuple(var.shape)} (adapter for another model?)")
+        d = twod_to_keras(delta, layout, tuple(var.shape))
+        var.assign((_np(var).astype(np.float32) + sign * d).astype(_np(var).dtype))
+    return len(deltas)
+
+
+def merge_into_backbone(model, backbone, name: str | None = None, sign: float = 1.0) -> int:
+    """Adds adapter `name` of a Gemma4LoraModel into a KerasHub backbone."""
+    return apply_deltas(backbone, model_deltas(model, name), sign)
