@@ -44,23 +44,39 @@ def module_name(layer: int, target: str) -> str:
     return f"layers.{layer}.{group}.{target}"
 
 
-def adapter_tensors(model, name: str | None = None, layout: str = "causal_lm") -> dict[str, np.ndarray]:
+def adapter_tensors(
+    model, name: str | None = None, layout: str = "causal_lm"
+) -> dict[str, np.ndarray]:
     """{PEFT key: array} of adapter `name` (float32)."""
     prefix = PREFIXES[layout].rsplit(".layers", 1)[0]
     out = {}
     for (layer, target), a in sorted(model.adapters(name).items()):
         base = f"{prefix}.{module_name(layer, target)}"
-        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a.lora_a.value, np.float32).T)
-        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(np.asarray(a.lora_b.value, np.float32).T)
+        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(a.lora_a.value, np.float32).T
+        )
+        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(a.lora_b.value, np.float32).T
+        )
     return out
 
 
 def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -> dict:
     targets = list(spec.targets)
+    layers = None if spec.layers is None else list(spec.layers)
     if layout == "conditional_generation":
         # A plain name list would also match the vision tower's q_proj etc.
+        # PEFT refuses `layers_to_transform` next to a regex, so a layer
+        # subset goes into the regex itself.
+        layer_re = r"\d+" if layers is None else "(" + "|".join(map(str, layers)) + ")"
         target_modules: list[str] | str = (
-            r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + ")")
+            r".*language_model\.layers\."
+            + layer_re
+            + r"\.(self_attn|mlp)\.("
+            + "|".join(targets)
+            + ")"
+        )
+        layers = None
     else:
         target_modules = targets
     return {
@@ -72,7 +88,7 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
         "lora_dropout": spec.dropout,
         "use_rslora": spec.rslora,
         "target_modules": target_modules,
-        "layers_to_transform": None if spec.layers is None else list(spec.layers),
+        "layers_to_transform": layers,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -84,8 +100,16 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
     }
 
 
-def save_adapter(model, directory: str, *, base_model: str, name: str | None = None,
-                 layout: str = "causal_lm", lora=None, overwrite: bool = False) -> str:
+def save_adapter(
+    model,
+    directory: str,
+    *,
+    base_model: str,
+    name: str | None = None,
+    layout: str = "causal_lm",
+    lora=None,
+    overwrite: bool = False,
+) -> str:
     """Writes adapter `name` to `directory` in PEFT format (atomically).
 
     Example:
@@ -96,12 +120,17 @@ def save_adapter(model, directory: str, *, base_model: str, name: str | None = N
         raise AdapterFormatError("the model has no active adapter to save")
     spec = model.lora_specs[name]
     if os.path.exists(directory) and os.listdir(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; choose another directory")
+        raise FileExistsError(
+            f"{directory} exists and is not empty; choose another directory"
+        )
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    save_file(adapter_tensors(model, name, layout), os.path.join(tmp, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        adapter_tensors(model, name, layout),
+        os.path.join(tmp, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
         json.dump(adapter_config(spec, base_model, layout), f, indent=2)
     if os.path.exists(directory):
@@ -115,16 +144,32 @@ def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     w_path = os.path.join(directory, "adapter_model.safetensors")
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
-            raise AdapterFormatError(f"{p} is missing; a PEFT adapter directory holds "
-                                     "adapter_config.json and adapter_model.safetensors")
+            raise AdapterFormatError(
+                f"{p} is missing; a PEFT adapter directory holds "
+                "adapter_config.json and adapter_model.safetensors"
+            )
     with open(cfg_path) as f:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        raise AdapterFormatError(
+            f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA"
+        )
+    # Per-module ranks/alphas and DoRA change the maths of some sites; a
+    # single-spec load would silently compute something else.
+    for field in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(field):
+            raise AdapterFormatError(
+                f"{cfg_path}: {field}={cfg[field]!r} is not supported; "
+                "only one rank and alpha for all modules"
+            )
+    if cfg.get("use_dora"):
+        raise AdapterFormatError(f"{cfg_path}: use_dora=true (DoRA) is not supported")
     return cfg, load_file(w_path)
 
 
-def load_adapter(model, directory: str, name: str = "default", activate: bool = True) -> None:
+def load_adapter(
+    model, directory: str, name: str = "default", activate: bool = True
+) -> None:
     """Loads a PEFT LoRA adapter (trained anywhere) into `model` as `name`."""
     cfg, tensors = read_adapter(directory)
     factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -132,18 +177,28 @@ def load_adapter(model, directory: str, name: str = "default", activate: bool = 
         m = _KEY.match(key)
         if not m:
             raise AdapterFormatError(
-                f"{directory}: tensor {key!r} is not a Gemma 4 text-decoder LoRA weight")
+                f"{directory}: tensor {key!r} is not a Gemma 4 text-decoder LoRA weight"
+            )
         layer, _, target, ab = int(m[1]), m[2], m[3], m[4]
         if target not in config_lib.LORA_TARGETS:
-            raise AdapterFormatError(f"{directory}: module {key!r} targets {target!r}, "
-                                     f"not one of {config_lib.LORA_TARGETS}")
+            raise AdapterFormatError(
+                f"{directory}: module {key!r} targets {target!r}, "
+                f"not one of {config_lib.LORA_TARGETS}"
+            )
         factors.setdefault((layer, target), {})[ab] = value
     rank = int(cfg["r"])
-    targets = tuple(t for t in config_lib.LORA_TARGETS if any(t == k[1] for k in factors))
+    targets = tuple(
+        t for t in config_lib.LORA_TARGETS if any(t == k[1] for k in factors)
+    )
     layers = tuple(sorted({k[0] for k in factors}))
-    spec = LoraSpec(rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
-                    dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets,
-                    layers=layers, rslora=bool(cfg.get("use_rslora", False)))
+    spec = LoraSpec(
+        rank=rank,
+        alpha=float(cfg.get("lora_alpha", rank)),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        targets=targets,
+        layers=layers,
+        rslora=bool(cfg.get("use_rslora", False)),
+    )
     _check_sites(model, factors, rank, directory)
     model.add_adapter(name, spec, activate=activate)
     adapters = model.adapters(name)
@@ -159,14 +214,19 @@ def _check_sites(model, factors, rank: int, directory: str) -> None:
     for (layer, target), ab in sorted(factors.items()):
         where = f"{directory}: {module_name(layer, target)}"
         if layer >= s.num_layers:
-            raise AdapterFormatError(f"{where}: the model has only {s.num_layers} layers "
-                                     "(an adapter for another Gemma 4 size?)")
+            raise AdapterFormatError(
+                f"{where}: the model has only {s.num_layers} layers "
+                "(an adapter for another Gemma 4 size?)"
+            )
         if not s.has_projection(layer, target):
-            raise AdapterFormatError(f"{where}: this layer has no {target} (KV-shared layer)")
+            raise AdapterFormatError(
+                f"{where}: this layer has no {target} (KV-shared layer)"
+            )
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"{where}: lora_A or lora_B is missing")
         din, dout = s.projection_shape(layer, target)
         if ab["A"].shape != (rank, din) or ab["B"].shape != (dout, rank):
             raise AdapterFormatError(
                 f"{where}: lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} do not fit "
-                f"rank {rank} on a ({dout}, {din}) weight; expected ({rank}, {din}) / ({dout}, {rank})")
+                f"rank {rank} on a ({dout}, {din}) weight; expected ({rank}, {din}) / ({dout}, {rank})"
+            )
