@@ -1,0 +1,203 @@
+"""`gemma4-keras export`: a finished run's adapter -> a directory a server loads.
+
+    export(config, "runs/x", "peft", "out/adapter")    adapter only (vLLM, PEFT)
+    export(config, "runs/x", "hf", "out/hf")           merged safetensors (transformers)
+    export(config, "runs/x", "keras", "out/keras")     merged KerasHub preset
+    export(config, "runs/x", "gguf", "out/gguf")       merged GGUF (llama.cpp)
+
+Every export is written into a temporary directory beside `out` and renamed
+into place only when complete, with an `export_manifest.json`; a failure
+leaves nothing behind. See docs/deploy.md for serving each format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+from gemma4_keras.export import manifest as manifest_lib
+from gemma4_keras.export.hf import ExportError
+
+FORMATS = ("peft", "hf", "keras", "gguf")
+
+
+def check_workdir(workdir: str) -> str:
+    """Returns workdir/adapter, or raises ExportError if the run is not finished."""
+    adapter = os.path.join(workdir, "adapter")
+    state_path = os.path.join(workdir, "run_state.json")
+    status = None
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            status = json.load(f).get("status")
+    if status != "finished":
+        raise ExportError(
+            f"{state_path}: run status is {status!r}, not 'finished'; finish the run "
+            f"first (rerun `gemma4-keras train --workdir={workdir}` to resume it)"
+        )
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        raise ExportError(
+            f"{adapter}/adapter_model.safetensors is missing; a finished run writes its "
+            "adapter there (was the workdir copied partially?)"
+        )
+    return adapter
+
+
+def check_out(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ExportError(
+            f"--out={out} exists and is not empty; choose a new directory "
+            "or remove it first (exports never overwrite)"
+        )
+
+
+@contextlib.contextmanager
+def staging(out: str):
+    """Yields a temporary directory beside `out`; renames it to `out` on success."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(os.path.abspath(out))}.export-", dir=parent
+    )
+    try:
+        yield tmp
+        check_out(out)  # something may have appeared while we wrote
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_merged_inputs(preset: str, adapter_dir: str):
+    """(backbone float32, Gemma4LoraModel with the adapter active, adapter config)."""
+    import keras_hub
+
+    from gemma4_keras.export import peft
+    from gemma4_keras.modeling import Gemma4LoraModel
+
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(preset, dtype="float32")
+    model = Gemma4LoraModel.from_backbone(backbone, dtype="float32")
+    try:
+        peft.load_adapter(model, adapter_dir)
+    except peft.AdapterFormatError as e:
+        raise ExportError(
+            f"the adapter in {adapter_dir} does not fit base {preset!r}: {e}. Export with "
+            "the base the run trained on (--config.model.preset, see adapter_config.json "
+            "base_model_name_or_path)"
+        ) from e
+    cfg, _ = peft.read_adapter(adapter_dir)
+    return backbone, model, cfg
+
+
+def export(
+    config,
+    workdir: str,
+    fmt: str,
+    out: str,
+    *,
+    shard_size="5GB",
+    gguf_type: str = "f16",
+    layout: str = "causal_lm",
+    dtype: str = "float32",
+    base_model: str | None = None,
+) -> str:
+    """Exports a finished run's adapter as `fmt` into the new directory `out`.
+
+    Args:
+        config: the run's ConfigDict (`config.model.preset` names the base).
+        workdir: the training workdir (needs adapter/ and run_state.json
+            with status "finished").
+        fmt: `peft`, `hf`, `keras` or `gguf`.
+        out: output directory; must not exist or be empty.
+        shard_size: hf: max bytes per safetensors shard (int or "500MB", "5GB").
+        gguf_type: gguf: `f32`, `f16`, `bf16`, `q8_0` (`q4_k_m` needs llama.cpp).
+        layout: hf: `causal_lm` (`model.*`) or `conditional_generation`
+            (`model.language_model.*`, the multimodal checkpoints' layout).
+        dtype: hf: stored weight dtype (`float32`, `bfloat16`, `float16`).
+        base_model: id recorded as the base (default `config.model.preset`);
+            for vLLM use the HF repo id, e.g. `google/gemma-4-E4B-it`.
+
+    Returns:
+        `out`.
+
+    Example:
+      >>> export(config, "runs/tiny", "hf", "runs/tiny/export/hf")
+    """
+    from gemma4_keras import models
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    adapter_dir = check_workdir(workdir)
+    check_out(out)
+    if fmt == "gguf":
+        from gemma4_keras.export import gguf as gguf_lib
+
+        gguf_lib.check_type(gguf_type)  # fail before the slow load
+    base_model = base_model or str(config.model.preset)
+    preset = models.resolve_preset(config.model.preset)
+    backbone, model, adapter_cfg = load_merged_inputs(preset, adapter_dir)
+    options = (
+        {"shard_size": shard_size, "layout": layout, "dtype": dtype}
+        if fmt == "hf"
+        else {}
+    )
+    if fmt == "gguf":
+        options = {"gguf_type": gguf_type}
+    with staging(out) as tmp:
+        files = _write(fmt, tmp, model, backbone, preset, base_model, options)
+        manifest = manifest_lib.build_manifest(
+            fmt=fmt,
+            base_model=base_model,
+            adapter_config=adapter_cfg,
+            workdir=workdir,
+            files=files,
+            options=options,
+        )
+        manifest_lib.write_manifest(tmp, manifest)
+    return out
+
+
+def _write(fmt, tmp, model, backbone, preset, base_model, options) -> list[str]:
+    base_dir = preset if os.path.isdir(preset) else None
+    if fmt == "peft":
+        from gemma4_keras.export import peft
+
+        peft.save_adapter(model, tmp, base_model=base_model, overwrite=True)
+        return sorted(os.listdir(tmp))
+    if fmt == "hf":
+        from gemma4_keras.export import hf
+
+        files = hf.write_hf(model, backbone, tmp, base_dir=base_dir, **options)
+        if not any(f in files for f in ("tokenizer.json", "tokenizer.model")):
+            files += _tokenizer_model_from_keras(preset, tmp)
+        return files
+    if fmt == "keras":
+        from gemma4_keras.export import keras_preset
+
+        return keras_preset.write_keras_preset(model, backbone, preset, tmp)
+    from gemma4_keras.export import gguf as gguf_lib
+
+    return gguf_lib.write_gguf(
+        model,
+        backbone,
+        tmp,
+        base_dir=base_dir,
+        preset=preset,
+        gguf_type=options["gguf_type"],
+    )
+
+
+def _tokenizer_model_from_keras(preset: str, directory: str) -> list[str]:
+    """A KerasHub-name / remote base: its SentencePiece proto as tokenizer.model."""
+    from gemma4_keras import models
+
+    tokenizer = models.load_tokenizer(preset)
+    proto = getattr(tokenizer, "proto", None)
+    if not proto:
+        return []
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(proto)
+    return ["tokenizer.model"]

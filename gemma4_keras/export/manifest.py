@@ -1,0 +1,85 @@
+"""`export_manifest.json`: what an export was made from.
+
+Every export directory carries one, so a deployed file can be traced back to
+its base model, adapter settings, training config and eval summary:
+
+    {"format": "hf", "base_model": "google/gemma-4-E4B-it", "template": "gemma4 chat",
+     "lora": {"rank": 16, "alpha": 32.0, "targets": [...], ...},
+     "training_config_sha256": "...", "eval": {...}, "package_version": "0.1.0", ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+MANIFEST = "export_manifest.json"
+TEMPLATE = "gemma4 chat"
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of a file's bytes, None if it does not exist."""
+    if not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_manifest(
+    *,
+    fmt: str,
+    base_model: str,
+    adapter_config: dict,
+    workdir: str,
+    files: list[str],
+    options: dict | None = None,
+) -> dict:
+    """The manifest dict of one export.
+
+    Args:
+        fmt: export format (`peft`, `hf`, `keras`, `gguf`).
+        base_model: the base preset as given in the config.
+        adapter_config: the PEFT adapter_config.json dict of the exported adapter.
+        workdir: the training workdir (its config.json is hashed, its
+            run_state.json supplies the eval summary).
+        files: file names written (relative to the export directory).
+        options: format options (dtype, layout, shard size, gguf type).
+    """
+    from gemma4_keras import __version__
+
+    state_path = os.path.join(workdir, "run_state.json")
+    state = {}
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+    eval_summary = {k: v for k, v in state.items() if k not in ("status", "step")}
+    return {
+        "format": fmt,
+        "base_model": base_model,
+        "template": TEMPLATE,
+        "lora": {
+            "rank": adapter_config.get("r"),
+            "alpha": adapter_config.get("lora_alpha"),
+            "targets": adapter_config.get("target_modules"),
+            "layers": adapter_config.get("layers_to_transform"),
+            "rslora": adapter_config.get("use_rslora", False),
+        },
+        "training_config_sha256": file_sha256(os.path.join(workdir, "config.json")),
+        "run": {"status": state.get("status"), "step": state.get("step")},
+        "eval": eval_summary or None,
+        "options": options or {},
+        "files": sorted(files),
+        "package": "gemma4-keras",
+        "package_version": __version__,
+    }
+
+
+def write_manifest(directory: str, manifest: dict) -> str:
+    path = os.path.join(directory, MANIFEST)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    return path

@@ -1,0 +1,115 @@
+"""Merged HF export: transformers loads it and matches the Keras merged model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from export_fixtures import (
+    TOKENS,
+    config_for,
+    fake_workdir,
+    keras_logits,
+    rel_err,
+    trained_model,
+    variant_preset,
+)
+from safetensors.numpy import load_file
+
+from gemma4_keras.export import commands
+
+VARIANTS = {
+    "default": {},
+    "ple": {"ple": True},
+    "kv_shared_ple": {"ple": True, "kv_shared_layers": 2},
+    "moe": {"moe": True},
+}
+TOL = 5e-5  # float32; base models alone agree to 3e-6..6e-6 here, large random
+# adapters (deltas the size of the weights) amplify that to ~2e-5 (MoE).
+
+
+def _hf_logits(directory, cls=transformers.AutoModelForCausalLM) -> np.ndarray:
+    hf = cls.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, tmp_path_factory):
+    preset = variant_preset(**VARIANTS[request.param])
+    root = str(tmp_path_factory.mktemp(request.param))
+    model = trained_model(preset)
+    workdir = fake_workdir(root, model, preset)
+    out = commands.export(config_for(preset), workdir, "hf", os.path.join(root, "hf"))
+    return request.param, preset, model, out
+
+
+def test_logits_match_keras_merged_model(exported):
+    name, preset, model, out = exported
+    ref = keras_logits(model)
+    got = _hf_logits(out)
+    err = rel_err(got, ref)
+    print(f"{name}: merged HF vs Keras max rel err {err:.2e}")
+    assert err < TOL
+    # The adapter must matter, or this test could not fail.
+    model.set_adapter(None)
+    base = keras_logits(model)
+    model.set_adapter("default")
+    assert rel_err(base, ref) > 1e-2
+
+
+def test_files_and_manifest(exported):
+    name, preset, _, out = exported
+    files = set(os.listdir(out))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "export_manifest.json",
+    } <= files
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "gemma4_text" and cfg["architectures"] == [
+        "Gemma4ForCausalLM"
+    ]
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    base = load_file(os.path.join(preset, "model.safetensors"))
+    assert set(tensors) == set(base)  # same names, incl. no k/v on KV-shared layers
+    for k, v in base.items():
+        assert tensors[k].shape == v.shape, k
+    with open(os.path.join(out, "export_manifest.json")) as f:
+        man = json.load(f)
+    assert man["format"] == "hf" and man["template"] == "gemma4 chat"
+    assert man["lora"]["rank"] == 4 and man["lora"]["alpha"] == 8.0
+    assert man["eval"] == {"eval": {"accuracy": 0.75}}
+    assert len(man["training_config_sha256"]) == 64
+
+
+def test_sharded_and_multimodal_layout(tmp_path):
+    preset = variant_preset(ple=True)
+    model = trained_model(preset, seed=1)
+    workdir = fake_workdir(str(tmp_path), model, preset)
+    out = commands.export(
+        config_for(preset), workdir, "hf", str(tmp_path / "sharded"), shard_size="100KB"
+    )
+    files = os.listdir(out)
+    shards = sorted(f for f in files if f.startswith("model-"))
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert "model.safetensors" not in files
+    ref = keras_logits(model)
+    assert rel_err(_hf_logits(out), ref) < TOL
+
+    out2 = commands.export(
+        config_for(preset),
+        workdir,
+        "hf",
+        str(tmp_path / "mm"),
+        layout="conditional_generation",
+    )
+    keys = load_file(os.path.join(out2, "model.safetensors"))
+    assert all(k.startswith("model.language_model.") for k in keys)
+    got = _hf_logits(out2, transformers.Gemma4ForConditionalGeneration)
+    assert rel_err(got, ref) < TOL
