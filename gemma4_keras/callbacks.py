@@ -17,7 +17,9 @@ import numpy as np
 from absl import logging
 
 
-def learning_rate(step: int, *, base: float, total: int, warmup: int, schedule: str) -> float:
+def learning_rate(
+    step: int, *, base: float, total: int, warmup: int, schedule: str
+) -> float:
     """The learning rate of optimiser step `step` (0-based), as in transformers.
 
     Linear warmup from 0 over `warmup` steps, then cosine decay to 0 at
@@ -43,7 +45,11 @@ def warmup_steps(train_cfg, total: int) -> int:
 
 
 class LearningRateSchedule(keras.callbacks.Callback):
-    """Sets the optimiser's learning rate before every optimiser step."""
+    """Sets the optimiser's learning rate before every optimiser step.
+
+    Logs `learning_rate` read back from the optimiser after the step (the
+    rate the compiled step actually used), not the closed form.
+    """
 
     def __init__(self, fn):
         super().__init__()
@@ -54,7 +60,8 @@ class LearningRateSchedule(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["learning_rate"] = float(self.fn(epoch))
+            used = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            logs["learning_rate"] = float(used)
 
 
 class Progress(keras.callbacks.Callback):
@@ -62,7 +69,11 @@ class Progress(keras.callbacks.Callback):
 
     def __init__(self, total: int, tokens_per_step: int, every: int, start: int = 0):
         super().__init__()
-        self.total, self.tokens_per_step, self.every = total, tokens_per_step, max(1, every)
+        self.total, self.tokens_per_step, self.every = (
+            total,
+            tokens_per_step,
+            max(1, every),
+        )
         self.start = start
         self._t0 = None
         self._steps_timed = 0
@@ -80,16 +91,22 @@ class Progress(keras.callbacks.Callback):
         rate = self._steps_timed / max(elapsed, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
         logs = logs or {}
-        extra = "".join(
-            f" {k}={logs[k]:.4f}" for k in ("val_loss",) if k in logs
-        )
+        extra = "".join(f" {k}={logs[k]:.4f}" for k in ("val_loss",) if k in logs)
         logging.info(
-            "step %d/%d loss=%.4f%s lr=%.2e %.0f tok/s eta %s", step, self.total,
-            logs.get("loss", float("nan")), extra, logs.get("learning_rate", float("nan")),
-            rate * self.tokens_per_step, _hms(eta),
+            "step %d/%d loss=%.4f%s lr=%.2e %.0f tok/s eta %s",
+            step,
+            self.total,
+            logs.get("loss", float("nan")),
+            extra,
+            logs.get("learning_rate", float("nan")),
+            rate * self.tokens_per_step,
+            _hms(eta),
         )
-        print(f"step {step}/{self.total} loss={logs.get('loss', float('nan')):.4f}{extra} "
-              f"{rate * self.tokens_per_step:.0f} tok/s eta {_hms(eta)}", flush=True)
+        print(
+            f"step {step}/{self.total} loss={logs.get('loss', float('nan')):.4f}{extra} "
+            f"{rate * self.tokens_per_step:.0f} tok/s eta {_hms(eta)}",
+            flush=True,
+        )
 
 
 def _hms(seconds: float) -> str:
