@@ -13,6 +13,7 @@ code instead of exiting.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -25,7 +26,11 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the run (created; rerun to resume).")
-flags.DEFINE_string("out", None, "Output directory (data split, export).")
+flags.DEFINE_string("out", None, "Output directory (data split, export, eval report).")
+flags.DEFINE_multi_string("prompt", [], "generate: a user message (repeatable).")
+flags.DEFINE_string("prompts_file", None, "generate: JSONL of {'messages': [...]} or plain lines.")
+flags.DEFINE_string("adapter", None, "generate: a PEFT adapter dir (default: <workdir>/adapter; 'none' = base).")
+flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to generate per prompt.")
 
 COMMANDS: dict[str, tuple[Callable, str]] = {}
 
@@ -86,6 +91,30 @@ def _train(config, args) -> int:
     return 0 if state.get("status") in ("finished", "preempted") else 1
 
 
+@command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
+def _evaluate(config, args) -> int:
+    from gemma4_keras import evaluate
+
+    summary = evaluate.evaluate_workdir(config, _require(FLAGS.workdir, "workdir"), FLAGS.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+@command("generate", "answer prompts with the base model or an adapter")
+def _generate(config, args) -> int:
+    from gemma4_keras import generate
+
+    conversations = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    adapter = FLAGS.adapter
+    if adapter is None and FLAGS.workdir:
+        adapter = os.path.join(FLAGS.workdir, "adapter")
+    answers = generate.generate_answers(config, conversations, adapter=adapter,
+                                        max_new_tokens=FLAGS.max_new_tokens)
+    for messages, answer in zip(conversations, answers):
+        print(json.dumps({"prompt": messages[-1]["content"], "answer": answer}, ensure_ascii=False))
+    return 0
+
+
 @command("data", "check | stats | split the configured dataset")
 def _data(config, args) -> int:
     from gemma4_keras import data
@@ -123,12 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2
     name, rest = argv[1], argv[2:]
+    saved_argv = sys.argv
+    # ml_collections reads `--config.x=y` overrides from sys.argv itself.
+    sys.argv = [argv[0], *rest]
     try:
         FLAGS.unparse_flags()
-        positional = FLAGS([argv[0], *rest])[1:]
-    except flags.Error as e:
-        print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
+        for flag in [f for f in FLAGS if f.startswith("config.")]:
+            delattr(FLAGS, flag)  # overrides of an earlier main() in this process
+        positional = FLAGS(sys.argv)[1:]
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises AttributeError for a misspelt --config.field.
+        message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+        print(f"gemma4-keras {name}: error: bad flag: {message}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved_argv
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     try:

@@ -82,3 +82,54 @@ class Generator:
             new = new[: cut[0]] if cut else new
             texts.append(self._decode(new))
         return texts
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict]]:
+    """Conversations (ending in a user turn) from --prompt flags and/or a file.
+
+    A prompts file holds one `{"messages": [...]}` object or one plain-text
+    user message per line.
+    """
+    import json
+
+    out = [[{"role": "user", "content": p}] for p in prompts]
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("{"):
+                    try:
+                        messages = json.loads(line)["messages"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{prompts_file}:{n}: expected "
+                                         f'{{"messages": [...]}} ({e})') from e
+                    out.append(messages)
+                else:
+                    out.append([{"role": "user", "content": line}])
+    if not out:
+        raise ValueError("no prompt: give --prompt=... or --prompts_file=FILE")
+    for i, messages in enumerate(out):
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError(f"prompt {i + 1}: the conversation must end with a user turn")
+    return out
+
+
+def generate_answers(config, conversations, *, adapter: str | None,
+                     max_new_tokens: int) -> list[str]:
+    """`gemma4-keras generate`: base model, or base + a PEFT adapter merged."""
+    import os
+
+    from gemma4_keras import models, weights
+
+    preset = models.resolve_preset(config.model.preset)
+    backbone = models.load_backbone(preset, models.compute_dtype(config.model))
+    tokenizer = models.load_tokenizer(preset)
+    if adapter and adapter != "none":
+        if not os.path.isdir(adapter):
+            raise FileNotFoundError(f"adapter directory {adapter} does not exist")
+        weights.apply_deltas(backbone, weights.peft_deltas(adapter))
+    gen = Generator(backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking))
+    return gen.generate(conversations, max_new_tokens=max_new_tokens,
+                        batch_size=int(config.eval.batch_size))

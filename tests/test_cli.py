@@ -1,0 +1,102 @@
+"""The `gemma4-keras` command line, called with argv lists as a user would."""
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from gemma4_keras import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+RUNLOCAL = sorted(p for p in CONFIGS.glob("*.py") if p.stem != "tiny")
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(["gemma4-keras", *args])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_usage_without_command(capsys):
+    assert run_cli() == 2
+    assert "commands:" in capsys.readouterr().err
+
+
+def test_bad_config_value_is_one_line(tmp_path, capsys):
+    code = run_cli("train", f"--config={CONFIGS}/e4b_lora.py:runlocal",
+                   "--config.lora.rank=0", f"--workdir={tmp_path}/w")
+    assert code == 1
+    assert one_error_line(capsys).endswith("--config.lora.rank=0 must be > 0")
+    assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_misspelt_field_is_refused(tmp_path, capsys):
+    code = run_cli("train", f"--config={CONFIGS}/tiny.py", "--config.lora.rnak=3",
+                   f"--workdir={tmp_path}")
+    assert code == 2
+    assert "rnak" in capsys.readouterr().err
+
+
+def test_missing_preset_directory_names_missing_files(tmp_path, capsys):
+    preset = tmp_path / "ckpt"
+    preset.mkdir()
+    (preset / "config.json").write_text("{}")
+    code = run_cli("train", f"--config={CONFIGS}/e2b_lora.py:runlocal",
+                   f"--config.model.preset={preset}", f"--workdir={tmp_path}/w")
+    assert code == 1
+    line = one_error_line(capsys)
+    assert str(preset) in line and "tokenizer.json" in line and "model.safetensors" in line
+
+
+def test_unknown_preset_lists_known_ones(tmp_path, capsys):
+    code = run_cli("train", f"--config={CONFIGS}/e2b_lora.py:runlocal",
+                   "--config.model.preset=gemma4_instruct_9b", f"--workdir={tmp_path}/w")
+    assert code == 1
+    line = one_error_line(capsys)
+    assert "'gemma4_instruct_9b'" in line and "gemma4_instruct_4b" in line
+
+
+@pytest.mark.parametrize("config", RUNLOCAL, ids=lambda p: p.stem)
+def test_every_runlocal_config_trains_two_steps(config, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert run_cli("train", f"--config={config}:runlocal", f"--workdir={workdir}") == 0
+    state = json.loads((workdir / "run_state.json").read_text())
+    assert state["status"] == "finished" and state["step"] == 2
+    assert (workdir / "adapter" / "adapter_model.safetensors").exists()
+    assert (workdir / "eval" / "eval_report.md").exists()
+    log = (workdir / "train_log.csv").read_text().splitlines()
+    assert len(log) == 3  # header + 2 optimiser steps
+    # A finished run is reported, not retrained.
+    mtime = os.path.getmtime(workdir / "train_log.csv")
+    assert run_cli("train", f"--config={config}:runlocal", f"--workdir={workdir}") == 0
+    assert "finished at step 2" in capsys.readouterr().out
+    assert os.path.getmtime(workdir / "train_log.csv") == mtime
+
+
+def test_data_check_reports_planted_problems(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps(good),
+        json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+    ]
+    bad.write_text("\n".join(lines) + "\n")
+    args = ["data", "check", f"--config={CONFIGS}/tiny.py", f"--config.data.path={bad}"]
+    assert run_cli(*args) == 1
+    err = capsys.readouterr().err
+    for line_no in (2, 4, 5):
+        assert f"bad.jsonl:{line_no}:" in err
+    assert run_cli(*args, "--config.data.on_error=skip") == 0
+    out = capsys.readouterr().out
+    assert "bad.jsonl:2" in out and "bad.jsonl:4" in out and "bad.jsonl:5" in out

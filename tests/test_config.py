@@ -1,0 +1,103 @@
+"""Config files, tables and validation errors."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from gemma4_keras import config_lib
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
+
+
+def load_config_file(path: pathlib.Path, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_one_config_per_size_and_method():
+    names = {p.stem for p in CONFIG_FILES}
+    expected = {f"{s}_{m}" for s in config_lib.SIZES if s != "tiny" for m in config_lib.METHODS}
+    assert expected | {"tiny"} == names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_every_config_loads_and_validates(path, arg):
+    config = load_config_file(path, arg)
+    config_lib.validate(config)
+    if arg == "runlocal":
+        assert config.model.preset == "tiny"
+        assert config.train.max_steps == 2
+
+
+def test_guide_defaults():
+    c = config_lib.get_config("e4b", "qlora")
+    assert (c.lora.rank, c.lora.alpha, c.lora.dropout) == (16, 32.0, 0.05)
+    assert (c.train.learning_rate, c.train.warmup_ratio, c.train.schedule) == (2e-4, 0.1, "cosine")
+    assert (c.train.epochs, c.train.batch_size * 0 + 4, c.train.grad_accum) == (3, 4, 4)
+    assert c.lora.targets == "all-linear" and c.data.holdout_fraction == 0.1
+    assert c.quant.mode == "nf4" and c.quant.double_quant
+    assert config_lib.get_config("31b", "lora").quant.mode == "none"
+    assert config_lib.get_config("e4b", "lora").model.preset == "gemma4_instruct_4b"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lora.rank", 0, "--config.lora.rank=0 must be > 0"),
+        ("lora.alpha", -1.0, "--config.lora.alpha=-1.0 must be > 0"),
+        ("lora.dropout", 1.0, "--config.lora.dropout=1.0 must be in [0, 1)"),
+        ("data.holdout_fraction", 0.0, "--config.data.holdout_fraction=0.0 must be in (0, 0.5]"),
+        ("data.holdout_fraction", 0.6, "--config.data.holdout_fraction=0.6 must be in (0, 0.5]"),
+        ("train.batch_size", 0, "--config.train.batch_size=0 must be > 0"),
+        ("train.grad_accum", 0, "--config.train.grad_accum=0 must be > 0"),
+        ("quant.mode", "fp4", "--config.quant.mode='fp4' must be one of none, nf4, int8, int4"),
+        ("lora.targets", "", "lora.targets is empty"),
+        ("lora.targets", "q_proj,qkv", "unknown module name(s) ['qkv']"),
+        ("model.dtype", "float16", "Gemma 4 overflows in float16"),
+        ("lora.layers", "1,x", "lora.layers must be comma-separated integers"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    c = config_lib.get_config("e2b", "lora")
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_float16_can_be_forced():
+    c = config_lib.get_config("e2b", "lora")
+    c.model.dtype = "float16"
+    c.model.allow_float16 = True
+    config_lib.validate(c)
+
+
+def test_unknown_size_method_and_switch():
+    with pytest.raises(config_lib.ConfigError, match="unknown model size 'e8b'"):
+        config_lib.get_config("e8b", "lora")
+    with pytest.raises(config_lib.ConfigError, match="unknown method 'dora'"):
+        config_lib.get_config("e2b", "dora")
+    with pytest.raises(config_lib.ConfigError, match="unknown config switch 'fast'"):
+        config_lib.get_config("e2b", "lora", "fast")
+
+
+def test_targets_resolve_in_canonical_order():
+    assert config_lib.lora_targets("v_proj, q_proj") == ["q_proj", "v_proj"]
+    assert config_lib.lora_targets("all-linear") == list(config_lib.LORA_TARGETS)
+    assert config_lib.lora_layers("3,1,3") == [1, 3]
+    assert config_lib.lora_layers("") is None
+
+
+def test_data_settings_drop_empty_fields_and_default_path():
+    c = config_lib.get_config("tiny", "lora")
+    c.data.fields.prompt = "question"
+    d = config_lib.data_settings(c.data)
+    assert d["fields"] == {"prompt": "question"}
+    assert d["path"].endswith("sentiment.jsonl") and pathlib.Path(d["path"]).exists()
