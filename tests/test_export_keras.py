@@ -1,0 +1,96 @@
+"""Merged KerasHub preset: reloads with the Keras merged model's logits."""
+
+import json
+import os
+
+import keras_hub
+import numpy as np
+import pytest
+from export_fixtures import (
+    TOKENS,
+    config_for,
+    fake_workdir,
+    keras_logits,
+    rel_err,
+    trained_model,
+    variant_preset,
+)
+
+from gemma4_keras.export import commands
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    preset = variant_preset(ple=True, kv_shared_layers=2)
+    root = str(tmp_path_factory.mktemp("keras"))
+    model = trained_model(preset)
+    workdir = fake_workdir(root, model, preset)
+    out = commands.export(
+        config_for(preset), workdir, "keras", os.path.join(root, "keras")
+    )
+    return model, out
+
+
+def _backbone_logits(backbone) -> np.ndarray:
+    positions = np.arange(TOKENS.shape[1], dtype=np.int32)[None]
+    inputs = {
+        "token_ids": TOKENS,
+        "padding_mask": np.ones_like(TOKENS),
+        "position_ids": positions,
+    }
+    hidden = np.asarray(backbone(inputs))
+    emb = np.asarray(backbone.get_layer("token_embedding").embeddings)
+    z = hidden @ emb.T
+    return np.tanh(z / 30.0) * 30.0
+
+
+def test_causal_lm_reloads_with_merged_logits(exported):
+    model, out = exported
+    causal_lm = keras_hub.models.Gemma4CausalLM.from_preset(out)
+    got = _backbone_logits(causal_lm.backbone)
+    ref = keras_logits(model)
+    err = rel_err(got, ref)
+    print(f"keras preset vs Keras merged model: max rel err {err:.2e}")
+    assert err < 1e-5
+    model.set_adapter(None)
+    base = keras_logits(model)
+    model.set_adapter("default")
+    assert rel_err(base, ref) > 1e-2
+    # The tokenizer came along.
+    ids = causal_lm.preprocessor.tokenizer("hello world")
+    assert len(np.asarray(ids)) > 0
+
+
+def test_preset_files_and_manifest(exported):
+    _, out = exported
+    files = set(os.listdir(out))
+    assert {
+        "config.json",
+        "metadata.json",
+        "model.weights.h5",
+        "export_manifest.json",
+    } <= files
+    with open(os.path.join(out, "export_manifest.json")) as f:
+        assert json.load(f)["format"] == "keras"
+
+
+def test_merged_kernels_are_base_plus_delta(exported):
+    from gemma4_keras import weights
+
+    model, out = exported
+    merged = keras_hub.models.Gemma4Backbone.from_preset(out, dtype="float32")
+    base = keras_hub.models.Gemma4Backbone.from_preset(
+        variant_preset(ple=True, kv_shared_layers=2), dtype="float32"
+    )
+    for (layer, target), adapter in model.adapters().items():
+        path, layout = weights.KERAS_KERNELS[target]
+        got = np.asarray(
+            weights._get(merged.get_layer(f"decoder_block_{layer}"), path).kernel
+        )
+        was = np.asarray(
+            weights._get(base.get_layer(f"decoder_block_{layer}"), path).kernel
+        )
+        delta = weights.twod_to_keras(adapter.delta_weight(), layout, was.shape)
+        np.testing.assert_allclose(
+            got, was + delta, rtol=0, atol=1e-6, err_msg=f"{layer} {target}"
+        )
