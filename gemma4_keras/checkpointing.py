@@ -31,8 +31,10 @@ def adapter_state(model) -> dict[str, np.ndarray]:
 
 
 def optimizer_state(optimizer) -> dict[str, np.ndarray]:
-    return {f"{i:04d}__{_key(v.path)}": np.asarray(v.value)
-            for i, v in enumerate(optimizer.variables)}
+    return {
+        f"{i:04d}__{_key(v.path)}": np.asarray(v.value)
+        for i, v in enumerate(optimizer.variables)
+    }
 
 
 def seed_state(model) -> dict[str, np.ndarray]:
@@ -90,8 +92,14 @@ class AdapterCheckpointer:
             with open(path) as f:
                 stored = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from e
-        diffs = [k for k in sorted(set(stored) | set(self.meta)) if stored.get(k) != self.meta.get(k)]
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint metadata ({e})"
+            ) from e
+        diffs = [
+            k
+            for k in sorted(set(stored) | set(self.meta))
+            if stored.get(k) != self.meta.get(k)
+        ]
         if diffs:
             k = diffs[0]
             raise CheckpointError(
@@ -111,8 +119,11 @@ class AdapterCheckpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # orbax raises many kinds; name the path
+            path = os.path.join(self.directory, str(step))
             raise CheckpointError(
-                f"cannot restore checkpoint step {step} from {self.directory}: {e}"
+                f"cannot restore the checkpoint {path} ({type(e).__name__}: {e}). It is "
+                f"corrupt or from another version: delete {path} to resume from the "
+                "previous step, or use a new --workdir"
             ) from e
         _assign(model.trainable_variables, restored["adapter"], _key, self.directory)
         opt_keys = list(target["optimizer"])
@@ -130,7 +141,9 @@ def _assign(variables, values: dict, key_fn, where: str) -> None:
     for v in variables:
         value = values.get(key_fn(v.path))
         if value is None or tuple(value.shape) != tuple(v.shape):
-            raise CheckpointError(f"{where}: no matching value for {v.path} {tuple(v.shape)}")
+            raise CheckpointError(
+                f"{where}: no matching value for {v.path} {tuple(v.shape)}"
+            )
         v.assign(value)
 
 

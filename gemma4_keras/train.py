@@ -13,6 +13,7 @@ A workdir holds everything of a run:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,12 @@ class Plan:
 
 
 def run(config, workdir: str) -> dict:
-    """Trains, evaluates and exports one run; resumes or reports a finished one."""
+    """Trains, evaluates and exports one run; resumes or reports a finished one.
+
+    Every check of the workdir (config, checkpoint metadata, checkpoint
+    readability) happens before anything is written to it, so a failed start
+    leaves an existing run byte for byte as it was.
+    """
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     state = read_run_state(workdir)
@@ -50,18 +56,16 @@ def run(config, workdir: str) -> dict:
         print(f"{workdir}: this run finished at step {state['step']}; nothing to do. "
               f"Report: {state.get('report', '-')}")
         return state
-    check_or_write_config(config, workdir)
+    check_config(config, workdir)
 
     model, tokenizer, preset = models.load_training_model(
         config.model, config.lora, config.quant, config.train)
+    compile_model(model, config.train)
+    ckpt = build_checkpointer(config, workdir, model, preset)
+    start = ckpt.restore_latest(model)
+    write_config(config, workdir)
     prepared = prepare_data(config.data, tokenizer, workdir)
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
-    compile_model(model, config.train, plan)
-    ckpt = checkpointing.AdapterCheckpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.checkpoint.max_to_keep,
-        meta=checkpoint_meta(config, model, preset))
-    start = ckpt.restore_latest(model)
     history_cbs = build_callbacks(config, workdir, plan, ckpt, start)
     if start < plan.total_steps:
         fit(model, stream, prepared, config, plan, history_cbs, start)
@@ -100,22 +104,45 @@ def write_run_state(workdir: str, **state) -> dict:
 _RESUMABLE = ("train.log_every", "eval.", "checkpoint.max_to_keep")
 
 
-def check_or_write_config(config, workdir: str) -> None:
-    """Writes config.json, or checks a rerun's config matches the stored one."""
+def check_config(config, workdir: str) -> None:
+    """Raises WorkdirError when workdir/config.json holds another run's config."""
     path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
     new = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
+    try:
         with open(path) as f:
-            old = json.load(f)
-        diffs = [k for k in _flat(old).keys() | _flat(new).keys()
-                 if _flat(old).get(k) != _flat(new).get(k) and not k.startswith(_RESUMABLE)]
-        if diffs:
-            k = sorted(diffs)[0]
-            raise WorkdirError(
-                f"{workdir} holds a run with another config: {k} was "
-                f"{_flat(old).get(k)!r}, now {_flat(new).get(k)!r}. Rerun with the same "
-                "config to resume, or pick a new --workdir")
-    _atomic_json(path, new)
+            old = _flat(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise WorkdirError(f"{path}: unreadable ({e}); pick a new --workdir") from e
+    new = _flat(new)
+    diffs = [k for k in old.keys() | new.keys()
+             if old.get(k) != new.get(k) and not k.startswith(_RESUMABLE)]
+    if diffs:
+        k = sorted(diffs)[0]
+        raise WorkdirError(
+            f"{path} holds a run with another config: {k} was {old.get(k)!r}, now "
+            f"{new.get(k)!r}. Rerun with the same config to resume, or pick a new --workdir")
+
+
+def write_config(config, workdir: str) -> None:
+    """Writes workdir/config.json (after every check has passed)."""
+    _atomic_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+
+def check_or_write_config(config, workdir: str) -> None:
+    """Checks a rerun's config matches the stored one, then writes it."""
+    check_config(config, workdir)
+    write_config(config, workdir)
+
+
+def build_checkpointer(config, workdir: str, model, preset: str):
+    """The run's AdapterCheckpointer; raises CheckpointError for foreign checkpoints."""
+    ckpt = checkpointing.AdapterCheckpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.max_to_keep),
+        meta=checkpoint_meta(config, model, preset))
+    ckpt.check_meta()
+    return ckpt
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -195,8 +222,9 @@ def validation_batches(examples, data_cfg, train_cfg):
 # --- model and fit ----------------------------------------------------------
 
 
-def compile_model(model, train_cfg, plan: Plan) -> None:
-    accum = plan.grad_accum
+def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
+    """AdamW with `train.grad_accum` micro-batches per optimiser step."""
+    accum = plan.grad_accum if plan is not None else int(train_cfg.grad_accum)
     optimizer = keras.optimizers.AdamW(
         learning_rate=float(train_cfg.learning_rate),
         weight_decay=float(train_cfg.weight_decay),
@@ -217,9 +245,30 @@ def build_callbacks(config, workdir: str, plan: Plan, ckpt, start: int) -> list:
         cb.NanGuard(),
         cb.PreemptionGuard(),
         cb.Progress(total, plan.tokens_per_step, int(config.train.log_every), start),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "train_log.csv"), append=start > 0),
+        csv_logger(workdir, start),
         checkpointing.CheckpointCallback(ckpt, int(config.checkpoint.every_steps), total),
     ]
+
+
+def csv_logger(workdir: str, start: int) -> keras.callbacks.CSVLogger:
+    """CSVLogger on workdir/train_log.csv, holding exactly steps 0..start-1.
+
+    A killed run may have logged steps past its last checkpoint; those steps
+    are trained again on resume, so their rows are dropped first (no step
+    appears twice).
+    """
+    path = os.path.join(workdir, "train_log.csv")
+    if start > 0 and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            col = rows[0].index("epoch")
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[col]) < start]
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, path)
+    return keras.callbacks.CSVLogger(path, append=start > 0)
 
 
 def fit(model, stream, prepared, config, plan: Plan, callbacks: list, start: int) -> None:
