@@ -130,12 +130,12 @@ def export(
 
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
-    adapter_dir = check_workdir(workdir)
-    check_out(out)
     if fmt == "gguf":
         from gemma4_keras.export import gguf as gguf_lib
 
         gguf_lib.check_type(gguf_type)  # fail before the slow load
+    adapter_dir = check_workdir(workdir)
+    check_out(out)
     base_model = base_model or str(config.model.preset)
     preset = models.resolve_preset(config.model.preset)
     backbone, model, adapter_cfg = load_merged_inputs(preset, adapter_dir)

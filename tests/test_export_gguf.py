@@ -1,0 +1,145 @@
+"""GGUF export read back with gguf.GGUFReader: metadata, names, types, values, vocab."""
+
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+from export_fixtures import config_for, fake_workdir, trained_model, variant_preset
+
+from gemma4_keras.export import commands, hf
+from gemma4_keras.export.hf import ExportError
+
+
+def _export(tmp_path_factory, gguf_type, **variant):
+    preset = variant_preset(**variant)
+    root = str(tmp_path_factory.mktemp(f"gguf_{gguf_type}"))
+    model = trained_model(preset)
+    workdir = fake_workdir(root, model, preset)
+    out = commands.export(
+        config_for(preset),
+        workdir,
+        "gguf",
+        os.path.join(root, "gguf"),
+        gguf_type=gguf_type,
+    )
+    reader = gguf.GGUFReader(os.path.join(out, f"model-{gguf_type}.gguf"))
+    return preset, model, out, reader
+
+
+@pytest.fixture(scope="module")
+def q8(tmp_path_factory):
+    return _export(tmp_path_factory, "q8_0", ple=True, kv_shared_layers=2)
+
+
+def _field(reader, key):
+    f = reader.get_field(key)
+    return f.contents() if f is not None else None
+
+
+def _tensor(reader, name) -> np.ndarray:
+    t = next(t for t in reader.tensors if t.name == name)
+    shape = tuple(int(x) for x in reversed(t.shape))
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+
+
+def test_metadata(q8):
+    _, model, _, reader = q8
+    assert _field(reader, "general.architecture") == "gemma4"
+    assert _field(reader, "gemma4.block_count") == 4
+    assert _field(reader, "gemma4.embedding_length") == 64
+    assert _field(reader, "gemma4.attention.shared_kv_layers") == 2
+    assert _field(reader, "gemma4.embedding_length_per_layer_input") == 8
+    assert _field(reader, "gemma4.attention.key_length") == 32
+    assert _field(reader, "gemma4.attention.key_length_swa") == 16
+    assert _field(reader, "gemma4.final_logit_softcapping") == pytest.approx(30.0)
+    assert _field(reader, "gemma4.attention.sliding_window_pattern") == [
+        True,
+        False,
+        True,
+        False,
+    ]
+
+
+def test_tensor_names_types_and_values(q8):
+    _, model, _, reader = q8
+    names = {t.name for t in reader.tensors}
+    assert (
+        "blk.0.attn_k.weight" in names and "blk.2.attn_k.weight" not in names
+    )  # KV-shared
+    assert {
+        "token_embd.weight",
+        "per_layer_token_embd.weight",
+        "blk.3.layer_output_scale.weight",
+        "blk.1.inp_gate.weight",
+    } <= names
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    merged = hf.merged_state_dict(model)
+    want = merged["model.layers.1.self_attn.q_proj.weight"]
+    got = _tensor(reader, "blk.1.attn_q.weight")
+    assert got.shape == want.shape
+    # q8_0: per block of 32, error <= scale/2 = max|w|/254.
+    assert np.max(np.abs(got - want)) <= np.max(np.abs(want)) / 254 + 1e-6
+    base = model.blocks[1].proj["q_proj"].weight("float32")
+    assert np.max(np.abs(np.asarray(base).T - want)) > 10 * np.max(np.abs(got - want))
+    np.testing.assert_array_equal(
+        _tensor(reader, "blk.0.attn_norm.weight"),
+        merged["model.layers.0.input_layernorm.weight"],
+    )
+
+
+def test_tokenizer(q8):
+    preset, _, _, reader = q8
+    with open(os.path.join(preset, "tokenizer.json")) as f:
+        tok = json.load(f)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = {
+        **tok["model"]["vocab"],
+        **{t["content"]: t["id"] for t in tok["added_tokens"]},
+    }
+    assert len(tokens) == 1024
+    for piece, i in vocab.items():
+        assert tokens[i] == piece
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == 2
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == 1
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+
+
+def test_moe_f16_with_folded_scales(tmp_path_factory):
+    _, model, _, reader = _export(tmp_path_factory, "f16", moe=True)
+    names = {t.name for t in reader.tensors}
+    assert {
+        "blk.0.ffn_gate_up_exps.weight",
+        "blk.0.ffn_down_exps.weight",
+        "blk.0.ffn_gate_inp.weight",
+    } <= names
+    assert _field(reader, "gemma4.expert_count") == 4
+    merged = hf.merged_state_dict(model)
+    p = "model.layers.0."
+    want = (
+        merged[p + "experts.down_proj"]
+        * merged[p + "router.per_expert_scale"][:, None, None]
+    )
+    got = _tensor(reader, "blk.0.ffn_down_exps.weight")
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    want = merged[p + "router.proj.weight"] * merged[p + "router.scale"][None, :]
+    np.testing.assert_allclose(
+        _tensor(reader, "blk.0.ffn_gate_inp.weight"), want, rtol=1e-3, atol=1e-4
+    )
+
+
+def test_q4_k_m_needs_llama_cpp(tmp_path):
+    preset = variant_preset()
+    with pytest.raises(
+        ExportError, match=r"llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M"
+    ):
+        commands.export(
+            config_for(preset),
+            "/nonexistent",
+            "gguf",
+            str(tmp_path / "o"),
+            gguf_type="q4_k_m",
+        )
