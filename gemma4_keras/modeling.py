@@ -502,6 +502,9 @@ class Gemma4LoraModel(keras.Model):
                     dtype=dtype or backbone.dtype_policy.name)
         weights_lib.copy_from_backbone(model, backbone, quant=quant,
                                        double_quant=double_quant, block_size=block_size)
+        # Every variable exists now; marking the model built lets
+        # `stateless_call` (the jitted train step) run without an eager call.
+        model.built = True
         if lora is not None:
             model.add_adapter("default", lora)
         return model
@@ -541,8 +544,11 @@ class Gemma4LoraModel(keras.Model):
         if name not in self.lora_specs:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}")
         for blk in self.blocks:
-            for target in list(blk.adapters.pop(name, {})):
+            for target, adapter in blk.adapters.pop(name, {}).items():
                 delattr(blk, f"_lora_{name}_{target}")
+                # delattr does not untrack a sub-layer: without this its
+                # variables stay in `trainable_variables` (and the optimizer).
+                blk._tracker.untrack(adapter)
         del self.lora_specs[name]
         if self.active_adapter == name:
             self.set_adapter(None)
