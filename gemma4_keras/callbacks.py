@@ -65,48 +65,57 @@ class LearningRateSchedule(keras.callbacks.Callback):
 
 
 class Progress(keras.callbacks.Callback):
-    """Logs loss, tokens/s and ETA every `every` optimiser steps."""
+    """Logs loss, tokens/s and ETA every `every` optimiser steps.
 
-    def __init__(self, total: int, tokens_per_step: int, every: int, start: int = 0):
+    `counts` maps optimiser step -> real (non-padding) tokens of that step, as
+    `train.step_batches` fills it; without it, `tokens_per_step` (padded
+    shape) is assumed.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        tokens_per_step: int,
+        every: int,
+        start: int = 0,
+        counts: dict[int, int] | None = None,
+    ):
         super().__init__()
         self.total, self.tokens_per_step, self.every = (
             total,
             tokens_per_step,
             max(1, every),
         )
-        self.start = start
+        self.start, self.counts = start, counts
         self._t0 = None
-        self._steps_timed = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
+    def tokens_done(self, step: int) -> int:
+        """Real tokens trained from `start` up to optimiser step `step`."""
+        if self.counts is None:
+            return (step - self.start) * self.tokens_per_step
+        return sum(self.counts.get(s, 0) for s in range(self.start, step))
+
     def on_epoch_end(self, epoch, logs=None):
         step = epoch + 1
-        self._steps_timed += 1
         if step % self.every and step != self.total:
             return
-        elapsed = time.perf_counter() - self._t0
-        rate = self._steps_timed / max(elapsed, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        steps_per_s = (step - self.start) / elapsed
+        eta = (self.total - step) / max(steps_per_s, 1e-9)
+        tok_s = self.tokens_done(step) / elapsed
         logs = logs or {}
         extra = "".join(f" {k}={logs[k]:.4f}" for k in ("val_loss",) if k in logs)
-        logging.info(
-            "step %d/%d loss=%.4f%s lr=%.2e %.0f tok/s eta %s",
-            step,
-            self.total,
-            logs.get("loss", float("nan")),
-            extra,
-            logs.get("learning_rate", float("nan")),
-            rate * self.tokens_per_step,
-            _hms(eta),
-        )
-        print(
+        line = (
             f"step {step}/{self.total} loss={logs.get('loss', float('nan')):.4f}{extra} "
-            f"{rate * self.tokens_per_step:.0f} tok/s eta {_hms(eta)}",
-            flush=True,
+            f"lr={logs.get('learning_rate', float('nan')):.2e} {tok_s:.0f} tok/s "
+            f"eta {_hms(eta)}"
         )
+        logging.info("%s", line)
+        print(line, flush=True)
 
 
 def _hms(seconds: float) -> str:
@@ -153,3 +162,143 @@ class PreemptionGuard(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class OverfitAlarm(keras.callbacks.Callback):
+    """Warns (or stops) when validation loss stops improving while training loss falls.
+
+    At each evaluation (an epoch whose logs hold `val_loss`), the evaluation
+    is "suspect" when `val_loss` is not below the best seen so far (rising or
+    flat) although `loss` fell since the previous evaluation. After `patience`
+    suspect evaluations in a row it logs a warning; with `action="stop"` it
+    also ends training and restores the adapter weights of the best
+    evaluation (the checkpoint saved on stopping then holds them).
+
+    Example:
+      >>> alarm = OverfitAlarm(patience=3, action="stop")
+      >>> model.fit(..., validation_data=val, callbacks=[alarm])
+    """
+
+    def __init__(self, patience: int, action: str = "warn"):
+        super().__init__()
+        if action not in ("warn", "stop"):
+            raise ValueError(f"train.overfit_action={action!r} must be warn or stop")
+        self.patience, self.action = max(1, int(patience)), action
+        self.best_val = math.inf
+        self.best_step: int | None = None
+        self.best_weights: list[np.ndarray] | None = None
+        self.suspect = 0
+        self.alarm_step: int | None = None
+        self.stopped_step: int | None = None
+        self._last_train: float | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if "val_loss" not in logs or "loss" not in logs:
+            return
+        val, loss = float(logs["val_loss"]), float(logs["loss"])
+        falling = self._last_train is not None and loss < self._last_train
+        self._last_train = loss
+        if val < self.best_val:
+            self.best_val, self.best_step, self.suspect = val, epoch + 1, 0
+            if self.action == "stop":
+                self.best_weights = [
+                    np.array(v.value) for v in self.model.trainable_variables
+                ]
+            return
+        self.suspect = self.suspect + 1 if falling else 0
+        if self.suspect < self.patience:
+            return
+        self.alarm_step = self.alarm_step or epoch + 1  # the first alarm
+        logging.warning(
+            "overfitting? val_loss %.4f has not improved on %.4f (step %d) for %d "
+            "evaluations while training loss fell to %.4f",
+            val,
+            self.best_val,
+            self.best_step,
+            self.suspect,
+            loss,
+        )
+        if self.action == "stop":
+            self._restore_best()
+            self.stopped_step = epoch + 1
+            self.model.stop_training = True
+
+    def _restore_best(self) -> None:
+        if self.best_weights is None:
+            return
+        for var, value in zip(self.model.trainable_variables, self.best_weights):
+            var.assign(value)
+        logging.warning(
+            "stopped; restored the adapter of step %d (val_loss %.4f)",
+            self.best_step,
+            self.best_val,
+        )
+
+
+class SampleGenerations(keras.callbacks.Callback):
+    """Every `every` optimiser steps, generates for a few held-out prompts.
+
+    Appends one JSON line per prompt to `path`:
+    `{"step": 20, "prompt": "...", "reference": "...", "generation": "..."}`.
+
+    Uses a KerasHub backbone (built once by `make_backbone`) with the current
+    adapter merged in, then un-merged: generation reuses the tested
+    `Generator` and its KV cache. The merge is float32 add-then-subtract, so
+    the backbone drifts by rounding only; it is never used for training.
+    The backbone is a second copy of the base weights: leave sampling off
+    (`train.sample_every=0`) when memory is tight.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        conversations,
+        make_backbone,
+        tokenizer,
+        path: str,
+        *,
+        max_new_tokens: int = 32,
+        enable_thinking: bool = False,
+    ):
+        super().__init__()
+        self.every, self.path, self.max_new_tokens = int(every), path, max_new_tokens
+        self.conversations = list(conversations)
+        self.make_backbone, self.tokenizer = make_backbone, tokenizer
+        self.enable_thinking = enable_thinking
+        self._generator = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = epoch + 1
+        if self.every <= 0 or step % self.every or not self.conversations:
+            return
+        import json
+
+        from gemma4_keras import evaluate, weights
+        from gemma4_keras.generate import Generator
+
+        if self._generator is None:
+            self._generator = Generator(
+                self.make_backbone(),
+                self.tokenizer,
+                enable_thinking=self.enable_thinking,
+            )
+        prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))
+        deltas = weights.model_deltas(self.model)
+        weights.apply_deltas(self._generator.backbone, deltas)
+        try:
+            outs = self._generator.generate(
+                list(prompts), max_new_tokens=self.max_new_tokens
+            )
+        finally:
+            weights.apply_deltas(self._generator.backbone, deltas, sign=-1.0)
+        with open(self.path, "a") as f:
+            for p, r, g in zip(prompts, refs, outs):
+                line = {
+                    "step": step,
+                    "prompt": p[-1]["content"],
+                    "reference": r,
+                    "generation": g,
+                }
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        logging.info("step %d sample: %r", step, outs[0])

@@ -150,6 +150,10 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
     c.train.seed = 0
     c.train.log_every = 10  # optimiser steps between progress lines
     c.train.eval_every = 0  # optimiser steps between validation losses; 0 = each epoch
+    c.train.overfit_patience = 0  # evaluations of rising/flat val_loss while loss falls; 0 = off
+    c.train.overfit_action = "warn"  # warn | stop (stop restores the best adapter)
+    c.train.tensorboard = False  # also write workdir/tensorboard (needs tensorflow)
+    c.train.sample_every = 0  # optimiser steps between samples.jsonl generations; 0 = off
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # optimiser steps
@@ -267,6 +271,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (c.train.schedule in ("cosine", "constant"), "train.schedule", "must be cosine or constant"),
         (c.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0"),
+        (c.train.overfit_patience >= 0, "train.overfit_patience", "must be >= 0 (0 = off)"),
+        (c.train.overfit_action in ("warn", "stop"), "train.overfit_action", "must be warn or stop"),
+        (c.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)"),
         (c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0"),
         (c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0"),
         (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),

@@ -39,7 +39,9 @@ class Plan:
     total_steps: int
     grad_accum: int
     batches_per_epoch: int
-    tokens_per_step: int
+    tokens_per_step: int  # padded: batch x max_length x grad_accum
+    # optimiser step -> real (non-padding) tokens, filled by step_batches
+    token_counts: dict = dataclasses.field(default_factory=dict)
 
 
 def run(config, workdir: str) -> dict:
@@ -66,7 +68,8 @@ def run(config, workdir: str) -> dict:
     write_config(config, workdir)
     prepared = prepare_data(config.data, tokenizer, workdir)
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
-    history_cbs = build_callbacks(config, workdir, plan, ckpt, start)
+    samples = sample_callback(config, prepared, tokenizer, preset, workdir)
+    history_cbs = build_callbacks(config, workdir, plan, ckpt, start, samples)
     if start < plan.total_steps:
         fit(model, stream, prepared, config, plan, history_cbs, start)
     stopped = _stopped(history_cbs, plan)
@@ -188,7 +191,7 @@ def build_batches(examples, data_cfg, train_cfg):
     return stream, Plan(total, accum, stream.steps_per_epoch, tokens)
 
 
-def step_batches(stream, plan: Plan, start_step: int):
+def step_batches(stream, plan: Plan, start_step: int, counts: dict | None = None):
     """Micro-batches from optimiser step `start_step` on, with `loss_norm`.
 
     `loss_norm` = (trained tokens in the whole optimiser step) / grad_accum:
@@ -200,6 +203,8 @@ def step_batches(stream, plan: Plan, start_step: int):
         group = [stream.batch(step * plan.grad_accum + i) for i in range(plan.grad_accum)]
         tokens = sum(float(b["loss_weights"].sum()) for b in group)
         norm = np.float32(tokens / plan.grad_accum)
+        if counts is not None:  # real (non-padding) tokens, for tokens/s
+            counts[step] = int(sum(int(b["padding_mask"].sum()) for b in group))
         for b in group:
             b["loss_norm"] = np.full((b["token_ids"].shape[0],), norm, np.float32)
             yield (b,)
@@ -234,20 +239,53 @@ def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
     model.compile(optimizer=optimizer, jit_compile=True)
 
 
-def build_callbacks(config, workdir: str, plan: Plan, ckpt, start: int) -> list:
-    total = plan.total_steps
-    warm = cb.warmup_steps(config.train, total)
+def build_callbacks(config, workdir: str, plan: Plan, ckpt, start: int,
+                    samples: keras.callbacks.Callback | None = None) -> list:
+    """The run's callbacks; order matters: alarms act before the checkpoint saves."""
+    total, t = plan.total_steps, config.train
+    warm = cb.warmup_steps(t, total)
     lr_fn = lambda step: cb.learning_rate(  # noqa: E731
-        step, base=float(config.train.learning_rate), total=total, warmup=warm,
-        schedule=config.train.schedule)
-    return [
+        step, base=float(t.learning_rate), total=total, warmup=warm, schedule=t.schedule)
+    cbs = [
         cb.LearningRateSchedule(lr_fn),
         cb.NanGuard(),
         cb.PreemptionGuard(),
-        cb.Progress(total, plan.tokens_per_step, int(config.train.log_every), start),
+        cb.Progress(total, plan.tokens_per_step, int(t.log_every), start, plan.token_counts),
         csv_logger(workdir, start),
-        checkpointing.CheckpointCallback(ckpt, int(config.checkpoint.every_steps), total),
     ]
+    if int(t.overfit_patience) > 0:
+        cbs.append(cb.OverfitAlarm(int(t.overfit_patience), str(t.overfit_action)))
+    if t.tensorboard:
+        cbs.append(tensorboard(workdir))
+    if samples is not None:
+        cbs.append(samples)
+    cbs.append(checkpointing.CheckpointCallback(ckpt, int(config.checkpoint.every_steps), total))
+    return cbs
+
+
+def tensorboard(workdir: str) -> keras.callbacks.Callback:
+    """TensorBoard event files in workdir/tensorboard (needs tensorflow)."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as e:
+        raise config_lib.ConfigError(
+            "--config.train.tensorboard=True needs tensorflow (pip install tensorflow-cpu); "
+            "or set it to False (train_log.csv has the same numbers)") from e
+    return keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), update_freq="epoch",
+                                       write_graph=False)
+
+
+def sample_callback(config, prepared, tokenizer, preset: str, workdir: str):
+    """Sample generations for 2 held-out prompts every `train.sample_every` steps."""
+    every = int(config.train.sample_every)
+    if every <= 0 or not prepared.holdout:
+        return None
+    return cb.SampleGenerations(
+        every, prepared.holdout[:2],
+        lambda: models.load_backbone(preset, models.compute_dtype(config.model)),
+        tokenizer, os.path.join(workdir, "samples.jsonl"),
+        max_new_tokens=int(config.eval.max_new_tokens),
+        enable_thinking=bool(config.data.enable_thinking))
 
 
 def csv_logger(workdir: str, start: int) -> keras.callbacks.CSVLogger:
@@ -276,7 +314,7 @@ def fit(model, stream, prepared, config, plan: Plan, callbacks: list, start: int
     every = int(config.train.eval_every) or max(1, plan.total_steps // max(1, int(config.train.epochs)))
     logging.info("training steps %d..%d (x%d micro-batches)", start, plan.total_steps, plan.grad_accum)
     model.fit(
-        step_batches(stream, plan, start),
+        step_batches(stream, plan, start, plan.token_counts),
         steps_per_epoch=plan.grad_accum,
         epochs=plan.total_steps,
         initial_epoch=start,

@@ -77,6 +77,11 @@ def _steps(workdir):
     )
 
 
+# Three tiny training subprocesses: ~100 s on 2 shared cores, most of it
+# process start-up and compilation (each run alone is ~27 s).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """An uninterrupted run and one SIGKILLed after step 5, both rerun to the end."""
@@ -204,3 +209,25 @@ def test_corrupt_checkpoint_is_named_and_untouched(runs, tmp_path, capsys):
     assert rc != 0
     assert step_dir in err.err + err.out
     assert _snapshot(work) == before
+
+
+def test_sigterm_saves_then_rerun_finishes(runs, tmp_path):
+    import json
+
+    whole = runs[0]
+    work = str(tmp_path / "preempted")
+    proc = _start(work)
+    _wait_for_step(proc, work, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, open(work + ".log").read()[-3000:]
+    with open(os.path.join(work, "run_state.json")) as f:
+        state = json.load(f)
+    assert state["status"] == "preempted"
+    # Saved at the step it stopped on, even off the every-2-steps grid.
+    assert state["step"] == max(_steps(work)) and state["step"] < STEPS
+    assert len(_log_rows(work)) == state["step"]
+    assert _finish(_start(work)) == 0, open(work + ".log").read()[-3000:]
+    a, b = _adapter(whole), _adapter(work)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert [int(r["epoch"]) for r in _log_rows(work)] == list(range(STEPS))
