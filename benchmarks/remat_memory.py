@@ -1,0 +1,97 @@
+"""Temp memory of the compiled LoRA train step with and without `train.remat`.
+
+Run:
+    python benchmarks/remat_memory.py                  # 8 layers, d=512, seq 1024
+    python benchmarks/remat_memory.py --layers 4 --seq 512
+
+Writes a Gemma 4-architecture checkpoint of the given size (random weights,
+the tiny model's tokenizer) to a temp dir, loads it through KerasHub into a
+`Gemma4LoraModel`, and compiles `jit(value_and_grad(loss wrt adapters))` built
+from `model.stateless_call` + `model.compute_loss` for batch 1. Prints XLA's
+`memory_analysis().temp_size_in_bytes` both ways and the ratio.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+import gemma4_keras  # noqa: E402,F401  (JAX backend first)
+from gemma4_keras import tiny  # noqa: E402
+from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec  # noqa: E402
+
+
+def write_checkpoint(path: str, layers: int, dim: int) -> None:
+    types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    config = tiny.tiny_hf_config(
+        hidden_size=dim,
+        intermediate_size=4 * dim,
+        num_hidden_layers=layers,
+        layer_types=types,
+        head_dim=dim // 8,
+        global_head_dim=dim // 4,
+    )
+    src = tiny.tiny_checkpoint()
+    for f in os.listdir(src):
+        if f not in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(src, f), path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file(tiny.tiny_weights(config), os.path.join(path, "model.safetensors"))
+
+
+def temp_bytes(backbone, remat: bool, seq: int) -> int:
+    model = Gemma4LoraModel.from_backbone(
+        backbone, LoraSpec(rank=16, alpha=32.0), remat=remat
+    )
+    batch = {
+        "token_ids": np.ones((1, seq), "int32"),
+        "positions": np.arange(seq)[None].astype("int32"),
+        "segment_ids": np.ones((1, seq), "int32"),
+        "target_ids": np.ones((1, seq), "int32"),
+        "loss_weights": np.ones((1, seq), "float32"),
+        "loss_norm": np.full((1,), seq, "float32"),
+    }
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+
+    def loss(tv, ntv, x):
+        hidden, _ = model.stateless_call(tv, ntv, x, training=False)
+        return model.compute_loss(x=x, y_pred=hidden)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    compiled = step.lower(
+        trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()}
+    ).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=1024)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        write_checkpoint(d, a.layers, a.dim)
+        backbone = keras_hub.models.Gemma4Backbone.from_preset(d, dtype="float32")
+        off, on = temp_bytes(backbone, False, a.seq), temp_bytes(backbone, True, a.seq)
+    mib = 1024**2
+    print(f"layers={a.layers} d={a.dim} seq={a.seq} backend={jax.default_backend()}")
+    print(f"temp bytes without remat: {off:,} ({off / mib:.1f} MiB)")
+    print(f"temp bytes with remat:    {on:,} ({on / mib:.1f} MiB)")
+    print(f"ratio remat / no remat:   {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()
