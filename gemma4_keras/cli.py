@@ -1,6 +1,9 @@
 """`gemma4-keras <command>`: parse flags, log versions and config, delegate.
 
     gemma4-keras train    --config=configs/tiny.py --workdir=runs/tiny
+    gemma4-keras evaluate --config=configs/tiny.py --workdir=runs/tiny
+    gemma4-keras generate --config=configs/tiny.py --workdir=runs/tiny --prompt="..."
+    gemma4-keras export   --config=configs/tiny.py --workdir=runs/tiny --format=hf --out=DIR
     gemma4-keras data     check|stats|split --config=configs/tiny.py [--out=DIR]
 
 Every command takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
@@ -31,6 +34,12 @@ flags.DEFINE_multi_string("prompt", [], "generate: a user message (repeatable)."
 flags.DEFINE_string("prompts_file", None, "generate: JSONL of {'messages': [...]} or plain lines.")
 flags.DEFINE_string("adapter", None, "generate: a PEFT adapter dir (default: <workdir>/adapter; 'none' = base).")
 flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to generate per prompt.")
+flags.DEFINE_enum("format", None, ["peft", "hf", "keras", "gguf"], "export: what to write.")
+flags.DEFINE_string("shard_size", "5GB", "export hf: largest safetensors shard (bytes, or 500MB / 5GB).")
+flags.DEFINE_enum("gguf_type", "f16", ["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+                  "export gguf: tensor type (q4_k_m needs llama.cpp's llama-quantize).")
+flags.DEFINE_enum("layout", "causal_lm", ["causal_lm", "conditional_generation"],
+                  "export peft/hf: key layout of the base (multimodal checkpoints: conditional_generation).")
 
 COMMANDS: dict[str, tuple[Callable, str]] = {}
 
@@ -54,10 +63,11 @@ def usage() -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from gemma4_keras import checkpointing, config_lib, models, train
     from gemma4_keras.data import DataError
+    from gemma4_keras.export.hf import ExportError
     from gemma4_keras.export.peft import AdapterFormatError
 
     return (config_lib.ConfigError, models.PresetError, DataError,
-            checkpointing.CheckpointError, train.WorkdirError, AdapterFormatError,
+            checkpointing.CheckpointError, train.WorkdirError, AdapterFormatError, ExportError,
             FileExistsError, FileNotFoundError)
 
 
@@ -112,6 +122,19 @@ def _generate(config, args) -> int:
                                         max_new_tokens=FLAGS.max_new_tokens)
     for messages, answer in zip(conversations, answers):
         print(json.dumps({"prompt": messages[-1]["content"], "answer": answer}, ensure_ascii=False))
+    return 0
+
+
+@command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")
+def _export(config, args) -> int:
+    from gemma4_keras.export.commands import export
+
+    if not FLAGS.format:
+        raise UsageError("--format=peft|hf|keras|gguf is required")
+    path = export(config, _require(FLAGS.workdir, "workdir"), FLAGS.format,
+                  _require(FLAGS.out, "out"), shard_size=FLAGS.shard_size,
+                  gguf_type=FLAGS.gguf_type, layout=FLAGS.layout)
+    print(f"wrote {path}")
     return 0
 
 

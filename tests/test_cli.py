@@ -100,3 +100,38 @@ def test_data_check_reports_planted_problems(tmp_path, capsys):
     assert run_cli(*args, "--config.data.on_error=skip") == 0
     out = capsys.readouterr().out
     assert "bad.jsonl:2" in out and "bad.jsonl:4" in out and "bad.jsonl:5" in out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    config = f"--config={CONFIGS}/tiny.py:runlocal"
+    assert run_cli("train", config, f"--workdir={workdir}") == 0
+    return config, workdir
+
+
+def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
+    config, workdir = trained
+    assert run_cli("evaluate", config, f"--workdir={workdir}", f"--out={tmp_path}/eval") == 0
+    assert (tmp_path / "eval" / "eval_report.json").exists()
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert "finetuned" in json.dumps(report)
+
+    capsys.readouterr()
+    assert run_cli("generate", config, f"--workdir={workdir}", "--prompt=Is 'great soup' positive?",
+                   "--max_new_tokens=3") == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["prompt"] == "Is 'great soup' positive?" and isinstance(answer["answer"], str)
+
+    out = tmp_path / "peft"
+    assert run_cli("export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}") == 0
+    assert (out / "adapter_config.json").exists() and (out / "export_manifest.json").exists()
+    # Exports never overwrite: a second export to the same place is refused.
+    assert run_cli("export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}") == 1
+    assert "not empty" in one_error_line(capsys)
+
+
+def test_export_needs_a_format(trained, tmp_path, capsys):
+    config, workdir = trained
+    assert run_cli("export", config, f"--workdir={workdir}", f"--out={tmp_path}/x") == 2
+    assert "--format" in one_error_line(capsys)
