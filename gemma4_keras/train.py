@@ -119,8 +119,12 @@ def check_config(config, workdir: str) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise WorkdirError(f"{path}: unreadable ({e}); pick a new --workdir") from e
     new = _flat(new)
+    # A field this version added is absent from an older run's config: that
+    # is no mismatch while the field keeps its default.
+    defaults = _flat(json.loads(config_lib.get_config(config.size, config.method).to_json_best_effort()))
     diffs = [k for k in old.keys() | new.keys()
-             if old.get(k) != new.get(k) and not k.startswith(_RESUMABLE)]
+             if old.get(k) != new.get(k) and not k.startswith(_RESUMABLE)
+             and not (k not in old and new.get(k) == defaults.get(k))]
     if diffs:
         k = sorted(diffs)[0]
         raise WorkdirError(
