@@ -101,3 +101,23 @@ def test_data_settings_drop_empty_fields_and_default_path():
     d = config_lib.data_settings(c.data)
     assert d["fields"] == {"prompt": "question"}
     assert d["path"].endswith("sentiment.jsonl") and pathlib.Path(d["path"]).exists()
+
+
+def test_resume_check_tolerates_fields_added_later_but_not_changes(tmp_path):
+    import json
+
+    from gemma4_keras import train
+
+    config = config_lib.get_config("tiny", "lora")
+    stored = json.loads(config.to_json_best_effort())
+    del stored["train"]["log_every"]  # an "older version" without this field
+    del stored["lora"]["rslora"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    train.check_config(config, str(tmp_path))  # defaults: no mismatch
+    config.lora.rslora = True  # a new field set away from its default is one
+    with pytest.raises(train.WorkdirError, match="lora.rslora was None, now True"):
+        train.check_config(config, str(tmp_path))
+    config.lora.rslora = False
+    config.lora.rank = 4
+    with pytest.raises(train.WorkdirError, match="lora.rank was 16, now 4"):
+        train.check_config(config, str(tmp_path))
