@@ -168,6 +168,11 @@ def _tokenizer(config):
         return None
 
 
+def _quiet_libraries(record) -> bool:
+    """Keeps Orbax's per-save INFO chatter out of the run log (warnings pass)."""
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage)."""
     argv = list(sys.argv if argv is None else argv)
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = saved_argv
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     try:
         config = _CONFIG.value
         if config is None:
