@@ -310,7 +310,19 @@ def csv_logger(workdir: str, start: int) -> keras.callbacks.CSVLogger:
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(kept)
             os.replace(tmp, path)
-    return keras.callbacks.CSVLogger(path, append=start > 0)
+    return StepCSVLogger(path, append=start > 0)
+
+
+class StepCSVLogger(keras.callbacks.CSVLogger):
+    """CSVLogger with a `step` column (optimiser steps done, 1-based).
+
+    Keras' `epoch` column counts from 0 and, here, is an optimiser step; the
+    report plots against `step`.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: v for k, v in (logs or {}).items() if k != "val_learning_rate"}
+        super().on_epoch_end(epoch, {"step": epoch + 1, **logs})
 
 
 def fit(model, stream, prepared, config, plan: Plan, callbacks: list, start: int) -> None:
