@@ -38,6 +38,8 @@ flags.DEFINE_enum("format", None, ["peft", "hf", "keras", "gguf"], "export: what
 flags.DEFINE_string("shard_size", "5GB", "export hf: largest safetensors shard (bytes, or 500MB / 5GB).")
 flags.DEFINE_enum("gguf_type", "f16", ["f32", "f16", "bf16", "q8_0", "q4_k_m"],
                   "export gguf: tensor type (q4_k_m needs llama.cpp's llama-quantize).")
+flags.DEFINE_string("base_model", None, "export: base model id recorded in the export "
+                    "(default: the HF repo of the preset, e.g. google/gemma-4-E4B-it).")
 flags.DEFINE_enum("layout", "causal_lm", ["causal_lm", "conditional_generation"],
                   "export peft/hf: key layout of the base (multimodal checkpoints: conditional_generation).")
 
@@ -133,7 +135,7 @@ def _export(config, args) -> int:
         raise UsageError("--format=peft|hf|keras|gguf is required")
     path = export(config, _require(FLAGS.workdir, "workdir"), FLAGS.format,
                   _require(FLAGS.out, "out"), shard_size=FLAGS.shard_size,
-                  gguf_type=FLAGS.gguf_type, layout=FLAGS.layout)
+                  gguf_type=FLAGS.gguf_type, layout=FLAGS.layout, base_model=FLAGS.base_model)
     print(f"wrote {path}")
     return 0
 

@@ -135,3 +135,18 @@ def test_export_needs_a_format(trained, tmp_path, capsys):
     config, workdir = trained
     assert run_cli("export", config, f"--workdir={workdir}", f"--out={tmp_path}/x") == 2
     assert "--format" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("gemma4_instruct_4b", "google/gemma-4-E4B-it"),
+    ("gemma4_26b_a4b", "google/gemma-4-26B-A4B"),
+    ("hf://google/gemma-4-E2B-it", "google/gemma-4-E2B-it"),
+    ("/data/my-base", "/data/my-base"),
+])
+def test_export_records_the_hf_id_of_the_base(preset, expected):
+    from gemma4_keras import config_lib
+    from gemma4_keras.export.commands import default_base_model
+
+    config = config_lib.get_config("e4b", "lora")
+    config.model.preset = preset
+    assert default_base_model(config) == expected

@@ -136,7 +136,7 @@ def export(
         gguf_lib.check_type(gguf_type)  # fail before the slow load
     adapter_dir = check_workdir(workdir)
     check_out(out)
-    base_model = base_model or str(config.model.preset)
+    base_model = base_model or default_base_model(config)
     preset = models.resolve_preset(config.model.preset)
     backbone, model, adapter_cfg = load_merged_inputs(preset, adapter_dir)
     options = (
@@ -158,6 +158,25 @@ def export(
         )
         manifest_lib.write_manifest(tmp, manifest)
     return out
+
+
+def default_base_model(config) -> str:
+    """The HF repo id of a KerasHub preset name (what vLLM and PEFT look up).
+
+    `gemma4_instruct_4b` -> `google/gemma-4-E4B-it`; `hf://org/repo` -> `org/repo`;
+    anything else (a local directory) is recorded as given.
+    """
+    from gemma4_keras import config_lib
+
+    preset = str(config.model.preset)
+    if preset.startswith("hf://"):
+        return preset[len("hf://"):]
+    for size in config_lib.SIZES.values():
+        if preset == size.preset and size.hf_id:
+            return size.hf_id
+        if preset == size.base_preset and size.hf_id:
+            return size.hf_id.removesuffix("-it")
+    return preset
 
 
 def _write(fmt, tmp, model, backbone, preset, base_model, options) -> list[str]:
