@@ -248,11 +248,11 @@ class FrozenLinear(keras.layers.Layer):
 
             self.nf4 = quant_lib.NF4Kernel.from_array(
                 np.ascontiguousarray(kernel.T), block_size=block_size,
-                double_quant=double_quant, name="kernel_nf4",
+                double_quant=double_quant, name=f"{self.name}_nf4",
             )
         else:
             self.dense = keras.layers.Dense(
-                self.out_features, use_bias=False, dtype=self.dtype_policy, name="dense"
+                self.out_features, use_bias=False, dtype=self.dtype_policy, name=self.name
             )
             self.dense.build((None, self.in_features))
             self.dense.kernel.assign(kernel)
@@ -382,7 +382,7 @@ class DecoderBlock(keras.layers.Layer):
 
             self.extra[name] = quant_lib.NF4Kernel.from_array(
                 np.asarray(value), block_size=block_size, double_quant=double_quant,
-                per_expert=True, name=name,
+                per_expert=True, name=f"{self.name}_{name}",
             )
         else:
             self.add_extra(name, value)
@@ -391,7 +391,8 @@ class DecoderBlock(keras.layers.Layer):
                        block_size: int) -> None:
         self.proj[target] = FrozenLinear(
             kernel, quant=quant, double_quant=double_quant, block_size=block_size,
-            dtype=self.dtype_policy, name=target,
+            # Unique names give unique variable paths (layout maps, logs).
+            dtype=self.dtype_policy, name=f"{self.name}_{target}",
         )
 
     def linear(self, target: str, x: jax.Array, keys: dict | None) -> jax.Array:
