@@ -47,6 +47,12 @@ def batch() -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache
+def keras_quantised(quant: str):
+    """One int8 / int4 model per module: Keras' quantize() is slow on CPU."""
+    return build(quant)
+
+
 def sites(model):
     return [(b.bspec.index, t, p) for b in model.blocks for t, p in b.proj.items()]
 
@@ -121,9 +127,9 @@ def test_keras_quantised_projection_error(quant, bound):
     hidden state then moves 3-5% (int8) and 29% (int4): amplification by the
     random tiny model, not a bug.
     """
-    model, reference = build(quant), float_model()
+    model, reference = keras_quantised(quant), float_model()
     rng = np.random.default_rng(0)
-    for layer, target, proj in sites(model):
+    for layer, target, proj in sites(model)[::5]:  # every kind, several layers
         w = np.asarray(reference.blocks[layer].proj[target].weight("float32"))
         x = rng.normal(size=(32, proj.in_features)).astype(np.float32)
         out = np.asarray(proj.apply(x))
@@ -133,7 +139,11 @@ def test_keras_quantised_projection_error(quant, bound):
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
 def test_lora_trains_on_quantised_base(quant):
-    model = build(quant, double_quant=True, lora_spec=modeling.LoraSpec(rank=4))
+    if quant == "nf4":
+        model = build(quant, double_quant=True)
+    else:
+        model = keras_quantised(quant)
+    model.add_adapter("train", modeling.LoraSpec(rank=4))
     rng = np.random.default_rng(0)
     for a in model.adapters().values():  # non-zero B so A gets a gradient too
         a.lora_b.assign(rng.normal(0, 0.05, a.lora_b.shape).astype(np.float32))
@@ -168,3 +178,4 @@ def test_lora_trains_on_quantised_base(quant):
         rtol=1e-6,
         atol=1e-7,
     )
+    model.unload_adapter("train")
