@@ -155,6 +155,10 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
     c.train.tensorboard = False  # also write workdir/tensorboard (needs tensorflow)
     c.train.sample_every = 0  # optimiser steps between samples.jsonl generations; 0 = off
 
+    c.distribution = ml_collections.ConfigDict()
+    c.distribution.mode = "auto"  # auto | none | data | model (see distributed.py)
+    c.distribution.model_parallel = 1  # devices on the model axis when mode=model
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100  # optimiser steps
     c.checkpoint.max_to_keep = 3
@@ -276,6 +280,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (c.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)"),
         (c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0"),
         (c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0"),
+        (c.distribution.mode in ("auto", "none", "data", "model"), "distribution.mode",
+         "must be one of auto, none, data, model"),
+        (c.distribution.model_parallel >= 1, "distribution.model_parallel", "must be >= 1"),
         (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
         (bool(str(c.model.preset).strip()), "model.preset", "is empty; name a preset, hf://org/repo or a directory"),
     ]

@@ -499,7 +499,7 @@ class Gemma4LoraModel(keras.Model):
         from gemma4_keras import weights as weights_lib
 
         spec = ModelSpec.from_backbone(backbone)
-        model = cls(spec, remat=remat, loss_chunk_size=loss_chunk_size,
+        model = cls(spec, remat=remat, loss_chunk_size=loss_chunk_size, name="gemma4_lora_model",
                     dtype=dtype or backbone.dtype_policy.name)
         weights_lib.copy_from_backbone(model, backbone, quant=quant,
                                        double_quant=double_quant, block_size=block_size)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from gemma4_keras import callbacks as cb
-from gemma4_keras import checkpointing, config_lib, data, models, weights
+from gemma4_keras import checkpointing, config_lib, data, distributed, models, weights
 
 
 class WorkdirError(RuntimeError):
@@ -60,6 +60,7 @@ def run(config, workdir: str) -> dict:
         return state
     check_config(config, workdir)
 
+    distributed.setup(config.distribution, int(config.train.batch_size))
     model, tokenizer, preset = models.load_training_model(
         config.model, config.lora, config.quant, config.train)
     compile_model(model, config.train)
