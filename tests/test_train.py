@@ -126,13 +126,12 @@ def _lr_history(model, initial, singles, c, total, tmp_path):
     train.compile_model(model, c.train, plan)
     log = os.path.join(tmp_path, "log.csv")
     warm = cb.warmup_steps(c.train, total)
-    fn = lambda s: cb.learning_rate(
-        s,
-        base=float(c.train.learning_rate),
-        total=total,  # noqa: E731
-        warmup=warm,
-        schedule=c.train.schedule,
-    )
+    def fn(s):
+        return cb.learning_rate(
+            s, base=float(c.train.learning_rate), total=total, warmup=warm,
+            schedule=c.train.schedule,
+        )
+
     model.fit(
         train.step_batches(_Stream(singles), plan, 0),
         steps_per_epoch=plan.grad_accum,
