@@ -107,8 +107,8 @@ class ModelSpec:
 
     @classmethod
     def from_backbone(cls, backbone) -> ModelSpec:
-        if not getattr(backbone, "text_only_model", True):
-            pass  # vision/audio towers are ignored: text fine-tuning only
+        # Vision / audio towers of a multimodal backbone are not read: this
+        # package fine-tunes the text decoder only.
         blocks = []
         for i in range(backbone.num_layers):
             blk = backbone.get_layer(f"decoder_block_{i}")

@@ -14,8 +14,6 @@ import os
 
 import jax
 
-from gemma4_keras import config_lib
-
 HF_FILES = ("config.json", "tokenizer.json")
 KERAS_FILES = ("config.json", "metadata.json")
 
@@ -131,7 +129,6 @@ def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
 __all__ = [
     "PresetError",
     "compute_dtype",
-    "config_lib",
     "known_presets",
     "load_backbone",
     "load_tokenizer",

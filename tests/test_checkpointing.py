@@ -134,8 +134,9 @@ def test_max_to_keep_and_adapter_sized(runs):
         for f in fs
     )
     adapter_bytes = sum(v.nbytes for v in _adapter(whole).values())
-    # weights + AdamW m and v + Orbax's small metadata; never the base.
-    assert ckpt_bytes < 3 * adapter_bytes + 64 * 1024
+    # weights + AdamW m and v + Orbax's metadata (about 70-110 KiB of JSON
+    # and OCDBT manifests for ~100 small arrays); never the base.
+    assert ckpt_bytes < 3 * adapter_bytes + 128 * 1024
     assert ckpt_bytes < base_bytes / 4, (ckpt_bytes, base_bytes)
 
 
