@@ -72,7 +72,9 @@ def temp_bytes(backbone, remat: bool, seq: int) -> tuple[int, int]:
     x = {k: jnp.asarray(v) for k, v in batch.items()}
     step = jax.jit(jax.value_and_grad(loss))
     compiled = step.lower(trainable, frozen, x).compile()
-    return compiled.memory_analysis().temp_size_in_bytes, residual_bytes(loss, trainable, frozen, x)
+    return compiled.memory_analysis().temp_size_in_bytes, residual_bytes(
+        loss, trainable, frozen, x
+    )
 
 
 def residual_bytes(loss, trainable, frozen, x) -> int:
@@ -106,7 +108,9 @@ def main() -> None:
     print(f"layers={a.layers} d={a.dim} seq={a.seq} backend={jax.default_backend()}")
     print(f"XLA temp bytes without remat: {off[0]:,} ({off[0] / mib:.1f} MiB)")
     print(f"XLA temp bytes with remat:    {on[0]:,} ({on[0] / mib:.1f} MiB)")
-    print(f"  ratio: {on[0] / off[0]:.3f} (CPU expands remat barriers; see residual_bytes)")
+    print(
+        f"  ratio: {on[0] / off[0]:.3f} (CPU expands remat barriers; see residual_bytes)"
+    )
     print(f"residuals without remat:      {off[1]:,} ({off[1] / mib:.1f} MiB)")
     print(f"residuals with remat:         {on[1]:,} ({on[1] / mib:.1f} MiB)")
     print(f"  ratio: {on[1] / off[1]:.3f}")

@@ -27,21 +27,44 @@ import gemma4_keras  # noqa: F401  (selects the JAX backend first)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
+    "config", None, "Run config: configs/<file>.py[:arg].", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory of the run (created; rerun to resume).")
 flags.DEFINE_string("out", None, "Output directory (data split, export, eval report).")
 flags.DEFINE_multi_string("prompt", [], "generate: a user message (repeatable).")
-flags.DEFINE_string("prompts_file", None, "generate: JSONL of {'messages': [...]} or plain lines.")
-flags.DEFINE_string("adapter", None, "generate: a PEFT adapter dir (default: <workdir>/adapter; 'none' = base).")
+flags.DEFINE_string(
+    "prompts_file", None, "generate: JSONL of {'messages': [...]} or plain lines."
+)
+flags.DEFINE_string(
+    "adapter",
+    None,
+    "generate: a PEFT adapter dir (default: <workdir>/adapter; 'none' = base).",
+)
 flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to generate per prompt.")
-flags.DEFINE_enum("format", None, ["peft", "hf", "keras", "gguf"], "export: what to write.")
-flags.DEFINE_string("shard_size", "5GB", "export hf: largest safetensors shard (bytes, or 500MB / 5GB).")
-flags.DEFINE_enum("gguf_type", "f16", ["f32", "f16", "bf16", "q8_0", "q4_k_m"],
-                  "export gguf: tensor type (q4_k_m needs llama.cpp's llama-quantize).")
-flags.DEFINE_string("base_model", None, "export: base model id recorded in the export "
-                    "(default: the HF repo of the preset, e.g. google/gemma-4-E4B-it).")
-flags.DEFINE_enum("layout", "causal_lm", ["causal_lm", "conditional_generation"],
-                  "export peft/hf: key layout of the base (multimodal checkpoints: conditional_generation).")
+flags.DEFINE_enum(
+    "format", None, ["peft", "hf", "keras", "gguf"], "export: what to write."
+)
+flags.DEFINE_string(
+    "shard_size", "5GB", "export hf: largest safetensors shard (bytes, or 500MB / 5GB)."
+)
+flags.DEFINE_enum(
+    "gguf_type",
+    "f16",
+    ["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+    "export gguf: tensor type (q4_k_m needs llama.cpp's llama-quantize).",
+)
+flags.DEFINE_string(
+    "base_model",
+    None,
+    "export: base model id recorded in the export "
+    "(default: the HF repo of the preset, e.g. google/gemma-4-E4B-it).",
+)
+flags.DEFINE_enum(
+    "layout",
+    "causal_lm",
+    ["causal_lm", "conditional_generation"],
+    "export peft/hf: key layout of the base (multimodal checkpoints: conditional_generation).",
+)
 
 COMMANDS: dict[str, tuple[Callable, str]] = {}
 
@@ -57,7 +80,11 @@ def command(name: str, help_text: str):
 
 
 def usage() -> str:
-    lines = ["usage: gemma4-keras <command> --config=configs/<file>.py [flags]", "", "commands:"]
+    lines = [
+        "usage: gemma4-keras <command> --config=configs/<file>.py [flags]",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -68,9 +95,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gemma4_keras.export.hf import ExportError
     from gemma4_keras.export.peft import AdapterFormatError
 
-    return (config_lib.ConfigError, models.PresetError, DataError,
-            checkpointing.CheckpointError, train.WorkdirError, AdapterFormatError, ExportError,
-            FileExistsError, FileNotFoundError)
+    return (
+        config_lib.ConfigError,
+        models.PresetError,
+        DataError,
+        checkpointing.CheckpointError,
+        train.WorkdirError,
+        AdapterFormatError,
+        ExportError,
+        FileExistsError,
+        FileNotFoundError,
+    )
 
 
 def _require(value, flag: str) -> str:
@@ -88,8 +123,13 @@ def log_environment(config) -> None:
     import keras
     import keras_hub
 
-    logging.info("gemma4_keras %s, keras %s, keras_hub %s, jax %s",
-                 gemma4_keras.__version__, keras.__version__, keras_hub.__version__, jax.__version__)
+    logging.info(
+        "gemma4_keras %s, keras %s, keras_hub %s, jax %s",
+        gemma4_keras.__version__,
+        keras.__version__,
+        keras_hub.__version__,
+        jax.__version__,
+    )
     logging.info("devices: %s", jax.devices())
     if config is not None:
         logging.info("config:\n%s", config)
@@ -107,7 +147,9 @@ def _train(config, args) -> int:
 def _evaluate(config, args) -> int:
     from gemma4_keras import evaluate
 
-    summary = evaluate.evaluate_workdir(config, _require(FLAGS.workdir, "workdir"), FLAGS.out)
+    summary = evaluate.evaluate_workdir(
+        config, _require(FLAGS.workdir, "workdir"), FLAGS.out
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -120,10 +162,16 @@ def _generate(config, args) -> int:
     adapter = FLAGS.adapter
     if adapter is None and FLAGS.workdir:
         adapter = os.path.join(FLAGS.workdir, "adapter")
-    answers = generate.generate_answers(config, conversations, adapter=adapter,
-                                        max_new_tokens=FLAGS.max_new_tokens)
+    answers = generate.generate_answers(
+        config, conversations, adapter=adapter, max_new_tokens=FLAGS.max_new_tokens
+    )
     for messages, answer in zip(conversations, answers):
-        print(json.dumps({"prompt": messages[-1]["content"], "answer": answer}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"prompt": messages[-1]["content"], "answer": answer},
+                ensure_ascii=False,
+            )
+        )
     return 0
 
 
@@ -133,9 +181,16 @@ def _export(config, args) -> int:
 
     if not FLAGS.format:
         raise UsageError("--format=peft|hf|keras|gguf is required")
-    path = export(config, _require(FLAGS.workdir, "workdir"), FLAGS.format,
-                  _require(FLAGS.out, "out"), shard_size=FLAGS.shard_size,
-                  gguf_type=FLAGS.gguf_type, layout=FLAGS.layout, base_model=FLAGS.base_model)
+    path = export(
+        config,
+        _require(FLAGS.workdir, "workdir"),
+        FLAGS.format,
+        _require(FLAGS.out, "out"),
+        shard_size=FLAGS.shard_size,
+        gguf_type=FLAGS.gguf_type,
+        layout=FLAGS.layout,
+        base_model=FLAGS.base_model,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -154,7 +209,11 @@ def _data(config, args) -> int:
         result = data.split(cfg, _require(FLAGS.out, "out"))
     else:
         result = getattr(data, verb)(cfg, _tokenizer(config))
-    print(data.format_report(result) if "records" in result else json.dumps(result, indent=2))
+    print(
+        data.format_report(result)
+        if "records" in result
+        else json.dumps(result, indent=2)
+    )
     return 1 if result.get("failed") else 0
 
 

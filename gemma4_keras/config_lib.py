@@ -30,7 +30,15 @@ LORA_TARGETS = (
     "down_proj",
 )
 QUANT_MODES = ("none", "nf4", "int8", "int4")
-DATA_FIELDS = ("messages", "prompt", "completion", "system", "instruction", "input", "output")
+DATA_FIELDS = (
+    "messages",
+    "prompt",
+    "completion",
+    "system",
+    "instruction",
+    "input",
+    "output",
+)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -52,8 +60,12 @@ class Size:
 
 SIZES: dict[str, Size] = {
     "tiny": Size("tiny", "tiny", "", 128, False, 8),
-    "e2b": Size("gemma4_instruct_2b", "gemma4_2b", "google/gemma-4-E2B-it", 2048, True, 4),
-    "e4b": Size("gemma4_instruct_4b", "gemma4_4b", "google/gemma-4-E4B-it", 2048, True, 4),
+    "e2b": Size(
+        "gemma4_instruct_2b", "gemma4_2b", "google/gemma-4-E2B-it", 2048, True, 4
+    ),
+    "e4b": Size(
+        "gemma4_instruct_4b", "gemma4_4b", "google/gemma-4-E4B-it", 2048, True, 4
+    ),
     "26b_a4b": Size(
         "gemma4_instruct_26b_a4b",
         "gemma4_26b_a4b",
@@ -62,7 +74,9 @@ SIZES: dict[str, Size] = {
         True,
         2,
     ),
-    "31b": Size("gemma4_instruct_31b", "gemma4_31b", "google/gemma-4-31B-it", 2048, True, 1),
+    "31b": Size(
+        "gemma4_instruct_31b", "gemma4_31b", "google/gemma-4-31B-it", 2048, True, 1
+    ),
 }
 
 # method -> quantisation of the frozen base. Hyperparameters follow the
@@ -75,10 +89,14 @@ METHODS: dict[str, dict] = {
 
 def default_dataset_path() -> str:
     """Path of the sentiment dataset that ships with the package."""
-    return str(importlib.resources.files("gemma4_keras") / "resources" / "sentiment.jsonl")
+    return str(
+        importlib.resources.files("gemma4_keras") / "resources" / "sentiment.jsonl"
+    )
 
 
-def get_config(size: str, method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(
+    size: str, method: str, arg: str | None = None
+) -> ml_collections.ConfigDict:
     """Builds the run config for `size` x `method`.
 
     Args:
@@ -93,16 +111,22 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
       ('nf4', 16, 32.0)
     """
     if size not in SIZES:
-        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+        raise ConfigError(
+            f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}"
+        )
     if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        raise ConfigError(
+            f"unknown method {method!r}; known methods: {', '.join(METHODS)}"
+        )
     facts = SIZES[size]
     c = ml_collections.ConfigDict()
     c.size = size
     c.method = method
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = facts.preset  # KerasHub preset name, hf://org/repo, a local dir, or tiny
+    c.model.preset = (
+        facts.preset
+    )  # KerasHub preset name, hf://org/repo, a local dir, or tiny
     c.model.dtype = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
     c.model.allow_float16 = False  # Gemma 4 overflows in float16; set True to force
 
@@ -119,7 +143,9 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
     c.quant.block_size = 64  # NF4 block (bitsandbytes' default)
 
     c.data = ml_collections.ConfigDict()
-    c.data.path = ""  # JSONL/CSV file or tfds:name[/config]:split; empty = shipped sample
+    c.data.path = (
+        ""  # JSONL/CSV file or tfds:name[/config]:split; empty = shipped sample
+    )
     c.data.format = "auto"  # auto | messages | prompt_completion | alpaca | csv | tfds
     # Record field -> column / feature name in the data; "" = the field's own name.
     c.data.fields = ml_collections.ConfigDict({k: "" for k in DATA_FIELDS})
@@ -150,10 +176,14 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
     c.train.seed = 0
     c.train.log_every = 10  # optimiser steps between progress lines
     c.train.eval_every = 0  # optimiser steps between validation losses; 0 = each epoch
-    c.train.overfit_patience = 0  # evaluations of rising/flat val_loss while loss falls; 0 = off
+    c.train.overfit_patience = (
+        0  # evaluations of rising/flat val_loss while loss falls; 0 = off
+    )
     c.train.overfit_action = "warn"  # warn | stop (stop restores the best adapter)
     c.train.tensorboard = False  # also write workdir/tensorboard (needs tensorflow)
-    c.train.sample_every = 0  # optimiser steps between samples.jsonl generations; 0 = off
+    c.train.sample_every = (
+        0  # optimiser steps between samples.jsonl generations; 0 = off
+    )
 
     c.distribution = ml_collections.ConfigDict()
     c.distribution.mode = "auto"  # auto | none | data | model (see distributed.py)
@@ -166,7 +196,9 @@ def get_config(size: str, method: str, arg: str | None = None) -> ml_collections
     c.eval = ml_collections.ConfigDict()
     c.eval.max_examples = 200  # held-out examples generated for the report; -1 = all
     c.eval.max_new_tokens = 64
-    c.eval.task_type = ""  # classification | generation | extraction | instruction; empty = infer
+    c.eval.task_type = (
+        ""  # classification | generation | extraction | instruction; empty = infer
+    )
     c.eval.batch_size = 8
     c.eval.compare_base = True  # also evaluate the untouched base model
 
@@ -181,7 +213,9 @@ def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
         if switch == "runlocal":
             _shrink_to_tiny(c)
         else:
-            raise ConfigError(f"unknown config switch {switch!r}; known switches: runlocal")
+            raise ConfigError(
+                f"unknown config switch {switch!r}; known switches: runlocal"
+            )
 
 
 def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
@@ -230,7 +264,9 @@ def lora_targets(value: str | Sequence[str]) -> list[str]:
     """Resolves `lora.targets` to HF module names, in canonical order."""
     names = parse_list(value)
     if not names:
-        raise ConfigError("lora.targets is empty; give HF module names, e.g. q_proj,v_proj, or all-linear")
+        raise ConfigError(
+            "lora.targets is empty; give HF module names, e.g. q_proj,v_proj, or all-linear"
+        )
     if names == ["all-linear"]:
         return list(LORA_TARGETS)
     unknown = [n for n in names if n not in LORA_TARGETS]
@@ -250,7 +286,9 @@ def lora_layers(value: str | Sequence[str]) -> list[int] | None:
     try:
         return sorted({int(n) for n in names})
     except ValueError as e:
-        raise ConfigError(f"lora.layers must be comma-separated integers, got {value!r}") from e
+        raise ConfigError(
+            f"lora.layers must be comma-separated integers, got {value!r}"
+        ) from e
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -259,32 +297,74 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (c.lora.rank > 0, "lora.rank", "must be > 0"),
         (c.lora.alpha > 0, "lora.alpha", "must be > 0"),
         (0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
-        (c.quant.mode in QUANT_MODES, "quant.mode", f"must be one of {', '.join(QUANT_MODES)}"),
+        (
+            c.quant.mode in QUANT_MODES,
+            "quant.mode",
+            f"must be one of {', '.join(QUANT_MODES)}",
+        ),
         (c.quant.block_size > 0, "quant.block_size", "must be > 0"),
-        (0 < c.data.holdout_fraction <= 0.5, "data.holdout_fraction", "must be in (0, 0.5]"),
+        (
+            0 < c.data.holdout_fraction <= 0.5,
+            "data.holdout_fraction",
+            "must be in (0, 0.5]",
+        ),
         (c.data.max_length > 1, "data.max_length", "must be > 1"),
-        (c.data.on_error in ("raise", "skip"), "data.on_error", "must be raise or skip"),
-        (c.data.train_on in ("last_model_turn", "all_model_turns"), "data.train_on",
-         "must be last_model_turn or all_model_turns"),
-        (c.data.truncation in ("drop", "cut_history"), "data.truncation", "must be drop or cut_history"),
+        (
+            c.data.on_error in ("raise", "skip"),
+            "data.on_error",
+            "must be raise or skip",
+        ),
+        (
+            c.data.train_on in ("last_model_turn", "all_model_turns"),
+            "data.train_on",
+            "must be last_model_turn or all_model_turns",
+        ),
+        (
+            c.data.truncation in ("drop", "cut_history"),
+            "data.truncation",
+            "must be drop or cut_history",
+        ),
         (c.train.batch_size > 0, "train.batch_size", "must be > 0"),
         (c.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
         (c.train.epochs > 0, "train.epochs", "must be > 0"),
         (c.train.learning_rate > 0, "train.learning_rate", "must be > 0"),
         (0 <= c.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
-        (c.train.schedule in ("cosine", "constant"), "train.schedule", "must be cosine or constant"),
+        (
+            c.train.schedule in ("cosine", "constant"),
+            "train.schedule",
+            "must be cosine or constant",
+        ),
         (c.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0"),
-        (c.train.overfit_patience >= 0, "train.overfit_patience", "must be >= 0 (0 = off)"),
-        (c.train.overfit_action in ("warn", "stop"), "train.overfit_action", "must be warn or stop"),
+        (
+            c.train.overfit_patience >= 0,
+            "train.overfit_patience",
+            "must be >= 0 (0 = off)",
+        ),
+        (
+            c.train.overfit_action in ("warn", "stop"),
+            "train.overfit_action",
+            "must be warn or stop",
+        ),
         (c.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)"),
         (c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0"),
         (c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0"),
-        (c.distribution.mode in ("auto", "none", "data", "model"), "distribution.mode",
-         "must be one of auto, none, data, model"),
-        (c.distribution.model_parallel >= 1, "distribution.model_parallel", "must be >= 1"),
+        (
+            c.distribution.mode in ("auto", "none", "data", "model"),
+            "distribution.mode",
+            "must be one of auto, none, data, model",
+        ),
+        (
+            c.distribution.model_parallel >= 1,
+            "distribution.model_parallel",
+            "must be >= 1",
+        ),
         (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
-        (bool(str(c.model.preset).strip()), "model.preset", "is empty; name a preset, hf://org/repo or a directory"),
+        (
+            bool(str(c.model.preset).strip()),
+            "model.preset",
+            "is empty; name a preset, hf://org/repo or a directory",
+        ),
     ]
     for ok, field, rule in checks:
         if not ok:

@@ -46,16 +46,21 @@ LAYOUT_RULES = (
 
 def maybe_initialize_multihost() -> None:
     """`jax.distributed.initialize()` when a coordinator is configured."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
+        "COORDINATOR_ADDRESS"
+    ):
         jax.distributed.initialize()
-        logging.info("multi-host: process %d of %d", jax.process_index(), jax.process_count())
+        logging.info(
+            "multi-host: process %d of %d", jax.process_index(), jax.process_count()
+        )
 
 
 def resolve_mode(dist_cfg) -> str:
     mode = dist_cfg.mode
     if mode not in MODES:
         raise config_lib.ConfigError(
-            f"--config.distribution.mode={mode!r} must be one of {', '.join(MODES)}")
+            f"--config.distribution.mode={mode!r} must be one of {', '.join(MODES)}"
+        )
     if mode == "auto":
         return "data" if jax.device_count() > 1 else "none"
     return mode
@@ -70,7 +75,8 @@ def mesh_shape(num_devices: int, model_parallel: int) -> tuple[int, int]:
     if model_parallel < 1 or num_devices % model_parallel:
         raise config_lib.ConfigError(
             f"--config.distribution.model_parallel={model_parallel} must divide the "
-            f"{num_devices} devices")
+            f"{num_devices} devices"
+        )
     return num_devices // model_parallel, model_parallel
 
 
@@ -92,7 +98,9 @@ def build_distribution(dist_cfg):
         return keras.distribution.DataParallel(devices=devices)
     shape = mesh_shape(len(devices), int(dist_cfg.model_parallel))
     mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices=devices)
-    return keras.distribution.ModelParallel(layout_map=layout_map(mesh), batch_dim_name="batch")
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map(mesh), batch_dim_name="batch"
+    )
 
 
 def setup(dist_cfg, batch_size: int):
@@ -109,9 +117,18 @@ def setup(dist_cfg, batch_size: int):
         if global_batch % data_devices:
             raise config_lib.ConfigError(
                 f"--config.train.batch_size={batch_size} (x {jax.process_count()} hosts) "
-                f"does not split over {data_devices} data-parallel devices")
-        logging.info("distribution: %s over mesh %s", type(distribution).__name__,
-                     dict(zip(distribution.device_mesh.axis_names,
-                              distribution.device_mesh.shape, strict=True)))
+                f"does not split over {data_devices} data-parallel devices"
+            )
+        logging.info(
+            "distribution: %s over mesh %s",
+            type(distribution).__name__,
+            dict(
+                zip(
+                    distribution.device_mesh.axis_names,
+                    distribution.device_mesh.shape,
+                    strict=True,
+                )
+            ),
+        )
     keras.distribution.set_distribution(distribution)
     return distribution

@@ -23,8 +23,15 @@ def split_prompt(conversation) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
-def evaluate_holdout(deltas: dict, tokenizer, preset: str, conversations, config,
-                     out_dir: str, train_log: str | None = None) -> dict:
+def evaluate_holdout(
+    deltas: dict,
+    tokenizer,
+    preset: str,
+    conversations,
+    config,
+    out_dir: str,
+    train_log: str | None = None,
+) -> dict:
     """Generates with base and fine-tuned models; writes the report to `out_dir`.
 
     `deltas` are the adapter's (in, out) weight deltas (`weights.model_deltas`
@@ -37,21 +44,33 @@ def evaluate_holdout(deltas: dict, tokenizer, preset: str, conversations, config
         convs = convs[: ev.max_examples]
     prompts, refs = zip(*(split_prompt(c) for c in convs)) if convs else ((), ())
     backbone = models.load_backbone(preset, models.compute_dtype(config.model))
-    gen = Generator(backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking))
+    gen = Generator(
+        backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking)
+    )
     predictions = {}
     if ev.compare_base:
-        predictions["base"] = gen.generate(list(prompts), max_new_tokens=ev.max_new_tokens,
-                                           batch_size=ev.batch_size)
+        predictions["base"] = gen.generate(
+            list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
+        )
     weights.apply_deltas(backbone, deltas)
-    predictions["finetuned"] = gen.generate(list(prompts), max_new_tokens=ev.max_new_tokens,
-                                            batch_size=ev.batch_size)
+    predictions["finetuned"] = gen.generate(
+        list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
+    )
     task = ev.task_type or None
-    results = {k: metrics.compute_metrics(task, list(refs), v) for k, v in predictions.items()}
+    results = {
+        k: metrics.compute_metrics(task, list(refs), v) for k, v in predictions.items()
+    }
     prompt_text = [p[-1]["content"] for p in prompts]
-    examples = {k: [{"prompt": p, "reference": r, "prediction": y}
-                    for p, r, y in zip(prompt_text, refs, v)] for k, v in predictions.items()}
-    paths = report.write_eval_report(out_dir, results=results, examples=examples,
-                                     train_log_csv=train_log)
+    examples = {
+        k: [
+            {"prompt": p, "reference": r, "prediction": y}
+            for p, r, y in zip(prompt_text, refs, v)
+        ]
+        for k, v in predictions.items()
+    }
+    paths = report.write_eval_report(
+        out_dir, results=results, examples=examples, train_log_csv=train_log
+    )
     task_type = results["finetuned"]["task_type"]
     head = metrics.headline_metric(task_type)
     summary = {
@@ -74,11 +93,19 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
 
     adapter = os.path.join(workdir, "adapter")
     if not os.path.isdir(adapter):
-        raise FileNotFoundError(f"{adapter} is missing: train first (gemma4-keras train "
-                                f"--workdir={workdir}) or point --workdir at a finished run")
+        raise FileNotFoundError(
+            f"{adapter} is missing: train first (gemma4-keras train "
+            f"--workdir={workdir}) or point --workdir at a finished run"
+        )
     preset = models.resolve_preset(config.model.preset)
     tokenizer = models.load_tokenizer(preset)
     prepared = data.prepare(config_lib.data_settings(config.data), tokenizer)
-    return evaluate_holdout(weights.peft_deltas(adapter), tokenizer, preset, prepared.holdout,
-                            config, out_dir or os.path.join(workdir, "eval"),
-                            train_log=os.path.join(workdir, "train_log.csv"))
+    return evaluate_holdout(
+        weights.peft_deltas(adapter),
+        tokenizer,
+        preset,
+        prepared.holdout,
+        config,
+        out_dir or os.path.join(workdir, "eval"),
+        train_log=os.path.join(workdir, "train_log.csv"),
+    )

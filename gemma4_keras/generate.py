@@ -26,8 +26,14 @@ class Generator:
       ['Hello! How can I help?']
     """
 
-    def __init__(self, backbone, tokenizer, *, sampler: str = "greedy",
-                 enable_thinking: bool = False):
+    def __init__(
+        self,
+        backbone,
+        tokenizer,
+        *,
+        sampler: str = "greedy",
+        enable_thinking: bool = False,
+    ):
         import keras_hub
 
         self.backbone = backbone
@@ -40,16 +46,22 @@ class Generator:
         self.stop_ids = tuple(sorted(stop))
 
     def prompt_ids(self, messages_list) -> list[list[int]]:
-        texts = [generation_prompt(m, enable_thinking=self.enable_thinking) for m in messages_list]
+        texts = [
+            generation_prompt(m, enable_thinking=self.enable_thinking)
+            for m in messages_list
+        ]
         return self.chat_tokenizer.encode_texts(texts)
 
-    def generate(self, messages_list, *, max_new_tokens: int = 64,
-                 batch_size: int = 8) -> list[str]:
+    def generate(
+        self, messages_list, *, max_new_tokens: int = 64, batch_size: int = 8
+    ) -> list[str]:
         """Generates one model turn for each conversation (ending in a user turn)."""
         prompts = self.prompt_ids(messages_list)
         out: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            out += self._generate_batch(prompts[start:start + batch_size], max_new_tokens)
+            out += self._generate_batch(
+                prompts[start : start + batch_size], max_new_tokens
+            )
         return out
 
     def _decode(self, ids: list[int]) -> str:
@@ -59,7 +71,9 @@ class Generator:
         text = text.numpy() if hasattr(text, "numpy") else text
         return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    def _generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int
+    ) -> list[str]:
         length = max(len(p) for p in prompts) + max_new_tokens
         # Round up so a handful of compiled shapes serve every batch.
         length = int(2 ** np.ceil(np.log2(length)))
@@ -76,7 +90,7 @@ class Generator:
         ids, mask = np.asarray(result["token_ids"]), np.asarray(result["padding_mask"])
         texts = []
         for i, p in enumerate(prompts):
-            new = [int(t) for t, m in zip(ids[i, len(p):], mask[i, len(p):]) if m]
+            new = [int(t) for t, m in zip(ids[i, len(p) :], mask[i, len(p) :]) if m]
             new = new[:max_new_tokens]
             cut = [j for j, t in enumerate(new) if t in self.stop_ids]
             new = new[: cut[0]] if cut else new
@@ -103,8 +117,9 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict
                     try:
                         messages = json.loads(line)["messages"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{prompts_file}:{n}: expected "
-                                         f'{{"messages": [...]}} ({e})') from e
+                        raise ValueError(
+                            f'{prompts_file}:{n}: expected {{"messages": [...]}} ({e})'
+                        ) from e
                     out.append(messages)
                 else:
                     out.append([{"role": "user", "content": line}])
@@ -112,12 +127,15 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict
         raise ValueError("no prompt: give --prompt=... or --prompts_file=FILE")
     for i, messages in enumerate(out):
         if not messages or messages[-1].get("role") != "user":
-            raise ValueError(f"prompt {i + 1}: the conversation must end with a user turn")
+            raise ValueError(
+                f"prompt {i + 1}: the conversation must end with a user turn"
+            )
     return out
 
 
-def generate_answers(config, conversations, *, adapter: str | None,
-                     max_new_tokens: int) -> list[str]:
+def generate_answers(
+    config, conversations, *, adapter: str | None, max_new_tokens: int
+) -> list[str]:
     """`gemma4-keras generate`: base model, or base + a PEFT adapter merged."""
     import os
 
@@ -130,6 +148,11 @@ def generate_answers(config, conversations, *, adapter: str | None,
         if not os.path.isdir(adapter):
             raise FileNotFoundError(f"adapter directory {adapter} does not exist")
         weights.apply_deltas(backbone, weights.peft_deltas(adapter))
-    gen = Generator(backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking))
-    return gen.generate(conversations, max_new_tokens=max_new_tokens,
-                        batch_size=int(config.eval.batch_size))
+    gen = Generator(
+        backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking)
+    )
+    return gen.generate(
+        conversations,
+        max_new_tokens=max_new_tokens,
+        batch_size=int(config.eval.batch_size),
+    )

@@ -180,9 +180,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, spec: BlockSpec) -> jax.Array
     return jnp.concatenate([y1, p1, y2, p2], axis=-1)
 
 
-def attention_mask(
-    segment_ids: jax.Array, window: int | None
-) -> jax.Array:
+def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
     """[B, T, T] boolean mask: causal, same segment, not padding, in window."""
     t = segment_ids.shape[1]
     idx = jnp.arange(t)
@@ -223,7 +221,11 @@ def _frozen(layer: keras.layers.Layer, name: str, value, dtype) -> keras.Variabl
     var = layer.add_weight(
         name=name, shape=arr.shape, dtype=dtype, initializer="zeros", trainable=False
     )
-    var.assign(arr.astype(keras.backend.standardize_dtype(dtype)) if dtype != "bfloat16" else arr)
+    var.assign(
+        arr.astype(keras.backend.standardize_dtype(dtype))
+        if dtype != "bfloat16"
+        else arr
+    )
     return var
 
 
@@ -235,8 +237,14 @@ class FrozenLinear(keras.layers.Layer):
     the HF (out, in) weight, exactly as bitsandbytes lays them out.
     """
 
-    def __init__(self, kernel, quant: str = "none", double_quant: bool = False,
-                 block_size: int = 64, **kwargs):
+    def __init__(
+        self,
+        kernel,
+        quant: str = "none",
+        double_quant: bool = False,
+        block_size: int = 64,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         kernel = np.asarray(kernel)
         self.quant = quant
@@ -247,12 +255,17 @@ class FrozenLinear(keras.layers.Layer):
             from gemma4_keras import quant as quant_lib
 
             self.nf4 = quant_lib.NF4Kernel.from_array(
-                np.ascontiguousarray(kernel.T), block_size=block_size,
-                double_quant=double_quant, name=f"{self.name}_nf4",
+                np.ascontiguousarray(kernel.T),
+                block_size=block_size,
+                double_quant=double_quant,
+                name=f"{self.name}_nf4",
             )
         else:
             self.dense = keras.layers.Dense(
-                self.out_features, use_bias=False, dtype=self.dtype_policy, name=self.name
+                self.out_features,
+                use_bias=False,
+                dtype=self.dtype_policy,
+                name=self.name,
             )
             self.dense.build((None, self.in_features))
             self.dense.kernel.assign(kernel)
@@ -284,8 +297,17 @@ class LoraAdapter(keras.layers.Layer):
     uniform with a=sqrt(5)), B = 0, so a fresh adapter changes nothing.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-                 dropout: float = 0.0, rslora: bool = False, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if rank > min(in_features, out_features):
             raise config_lib.ConfigError(
@@ -296,12 +318,16 @@ class LoraAdapter(keras.layers.Layer):
         self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
         bound = 1.0 / math.sqrt(in_features)
         self.lora_a = self.add_weight(
-            name="lora_a", shape=(in_features, rank),
+            name="lora_a",
+            shape=(in_features, rank),
             initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed),
             dtype="float32",
         )
         self.lora_b = self.add_weight(
-            name="lora_b", shape=(rank, out_features), initializer="zeros", dtype="float32"
+            name="lora_b",
+            shape=(rank, out_features),
+            initializer="zeros",
+            dtype="float32",
         )
 
     @property
@@ -339,10 +365,13 @@ class LoraSpec:
     def from_config(cls, c) -> LoraSpec:
         layers = config_lib.lora_layers(c.layers)
         return cls(
-            rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
+            rank=int(c.rank),
+            alpha=float(c.alpha),
+            dropout=float(c.dropout),
             targets=tuple(config_lib.lora_targets(c.targets)),
             layers=None if layers is None else tuple(layers),
-            rslora=bool(c.rslora), seed=int(c.seed),
+            rslora=bool(c.rslora),
+            seed=int(c.seed),
         )
 
     def sites(self, spec: ModelSpec) -> list[tuple[int, str]]:
@@ -353,7 +382,9 @@ class LoraSpec:
                 raise config_lib.ConfigError(
                     f"lora.layers names layer {i}, but the model has layers 0..{spec.num_layers - 1}"
                 )
-        return [(i, t) for i in layers for t in self.targets if spec.has_projection(i, t)]
+        return [
+            (i, t) for i in layers for t in self.targets if spec.has_projection(i, t)
+        ]
 
 
 class DecoderBlock(keras.layers.Layer):
@@ -374,25 +405,34 @@ class DecoderBlock(keras.layers.Layer):
     def add_extra(self, name: str, value) -> None:
         self.extra[name] = _frozen(self, name, value, self.variable_dtype)
 
-    def add_bank(self, name: str, value, quant: str, double_quant: bool,
-                 block_size: int) -> None:
+    def add_bank(
+        self, name: str, value, quant: str, double_quant: bool, block_size: int
+    ) -> None:
         """A raw MoE expert bank, frozen; NF4 under QLoRA."""
         if quant == "nf4":
             from gemma4_keras import quant as quant_lib
 
             self.extra[name] = quant_lib.NF4Kernel.from_array(
-                np.asarray(value), block_size=block_size, double_quant=double_quant,
-                per_expert=True, name=f"{self.name}_{name}",
+                np.asarray(value),
+                block_size=block_size,
+                double_quant=double_quant,
+                per_expert=True,
+                name=f"{self.name}_{name}",
             )
         else:
             self.add_extra(name, value)
 
-    def add_projection(self, target: str, kernel, quant: str, double_quant: bool,
-                       block_size: int) -> None:
+    def add_projection(
+        self, target: str, kernel, quant: str, double_quant: bool, block_size: int
+    ) -> None:
         self.proj[target] = FrozenLinear(
-            kernel, quant=quant, double_quant=double_quant, block_size=block_size,
+            kernel,
+            quant=quant,
+            double_quant=double_quant,
+            block_size=block_size,
             # Unique names give unique variable paths (layout maps, logs).
-            dtype=self.dtype_policy, name=f"{self.name}_{target}",
+            dtype=self.dtype_policy,
+            name=f"{self.name}_{target}",
         )
 
     def linear(self, target: str, x: jax.Array, keys: dict | None) -> jax.Array:
@@ -410,10 +450,19 @@ class DecoderBlock(keras.layers.Layer):
         q = self.linear("q_proj", h, keys).reshape(bsz, t, b.num_heads, b.head_dim)
         q = apply_rope(rms_norm(q, self.norms["q_norm"].value, s.eps), positions, b)
         if b.has_kv:
-            raw_k = self.linear("k_proj", h, keys).reshape(bsz, t, b.num_kv_heads, b.head_dim)
-            k = apply_rope(rms_norm(raw_k, self.norms["k_norm"].value, s.eps), positions, b)
-            raw_v = raw_k if b.k_eq_v else self.linear("v_proj", h, keys).reshape(
-                bsz, t, b.num_kv_heads, b.head_dim)
+            raw_k = self.linear("k_proj", h, keys).reshape(
+                bsz, t, b.num_kv_heads, b.head_dim
+            )
+            k = apply_rope(
+                rms_norm(raw_k, self.norms["k_norm"].value, s.eps), positions, b
+            )
+            raw_v = (
+                raw_k
+                if b.k_eq_v
+                else self.linear("v_proj", h, keys).reshape(
+                    bsz, t, b.num_kv_heads, b.head_dim
+                )
+            )
             v = rms_norm(raw_v, None, s.eps)
         else:
             k, v = shared_kv
@@ -422,7 +471,9 @@ class DecoderBlock(keras.layers.Layer):
         x = x + rms_norm(att, self.norms["post_attn"].value, s.eps)
 
         h = rms_norm(x, self.norms["pre_ffw"].value, s.eps)
-        f = gelu_tanh(self.linear("gate_proj", h, keys)) * self.linear("up_proj", h, keys)
+        f = gelu_tanh(self.linear("gate_proj", h, keys)) * self.linear(
+            "up_proj", h, keys
+        )
         f = self.linear("down_proj", f, keys)
         if s.moe:
             f = rms_norm(f, self.norms["post_ffw_dense"].value, s.eps)
@@ -442,11 +493,17 @@ class DecoderBlock(keras.layers.Layer):
         xf = x.reshape(-1, shape[-1])
         r = rms_norm(xf, None, s.eps) * jnp.asarray(shape[-1] ** -0.5, x.dtype)
         r = r * e["router_scale"].value.astype(x.dtype)
-        probs = jax.nn.softmax((r @ e["router_proj"].value.astype(x.dtype)).astype(jnp.float32), -1)
+        probs = jax.nn.softmax(
+            (r @ e["router_proj"].value.astype(x.dtype)).astype(jnp.float32), -1
+        )
         top_p, top_i = jax.lax.top_k(probs.astype(x.dtype), s.top_k)
-        top_p = top_p / jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
-        dispatch = jnp.sum(jax.nn.one_hot(top_i, s.num_experts, dtype=top_p.dtype)
-                           * top_p[..., None], axis=1)  # [T, E]
+        top_p = top_p / jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(
+            top_p.dtype
+        )
+        dispatch = jnp.sum(
+            jax.nn.one_hot(top_i, s.num_experts, dtype=top_p.dtype) * top_p[..., None],
+            axis=1,
+        )  # [T, E]
         m = rms_norm(x, self.norms["pre_ffw_moe"].value, s.eps).reshape(-1, shape[-1])
         gate = jnp.einsum("th,ehi->eti", m, self._bank("experts_gate", x.dtype))
         up = jnp.einsum("th,ehi->eti", m, self._bank("experts_up", x.dtype))
@@ -476,14 +533,23 @@ class Gemma4LoraModel(keras.Model):
       >>> hidden = model(batch)
     """
 
-    def __init__(self, spec: ModelSpec, *, remat: bool = False, loss_chunk_size: int = 1024,
-                 dtype=None, **kwargs):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        remat: bool = False,
+        loss_chunk_size: int = 1024,
+        dtype=None,
+        **kwargs,
+    ):
         super().__init__(dtype=dtype, **kwargs)
         self.spec = spec
         self.remat = remat
         self.loss_chunk_size = loss_chunk_size
-        self.blocks = [DecoderBlock(spec, i, dtype=self.dtype_policy, name=f"block_{i}")
-                       for i in range(spec.num_layers)]
+        self.blocks = [
+            DecoderBlock(spec, i, dtype=self.dtype_policy, name=f"block_{i}")
+            for i in range(spec.num_layers)
+        ]
         self.globals: dict[str, keras.Variable] = {}
         self.lora_specs: dict[str, LoraSpec] = {}
         self.active_adapter: str | None = None
@@ -492,17 +558,36 @@ class Gemma4LoraModel(keras.Model):
     # --- construction -------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, backbone, lora: LoraSpec | None = None, *, quant: str = "none",
-                      double_quant: bool = False, block_size: int = 64, remat: bool = False,
-                      loss_chunk_size: int = 1024, dtype=None) -> Gemma4LoraModel:
+    def from_backbone(
+        cls,
+        backbone,
+        lora: LoraSpec | None = None,
+        *,
+        quant: str = "none",
+        double_quant: bool = False,
+        block_size: int = 64,
+        remat: bool = False,
+        loss_chunk_size: int = 1024,
+        dtype=None,
+    ) -> Gemma4LoraModel:
         """Copies the text weights out of a KerasHub `Gemma4Backbone`."""
         from gemma4_keras import weights as weights_lib
 
         spec = ModelSpec.from_backbone(backbone)
-        model = cls(spec, remat=remat, loss_chunk_size=loss_chunk_size, name="gemma4_lora_model",
-                    dtype=dtype or backbone.dtype_policy.name)
-        weights_lib.copy_from_backbone(model, backbone, quant=quant,
-                                       double_quant=double_quant, block_size=block_size)
+        model = cls(
+            spec,
+            remat=remat,
+            loss_chunk_size=loss_chunk_size,
+            name="gemma4_lora_model",
+            dtype=dtype or backbone.dtype_policy.name,
+        )
+        weights_lib.copy_from_backbone(
+            model,
+            backbone,
+            quant=quant,
+            double_quant=double_quant,
+            block_size=block_size,
+        )
         # Every variable exists now; marking the model built lets
         # `stateless_call` (the jitted train step) run without an eager call.
         model.built = True
@@ -516,12 +601,20 @@ class Gemma4LoraModel(keras.Model):
     def add_adapter(self, name: str, lora: LoraSpec, activate: bool = True) -> None:
         """Creates adapter `name` (zero effect until trained or loaded)."""
         if name in self.lora_specs:
-            raise ValueError(f"an adapter named {name!r} exists already; unload it first")
+            raise ValueError(
+                f"an adapter named {name!r} exists already; unload it first"
+            )
         seed = lora.seed
         for layer, target in lora.sites(self.spec):
             din, dout = self.spec.projection_shape(layer, target)
             adapter = LoraAdapter(
-                din, dout, lora.rank, lora.alpha, lora.dropout, lora.rslora, seed=seed,
+                din,
+                dout,
+                lora.rank,
+                lora.alpha,
+                lora.dropout,
+                lora.rslora,
+                seed=seed,
                 name=f"lora_{name}_layers_{layer}_{target}",
             )
             seed += 1
@@ -535,7 +628,9 @@ class Gemma4LoraModel(keras.Model):
     def set_adapter(self, name: str | None) -> None:
         """Activates adapter `name` (None = the base model alone)."""
         if name is not None and name not in self.lora_specs:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}")
+            raise KeyError(
+                f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}"
+            )
         self.active_adapter = name
         for blk in self.blocks:
             blk.active_adapter = name
@@ -543,7 +638,9 @@ class Gemma4LoraModel(keras.Model):
     def unload_adapter(self, name: str) -> None:
         """Removes adapter `name` and its variables; base weights are untouched."""
         if name not in self.lora_specs:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}")
+            raise KeyError(
+                f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}"
+            )
         for blk in self.blocks:
             for target, adapter in blk.adapters.pop(name, {}).items():
                 delattr(blk, f"_lora_{name}_{target}")
@@ -557,8 +654,11 @@ class Gemma4LoraModel(keras.Model):
     def adapters(self, name: str | None = None) -> dict[tuple[int, str], LoraAdapter]:
         """{(layer, target): adapter} of adapter `name` (default: the active one)."""
         name = name or self.active_adapter
-        return {(blk.bspec.index, t): a for blk in self.blocks
-                for t, a in blk.adapters.get(name, {}).items()}
+        return {
+            (blk.bspec.index, t): a
+            for blk in self.blocks
+            for t, a in blk.adapters.get(name, {}).items()
+        }
 
     # --- forward ------------------------------------------------------------
 
@@ -618,12 +718,18 @@ class Gemma4LoraModel(keras.Model):
         cap = self.spec.final_soft_cap
         return jnp.tanh(z / cap) * cap if cap else z
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
         from gemma4_keras import losses
 
         total, _ = losses.chunked_cross_entropy(
-            y_pred, self.globals["embedding"].value, x["target_ids"], x["loss_weights"],
-            soft_cap=self.spec.final_soft_cap, chunk_size=self.loss_chunk_size,
+            y_pred,
+            self.globals["embedding"].value,
+            x["target_ids"],
+            x["loss_weights"],
+            soft_cap=self.spec.final_soft_cap,
+            chunk_size=self.loss_chunk_size,
         )
         # `loss_norm` is the token count of the whole optimiser step divided
         # by the number of micro-batches: Keras averages accumulated

@@ -73,7 +73,9 @@ def _check_directory(path: str) -> str:
             with open(os.path.join(path, "config.json")) as f:
                 json.load(f)
         except json.JSONDecodeError as e:
-            raise PresetError(f"{os.path.join(path, 'config.json')}: not valid JSON ({e})") from e
+            raise PresetError(
+                f"{os.path.join(path, 'config.json')}: not valid JSON ({e})"
+            ) from e
     return path
 
 

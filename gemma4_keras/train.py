@@ -55,14 +55,17 @@ def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     state = read_run_state(workdir)
     if state.get("status") == "finished":
-        print(f"{workdir}: this run finished at step {state['step']}; nothing to do. "
-              f"Report: {state.get('report', '-')}")
+        print(
+            f"{workdir}: this run finished at step {state['step']}; nothing to do. "
+            f"Report: {state.get('report', '-')}"
+        )
         return state
     check_config(config, workdir)
 
     distributed.setup(config.distribution, int(config.train.batch_size))
     model, tokenizer, preset = models.load_training_model(
-        config.model, config.lora, config.quant, config.train)
+        config.model, config.lora, config.quant, config.train
+    )
     compile_model(model, config.train)
     ckpt = build_checkpointer(config, workdir, model, preset)
     start = ckpt.restore_latest(model)
@@ -122,20 +125,31 @@ def check_config(config, workdir: str) -> None:
     new = _flat(new)
     # A field this version added is absent from an older run's config: that
     # is no mismatch while the field keeps its default.
-    defaults = _flat(json.loads(config_lib.get_config(config.size, config.method).to_json_best_effort()))
-    diffs = [k for k in old.keys() | new.keys()
-             if old.get(k) != new.get(k) and not k.startswith(_RESUMABLE)
-             and not (k not in old and new.get(k) == defaults.get(k))]
+    defaults = _flat(
+        json.loads(
+            config_lib.get_config(config.size, config.method).to_json_best_effort()
+        )
+    )
+    diffs = [
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k)
+        and not k.startswith(_RESUMABLE)
+        and not (k not in old and new.get(k) == defaults.get(k))
+    ]
     if diffs:
         k = sorted(diffs)[0]
         raise WorkdirError(
             f"{path} holds a run with another config: {k} was {old.get(k)!r}, now "
-            f"{new.get(k)!r}. Rerun with the same config to resume, or pick a new --workdir")
+            f"{new.get(k)!r}. Rerun with the same config to resume, or pick a new --workdir"
+        )
 
 
 def write_config(config, workdir: str) -> None:
     """Writes workdir/config.json (after every check has passed)."""
-    _atomic_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    _atomic_json(
+        os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
+    )
 
 
 def check_or_write_config(config, workdir: str) -> None:
@@ -147,8 +161,10 @@ def check_or_write_config(config, workdir: str) -> None:
 def build_checkpointer(config, workdir: str, model, preset: str):
     """The run's AdapterCheckpointer; raises CheckpointError for foreign checkpoints."""
     ckpt = checkpointing.AdapterCheckpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.max_to_keep),
-        meta=checkpoint_meta(config, model, preset))
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=int(config.checkpoint.max_to_keep),
+        meta=checkpoint_meta(config, model, preset),
+    )
     ckpt.check_meta()
     return ckpt
 
@@ -164,12 +180,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def checkpoint_meta(config, model, preset: str) -> dict:
-    shapes = {f"{layer}.{t}": [a.in_features, a.rank, a.out_features]
-              for (layer, t), a in model.adapters().items()}
-    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
-    return {"preset": str(config.model.preset), "lora.rank": int(config.lora.rank),
-            "lora.targets": str(config.lora.targets), "adapter_shapes_sha": digest,
-            "num_layers": model.spec.num_layers, "hidden_dim": model.spec.hidden_dim}
+    shapes = {
+        f"{layer}.{t}": [a.in_features, a.rank, a.out_features]
+        for (layer, t), a in model.adapters().items()
+    }
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+    return {
+        "preset": str(config.model.preset),
+        "lora.rank": int(config.lora.rank),
+        "lora.targets": str(config.lora.targets),
+        "adapter_shapes_sha": digest,
+        "num_layers": model.spec.num_layers,
+        "hidden_dim": model.spec.hidden_dim,
+    }
 
 
 # --- data -------------------------------------------------------------------
@@ -187,11 +212,20 @@ def build_batches(examples, data_cfg, train_cfg):
     """The batch stream and the step plan."""
     batch = int(train_cfg.batch_size)
     stream = data.build_dataset(
-        examples, seq_len=int(data_cfg.max_length), batch_size=batch,
-        packing=bool(data_cfg.packing), shuffle=True, seed=int(train_cfg.seed))
+        examples,
+        seq_len=int(data_cfg.max_length),
+        batch_size=batch,
+        packing=bool(data_cfg.packing),
+        shuffle=True,
+        seed=int(train_cfg.seed),
+    )
     accum = int(train_cfg.grad_accum)
     per_epoch = max(1, stream.steps_per_epoch // accum)
-    total = int(train_cfg.max_steps) if train_cfg.max_steps > 0 else per_epoch * int(train_cfg.epochs)
+    total = (
+        int(train_cfg.max_steps)
+        if train_cfg.max_steps > 0
+        else per_epoch * int(train_cfg.epochs)
+    )
     tokens = batch * int(data_cfg.max_length) * accum
     return stream, Plan(total, accum, stream.steps_per_epoch, tokens)
 
@@ -205,7 +239,9 @@ def step_batches(stream, plan: Plan, start_step: int, counts: dict | None = None
     """
     step = start_step
     while True:
-        group = [stream.batch(step * plan.grad_accum + i) for i in range(plan.grad_accum)]
+        group = [
+            stream.batch(step * plan.grad_accum + i) for i in range(plan.grad_accum)
+        ]
         tokens = sum(float(b["loss_weights"].sum()) for b in group)
         norm = np.float32(tokens / plan.grad_accum)
         if counts is not None:  # real (non-padding) tokens, for tokens/s
@@ -220,12 +256,19 @@ def validation_batches(examples, data_cfg, train_cfg):
     if not examples:
         return None, 0
     stream = data.build_dataset(
-        examples, seq_len=int(data_cfg.max_length), batch_size=int(train_cfg.batch_size),
-        packing=bool(data_cfg.packing), shuffle=False, drop_remainder=False)
+        examples,
+        seq_len=int(data_cfg.max_length),
+        batch_size=int(train_cfg.batch_size),
+        packing=bool(data_cfg.packing),
+        shuffle=False,
+        drop_remainder=False,
+    )
     batches = [stream.batch(i) for i in range(stream.steps_per_epoch)]
     tokens = sum(float(b["loss_weights"].sum()) for b in batches)
     for b in batches:  # mean over all held-out target tokens
-        b["loss_norm"] = np.full((b["token_ids"].shape[0],), tokens / len(batches), np.float32)
+        b["loss_norm"] = np.full(
+            (b["token_ids"].shape[0],), tokens / len(batches), np.float32
+        )
     return batches, len(batches)
 
 
@@ -244,18 +287,27 @@ def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
     model.compile(optimizer=optimizer, jit_compile=True)
 
 
-def build_callbacks(config, workdir: str, plan: Plan, ckpt, start: int,
-                    samples: keras.callbacks.Callback | None = None) -> list:
+def build_callbacks(
+    config,
+    workdir: str,
+    plan: Plan,
+    ckpt,
+    start: int,
+    samples: keras.callbacks.Callback | None = None,
+) -> list:
     """The run's callbacks; order matters: alarms act before the checkpoint saves."""
     total, t = plan.total_steps, config.train
     warm = cb.warmup_steps(t, total)
     lr_fn = lambda step: cb.learning_rate(  # noqa: E731
-        step, base=float(t.learning_rate), total=total, warmup=warm, schedule=t.schedule)
+        step, base=float(t.learning_rate), total=total, warmup=warm, schedule=t.schedule
+    )
     cbs = [
         cb.LearningRateSchedule(lr_fn),
         cb.NanGuard(),
         cb.PreemptionGuard(),
-        cb.Progress(total, plan.tokens_per_step, int(t.log_every), start, plan.token_counts),
+        cb.Progress(
+            total, plan.tokens_per_step, int(t.log_every), start, plan.token_counts
+        ),
         csv_logger(workdir, start),
     ]
     if int(t.overfit_patience) > 0:
@@ -264,7 +316,11 @@ def build_callbacks(config, workdir: str, plan: Plan, ckpt, start: int,
         cbs.append(tensorboard(workdir))
     if samples is not None:
         cbs.append(samples)
-    cbs.append(checkpointing.CheckpointCallback(ckpt, int(config.checkpoint.every_steps), total))
+    cbs.append(
+        checkpointing.CheckpointCallback(
+            ckpt, int(config.checkpoint.every_steps), total
+        )
+    )
     return cbs
 
 
@@ -275,9 +331,11 @@ def tensorboard(workdir: str) -> keras.callbacks.Callback:
     except ImportError as e:
         raise config_lib.ConfigError(
             "--config.train.tensorboard=True needs tensorflow (pip install tensorflow-cpu); "
-            "or set it to False (train_log.csv has the same numbers)") from e
-    return keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), update_freq="epoch",
-                                       write_graph=False)
+            "or set it to False (train_log.csv has the same numbers)"
+        ) from e
+    return keras.callbacks.TensorBoard(
+        os.path.join(workdir, "tensorboard"), update_freq="epoch", write_graph=False
+    )
 
 
 def sample_callback(config, prepared, tokenizer, preset: str, workdir: str):
@@ -286,11 +344,14 @@ def sample_callback(config, prepared, tokenizer, preset: str, workdir: str):
     if every <= 0 or not prepared.holdout:
         return None
     return cb.SampleGenerations(
-        every, prepared.holdout[:2],
+        every,
+        prepared.holdout[:2],
         lambda: models.load_backbone(preset, models.compute_dtype(config.model)),
-        tokenizer, os.path.join(workdir, "samples.jsonl"),
+        tokenizer,
+        os.path.join(workdir, "samples.jsonl"),
         max_new_tokens=int(config.eval.max_new_tokens),
-        enable_thinking=bool(config.data.enable_thinking))
+        enable_thinking=bool(config.data.enable_thinking),
+    )
 
 
 def csv_logger(workdir: str, start: int) -> keras.callbacks.CSVLogger:
@@ -326,10 +387,21 @@ class StepCSVLogger(keras.callbacks.CSVLogger):
         super().on_epoch_end(epoch, {"step": epoch + 1, **logs})
 
 
-def fit(model, stream, prepared, config, plan: Plan, callbacks: list, start: int) -> None:
-    val, val_steps = validation_batches(prepared.holdout_examples, config.data, config.train)
-    every = int(config.train.eval_every) or max(1, plan.total_steps // max(1, int(config.train.epochs)))
-    logging.info("training steps %d..%d (x%d micro-batches)", start, plan.total_steps, plan.grad_accum)
+def fit(
+    model, stream, prepared, config, plan: Plan, callbacks: list, start: int
+) -> None:
+    val, val_steps = validation_batches(
+        prepared.holdout_examples, config.data, config.train
+    )
+    every = int(config.train.eval_every) or max(
+        1, plan.total_steps // max(1, int(config.train.epochs))
+    )
+    logging.info(
+        "training steps %d..%d (x%d micro-batches)",
+        start,
+        plan.total_steps,
+        plan.grad_accum,
+    )
     model.fit(
         step_batches(stream, plan, start, plan.token_counts),
         steps_per_epoch=plan.grad_accum,
@@ -354,8 +426,11 @@ def _stopped(callbacks: list, plan: Plan) -> dict | None:
         if isinstance(c, cb.NanGuard) and c.bad_step is not None:
             return {"status": "diverged", "step": c.bad_step}
         if isinstance(c, cb.PreemptionGuard) and c.requested:
-            saved = next(x.last_saved for x in callbacks
-                         if isinstance(x, checkpointing.CheckpointCallback))
+            saved = next(
+                x.last_saved
+                for x in callbacks
+                if isinstance(x, checkpointing.CheckpointCallback)
+            )
             return {"status": "preempted", "step": saved}
     return None
 
@@ -367,8 +442,13 @@ def save_adapter(model, config, preset: str, workdir: str) -> None:
     """Writes the final adapter in PEFT format to workdir/adapter."""
     from gemma4_keras.export import peft
 
-    peft.save_adapter(model, os.path.join(workdir, "adapter"), base_model=preset,
-                      lora=config.lora, overwrite=True)
+    peft.save_adapter(
+        model,
+        os.path.join(workdir, "adapter"),
+        base_model=preset,
+        lora=config.lora,
+        overwrite=True,
+    )
 
 
 def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> dict:
@@ -377,9 +457,15 @@ def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> di
 
     if not prepared.holdout:
         return {}
-    return evaluate.evaluate_holdout(weights.model_deltas(model), tokenizer, preset, prepared.holdout,
-                                     config, os.path.join(workdir, "eval"),
-                                     train_log=os.path.join(workdir, "train_log.csv"))
+    return evaluate.evaluate_holdout(
+        weights.model_deltas(model),
+        tokenizer,
+        preset,
+        prepared.holdout,
+        config,
+        os.path.join(workdir, "eval"),
+        train_log=os.path.join(workdir, "train_log.csv"),
+    )
 
 
 def ceil_div(a: int, b: int) -> int:

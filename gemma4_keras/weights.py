@@ -24,7 +24,10 @@ _MOE_NORMS = {
     "post_ffw_moe": "post_ffw_norm_moe_path.scale",
 }
 _PLE_NORMS = {"post_ple": "post_per_layer_input_norm.scale"}
-_PLE_EXTRA = {"ple_gate": "per_layer_input_gate.kernel", "ple_up": "per_layer_up_proj.kernel"}
+_PLE_EXTRA = {
+    "ple_gate": "per_layer_input_gate.kernel",
+    "ple_up": "per_layer_up_proj.kernel",
+}
 _MOE_EXTRA = {
     "router_scale": "moe_router.per_dim_scale",
     "router_proj": "moe_router.proj.kernel",
@@ -72,7 +75,9 @@ def keras_to_2d(kernel: np.ndarray, layout: str) -> np.ndarray:
     return kernel
 
 
-def twod_to_keras(matrix: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+def twod_to_keras(
+    matrix: np.ndarray, layout: str, shape: tuple[int, ...]
+) -> np.ndarray:
     """Inverse of `keras_to_2d` for a KerasHub kernel of `shape`."""
     if layout == "heads_in":
         n, d, h = shape
@@ -82,19 +87,39 @@ def twod_to_keras(matrix: np.ndarray, layout: str, shape: tuple[int, ...]) -> np
     return matrix
 
 
-def copy_from_backbone(model, backbone, *, quant: str, double_quant: bool,
-                       block_size: int) -> None:
+def copy_from_backbone(
+    model, backbone, *, quant: str, double_quant: bool, block_size: int
+) -> None:
     """Fills `model` (a Gemma4LoraModel) with the backbone's text weights."""
     spec = model.spec
     model.add_global("embedding", _np(backbone.get_layer("token_embedding").embeddings))
-    model.add_global("final_norm", _np(backbone.get_layer("final_normalization").scale), "float32")
+    model.add_global(
+        "final_norm", _np(backbone.get_layer("final_normalization").scale), "float32"
+    )
     if spec.ple_dim:
-        model.add_global("ple_embedding", _np(backbone.get_layer("per_layer_token_embedding").embeddings))
-        model.add_global("ple_projection", _np(backbone.get_layer("per_layer_model_projection").kernel))
-        model.add_global("ple_norm", _np(backbone.get_layer("per_layer_projection_norm").scale), "float32")
+        model.add_global(
+            "ple_embedding",
+            _np(backbone.get_layer("per_layer_token_embedding").embeddings),
+        )
+        model.add_global(
+            "ple_projection",
+            _np(backbone.get_layer("per_layer_model_projection").kernel),
+        )
+        model.add_global(
+            "ple_norm",
+            _np(backbone.get_layer("per_layer_projection_norm").scale),
+            "float32",
+        )
     for blk in model.blocks:
         src = backbone.get_layer(f"decoder_block_{blk.bspec.index}")
-        _copy_block(blk, src, spec, quant=quant, double_quant=double_quant, block_size=block_size)
+        _copy_block(
+            blk,
+            src,
+            spec,
+            quant=quant,
+            double_quant=double_quant,
+            block_size=block_size,
+        )
 
 
 def _copy_block(blk, src, spec, *, quant, double_quant, block_size) -> None:
@@ -140,9 +165,13 @@ def peft_deltas(directory: str) -> dict[tuple[int, str], np.ndarray]:
     for key, value in tensors.items():
         m = peft._KEY.match(key)
         if not m:
-            raise peft.AdapterFormatError(f"{directory}: {key!r} is not a Gemma 4 LoRA weight")
+            raise peft.AdapterFormatError(
+                f"{directory}: {key!r} is not a Gemma 4 LoRA weight"
+            )
         factors.setdefault((int(m[1]), m[3]), {})[m[4]] = np.asarray(value, np.float32)
-    return {site: (ab["B"] @ ab["A"]).T * np.float32(scale) for site, ab in factors.items()}
+    return {
+        site: (ab["B"] @ ab["A"]).T * np.float32(scale) for site, ab in factors.items()
+    }
 
 
 def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
@@ -158,15 +187,20 @@ def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
         if dense is None:
             raise ValueError(f"layer {layer} has no {target} (KV-shared layer?)")
         var = dense.kernel
-        if tuple(var.shape) != tuple(twod_to_keras(delta, layout, tuple(var.shape)).shape) or \
-                delta.size != int(np.prod(var.shape)):
-            raise ValueError(f"layers.{layer}.{target}: adapter delta {delta.shape} does not fit "
-                             f"the base kernel {tuple(var.shape)} (adapter for another model?)")
+        if tuple(var.shape) != tuple(
+            twod_to_keras(delta, layout, tuple(var.shape)).shape
+        ) or delta.size != int(np.prod(var.shape)):
+            raise ValueError(
+                f"layers.{layer}.{target}: adapter delta {delta.shape} does not fit "
+                f"the base kernel {tuple(var.shape)} (adapter for another model?)"
+            )
         d = twod_to_keras(delta, layout, tuple(var.shape))
         var.assign((_np(var).astype(np.float32) + sign * d).astype(_np(var).dtype))
     return len(deltas)
 
 
-def merge_into_backbone(model, backbone, name: str | None = None, sign: float = 1.0) -> int:
+def merge_into_backbone(
+    model, backbone, name: str | None = None, sign: float = 1.0
+) -> int:
     """Adds adapter `name` of a Gemma4LoraModel into a KerasHub backbone."""
     return apply_deltas(backbone, model_deltas(model, name), sign)

@@ -31,16 +31,24 @@ def test_usage_without_command(capsys):
 
 
 def test_bad_config_value_is_one_line(tmp_path, capsys):
-    code = run_cli("train", f"--config={CONFIGS}/e4b_lora.py:runlocal",
-                   "--config.lora.rank=0", f"--workdir={tmp_path}/w")
+    code = run_cli(
+        "train",
+        f"--config={CONFIGS}/e4b_lora.py:runlocal",
+        "--config.lora.rank=0",
+        f"--workdir={tmp_path}/w",
+    )
     assert code == 1
     assert one_error_line(capsys).endswith("--config.lora.rank=0 must be > 0")
     assert not (tmp_path / "w" / "config.json").exists()
 
 
 def test_misspelt_field_is_refused(tmp_path, capsys):
-    code = run_cli("train", f"--config={CONFIGS}/tiny.py", "--config.lora.rnak=3",
-                   f"--workdir={tmp_path}")
+    code = run_cli(
+        "train",
+        f"--config={CONFIGS}/tiny.py",
+        "--config.lora.rnak=3",
+        f"--workdir={tmp_path}",
+    )
     assert code == 2
     assert "rnak" in capsys.readouterr().err
 
@@ -49,16 +57,26 @@ def test_missing_preset_directory_names_missing_files(tmp_path, capsys):
     preset = tmp_path / "ckpt"
     preset.mkdir()
     (preset / "config.json").write_text("{}")
-    code = run_cli("train", f"--config={CONFIGS}/e2b_lora.py:runlocal",
-                   f"--config.model.preset={preset}", f"--workdir={tmp_path}/w")
+    code = run_cli(
+        "train",
+        f"--config={CONFIGS}/e2b_lora.py:runlocal",
+        f"--config.model.preset={preset}",
+        f"--workdir={tmp_path}/w",
+    )
     assert code == 1
     line = one_error_line(capsys)
-    assert str(preset) in line and "tokenizer.json" in line and "model.safetensors" in line
+    assert (
+        str(preset) in line and "tokenizer.json" in line and "model.safetensors" in line
+    )
 
 
 def test_unknown_preset_lists_known_ones(tmp_path, capsys):
-    code = run_cli("train", f"--config={CONFIGS}/e2b_lora.py:runlocal",
-                   "--config.model.preset=gemma4_instruct_9b", f"--workdir={tmp_path}/w")
+    code = run_cli(
+        "train",
+        f"--config={CONFIGS}/e2b_lora.py:runlocal",
+        "--config.model.preset=gemma4_instruct_9b",
+        f"--workdir={tmp_path}/w",
+    )
     assert code == 1
     line = one_error_line(capsys)
     assert "'gemma4_instruct_9b'" in line and "gemma4_instruct_4b" in line
@@ -83,13 +101,32 @@ def test_every_runlocal_config_trains_two_steps(config, tmp_path, capsys):
 
 def test_data_check_reports_planted_problems(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    good = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
     lines = [
         json.dumps(good),
         "{not json",
         json.dumps(good),
-        json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "bot", "content": "x"},
+                    {"role": "assistant", "content": "y"},
+                ]
+            }
+        ),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": ""},
+                ]
+            }
+        ),
     ]
     bad.write_text("\n".join(lines) + "\n")
     args = ["data", "check", f"--config={CONFIGS}/tiny.py", f"--config.data.path={bad}"]
@@ -112,22 +149,47 @@ def trained(tmp_path_factory):
 
 def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
     config, workdir = trained
-    assert run_cli("evaluate", config, f"--workdir={workdir}", f"--out={tmp_path}/eval") == 0
+    assert (
+        run_cli("evaluate", config, f"--workdir={workdir}", f"--out={tmp_path}/eval")
+        == 0
+    )
     assert (tmp_path / "eval" / "eval_report.json").exists()
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     assert "finetuned" in json.dumps(report)
 
     capsys.readouterr()
-    assert run_cli("generate", config, f"--workdir={workdir}", "--prompt=Is 'great soup' positive?",
-                   "--max_new_tokens=3") == 0
+    assert (
+        run_cli(
+            "generate",
+            config,
+            f"--workdir={workdir}",
+            "--prompt=Is 'great soup' positive?",
+            "--max_new_tokens=3",
+        )
+        == 0
+    )
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert answer["prompt"] == "Is 'great soup' positive?" and isinstance(answer["answer"], str)
+    assert answer["prompt"] == "Is 'great soup' positive?" and isinstance(
+        answer["answer"], str
+    )
 
     out = tmp_path / "peft"
-    assert run_cli("export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}") == 0
-    assert (out / "adapter_config.json").exists() and (out / "export_manifest.json").exists()
+    assert (
+        run_cli(
+            "export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
+        )
+        == 0
+    )
+    assert (out / "adapter_config.json").exists() and (
+        out / "export_manifest.json"
+    ).exists()
     # Exports never overwrite: a second export to the same place is refused.
-    assert run_cli("export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}") == 1
+    assert (
+        run_cli(
+            "export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
+        )
+        == 1
+    )
     assert "not empty" in one_error_line(capsys)
 
 
@@ -137,12 +199,15 @@ def test_export_needs_a_format(trained, tmp_path, capsys):
     assert "--format" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("preset, expected", [
-    ("gemma4_instruct_4b", "google/gemma-4-E4B-it"),
-    ("gemma4_26b_a4b", "google/gemma-4-26B-A4B"),
-    ("hf://google/gemma-4-E2B-it", "google/gemma-4-E2B-it"),
-    ("/data/my-base", "/data/my-base"),
-])
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("gemma4_instruct_4b", "google/gemma-4-E4B-it"),
+        ("gemma4_26b_a4b", "google/gemma-4-26B-A4B"),
+        ("hf://google/gemma-4-E2B-it", "google/gemma-4-E2B-it"),
+        ("/data/my-base", "/data/my-base"),
+    ],
+)
 def test_export_records_the_hf_id_of_the_base(preset, expected):
     from gemma4_keras import config_lib
     from gemma4_keras.export.commands import default_base_model

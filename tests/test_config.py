@@ -20,7 +20,9 @@ def load_config_file(path: pathlib.Path, arg: str | None = None):
 
 def test_one_config_per_size_and_method():
     names = {p.stem for p in CONFIG_FILES}
-    expected = {f"{s}_{m}" for s in config_lib.SIZES if s != "tiny" for m in config_lib.METHODS}
+    expected = {
+        f"{s}_{m}" for s in config_lib.SIZES if s != "tiny" for m in config_lib.METHODS
+    }
     assert expected | {"tiny"} == names
 
 
@@ -37,7 +39,11 @@ def test_every_config_loads_and_validates(path, arg):
 def test_guide_defaults():
     c = config_lib.get_config("e4b", "qlora")
     assert (c.lora.rank, c.lora.alpha, c.lora.dropout) == (16, 32.0, 0.05)
-    assert (c.train.learning_rate, c.train.warmup_ratio, c.train.schedule) == (2e-4, 0.1, "cosine")
+    assert (c.train.learning_rate, c.train.warmup_ratio, c.train.schedule) == (
+        2e-4,
+        0.1,
+        "cosine",
+    )
     assert (c.train.epochs, c.train.batch_size * 0 + 4, c.train.grad_accum) == (3, 4, 4)
     assert c.lora.targets == "all-linear" and c.data.holdout_fraction == 0.1
     assert c.quant.mode == "nf4" and c.quant.double_quant
@@ -51,11 +57,23 @@ def test_guide_defaults():
         ("lora.rank", 0, "--config.lora.rank=0 must be > 0"),
         ("lora.alpha", -1.0, "--config.lora.alpha=-1.0 must be > 0"),
         ("lora.dropout", 1.0, "--config.lora.dropout=1.0 must be in [0, 1)"),
-        ("data.holdout_fraction", 0.0, "--config.data.holdout_fraction=0.0 must be in (0, 0.5]"),
-        ("data.holdout_fraction", 0.6, "--config.data.holdout_fraction=0.6 must be in (0, 0.5]"),
+        (
+            "data.holdout_fraction",
+            0.0,
+            "--config.data.holdout_fraction=0.0 must be in (0, 0.5]",
+        ),
+        (
+            "data.holdout_fraction",
+            0.6,
+            "--config.data.holdout_fraction=0.6 must be in (0, 0.5]",
+        ),
         ("train.batch_size", 0, "--config.train.batch_size=0 must be > 0"),
         ("train.grad_accum", 0, "--config.train.grad_accum=0 must be > 0"),
-        ("quant.mode", "fp4", "--config.quant.mode='fp4' must be one of none, nf4, int8, int4"),
+        (
+            "quant.mode",
+            "fp4",
+            "--config.quant.mode='fp4' must be one of none, nf4, int8, int4",
+        ),
         ("lora.targets", "", "lora.targets is empty"),
         ("lora.targets", "q_proj,qkv", "unknown module name(s) ['qkv']"),
         ("model.dtype", "float16", "Gemma 4 overflows in float16"),

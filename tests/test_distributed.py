@@ -60,8 +60,13 @@ def losses(path: pathlib.Path) -> list[float]:
 
 def test_data_and_model_parallel_match_one_device(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     one = losses(tmp_path / "none")
     assert len(one) == 2

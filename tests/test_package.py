@@ -15,21 +15,31 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
 
 
 def test_import_selects_jax_and_loads_no_framework():
-    r = python("import sys, gemma4_keras; print('keras' in sys.modules, 'jax' in sys.modules);"
-               "import keras; print(keras.config.backend())")
+    r = python(
+        "import sys, gemma4_keras; print('keras' in sys.modules, 'jax' in sys.modules);"
+        "import keras; print(keras.config.backend())"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False", "jax"]
 
 
-@pytest.mark.parametrize("code, env", [
-    ("import keras; import gemma4_keras", {"KERAS_BACKEND": "tensorflow"}),
-    ("import gemma4_keras", {"KERAS_BACKEND": "torch"}),
-])
+@pytest.mark.parametrize(
+    "code, env",
+    [
+        ("import keras; import gemma4_keras", {"KERAS_BACKEND": "tensorflow"}),
+        ("import gemma4_keras", {"KERAS_BACKEND": "torch"}),
+    ],
+)
 def test_other_backend_is_refused_with_a_clear_message(code, env):
     r = python(code, **env)
     assert r.returncode != 0
@@ -43,7 +53,9 @@ def test_notebook_only_calls_the_public_api():
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     assert code, "the notebook has no code"
     for cell in code:
-        body = "\n".join(ln for ln in cell.splitlines() if not ln.lstrip().startswith("!"))
+        body = "\n".join(
+            ln for ln in cell.splitlines() if not ln.lstrip().startswith("!")
+        )
         tree = ast.parse(body)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:

@@ -126,9 +126,13 @@ def _lr_history(model, initial, singles, c, total, tmp_path):
     train.compile_model(model, c.train, plan)
     log = os.path.join(tmp_path, "log.csv")
     warm = cb.warmup_steps(c.train, total)
+
     def fn(s):
         return cb.learning_rate(
-            s, base=float(c.train.learning_rate), total=total, warmup=warm,
+            s,
+            base=float(c.train.learning_rate),
+            total=total,
+            warmup=warm,
             schedule=c.train.schedule,
         )
 

@@ -170,7 +170,7 @@ def default_base_model(config) -> str:
 
     preset = str(config.model.preset)
     if preset.startswith("hf://"):
-        return preset[len("hf://"):]
+        return preset[len("hf://") :]
     for size in config_lib.SIZES.values():
         if preset == size.preset and size.hf_id:
             return size.hf_id
