@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
 
 import keras
@@ -466,7 +465,3 @@ def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> di
         os.path.join(workdir, "eval"),
         train_log=os.path.join(workdir, "train_log.csv"),
     )
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))
