@@ -9,6 +9,7 @@ Downloads use KerasHub's own credentials: `KAGGLE_USERNAME` / `KAGGLE_KEY`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -103,6 +104,27 @@ def load_tokenizer(preset: str):
     return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
 
 
+@contextlib.contextmanager
+def on_host():
+    """Creates arrays in host memory, outside any Keras distribution.
+
+    The KerasHub backbone is only a source of weights for the training model
+    (which copies, maybe quantises, and places them): loading it on the host
+    keeps the accelerator's peak at the training model's own size, so a
+    QLoRA base is never resident on the device in bfloat16. The host needs
+    RAM for the base in the compute dtype while it loads.
+    """
+    import keras
+
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
 def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
     """Builds the trainable model: backbone -> (quantised) base + adapters.
 
@@ -112,7 +134,8 @@ def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
 
     preset = resolve_preset(model_cfg.preset)
     dtype = compute_dtype(model_cfg)
-    backbone = load_backbone(preset, dtype)
+    with on_host():
+        backbone = load_backbone(preset, dtype)
     tokenizer = load_tokenizer(preset)
     model = Gemma4LoraModel.from_backbone(
         backbone,

@@ -81,3 +81,21 @@ def test_data_and_model_parallel_match_one_device(tmp_path):
     assert specs["lora_default_layers_0_q_proj/lora_b"] == column
     assert specs["lora_default_layers_0_down_proj/lora_a"] == row
     assert specs["lora_default_layers_0_q_proj/lora_a"] in ([], [None, None])
+
+
+def test_backbone_loads_on_host_outside_the_distribution():
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    from gemma4_keras import models
+
+    dist = keras.distribution.DataParallel(devices=jax.devices())
+    keras.distribution.set_distribution(dist)
+    try:
+        with models.on_host():
+            assert keras.distribution.distribution() is None
+            assert jnp.ones(3).devices() == {jax.devices("cpu")[0]}
+        assert keras.distribution.distribution() is dist
+    finally:
+        keras.distribution.set_distribution(None)
