@@ -20,10 +20,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import flags, logging
-from ml_collections import config_flags
+# TensorFlow (pulled in by KerasHub's tokenizers) logs INFO lines at import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import gemma4_keras  # noqa: F401  (selects the JAX backend first)
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import gemma4_keras  # noqa: E402,F401  (selects the JAX backend first)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -209,12 +212,14 @@ def _data(config, args) -> int:
         result = data.split(cfg, _require(FLAGS.out, "out"))
     else:
         result = getattr(data, verb)(cfg, _tokenizer(config))
-    print(
-        data.format_report(result)
-        if "records" in result
-        else json.dumps(result, indent=2)
-    )
-    return 1 if result.get("failed") else 0
+    if verb == "split":
+        print(json.dumps(result, indent=2))
+    else:
+        print(data.format_report(result))
+        if FLAGS.out:
+            os.makedirs(FLAGS.out, exist_ok=True)
+            data.commands.write_json(os.path.join(FLAGS.out, f"data_{verb}.json"), result)
+    return 0
 
 
 def _tokenizer(config):
