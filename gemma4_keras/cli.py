@@ -218,7 +218,9 @@ def _data(config, args) -> int:
         print(data.format_report(result))
         if FLAGS.out:
             os.makedirs(FLAGS.out, exist_ok=True)
-            data.commands.write_json(os.path.join(FLAGS.out, f"data_{verb}.json"), result)
+            data.commands.write_json(
+                os.path.join(FLAGS.out, f"data_{verb}.json"), result
+            )
     return 0
 
 
