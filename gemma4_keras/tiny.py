@@ -3,7 +3,8 @@
 Tests and the embedded default run (`configs/tiny.py`) need a model with the
 real Gemma 4 architecture (sliding + full attention with a wider global head,
 partial RoPE, Q/K/V norms, four norms per block, layer scalars, optional
-per-layer embeddings, KV sharing and MoE) that is small enough to train on a
+per-layer embeddings, KV sharing, MoE, K=V global attention and the
+double-wide MLP of KV-shared layers) that is small enough to train on a
 CPU in minutes, and that both KerasHub (`Gemma4Backbone.from_preset(dir)`) and
 transformers (`AutoModelForCausalLM.from_pretrained(dir)`) load. This module
 writes such a checkpoint from a seed, with numpy, safetensors and tokenizers
@@ -11,6 +12,8 @@ only (no torch or transformers at run time):
 
     path = tiny_checkpoint()                  # cached, ~1 MB
     path = tiny_checkpoint(ple=True, kv_shared_layers=2, moe=True)
+    path = tiny_checkpoint(k_eq_v=True)        # 26B-A4B / 31B attention
+    path = tiny_checkpoint(kv_shared_layers=2, double_wide_mlp=True)  # E2B MLP
 
 The directory holds `config.json`, `model.safetensors` (float32),
 `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
@@ -75,6 +78,13 @@ LAYER_TYPES = (
     "full_attention",
 )
 PLE_HIDDEN_SIZE = 8
+# k_eq_v=True: K(=V) heads of the full-attention layers, and K/V heads of
+# the sliding ones. Fewer global than local heads and more than one of each,
+# like 26B-A4B (8 local, 2 global) and 31B (16, 4): a reader that takes the
+# wrong count, or lays out the heads of the shared K=V projection wrongly,
+# gets different shapes or different numbers.
+GLOBAL_KV_HEADS = 2
+K_EQ_V_LOCAL_KV_HEADS = 4
 CACHE_ENV_VAR = "GEMMA4_KERAS_CACHE"
 LAYOUTS = ("causal_lm", "conditional_generation")
 
@@ -125,12 +135,19 @@ _SPACE = "▁"
 # --------------------------------------------------------------------------
 
 
-def _text_config(ple: bool, kv_shared_layers: int, moe: bool) -> dict:
+def _text_config(
+    ple: bool, kv_shared_layers: int, moe: bool, k_eq_v: bool, double_wide_mlp: bool
+) -> dict:
     """The Gemma4TextConfig fields of the tiny model."""
     if not 0 <= kv_shared_layers <= NUM_LAYERS - 2:
         raise ValueError(
             f"kv_shared_layers={kv_shared_layers}: must be in 0..{NUM_LAYERS - 2} "
             "so that a sliding and a full layer remain to share K/V from."
+        )
+    if double_wide_mlp and not kv_shared_layers:
+        raise ValueError(
+            "double_wide_mlp=True widens the MLP of KV-shared layers only; "
+            "with kv_shared_layers=0 it changes nothing. Pass kv_shared_layers=1 or 2."
         )
     return {
         "model_type": "gemma4_text",
@@ -139,8 +156,11 @@ def _text_config(ple: bool, kv_shared_layers: int, moe: bool) -> dict:
         "intermediate_size": 128,
         "num_hidden_layers": NUM_LAYERS,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_global_key_value_heads": None,
+        "num_key_value_heads": K_EQ_V_LOCAL_KV_HEADS if k_eq_v else 2,
+        # With k_eq_v, full-attention layers use this many K(=V) heads. Both
+        # readers need it: KerasHub's backbone turns K=V on exactly when it
+        # is set, transformers exactly when `attention_k_eq_v` is.
+        "num_global_key_value_heads": GLOBAL_KV_HEADS if k_eq_v else None,
         "head_dim": 16,
         "global_head_dim": 32,
         "layer_types": list(LAYER_TYPES),
@@ -160,12 +180,12 @@ def _text_config(ple: bool, kv_shared_layers: int, moe: bool) -> dict:
         "tie_word_embeddings": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "attention_k_eq_v": False,
+        "attention_k_eq_v": k_eq_v,
         "use_bidirectional_attention": None,
         "hidden_size_per_layer_input": PLE_HIDDEN_SIZE if ple else 0,
         "vocab_size_per_layer_input": TINY_VOCAB_SIZE,
         "num_kv_shared_layers": kv_shared_layers,
-        "use_double_wide_mlp": False,
+        "use_double_wide_mlp": double_wide_mlp,
         "enable_moe_block": moe,
         "num_experts": 4 if moe else None,
         "top_k_experts": 2 if moe else None,
@@ -183,6 +203,8 @@ def tiny_hf_config(
     ple: bool = False,
     kv_shared_layers: int = 0,
     moe: bool = False,
+    k_eq_v: bool = False,
+    double_wide_mlp: bool = False,
     layout: str = "causal_lm",
     **overrides,
 ) -> dict:
@@ -194,6 +216,14 @@ def tiny_hf_config(
             earlier layer of the same attention type (0, 1 or 2).
         moe: enable the MoE block (4 experts, top 2, expert width 32) that runs
             beside the dense MLP in every layer.
+        k_eq_v: like 26B-A4B / 31B: full-attention layers have no `v_proj`
+            (V is the K projection, before `k_norm` and RoPE) and use
+            `GLOBAL_KV_HEADS` (2) K heads (`attention_k_eq_v=True`,
+            `num_global_key_value_heads=2`); sliding layers keep separate
+            K and V with `K_EQ_V_LOCAL_KV_HEADS` (4) heads.
+        double_wide_mlp: like E2B: KV-shared layers have an MLP of twice
+            `intermediate_size` (`use_double_wide_mlp=True`); needs
+            `kv_shared_layers > 0`.
         layout: `"causal_lm"` (`Gemma4ForCausalLM`, flat text config) or
             `"conditional_generation"` (`Gemma4ForConditionalGeneration`, text
             config nested under `text_config`, no vision / audio tower).
@@ -210,7 +240,7 @@ def tiny_hf_config(
     >>> tiny_hf_config(layout="conditional_generation")["text_config"]["hidden_size"]
     64
     """
-    text = _text_config(ple, kv_shared_layers, moe)
+    text = _text_config(ple, kv_shared_layers, moe, k_eq_v, double_wide_mlp)
     text.update(overrides)
     if layout == "causal_lm":
         return {"architectures": ["Gemma4ForCausalLM"], **text}
@@ -252,11 +282,35 @@ def _is_kv_shared(text: dict, i: int) -> bool:
     return i >= text["num_hidden_layers"] - text["num_kv_shared_layers"]
 
 
+def _is_k_eq_v(text: dict, i: int) -> bool:
+    """Whether layer i computes V with the K projection (no `v_proj`).
+
+    transformers' `Gemma4TextAttention`: `attention_k_eq_v and not
+    is_sliding`, and `per_layer_config[i].num_key_value_heads` is
+    `num_global_key_value_heads` on full layers when `attention_k_eq_v`.
+    """
+    return bool(text["attention_k_eq_v"]) and (
+        text["layer_types"][i] == "full_attention"
+    )
+
+
+def _layer_kv_heads(text: dict, i: int) -> int:
+    if _is_k_eq_v(text, i) and text["num_global_key_value_heads"] is not None:
+        return text["num_global_key_value_heads"]
+    return text["num_key_value_heads"]
+
+
+def _layer_ffn_dim(text: dict, i: int) -> int:
+    """`intermediate_size`, doubled on KV-shared layers with a double-wide MLP."""
+    wide = text["use_double_wide_mlp"] and _is_kv_shared(text, i)
+    return text["intermediate_size"] * (2 if wide else 1)
+
+
 def _layer_shapes(text: dict, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF weight names (relative to `layers.i.`) -> (shape, init kind)."""
     h, hd = text["hidden_size"], _layer_head_dim(text, i)
-    q, kv = text["num_attention_heads"], text["num_key_value_heads"]
-    ffn = text["intermediate_size"]
+    q, kv = text["num_attention_heads"], _layer_kv_heads(text, i)
+    ffn = _layer_ffn_dim(text, i)
     shapes = {
         "input_layernorm.weight": ((h,), "norm"),
         "post_attention_layernorm.weight": ((h,), "norm"),
@@ -270,10 +324,12 @@ def _layer_shapes(text: dict, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
         "mlp.up_proj.weight": ((ffn, h), "matrix"),
         "mlp.down_proj.weight": ((h, ffn), "matrix"),
     }
-    # KV-shared layers own no K/V projections (like E2B / E4B checkpoints).
+    # KV-shared layers own no K/V projections (like E2B / E4B checkpoints);
+    # k_eq_v full layers own no V projection (like 26B-A4B / 31B).
     if not _is_kv_shared(text, i):
         shapes["self_attn.k_proj.weight"] = ((kv * hd, h), "matrix")
-        shapes["self_attn.v_proj.weight"] = ((kv * hd, h), "matrix")
+        if not _is_k_eq_v(text, i):
+            shapes["self_attn.v_proj.weight"] = ((kv * hd, h), "matrix")
         shapes["self_attn.k_norm.weight"] = ((hd,), "norm")
     if text["hidden_size_per_layer_input"]:
         p = text["hidden_size_per_layer_input"]
@@ -547,6 +603,8 @@ def write_tiny_checkpoint(
     ple: bool = False,
     kv_shared_layers: int = 0,
     moe: bool = False,
+    k_eq_v: bool = False,
+    double_wide_mlp: bool = False,
     layout: str = "causal_lm",
 ) -> pathlib.Path:
     """Writes a tiny Gemma 4 checkpoint in Hugging Face format into `path`.
@@ -557,7 +615,8 @@ def write_tiny_checkpoint(
     Args:
         path: directory to write (created if missing; files are overwritten).
         seed: weight seed.
-        ple, kv_shared_layers, moe, layout: see `tiny_hf_config`.
+        ple, kv_shared_layers, moe, k_eq_v, double_wide_mlp, layout: see
+            `tiny_hf_config`.
 
     Returns:
         `path` as a `pathlib.Path`.
@@ -573,7 +632,12 @@ def write_tiny_checkpoint(
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_hf_config(
-        ple=ple, kv_shared_layers=kv_shared_layers, moe=moe, layout=layout
+        ple=ple,
+        kv_shared_layers=kv_shared_layers,
+        moe=moe,
+        k_eq_v=k_eq_v,
+        double_wide_mlp=double_wide_mlp,
+        layout=layout,
     )
     _dump_json(path / "config.json", config)
     # transformers refuses safetensors files without format metadata.
@@ -635,8 +699,10 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
 
     Args:
         seed: weight seed.
-        **variant: `ple`, `kv_shared_layers`, `moe`, `layout` as in
-            `write_tiny_checkpoint`.
+        **variant: `ple`, `kv_shared_layers`, `moe`, `k_eq_v`,
+            `double_wide_mlp`, `layout` as in `write_tiny_checkpoint`. Options
+            left at their defaults are not part of the cache key, so adding
+            an option keeps the keys of existing variants.
 
     Returns:
         The checkpoint directory; load it with
@@ -653,6 +719,8 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
         "ple": False,
         "kv_shared_layers": 0,
         "moe": False,
+        "k_eq_v": False,
+        "double_wide_mlp": False,
         "layout": "causal_lm",
     }
     unknown = set(variant) - set(defaults)

@@ -24,6 +24,10 @@ VARIANTS = {
     "moe": {"moe": True},
     "all": {"ple": True, "kv_shared_layers": 2, "moe": True},
     "conditional_generation": {"layout": "conditional_generation"},
+    # 26B-A4B / 31B attention: no v_proj on full layers, fewer global KV heads.
+    "k_eq_v": {"k_eq_v": True},
+    # E2B MLP: KV-shared layers are twice as wide.
+    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},
 }
 
 CHAT_TEXTS = [
@@ -119,6 +123,17 @@ def test_tiny_checkpoint_is_cached_per_variant(cache_dir, checkpoints):
     assert sorted((cache_dir / "tiny").iterdir()) == sorted(checkpoints.values())
     with pytest.raises(TypeError, match="unknown variant options"):
         tiny.tiny_checkpoint(moee=True)
+    # Options at their defaults stay out of the key: adding an option kept
+    # the directories (and bytes) of the variants that existed before it.
+    assert (
+        tiny.tiny_checkpoint(k_eq_v=False, double_wide_mlp=False)
+        == (checkpoints["default"])
+    )
+
+
+def test_double_wide_mlp_needs_kv_shared_layers():
+    with pytest.raises(ValueError, match="kv_shared_layers=1 or 2"):
+        tiny.tiny_hf_config(double_wide_mlp=True)
 
 
 def test_kv_shared_layers_have_no_kv_weights(checkpoints):
@@ -128,6 +143,29 @@ def test_kv_shared_layers_have_no_kv_weights(checkpoints):
     for i in range(tiny.NUM_LAYERS):
         has_kv = f"model.layers.{i}.self_attn.k_proj.weight" in names
         assert has_kv == (i < 2), i
+
+
+def test_k_eq_v_full_layers_have_no_v_proj(checkpoints):
+    from safetensors.numpy import load_file
+
+    weights = load_file(checkpoints["k_eq_v"] / "model.safetensors")
+    for i, layer_type in enumerate(tiny.LAYER_TYPES):
+        full = layer_type == "full_attention"
+        heads, head_dim = (2, 32) if full else (4, 16)
+        prefix = f"model.layers.{i}.self_attn."
+        assert (prefix + "v_proj.weight" in weights) == (not full), i
+        assert weights[prefix + "k_proj.weight"].shape == (heads * head_dim, 64), i
+        assert weights[prefix + "k_norm.weight"].shape == (head_dim,), i
+
+
+def test_double_wide_mlp_widens_kv_shared_layers(checkpoints):
+    from safetensors.numpy import load_file
+
+    weights = load_file(checkpoints["double_wide_mlp"] / "model.safetensors")
+    for i, ffn in enumerate([128, 128, 256, 256]):  # layers 2 and 3 are KV-shared
+        assert weights[f"model.layers.{i}.mlp.gate_proj.weight"].shape == (ffn, 64)
+        assert weights[f"model.layers.{i}.mlp.up_proj.weight"].shape == (ffn, 64)
+        assert weights[f"model.layers.{i}.mlp.down_proj.weight"].shape == (64, ffn)
 
 
 def test_moe_experts_are_raw_tensors_named_like_transformers(checkpoints):
@@ -175,6 +213,7 @@ def test_keras_hub_and_transformers_logits_agree(
     assert np.abs(expected).max() < 30.0  # soft-capped on both sides
     assert expected.std() > 0.1  # logits are not degenerate
     rel = np.abs(logits - expected).max() / np.abs(expected).max()
+    print(f"{name}: KerasHub vs transformers logits, max relative {rel:.2e}")
     assert rel < LOGIT_RTOL, f"{name}: max relative logit error {rel:.2e}"
 
 
@@ -194,6 +233,30 @@ def test_both_frameworks_read_the_architecture(checkpoints, keras_hub, transform
     assert head_dims == [16, 32, 16, 32]
     assert hf.kv_sharing_modes == ["store", "store", "reuse", "reuse"]
     assert hf.sliding_window == 16 and hf.final_logit_softcapping == 30.0
+
+
+def test_both_frameworks_read_k_eq_v_and_double_wide_mlp(
+    checkpoints, keras_hub, transformers
+):
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(checkpoints["k_eq_v"]))
+    attn = [backbone.get_layer(f"decoder_block_{i}").attention for i in range(4)]
+    assert [a.attention_k_eq_v for a in attn] == [False, True, False, True]
+    assert [a.effective_num_kv_heads for a in attn] == [4, 2, 4, 2]
+    assert [a.value_dense is None for a in attn] == [False, True, False, True]
+    hf = transformers.AutoConfig.from_pretrained(checkpoints["k_eq_v"])
+    kv_heads = [hf.per_layer_config[i].num_key_value_heads for i in range(4)]
+    assert kv_heads == [4, 2, 4, 2] and hf.attention_k_eq_v
+
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(
+        str(checkpoints["double_wide_mlp"])
+    )
+    dims = [
+        backbone.get_layer(f"decoder_block_{i}").actual_intermediate_dim
+        for i in range(4)
+    ]
+    assert dims == [128, 128, 256, 256]
+    hf = transformers.AutoConfig.from_pretrained(checkpoints["double_wide_mlp"])
+    assert hf.use_double_wide_mlp and hf.kv_sharing_modes[2:] == ["reuse", "reuse"]
 
 
 @pytest.mark.parametrize("name", ["default", "conditional_generation"])
