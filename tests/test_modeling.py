@@ -18,6 +18,8 @@ VARIANTS = {
     "ple": {"ple": True},
     "kv_shared": {"ple": True, "kv_shared_layers": 2},
     "moe": {"moe": True},
+    "k_eq_v": {"k_eq_v": True},  # 26B-A4B / 31B global attention
+    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},  # E2B
 }
 
 
@@ -67,6 +69,27 @@ def test_forward_matches_keras_hub(variant):
     err = rel(ours, np.asarray(theirs))
     print(f"{variant}: hidden vs Gemma4Backbone {err:.2e}")
     assert err < 1e-5
+
+
+def test_spec_reads_k_eq_v_and_double_wide_mlp():
+    spec = model("k_eq_v").spec
+    assert [b.k_eq_v for b in spec.blocks] == [False, True, False, True]
+    assert [b.num_kv_heads for b in spec.blocks] == [4, 2, 4, 2]
+    assert spec.projection_shape(1, "k_proj") == (64, 2 * 32)
+    assert [spec.has_projection(i, "v_proj") for i in range(4)] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    sites = model("k_eq_v").adapters()
+    assert (1, "v_proj") not in sites and (1, "k_proj") in sites
+    assert (0, "v_proj") in sites
+
+    spec = model("double_wide_mlp").spec
+    assert [b.ffn_dim for b in spec.blocks] == [128, 128, 256, 256]
+    assert spec.projection_shape(3, "down_proj") == (256, 64)
+    assert model("double_wide_mlp").adapters()[(2, "up_proj")].lora_b.shape == (4, 256)
 
 
 def test_logits_match_transformers():
