@@ -125,19 +125,16 @@ def on_host():
         keras.distribution.set_distribution(previous)
 
 
-def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
-    """Builds the trainable model: backbone -> (quantised) base + adapters.
-
-    Returns (model, tokenizer, resolved_preset).
-    """
+def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg):
+    """The trainable model for a resolved preset: (quantised) base + adapters."""
     from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec
 
-    preset = resolve_preset(model_cfg.preset)
     dtype = compute_dtype(model_cfg)
     with on_host():
         backbone = load_backbone(preset, dtype)
-    tokenizer = load_tokenizer(preset)
-    model = Gemma4LoraModel.from_backbone(
+    # The training model copies (maybe quantises) what it needs; the backbone
+    # is dropped when this returns.
+    return Gemma4LoraModel.from_backbone(
         backbone,
         LoraSpec.from_config(lora_cfg),
         quant=quant_cfg.mode,
@@ -147,7 +144,13 @@ def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
         loss_chunk_size=int(train_cfg.loss_chunk_size),
         dtype=dtype,
     )
-    del backbone  # the training model holds its own copy (maybe quantised)
+
+
+def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
+    """Resolves `model.preset` and builds the model. Returns (model, tokenizer, preset)."""
+    preset = resolve_preset(model_cfg.preset)
+    tokenizer = load_tokenizer(preset)
+    model = build_training_model(preset, model_cfg, lora_cfg, quant_cfg, train_cfg)
     return model, tokenizer, preset
 
 
@@ -156,6 +159,7 @@ __all__ = [
     "compute_dtype",
     "known_presets",
     "load_backbone",
+    "build_training_model",
     "load_tokenizer",
     "load_training_model",
     "resolve_preset",

@@ -60,16 +60,20 @@ def run(config, workdir: str) -> dict:
         )
         return state
     check_config(config, workdir)
+    preset = models.resolve_preset(config.model.preset)
+    tokenizer = models.load_tokenizer(preset)
+    # Bad data stops the run here, before a large model is loaded.
+    prepared = prepare_data(config.data, tokenizer)
 
     distributed.setup(config.distribution, int(config.train.batch_size))
-    model, tokenizer, preset = models.load_training_model(
-        config.model, config.lora, config.quant, config.train
+    model = models.build_training_model(
+        preset, config.model, config.lora, config.quant, config.train
     )
     compile_model(model, config.train)
     ckpt = build_checkpointer(config, workdir, model, preset)
     start = ckpt.restore_latest(model)
     write_config(config, workdir)
-    prepared = prepare_data(config.data, tokenizer, workdir)
+    write_data_report(prepared, workdir)
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
     samples = sample_callback(config, prepared, tokenizer, preset, workdir)
     history_cbs = build_callbacks(config, workdir, plan, ckpt, start, samples)
@@ -199,12 +203,15 @@ def checkpoint_meta(config, model, preset: str) -> dict:
 # --- data -------------------------------------------------------------------
 
 
-def prepare_data(data_cfg, tokenizer, workdir: str):
-    """Reads, checks, splits and encodes the data; writes data_report.json."""
+def prepare_data(data_cfg, tokenizer):
+    """Reads, checks, splits and encodes the data; prints the quality report."""
     prepared = data.prepare(config_lib.data_settings(data_cfg), tokenizer)
-    _atomic_json(os.path.join(workdir, "data_report.json"), prepared.report)
     print(data.format_report(prepared.report), flush=True)
     return prepared
+
+
+def write_data_report(prepared, workdir: str) -> None:
+    _atomic_json(os.path.join(workdir, "data_report.json"), prepared.report)
 
 
 def build_batches(examples, data_cfg, train_cfg):

@@ -215,3 +215,19 @@ def test_export_records_the_hf_id_of_the_base(preset, expected):
     config = config_lib.get_config("e4b", "lora")
     config.model.preset = preset
     assert default_base_model(config) == expected
+
+
+def test_bad_data_stops_before_the_model_loads_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, ')
+    workdir = tmp_path / "w"
+    code = run_cli(
+        "train",
+        f"--config={CONFIGS}/e4b_qlora.py:runlocal",
+        f"--config.data.path={bad}",
+        f"--workdir={workdir}",
+    )
+    assert code == 1
+    line = one_error_line(capsys)
+    assert f"{bad}:1:" in line
+    assert not workdir.exists() or not list(workdir.iterdir())

@@ -30,9 +30,7 @@ def setup(tmp_path_factory):
     """(model, initial adapter weights, 4 single-example batches, config)."""
     c = _config()
     model, tokenizer, _ = models.load_training_model(c.model, c.lora, c.quant, c.train)
-    prepared = train.prepare_data(
-        c.data, tokenizer, str(tmp_path_factory.mktemp("data"))
-    )
+    prepared = train.prepare_data(c.data, tokenizer)
     stream, _ = train.build_batches(prepared.train_examples, c.data, c.train)
     rows = [stream.batch(i) for i in range(2)]  # 2 batches of 2 rows
     singles = [
