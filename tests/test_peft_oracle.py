@@ -10,7 +10,8 @@ Tolerances (float32): base-vs-base sits at the cross-framework floor (~5e-6
 relative here, 7.6e-5 noted in GEMMA4.md); the adapter's own effect
 (adapter logits minus base logits) must agree within 1e-3 relative. Measured
 when written: base 4.6e-6 / 6.3e-6, effect 8.6e-6 / 5.6e-6 (causal_lm /
-conditional_generation).
+conditional_generation); k_eq_v base 8.6e-7, effect 1.9e-6 both ways;
+double_wide_mlp effect 1.6e-6.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ VARIANTS = {
     "conditional_generation": dict(layout="conditional_generation"),
     "kv_shared": dict(ple=True, kv_shared_layers=2),
     "moe": dict(moe=True),
+    "k_eq_v": dict(k_eq_v=True),  # 26B-A4B / 31B: no v_proj on full layers
+    "double_wide_mlp": dict(kv_shared_layers=2, double_wide_mlp=True),  # E2B
 }
 
 
@@ -124,7 +127,19 @@ EXPORT_CASES = [
     ),
     ("kv_shared", dict(rank=4, alpha=6.0)),
     ("moe", dict(rank=4, alpha=6.0, rslora=True)),
+    ("k_eq_v", dict(rank=4, alpha=6.0)),
+    ("double_wide_mlp", dict(rank=4, alpha=6.0, rslora=True)),
 ]
+
+
+def lora_sites(peft_model) -> set[tuple[int, str]]:
+    """(layer, projection) of every LoRA layer PEFT injected."""
+    sites = set()
+    for module_name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "layers." in module_name:
+            parts = module_name.split(".")
+            sites.add((int(parts[parts.index("layers") + 1]), parts[-1]))
+    return sites
 
 
 @pytest.mark.parametrize("variant,lora", EXPORT_CASES, ids=lambda v: str(v))
@@ -149,6 +164,9 @@ def test_our_adapter_in_peft(variant, lora, tmp_path):
     hf_base = hf_logits(hf, ids)
     peft_model = peft.PeftModel.from_pretrained(hf, path).eval()
     hf_adapted = hf_logits(peft_model, ids)
+    # PEFT wraps exactly the projections we adapt: none that the base lacks
+    # (k/v of KV-shared layers, v_proj of k_eq_v layers), none left out.
+    assert lora_sites(peft_model) == set(model.adapters())
 
     base_err = rel(ours_base, hf_base)
     adapter_err = rel(ours, hf_adapted)
@@ -197,6 +215,7 @@ IMPORT_CASES = [
         "moe",
         dict(r=2, lora_alpha=4, target_modules=["q_proj", "gate_proj", "down_proj"]),
     ),
+    ("k_eq_v", dict(r=4, lora_alpha=6, target_modules="all-linear")),
 ]
 
 
@@ -219,6 +238,7 @@ def test_peft_adapter_in_ours(variant, config, tmp_path):
         backbone(variant), None, dtype="float32"
     )
     peft_lib.load_adapter(model, str(tmp_path / "adapter"), name="imported")
+    assert set(model.adapters("imported")) == lora_sites(peft_model)
     ours_base = our_logits(model, ids, None)
     ours = our_logits(model, ids, "imported")
     spec = model.lora_specs["imported"]
@@ -235,3 +255,26 @@ def test_peft_adapter_in_ours(variant, config, tmp_path):
     assert base_err < BASE_TOL
     assert adapter_err < BASE_TOL
     assert effect_err < EFFECT_TOL
+
+
+def test_v_proj_adapter_on_a_k_eq_v_layer_is_refused(tmp_path):
+    """A v_proj adapter for a layer whose V is its K projection has no weight
+    to act on; loading must say so instead of inventing one."""
+    from safetensors.numpy import save_file
+
+    model = modeling.Gemma4LoraModel.from_backbone(
+        backbone("k_eq_v"), modeling.LoraSpec(rank=2, targets=("v_proj",))
+    )
+    assert sorted(model.adapters()) == [(0, "v_proj"), (2, "v_proj")]
+    path = peft_lib.save_adapter(
+        model, str(tmp_path / "a"), base_model=str(checkpoint("k_eq_v"))
+    )
+    tensors = peft_lib.read_adapter(path)[1]
+    renamed = {k.replace("layers.2.", "layers.3."): v for k, v in tensors.items()}
+    save_file(renamed, f"{path}/adapter_model.safetensors", {"format": "pt"})
+    fresh = modeling.Gemma4LoraModel.from_backbone(backbone("k_eq_v"), None)
+    with pytest.raises(
+        peft_lib.AdapterFormatError,
+        match=r"layers\.3\.self_attn\.v_proj: this layer has no v_proj \(V is computed by k_proj",
+    ):
+        peft_lib.load_adapter(fresh, path)

@@ -219,9 +219,12 @@ def _check_sites(model, factors, rank: int, directory: str) -> None:
                 "(an adapter for another Gemma 4 size?)"
             )
         if not s.has_projection(layer, target):
-            raise AdapterFormatError(
-                f"{where}: this layer has no {target} (KV-shared layer)"
+            why = (
+                "V is computed by k_proj (attention_k_eq_v)"
+                if target == "v_proj" and s.blocks[layer].has_kv
+                else "KV-shared layer"
             )
+            raise AdapterFormatError(f"{where}: this layer has no {target} ({why})")
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(f"{where}: lora_A or lora_B is missing")
         din, dout = s.projection_shape(layer, target)
