@@ -25,15 +25,41 @@ VARIANTS = {
     "ple": {"ple": True},
     "kv_shared_ple": {"ple": True, "kv_shared_layers": 2},
     "moe": {"moe": True},
+    "k_eq_v": {"k_eq_v": True},  # 26B-A4B / 31B: no v_proj on full layers
+    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},  # E2B
 }
+# config.json fields that decide which tensors exist and their shapes; the
+# export must write them as the base has them.
+ARCH_FIELDS = (
+    "num_key_value_heads",
+    "num_global_key_value_heads",
+    "attention_k_eq_v",
+    "head_dim",
+    "global_head_dim",
+    "intermediate_size",
+    "use_double_wide_mlp",
+    "num_kv_shared_layers",
+    "hidden_size_per_layer_input",
+    "enable_moe_block",
+    "layer_types",
+)
 TOL = 5e-5  # float32; base models alone agree to 3e-6..6e-6 here, large random
 # adapters (deltas the size of the weights) amplify that to ~2e-5 (MoE).
 
 
 def _hf_logits(directory, cls=transformers.AutoModelForCausalLM) -> np.ndarray:
-    hf = cls.from_pretrained(directory, dtype=torch.float32).eval()
+    hf, info = cls.from_pretrained(
+        directory, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info  # no missing / unexpected keys
     with torch.no_grad():
-        return hf(input_ids=torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
+        # logits_to_keep=slice(None): transformers 5.24 crashes on KV sharing
+        # without PLE otherwise (see tests/test_tiny.py).
+        out = hf.eval()(
+            input_ids=torch.tensor(TOKENS, dtype=torch.long),
+            logits_to_keep=slice(None),
+        )
+    return out.logits.numpy()
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -75,6 +101,11 @@ def test_files_and_manifest(exported):
     assert cfg["model_type"] == "gemma4_text" and cfg["architectures"] == [
         "Gemma4ForCausalLM"
     ]
+    with open(os.path.join(preset, "config.json")) as f:
+        base_cfg = json.load(f)
+    assert {k: cfg.get(k) for k in ARCH_FIELDS} == {
+        k: base_cfg.get(k) for k in ARCH_FIELDS
+    }
     tensors = load_file(os.path.join(out, "model.safetensors"))
     base = load_file(os.path.join(preset, "model.safetensors"))
     assert set(tensors) == set(base)  # same names, incl. no k/v on KV-shared layers
