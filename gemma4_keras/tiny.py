@@ -79,10 +79,10 @@ LAYER_TYPES = (
 )
 PLE_HIDDEN_SIZE = 8
 # k_eq_v=True: K(=V) heads of the full-attention layers, and K/V heads of
-# the sliding ones. Fewer global than local heads and more than one of each,
-# like 26B-A4B (8 local, 2 global) and 31B (16, 4): a reader that takes the
-# wrong count, or lays out the heads of the shared K=V projection wrongly,
-# gets different shapes or different numbers.
+# the sliding ones. Fewer global than local heads, and more than one global
+# head (26B-A4B has num_global_key_value_heads=2, says transformers'
+# configuration_gemma4.py): a reader that takes the wrong count, or lays out
+# the heads of the shared K=V projection wrongly, gets other shapes or numbers.
 GLOBAL_KV_HEADS = 2
 K_EQ_V_LOCAL_KV_HEADS = 4
 CACHE_ENV_VAR = "GEMMA4_KERAS_CACHE"
