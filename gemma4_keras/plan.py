@@ -1,0 +1,640 @@
+"""`gemma4-keras plan`: memory and speed estimate of a run before it starts.
+
+Reads the architecture from the preset's `config.json` only (no weights are
+loaded, no model is built), derives the same per-block facts as
+`modeling.ModelSpec.from_backbone`, and estimates, for one device:
+
+    parameters      embedding, PLE, attention, MLP, MoE experts, norms   [count]
+    base            frozen weights as `quant.mode` stores them           [bytes]
+    adapters        LoRA params + grads (+ accumulators) + AdamW m, v    [bytes]
+    activations     per micro-batch, with and without `train.remat`      [bytes]
+    loss temp       one chunk of the chunked loss                        [bytes]
+    flops           per optimiser step                                   [FLOP]
+    time            per step at `tflops` x `mfu`                         [s]
+
+Usage:
+
+    from gemma4_keras import config_lib, plan
+    cfg = config_lib.get_config("e4b", "qlora")
+    print(plan.format_plan(plan.plan(cfg, tflops=100.0, mfu=0.4)))
+
+What the numbers are checked against is in `tests/test_plan.py`: parameter,
+adapter and NF4 byte counts equal the real `Gemma4LoraModel` variables of the
+tiny variants; FLOPs match XLA's `cost_analysis()` of a compiled train step;
+activation residuals match the vjp residuals `benchmarks/remat_memory.py`
+measures. Per-size numbers are not in this file: they come from the config of
+whatever preset is named.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from gemma4_keras import config_lib, models
+from gemma4_keras.modeling import (
+    ATTN_TARGETS,
+    MLP_TARGETS,
+    BlockSpec,
+    LoraSpec,
+    ModelSpec,
+)
+
+GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Activation model, elements per token per decoder block (read off the vjp
+# residuals of `Gemma4LoraModel`'s forward; see `activation_bytes`).
+_RESID_D = 6  # block input, norm outputs, attention/MLP outputs (x D)
+_RESID_Q = 3  # q before/after norm+RoPE, attention output (x heads*head_dim)
+_RESID_KV = 2  # k and v after norm (x kv_heads*head_dim), own K/V only
+_RESID_F = 8  # gate, up, GELU-tanh internals, product (x ffn)
+_ATTN_F32 = 4  # float32 [B, heads, T, T] tensors kept: logits, tanh, probs, ...
+_ATTN_BOOL = 2  # boolean [B, heads, T, T] masks kept by the `where`s
+
+
+# ----------------------------------------------------------------------------
+# Reading the architecture. The two KerasHub internals are isolated here:
+# KerasHub has no public API that reads one file of a preset or maps a
+# Hugging Face config to backbone kwargs without building the model (and so
+# without allocating every weight).
+
+
+def _keras_hub_load_json(preset: str) -> dict:
+    """`config.json` of a KerasHub preset / hf:// / kaggle:// (may download)."""
+    from keras_hub.src.utils.preset_utils import load_json
+
+    return load_json(preset, "config.json")
+
+
+def _keras_hub_convert_hf(text_config: dict) -> dict:
+    """KerasHub's own HF -> `Gemma4Backbone` kwargs mapping (text part only)."""
+    from keras_hub.src.utils.transformers.convert_gemma4 import (
+        convert_backbone_config,
+    )
+
+    # `model_type=gemma4_text` makes the converter read this dict as the text
+    # config and build no vision/audio encoder (the plan is for the text decoder).
+    return convert_backbone_config({**text_config, "model_type": "gemma4_text"})
+
+
+def read_config_json(preset: str) -> dict:
+    """The raw `config.json` of a preset, without loading weights.
+
+    Args:
+      preset: `config.model.preset`: a KerasHub preset name, hf://org/repo,
+        kaggle://..., a local directory (HF or KerasHub format), or `tiny`.
+
+    Raises:
+      models.PresetError: naming the preset and the credentials it needs when
+        the file cannot be fetched.
+    """
+    resolved = models.resolve_preset(preset)
+    if os.path.isdir(resolved):
+        with open(os.path.join(resolved, "config.json")) as f:
+            return json.load(f)
+    try:
+        return _keras_hub_load_json(resolved)
+    except Exception as e:  # network, auth and missing-file errors alike
+        how = (
+            "set HF_TOKEN (and accept the model's terms on huggingface.co)"
+            if resolved.startswith("hf://")
+            else "set KAGGLE_USERNAME and KAGGLE_KEY (or ~/.kaggle/kaggle.json) "
+            "and accept the model's terms on kaggle.com"
+        )
+        raise models.PresetError(
+            f"--config.model.preset={preset!r}: could not fetch its config.json "
+            f"({type(e).__name__}: {e}); {how}, or point the preset at a local "
+            "directory holding config.json"
+        ) from e
+
+
+def backbone_kwargs(config_json: dict) -> dict:
+    """`Gemma4Backbone` constructor kwargs from either config.json format.
+
+    A KerasHub preset's config.json is `{"class_name": ..., "config": kwargs}`;
+    a Hugging Face one is mapped by KerasHub's converter (multimodal layout:
+    its `text_config`).
+    """
+    if "class_name" in config_json and "config" in config_json:
+        if "Gemma4" not in str(config_json["class_name"]):
+            raise models.PresetError(
+                f"config.json is a {config_json['class_name']}, not a Gemma 4 backbone"
+            )
+        return dict(config_json["config"])
+    return _keras_hub_convert_hf(config_json.get("text_config", config_json))
+
+
+def _kv_sources(kw: dict, is_global: list[bool]) -> dict[int, int]:
+    """Shared layer -> source layer, as `Gemma4Backbone.__init__` assigns them."""
+    n, shared = len(is_global), int(kw.get("num_kv_shared_layers") or 0)
+    first = n - shared
+    if shared <= 0:
+        return {}
+    if first == 0:  # assistant mode in KerasHub: sources 0 (local) / 1 (global)
+        return {j: int(is_global[j]) for j in range(n)}
+    out = {}
+    for j in range(first, n):
+        for k in range(first - 1, -1, -1):
+            if is_global[k] == is_global[j]:
+                out[j] = k
+                break
+    return out
+
+
+def spec_from_backbone_config(kw: dict) -> ModelSpec:
+    """The `ModelSpec` a backbone built from `kw` would give, without building it.
+
+    Mirrors `Gemma4Backbone.__init__` / `Gemma4TextDecoderBlock` /
+    `Gemma4TextAttention` (keras-hub 0.32): layer types from `layer_types` or
+    `sliding_window_pattern`, global head dim, KV-shared sources, K=V on
+    global layers when `num_global_key_value_heads` is set, double-wide MLP
+    on KV-shared layers, PLE and MoE sizes.
+
+    Example:
+      >>> kw = backbone_kwargs(read_config_json("tiny"))
+      >>> spec_from_backbone_config(kw).num_layers
+      4
+    """
+    n = int(kw["num_layers"])
+    pattern = int(kw.get("sliding_window_pattern") or 6)
+    types = kw.get("layer_types")
+    is_global = [
+        (types[i] == "full_attention") if types else (i % pattern == pattern - 1)
+        for i in range(n)
+    ]
+    sources = _kv_sources(kw, is_global)
+    use_sliding = bool(kw.get("use_sliding_window_attention", True))
+    ngkv = kw.get("num_global_key_value_heads")
+    blocks = []
+    for i in range(n):
+        g = is_global[i]
+        head = (
+            int(kw.get("global_head_dim") or kw["head_dim"])
+            if g
+            else int(kw["head_dim"])
+        )
+        k_eq_v = g and ngkv is not None
+        # KerasHub would fail on a missing partial factor; 1.0 keeps the plan going.
+        partial = (kw.get("global_rope_partial_rotary_factor") or 1.0) if g else 1.0
+        raw_rot = int(partial * head)
+        ffn = int(kw["intermediate_dim"])
+        if kw.get("use_double_wide_mlp") and i in sources:
+            ffn *= 2
+        blocks.append(
+            BlockSpec(
+                index=i,
+                is_global=g,
+                head_dim=head,
+                num_heads=int(kw["num_query_heads"]),
+                num_kv_heads=int(ngkv if k_eq_v else kw["num_key_value_heads"]),
+                sliding_window=(
+                    int(kw.get("sliding_window_size", 512))
+                    if use_sliding and not g
+                    else None
+                ),
+                rope_wavelength=float(
+                    (kw.get("global_rope_wavelength") or 1_000_000.0)
+                    if g
+                    else (kw.get("local_rope_wavelength") or 10_000.0)
+                ),
+                rope_scaling=float(
+                    kw.get(
+                        "global_rope_scaling_factor"
+                        if g
+                        else "local_rope_scaling_factor",
+                        1.0,
+                    )
+                ),
+                rotary_dim=max(2, raw_rot - raw_rot % 2),
+                kv_source=sources.get(i),
+                k_eq_v=k_eq_v,
+                ffn_dim=ffn,
+                attn_soft_cap=kw.get("attention_logit_soft_cap"),
+            )
+        )
+    return ModelSpec(
+        vocab_size=int(kw["vocabulary_size"]),
+        hidden_dim=int(kw["hidden_dim"]),
+        eps=float(kw.get("layer_norm_epsilon", 1e-6)),
+        final_soft_cap=kw.get("final_logit_soft_cap"),
+        ple_dim=int(kw.get("hidden_size_per_layer_input") or 0),
+        moe=bool(kw.get("enable_moe_block", False)),
+        num_experts=int(kw.get("num_experts") or 0),
+        top_k=int(kw.get("num_experts_per_token", 8) or 0),
+        expert_dim=int(kw.get("expert_intermediate_dim") or 0),
+        blocks=tuple(blocks),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Parameter counts and bytes.
+
+
+def _projections(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(in, out) of every frozen projection kernel the training model holds."""
+    return [
+        spec.projection_shape(b.index, t)
+        for b in spec.blocks
+        for t in ATTN_TARGETS + MLP_TARGETS
+        if spec.has_projection(b.index, t)
+    ]
+
+
+def param_counts(spec: ModelSpec, ple_vocab: int) -> dict[str, int]:
+    """Parameters of the text decoder as `Gemma4LoraModel` holds them [count].
+
+    embedding  V*D (tied with the LM head)
+    ple        V_ple*L*P + D*L*P + L*(D*P + P*D)   (PLE table, projection, gate/up)
+    attention  sum over own q, k, v, o kernels (KV-shared layers own no k/v;
+               K=V layers no v)
+    mlp        L * 3*D*F_l
+    moe        L * (3*E*D*I + D*E + D + E)   (expert banks, router, scales)
+    norms      D + P + sum_l (4D + h_l [+ h_l own k] [+ 3D moe] [+ D ple] + 1)
+               (RMSNorm scales and the per-layer scalar)
+    """
+    d, p, e, i = spec.hidden_dim, spec.ple_dim, spec.num_experts, spec.expert_dim
+    n = spec.num_layers
+    attn = mlp = 0
+    for b in spec.blocks:
+        for t in ATTN_TARGETS + MLP_TARGETS:
+            if spec.has_projection(b.index, t):
+                din, dout = spec.projection_shape(b.index, t)
+                if t in ATTN_TARGETS:
+                    attn += din * dout
+                else:
+                    mlp += din * dout
+    norms = d + (p if p else 0)
+    for b in spec.blocks:
+        norms += 4 * d + b.head_dim + (b.head_dim if b.has_kv else 0) + 1
+        norms += (3 * d if spec.moe else 0) + (d if p else 0)
+    counts = {
+        "embedding": spec.vocab_size * d,
+        "ple": (ple_vocab * n * p + d * n * p + n * 2 * d * p) if p else 0,
+        "attention": attn,
+        "mlp": mlp,
+        "moe": n * (3 * e * d * i + d * e + d + e) if spec.moe else 0,
+        "norms": norms,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def nf4_bytes(n: int, block_size: int, double_quant: bool) -> int:
+    """Bytes of one NF4 tensor of `n` weights, as `quant.NF4Kernel` stores it.
+
+    packed ceil(n/2) uint8 + per block a float32 absmax (4 B), or with double
+    quantisation a uint8 code per block + a float32 scale per 256 blocks + one
+    float32 offset: ~0.5625 B/weight plain, ~0.5159 with double quant (block 64).
+    """
+    blocks = -(-n // block_size)
+    if double_quant:
+        return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
+    return -(-n // 2) + 4 * blocks
+
+
+def _kernel_bytes(din: int, dout: int, q: dict, s: int) -> int:
+    """Bytes of one frozen (in, out) projection kernel under `quant.mode`."""
+    mode = q["mode"]
+    if mode == "nf4":
+        return nf4_bytes(din * dout, q["block_size"], q["double_quant"])
+    if mode == "int8":  # int8 kernel + float32 per-output-channel scale
+        return din * dout + 4 * dout
+    if (
+        mode == "int4"
+    ):  # Keras: packed int4 + f32 scale + int8 zero per column, f32 g_idx
+        return din * -(-dout // 2) + 5 * dout + 4 * din
+    return din * dout * s
+
+
+def base_bytes(spec: ModelSpec, ple_vocab: int, q: dict, s: int) -> dict[str, int]:
+    """Resident bytes of the frozen base [bytes].
+
+    projections  per kernel: compute dtype (s B/weight), or NF4 (`nf4_bytes`),
+                 int8 (in*out + 4*out), int4 (in*ceil(out/2) + 5*out + 4*in)
+    experts      MoE banks: NF4 per expert under nf4, else s B/weight
+                 (Keras int8/int4 apply to Dense kernels only)
+    embedding    embedding, PLE table/projection/gate/up, router, scales: s B
+    norms        RMSNorm scales in float32 (4 B); the layer scalar in s B
+    """
+    c = param_counts(spec, ple_vocab)
+    proj = sum(_kernel_bytes(a, b, q, s) for a, b in _projections(spec))
+    e, d, i, n = spec.num_experts, spec.hidden_dim, spec.expert_dim, spec.num_layers
+    experts = 0
+    if spec.moe:
+        per = nf4_bytes(d * i, q["block_size"], q["double_quant"])
+        experts = 3 * n * (e * per if q["mode"] == "nf4" else e * d * i * s)
+    moe_small = n * (d * e + d + e) if spec.moe else 0
+    out = {
+        "projections": proj,
+        "experts": experts,
+        "embedding": (c["embedding"] + c["ple"] + moe_small) * s,
+        "norms": (c["norms"] - n) * 4 + n * s,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def adapter_params(spec: ModelSpec, lora: LoraSpec) -> int:
+    """LoRA parameters: sum over sites of r * (in + out) [count]."""
+    return sum(
+        lora.rank * sum(spec.projection_shape(layer, t))
+        for layer, t in lora.sites(spec)
+    )
+
+
+def adapter_bytes(params: int, grad_accum: int) -> dict[str, int]:
+    """float32 adapter state [bytes]: weights, gradients, Keras' gradient
+    accumulators (grad_accum > 1 only) and AdamW's m and v: 4 B each."""
+    out = {
+        "weights": 4 * params,
+        "gradients": 4 * params,
+        "accumulators": 4 * params if grad_accum > 1 else 0,
+        "adamw": 8 * params,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Activations, loss temp, FLOPs.
+
+
+def _block_internal_bytes(
+    spec: ModelSpec,
+    b: BlockSpec,
+    sites: int,
+    lora_rank: int,
+    batch: int,
+    seq: int,
+    s: int,
+) -> int:
+    """Residuals one block keeps for its backward pass [bytes]."""
+    d, n_tok = spec.hidden_dim, batch * seq
+    per_tok = _RESID_D * d + _RESID_Q * b.num_heads * b.head_dim + _RESID_F * b.ffn_dim
+    if b.has_kv:
+        per_tok += _RESID_KV * b.num_kv_heads * b.head_dim
+    per_tok += sites * lora_rank  # x @ A per adapter
+    if spec.moe:  # every expert runs densely on every token: gate, up, hid, out
+        per_tok += spec.num_experts * (3 * spec.expert_dim + spec.hidden_dim) + 4 * d
+    if spec.ple_dim:
+        per_tok += 2 * spec.ple_dim + 2 * d
+    attn = batch * b.num_heads * seq * seq * (_ATTN_F32 * 4 + _ATTN_BOOL)
+    return n_tok * per_tok * s + attn
+
+
+def activation_bytes(
+    spec: ModelSpec, lora: LoraSpec, batch: int, seq: int, s: int
+) -> dict[str, int]:
+    """Activation memory of one micro-batch of `batch` x `seq` tokens [bytes].
+
+    Without remat every block keeps its residuals for the backward pass, per
+    block l and token: (6*D + 3*H*h_l + 2*kv*h_l [own K/V only] + 8*F_l
+    + r * sites_l [+ MoE E*(3*I + D) + 4*D] [+ PLE 2*P + 2*D]) * s bytes, plus
+    attention B*H*T*T*(4 float32 + 2 bool) bytes (the full square: masks are
+    applied with `where`, not by skipping blocks).
+
+    With remat each block keeps only its input: L*B*T*D*s, plus the boolean
+    [B, T, T] mask of each distinct window and the PLE inputs B*T*L*P*s; the
+    backward recomputes one block at a time, so the peak adds the largest
+    block's residuals. Both add the final hidden state B*T*D*s.
+
+    `*_saved` is what lives between forward and backward (compare with vjp
+    residuals); `*_peak` adds, with remat, one block's recomputed internals.
+    """
+    sites: dict[int, int] = {}
+    for layer, _ in lora.sites(spec):
+        sites[layer] = sites.get(layer, 0) + 1
+    internals = [
+        _block_internal_bytes(spec, b, sites.get(b.index, 0), lora.rank, batch, seq, s)
+        for b in spec.blocks
+    ]
+    n_tok, d = batch * seq, spec.hidden_dim
+    final = n_tok * d * s
+    windows = {b.sliding_window for b in spec.blocks}
+    remat_saved = (
+        spec.num_layers * n_tok * d * s
+        + len(windows) * batch * seq * seq
+        + n_tok * spec.num_layers * spec.ple_dim * s
+        + final
+    )
+    return {
+        "no_remat_saved": sum(internals) + final,
+        "remat_saved": remat_saved,
+        "remat_peak": remat_saved + max(internals),
+    }
+
+
+def loss_temp_bytes(spec: ModelSpec, micro_tokens: int, chunk: int) -> int:
+    """Chunked loss temp [bytes]: ~2 x min(chunk, tokens) x V x 4 (float32
+    logits and their gradient for one chunk)."""
+    return 2 * min(chunk, micro_tokens) * spec.vocab_size * 4
+
+
+def step_flops(
+    spec: ModelSpec,
+    lora: LoraSpec,
+    tokens: int,
+    seq: int,
+    micro_tokens: int,
+    chunk: int,
+) -> dict[str, int]:
+    """FLOPs of one optimiser step of `tokens` tokens in rows of `seq` [FLOP].
+
+    frozen     4 * T * sum P   (forward + input gradient; no weight gradient).
+               P: own projections, all MoE experts (this implementation runs
+               every expert on every token), router, PLE projection/gate/up
+    adapters   6 * T * r * sum_sites (in + out)
+    attention  12 * T * seq * H * h_l per layer (QK^T and PV on the full square)
+    lm_head    6 * T * V * D (the chunked loss recomputes the logits in the
+               backward); 4 * T * V * D when a micro-batch is one chunk (XLA
+               merges the two identical matmuls then)
+    Element-wise work (norms, RoPE, softmax, GELU) is left out.
+    """
+    d, n = spec.hidden_dim, spec.num_layers
+    frozen_p = sum(a * b for a, b in _projections(spec))
+    if spec.moe:
+        frozen_p += n * (
+            3 * spec.num_experts * d * spec.expert_dim + d * spec.num_experts
+        )
+    if spec.ple_dim:
+        frozen_p += d * n * spec.ple_dim + n * 2 * d * spec.ple_dim
+    passes = 2 if micro_tokens <= chunk else 3
+    out = {
+        "frozen": 4 * tokens * frozen_p,
+        "adapters": 6 * tokens * adapter_params(spec, lora),
+        "attention": sum(
+            12 * tokens * seq * b.num_heads * b.head_dim for b in spec.blocks
+        ),
+        "lm_head": 2 * passes * tokens * spec.vocab_size * d,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _count_records(path: str) -> int | None:
+    """Records in a local JSONL / CSV file, or None when not countable here."""
+    if not path or ":" in path.split(os.sep)[0] or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = sum(1 for line in f if line.strip())
+    return lines - 1 if path.endswith(".csv") else lines
+
+
+def optimizer_steps(config) -> int | None:
+    """Optimiser steps of the run: `train.max_steps`, or epochs x records in
+    the training split / (batch x accum); None when the data is not local.
+    Counts records before dedupe and truncation drops (an upper bound)."""
+    t = config.train
+    if t.max_steps > 0:
+        return int(t.max_steps)
+    records = _count_records(str(config.data.path))
+    if records is None:
+        return None
+    train = records * (1 - float(config.data.holdout_fraction))
+    per_step = int(t.batch_size) * int(t.grad_accum)
+    return int(t.epochs) * max(1, math.floor(train / per_step))
+
+
+# ----------------------------------------------------------------------------
+# The plan.
+
+
+def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
+    """Memory and speed estimate of a run, from its config alone.
+
+    Args:
+      config: the run's ConfigDict (`config_lib.get_config`).
+      tflops: the accelerator's dense rating in the compute dtype [TFLOP/s].
+      mfu: assumed model FLOP utilisation, in (0, 1].
+
+    Returns:
+      A JSON-serialisable dict: `model`, `params` [count], `base_bytes`,
+      `adapter_params` [count], `adapter_bytes`, `activation_bytes`,
+      `loss_temp_bytes`, `total_bytes` [bytes], `flops_per_step` [FLOP],
+      `seconds_per_step`, `tokens_per_second`, `steps`, `hours`.
+
+    Example:
+      >>> cfg = config_lib.get_config("tiny", "qlora")
+      >>> p = plan(cfg)
+      >>> p["total_bytes"] > p["base_bytes"]["total"]
+      True
+    """
+    if not 0 < mfu <= 1:
+        raise config_lib.ConfigError(f"--mfu={mfu} must be in (0, 1]")
+    if tflops <= 0:
+        raise config_lib.ConfigError(f"--tflops={tflops} must be > 0 (TFLOP/s)")
+    kw = backbone_kwargs(read_config_json(config.model.preset))
+    spec = spec_from_backbone_config(kw)
+    ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
+    lora = LoraSpec.from_config(config.lora)
+    dtype = models.compute_dtype(config.model)
+    s = _DTYPE_BYTES[dtype]
+    t = config.train
+    batch, seq, accum = (
+        int(t.batch_size),
+        int(config.data.max_length),
+        int(t.grad_accum),
+    )
+    chunk = int(t.loss_chunk_size)
+    quant = {
+        "mode": config.quant.mode,
+        "double_quant": bool(config.quant.double_quant),
+        "block_size": int(config.quant.block_size),
+    }
+    n_adapter = adapter_params(spec, lora)
+    act = activation_bytes(spec, lora, batch, seq, s)
+    base = base_bytes(spec, ple_vocab, quant, s)
+    adapters = adapter_bytes(n_adapter, accum)
+    loss = loss_temp_bytes(spec, batch * seq, chunk)
+    act_used = act["remat_peak"] if t.remat else act["no_remat_saved"]
+    tokens = batch * accum * seq
+    flops = step_flops(spec, lora, tokens, seq, batch * seq, chunk)
+    sec = flops["total"] / (tflops * 1e12 * mfu)
+    steps = optimizer_steps(config)
+    return {
+        "model": {
+            "preset": str(config.model.preset),
+            "layers": spec.num_layers,
+            "hidden_dim": spec.hidden_dim,
+            "vocab_size": spec.vocab_size,
+            "kv_shared_layers": sum(not b.has_kv for b in spec.blocks),
+            "moe": spec.moe,
+            "ple_dim": spec.ple_dim,
+            "dtype": dtype,
+        },
+        "run": {
+            "quant": quant,
+            "lora_rank": lora.rank,
+            "batch_size": batch,
+            "grad_accum": accum,
+            "max_length": seq,
+            "remat": bool(t.remat),
+            "tflops": tflops,
+            "mfu": mfu,
+        },
+        "params": param_counts(spec, ple_vocab),
+        "base_bytes": base,
+        "adapter_params": n_adapter,
+        "adapter_bytes": adapters,
+        "activation_bytes": act,
+        "loss_temp_bytes": loss,
+        "total_bytes": base["total"] + adapters["total"] + act_used + loss,
+        "flops_per_step": flops,
+        "seconds_per_step": sec,
+        "tokens_per_second": tokens / sec,
+        "steps": steps,
+        "hours": None if steps is None else steps * sec / 3600,
+    }
+
+
+def _gib(n: float) -> str:
+    """GiB, or MiB below 1 GiB so small models do not print zeros."""
+    if n < GIB:
+        return f"{n / 1024**2:8.2f} MiB"
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_plan(p: dict) -> str:
+    """The plan as an aligned text table (units in every line).
+
+    Example:
+      >>> print(format_plan(plan(config_lib.get_config("tiny", "lora"))))  # doctest: +SKIP
+    """
+    m, r = p["model"], p["run"]
+    q = r["quant"]
+    lines = [
+        f"model  {m['preset']}: {m['layers']} layers, d={m['hidden_dim']}, "
+        f"vocab {m['vocab_size']}, {m['kv_shared_layers']} KV-shared, "
+        f"moe={m['moe']}, ple={m['ple_dim']}, {m['dtype']}",
+        f"run    quant={q['mode']}{' +dq' if q['double_quant'] and q['mode'] == 'nf4' else ''}, "
+        f"rank {r['lora_rank']}, batch {r['batch_size']} x accum {r['grad_accum']} "
+        f"x {r['max_length']} tokens, remat={r['remat']}",
+        "parameters [count]",
+    ]
+    lines += [f"  {k:22s} {v:>16,}" for k, v in p["params"].items()]
+    lines.append(f"  {'lora adapters':22s} {p['adapter_params']:>16,}")
+    lines.append("memory per device")
+    lines += [f"  base {k:17s} {_gib(v)}" for k, v in p["base_bytes"].items()]
+    lines += [f"  adapter {k:14s} {_gib(v)}" for k, v in p["adapter_bytes"].items()]
+    act = p["activation_bytes"]
+    lines += [
+        f"  activations no remat  {_gib(act['no_remat_saved'])}",
+        f"  activations remat     {_gib(act['remat_peak'])} (saved {_gib(act['remat_saved']).strip()})",
+        f"  loss temp             {_gib(p['loss_temp_bytes'])}",
+        f"  TOTAL                 {_gib(p['total_bytes'])}",
+        "compute per optimiser step",
+    ]
+    lines += [
+        f"  {k:22s} {v / 1e12:12.2f} TFLOP" for k, v in p["flops_per_step"].items()
+    ]
+    lines += [
+        f"  at {r['tflops']:g} TFLOP/s x MFU {r['mfu']:g}: "
+        f"{p['seconds_per_step']:.3f} s/step, {p['tokens_per_second']:,.0f} tokens/s",
+    ]
+    if p["steps"] is not None:
+        lines.append(f"  {p['steps']:,} optimiser steps = {p['hours']:.2f} h")
+    return "\n".join(lines)
+
+
+__all__ = ["format_plan", "plan", "read_config_json", "spec_from_backbone_config"]

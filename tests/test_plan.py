@@ -1,0 +1,237 @@
+"""`plan`: the config-only spec and estimates against the real model and XLA.
+
+(a) parameter and adapter counts == `Gemma4LoraModel` variables (exact);
+(b) FLOPs per step vs XLA `cost_analysis()` of the compiled step (< 10 %);
+(c) base bytes (none / NF4 / NF4 + double quant / int8 / int4) == the real
+    model's non-trainable variable bytes, less its dropout seed state (exact);
+(d) activation residuals vs the vjp residuals of `benchmarks/remat_memory.py`
+    (< 25 %), with and without remat.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from gemma4_keras import config_lib, models, plan, tiny
+from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec, ModelSpec
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+
+VARIANTS = [
+    {},
+    {"ple": True},
+    {"kv_shared_layers": 2},
+    {"moe": True},
+    {"ple": True, "kv_shared_layers": 2, "moe": True},
+    {"layout": "conditional_generation"},
+]
+QUANTS = [
+    ("none", False),
+    ("nf4", False),
+    ("nf4", True),
+    ("int8", False),
+    ("int4", False),
+]
+
+
+def _arch(path):
+    kw = plan.backbone_kwargs(plan.read_config_json(str(path)))
+    return kw, plan.spec_from_backbone_config(kw)
+
+
+def _bytes(variables) -> int:
+    # The dropout seed (2 x uint32) is RNG state, not a weight.
+    return sum(
+        int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+        for v in variables
+        if "seed" not in v.path
+    )
+
+
+def _model(backbone, lora, mode="none", dq=False):
+    return Gemma4LoraModel.from_backbone(
+        backbone, lora, quant=mode, double_quant=dq, dtype="float32"
+    )
+
+
+LORA = LoraSpec(rank=4, targets=("q_proj", "k_proj", "v_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v) or "base")
+def test_spec_and_counts_match_the_real_model(variant):
+    path = tiny.tiny_checkpoint(**variant)
+    kw, spec = _arch(path)
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
+    assert spec == ModelSpec.from_backbone(backbone)
+    ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
+    model = _model(backbone, LORA)
+    frozen = sum(
+        int(np.prod(v.shape))
+        for v in model.non_trainable_variables
+        if "seed" not in v.path
+    )
+    assert plan.param_counts(spec, ple_vocab)["total"] == frozen
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert plan.adapter_params(spec, LORA) == trainable
+    q = {"mode": "none", "double_quant": False, "block_size": 64}
+    assert plan.base_bytes(spec, ple_vocab, q, 4)["total"] == _bytes(
+        model.non_trainable_variables
+    )
+
+
+@pytest.mark.parametrize("mode,dq", QUANTS[1:])
+def test_quantised_base_bytes_match_the_real_model(mode, dq):
+    # One variant with every feature: PLE, KV-shared layers, MoE expert banks.
+    path = tiny.tiny_checkpoint(ple=True, kv_shared_layers=2, moe=True)
+    kw, spec = _arch(path)
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
+    model = _model(backbone, LORA, mode, dq)
+    q = {"mode": mode, "double_quant": dq, "block_size": 64}
+    estimate = plan.base_bytes(spec, int(kw["vocab_size_per_layer_input"]), q, 4)
+    assert estimate["total"] == _bytes(model.non_trainable_variables)
+
+
+def test_spec_k_eq_v_and_double_wide_mlp_match_a_built_backbone():
+    kw = dict(
+        vocabulary_size=128, image_size=None, num_layers=6, num_query_heads=4,
+        num_key_value_heads=2, num_global_key_value_heads=1, hidden_dim=32,
+        intermediate_dim=64, head_dim=8, global_head_dim=16, sliding_window_size=4,
+        sliding_window_pattern=3, num_kv_shared_layers=3, use_double_wide_mlp=True,
+        global_rope_partial_rotary_factor=0.25, dtype="float32",
+    )  # fmt: skip
+    spec = plan.spec_from_backbone_config(kw)
+    assert spec == ModelSpec.from_backbone(keras_hub.models.Gemma4Backbone(**kw))
+    assert [b.k_eq_v for b in spec.blocks] == [False, False, True] * 2
+    assert [b.ffn_dim for b in spec.blocks] == [64] * 3 + [128] * 3
+
+
+def test_flops_within_10_percent_of_xla_cost_analysis():
+    import lora_flops
+
+    kw = dict(layers=2, hidden=256, ffn=1024, heads=4, kv_heads=2, head_dim=64,
+              vocab=4096, window=128)  # fmt: skip
+    backbone = lora_flops.build_backbone(**kw)
+    spec = ModelSpec.from_backbone(backbone)
+    seq = 256
+    data = jax.tree.map(jnp.asarray, lora_flops._batch(1, seq, spec.vocab_size))
+    measured = lora_flops.ours_flops(backbone, 16, data)
+    lora = LoraSpec(rank=16, alpha=32.0)
+    estimate = plan.step_flops(spec, lora, seq, seq, seq, 1024)["total"]
+    assert abs(estimate / measured - 1) < 0.10, (estimate, measured)
+
+
+def _mid_checkpoint(tmp_path) -> str:
+    cfg = tiny.tiny_hf_config(
+        hidden_size=192, intermediate_size=704, num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"], num_attention_heads=4,
+        num_key_value_heads=2, head_dim=40, global_head_dim=88, sliding_window=64,
+    )  # fmt: skip
+    src = tiny.tiny_checkpoint()
+    for f in os.listdir(src):
+        if f not in ("config.json", "model.safetensors"):
+            shutil.copy(os.path.join(src, f), tmp_path)
+    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(tiny.tiny_weights(cfg), os.path.join(tmp_path, "model.safetensors"))
+    return str(tmp_path)
+
+
+def _activation_residuals(model, batch: int, seq: int) -> int:
+    """vjp residual bytes of the train loss, as benchmarks/remat_memory.py
+    measures them, keeping only activations: leaves whose leading axis is the
+    batch (weights are residuals too, but they are counted in the base)."""
+    x = {
+        "token_ids": jnp.ones((batch, seq), "int32"),
+        "positions": jnp.tile(jnp.arange(seq, dtype="int32"), (batch, 1)),
+        "segment_ids": jnp.ones((batch, seq), "int32"),
+        "target_ids": jnp.ones((batch, seq), "int32"),
+        "loss_weights": jnp.ones((batch, seq), "float32"),
+        "loss_norm": jnp.full((1,), seq, "float32"),
+    }
+    tv = [v.value for v in model.trainable_variables]
+    fv = [v.value for v in model.non_trainable_variables]
+
+    def residuals(t):
+        def loss(t):
+            hidden, _ = model.stateless_call(t, fv, x, training=False)
+            return model.compute_loss(x=x, y_pred=hidden)
+
+        return jax.tree.leaves(jax.vjp(loss, t)[1])
+
+    shapes = jax.eval_shape(residuals, tv)
+    return sum(
+        int(np.prod(s.shape)) * s.dtype.itemsize
+        for s in shapes
+        if s.ndim and s.shape[0] == batch
+    )
+
+
+def test_activation_residuals_within_25_percent(tmp_path):
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(
+        _mid_checkpoint(tmp_path), dtype="float32"
+    )
+    lora = LoraSpec(rank=16, alpha=32.0)
+    batch, seq = 3, 200  # 3: no weight has a leading axis of 3
+    spec = ModelSpec.from_backbone(backbone)
+    est = plan.activation_bytes(spec, lora, batch, seq, 4)
+    for remat, key in ((False, "no_remat_saved"), (True, "remat_saved")):
+        model = Gemma4LoraModel.from_backbone(backbone, lora, remat=remat)
+        measured = _activation_residuals(model, batch, seq)
+        assert abs(est[key] / measured - 1) < 0.25, (remat, est[key], measured)
+    assert est["remat_saved"] < est["remat_peak"] < est["no_remat_saved"]
+
+
+def test_plan_end_to_end_and_format(tmp_path):
+    cfg = config_lib.get_config("tiny", "qlora")
+    cfg.model.dtype = "float32"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 100)
+    cfg.data.path = str(data)
+    p = plan.plan(cfg, tflops=50.0, mfu=0.5)
+    t = cfg.train
+    tokens = t.batch_size * t.grad_accum * cfg.data.max_length
+    assert p["tokens_per_second"] == pytest.approx(tokens / p["seconds_per_step"])
+    assert p["seconds_per_step"] == pytest.approx(p["flops_per_step"]["total"] / 25e12)
+    assert p["steps"] == t.epochs * (90 // (t.batch_size * t.grad_accum))
+    assert (
+        p["base_bytes"]["projections"] < p["params"]["attention"] + p["params"]["mlp"]
+    )
+    json.dumps(p)  # the CLI writes it as JSON
+    text = plan.format_plan(p)
+    assert "TOTAL" in text and "tokens/s" in text and "optimiser steps" in text
+
+
+def test_plan_rejects_bad_flags_and_unfetchable_presets(monkeypatch):
+    cfg = config_lib.get_config("tiny", "lora")
+    with pytest.raises(config_lib.ConfigError, match="--mfu"):
+        plan.plan(cfg, mfu=1.5)
+
+    def offline(preset):
+        raise OSError("no network")
+
+    monkeypatch.setattr(plan, "_keras_hub_load_json", offline)
+    name = models.known_presets()[0]
+    with pytest.raises(models.PresetError, match=f"{name}.*KAGGLE_USERNAME"):
+        plan.read_config_json(name)
+    with pytest.raises(models.PresetError, match="HF_TOKEN"):
+        plan.read_config_json("hf://google/gemma-4-E2B-it")
+
+
+def test_keras_hub_preset_config_format():
+    kw = {"vocabulary_size": 64, "num_layers": 2, "num_query_heads": 2,
+          "num_key_value_heads": 1, "hidden_dim": 16, "intermediate_dim": 32,
+          "head_dim": 8, "image_size": None}  # fmt: skip
+    wrapped = {"class_name": "Gemma4Backbone", "config": kw}
+    assert plan.backbone_kwargs(wrapped) == kw
+    spec = plan.spec_from_backbone_config(kw)
+    keras.utils.set_random_seed(0)
+    assert spec == ModelSpec.from_backbone(keras_hub.models.Gemma4Backbone(**kw))
