@@ -5,6 +5,7 @@
     gemma4-keras generate --config=configs/tiny.py --workdir=runs/tiny --prompt="..."
     gemma4-keras export   --config=configs/tiny.py --workdir=runs/tiny --format=hf --out=DIR
     gemma4-keras data     check|stats|split --config=configs/tiny.py [--out=DIR]
+    gemma4-keras plan     --config=configs/e4b_qlora.py --config.model.preset=DIR [--tflops=..]
 
 Every command takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
 overrides (the config is locked: a misspelt field is an error) and most take
@@ -44,6 +45,10 @@ flags.DEFINE_string(
     "generate: a PEFT adapter dir (default: <workdir>/adapter; 'none' = base).",
 )
 flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to generate per prompt.")
+flags.DEFINE_float(
+    "tflops", 100.0, "plan: accelerator rating in the compute dtype, TFLOP/s."
+)
+flags.DEFINE_float("mfu", 0.4, "plan: assumed model FLOP utilisation, in (0, 1].")
 flags.DEFINE_enum(
     "format", None, ["peft", "hf", "keras", "gguf"], "export: what to write."
 )
@@ -195,6 +200,19 @@ def _export(config, args) -> int:
         base_model=FLAGS.base_model,
     )
     print(f"wrote {path}")
+    return 0
+
+
+@command("plan", "estimate memory and speed of a run before starting it")
+def _plan(config, args) -> int:
+    from gemma4_keras import plan
+
+    estimate = plan.plan(config, tflops=FLAGS.tflops, mfu=FLAGS.mfu)
+    print(plan.format_plan(estimate))
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        with open(os.path.join(FLAGS.out, "plan.json"), "w") as f:
+            json.dump(estimate, f, indent=2)
     return 0
 
 

@@ -488,7 +488,8 @@ def optimizer_steps(config) -> int | None:
     t = config.train
     if t.max_steps > 0:
         return int(t.max_steps)
-    records = _count_records(str(config.data.path))
+    # An empty data.path means the sample that ships with the package.
+    records = _count_records(config_lib.data_settings(config.data)["path"])
     if records is None:
         return None
     train = records * (1 - float(config.data.holdout_fraction))
@@ -620,7 +621,8 @@ def format_plan(p: dict) -> str:
     act = p["activation_bytes"]
     lines += [
         f"  activations no remat  {_gib(act['no_remat_saved'])}",
-        f"  activations remat     {_gib(act['remat_peak'])} (saved {_gib(act['remat_saved']).strip()})",
+        f"  activations remat     {_gib(act['remat_peak'])} (peak; "
+        f"{_gib(act['remat_saved']).strip()} kept for backward)",
         f"  loss temp             {_gib(p['loss_temp_bytes'])}",
         f"  TOTAL                 {_gib(p['total_bytes'])}",
         "compute per optimiser step",

@@ -231,3 +231,23 @@ def test_bad_data_stops_before_the_model_loads_and_writes_nothing(tmp_path, caps
     line = one_error_line(capsys)
     assert f"{bad}:1:" in line
     assert not workdir.exists() or not list(workdir.iterdir())
+
+
+def test_plan_prints_memory_and_speed(tmp_path, capsys):
+    code = run_cli(
+        "plan",
+        f"--config={CONFIGS}/e4b_qlora.py:runlocal",
+        "--tflops=65",
+        f"--out={tmp_path}",
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "memory per device" in out and "at 65 TFLOP/s" in out
+    estimate = json.loads((tmp_path / "plan.json").read_text())
+    assert estimate["steps"] == 2 and estimate["model"]["layers"] == 4
+    assert estimate["total_bytes"] > estimate["base_bytes"]["total"] > 0
+
+
+def test_plan_rejects_a_bad_mfu(capsys):
+    assert run_cli("plan", f"--config={CONFIGS}/tiny.py", "--mfu=0") == 1
+    assert "--mfu" in one_error_line(capsys)
