@@ -56,15 +56,28 @@ class Size:
     max_length: int  # default training sequence length, tokens
     remat: bool  # rematerialise decoder blocks by default
     micro_batch: int  # per-device micro-batch
+    tiny: str = "tiny"  # the :runlocal stand-in with this size's architecture features
 
 
 SIZES: dict[str, Size] = {
     "tiny": Size("tiny", "tiny", "", 128, False, 8),
     "e2b": Size(
-        "gemma4_instruct_2b", "gemma4_2b", "google/gemma-4-E2B-it", 2048, True, 4
+        "gemma4_instruct_2b",
+        "gemma4_2b",
+        "google/gemma-4-E2B-it",
+        2048,
+        True,
+        4,
+        "tiny:ple,kv_shared,double_wide_mlp",
     ),
     "e4b": Size(
-        "gemma4_instruct_4b", "gemma4_4b", "google/gemma-4-E4B-it", 2048, True, 4
+        "gemma4_instruct_4b",
+        "gemma4_4b",
+        "google/gemma-4-E4B-it",
+        2048,
+        True,
+        4,
+        "tiny:ple,kv_shared",
     ),
     "26b_a4b": Size(
         "gemma4_instruct_26b_a4b",
@@ -73,9 +86,16 @@ SIZES: dict[str, Size] = {
         2048,
         True,
         2,
+        "tiny:moe,k_eq_v",
     ),
     "31b": Size(
-        "gemma4_instruct_31b", "gemma4_31b", "google/gemma-4-31B-it", 2048, True, 1
+        "gemma4_instruct_31b",
+        "gemma4_31b",
+        "google/gemma-4-31B-it",
+        2048,
+        True,
+        1,
+        "tiny:k_eq_v",
     ),
 }
 
@@ -129,6 +149,9 @@ def get_config(
     )  # KerasHub preset name, hf://org/repo, a local dir, or tiny
     c.model.dtype = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
     c.model.allow_float16 = False  # Gemma 4 overflows in float16; set True to force
+    c.model.moe_dispatch = (
+        "dense"  # MoE experts: dense (every expert) | ragged (grouped)
+    )
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16
@@ -219,8 +242,12 @@ def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
 
 
 def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
-    """Turns any config into a two-step run of the tiny model on the sample data."""
-    c.model.preset = "tiny"
+    """Turns any config into a two-step run of the tiny model on the sample data.
+
+    The tiny model carries the size's architecture features (PLE and KV
+    sharing for E2B/E4B, MoE and K=V attention for 26B-A4B, ...).
+    """
+    c.model.preset = SIZES[c.size].tiny
     c.data.path = ""
     c.data.max_length = 96
     c.train.batch_size = 2
@@ -358,6 +385,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             c.distribution.model_parallel >= 1,
             "distribution.model_parallel",
             "must be >= 1",
+        ),
+        (
+            c.model.moe_dispatch in ("dense", "ragged"),
+            "model.moe_dispatch",
+            "must be dense or ragged",
         ),
         (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
         (

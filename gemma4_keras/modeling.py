@@ -398,6 +398,7 @@ class DecoderBlock(keras.layers.Layer):
         self.extra: dict[str, keras.Variable] = {}
         self.adapters: dict[str, dict[str, LoraAdapter]] = {}
         self.active_adapter: str | None = None
+        self.moe_dispatch = "dense"  # dense | ragged (see moe_ragged)
 
     def add_norm(self, name: str, value) -> None:
         self.norms[name] = _frozen(self, name, value, "float32")
@@ -487,19 +488,54 @@ class DecoderBlock(keras.layers.Layer):
         return x, (k, v)
 
     def _moe(self, x: jax.Array) -> jax.Array:
-        """KerasHub's MoE path (router on raw x, experts on normed x), frozen."""
+        """The MoE path (router on raw x, experts on normed x), frozen."""
+        if self.moe_dispatch == "ragged":
+            return self.moe_ragged(x)
+        return self.moe_dense(x)
+
+    def moe_ragged(self, x: jax.Array) -> jax.Array:
+        """MoE with tokens grouped by expert (`jax.lax.ragged_dot`).
+
+        Each expert multiplies only the tokens routed to it: k / num_experts
+        of the dense path's expert matmuls where the backend has a grouped
+        matmul (TPU, recent GPU XLA). XLA's CPU backend expands ragged_dot
+        into a dense product over every group, which costs more than the
+        dense path, so this is opt-in (`model.moe_dispatch=ragged`).
+        """
         s, e = self.spec, self.extra
         shape = x.shape
-        xf = x.reshape(-1, shape[-1])
-        r = rms_norm(xf, None, s.eps) * jnp.asarray(shape[-1] ** -0.5, x.dtype)
-        r = r * e["router_scale"].value.astype(x.dtype)
-        probs = jax.nn.softmax(
-            (r @ e["router_proj"].value.astype(x.dtype)).astype(jnp.float32), -1
-        )
-        top_p, top_i = jax.lax.top_k(probs.astype(x.dtype), s.top_k)
-        top_p = top_p / jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(
-            top_p.dtype
-        )
+        top_p, top_i = self._route(x.reshape(-1, shape[-1]))
+        m = rms_norm(x, self.norms["pre_ffw_moe"].value, s.eps).reshape(-1, shape[-1])
+        flat = top_i.reshape(-1)  # [T*k] expert of each (token, slot)
+        order = jnp.argsort(flat, stable=True)
+        token = order // s.top_k
+        sizes = jnp.bincount(flat, length=s.num_experts).astype(jnp.int32)
+        xs = m[token]
+        gate = jax.lax.ragged_dot(xs, self._bank("experts_gate", x.dtype), sizes)
+        up = jax.lax.ragged_dot(xs, self._bank("experts_up", x.dtype), sizes)
+        hid = gelu_tanh(gate.astype(jnp.float32)).astype(x.dtype) * up
+        out = jax.lax.ragged_dot(hid, self._bank("experts_down", x.dtype), sizes)
+        scale = e["expert_scale"].value.astype(x.dtype)[flat[order]]
+        weight = top_p.reshape(-1)[order] * scale
+        y = jnp.zeros_like(m).at[token].add(out * weight[:, None])
+        return rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
+
+    def _route(self, xf: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Top-k expert probabilities (renormalised) and indices, [T, k] each."""
+        s, e = self.spec, self.extra
+        r = rms_norm(xf, None, s.eps) * jnp.asarray(xf.shape[-1] ** -0.5, xf.dtype)
+        r = r * e["router_scale"].value.astype(xf.dtype)
+        logits = (r @ e["router_proj"].value.astype(xf.dtype)).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, -1)
+        top_p, top_i = jax.lax.top_k(probs.astype(xf.dtype), s.top_k)
+        denom = jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
+        return top_p / denom, top_i
+
+    def moe_dense(self, x: jax.Array) -> jax.Array:
+        """KerasHub's dense MoE: every expert on every token, one batched einsum."""
+        s, e = self.spec, self.extra
+        shape = x.shape
+        top_p, top_i = self._route(x.reshape(-1, shape[-1]))
         dispatch = jnp.sum(
             jax.nn.one_hot(top_i, s.num_experts, dtype=top_p.dtype) * top_p[..., None],
             axis=1,
@@ -569,6 +605,7 @@ class Gemma4LoraModel(keras.Model):
         remat: bool = False,
         loss_chunk_size: int = 1024,
         dtype=None,
+        moe_dispatch: str = "dense",
     ) -> Gemma4LoraModel:
         """Copies the text weights out of a KerasHub `Gemma4Backbone`."""
         from gemma4_keras import weights as weights_lib
@@ -591,6 +628,8 @@ class Gemma4LoraModel(keras.Model):
         # Every variable exists now; marking the model built lets
         # `stateless_call` (the jitted train step) run without an eager call.
         model.built = True
+        for blk in model.blocks:
+            blk.moe_dispatch = moe_dispatch
         if lora is not None:
             model.add_adapter("default", lora)
         return model

@@ -29,6 +29,28 @@ def known_presets() -> list[str]:
     return sorted(keras_hub.models.Gemma4Backbone.presets)
 
 
+TINY_FEATURES = ("ple", "kv_shared", "moe", "k_eq_v", "double_wide_mlp")
+
+
+def tiny_variant(preset: str) -> dict:
+    """`tiny:ple,kv_shared` -> the `tiny_checkpoint` switches it names.
+
+    >>> tiny_variant("tiny:moe,k_eq_v")
+    {'moe': True, 'k_eq_v': True}
+    """
+    names = [n.strip() for n in preset.partition(":")[2].split(",") if n.strip()]
+    unknown = [n for n in names if n not in TINY_FEATURES]
+    if unknown:
+        raise PresetError(
+            f"--config.model.preset={preset!r}: unknown tiny feature(s) {unknown}; "
+            f"known: {', '.join(TINY_FEATURES)}"
+        )
+    return {
+        ("kv_shared_layers" if n == "kv_shared" else n): 2 if n == "kv_shared" else True
+        for n in names
+    }
+
+
 def resolve_preset(preset: str) -> str:
     """Checks `preset` and returns what KerasHub's `from_preset` should get.
 
@@ -36,10 +58,10 @@ def resolve_preset(preset: str) -> str:
     known names for a misspelt preset.
     """
     preset = str(preset).strip()
-    if preset == "tiny":
+    if preset == "tiny" or preset.startswith("tiny:"):
         from gemma4_keras.tiny import tiny_checkpoint
 
-        return str(tiny_checkpoint())
+        return str(tiny_checkpoint(**tiny_variant(preset)))
     if preset.startswith(("hf://", "kaggle://", "gs://")):
         return preset
     if os.path.sep in preset or preset.startswith(".") or os.path.exists(preset):
@@ -143,6 +165,7 @@ def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg)
         remat=bool(train_cfg.remat),
         loss_chunk_size=int(train_cfg.loss_chunk_size),
         dtype=dtype,
+        moe_dispatch=str(model_cfg.moe_dispatch),
     )
 
 

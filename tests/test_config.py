@@ -32,8 +32,23 @@ def test_every_config_loads_and_validates(path, arg):
     config = load_config_file(path, arg)
     config_lib.validate(config)
     if arg == "runlocal":
-        assert config.model.preset == "tiny"
+        assert config.model.preset == config_lib.SIZES[config.size].tiny
+        assert config.model.preset.startswith("tiny")
         assert config.train.max_steps == 2
+
+
+@pytest.mark.parametrize(
+    "size, features",
+    [
+        ("e2b", {"ple", "kv_shared", "double_wide_mlp"}),
+        ("e4b", {"ple", "kv_shared"}),
+        ("26b_a4b", {"moe", "k_eq_v"}),
+        ("31b", {"k_eq_v"}),
+    ],
+)
+def test_runlocal_keeps_the_sizes_architecture_features(size, features):
+    preset = config_lib.get_config(size, "qlora", "runlocal").model.preset
+    assert set(preset.partition(":")[2].split(",")) == features
 
 
 def test_guide_defaults():
