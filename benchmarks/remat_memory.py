@@ -12,9 +12,7 @@ from `model.stateless_call` + `model.compute_loss` for batch 1. Prints XLA's
 """
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import tempfile
 
@@ -24,7 +22,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 
 import gemma4_keras  # noqa: E402,F401  (selects the JAX backend before keras loads)
 from gemma4_keras import tiny  # noqa: E402
@@ -41,13 +38,7 @@ def write_checkpoint(path: str, layers: int, dim: int) -> None:
         head_dim=dim // 8,
         global_head_dim=dim // 4,
     )
-    src = tiny.tiny_checkpoint()
-    for f in os.listdir(src):
-        if f not in ("config.json", "model.safetensors"):
-            shutil.copy(os.path.join(src, f), path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    save_file(tiny.tiny_weights(config), os.path.join(path, "model.safetensors"))
+    tiny.write_checkpoint(path, config)
 
 
 def temp_bytes(backbone, remat: bool, seq: int) -> tuple[int, int]:

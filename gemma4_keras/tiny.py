@@ -627,10 +627,6 @@ def write_tiny_checkpoint(
     >>> sorted(p.name for p in d.iterdir())[:2]
     ['config.json', 'generation_config.json']
     """
-    from safetensors.numpy import save_file
-
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = tiny_hf_config(
         ple=ple,
         kv_shared_layers=kv_shared_layers,
@@ -639,6 +635,21 @@ def write_tiny_checkpoint(
         double_wide_mlp=double_wide_mlp,
         layout=layout,
     )
+    return write_checkpoint(path, config, seed=seed)
+
+
+def write_checkpoint(
+    path: str | os.PathLike, config: dict, *, seed: int = 0
+) -> pathlib.Path:
+    """Writes any Gemma 4 `config` with seeded random weights and the tiny tokenizer.
+
+    Benchmarks use it for mid-size shapes, e.g.
+    `write_checkpoint(d, tiny_hf_config(hidden_size=512, intermediate_size=2048))`.
+    """
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     _dump_json(path / "config.json", config)
     # transformers refuses safetensors files without format metadata.
     save_file(

@@ -10,7 +10,6 @@
 
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -19,7 +18,6 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from gemma4_keras import config_lib, models, plan, tiny
 from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec, ModelSpec
@@ -135,13 +133,7 @@ def _mid_checkpoint(tmp_path) -> str:
         layer_types=["sliding_attention", "full_attention"], num_attention_heads=4,
         num_key_value_heads=2, head_dim=40, global_head_dim=88, sliding_window=64,
     )  # fmt: skip
-    src = tiny.tiny_checkpoint()
-    for f in os.listdir(src):
-        if f not in ("config.json", "model.safetensors"):
-            shutil.copy(os.path.join(src, f), tmp_path)
-    with open(os.path.join(tmp_path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    save_file(tiny.tiny_weights(cfg), os.path.join(tmp_path, "model.safetensors"))
+    tiny.write_checkpoint(tmp_path, cfg)
     return str(tmp_path)
 
 
