@@ -272,7 +272,15 @@ def test_keras_hub_causal_lm_loads(name, checkpoints, keras_hub):
     assert ids == [tiny.BOS_ID, tiny.TURN_START_ID]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="transformers 5.24 bug")
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason=(
+        "transformers 5.24 bug: Gemma4TextModel slices per_layer_inputs=None on "
+        "KV-shared layers of a model without PLE; strict, so this fails (and is "
+        "removed) once transformers fixes it"
+    ),
+)
 def test_transformers_kv_sharing_without_ple_default_forward(checkpoints, transformers):
     """Tracks the bug the parity test works around; fails once it is fixed."""
     import torch
