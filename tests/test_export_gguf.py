@@ -6,7 +6,15 @@ import os
 import gguf
 import numpy as np
 import pytest
-from export_fixtures import config_for, fake_workdir, trained_model, variant_preset
+from export_fixtures import (
+    TOKENS,
+    config_for,
+    fake_workdir,
+    keras_logits,
+    rel_err,
+    trained_model,
+    variant_preset,
+)
 
 from gemma4_keras.export import commands, hf
 from gemma4_keras.export.hf import ExportError
@@ -105,10 +113,11 @@ def test_tokenizer(q8):
         assert tokens[i] == piece
     assert _field(reader, "tokenizer.ggml.bos_token_id") == 2
     assert _field(reader, "tokenizer.ggml.eos_token_id") == 1
-    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.model") == "gemma4"
+    assert len(_field(reader, "tokenizer.ggml.merges")) == len(tok["model"]["merges"])
 
 
-def test_moe_f16_with_folded_scales(tmp_path_factory):
+def test_moe_f16_with_separate_scales(tmp_path_factory):
     _, model, _, reader = _export(tmp_path_factory, "f16", moe=True)
     names = {t.name for t in reader.tensors}
     assert {
@@ -119,16 +128,39 @@ def test_moe_f16_with_folded_scales(tmp_path_factory):
     assert _field(reader, "gemma4.expert_count") == 4
     merged = hf.merged_state_dict(model)
     p = "model.layers.0."
-    want = (
-        merged[p + "experts.down_proj"]
-        * merged[p + "router.per_expert_scale"][:, None, None]
+    for name, key in (
+        ("blk.0.ffn_down_exps.weight", "experts.down_proj"),
+        ("blk.0.ffn_gate_inp.weight", "router.proj.weight"),
+        ("blk.0.ffn_gate_inp.scale", "router.scale"),
+        ("blk.0.ffn_down_exps.scale", "router.per_expert_scale"),
+    ):
+        np.testing.assert_allclose(
+            _tensor(reader, name), merged[p + key], rtol=1e-3, atol=1e-4
+        )
+
+
+def test_llama_cpp_logits_match_keras(tmp_path_factory):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp",
+        reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; compiles llama.cpp)",
     )
-    got = _tensor(reader, "blk.0.ffn_down_exps.weight")
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
-    want = merged[p + "router.proj.weight"] * merged[p + "router.scale"][None, :]
-    np.testing.assert_allclose(
-        _tensor(reader, "blk.0.ffn_gate_inp.weight"), want, rtol=1e-3, atol=1e-4
+    _, model, out, reader = _export(tmp_path_factory, "f32")
+    assert _field(reader, "gemma4.embedding_length_per_layer_input") == 0
+    freqs = _tensor(reader, "rope_freqs.weight")
+    assert freqs.shape == (16,) and (freqs[:4] == 1).all() and (freqs[4:] > 1e29).all()
+    llm = llama_cpp.Llama(
+        model_path=os.path.join(out, "model-f32.gguf"),
+        logits_all=True,
+        n_ctx=64,
+        verbose=False,
     )
+    tokens = [int(t) for t in np.asarray(TOKENS).reshape(-1)]
+    llm.eval(tokens)
+    got = np.array(llm.scores[: len(tokens)])
+    want = np.asarray(keras_logits(model, np.asarray(tokens)[None]))[0]
+    # ggml's CPU GELU goes through an f16 table, hence ~1e-3 rather than ~1e-6.
+    assert rel_err(got, want) < 5e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_q4_k_m_needs_llama_cpp(tmp_path):

@@ -3,11 +3,10 @@
 Needs the optional extra: `pip install gemma4-keras[gguf]`.
 
 The tensors are the merged HF export's (`hf.merged_state_dict`), renamed
-with gguf's own `TensorNameMap` for the GEMMA4 architecture. Two MoE tensors
-the map has no name for are folded, exactly, into mapped ones:
-`router.scale` (per hidden dim, applied before the router projection) into
-`ffn_gate_inp`, and `router.per_expert_scale` (per expert, applied to the
-expert output) into `ffn_down_exps`.
+with gguf's own `TensorNameMap` for the GEMMA4 architecture. The two MoE
+scales the map has no name for are written as llama.cpp's converter writes
+them: `blk.N.ffn_gate_inp.scale` and `blk.N.ffn_down_exps.scale`. A
+`rope_freqs.weight` tensor carries the full layers' proportional RoPE.
 
 Types: `f32`, `f16`, `bf16`, `q8_0` (1-D tensors, i.e. norms and layer
 scalars, always stay f32, and a matrix whose rows are not a multiple of 32
@@ -19,10 +18,10 @@ Metadata follows the `{arch}.*` keys gguf's `GGUFWriter` offers for Gemma
 models (context/embedding/feed-forward lengths, head counts, key/value
 lengths for full and sliding layers, RoPE bases and dimensions,
 sliding-window pattern, shared KV layers, per-layer-input width, experts,
-final logit soft-cap) and a SentencePiece-style vocabulary built from
-tokenizer.json. Whether llama.cpp's Gemma 4 loader accepts every key as
-written is NOT verified here (no llama.cpp on these machines); see
-docs/deploy.md.
+final logit soft-cap) and llama.cpp's `gemma4` BPE vocabulary (tokens and
+merges) built from tokenizer.json. llama.cpp (llama-cpp-python 0.3.36) loads
+the tiny dense f32 export and matches its logits (tests/test_export_gguf.py);
+MoE and PLE exports are not yet checked against llama.cpp; see docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -69,22 +68,23 @@ def check_type(gguf_type: str) -> None:
 def gguf_tensors(
     hf_tensors: dict[str, np.ndarray], num_layers: int
 ) -> dict[str, np.ndarray]:
-    """Renames merged HF tensors to GGUF names (float32), folding MoE scales."""
+    """Renames merged HF tensors to GGUF names (float32)."""
     gguf = _import_gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, num_layers)
     t = {
         re.sub(r"^model\.language_model\.", "model.", k): v
         for k, v in hf_tensors.items()
     }
+    extra = {}
     for key in [k for k in t if k.endswith("router.scale")]:
+        # llama.cpp's Gemma 4 graph applies both MoE scales itself, as separate
+        # tensors: `ffn_gate_inp.scale` (per hidden dim, before the router
+        # projection) and `ffn_down_exps.scale` (per expert, on the expert output).
         layer = key[: -len("router.scale")]
-        # router: (rms(x) * d^-0.5 * scale) @ proj.T == rms(x) * d^-0.5 @ (proj * scale).T
-        t[layer + "router.proj.weight"] = (
-            t[layer + "router.proj.weight"] * t.pop(key)[None, :]
-        )
-        scale = t.pop(layer + "router.per_expert_scale")
-        t[layer + "experts.down_proj"] = (
-            t[layer + "experts.down_proj"] * scale[:, None, None]
+        bid = int(re.search(r"\.layers\.(\d+)\.", key).group(1))
+        extra[f"blk.{bid}.ffn_gate_inp.scale"] = t.pop(key)
+        extra[f"blk.{bid}.ffn_down_exps.scale"] = t.pop(
+            layer + "router.per_expert_scale"
         )
     out = {}
     for key, value in t.items():
@@ -97,7 +97,22 @@ def gguf_tensors(
         # llama.cpp loads every tensor as `<name>.weight`; HF's expert banks and
         # layer_scalar carry no suffix, so the map returns the bare name.
         out[name if name.endswith((".weight", ".bias")) else name + ".weight"] = value
-    return out
+    return {**out, **extra}
+
+
+def rope_freqs(spec) -> np.ndarray | None:
+    """`rope_freqs.weight` for the full-attention layers' proportional RoPE.
+
+    llama.cpp rotates all `head_dim` dims of a full layer (NeoX style) and
+    divides each frequency by this factor: 1 for the first `rotary_dim / 2`
+    frequencies (exponents over head_dim, as in `modeling.apply_rope`), 1e30
+    for the rest, which makes their angle 0, i.e. no rotation (NoPE).
+    """
+    full = [b for b in spec.blocks if b.sliding_window is None]
+    if not full:
+        return None
+    half, half_rot = full[0].head_dim // 2, full[0].rotary_dim // 2
+    return np.array([1.0] * half_rot + [1e30] * (half - half_rot), np.float32)
 
 
 def _encode(gguf, value: np.ndarray, gguf_type: str):
@@ -141,7 +156,9 @@ def add_metadata(writer, text: dict, spec) -> None:
     writer.add_layer_norm_rms_eps(spec.eps)
     writer.add_rope_freq_base(full[0].rope_wavelength)
     writer.add_rope_freq_base_swa(local[0].rope_wavelength)
-    writer.add_rope_dimension_count(full[0].rotary_dim)
+    # Full layers rotate with n_rot = head_dim plus `rope_freqs` (see
+    # `rope_freqs`), which parks the NoPE dims; sliding layers rotate rotary_dim.
+    writer.add_rope_dimension_count(full[0].head_dim)
     writer.add_rope_dimension_count_swa(local[0].rotary_dim)
     if local[0].sliding_window is not None:
         writer.add_sliding_window(local[0].sliding_window)
@@ -149,8 +166,8 @@ def add_metadata(writer, text: dict, spec) -> None:
     writer.add_shared_kv_layers(int(text.get("num_kv_shared_layers") or 0))
     if spec.final_soft_cap:
         writer.add_final_logit_softcapping(spec.final_soft_cap)
-    if spec.ple_dim:
-        writer.add_embedding_length_per_layer_input(spec.ple_dim)
+    # llama.cpp requires the key; 0 means no per-layer embeddings.
+    writer.add_embedding_length_per_layer_input(int(spec.ple_dim or 0))
     if spec.moe:
         writer.add_expert_count(spec.num_experts)
         writer.add_expert_used_count(spec.top_k)
@@ -190,8 +207,8 @@ def add_tokenizer(writer, tokenizer_json: dict, tokenizer_cfg: dict | None) -> N
         else:
             types[i] = tt.NORMAL
             scores[i] = -float(rank.get(piece, len(merges) + 1))
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    # llama.cpp's Gemma 4 vocabulary: BPE over these pieces with the merges.
+    writer.add_tokenizer_model("gemma4")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -201,6 +218,8 @@ def add_tokenizer(writer, tokenizer_json: dict, tokenizer_cfg: dict | None) -> N
             getattr(writer, f"add_{what}_token_id")(vocab[piece])
     if "<turn|>" in vocab:  # stop on end of turn as well as eos
         writer.add_eot_token_id(vocab["<turn|>"])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_add_space_prefix(False)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     template = (tokenizer_cfg or {}).get("chat_template")
@@ -263,9 +282,11 @@ def write_gguf(
     writer.add_file_type(_file_type(gguf, gguf_type))
     add_metadata(writer, text, model.spec)
     add_tokenizer(writer, tok, tok_cfg)
-    for name, value in sorted(
-        gguf_tensors(hf.merged_state_dict(model), model.spec.num_layers).items()
-    ):
+    tensors = gguf_tensors(hf.merged_state_dict(model), model.spec.num_layers)
+    freqs = rope_freqs(model.spec)
+    if freqs is not None:
+        tensors["rope_freqs.weight"] = freqs
+    for name, value in sorted(tensors.items()):
         data, raw = _encode(gguf, value, gguf_type)
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
