@@ -22,22 +22,9 @@ PLANTED = f"{DATA}/planted.jsonl"
 
 
 def _cfg(path=PLANTED, **kwargs):
-    fields = {
-        "path": path,
-        "format": "auto",
-        "fields": {},
-        "on_error": "raise",
-        "system_prompt": "",
-        "tfds_data_dir": "",
-        "eval_path": "",
-        "dedupe": True,
-        "holdout_fraction": 0.25,
-        "seed": 0,
-        "train_on": "last_model_turn",
-        "max_length": 64,
-        "truncation": "drop",
-        "enable_thinking": False,
-    }
+    from gemma4_keras.data.commands import DEFAULTS
+
+    fields = dict(DEFAULTS, path=path, holdout_fraction=0.25, max_length=64)
     fields.update(kwargs)
     return ml_collections.ConfigDict(fields)
 
