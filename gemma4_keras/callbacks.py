@@ -114,7 +114,6 @@ class Progress(keras.callbacks.Callback):
             f"lr={logs.get('learning_rate', float('nan')):.2e} {tok_s:.0f} tok/s "
             f"eta {_hms(eta)}"
         )
-        logging.info("%s", line)
         print(line, flush=True)
 
 

@@ -28,6 +28,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import gemma4_keras  # noqa: E402,F401  (selects the JAX backend first)
+from gemma4_keras import _quiet  # noqa: E402
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -255,8 +256,14 @@ def _tokenizer(config):
 
 
 def _quiet_libraries(record) -> bool:
-    """Keeps Orbax's per-save INFO chatter out of the run log (warnings pass)."""
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    """Only the package's own INFO lines; every library's warnings pass.
+
+    (Drops e.g. Orbax's per-save lines and JAX's "Unable to initialize
+    backend 'tpu'" on machines without one.)
+    """
+    warning = 30  # the standard library's level (absl's WARNING is -1)
+    own = f"{os.sep}gemma4_keras{os.sep}" in record.pathname
+    return record.levelno >= warning or own
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
+    _quiet.start_libraries()
     try:
         config = _CONFIG.value
         if config is None:

@@ -123,7 +123,10 @@ def load_tokenizer(preset: str):
     """KerasHub `Gemma4Tokenizer` for a resolved preset."""
     import keras_hub
 
-    return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
+    from gemma4_keras import _quiet
+
+    with _quiet.filtered_stderr():  # SentencePiece's "identity normalization"
+        return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
 
 
 @contextlib.contextmanager

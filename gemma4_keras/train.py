@@ -417,6 +417,7 @@ def fit(
         validation_steps=val_steps or None,
         validation_freq=every,
         callbacks=callbacks,
+        shuffle=False,  # the stream is shuffled by seed (resumable); Keras can't
         verbose=0,
     )
 

@@ -2,11 +2,10 @@
 
 import ml_collections
 import pytest
+import tensorflow_datasets as tfds
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from gemma4_keras.data import DataError, load_conversations  # noqa: E402
-from gemma4_keras.data.tfds_reader import parse_tfds_path  # noqa: E402
+from gemma4_keras.data import DataError, load_conversations
+from gemma4_keras.data.tfds_reader import parse_tfds_path
 
 CHATS = [
     {

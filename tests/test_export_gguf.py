@@ -3,8 +3,8 @@
 import json
 import os
 
-import gguf
 import numpy as np
+import oracles
 import pytest
 from export_fixtures import (
     TOKENS,
@@ -18,6 +18,8 @@ from export_fixtures import (
 
 from gemma4_keras.export import commands, hf
 from gemma4_keras.export.hf import ExportError
+
+gguf = oracles.need("gguf")
 
 
 def _export(tmp_path_factory, gguf_type, **variant):

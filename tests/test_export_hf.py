@@ -4,9 +4,8 @@ import json
 import os
 
 import numpy as np
+import oracles
 import pytest
-import torch
-import transformers
 from export_fixtures import (
     TOKENS,
     config_for,
@@ -19,6 +18,9 @@ from export_fixtures import (
 from safetensors.numpy import load_file
 
 from gemma4_keras.export import commands
+
+torch = oracles.need("torch")
+transformers = oracles.need("transformers")
 
 VARIANTS = {
     "default": {},

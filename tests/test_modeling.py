@@ -8,6 +8,7 @@ import functools
 import jax
 import keras_hub
 import numpy as np
+import oracles
 import pytest
 
 from gemma4_keras import losses, modeling, tiny
@@ -93,8 +94,8 @@ def test_spec_reads_k_eq_v_and_double_wide_mlp():
 
 
 def test_logits_match_transformers():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = oracles.need("torch")
+    transformers = oracles.need("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tiny.tiny_checkpoint(), dtype=torch.float32
     ).eval()

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import functools
 
+import keras_hub
 import numpy as np
+import oracles
 import pytest
 
-peft = pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from gemma4_keras import modeling, tiny
+from gemma4_keras.export import peft as peft_lib
 
-import keras_hub  # noqa: E402
-
-from gemma4_keras import modeling, tiny  # noqa: E402
-from gemma4_keras.export import peft as peft_lib  # noqa: E402
+# Every test here compares with PEFT on transformers: without them the module
+# is skipped (or, under --require-oracles, the session never starts).
+peft = oracles.need("peft")
+torch = oracles.need("torch")
+transformers = oracles.need("transformers")
 
 BASE_TOL = 1e-4  # cross-framework float32 floor, with margin
 EFFECT_TOL = 1e-3

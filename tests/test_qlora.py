@@ -8,12 +8,10 @@ import functools
 import jax
 import keras_hub
 import numpy as np
+import oracles
 import pytest
 
 from gemma4_keras import lora, losses, modeling, tiny
-
-bnb = pytest.importorskip("bitsandbytes")
-torch = pytest.importorskip("torch")
 
 SEQ = 20
 
@@ -58,13 +56,15 @@ def sites(model):
 
 
 def bnb_roundtrip(w_hf: np.ndarray, double_quant: bool) -> np.ndarray:
-    packed, state = bnb.functional.quantize_4bit(
+    """bitsandbytes' NF4 quantise + dequantise (the oracle)."""
+    torch, bnb = oracles.need("torch"), oracles.need("bitsandbytes.functional")
+    packed, state = bnb.quantize_4bit(
         torch.from_numpy(w_hf),
         blocksize=64,
         quant_type="nf4",
         compress_statistics=double_quant,
     )
-    return bnb.functional.dequantize_4bit(packed, state).numpy()
+    return bnb.dequantize_4bit(packed, state).numpy()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["nf4", "nf4_dq"])

@@ -9,41 +9,56 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import oracles
 import pytest
 
 from gemma4_keras import quant
 
-torch = pytest.importorskip("torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
-bnb_default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+def _torch():
+    return oracles.need("torch")
+
+
+def _bnb():
+    """bitsandbytes' public functional API (the oracle)."""
+    return oracles.need("bitsandbytes.functional")
 
 
 def _bnb_quantize(w: np.ndarray, double_quant: bool):
     """bitsandbytes' packed codes and quant state for a numpy tensor."""
-    tensor = torch.from_numpy(np.asarray(w, np.float32)).to(TORCH_DTYPES[str(w.dtype)])
-    return bnb_functional.quantize_4bit(
+    torch = _torch()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    tensor = torch.from_numpy(np.asarray(w, np.float32)).to(dtypes[str(w.dtype)])
+    return _bnb().quantize_4bit(
         tensor, blocksize=64, quant_type="nf4", compress_statistics=double_quant
     )
 
 
-def _bnb_generic_dequantize(packed, state) -> np.ndarray:
-    """bitsandbytes' reference (non-SIMD) dequantisation, flat blocks.
+def _bnb_flat_dequantize(packed, state) -> np.ndarray:
+    """NF4 dequantisation from bitsandbytes' own codes, scales and codebook.
 
-    bitsandbytes 0.50's AVX-512 CPU kernel indexes absmax per row, which is
-    wrong when the last dimension is even but not a multiple of the block
-    (e.g. (2, 96)): it then disagrees with its own quantiser and its CUDA and
-    generic kernels. For such shapes we compare with the generic kernel.
+    Every factor comes from bitsandbytes' public API (its packed nibbles, its
+    absmax, undone with its `dequantize_blockwise` for double quant, its NF4
+    codebook); only the definition `code[nibble] * absmax[block]` (float32,
+    then cast) is written here. bitsandbytes 0.50's AVX-512 CPU kernel
+    indexes absmax per row, which is wrong when the last dimension is even
+    but not a multiple of the block (e.g. (2, 96)): it then disagrees with
+    its own quantiser and its CUDA kernel, so such shapes are checked only
+    against this.
     """
+    bnb = _bnb()
     absmax = state.absmax
     if state.nested:
-        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2)
-        absmax = (absmax + state.offset).float()
-    compute = bnb_default_ops._dequantize_4bit_compute.__wrapped__  # no torch.compile
-    code = bnb_functional.get_4bit_type("nf4", device="cpu")
-    out = compute(packed.reshape(-1), absmax, code, 64, state.shape, state.dtype)
-    return out.float().numpy()
+        absmax = bnb.dequantize_blockwise(state.absmax, state.state2)
+        absmax = absmax + state.offset
+    absmax = absmax.float().numpy()
+    code = bnb.get_4bit_type("nf4", device="cpu").float().numpy()
+    codes = packed.numpy().reshape(-1)
+    nibbles = np.stack([codes >> 4, codes & 15], axis=-1).reshape(-1)
+    n = int(np.prod(state.shape))
+    flat = code[nibbles[:n]] * np.repeat(absmax, 64)[:n]
+    torch = _torch()
+    return torch.from_numpy(flat).to(state.dtype).float().numpy()
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -51,13 +66,13 @@ def _to_numpy(x) -> np.ndarray:
 
 
 def test_nf4_codebook_is_bnb():
-    expected = bnb_functional.get_4bit_type("nf4", device="cpu").numpy()
+    expected = _bnb().get_4bit_type("nf4", device="cpu").numpy()
     assert quant.NF4_CODEBOOK.dtype == np.float32
     np.testing.assert_array_equal(quant.NF4_CODEBOOK, expected)
 
 
 def test_dynamic_8bit_codebook_is_bnb():
-    expected = bnb_functional.create_dynamic_map().numpy()
+    expected = _bnb().create_dynamic_map().numpy()
     np.testing.assert_array_equal(quant.DYNAMIC_8BIT_CODEBOOK, expected)
 
 
@@ -101,21 +116,21 @@ def test_matches_bitsandbytes(shape, bnb_cpu_ok, dtype, double_quant):
     nf4 = jax.jit(quant.nf4_dequantize, static_argnames="dtype")(q, dtype=dtype)
     assert nf4.shape == shape and nf4.dtype == jnp.dtype(dtype)
     ours = _to_numpy(nf4).reshape(-1)
-    np.testing.assert_array_equal(ours, _bnb_generic_dequantize(packed, state).ravel())
+    np.testing.assert_array_equal(ours, _bnb_flat_dequantize(packed, state).ravel())
     if bnb_cpu_ok:
-        public = bnb_functional.dequantize_4bit(packed, state).float().numpy()
+        public = _bnb().dequantize_4bit(packed, state).float().numpy()
         np.testing.assert_array_equal(ours, public.reshape(-1))
 
 
 def test_float16_input_matches_bitsandbytes():
     w = (np.random.default_rng(3).standard_normal((40, 72)) * 0.1).astype(np.float16)
-    packed, state = bnb_functional.quantize_4bit(
-        torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True
+    packed, state = _bnb().quantize_4bit(
+        _torch().from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True
     )
     q = quant.nf4_quantize(w, double_quant=True)
     np.testing.assert_array_equal(q.packed, packed.numpy().reshape(-1))
     ours = np.asarray(quant.nf4_dequantize(q, dtype="float16"))
-    expected = bnb_functional.dequantize_4bit(packed, state).numpy()
+    expected = _bnb().dequantize_4bit(packed, state).numpy()
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -152,9 +167,7 @@ def test_absmax_8bit_codes_match_bnb_at_bin_edges():
     body[: grid.size] = grid
     x = np.concatenate([np.ones((n_blocks, 1), np.float32), body.reshape(-1, 255)], 1)
     x = x.reshape(-1)
-    expected, state = bnb_functional.quantize_blockwise(
-        torch.from_numpy(x), blocksize=256
-    )
+    expected, state = _bnb().quantize_blockwise(_torch().from_numpy(x), blocksize=256)
     codes, scales = quant._quantize_8bit_blockwise(x)
     np.testing.assert_array_equal(scales, state.absmax.numpy())
     np.testing.assert_array_equal(codes, expected.numpy())
@@ -163,7 +176,7 @@ def test_absmax_8bit_codes_match_bnb_at_bin_edges():
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 31, 33, 64, 100, 255, 1000, 4097, 20000])
 def test_offset_sum_order_matches_torch(n):
     x = np.abs(np.random.default_rng(n).standard_normal(n)).astype(np.float32)
-    assert quant._torch_float32_sum(x) == torch.from_numpy(x).sum().numpy()
+    assert quant._torch_float32_sum(x) == _torch().from_numpy(x).sum().numpy()
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
@@ -179,7 +192,7 @@ def test_expert_bank_per_expert_matches_bnb_per_expert(double_quant):
     for e in range(3):
         packed, state = _bnb_quantize(bank[e], double_quant)
         np.testing.assert_array_equal(q.packed[e], packed.numpy().reshape(-1))
-        expected = bnb_functional.dequantize_4bit(packed, state).numpy()
+        expected = _bnb().dequantize_4bit(packed, state).numpy()
         np.testing.assert_array_equal(full[e], expected)
 
     taken = jax.jit(quant.nf4_dequantize)(quant.nf4_take(q, jnp.array([2, 0])))

@@ -8,6 +8,7 @@ import collections
 import json
 
 import numpy as np
+import oracles
 import pytest
 
 from gemma4_keras import datasets, tiny
@@ -72,7 +73,7 @@ def keras_hub():
 
 @pytest.fixture(scope="module")
 def transformers():
-    transformers = pytest.importorskip("transformers")
+    transformers = oracles.need("transformers")
     transformers.logging.set_verbosity_error()
     return transformers
 
