@@ -220,7 +220,9 @@ def add_tokenizer(writer, tokenizer_json: dict, tokenizer_cfg: dict | None) -> N
         writer.add_eot_token_id(vocab["<turn|>"])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_add_space_prefix(False)
-    writer.add_add_bos_token(True)
+    # As the official Gemma 4 -it tokenizer: no BOS from the tokenizer, the
+    # chat template writes `<bos>` (a second one would double it).
+    writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     template = (tokenizer_cfg or {}).get("chat_template")
     if template:
