@@ -228,29 +228,28 @@ def _data(config, args) -> int:
         raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
     from gemma4_keras import config_lib, models
 
+    if verb == "split":  # no rendering: the chat template does not matter
+        cfg = config_lib.data_settings(config.data)
+        result = data.split(cfg, _require(FLAGS.out, "out"))
+        print(json.dumps(result, indent=2))
+        return 0
+    if verb == "render" and FLAGS.limit < 0:
+        raise UsageError(f"--limit={FLAGS.limit} must be >= 0 (0 = all examples)")
     preset = models.resolve_preset(config.model.preset)
     template = models.chat_template(config, preset)
+    logging.info("chat template: %s (from %s)", template.variant, template.source)
     cfg = config_lib.data_settings(config.data, template.variant)
     if verb == "render":
-        if FLAGS.limit < 0:
-            raise UsageError(f"--limit={FLAGS.limit} must be >= 0 (0 = all examples)")
-        logging.info("chat template: %s (from %s)", template.variant, template.source)
+        from gemma4_keras.data import render
+
         tokenizer = models.load_tokenizer(preset)
-        data.render(cfg, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
+        render.render(cfg, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
         return 0
-    if verb == "split":
-        result = data.split(cfg, _require(FLAGS.out, "out"))
-    else:
-        result = getattr(data, verb)(cfg, _tokenizer(config))
-    if verb == "split":
-        print(json.dumps(result, indent=2))
-    else:
-        print(data.format_report(result))
-        if FLAGS.out:
-            os.makedirs(FLAGS.out, exist_ok=True)
-            data.commands.write_json(
-                os.path.join(FLAGS.out, f"data_{verb}.json"), result
-            )
+    result = getattr(data, verb)(cfg, _tokenizer(config))
+    print(data.format_report(result))
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        data.commands.write_json(os.path.join(FLAGS.out, f"data_{verb}.json"), result)
     return 0
 
 

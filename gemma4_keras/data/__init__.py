@@ -31,7 +31,8 @@ from gemma4_keras.data.chat import (  # isort: skip
     strip_thinking,
 )
 
-# Which official template (small / large) and the guard against the checkpoint's.
+# Which official chat template (small / large), and the guard against the
+# checkpoint's own `chat_template.jinja`.
 from gemma4_keras.data.template import (  # isort: skip
     ChatTemplate,
     TemplateError,
@@ -59,9 +60,9 @@ from gemma4_keras.data.quality import (  # isort: skip
 from gemma4_keras.data.packing import pack_examples  # isort: skip
 from gemma4_keras.data.pipeline import BatchStream, build_dataset  # isort: skip
 
-# Whole steps (train.py, `gemma4-keras data check|stats|split|render`).
+# Whole steps (train.py, `gemma4-keras data check|stats|split`; `data render` is
+# `data.render.render`).
 from gemma4_keras.data.commands import PreparedData, check, prepare, split, stats  # isort: skip
-from gemma4_keras.data.render import render  # isort: skip  (`data render`)
 
 __all__ = [
     "BatchStream",
@@ -73,6 +74,7 @@ __all__ = [
     "Message",
     "PreparedData",
     "Problem",
+    "TemplateError",
     "as_chat_tokenizer",
     "build_dataset",
     "check",
@@ -86,12 +88,10 @@ __all__ = [
     "pack_examples",
     "prepare",
     "quality_report",
-    "render",
     "render_conversation",
     "split",
     "split_holdout",
     "stats",
     "strip_thinking",
-    "TemplateError",
     "validate_messages",
 ]
