@@ -115,6 +115,9 @@ def test_tokenizer(q8):
     assert _field(reader, "tokenizer.ggml.eos_token_id") == 1
     # The chat template writes <bos>; the tokenizer must not add another.
     assert _field(reader, "tokenizer.ggml.add_bos_token") is False
+    # Stops of the -it generation_config.json: eos 1, <turn|> 106, <|tool_response> 50.
+    assert _field(reader, "tokenizer.ggml.eot_token_id") == 106
+    assert _field(reader, "tokenizer.ggml.eom_token_id") == 50
     assert _field(reader, "tokenizer.ggml.model") == "gemma4"
     assert len(_field(reader, "tokenizer.ggml.merges")) == len(tok["model"]["merges"])
 
