@@ -98,7 +98,10 @@ def main() -> None:
 
     (examples, _), t_encode = timed(
         lambda: data.encode_conversations(
-            conversations, chat_tokenizer, max_length=args.seq_len + 1
+            conversations,
+            chat_tokenizer,
+            max_length=args.seq_len + 1,
+            template="small",  # the variant changes a few prompt tokens only
         )
     )
     tokens = sum(len(e) for e in examples)

@@ -258,12 +258,14 @@ class SampleGenerations(keras.callbacks.Callback):
         path: str,
         *,
         max_new_tokens: int = 32,
+        template: str,
         enable_thinking: bool = False,
     ):
         super().__init__()
         self.every, self.path, self.max_new_tokens = int(every), path, max_new_tokens
         self.conversations = list(conversations)
         self.make_backbone, self.tokenizer = make_backbone, tokenizer
+        self.template = template  # chat template variant of the tuned size
         self.enable_thinking = enable_thinking
         self._generator = None
 
@@ -280,6 +282,7 @@ class SampleGenerations(keras.callbacks.Callback):
             self._generator = Generator(
                 self.make_backbone(),
                 self.tokenizer,
+                template=self.template,
                 enable_thinking=self.enable_thinking,
             )
         prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))

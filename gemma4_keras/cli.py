@@ -46,6 +46,9 @@ flags.DEFINE_string(
     "generate: a PEFT adapter dir (default: <workdir>/adapter; 'none' = base).",
 )
 flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to generate per prompt.")
+flags.DEFINE_integer(
+    "limit", 0, "data render: the most training examples to write; 0 = all."
+)
 flags.DEFINE_float(
     "tflops", 100.0, "plan: accelerator rating in the compute dtype, TFLOP/s."
 )
@@ -217,29 +220,37 @@ def _plan(config, args) -> int:
     return 0
 
 
-@command("data", "check | stats | split the configured dataset")
+@command("data", "check | stats | split | render the configured dataset")
 def _data(config, args) -> int:
     from gemma4_keras import data
 
     verb = args[0] if args else ""
-    if verb not in ("check", "stats", "split"):
-        raise UsageError("gemma4-keras data needs one of: check, stats, split")
-    from gemma4_keras import config_lib
+    if verb not in ("check", "stats", "split", "render"):
+        raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
+    from gemma4_keras import config_lib, models
 
-    cfg = config_lib.data_settings(config.data)
-    if verb == "split":
+    if verb == "split":  # no rendering: the chat template does not matter
+        cfg = config_lib.data_settings(config.data)
         result = data.split(cfg, _require(FLAGS.out, "out"))
-    else:
-        result = getattr(data, verb)(cfg, _tokenizer(config))
-    if verb == "split":
         print(json.dumps(result, indent=2))
-    else:
-        print(data.format_report(result))
-        if FLAGS.out:
-            os.makedirs(FLAGS.out, exist_ok=True)
-            data.commands.write_json(
-                os.path.join(FLAGS.out, f"data_{verb}.json"), result
-            )
+        return 0
+    if verb == "render" and FLAGS.limit < 0:
+        raise UsageError(f"--limit={FLAGS.limit} must be >= 0 (0 = all examples)")
+    preset = models.resolve_preset(config.model.preset)
+    template = models.chat_template(config, preset)
+    logging.info("chat template: %s (from %s)", template.variant, template.source)
+    cfg = config_lib.data_settings(config.data, template.variant)
+    if verb == "render":
+        from gemma4_keras.data import render
+
+        tokenizer = models.load_tokenizer(preset)
+        render.render(cfg, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
+        return 0
+    result = getattr(data, verb)(cfg, _tokenizer(config))
+    print(data.format_report(result))
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+        data.commands.write_json(os.path.join(FLAGS.out, f"data_{verb}.json"), result)
     return 0
 
 

@@ -6,6 +6,7 @@ here: adding a size is one row of `SIZES`, adding a method one row of
 
     --config.model.preset=gemma4_instruct_4b      (preset | hf://org/repo | dir | tiny)
     --config.data.path=train.jsonl                (file or tfds:name[/config]:split)
+    --config.data.template=auto                   (auto | small | large chat template)
     --config.lora.rank=16 --config.lora.alpha=32 --config.lora.dropout=0.05
     --config.lora.targets=q_proj,v_proj           (HF module names or all-linear)
     --config.quant.mode=nf4                       (none | nf4 | int8 | int4)
@@ -40,6 +41,8 @@ DATA_FIELDS = (
     "output",
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# data.template: auto = the checkpoint's chat_template.jinja, else the size table.
+TEMPLATE_CHOICES = ("auto", "small", "large")
 
 
 class ConfigError(ValueError):
@@ -56,11 +59,16 @@ class Size:
     max_length: int  # default training sequence length, tokens
     remat: bool  # rematerialise decoder blocks by default
     micro_batch: int  # per-device micro-batch
+    # Official chat template of the -it model: "small" (no empty thought block
+    # in the thinking-off generation prompt) or "large" (with it).
+    template: str
     tiny: str = "tiny"  # the :runlocal stand-in with this size's architecture features
 
 
+# The tiny model is a stand-in trained on a CPU; it renders like the small
+# models (E2B/E4B), the ones people fine-tune on such hardware.
 SIZES: dict[str, Size] = {
-    "tiny": Size("tiny", "tiny", "", 128, False, 8),
+    "tiny": Size("tiny", "tiny", "", 128, False, 8, "small"),
     "e2b": Size(
         "gemma4_instruct_2b",
         "gemma4_2b",
@@ -68,6 +76,7 @@ SIZES: dict[str, Size] = {
         2048,
         True,
         4,
+        "small",
         "tiny:ple,kv_shared,double_wide_mlp",
     ),
     "e4b": Size(
@@ -77,6 +86,7 @@ SIZES: dict[str, Size] = {
         2048,
         True,
         4,
+        "small",
         "tiny:ple,kv_shared",
     ),
     "26b_a4b": Size(
@@ -86,6 +96,7 @@ SIZES: dict[str, Size] = {
         2048,
         True,
         2,
+        "large",
         "tiny:moe,k_eq_v",
     ),
     "31b": Size(
@@ -95,6 +106,7 @@ SIZES: dict[str, Size] = {
         2048,
         True,
         1,
+        "large",
         "tiny:k_eq_v",
     ),
 }
@@ -181,6 +193,9 @@ def get_config(
     c.data.holdout_fraction = 0.1  # held out by content hash, in (0, 0.5]
     c.data.dedupe = True
     c.data.enable_thinking = False
+    # Chat template: auto (the checkpoint's chat_template.jinja, else the
+    # size table) | small (E2B/E4B) | large (26B-A4B/31B: empty thought block).
+    c.data.template = "auto"
     c.data.seed = 0
 
     c.train = ml_collections.ConfigDict()
@@ -263,13 +278,17 @@ def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.lora.alpha = 8.0
 
 
-def data_settings(data_cfg) -> dict:
+def data_settings(data_cfg, template: str | None = None) -> dict:
     """`config.data` as the data package reads it.
 
     Empty `data.fields` entries are dropped (the field keeps its own name) and
-    an empty `data.path` becomes the shipped sample dataset.
+    an empty `data.path` becomes the shipped sample dataset. `template`, the
+    resolved chat template variant (`models.chat_template(config, preset)`),
+    replaces `data.template` (which may be `auto`).
     """
     d = data_cfg.to_dict()
+    if template is not None:
+        d["template"] = template
     d["fields"] = {k: v for k, v in d.get("fields", {}).items() if v}
     if not d.get("path"):
         d["path"] = default_dataset_path()
@@ -336,6 +355,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "must be in (0, 0.5]",
         ),
         (c.data.max_length > 1, "data.max_length", "must be > 1"),
+        (
+            c.data.template in TEMPLATE_CHOICES,
+            "data.template",
+            "must be auto, small (E2B/E4B) or large (26B-A4B/31B)",
+        ),
         (
             c.data.on_error in ("raise", "skip"),
             "data.on_error",

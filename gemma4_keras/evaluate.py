@@ -45,7 +45,10 @@ def evaluate_holdout(
     prompts, refs = zip(*(split_prompt(c) for c in convs)) if convs else ((), ())
     backbone = models.load_backbone(preset, models.compute_dtype(config.model))
     gen = Generator(
-        backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking)
+        backbone,
+        tokenizer,
+        template=models.chat_template(config, preset).variant,
+        enable_thinking=bool(config.data.enable_thinking),
     )
     predictions = {}
     if ev.compare_base:
@@ -99,7 +102,8 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
         )
     preset = models.resolve_preset(config.model.preset)
     tokenizer = models.load_tokenizer(preset)
-    prepared = data.prepare(config_lib.data_settings(config.data), tokenizer)
+    template = models.chat_template(config, preset).variant
+    prepared = data.prepare(config_lib.data_settings(config.data, template), tokenizer)
     return evaluate_holdout(
         weights.peft_deltas(adapter),
         tokenizer,

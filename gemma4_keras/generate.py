@@ -3,25 +3,46 @@
 Adapters are merged into a KerasHub backbone's kernels for generation
 (exact in float32; `weights.merge_into_backbone`), so decoding uses
 KerasHub's KV cache and samplers. Prompts are rendered by
-`data.generation_prompt` and already start with `<bos>`: they are tokenized
-without adding another start token.
+`data.generation_prompt` with the chat template variant of the tuned size
+(`models.chat_template`) and already start with `<bos>`: they are tokenized
+without adding another start token. Decoding stops on the ids the -it
+`generation_config.json` lists: `<eos>`, `<turn|>` and `<|tool_response>`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from gemma4_keras.data import as_chat_tokenizer, generation_prompt
+from gemma4_keras.data import as_chat_tokenizer, chat, generation_prompt
 
 EOS_ID = 1
 END_OF_TURN_ID = 106  # <turn|>
+TOOL_RESPONSE_ID = 50  # <|tool_response>: a tool call waits for its result
+# generation_config.json of the Gemma 4 -it checkpoints: eos_token_id [1, 106, 50].
+STOP_IDS = (EOS_ID, END_OF_TURN_ID, TOOL_RESPONSE_ID)
+STOP_TOKENS = ("<eos>", "<turn|>", "<|tool_response>")
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of `STOP_TOKENS` in `tokenizer`, which must match `STOP_IDS`.
+
+    A tokenizer that puts them elsewhere is not a Gemma 4 tokenizer (the
+    tiny one keeps the real ids); decoding would run past the turn.
+    """
+    ids = tuple(int(tokenizer.token_to_id(t)) for t in STOP_TOKENS)
+    if ids != STOP_IDS:
+        raise ValueError(
+            f"the tokenizer maps {list(STOP_TOKENS)} to {list(ids)}, not "
+            f"{list(STOP_IDS)} as Gemma 4 does; is it a Gemma 4 tokenizer?"
+        )
+    return ids
 
 
 class Generator:
     """Batched generation from chat messages.
 
     Example:
-      >>> gen = Generator(backbone, tokenizer)
+      >>> gen = Generator(backbone, tokenizer, template="small")
       >>> gen.generate([[{"role": "user", "content": "Hi"}]], max_new_tokens=16)
       ['Hello! How can I help?']
     """
@@ -32,6 +53,7 @@ class Generator:
         tokenizer,
         *,
         sampler: str = "greedy",
+        template: str,
         enable_thinking: bool = False,
     ):
         import keras_hub
@@ -39,15 +61,17 @@ class Generator:
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.chat_tokenizer = as_chat_tokenizer(tokenizer)
+        self.template = chat.check_template(template)
         self.enable_thinking = enable_thinking
         self.lm = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)
         self.lm.compile(sampler=sampler)
-        stop = {EOS_ID, END_OF_TURN_ID}
-        self.stop_ids = tuple(sorted(stop))
+        self.stop_ids = stop_ids(tokenizer)
 
     def prompt_ids(self, messages_list) -> list[list[int]]:
         texts = [
-            generation_prompt(m, enable_thinking=self.enable_thinking)
+            generation_prompt(
+                m, template=self.template, enable_thinking=self.enable_thinking
+            )
             for m in messages_list
         ]
         return self.chat_tokenizer.encode_texts(texts)
@@ -149,7 +173,10 @@ def generate_answers(
             raise FileNotFoundError(f"adapter directory {adapter} does not exist")
         weights.apply_deltas(backbone, weights.peft_deltas(adapter))
     gen = Generator(
-        backbone, tokenizer, enable_thinking=bool(config.data.enable_thinking)
+        backbone,
+        tokenizer,
+        template=models.chat_template(config, preset).variant,
+        enable_thinking=bool(config.data.enable_thinking),
     )
     return gen.generate(
         conversations,

@@ -102,6 +102,26 @@ def _check_directory(path: str) -> str:
     return path
 
 
+def chat_template(config, preset: str):
+    """The chat template of a run: a `data.template.ChatTemplate`.
+
+    Decided by `--config.data.template` (small | large), else the
+    checkpoint's own `chat_template.jinja` when `preset` (resolved) is a local
+    directory that has one, else the size table (`config_lib.SIZES`).
+    """
+    from gemma4_keras import config_lib
+    from gemma4_keras.data import template
+
+    size = str(config.get("size", ""))
+    facts = config_lib.SIZES.get(size)
+    return template.resolve(
+        str(config.data.get("template", "auto")),
+        size=size,
+        size_variant=facts.template if facts else None,
+        preset_dir=preset if os.path.isdir(str(preset)) else None,
+    )
+
+
 def compute_dtype(model_cfg) -> str:
     """`model.dtype`, with `auto` = bfloat16 on GPU/TPU and float32 on CPU."""
     if model_cfg.dtype != "auto":
@@ -182,6 +202,7 @@ def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
 
 __all__ = [
     "PresetError",
+    "chat_template",
     "compute_dtype",
     "known_presets",
     "load_backbone",

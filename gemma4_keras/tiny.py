@@ -18,7 +18,8 @@ only (no torch or transformers at run time):
 The directory holds `config.json`, `model.safetensors` (float32),
 `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
 `generation_config.json` and an empty `processor_config.json` (which
-`keras_hub.models.Gemma4CausalLM.from_preset` insists on reading).
+`keras_hub.models.Gemma4CausalLM.from_preset` insists on reading); with
+`chat_template="small"|"large"` also a `chat_template.jinja`.
 
 Shape: 4 decoder layers `[sliding, full, sliding, full]`. The 1 : 1 pattern
 (instead of the real 4 : 1 or 5 : 1) is what lets KV sharing exist in a 4-layer
@@ -49,7 +50,15 @@ tokens at their real ids where those are below the tiny vocabulary size
 `<|think|>`=98, `<|channel>`=100, `<channel|>`=101, `<|turn>`=105,
 `<turn|>`=106), the multimodal markers (real ids 255999 and up) moved to
 107-113, and `<unusedN>` fillers so that ids are contiguous (KerasHub rebuilds
-a SentencePiece proto whose piece index is the id).
+a SentencePiece proto whose piece index is the id). Like the official -it
+tokenizer it adds no BOS itself (`add_bos_token` false, no post-processor
+BOS): the chat template writes `<bos>`. `generation_config.json` stops on
+`[1, 106, 50]` (`<eos>`, `<turn|>`, `<|tool_response>`) as the -it one does.
+
+Chat template: the official `chat_template.jinja` files are not available
+offline, so `chat_template_jinja` writes one from the rules of
+`shared/GEMMA4.md` ("Chat format"); tests check that it reproduces the 22
+official renderings of `tests/data/gemma4_chat_golden.json`.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from collections.abc import Iterable
 import numpy as np
 
 # Bump when the files written change, so stale caches are not reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 TINY_VOCAB_SIZE = 1024
 NUM_LAYERS = 4
 HIDDEN_SIZE = 64
@@ -90,6 +99,9 @@ LAYOUTS = ("causal_lm", "conditional_generation")
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 TURN_START_ID, TURN_END_ID = 105, 106
+TOOL_RESPONSE_ID = 50
+# The -it generation_config.json stops on these: <eos>, <turn|>, <|tool_response>.
+STOP_IDS = (EOS_ID, TURN_END_ID, TOOL_RESPONSE_ID)
 
 # Named special tokens at their Gemma 4 ids. The multimodal markers live at
 # 255999+ in the real 262144-token vocabulary; here they follow `<turn|>`.
@@ -539,8 +551,9 @@ def build_tokenizer_json(
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     )
+    # No BOS from the tokenizer: the chat template emits it (one BOS only).
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)]
+        single="$A", pair="$A $B", special_tokens=[]
     )
     # Added tokens keep their vocab ids; they are matched before the BPE runs.
     tokenizer.add_special_tokens(
@@ -579,12 +592,72 @@ def tokenizer_config() -> dict:
         "pad_token": "<pad>",
         "unk_token": "<unk>",
         "mask_token": "<mask>",
-        "add_bos_token": True,
+        "add_bos_token": False,  # the chat template writes <bos>
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
         "padding_side": "left",
     }
+
+
+# --------------------------------------------------------------------------
+# Chat template
+# --------------------------------------------------------------------------
+
+# Whitespace is controlled with `{%- -%}` / `{{- -}}` so the output does not
+# depend on trim_blocks / lstrip_blocks; the text is exactly the strings below.
+_CHAT_TEMPLATE = """{{- bos_token -}}
+{%- set ns = namespace(start=0) -%}
+{%- set has_system = messages | length > 0 and messages[0]['role'] in ['system', 'developer'] -%}
+{%- if enable_thinking or has_system -%}
+    {{- '<|turn>system\\n' -}}
+    {%- if enable_thinking -%}
+        {{- '<|think|>\\n' -}}
+    {%- endif -%}
+    {%- if has_system -%}
+        {{- messages[0]['content'] | trim -}}
+        {%- set ns.start = 1 -%}
+    {%- endif -%}
+    {{- '<turn|>\\n' -}}
+{%- endif -%}
+{%- for message in messages[ns.start:] -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {%- set content = message['content'] -%}
+    {%- if role == 'model' -%}
+        {%- set text = namespace(kept='') -%}
+        {%- for part in content.split('<channel|>') -%}
+            {%- set text.kept = text.kept + part.split('<|channel>')[0] -%}
+        {%- endfor -%}
+        {%- set content = text.kept -%}
+    {%- endif -%}
+    {{- '<|turn>' + role + '\\n' + (content | trim) + '<turn|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|turn>model\\n' -}}
+"""
+_LARGE_SUFFIX = """    {%- if not enable_thinking -%}
+        {{- '<|channel>thought\\n<channel|>' -}}
+    {%- endif -%}
+"""
+
+
+def chat_template_jinja(variant: str) -> str:
+    """A `chat_template.jinja` that renders like the official `variant` one.
+
+    Args:
+        variant: "small" (E2B-it, E4B-it: the thinking-off generation prompt
+            ends at `<|turn>model\\n`) or "large" (26B-A4B-it, 31B-it: it adds
+            the empty thought block).
+
+    Example:
+
+    >>> "<|channel>thought" in chat_template_jinja("large")
+    True
+    """
+    if variant not in ("small", "large"):
+        raise ValueError(f"chat template variant {variant!r}: use small or large")
+    suffix = _LARGE_SUFFIX if variant == "large" else ""
+    return _CHAT_TEMPLATE + suffix + "{%- endif -%}\n"
 
 
 # --------------------------------------------------------------------------
@@ -606,6 +679,7 @@ def write_tiny_checkpoint(
     k_eq_v: bool = False,
     double_wide_mlp: bool = False,
     layout: str = "causal_lm",
+    chat_template: str | None = None,
 ) -> pathlib.Path:
     """Writes a tiny Gemma 4 checkpoint in Hugging Face format into `path`.
 
@@ -617,6 +691,9 @@ def write_tiny_checkpoint(
         seed: weight seed.
         ple, kv_shared_layers, moe, k_eq_v, double_wide_mlp, layout: see
             `tiny_hf_config`.
+        chat_template: "small" or "large" also writes `chat_template.jinja`
+            (`chat_template_jinja`); None (default) writes none, so a run
+            decides the template from its size.
 
     Returns:
         `path` as a `pathlib.Path`.
@@ -635,7 +712,12 @@ def write_tiny_checkpoint(
         double_wide_mlp=double_wide_mlp,
         layout=layout,
     )
-    return write_checkpoint(path, config, seed=seed)
+    path = write_checkpoint(path, config, seed=seed)
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(
+            chat_template_jinja(chat_template), encoding="utf-8"
+        )
+    return path
 
 
 def write_checkpoint(
@@ -674,7 +756,7 @@ def write_checkpoint(
         path / "generation_config.json",
         {
             "bos_token_id": BOS_ID,
-            "eos_token_id": [EOS_ID, TURN_END_ID],
+            "eos_token_id": list(STOP_IDS),
             "pad_token_id": PAD_ID,
         },
     )
@@ -711,7 +793,8 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
     Args:
         seed: weight seed.
         **variant: `ple`, `kv_shared_layers`, `moe`, `k_eq_v`,
-            `double_wide_mlp`, `layout` as in `write_tiny_checkpoint`. Options
+            `double_wide_mlp`, `layout`, `chat_template` as in
+            `write_tiny_checkpoint`. Options
             left at their defaults are not part of the cache key, so adding
             an option keeps the keys of existing variants.
 
@@ -733,6 +816,7 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
         "k_eq_v": False,
         "double_wide_mlp": False,
         "layout": "causal_lm",
+        "chat_template": None,
     }
     unknown = set(variant) - set(defaults)
     if unknown:

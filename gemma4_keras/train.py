@@ -61,9 +61,11 @@ def run(config, workdir: str) -> dict:
         return state
     check_config(config, workdir)
     preset = models.resolve_preset(config.model.preset)
+    template = models.chat_template(config, preset)
     tokenizer = models.load_tokenizer(preset)
-    # Bad data stops the run here, before a large model is loaded.
-    prepared = prepare_data(config.data, tokenizer)
+    # Bad data, or a package rendering that differs from the checkpoint's
+    # chat_template.jinja, stops the run here, before a large model is loaded.
+    prepared = prepare_data(config.data, tokenizer, template)
 
     distributed.setup(config.distribution, int(config.train.batch_size))
     model = models.build_training_model(
@@ -75,7 +77,7 @@ def run(config, workdir: str) -> dict:
     write_config(config, workdir)
     write_data_report(prepared, workdir)
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
-    samples = sample_callback(config, prepared, tokenizer, preset, workdir)
+    samples = sample_callback(config, prepared, tokenizer, preset, workdir, template)
     history_cbs = build_callbacks(config, workdir, plan, ckpt, start, samples)
     if start < plan.total_steps:
         fit(model, stream, prepared, config, plan, history_cbs, start)
@@ -203,9 +205,28 @@ def checkpoint_meta(config, model, preset: str) -> dict:
 # --- data -------------------------------------------------------------------
 
 
-def prepare_data(data_cfg, tokenizer):
-    """Reads, checks, splits and encodes the data; prints the quality report."""
-    prepared = data.prepare(config_lib.data_settings(data_cfg), tokenizer)
+def prepare_data(data_cfg, tokenizer, template: data.ChatTemplate):
+    """Reads, checks, splits and encodes the data; prints the quality report.
+
+    `template` (`models.chat_template`) is the chat template variant; when
+    the checkpoint ships `chat_template.jinja`, a sample of the conversations
+    rendered with it must equal the package's rendering (else TemplateError).
+    """
+    settings = config_lib.data_settings(data_cfg, template.variant)
+    prepared = data.prepare(settings, tokenizer)
+    checked = data.check_conversations(
+        prepared.train + prepared.holdout,
+        template,
+        enable_thinking=bool(data_cfg.enable_thinking),
+    )
+    logging.info(
+        "chat template: %s (from %s)%s",
+        template.variant,
+        template.source,
+        f"; {checked} conversations render as {template.official_path}"
+        if checked
+        else "",
+    )
     print(data.format_report(prepared.report), flush=True)
     return prepared
 
@@ -344,7 +365,9 @@ def tensorboard(workdir: str) -> keras.callbacks.Callback:
     )
 
 
-def sample_callback(config, prepared, tokenizer, preset: str, workdir: str):
+def sample_callback(
+    config, prepared, tokenizer, preset: str, workdir: str, template: data.ChatTemplate
+):
     """Sample generations for 2 held-out prompts every `train.sample_every` steps."""
     every = int(config.train.sample_every)
     if every <= 0 or not prepared.holdout:
@@ -356,6 +379,7 @@ def sample_callback(config, prepared, tokenizer, preset: str, workdir: str):
         tokenizer,
         os.path.join(workdir, "samples.jsonl"),
         max_new_tokens=int(config.eval.max_new_tokens),
+        template=template.variant,
         enable_thinking=bool(config.data.enable_thinking),
     )
 

@@ -1,120 +1,132 @@
-"""The Gemma 4 chat format, string level.
+"""The Gemma 4 chat format, string level, against the official templates.
 
-Oracle: the official instruction-tuned template is not shipped by
-transformers 5.24 or keras-hub 0.32 (checked: no "<|turn>" template in either),
-so the first three expectations are the rendered examples of
-shared/GEMMA4.md, verbatim; the others are written by hand from the
-template's rules (system/developer first, trim, assistant -> model, thoughts
-stripped from model turns, `<|think|>\\n` atop the system turn, the empty
-thought block in the generation prompt when thinking is off).
+Oracle: `tests/data/gemma4_chat_golden.json`, copied from
+`shared/gemma4_chat_golden.json`: 22 renderings (11 conversations x the
+"small" E2B/E4B and "large" 26B-A4B/31B templates) of the official
+instruction-tuned `chat_template.jinja` files (2026-07-09 revision), rendered
+with jinja2 `trim_blocks` + `lstrip_blocks` as transformers does, with
+`bos_token='<bos>'` (its "source" field says so).
 """
+
+import json
+import pathlib
 
 import pytest
 
+from gemma4_keras import tiny
 from gemma4_keras.data import chat, generation_prompt, render_conversation
+from gemma4_keras.data.template import render_official
 
-SENTIMENT = [
-    {"role": "user", "content": "Classify the sentiment: 'This product is amazing'"},
-    {"role": "model", "content": "Positive"},
-]
+GOLDEN = json.loads(
+    (pathlib.Path(__file__).parent / "data" / "gemma4_chat_golden.json").read_text()
+)["cases"]
+IDS = [f"{c['case']}-{c['template']}" for c in GOLDEN]
+SIZES = {"small": ("e2b", "e4b"), "large": ("26b_a4b", "31b")}
 CODER = [
     {"role": "system", "content": "You are a medical coder."},
     {"role": "user", "content": "Code: acute bronchitis"},
     {"role": "model", "content": "J20.9"},
+    {"role": "user", "content": "Code: asthma"},
+    {"role": "model", "content": "J45", "thinking": "look it up"},
 ]
 
-# (name, messages, kwargs, expected text)
-CASES = [
-    (
-        "gemma4md_single_turn",
-        SENTIMENT,
-        {},
-        "<bos><|turn>user\nClassify the sentiment: 'This product is amazing'<turn|>\n<|turn>model\nPositive<turn|>\n",
-    ),
-    (
-        "gemma4md_system",
-        CODER,
-        {},
-        "<bos><|turn>system\nYou are a medical coder.<turn|>\n<|turn>user\nCode: acute bronchitis<turn|>\n<|turn>model\nJ20.9<turn|>\n",
-    ),
-    (
-        "gemma4md_generation_prompt",
-        SENTIMENT[:1],
-        {"add_generation_prompt": True},
-        "<bos><|turn>user\nClassify the sentiment: 'This product is amazing'<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
-    ),
-    (
-        "multi_turn_assistant_role_and_trim",
-        [
-            {"role": "user", "content": "  Hi \n"},
-            {"role": "assistant", "content": " Hello! "},
-            {"role": "user", "content": "Bye"},
-            {"role": "assistant", "content": "Goodbye"},
-        ],
-        {},
-        "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n<|turn>user\nBye<turn|>\n<|turn>model\nGoodbye<turn|>\n",
-    ),
-    (
-        "developer_role_is_the_system_turn",
-        [{"role": "developer", "content": " Be terse. "}, SENTIMENT[0], SENTIMENT[1]],
-        {},
-        "<bos><|turn>system\nBe terse.<turn|>\n<|turn>user\nClassify the sentiment: 'This product is amazing'<turn|>\n<|turn>model\nPositive<turn|>\n",
-    ),
-    (
-        "thoughts_stripped_from_history",
-        [
-            {"role": "user", "content": "2+3?"},
-            {"role": "model", "content": "<|channel>thought\nadd them<channel|>5"},
-            {"role": "user", "content": "times 2?"},
-        ],
-        {"add_generation_prompt": True},
-        "<bos><|turn>user\n2+3?<turn|>\n<|turn>model\n5<turn|>\n<|turn>user\ntimes 2?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
-    ),
-    (
-        "thinking_mode_without_system",
-        SENTIMENT[:1],
-        {"add_generation_prompt": True, "enable_thinking": True},
-        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nClassify the sentiment: 'This product is amazing'<turn|>\n<|turn>model\n",
-    ),
-    (
-        "thinking_mode_with_system",
-        CODER,
-        {"enable_thinking": True},
-        "<bos><|turn>system\n<|think|>\nYou are a medical coder.<turn|>\n<|turn>user\nCode: acute bronchitis<turn|>\n<|turn>model\nJ20.9<turn|>\n",
-    ),
-]
+
+def test_golden_file_covers_both_templates_of_every_conversation():
+    assert len(GOLDEN) == 22
+    for case in GOLDEN:
+        assert tuple(case["sizes"]) == SIZES[case["template"]]
+    names = {c["case"] for c in GOLDEN}
+    for name in names:
+        assert {c["template"] for c in GOLDEN if c["case"] == name} == {
+            "small",
+            "large",
+        }
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=IDS)
+def test_package_rendering_equals_the_official_one(case):
+    got = render_conversation(
+        case["messages"],
+        template=case["template"],
+        add_generation_prompt=case["add_generation_prompt"],
+        enable_thinking=case["enable_thinking"],
+    )
+    assert got == case["expected"]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=IDS)
+def test_tiny_checkpoint_template_reproduces_the_official_one(case):
+    """The jinja the tiny checkpoint writer ships renders like the official file."""
+    got = render_official(
+        tiny.chat_template_jinja(case["template"]),
+        case["messages"],
+        add_generation_prompt=case["add_generation_prompt"],
+        enable_thinking=case["enable_thinking"],
+    )
+    assert got == case["expected"]
 
 
 @pytest.mark.parametrize(
-    "name,messages,kwargs,expected", CASES, ids=[c[0] for c in CASES]
+    "case",
+    [c for c in GOLDEN if c["add_generation_prompt"]],
+    ids=[i for c, i in zip(GOLDEN, IDS) if c["add_generation_prompt"]],
 )
-def test_render_matches_official_template(name, messages, kwargs, expected):
-    assert render_conversation(messages, **kwargs) == expected
-    assert render_conversation(messages, **kwargs).count("<bos>") == 1
-
-
-def test_generation_prompt_thinking_off_ends_with_empty_thought():
-    prompt = generation_prompt(SENTIMENT[:1])
-    assert prompt.endswith("<|turn>model\n<|channel>thought\n<channel|>")
-    assert generation_prompt(SENTIMENT[:1], enable_thinking=True).endswith(
-        "<|turn>model\n"
+def test_untrained_prefix_equals_the_official_generation_prompt(case):
+    """Train/serve: what precedes a trained turn IS the official prompt of its size."""
+    messages = case["messages"] + [{"role": "model", "content": "Answer"}]
+    turn = len(messages) - 1
+    pieces = chat.training_pieces(
+        messages,
+        turn,
+        template=case["template"],
+        enable_thinking=case["enable_thinking"],
     )
+    untrained = "".join(t for t, trained in pieces if not trained)
+    trained = "".join(t for t, trained in pieces if trained)
+    assert untrained == case["expected"]  # equality, not a prefix relation
+    assert trained == "Answer<turn|>"
 
 
+@pytest.mark.parametrize("template", chat.TEMPLATES)
 @pytest.mark.parametrize("enable_thinking", [False, True])
-def test_training_sequence_starts_with_the_serving_prefix(enable_thinking):
-    messages = CODER + [
-        {"role": "user", "content": "Code: asthma"},
-        {"role": "model", "content": "J45", "thinking": "look it up"},
-    ]
+def test_every_trained_turn_follows_the_prompt_of_its_size(template, enable_thinking):
     for turn in (2, 4):
-        pieces = chat.training_pieces(messages, turn, enable_thinking=enable_thinking)
-        text = "".join(t for t, _ in pieces)
-        prefix = generation_prompt(messages[:turn], enable_thinking=enable_thinking)
-        assert text.startswith(prefix)
+        pieces = chat.training_pieces(
+            CODER, turn, template=template, enable_thinking=enable_thinking
+        )
         untrained = "".join(t for t, trained in pieces if not trained)
-        assert untrained == prefix
-        assert text.endswith(messages[turn]["content"] + "<turn|>")
+        official = render_official(
+            tiny.chat_template_jinja(template),
+            CODER[:turn],
+            add_generation_prompt=True,
+            enable_thinking=enable_thinking,
+        )
+        assert untrained == official
+        assert untrained == generation_prompt(
+            CODER[:turn], template=template, enable_thinking=enable_thinking
+        )
+        assert "".join(t for t, _ in pieces).endswith(
+            CODER[turn]["content"] + "<turn|>"
+        )
+
+
+def test_only_the_large_template_prefills_the_empty_thought_block():
+    user = CODER[1:2]
+    small = generation_prompt(user, template="small")
+    large = generation_prompt(user, template="large")
+    assert small.endswith("<|turn>model\n") and chat.EMPTY_THOUGHT not in small
+    assert large == small + "<|channel>thought\n<channel|>"
+    for template in chat.TEMPLATES:
+        assert generation_prompt(
+            user, template=template, enable_thinking=True
+        ).endswith("<|turn>model\n")
+
+
+def test_unknown_template_is_a_clear_error():
+    with pytest.raises(
+        ValueError, match=r"'medium' is unknown; use one of small, large"
+    ):
+        generation_prompt(CODER[1:2], template="medium")
 
 
 def test_thought_is_trained_only_with_thinking_on():

@@ -24,7 +24,9 @@ PLANTED = f"{DATA}/planted.jsonl"
 def _cfg(path=PLANTED, **kwargs):
     from gemma4_keras.data.commands import DEFAULTS
 
-    fields = dict(DEFAULTS, path=path, holdout_fraction=0.25, max_length=64)
+    fields = dict(
+        DEFAULTS, path=path, holdout_fraction=0.25, max_length=64, template="small"
+    )
     fields.update(kwargs)
     return ml_collections.ConfigDict(fields)
 

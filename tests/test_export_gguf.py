@@ -115,6 +115,11 @@ def test_tokenizer(q8):
         assert tokens[i] == piece
     assert _field(reader, "tokenizer.ggml.bos_token_id") == 2
     assert _field(reader, "tokenizer.ggml.eos_token_id") == 1
+    # The chat template writes <bos>; the tokenizer must not add another.
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is False
+    # Stops of the -it generation_config.json: eos 1, <turn|> 106, <|tool_response> 50.
+    assert _field(reader, "tokenizer.ggml.eot_token_id") == 106
+    assert _field(reader, "tokenizer.ggml.eom_token_id") == 50
     assert _field(reader, "tokenizer.ggml.model") == "gemma4"
     assert len(_field(reader, "tokenizer.ggml.merges")) == len(tok["model"]["merges"])
 
@@ -163,6 +168,24 @@ def test_llama_cpp_logits_match_keras(tmp_path_factory):
     # ggml's CPU GELU goes through an f16 table, hence ~1e-3 rather than ~1e-6.
     assert rel_err(got, want) < 5e-3
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_llama_cpp_tokenizes_a_rendered_prompt_with_one_bos(q8):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp",
+        reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; compiles llama.cpp)",
+    )
+    from gemma4_keras.data import generation_prompt
+
+    _, _, out, _ = q8
+    llm = llama_cpp.Llama(
+        model_path=os.path.join(out, "model-q8_0.gguf"), n_ctx=64, verbose=False
+    )
+    prompt = generation_prompt([{"role": "user", "content": "Hi"}], template="small")
+    # add_bos=True asks llama.cpp to add BOS where the vocabulary says so.
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    assert ids[0] == 2 and ids.count(2) == 1, ids
+    assert ids.count(105) == 2 and ids.count(106) == 1, ids  # control tokens parsed
 
 
 def test_q4_k_m_needs_llama_cpp(tmp_path):

@@ -353,3 +353,23 @@ def test_dataset_sentences_tokenize_into_few_tokens(tokenizers):
     assert np.asarray(keras_tok("😀")).tolist() == [
         tiny.FIRST_BYTE_ID + b for b in "😀".encode()
     ]
+
+
+def test_tokenizer_adds_no_bos_and_generation_stops_like_the_it_checkpoints(
+    checkpoints, tokenizers
+):
+    """The official -it tokenizer adds no BOS (the template does); its
+    generation_config.json stops on <eos>, <turn|> and <|tool_response>."""
+    from gemma4_keras import generate
+
+    path = checkpoints["default"]
+    assert (
+        json.loads((path / "tokenizer_config.json").read_text())["add_bos_token"]
+        is False
+    )
+    stops = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == [1, 106, 50] == list(generate.STOP_IDS)
+    keras_tok, hf_tok = tokenizers
+    assert hf_tok("<bos>hi")["input_ids"].count(tiny.BOS_ID) == 1
+    assert generate.stop_ids(keras_tok) == tiny.STOP_IDS
+    assert not (path / "chat_template.jinja").exists()  # sizes decide by default

@@ -29,8 +29,10 @@ def _config(**train_overrides):
 def setup(tmp_path_factory):
     """(model, initial adapter weights, 4 single-example batches, config)."""
     c = _config()
-    model, tokenizer, _ = models.load_training_model(c.model, c.lora, c.quant, c.train)
-    prepared = train.prepare_data(c.data, tokenizer)
+    model, tokenizer, preset = models.load_training_model(
+        c.model, c.lora, c.quant, c.train
+    )
+    prepared = train.prepare_data(c.data, tokenizer, models.chat_template(c, preset))
     stream, _ = train.build_batches(prepared.train_examples, c.data, c.train)
     rows = [stream.batch(i) for i in range(2)]  # 2 batches of 2 rows
     singles = [

@@ -6,7 +6,8 @@ A run's data path, step by step (or all at once with `prepare`):
     conversations, dedupe_stats = dedupe(conversations)
     train, holdout = split_holdout(conversations, 0.1, seed=0)
     examples, encode_stats = encode_conversations(
-        train, tokenizer, train_on="last_model_turn", max_length=1024)
+        train, tokenizer, train_on="last_model_turn", max_length=1024,
+        template="small")                      # E2B/E4B; "large" for 26B-A4B/31B
     report = quality_report(train + holdout, examples, read_stats,
                             dedupe_stats=dedupe_stats, encode_stats=encode_stats)
     print(format_report(report))
@@ -30,6 +31,14 @@ from gemma4_keras.data.chat import (  # isort: skip
     strip_thinking,
 )
 
+# Which official chat template (small / large), and the guard against the
+# checkpoint's own `chat_template.jinja`.
+from gemma4_keras.data.template import (  # isort: skip
+    ChatTemplate,
+    TemplateError,
+    check_conversations,
+)
+
 # Tokens and loss masks.
 from gemma4_keras.data.tokenize import (  # isort: skip
     ChatTokenizer,
@@ -51,11 +60,13 @@ from gemma4_keras.data.quality import (  # isort: skip
 from gemma4_keras.data.packing import pack_examples  # isort: skip
 from gemma4_keras.data.pipeline import BatchStream, build_dataset  # isort: skip
 
-# Whole steps (train.py, `gemma4-keras data check|stats|split`).
+# Whole steps (train.py, `gemma4-keras data check|stats|split`; `data render` is
+# `data.render.render`).
 from gemma4_keras.data.commands import PreparedData, check, prepare, split, stats  # isort: skip
 
 __all__ = [
     "BatchStream",
+    "ChatTemplate",
     "ChatTokenizer",
     "Conversation",
     "DataError",
@@ -63,9 +74,11 @@ __all__ = [
     "Message",
     "PreparedData",
     "Problem",
+    "TemplateError",
     "as_chat_tokenizer",
     "build_dataset",
     "check",
+    "check_conversations",
     "dedupe",
     "encode_conversation",
     "encode_conversations",

@@ -2,24 +2,32 @@
 
 Everything here works on strings; `tokenize.py` turns the pieces into ids.
 
-The oracle is the official instruction-tuned chat template (the "mainline"
-variant whose generation prompt ends in an empty thought block when thinking
-is off). It is not shipped by transformers 5.24 or keras-hub 0.32, so the
-tests compare against the rendered examples in `shared/GEMMA4.md` verbatim
-plus expected strings written by hand from the template's rules:
+Google ships TWO instruction-tuned chat templates (see `shared/GEMMA4.md`,
+"Chat format"): the "small" one of E2B-it / E4B-it and the "large" one of
+26B-A4B-it / 31B-it. They differ only in the generation prompt with thinking
+off: the large one ends it with the empty thought block
+`<|channel>thought\n<channel|>`, the small one at `<|turn>model\n`. Every
+function whose output can depend on it takes `template="small"|"large"`, with
+no default: which variant a run uses is decided once, per model size or from
+the checkpoint's own `chat_template.jinja` (`data/template.py`), never guessed
+here. The rules both templates share:
 
 - `<bos>` once, then a system turn when the first message is `system` /
-  `developer` or thinking is on (`<|think|>\\n` at its top);
-- every other message is `<|turn>{role}\\n{content}<turn|>\\n`, `assistant`
+  `developer` or thinking is on (`<|think|>\n` at its top);
+- every other message is `<|turn>{role}\n{content}<turn|>\n`, `assistant`
   renders as `model`; user/system text is trimmed; model text has its
   `<|channel>...<channel|>` thoughts stripped, then is trimmed;
-- the generation prompt is `<|turn>model\\n`, followed by the empty thought
-  block `<|channel>thought\\n<channel|>` unless thinking is on.
+- the generation prompt is `<|turn>model\n`, followed (large template,
+  thinking off) by the empty thought block.
 
-The train/serve trap: a history model turn is rendered without the empty
-thought block, but serving prefills it. `training_pieces` therefore builds
-each trained turn as `generation_prompt(history) + answer + <turn|>`, so the
-model is trained on exactly the prefix serving will show.
+Oracle: `tests/data/gemma4_chat_golden.json`, 22 renderings of the official
+templates (tests/test_data_chat.py).
+
+The train/serve rule: a history model turn is rendered without any thought
+block, but the large template's serving prompt prefills the empty one.
+`training_pieces` therefore builds each trained turn as
+`generation_prompt(history) + answer + <turn|>`, so the model is trained on
+exactly the prefix serving shows for its size.
 """
 
 from collections.abc import Sequence
@@ -41,6 +49,9 @@ FORBIDDEN_IN_CONTENT = CONTROL_TOKENS + (EOS, PAD)
 LEGACY_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 
 EMPTY_THOUGHT = CHANNEL_OPEN + "thought\n" + CHANNEL_CLOSE
+# The two official template variants: "small" (E2B-it, E4B-it) and "large"
+# (26B-A4B-it, 31B-it, which prefill EMPTY_THOUGHT when thinking is off).
+TEMPLATES = ("small", "large")
 ROLE_ALIASES = {
     "user": "user",
     "model": "model",
@@ -83,6 +94,21 @@ def extract_thinking(text: str) -> tuple[str, str]:
     return "\n".join(t for t in thoughts if t), strip_thinking(text)
 
 
+def check_template(template: str) -> str:
+    """Returns `template` if it is a known variant, else raises ValueError.
+
+    Example:
+        >>> check_template("small")
+        'small'
+    """
+    if template not in TEMPLATES:
+        raise ValueError(
+            f"chat template variant {template!r} is unknown; use one of "
+            f"{', '.join(TEMPLATES)} (small: E2B/E4B, large: 26B-A4B/31B)"
+        )
+    return template
+
+
 def _role(message: dict) -> str:
     role = message["role"]
     return "model" if role == "assistant" else role
@@ -111,10 +137,12 @@ def _system_pieces(messages: Sequence[dict], enable_thinking: bool) -> list[Piec
 def prompt_pieces(
     messages: Sequence[dict],
     *,
+    template: str,
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
 ) -> list[Piece]:
     """The template's output as pieces, none of them trainable."""
+    check_template(template)
     pieces: list[Piece] = [(BOS, False)]
     pieces += _system_pieces(messages, enable_thinking)
     has_system = bool(messages) and messages[0]["role"] in ("system", "developer")
@@ -128,7 +156,7 @@ def prompt_pieces(
         ]
     if add_generation_prompt:
         pieces += [(TURN_OPEN, False), ("model\n", False)]
-        if not enable_thinking:
+        if template == "large" and not enable_thinking:
             pieces += [(CHANNEL_OPEN, False), ("thought\n", False)]
             pieces += [(CHANNEL_CLOSE, False)]
     return [p for p in pieces if p[0]]
@@ -137,6 +165,7 @@ def prompt_pieces(
 def render_conversation(
     messages: Sequence[dict],
     *,
+    template: str,
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
 ) -> str:
@@ -146,6 +175,8 @@ def render_conversation(
         messages: dicts with `role` (user, model, assistant, system,
             developer) and `content` (str). A system/developer message is
             only honoured in first position, as in the template.
+        template: "small" (E2B, E4B) or "large" (26B-A4B, 31B) official
+            template; they differ only in the thinking-off generation prompt.
         add_generation_prompt: append the prompt for the next model turn.
         enable_thinking: thinking mode (`<|think|>` in the system turn, no
             empty thought block in the generation prompt).
@@ -156,11 +187,12 @@ def render_conversation(
     Example:
         >>> render_conversation([
         ...     {"role": "user", "content": "Hi "},
-        ...     {"role": "assistant", "content": "Hello"}])
+        ...     {"role": "assistant", "content": "Hello"}], template="small")
         '<bos><|turn>user\\nHi<turn|>\\n<|turn>model\\nHello<turn|>\\n'
     """
     pieces = prompt_pieces(
         messages,
+        template=template,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=enable_thinking,
     )
@@ -168,16 +200,21 @@ def render_conversation(
 
 
 def generation_prompt(
-    messages: Sequence[dict], *, enable_thinking: bool = False
+    messages: Sequence[dict], *, template: str, enable_thinking: bool = False
 ) -> str:
-    """What serving shows the model before it writes the next model turn.
+    """What serving shows the model of `template` before its next model turn.
 
     Example:
-        >>> generation_prompt([{"role": "user", "content": "Hi"}])
+        >>> generation_prompt([{"role": "user", "content": "Hi"}], template="small")
+        '<bos><|turn>user\\nHi<turn|>\\n<|turn>model\\n'
+        >>> generation_prompt([{"role": "user", "content": "Hi"}], template="large")
         '<bos><|turn>user\\nHi<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>'
     """
     return render_conversation(
-        messages, add_generation_prompt=True, enable_thinking=enable_thinking
+        messages,
+        template=template,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
     )
 
 
@@ -185,8 +222,8 @@ def target_pieces(message: dict, *, enable_thinking: bool = False) -> list[Piece
     """The trained part of a model turn: [thought block +] answer + `<turn|>`.
 
     The thought (`message["thinking"]`) is trained only with thinking on:
-    with thinking off serving prefills an empty thought block, so the model
-    never writes one.
+    with thinking off the model is not asked to think (the large template
+    even prefills an empty thought block), so it never writes one.
 
     Example:
         >>> target_pieces({"role": "model", "content": "42", "thinking": "6*7"},
@@ -203,7 +240,11 @@ def target_pieces(message: dict, *, enable_thinking: bool = False) -> list[Piece
 
 
 def training_pieces(
-    messages: Sequence[dict], turn: int, *, enable_thinking: bool = False
+    messages: Sequence[dict],
+    turn: int,
+    *,
+    template: str,
+    enable_thinking: bool = False,
 ) -> list[Piece]:
     """Pieces of one training sequence whose trained turn is `messages[turn]`.
 
@@ -211,9 +252,10 @@ def training_pieces(
     untrained part is, character for character, what serving presents.
 
     Example (thinking off; T = trainable):
-        generation_prompt(history)                               answer  <turn|>
-        <bos><|turn>user\\nHi<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>  Hello   <turn|>
-        ...........................not trained.............................  T....   T
+        template  generation_prompt(history)                                                answer  <turn|>
+        small     <bos><|turn>user\\nHi<turn|>\\n<|turn>model\\n                               Hello   <turn|>
+        large     <bos><|turn>user\\nHi<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>  Hello   <turn|>
+                  ...........................not trained...............................  T....   T
     """
     if _role(messages[turn]) != "model":
         raise ValueError(
@@ -221,6 +263,9 @@ def training_pieces(
         )
     history = messages[:turn]
     pieces = prompt_pieces(
-        history, add_generation_prompt=True, enable_thinking=enable_thinking
+        history,
+        template=template,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
     )
     return pieces + target_pieces(messages[turn], enable_thinking=enable_thinking)

@@ -3,7 +3,9 @@
 Config fields read (attribute or mapping access; defaults in `DEFAULTS`):
 path, format, fields, on_error, system_prompt, tfds_data_dir, eval_path,
 dedupe, holdout_fraction, seed, train_on, max_length, truncation,
-enable_thinking.
+enable_thinking, template. `template` must be resolved to small or large
+(`data.template.resolve`, or `models.chat_template` for a run config) before
+anything is encoded: the data steps never guess the chat template.
 """
 
 import dataclasses
@@ -12,8 +14,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from gemma4_keras.data import quality, records
+from gemma4_keras.data import chat, quality, records
 from gemma4_keras.data.records import Conversation, DataError, Problem
+from gemma4_keras.data.template import TemplateError
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversations
 
 DEFAULTS = {
@@ -31,6 +34,7 @@ DEFAULTS = {
     "max_length": 1024,
     "truncation": "drop",
     "enable_thinking": False,
+    "template": "auto",  # resolve to small | large first (see the docstring)
 }
 
 
@@ -61,11 +65,24 @@ class PreparedData:
     report: dict
 
 
+def template_variant(cfg: Any) -> str:
+    """`template` of a data config, which must be resolved (small or large)."""
+    variant = _View(cfg).template
+    if variant not in chat.TEMPLATES:
+        raise TemplateError(
+            f"data.template={variant!r} is not resolved to small or large here; "
+            "resolve it first (gemma4_keras.models.chat_template(config, preset)) "
+            "or set --config.data.template=small (E2B/E4B) or large (26B-A4B/31B)"
+        )
+    return variant
+
+
 def _encode_kwargs(cfg: _View) -> dict:
     return {
         "train_on": cfg.train_on,
         "max_length": int(cfg.max_length),
         "truncation": cfg.truncation,
+        "template": template_variant(cfg),
         "enable_thinking": bool(cfg.enable_thinking),
     }
 

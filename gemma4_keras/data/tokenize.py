@@ -184,11 +184,21 @@ def _cut_history(messages: list, turn: int) -> tuple[list, int] | None:
 
 
 def _encode_turn(
-    conversation, turn, tok, *, max_length, truncation, enable_thinking, stats
+    conversation,
+    turn,
+    tok,
+    *,
+    max_length,
+    truncation,
+    template,
+    enable_thinking,
+    stats,
 ):
     messages, cuts = conversation.messages, 0
     while True:
-        pieces = chat.training_pieces(messages, turn, enable_thinking=enable_thinking)
+        pieces = chat.training_pieces(
+            messages, turn, template=template, enable_thinking=enable_thinking
+        )
         try:
             ids, mask = tok.encode_pieces(pieces)
         except ValueError as e:
@@ -241,17 +251,20 @@ def encode_conversation(
     train_on: str = "last_model_turn",
     max_length: int,
     truncation: str = "drop",
+    template: str,
     enable_thinking: bool = False,
     stats: dict | None = None,
 ) -> list[EncodedExample]:
     """Token ids and loss masks for one conversation.
 
     Every trained model turn gets a sequence that starts with exactly the
-    generation prompt serving shows for it (see `chat.training_pieces`).
-    With `train_on="all_model_turns"` that means one example per model turn
-    (a later turn's history renders an earlier turn without the empty thought
-    block serving adds), except that consecutive examples merge when one is a
-    token prefix of the next (e.g. thinking on and no thoughts in history).
+    generation prompt serving shows for it with `template` (see
+    `chat.training_pieces`). With `train_on="all_model_turns"` consecutive
+    examples merge when one is a token prefix of the next (the small
+    template, or thinking on, with no thoughts in history); otherwise there
+    is one example per model turn (with the large template a later turn's
+    history renders an earlier turn without the empty thought block serving
+    adds).
 
     Args:
         conversation: a validated Conversation.
@@ -261,6 +274,8 @@ def encode_conversation(
         truncation: "drop" drops an over-long example, "cut_history" removes
             the oldest user/model pairs (keeping the system prompt and the
             trained turn) until it fits and drops it only if it never does.
+        template: the chat template variant, "small" (E2B/E4B) or "large"
+            (26B-A4B/31B); see `data.template.resolve`.
         enable_thinking: thinking mode (trains the thought of the turn).
         stats: if given, counts `dropped_too_long`, `history_cut` and
             `thoughts_not_trained` (thinking off, the turn has a thought) with
@@ -277,6 +292,7 @@ def encode_conversation(
         raise DataError(
             f"data.truncation={truncation!r}: expected one of {', '.join(TRUNCATION)}"
         )
+    chat.check_template(template)
     tok = as_chat_tokenizer(tokenizer)
     messages = conversation.messages
     turns = [i for i, m in enumerate(messages) if m["role"] in ("model", "assistant")]
@@ -285,7 +301,10 @@ def encode_conversation(
     if train_on == "last_model_turn":
         turns = turns[-1:]
     kwargs = dict(
-        max_length=max_length, truncation=truncation, enable_thinking=enable_thinking
+        max_length=max_length,
+        truncation=truncation,
+        template=template,
+        enable_thinking=enable_thinking,
     )
     examples = [
         _encode_turn(conversation, t, tok, stats=stats, **kwargs) for t in turns
@@ -304,13 +323,14 @@ def encode_conversations(
     """
     tok = as_chat_tokenizer(tokenizer)
     thinking = kwargs.get("enable_thinking", False)
+    template = chat.check_template(kwargs.get("template"))
     texts = set()
     for conversation in conversations:
         messages = conversation.messages
         texts.update(
             t
             for t, _ in chat.training_pieces(
-                messages, len(messages) - 1, enable_thinking=thinking
+                messages, len(messages) - 1, template=template, enable_thinking=thinking
             )
         )
         for message in messages:

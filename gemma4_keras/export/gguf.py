@@ -218,9 +218,15 @@ def add_tokenizer(writer, tokenizer_json: dict, tokenizer_cfg: dict | None) -> N
             getattr(writer, f"add_{what}_token_id")(vocab[piece])
     if "<turn|>" in vocab:  # stop on end of turn as well as eos
         writer.add_eot_token_id(vocab["<turn|>"])
+    if "<|tool_response>" in vocab:
+        # The -it generation_config stops here too (a tool call awaits its
+        # result); llama.cpp ends generation on its end-of-message token.
+        writer.add_eom_token_id(vocab["<|tool_response>"])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_add_space_prefix(False)
-    writer.add_add_bos_token(True)
+    # As the official Gemma 4 -it tokenizer: no BOS from the tokenizer, the
+    # chat template writes `<bos>` (a second one would double it).
+    writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     template = (tokenizer_cfg or {}).get("chat_template")
     if template:
