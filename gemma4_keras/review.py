@@ -713,11 +713,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     agreement = summary["agreement"]
     lines.append("")
     if agreement["n"]:
+        prefers = (
+            "exactly one answer is right by it"
+            if summary.get("task_type") in _PASS_FAIL
+            else "it scores one answer higher"
+        )
         lines.append(
             f"Agreement with {agreement['metric']}: on {agreement['n']} judged items "
-            "the metric prefers one answer (scores it higher); the reviewer "
-            f"preferred the same one on {agreement['count']}: {_ci(agreement)} "
-            f"({agreement['undecided']} judged tie or both bad)."
+            f"{prefers}; the reviewer preferred that one on {agreement['count']}: "
+            f"{_ci(agreement)} ({agreement['undecided']} judged tie or both bad)."
         )
     else:
         lines.append(
@@ -726,6 +730,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             "nothing to compare."
         )
     return "\n".join(lines) + "\n"
+
+
+# Task types whose headline metric is right / wrong per item.
+_PASS_FAIL = ("classification", "extraction", "instruction")
 
 
 def _cell(text: str) -> str:

@@ -367,8 +367,8 @@ def test_format_summary_and_report_section(eval_dir):
     assert "| win (fine-tuned better) | 2 | 0.333 [0.097, 0.700] |" in text
     assert "| loss (base better) | 2 | 0.333 [0.097, 0.700] |" in text
     assert "| positive | 3 | 1 | 1 | 1 | 0 | 0.333 [0.061, 0.792] |" in text
-    assert "Agreement with accuracy: on 5 judged items" in text
-    assert "the same one on 3: 0.600 [0.231, 0.882]" in text
+    assert "Agreement with accuracy: on 5 judged items exactly one answer" in text
+    assert "preferred that one on 3: 0.600 [0.231, 0.882]" in text
     markdown = (eval_dir / "eval_report.md").read_text()
     assert markdown.index("## Plots") < markdown.index("## Human review")
     # Rerunning replaces the section instead of adding another.
