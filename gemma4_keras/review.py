@@ -62,7 +62,8 @@ SECTION_TITLE = "## Human review"
 
 BASE, FINETUNED = report.BASE, report.FINETUNED
 TIE, BOTH_BAD = "tie", "both_bad"
-CHOICES = ("A", "B", TIE, BOTH_BAD)
+CHOICES = ("A", "B", TIE, BOTH_BAD)  # what the reviewer sees
+_VERDICTS = (FINETUNED, BASE, TIE, BOTH_BAD)  # what the log and summary count
 MAX_COMMENT = 2000  # characters
 MAX_BODY = 64 * 1024  # bytes of one POST
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -264,9 +265,6 @@ def latest_judgements(
     return latest
 
 
-_VERDICTS = (FINETUNED, BASE, TIE, BOTH_BAD)
-
-
 def append_judgement(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Appends one JSON line with a single write, then flushes it to disk.
 
@@ -462,12 +460,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if content_type != "application/json":
             self._send_json(415, {"error": "send Content-Type: application/json"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self._send_json(411, {"error": "send a Content-Length header"})
+            return
+        if int(length) > MAX_BODY:
             self._send_json(413, {"error": f"body over {MAX_BODY} bytes"})
             return
         try:
-            payload = json.loads(self.rfile.read(length).decode("utf-8"))
+            payload = json.loads(self.rfile.read(int(length)).decode("utf-8"))
             self._send_json(200, self.server.app.judge(payload))
         except (ValueError, ReviewError) as e:  # JSONDecodeError is a ValueError
             self._send_json(400, {"error": str(e)})

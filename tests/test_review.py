@@ -2,6 +2,7 @@
 the report section, the CLI, and the page driven in headless Chromium."""
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ HOSTILE_PROMPT = (
 )
 
 
-def write_eval_dir(eval_dir: pathlib.Path, rows=None) -> pathlib.Path:
+def write_eval_dir(eval_dir: pathlib.Path, rows=None, task="classification"):
     """A run's eval/ directory as `gemma4-keras evaluate` leaves it."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     rows = rows or [
@@ -53,8 +54,8 @@ def write_eval_dir(eval_dir: pathlib.Path, rows=None) -> pathlib.Path:
     with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     results = {
-        "base": {"task_type": "classification", "accuracy": 1 / 6},
-        "finetuned": {"task_type": "classification", "accuracy": 4 / 6},
+        "base": {"task_type": task, "accuracy": 1 / 6},
+        "finetuned": {"task_type": task, "accuracy": 4 / 6},
     }
     (eval_dir / "eval_report.json").write_text(json.dumps({"models": results}))
     (eval_dir / "eval_report.md").write_text(
@@ -120,6 +121,15 @@ def test_items_ids_and_order_are_stable(eval_dir):
     assert json.loads((eval_dir / review.ORDER_FILE).read_text()) == order
     # A restarted server shows every item the same way.
     assert review.load_order(eval_dir, review.load_items(eval_dir)) == order
+
+
+def test_groups_from_row_fields(tmp_path):
+    row = {"prompt": "p", "reference": "a long free text answer"}
+    row.update(prediction_base="x", prediction_finetuned="y", task_type="summary")
+    rows = [row, {**row, "prompt": "q", "label": "news"}]
+    items = review.load_items(write_eval_dir(tmp_path / "eval", rows, "generation"))
+    assert items[0].groups == (("task type", "summary"),)
+    assert items[1].groups == (("task type", "summary"), ("label", "news"))
 
 
 def test_identical_rows_are_separate_items(tmp_path):
@@ -273,6 +283,46 @@ def test_api_refuses_other_content_types_hosts_and_paths(eval_dir):
     assert not (eval_dir / review.REVIEW_LOG).exists()
 
 
+class _Recorder:
+    """Stands in for a handler's socket side: records what it would send."""
+
+    def __init__(self, server, address):
+        self.server, self.client_address = server, (address, 40000)
+        port = server.server_address[1]
+        self.headers = {"Host": f"127.0.0.1:{port}"}
+        self.sent = []
+
+    def _send_json(self, status, value):
+        self.sent.append((status, value))
+
+
+def test_handler_refuses_non_loopback_clients(eval_dir):
+    server = review.make_server(eval_dir)
+    try:
+        remote = _Recorder(server, "192.168.1.20")
+        assert not review._Handler._allowed(remote)
+        assert remote.sent[0][0] == 403 and "--host" in remote.sent[0][1]["error"]
+        local = _Recorder(server, "127.0.0.1")
+        assert review._Handler._allowed(local) and not local.sent
+        server.allow_remote = True  # as with an explicit --host
+        assert review._Handler._allowed(_Recorder(server, "192.168.1.20"))
+    finally:
+        server.server_close()
+
+
+def test_oversized_and_unsized_bodies_are_refused(eval_dir):
+    with serving(eval_dir) as (url, _):
+        big = {"item": "x", "choice": "A", "comment": "x" * review.MAX_BODY}
+        assert request(url + "/api/judgement", big)[0] == 413
+        connection = http.client.HTTPConnection(url.split("//")[1], timeout=10)
+        connection.putrequest("POST", "/api/judgement")
+        connection.putheader("Content-Type", "application/json")
+        connection.endheaders()
+        assert connection.getresponse().status == 411
+        connection.close()
+    assert not (eval_dir / review.REVIEW_LOG).exists()
+
+
 def test_explicit_host_serves_other_hosts(eval_dir):
     with serving(eval_dir, host="127.0.0.1") as (url, server):
         port = server.server_address[1]
@@ -298,6 +348,12 @@ def test_wilson_interval_matches_hand_computation():
     # p = 0.5, n = 2: z^2 / 4n^2 = 0.240091, half = 1.96 * sqrt(0.125 + 0.240091) / 2.920729.
     assert review.wilson_interval(1, 2) == pytest.approx((0.094531, 0.905469), abs=1e-6)
     assert review.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(review).failed == 0
 
 
 def judge_as(eval_dir, verdicts):
@@ -581,9 +637,3 @@ def test_browser_renders_hostile_text_as_text(tmp_path, browser):
         )
         assert injected == 0
         assert browser.execute_script("return window.__pwned === undefined")
-
-
-def test_docstring_examples():
-    import doctest
-
-    assert doctest.testmod(review).failed == 0
