@@ -77,6 +77,16 @@ flags.DEFINE_enum(
     ["causal_lm", "conditional_generation"],
     "export peft/hf: key layout of the base (multimodal checkpoints: conditional_generation).",
 )
+flags.DEFINE_bool(
+    "summary", False, "review: print the human-review summary instead of serving."
+)
+flags.DEFINE_string(
+    "host",
+    None,
+    "review: address to bind (default 127.0.0.1, loopback clients only; "
+    "given explicitly, every client that reaches it is served).",
+)
+flags.DEFINE_integer("port", 0, "review: TCP port of the page (0 = any free port).")
 
 COMMANDS: dict[str, tuple[Callable, str]] = {}
 
@@ -205,6 +215,21 @@ def _export(config, args) -> int:
     )
     print(f"wrote {path}")
     return 0
+
+
+@command("review", "blind human review of base vs fine-tuned answers (--summary)")
+def _review(config, args) -> int:
+    from gemma4_keras import review
+
+    workdir = _require(FLAGS.workdir, "workdir")
+    try:
+        if FLAGS.summary:
+            print(review.summary_command(workdir))
+            return 0
+        return review.serve(workdir, host=FLAGS.host, port=FLAGS.port)
+    except review.ReviewError as e:
+        print(f"gemma4-keras review: error: {e}", file=sys.stderr)
+        return 1
 
 
 @command("plan", "estimate memory and speed of a run before starting it")

@@ -7,6 +7,7 @@ model) into files a person can read and a program can parse:
 |------------------------------|------------------------------------------------|
 | `eval_report.json`           | title, every model's metrics, deltas           |
 | `eval_report.md`             | the metrics table (+ delta), per-class scores  |
+|                              | + human review (`gemma4_keras.review`), if any |
 | `confusion_matrix_<model>.png` | one per classification result                |
 | `loss_curves.png`            | train / validation loss from the training log  |
 | `predictions.jsonl`          | prompt, reference, prediction_<model> per line |
@@ -524,7 +525,16 @@ def write_eval_report(
     if rows is not None:
         paths["predictions"] = _write_jsonl(out / "predictions.jsonl", rows)
     paths["json"] = _write_text(out / "eval_report.json", report_json)
-    paths["markdown"] = _write_text(
-        out / "eval_report.md", _render_markdown(title, results, images)
-    )
+    markdown = _render_markdown(title, results, images)
+    human_review = _human_review_section(out)
+    if human_review:
+        markdown += "\n" + human_review
+    paths["markdown"] = _write_text(out / "eval_report.md", markdown)
     return paths
+
+
+def _human_review_section(out: pathlib.Path) -> str | None:
+    """The "## Human review" section when `out` holds human_review.jsonl."""
+    from gemma4_keras import review  # review builds on this module
+
+    return review.report_section(out)
