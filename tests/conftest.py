@@ -25,7 +25,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if config.getoption("--require-oracles"):
+    oracles.REQUIRED = bool(config.getoption("--require-oracles"))
+    if oracles.REQUIRED:
         absent = oracles.missing()
         if absent:
             raise pytest.UsageError(

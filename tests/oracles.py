@@ -5,7 +5,8 @@
 A missing oracle skips only the tests that use it, with the install command
 as the reason. With `--require-oracles` (CI passes it through
 `PYTEST_ADDOPTS`) the session stops before collection instead: CI must never
-be green because a comparison was silently skipped.
+be green because a comparison was silently skipped. The review page's
+browser tests (Debian's chromium and chromium-driver) follow the same rule.
 
 Why triton is kept out: with the registry's default (CUDA) torch build,
 `import tensorflow` (KerasHub brings it in) followed by `import triton`
@@ -21,6 +22,7 @@ import importlib
 import importlib.util
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -33,6 +35,9 @@ ORACLES = {
     "gguf": "gguf",
 }
 INSTALL = 'pip install -e ".[test]"'
+# Set from `--require-oracles` by conftest.py (in every xdist worker too): a
+# missing oracle, or the browser of the review-page tests, fails instead.
+REQUIRED = False
 
 
 def block_triton() -> None:
@@ -46,11 +51,16 @@ def missing() -> list[str]:
     return [name for name in ORACLES if importlib.util.find_spec(name) is None]
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skips the test, or fails it under `--require-oracles`."""
+    if REQUIRED:
+        pytest.fail(f"--require-oracles: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def need(name: str) -> ModuleType:
     """Imports an oracle module (e.g. "bitsandbytes.functional") or skips."""
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        pytest.skip(
-            f"oracle {name} is not importable ({e}); {INSTALL}", allow_module_level=True
-        )
+        unavailable(f"oracle {name} is not importable ({e}); {INSTALL}")

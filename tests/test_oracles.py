@@ -46,7 +46,14 @@ def test_missing_lists_only_absent_oracles(monkeypatch):
     assert oracles.missing() == ["no_such_mod_x"]
 
 
-def test_need_skips_with_the_install_command():
+def test_need_fails_instead_under_require_oracles(monkeypatch):
+    monkeypatch.setattr(oracles, "REQUIRED", True)
+    with pytest.raises(pytest.fail.Exception, match="--require-oracles: oracle"):
+        oracles.need("no_such_oracle_module")
+
+
+def test_need_skips_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(oracles, "REQUIRED", False)
     with pytest.raises(pytest.skip.Exception, match=r'pip install -e "\.\[test\]"'):
         oracles.need("no_such_oracle_module")
     assert oracles.need("json").dumps([1]) == "[1]"
@@ -62,7 +69,9 @@ class _Config:
 
 
 def test_require_oracles_stops_the_session_naming_the_missing_one(monkeypatch):
+    monkeypatch.setattr(oracles, "REQUIRED", oracles.REQUIRED)  # restored after
     monkeypatch.setattr(oracles, "ORACLES", {"json": "json", "no_such_mod_x": "x"})
     with pytest.raises(pytest.UsageError, match="not installed: no_such_mod_x"):
         conftest.pytest_configure(_Config(require=True))
     conftest.pytest_configure(_Config(require=False))  # skips are allowed then
+    assert oracles.REQUIRED is False

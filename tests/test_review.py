@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
+import oracles
 import pytest
 
 from gemma4_keras import cli, report, review
@@ -523,10 +524,13 @@ def _chromium() -> tuple[str, str] | None:
 
 @pytest.fixture
 def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason=INSTALL)
+    try:
+        from selenium import webdriver
+    except ImportError:
+        oracles.unavailable(f"selenium is not installed; {INSTALL}")
     found = _chromium()
     if found is None:
-        pytest.skip(f"no chromium / chromedriver on PATH; {INSTALL}")
+        oracles.unavailable(f"no chromium / chromedriver on PATH; {INSTALL}")
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
     for argument in (
