@@ -161,8 +161,17 @@ def check(data_cfg: Any, tokenizer: Any = None) -> dict:
             data.on_error is "raise"; the report is attached as `e.report`.
     """
     report = stats(data_cfg, tokenizer)
-    if _View(data_cfg).on_error == "raise" and report["read"]["skipped"]:
-        error = DataError([Problem(**p) for p in report["read"]["skipped_records"]])
+    read = report["read"]
+    if _View(data_cfg).on_error == "raise" and read["skipped"]:
+        error = DataError([Problem(**p) for p in read["skipped_records"]])
+        error.report = report
+        raise error
+    if not read["valid"]:
+        # on_error=skip would otherwise pass a file nothing can train on.
+        error = DataError(
+            f"{_View(data_cfg).path}: no valid record ({read['records']} read, "
+            f"{read['skipped']} skipped); fix the data or data.path"
+        )
         error.report = report
         raise error
     return report
@@ -196,11 +205,18 @@ def split(data_cfg: Any, out_dir: str) -> dict:
         {"train": path, "holdout": path, "report": path}.
     """
     cfg = _View(data_cfg)
-    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
-    os.makedirs(out_dir, exist_ok=True)
     paths = {
         name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "holdout")
     }
+    inputs = {os.path.realpath(p) for p in (cfg.path, cfg.eval_path) if p}
+    for path in (*paths.values(), os.path.join(out_dir, "report.json")):
+        if os.path.realpath(path) in inputs:
+            raise DataError(
+                f"--out={out_dir} would overwrite the input {path} (data.path / "
+                "data.eval_path); choose another --out"
+            )
+    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
+    os.makedirs(out_dir, exist_ok=True)
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["holdout"], holdout)
     split_info = {
