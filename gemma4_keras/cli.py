@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         FLAGS.unparse_flags()
         for flag in [f for f in FLAGS if f.startswith("config.")]:
             delattr(FLAGS, flag)  # overrides of an earlier main() in this process
+        # ml_collections loads the file with SourceFileLoader.load_module, which
+        # re-executes into an earlier main()'s module: a file that defines no
+        # get_config would silently inherit the previous file's.
+        sys.modules.pop("config_config", None)
         spec = _config_spec(rest)
         problem = _config_file_problem(spec) if spec else None
         if problem:

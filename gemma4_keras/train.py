@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 
 import keras
 import numpy as np
@@ -85,6 +86,14 @@ def _run_locked(config, workdir: str) -> dict:
     # Bad data stops the run here, before a large model is loaded.
     prepared = prepare_data(config.data, tokenizer)
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
+    if not prepared.holdout:
+        print(
+            "warning: no held-out example (too little data for "
+            f"data.holdout_fraction={config.data.holdout_fraction}): no validation "
+            "loss and no eval report; add data or set data.eval_path",
+            file=sys.stderr,
+            flush=True,
+        )
 
     distributed.setup(config.distribution, int(config.train.batch_size))
     model = models.build_training_model(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -75,6 +76,10 @@ def hold(workdir: str, command: str) -> Iterator[str]:
     Raises:
         WorkdirLockedError: naming the holder's command, PID and host.
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileExistsError(
+            errno.EEXIST, "is a file, not a directory; pick another --workdir", workdir
+        )
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     fd = _acquire(path)

@@ -106,7 +106,12 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
         holdout, tokenizer, **_encode_kwargs(cfg)
     )
     if not train_examples:
-        raise DataError(f"{cfg.path}: no training example left (see the data report)")
+        raise DataError(
+            f"{cfg.path}: no training example left: {len(train)} training "
+            f"conversation(s), {encode_stats.get('dropped_too_long', 0)} dropped as "
+            f"longer than data.max_length={int(cfg.max_length)}. Add data, raise "
+            "data.max_length or set data.truncation=cut_history"
+        )
     split = {
         "train": len(train),
         "holdout": len(holdout),
