@@ -83,7 +83,11 @@ class AdapterCheckpointer:
         self.meta = meta
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            # A write killed midway leaves an Orbax tmp directory; the workdir
+            # lock guarantees no other writer, so it is removed on start.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     def latest_step(self) -> int | None:

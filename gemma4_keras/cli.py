@@ -315,7 +315,7 @@ def _quiet_libraries(record) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage)."""
+    """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage, 3 preempted)."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(usage(), file=sys.stderr)

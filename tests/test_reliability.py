@@ -253,7 +253,11 @@ def _flip_bytes(step_dir: pathlib.Path) -> None:
 def test_flipped_bytes_fall_back_to_the_previous_step(finished, tmp_path, capsys):
     work = copy_run(finished, tmp_path, resume=True)
     _flip_bytes(work / "checkpoints" / "4")
+    # What a kill during an Orbax write leaves behind; removed on start.
+    killed_write = work / "checkpoints" / "6.orbax-checkpoint-tmp-1795961000"
+    killed_write.mkdir()
     assert run_cli(*finished["args"], f"--workdir={work}") == 0
+    assert not killed_write.exists()
     err = capsys.readouterr().err
     assert "checkpoint step 4" in err and "Resuming from step 2" in err
     assert str(work / "checkpoints" / "4") in err
