@@ -454,6 +454,18 @@ def test_generate_refuses_a_prompt_longer_than_the_context(finished, capsys):
     assert "max_new_tokens=4" in line
 
 
+def test_one_record_run_warns_and_evaluate_says_why(tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    data.write_text(_record("Is 'great soup' positive?").decode())
+    workdir = tmp_path / "w"
+    args = (TINY, f"--config.data.path={data}", f"--workdir={workdir}")
+    one = ("--config.train.batch_size=1", "--config.train.max_steps=1")
+    assert run_cli("train", *args, *one) == 0
+    assert "warning: no held-out example" in capsys.readouterr().err
+    assert run_cli("evaluate", *args) == 1
+    assert "no held-out example to evaluate on" in error_line(capsys)
+
+
 # --- 9 and 10: every user error is one line ---------------------------------
 
 
