@@ -16,6 +16,8 @@ code instead of exiting.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import os
 import re
@@ -352,9 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         elif spec and "has no attribute 'get_config" in str(e):
             message = f"--config={spec}: the file defines no get_config(arg=None)"
         else:
-            message = "bad flag: " + " ".join(str(e).replace("\\n", " ").split()).strip(
-                "'\""
-            )
+            text = str(e)
+            if text[:1] in ("'", '"') and text[:1] == text[-1:]:
+                # KeyError (and ml_collections' AttributeError) show a repr.
+                with contextlib.suppress(ValueError, SyntaxError):
+                    text = str(ast.literal_eval(text))
+            message = "bad flag: " + " ".join(text.replace("\\n", " ").split())
         print(f"gemma4-keras {name}: error: {message}", file=sys.stderr)
         return 2
     finally:
