@@ -15,8 +15,9 @@ from gemma4_keras.data import as_chat_tokenizer, generation_prompt
 
 EOS_ID = 1
 END_OF_TURN_ID = 106  # <turn|>
-# Context windows of the released sizes (tokens), for presets without a config.json.
-CONTEXT_LENGTHS = {"2b": 131072, "4b": 131072, "26b_a4b": 262144, "31b": 262144}
+# Context windows of the released sizes (tokens), for presets without a
+# config.json; matched in this order against the lower-cased preset name.
+CONTEXT_LENGTHS = (("26b", 262144), ("31b", 262144), ("2b", 131072), ("4b", 131072))
 
 
 class PromptError(ValueError):
@@ -42,8 +43,9 @@ def context_length(preset: str) -> int | None:
         cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
         value = cfg.get("max_position_embeddings")
         return int(value) if value else None
-    for suffix, length in CONTEXT_LENGTHS.items():
-        if str(preset).endswith(suffix):
+    name = os.path.basename(str(preset).rstrip("/")).lower()
+    for size, length in CONTEXT_LENGTHS:
+        if size in name:
             return length
     return None
 

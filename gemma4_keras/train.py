@@ -404,6 +404,10 @@ def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
         weight_decay=float(train_cfg.weight_decay),
         global_clipnorm=float(train_cfg.max_grad_norm) or None,
         gradient_accumulation_steps=accum if accum > 1 else None,
+        # A fixed name: Keras numbers unnamed objects per process (adam_w_1,
+        # ...), and the checkpoint keys hold the name, so a second run in one
+        # process could not restore its own checkpoint.
+        name="adam_w",
     )
     model.compile(optimizer=optimizer, jit_compile=True)
 

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 
-import keras
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -88,10 +87,6 @@ def copy_run(finished, tmp_path, *, resume: bool = False) -> pathlib.Path:
     shutil.copytree(finished["workdir"], work)
     if resume:
         (work / "run_state.json").unlink()
-        # Keras numbers object names per process (adam_w, adam_w_1, ...); a
-        # second model in this process would name its optimizer state unlike
-        # the checkpoint's. A user's rerun is a new process.
-        keras.backend.clear_session()
     return work
 
 
@@ -452,6 +447,22 @@ def test_generate_refuses_a_prompt_longer_than_the_context(finished, capsys):
     line = error_line(capsys)
     assert "over the model's context of 4096 tokens" in line
     assert "max_new_tokens=4" in line
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("gemma4_instruct_4b", 131072),
+        ("gemma4_2b", 131072),
+        ("gemma4_instruct_26b_a4b", 262144),  # not the "4b" of "a4b"
+        ("hf://google/gemma-4-31B-it", 262144),
+        ("/no/such/dir", None),
+    ],
+)
+def test_context_length_of_released_presets(preset, expected):
+    from gemma4_keras.generate import context_length
+
+    assert context_length(preset) == expected
 
 
 def test_one_record_run_warns_and_evaluate_says_why(tmp_path, capsys):
