@@ -13,6 +13,7 @@ leaves nothing behind. See docs/deploy.md for serving each format.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,14 +30,18 @@ def check_workdir(workdir: str, force: bool = False) -> str:
     With `force`, a run that stopped early (preempted, diverged) is exported
     from whatever adapter its workdir holds.
     """
-    from gemma4_keras import train
-
     adapter = os.path.join(workdir, "adapter")
     state_path = os.path.join(workdir, "run_state.json")
-    try:
-        status = train.read_run_state(workdir).get("status")
-    except train.WorkdirError as e:
-        raise ExportError(str(e)) from e
+    status = None
+    if os.path.isfile(state_path):
+        try:
+            with open(state_path) as f:
+                status = json.load(f).get("status")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ExportError(
+                f"{state_path}: unreadable run state ({e}); rerun `gemma4-keras "
+                f"train --workdir={workdir}` after deleting it, to resume"
+            ) from e
     if status != "finished" and not force:
         why = " (its loss became NaN/inf)" if status == "diverged" else ""
         raise ExportError(
