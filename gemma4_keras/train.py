@@ -2,9 +2,11 @@
 
 A workdir holds everything of a run:
 
+    .lock                held by the command using the workdir (removed on exit)
     config.json          the resolved config (a rerun must match it)
+    data_identity.json   sha256 of the data files (a rerun must match them)
     data_report.json     the data quality report
-    checkpoints/         adapter-only Orbax checkpoints (resume = rerun)
+    checkpoints/         adapter-only Orbax checkpoints with checksums (resume = rerun)
     train_log.csv        loss / val_loss / learning rate per optimiser step
     adapter/             the final adapter in PEFT format
     eval/                base vs fine-tuned report (JSON, Markdown, PNGs)
