@@ -16,13 +16,9 @@ code instead of exiting.
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import json
 import os
-import re
 import sys
-import traceback
 from collections.abc import Callable
 
 # TensorFlow (pulled in by KerasHub's tokenizers) logs INFO lines at import.
@@ -354,12 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         elif spec and "has no attribute 'get_config" in str(e):
             message = f"--config={spec}: the file defines no get_config(arg=None)"
         else:
-            text = str(e)
-            if text[:1] in ("'", '"') and text[:1] == text[-1:]:
-                # KeyError (and ml_collections' AttributeError) show a repr.
-                with contextlib.suppress(ValueError, SyntaxError):
-                    text = str(ast.literal_eval(text))
-            message = "bad flag: " + " ".join(text.replace("\\n", " ").split())
+            message = _bad_flag(e)
         print(f"gemma4-keras {name}: error: {message}", file=sys.stderr)
         return 2
     finally:
@@ -379,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _user_errors() as e:
         if FLAGS.verbose:
+            import traceback
+
             traceback.print_exc()
         print(f"gemma4-keras {name}: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -392,6 +385,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _bad_flag(e: BaseException) -> str:
+    """One line for a flag absl or ml_collections refused."""
+    import ast
+    import contextlib
+
+    text = str(e)
+    if text[:1] in ("'", '"') and text[:1] == text[-1:]:
+        # KeyError (and ml_collections' AttributeError) show a repr.
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = str(ast.literal_eval(text))
+    return "bad flag: " + " ".join(text.replace("\\n", " ").split())
 
 
 def _config_spec(args: list[str]) -> str | None:
@@ -425,6 +431,9 @@ def _config_file_problem(spec: str) -> str | None:
 
 def _config_code_error(spec: str, e: BaseException) -> str:
     """One line for an error raised by the config file's code, with its line."""
+    import re
+    import traceback
+
     text = str(e)
     frames = re.findall(r'File "([^"]+)", line (\d+)', text) or [
         (f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
