@@ -5,12 +5,20 @@ Orbax writes each step to a temporary directory and renames it when
 complete, so a killed process leaves the previous checkpoint intact.
 `meta.json` beside the steps records what the checkpoint belongs to
 (preset, adapter shapes); a mismatch stops with a message naming the path.
+
+Orbax does not verify the bytes it reads back (a flipped bit restores as a
+wrong value), so each step also holds `checksums.json`: the sha256 of every
+saved array. A restore recomputes them; a step that fails to read or to
+match is reported by path and array, moved aside to `corrupt-<step>`, and
+the run falls back to the newest good step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -41,6 +49,26 @@ def seed_state(model) -> dict[str, np.ndarray]:
     return {"dropout_seed": np.asarray(model.dropout_seed.state.value)}
 
 
+CHECKSUMS = "checksums.json"
+
+
+def array_sha256(value) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    value = np.ascontiguousarray(np.asarray(value))
+    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def state_checksums(state: dict) -> dict[str, str]:
+    """{"group/key": sha256} of a checkpoint state ({group: {key: array}})."""
+    return {
+        f"{group}/{key}": array_sha256(value)
+        for group, arrays in state.items()
+        for key, value in arrays.items()
+    }
+
+
 class AdapterCheckpointer:
     """Saves and restores the trainable state of a run under `directory`.
 
@@ -55,7 +83,11 @@ class AdapterCheckpointer:
         self.meta = meta
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            # A write killed midway leaves an Orbax tmp directory; the workdir
+            # lock guarantees no other writer, so it is removed on start.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -72,9 +104,19 @@ class AdapterCheckpointer:
         if hasattr(model, "jax_state_sync"):
             model.jax_state_sync()
         self._write_meta()
-        self.manager.save(step, args=ocp.args.StandardSave(self._state(model)))
+        state = self._state(model)
+        self.manager.save(step, args=ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
+        # Written after Orbax finalised the step: a kill in between leaves a
+        # step without checksums, restored unverified (as older runs' steps).
+        path = os.path.join(self.step_dir(step), CHECKSUMS)
+        with open(path + ".tmp", "w") as f:
+            json.dump(state_checksums(state), f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
         logging.info("saved checkpoint step %d to %s", step, self.directory)
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def _write_meta(self) -> None:
         path = os.path.join(self.directory, "meta.json")
@@ -109,29 +151,86 @@ class AdapterCheckpointer:
             )
 
     def restore_latest(self, model) -> int:
-        """Restores the newest checkpoint into `model` (and its optimiser); returns its step."""
+        """Restores the newest good checkpoint into `model`; returns its step.
+
+        Returns 0 when there is none. A corrupt newer step is moved aside to
+        `corrupt-<step>` (kept for inspection) and named in a warning.
+
+        Raises:
+            CheckpointError: when steps exist but none reads back intact;
+                nothing is moved then.
+        """
         self.check_meta()
-        step = self.latest_step()
-        if step is None:
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             return 0
         model.optimizer.build(model.trainable_variables)
         target = self._state(model)
+        bad: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored = self._restore_verified(step, target)
+            except CheckpointError as e:
+                bad.append((step, str(e)))
+                continue
+            self._set_aside(bad, step)
+            _assign(
+                model.trainable_variables, restored["adapter"], _key, self.directory
+            )
+            for key, var in zip(target["optimizer"], model.optimizer.variables):
+                var.assign(restored["optimizer"][key])
+            model.dropout_seed.state.assign(restored["rng"]["dropout_seed"])
+            logging.info("restored checkpoint step %d from %s", step, self.directory)
+            return int(step)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} reads back intact: "
+            + "; ".join(reason for _, reason in bad)
+            + ". Delete the directory to train from the start, or use a new --workdir"
+        )
+
+    def _restore_verified(self, step: int, target: dict) -> dict:
+        path = self.step_dir(step)
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # orbax raises many kinds; name the path
-            path = os.path.join(self.directory, str(step))
+            first = (str(e).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(
-                f"cannot restore the checkpoint {path} ({type(e).__name__}: {e}). It is "
-                f"corrupt or from another version: delete {path} to resume from the "
-                "previous step, or use a new --workdir"
+                f"{path} is corrupt or from another version ({type(e).__name__}: "
+                f"{first})"
             ) from e
-        _assign(model.trainable_variables, restored["adapter"], _key, self.directory)
-        opt_keys = list(target["optimizer"])
-        for key, var in zip(opt_keys, model.optimizer.variables):
-            var.assign(restored["optimizer"][key])
-        model.dropout_seed.state.assign(restored["rng"]["dropout_seed"])
-        logging.info("restored checkpoint step %d from %s", step, self.directory)
-        return int(step)
+        sums_path = os.path.join(path, CHECKSUMS)
+        if not os.path.exists(sums_path):
+            logging.warning("%s has no %s: restored unverified", path, CHECKSUMS)
+            return restored
+        try:
+            with open(sums_path) as f:
+                expected = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{sums_path}: unreadable ({e})") from e
+        got = state_checksums(restored)
+        for key in sorted(expected):
+            if got.get(key) != expected[key]:
+                raise CheckpointError(
+                    f"{path} is corrupt: array {key} does not match its sha256 in "
+                    f"{sums_path} (a file under {path}/default changed on disk)"
+                )
+        return restored
+
+    def _set_aside(self, bad: list[tuple[int, str]], good: int) -> None:
+        """Moves corrupt steps newer than `good` to corrupt-<step>, saying so."""
+        for step, reason in bad:
+            aside = os.path.join(self.directory, f"corrupt-{step}")
+            if os.path.exists(aside):
+                aside = f"{aside}-{os.getpid()}"
+            os.replace(self.step_dir(step), aside)
+            message = (
+                f"checkpoint step {step}: {reason}. Resuming from step {good} "
+                f"instead; the corrupt step is kept in {aside}"
+            )
+            logging.warning("%s", message)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        if bad:
+            self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

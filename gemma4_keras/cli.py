@@ -4,10 +4,11 @@
     gemma4-keras evaluate --config=configs/tiny.py --workdir=runs/tiny
     gemma4-keras generate --config=configs/tiny.py --workdir=runs/tiny --prompt="..."
     gemma4-keras export   --config=configs/tiny.py --workdir=runs/tiny --format=hf --out=DIR
-    gemma4-keras data     check|stats|split --config=configs/tiny.py [--out=DIR]
+    gemma4-keras data     check|stats|split|render --config=configs/tiny.py [--out=DIR]
+    gemma4-keras review   --workdir=runs/tiny [--summary]
     gemma4-keras plan     --config=configs/e4b_qlora.py --config.model.preset=DIR [--tflops=..]
 
-Every command takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
+Every command but `review` takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
 overrides (the config is locked: a misspelt field is an error) and most take
 `--workdir`. Adding a command is one function decorated with `@command`.
 A test calls `main(["gemma4-keras", "train", ...])`, which returns the exit
@@ -87,15 +88,32 @@ flags.DEFINE_string(
     "given explicitly, every client that reaches it is served).",
 )
 flags.DEFINE_integer("port", 0, "review: TCP port of the page (0 = any free port).")
+flags.DEFINE_bool(
+    "force",
+    False,
+    "export: also export a run that did not finish, or an adapter holding NaN/inf.",
+)
+flags.DEFINE_bool("verbose", False, "On an error, print the full Python traceback too.")
+
+# Exit codes: 0 done, 1 failed, 2 usage error, 3 preempted (rerun to resume).
+EXIT_PREEMPTED = 3
 
 COMMANDS: dict[str, tuple[Callable, str]] = {}
+# Commands that use no model (config optional, TensorFlow/JAX never started).
+WITHOUT_MODEL: set[str] = set()
 
 
-def command(name: str, help_text: str):
-    """Registers `fn(config, args)` as `gemma4-keras <name>`."""
+def command(name: str, help_text: str, model: bool = True):
+    """Registers `fn(config, args)` as `gemma4-keras <name>`.
+
+    `model=False`: the command needs no config and no ML library, so it
+    starts in a fraction of a second (`fn` may get `config=None`).
+    """
 
     def register(fn):
         COMMANDS[name] = (fn, help_text)
+        if not model:
+            WITHOUT_MODEL.add(name)
         return fn
 
     return register
@@ -112,10 +130,11 @@ def usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemma4_keras import checkpointing, config_lib, models, train
+    from gemma4_keras import checkpointing, config_lib, generate, models, train
     from gemma4_keras.data import DataError
     from gemma4_keras.export.hf import ExportError
     from gemma4_keras.export.peft import AdapterFormatError
+    from gemma4_keras.workdir_lock import WorkdirLockedError
 
     return (
         config_lib.ConfigError,
@@ -123,11 +142,35 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         checkpointing.CheckpointError,
         train.WorkdirError,
+        WorkdirLockedError,
         AdapterFormatError,
         ExportError,
-        FileExistsError,
-        FileNotFoundError,
+        generate.PromptError,
+        OSError,  # missing files, permissions, a full disk: named by _os_error
     )
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: the file, what went wrong and what to do."""
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        return f"{where}no space left on the device; free some, then rerun the same command (it resumes)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{what}; check the permissions of the file and its directory (or pick another --workdir / --out)"
+    return f"{where}{what}" if where else str(e)
+
+
+def _one_line(e: BaseException) -> str:
+    from gemma4_keras.data import DataError
+
+    if isinstance(e, OSError) and not type(e).__module__.startswith("gemma4_keras"):
+        return _os_error(e)
+    if isinstance(e, DataError):  # already "file:line: problem" lines, by design
+        return str(e)
+    return " ".join(str(e).split())
 
 
 def _require(value, flag: str) -> str:
@@ -161,8 +204,25 @@ def log_environment(config) -> None:
 def _train(config, args) -> int:
     from gemma4_keras import train
 
-    state = train.run(config, _require(FLAGS.workdir, "workdir"))
-    return 0 if state.get("status") in ("finished", "preempted") else 1
+    workdir = _require(FLAGS.workdir, "workdir")
+    state = train.run(config, workdir)
+    status = state.get("status")
+    if status == "preempted":
+        print(
+            f"gemma4-keras train: preempted (SIGTERM) at step {state.get('step')}; the "
+            "checkpoint is saved: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    if status == "diverged":
+        print(
+            f"gemma4-keras train: error: the loss became NaN/inf at step "
+            f"{state.get('step')}; the last good checkpoint is kept in "
+            f"{workdir}/checkpoints. Lower --config.train.learning_rate and use a "
+            "new --workdir",
+            file=sys.stderr,
+        )
+    return 0 if status == "finished" else 1
 
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
@@ -180,6 +240,8 @@ def _evaluate(config, args) -> int:
 def _generate(config, args) -> int:
     from gemma4_keras import generate
 
+    if FLAGS.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be > 0")
     conversations = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     adapter = FLAGS.adapter
     if adapter is None and FLAGS.workdir:
@@ -212,12 +274,17 @@ def _export(config, args) -> int:
         gguf_type=FLAGS.gguf_type,
         layout=FLAGS.layout,
         base_model=FLAGS.base_model,
+        force=FLAGS.force,
     )
     print(f"wrote {path}")
     return 0
 
 
-@command("review", "blind human review of base vs fine-tuned answers (--summary)")
+@command(
+    "review",
+    "blind human review of base vs fine-tuned answers (--summary)",
+    model=False,
+)
 def _review(config, args) -> int:
     from gemma4_keras import review
 
@@ -282,11 +349,10 @@ def _data(config, args) -> int:
 def _tokenizer(config):
     from gemma4_keras import models
 
+    preset = models.resolve_preset(config.model.preset)  # a misspelt name stops
     try:
-        return models.load_tokenizer(models.resolve_preset(config.model.preset))
-    except models.PresetError:
-        raise
-    except Exception as e:  # tokenizer download needs credentials / network
+        return models.load_tokenizer(preset)
+    except models.PresetError as e:  # a download needs credentials / network
         logging.warning("no tokenizer (%s): token statistics are skipped", e)
         return None
 
@@ -303,41 +369,144 @@ def _quiet_libraries(record) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage)."""
+    """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage, 3 preempted)."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(usage(), file=sys.stderr)
         return 2
     name, rest = argv[1], argv[2:]
     saved_argv = sys.argv
+    spec = None
     # ml_collections reads `--config.x=y` overrides from sys.argv itself.
     sys.argv = [argv[0], *rest]
     try:
         FLAGS.unparse_flags()
         for flag in [f for f in FLAGS if f.startswith("config.")]:
             delattr(FLAGS, flag)  # overrides of an earlier main() in this process
+        # ml_collections loads the file with SourceFileLoader.load_module, which
+        # re-executes into an earlier main()'s module: a file that defines no
+        # get_config would silently inherit the previous file's.
+        sys.modules.pop("config_config", None)
+        spec = _config_spec(rest)
+        problem = _config_file_problem(spec) if spec else None
+        if problem:
+            print(f"gemma4-keras {name}: error: {problem}", file=sys.stderr)
+            return 2
         positional = FLAGS(sys.argv)[1:]
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections raises AttributeError for a misspelt --config.field.
-        message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-        print(f"gemma4-keras {name}: error: bad flag: {message}", file=sys.stderr)
+    except Exception as e:
+        # ml_collections raises AttributeError for a misspelt --config.field,
+        # and wraps errors raised by the config file's own code.
+        if spec and (
+            "Traceback" in str(e)
+            or not isinstance(
+                e, (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+            )
+        ):
+            message = _config_code_error(spec, e)
+        elif spec and "has no attribute 'get_config" in str(e):
+            message = f"--config={spec}: the file defines no get_config(arg=None)"
+        else:
+            message = _bad_flag(e)
+        print(f"gemma4-keras {name}: error: {message}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved_argv
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    _quiet.start_libraries()
+    with_model = name not in WITHOUT_MODEL
+    if with_model:
+        _quiet.start_libraries()
     try:
         config = _CONFIG.value
-        if config is None:
-            raise UsageError("--config=configs/<file>.py is required")
-        log_environment(config)
+        if with_model:
+            if config is None:
+                raise UsageError("--config=configs/<file>.py is required")
+            log_environment(config)
         fn, _ = COMMANDS[name]
         return fn(config, positional)
-    except (UsageError, *_user_errors()) as e:
+    except UsageError as e:
         print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+        return 2
+    except _user_errors() as e:
+        if FLAGS.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"gemma4-keras {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if FLAGS.verbose:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(
+            f"gemma4-keras {name}: error: unexpected {type(e).__name__}: {first} "
+            "(rerun with --verbose for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _bad_flag(e: BaseException) -> str:
+    """One line for a flag absl or ml_collections refused."""
+    import ast
+    import contextlib
+
+    text = str(e)
+    if text[:1] in ("'", '"') and text[:1] == text[-1:]:
+        # KeyError (and ml_collections' AttributeError) show a repr.
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = str(ast.literal_eval(text))
+    return "bad flag: " + " ".join(text.replace("\\n", " ").split())
+
+
+def _config_spec(args: list[str]) -> str | None:
+    """The value of --config in an argv tail, or None."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _config_file_problem(spec: str) -> str | None:
+    """What stops the config file of `--config=spec` from loading, or None."""
+    path = spec.split(":", 1)[0]
+    if not os.path.exists(path):
+        return f"--config={spec}: no such file {path}; give configs/<file>.py"
+    if os.path.isdir(path):
+        return f"--config={spec}: {path} is a directory; give configs/<file>.py"
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"--config={spec}: cannot read {path} ({getattr(e, 'strerror', e)})"
+    try:
+        compile(source, path, "exec")
+    except SyntaxError as e:
+        return f"{path}:{e.lineno}: syntax error in the config file: {e.msg}"
+    return None
+
+
+def _config_code_error(spec: str, e: BaseException) -> str:
+    """One line for an error raised by the config file's code, with its line."""
+    import re
+    import traceback
+
+    text = str(e)
+    frames = re.findall(r'File "([^"]+)", line (\d+)', text) or [
+        (f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
+    ]
+    path = os.path.abspath(spec.split(":", 1)[0])
+    mine = [f for f in frames if os.path.abspath(f[0]) == path]
+    file, line = (mine or frames or [(path, "?")])[-1]
+    if "Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1].strip()
+        last = re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", last)  # module path of the type
+    else:
+        last = f"{type(e).__name__}: {text}"
+    return f"--config={spec}: {file}:{line}: {' '.join(last.split())}"
 
 
 def entry() -> None:

@@ -339,7 +339,11 @@ def lora_layers(value: str | Sequence[str]) -> list[int] | None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first field whose value is unusable."""
+    from gemma4_keras.metrics import TASK_TYPES  # light: no model imports
+
     checks = [
+        (c.size in SIZES, "size", f"must be one of {', '.join(SIZES)}"),
+        (c.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
         (c.lora.rank > 0, "lora.rank", "must be > 0"),
         (c.lora.alpha > 0, "lora.alpha", "must be > 0"),
         (0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
@@ -398,6 +402,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "must be warn or stop",
         ),
         (c.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)"),
+        (
+            c.train.max_steps > 0 or c.train.max_steps == -1,
+            "train.max_steps",
+            "must be > 0, or -1 (= epochs x data)",
+        ),
+        (c.train.loss_chunk_size > 0, "train.loss_chunk_size", "must be > 0"),
+        (c.train.log_every > 0, "train.log_every", "must be > 0"),
+        (c.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = each epoch)"),
+        (c.eval.batch_size > 0, "eval.batch_size", "must be > 0"),
+        (c.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0"),
+        (
+            c.eval.max_examples > 0 or c.eval.max_examples == -1,
+            "eval.max_examples",
+            "must be > 0, or -1 (= all)",
+        ),
+        (
+            c.eval.task_type in ("", *TASK_TYPES),
+            "eval.task_type",
+            f"must be empty (infer) or one of {', '.join(TASK_TYPES)}",
+        ),
         (c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0"),
         (c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0"),
         (

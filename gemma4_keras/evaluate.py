@@ -100,16 +100,27 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
             f"{adapter} is missing: train first (gemma4-keras train "
             f"--workdir={workdir}) or point --workdir at a finished run"
         )
-    preset = models.resolve_preset(config.model.preset)
-    tokenizer = models.load_tokenizer(preset)
-    template = models.chat_template(config, preset).variant
-    prepared = data.prepare(config_lib.data_settings(config.data, template), tokenizer)
-    return evaluate_holdout(
-        weights.peft_deltas(adapter),
-        tokenizer,
-        preset,
-        prepared.holdout,
-        config,
-        out_dir or os.path.join(workdir, "eval"),
-        train_log=os.path.join(workdir, "train_log.csv"),
-    )
+    from gemma4_keras import workdir_lock
+
+    with workdir_lock.hold(workdir, "evaluate"):
+        preset = models.resolve_preset(config.model.preset)
+        tokenizer = models.load_tokenizer(preset)
+        template = models.chat_template(config, preset).variant
+        prepared = data.prepare(
+            config_lib.data_settings(config.data, template), tokenizer
+        )
+        if not prepared.holdout:
+            raise data.DataError(
+                f"{config_lib.data_settings(config.data)['path']}: no held-out "
+                "example to evaluate on; raise data.holdout_fraction, add data, or "
+                "set data.eval_path"
+            )
+        return evaluate_holdout(
+            weights.peft_deltas(adapter),
+            tokenizer,
+            preset,
+            prepared.holdout,
+            config,
+            out_dir or os.path.join(workdir, "eval"),
+            train_log=os.path.join(workdir, "train_log.csv"),
+        )

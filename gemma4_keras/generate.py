@@ -38,6 +38,41 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     return ids
 
 
+# Context windows of the released sizes (tokens), for presets without a
+# config.json; matched in this order against the lower-cased preset name.
+CONTEXT_LENGTHS = (("26b", 262144), ("31b", 262144), ("2b", 131072), ("4b", 131072))
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be generated from (empty, malformed, too long)."""
+
+
+def context_length(preset: str) -> int | None:
+    """The model's context window in tokens, or None when unknown.
+
+    Read from a checkpoint directory's `config.json` (`max_position_embeddings`),
+    else from the preset name of a released size.
+    """
+    import json
+    import os
+
+    path = os.path.join(str(preset), "config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            return None
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+        value = cfg.get("max_position_embeddings")
+        return int(value) if value else None
+    name = os.path.basename(str(preset).rstrip("/")).lower()
+    for size, length in CONTEXT_LENGTHS:
+        if size in name:
+            return length
+    return None
+
+
 class Generator:
     """Batched generation from chat messages.
 
@@ -55,9 +90,11 @@ class Generator:
         sampler: str = "greedy",
         template: str,
         enable_thinking: bool = False,
+        max_length: int | None = None,
     ):
         import keras_hub
 
+        self.max_length = max_length  # context window; None = unchecked
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.chat_tokenizer = as_chat_tokenizer(tokenizer)
@@ -80,7 +117,17 @@ class Generator:
         self, messages_list, *, max_new_tokens: int = 64, batch_size: int = 8
     ) -> list[str]:
         """Generates one model turn for each conversation (ending in a user turn)."""
+        if max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens={max_new_tokens} must be > 0")
         prompts = self.prompt_ids(messages_list)
+        for i, p in enumerate(prompts):
+            if self.max_length and len(p) + max_new_tokens > self.max_length:
+                raise PromptError(
+                    f"prompt {i + 1} is {len(p)} tokens; with max_new_tokens="
+                    f"{max_new_tokens} that is {len(p) + max_new_tokens}, over the "
+                    f"model's context of {self.max_length} tokens. Shorten the prompt "
+                    "or lower --max_new_tokens"
+                )
         out: list[str] = []
         for start in range(0, len(prompts), batch_size):
             out += self._generate_batch(
@@ -129,31 +176,49 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict
     user message per line.
     """
     import json
+    import os
 
     out = [[{"role": "user", "content": p}] for p in prompts]
     if prompts_file:
-        with open(prompts_file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("{"):
-                    try:
-                        messages = json.loads(line)["messages"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(
-                            f'{prompts_file}:{n}: expected {{"messages": [...]}} ({e})'
-                        ) from e
-                    out.append(messages)
-                else:
-                    out.append([{"role": "user", "content": line}])
+        if not os.path.isfile(prompts_file):
+            raise PromptError(f"--prompts_file={prompts_file}: no such file")
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise PromptError(
+                f"--prompts_file={prompts_file}: invalid UTF-8 at byte {e.start}; "
+                "save it as UTF-8"
+            ) from e
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    messages = json.loads(line)["messages"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise PromptError(
+                        f'{prompts_file}:{n}: expected {{"messages": [...]}} ({e})'
+                    ) from e
+                out.append(messages)
+            else:
+                out.append([{"role": "user", "content": line}])
     if not out:
-        raise ValueError("no prompt: give --prompt=... or --prompts_file=FILE")
+        raise PromptError("no prompt: give --prompt=... or --prompts_file=FILE")
     for i, messages in enumerate(out):
-        if not messages or messages[-1].get("role") != "user":
-            raise ValueError(
-                f"prompt {i + 1}: the conversation must end with a user turn"
-            )
+        where = f"prompt {i + 1}"
+        if not isinstance(messages, list) or not messages:
+            raise PromptError(f"{where}: 'messages' must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise PromptError(
+                    f"{where}: every message needs a role and a string content"
+                )
+            if not m["content"].strip() and m.get("role") == "user":
+                raise PromptError(f"{where}: empty user message")
+        if messages[-1].get("role") != "user":
+            raise PromptError(f"{where}: the conversation must end with a user turn")
     return out
 
 
@@ -165,18 +230,25 @@ def generate_answers(
 
     from gemma4_keras import models, weights
 
+    deltas = None
+    if adapter and adapter != "none":  # checked before the slow model load
+        if not os.path.isdir(adapter):
+            raise FileNotFoundError(
+                f"--adapter={adapter}: no such directory (train first, or give "
+                "--adapter=none for the base model)"
+            )
+        deltas = weights.peft_deltas(adapter)
     preset = models.resolve_preset(config.model.preset)
     backbone = models.load_backbone(preset, models.compute_dtype(config.model))
     tokenizer = models.load_tokenizer(preset)
-    if adapter and adapter != "none":
-        if not os.path.isdir(adapter):
-            raise FileNotFoundError(f"adapter directory {adapter} does not exist")
-        weights.apply_deltas(backbone, weights.peft_deltas(adapter))
+    if deltas is not None:
+        weights.apply_deltas(backbone, deltas)
     gen = Generator(
         backbone,
         tokenizer,
         template=models.chat_template(config, preset).variant,
         enable_thinking=bool(config.data.enable_thinking),
+        max_length=context_length(preset),
     )
     return gen.generate(
         conversations,

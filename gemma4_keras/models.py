@@ -135,8 +135,8 @@ def load_backbone(preset: str, dtype: str):
 
     try:
         return keras_hub.models.Gemma4Backbone.from_preset(preset, dtype=dtype)
-    except (FileNotFoundError, OSError) as e:
-        raise PresetError(f"could not load preset {preset!r}: {e}") from e
+    except Exception as e:  # hub clients and converters raise many kinds
+        raise _load_error(preset, "weights", e) from e
 
 
 def load_tokenizer(preset: str):
@@ -145,8 +145,28 @@ def load_tokenizer(preset: str):
 
     from gemma4_keras import _quiet
 
-    with _quiet.filtered_stderr():  # SentencePiece's "identity normalization"
-        return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
+    try:
+        with _quiet.filtered_stderr():  # SentencePiece's "identity normalization"
+            return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
+    except Exception as e:  # hub clients and converters raise many kinds
+        raise _load_error(preset, "tokenizer", e) from e
+
+
+def _load_error(preset: str, what: str, e: Exception) -> PresetError:
+    """One line for a preset that cannot be loaded (offline, no access, corrupt)."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if os.path.isdir(preset):
+        hint = "the directory holds a broken or incompatible checkpoint"
+    else:
+        hint = (
+            "downloading it needs network access and, for gated models, HF_TOKEN or "
+            "KAGGLE_USERNAME/KAGGLE_KEY; or download it once and set "
+            "--config.model.preset to the directory"
+        )
+    return PresetError(
+        f"--config.model.preset={preset!r}: could not load its {what} "
+        f"({type(e).__name__}: {first}); {hint}"
+    )
 
 
 @contextlib.contextmanager

@@ -2,9 +2,11 @@
 
 A workdir holds everything of a run:
 
+    .lock                held by the command using the workdir (removed on exit)
     config.json          the resolved config (a rerun must match it)
+    data_identity.json   sha256 of the data files (a rerun must match them)
     data_report.json     the data quality report
-    checkpoints/         adapter-only Orbax checkpoints (resume = rerun)
+    checkpoints/         adapter-only Orbax checkpoints with checksums (resume = rerun)
     train_log.csv        loss / val_loss / learning rate per optimiser step
     adapter/             the final adapter in PEFT format
     eval/                base vs fine-tuned report (JSON, Markdown, PNGs)
@@ -18,13 +20,23 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import sys
 
 import keras
 import numpy as np
 from absl import logging
 
 from gemma4_keras import callbacks as cb
-from gemma4_keras import checkpointing, config_lib, data, distributed, models, weights
+from gemma4_keras import (
+    checkpointing,
+    config_lib,
+    data,
+    distributed,
+    models,
+    weights,
+    workdir_lock,
+)
 
 
 class WorkdirError(RuntimeError):
@@ -46,26 +58,46 @@ class Plan:
 def run(config, workdir: str) -> dict:
     """Trains, evaluates and exports one run; resumes or reports a finished one.
 
-    Every check of the workdir (config, checkpoint metadata, checkpoint
-    readability) happens before anything is written to it, so a failed start
-    leaves an existing run byte for byte as it was.
+    The workdir is locked for the whole run (a second command on it stops at
+    once, naming this one). Every check (config, data, batch size, checkpoint
+    metadata and checksums) happens before anything is written to it, so a
+    failed start leaves an existing run byte for byte as it was, and a new
+    workdir empty.
     """
     config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.hold(workdir, "train"):
+        return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict:
+    remove_stale_temp(workdir)
     state = read_run_state(workdir)
+    # Identity before "finished": a finished workdir rerun with another config
+    # or other data is another run, not a finished one.
+    check_config(config, workdir)
+    identity = data_identity(config.data)
+    check_data_identity(identity, workdir)
     if state.get("status") == "finished":
         print(
             f"{workdir}: this run finished at step {state['step']}; nothing to do. "
             f"Report: {state.get('report', '-')}"
         )
         return state
-    check_config(config, workdir)
     preset = models.resolve_preset(config.model.preset)
     template = models.chat_template(config, preset)
     tokenizer = models.load_tokenizer(preset)
     # Bad data, or a package rendering that differs from the checkpoint's
     # chat_template.jinja, stops the run here, before a large model is loaded.
     prepared = prepare_data(config.data, tokenizer, template)
+    stream, plan = build_batches(prepared.train_examples, config.data, config.train)
+    if not prepared.holdout:
+        print(
+            "warning: no held-out example (too little data for "
+            f"data.holdout_fraction={config.data.holdout_fraction}): no validation "
+            "loss and no eval report; add data or set data.eval_path",
+            file=sys.stderr,
+            flush=True,
+        )
 
     distributed.setup(config.distribution, int(config.train.batch_size))
     model = models.build_training_model(
@@ -75,8 +107,8 @@ def run(config, workdir: str) -> dict:
     ckpt = build_checkpointer(config, workdir, model, preset)
     start = ckpt.restore_latest(model)
     write_config(config, workdir)
+    write_data_identity(identity, workdir)
     write_data_report(prepared, workdir)
-    stream, plan = build_batches(prepared.train_examples, config.data, config.train)
     samples = sample_callback(config, prepared, tokenizer, preset, workdir, template)
     history_cbs = build_callbacks(config, workdir, plan, ckpt, start, samples)
     if start < plan.total_steps:
@@ -100,11 +132,23 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def read_run_state(workdir: str) -> dict:
+    """workdir/run_state.json ({} before the first stop); WorkdirError if unreadable."""
     path = os.path.join(workdir, "run_state.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorkdirError(
+            f"{path}: unreadable run state ({e}); delete it to resume from the last "
+            "checkpoint, or pick a new --workdir"
+        ) from e
+    if not isinstance(state, dict):
+        raise WorkdirError(
+            f"{path}: not a JSON object; delete it to resume from the last checkpoint"
+        )
+    return state
 
 
 def write_run_state(workdir: str, **state) -> dict:
@@ -125,7 +169,7 @@ def check_config(config, workdir: str) -> None:
     try:
         with open(path) as f:
             old = _flat(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise WorkdirError(f"{path}: unreadable ({e}); pick a new --workdir") from e
     new = _flat(new)
     # A field this version added is absent from an older run's config: that
@@ -148,6 +192,71 @@ def check_config(config, workdir: str) -> None:
             f"{path} holds a run with another config: {k} was {old.get(k)!r}, now "
             f"{new.get(k)!r}. Rerun with the same config to resume, or pick a new --workdir"
         )
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_identity(data_cfg) -> dict:
+    """{config field: {"path", "sha256"}} of the training (and eval) data files.
+
+    A TFDS split is recorded by name only (its files belong to TFDS); a path
+    that does not exist is left to the data reader to report.
+    """
+    settings = config_lib.data_settings(data_cfg)
+    identity = {}
+    for field in ("path", "eval_path"):
+        path = str(settings.get(field) or "")
+        if not path or path.startswith("tfds:") or not os.path.isfile(path):
+            continue
+        identity[f"data.{field}"] = {"path": path, "sha256": _file_sha256(path)}
+    return identity
+
+
+def check_data_identity(identity: dict, workdir: str) -> None:
+    """Raises WorkdirError when the data differs from what the run trained on."""
+    path = os.path.join(workdir, "data_identity.json")
+    if not os.path.exists(path):
+        return  # a new run, or one made before data was recorded
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorkdirError(f"{path}: unreadable ({e}); pick a new --workdir") from e
+    for field in sorted(old.keys() | identity.keys()):
+        was, now = old.get(field) or {}, identity.get(field) or {}
+        if was.get("sha256") != now.get("sha256"):
+            file = now.get("path") or was.get("path")
+            raise WorkdirError(
+                f"{file} ({field}) is not the data this run trained on: its sha256 "
+                f"was {str(was.get('sha256'))[:12]}, now {str(now.get('sha256'))[:12]} "
+                f"(recorded in {path}). Restore the file to resume, or pick a new "
+                "--workdir to train on the new data"
+            )
+
+
+def write_data_identity(identity: dict, workdir: str) -> None:
+    _atomic_json(os.path.join(workdir, "data_identity.json"), identity)
+
+
+def remove_stale_temp(workdir: str) -> None:
+    """Removes what a killed run left half-written (the lock is held: none is live).
+
+    Adapter saves write `.adapter-*` directories and JSON / CSV writes
+    `*.tmp` files, renamed into place only when complete.
+    """
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if name.startswith(".adapter-") and os.path.isdir(path):
+            logging.info("removing %s (an interrupted adapter save)", path)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".tmp") and os.path.isfile(path):
+            os.remove(path)
 
 
 def write_config(config, workdir: str) -> None:
@@ -238,14 +347,22 @@ def write_data_report(prepared, workdir: str) -> None:
 def build_batches(examples, data_cfg, train_cfg):
     """The batch stream and the step plan."""
     batch = int(train_cfg.batch_size)
-    stream = data.build_dataset(
-        examples,
-        seq_len=int(data_cfg.max_length),
-        batch_size=batch,
-        packing=bool(data_cfg.packing),
-        shuffle=True,
-        seed=int(train_cfg.seed),
-    )
+    try:
+        stream = data.build_dataset(
+            examples,
+            seq_len=int(data_cfg.max_length),
+            batch_size=batch,
+            packing=bool(data_cfg.packing),
+            shuffle=True,
+            seed=int(train_cfg.seed),
+        )
+    except data.DataError as e:
+        raise config_lib.ConfigError(
+            f"--config.train.batch_size={batch} is more than the training data gives "
+            f"({len(examples)} examples, packing={bool(data_cfg.packing)}): no full "
+            "batch. Lower --config.train.batch_size, or add training data "
+            "(data.path) / lower data.holdout_fraction"
+        ) from e
     accum = int(train_cfg.grad_accum)
     per_epoch = max(1, stream.steps_per_epoch // accum)
     total = (
@@ -310,6 +427,10 @@ def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
         weight_decay=float(train_cfg.weight_decay),
         global_clipnorm=float(train_cfg.max_grad_norm) or None,
         gradient_accumulation_steps=accum if accum > 1 else None,
+        # A fixed name: Keras numbers unnamed objects per process (adam_w_1,
+        # ...), and the checkpoint keys hold the name, so a second run in one
+        # process could not restore its own checkpoint.
+        name="adam_w",
     )
     model.compile(optimizer=optimizer, jit_compile=True)
 

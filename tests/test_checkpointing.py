@@ -191,24 +191,33 @@ def test_foreign_checkpoint_meta_is_named(runs, tmp_path):
     assert ckdir in str(e.value)
 
 
-def test_corrupt_checkpoint_is_named_and_untouched(runs, tmp_path, capsys):
+def test_corrupt_checkpoints_are_named_and_untouched(runs, tmp_path, capsys):
+    """Every step unreadable: the run stops naming them and moves nothing.
+
+    (One corrupt step among good ones falls back to the newest good step:
+    tests/test_reliability.py.)
+    """
     import shutil
 
     _, killed, _, _ = runs
     work = str(tmp_path / "w")
     shutil.copytree(killed, work)
     os.remove(os.path.join(work, "run_state.json"))
-    step_dir = os.path.join(work, "checkpoints", "12")
-    for d, _, fs in os.walk(step_dir):
-        for f in fs:
-            if f.startswith(("manifest", "_METADATA")) or "d" == os.path.basename(d):
-                with open(os.path.join(d, f), "wb") as fh:
-                    fh.write(b"garbage")
+    step_dirs = [os.path.join(work, "checkpoints", str(s)) for s in _steps(work)]
+    for step_dir in step_dirs:
+        for d, _, fs in os.walk(step_dir):
+            for f in fs:
+                if f.startswith(("manifest", "_METADATA")) or "d" == os.path.basename(
+                    d
+                ):
+                    with open(os.path.join(d, f), "wb") as fh:
+                        fh.write(b"garbage")
     before = _snapshot(work)
     rc = _run_in_process(work)
     err = capsys.readouterr()
     assert rc != 0
-    assert step_dir in err.err + err.out
+    for step_dir in step_dirs:
+        assert step_dir in err.err + err.out
     assert _snapshot(work) == before
 
 
@@ -220,7 +229,9 @@ def test_sigterm_saves_then_rerun_finishes(runs, tmp_path):
     proc = _start(work)
     _wait_for_step(proc, work, 3)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, open(work + ".log").read()[-3000:]
+    # Exit code 3 (preempted), not 0: `train && export` must not carry on.
+    assert proc.wait(timeout=120) == 3, open(work + ".log").read()[-3000:]
+    assert "rerun the same command to resume" in open(work + ".log").read()
     with open(os.path.join(work, "run_state.json")) as f:
         state = json.load(f)
     assert state["status"] == "preempted"

@@ -456,9 +456,7 @@ def test_eval_report_gets_the_section_when_reviews_exist(eval_dir):
 
 
 def run_cli(*args):
-    return cli.main(
-        ["gemma4-keras", "review", f"--config={ROOT}/configs/tiny.py", *args]
-    )
+    return cli.main(["gemma4-keras", "review", *args])  # no --config needed
 
 
 def test_cli_summary(eval_dir, capsys):
@@ -479,7 +477,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_serves_until_interrupted(eval_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "gemma4_keras.cli", "review"]
-    command += [f"--config={ROOT}/configs/tiny.py", f"--workdir={eval_dir.parent}"]
+    command += [f"--workdir={eval_dir.parent}"]
     process = subprocess.Popen(
         command,
         cwd=ROOT,

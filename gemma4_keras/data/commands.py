@@ -123,7 +123,12 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
         holdout, tokenizer, **_encode_kwargs(cfg)
     )
     if not train_examples:
-        raise DataError(f"{cfg.path}: no training example left (see the data report)")
+        raise DataError(
+            f"{cfg.path}: no training example left: {len(train)} training "
+            f"conversation(s), {encode_stats.get('dropped_too_long', 0)} dropped as "
+            f"longer than data.max_length={int(cfg.max_length)}. Add data, raise "
+            "data.max_length or set data.truncation=cut_history"
+        )
     split = {
         "train": len(train),
         "holdout": len(holdout),
@@ -178,8 +183,17 @@ def check(data_cfg: Any, tokenizer: Any = None) -> dict:
             data.on_error is "raise"; the report is attached as `e.report`.
     """
     report = stats(data_cfg, tokenizer)
-    if _View(data_cfg).on_error == "raise" and report["read"]["skipped"]:
-        error = DataError([Problem(**p) for p in report["read"]["skipped_records"]])
+    read = report["read"]
+    if _View(data_cfg).on_error == "raise" and read["skipped"]:
+        error = DataError([Problem(**p) for p in read["skipped_records"]])
+        error.report = report
+        raise error
+    if not read["valid"]:
+        # on_error=skip would otherwise pass a file nothing can train on.
+        error = DataError(
+            f"{_View(data_cfg).path}: no valid record ({read['records']} read, "
+            f"{read['skipped']} skipped); fix the data or data.path"
+        )
         error.report = report
         raise error
     return report
@@ -213,11 +227,18 @@ def split(data_cfg: Any, out_dir: str) -> dict:
         {"train": path, "holdout": path, "report": path}.
     """
     cfg = _View(data_cfg)
-    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
-    os.makedirs(out_dir, exist_ok=True)
     paths = {
         name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "holdout")
     }
+    inputs = {os.path.realpath(p) for p in (cfg.path, cfg.eval_path) if p}
+    for path in (*paths.values(), os.path.join(out_dir, "report.json")):
+        if os.path.realpath(path) in inputs:
+            raise DataError(
+                f"--out={out_dir} would overwrite the input {path} (data.path / "
+                "data.eval_path); choose another --out"
+            )
+    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
+    os.makedirs(out_dir, exist_ok=True)
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["holdout"], holdout)
     split_info = {

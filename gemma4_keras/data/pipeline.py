@@ -47,7 +47,8 @@ class BatchStream:
         n = len(rows) // batch_size if drop_remainder else -(-len(rows) // batch_size)
         if n == 0:
             raise DataError(
-                f"{len(rows)} rows make no full batch of {batch_size}; lower the batch size or set drop_remainder=False"
+                f"{len(rows)} rows make no full batch of {batch_size}; lower the "
+                "batch size (train.batch_size) or give more data (data.path)"
             )
         self.examples, self.rows = examples, list(rows)
         self.seq_len, self.batch_size, self.steps_per_epoch = seq_len, batch_size, n

@@ -269,12 +269,43 @@ def detect_format(record: Mapping, fields: Mapping) -> str:
 # --------------------------------------------------------------------------
 
 
+def _unicode_problem(text: str, columns: bool = True) -> str | None:
+    """Why `text` is not valid Unicode, or None.
+
+    Files are read with errors="surrogateescape", so an invalid UTF-8 byte
+    0xNN shows up as the lone surrogate U+DCNN; JSON can also spell a lone
+    surrogate as an escape (\\ud800). Neither can be tokenized.
+    """
+    for column, ch in enumerate(text, 1):
+        code = ord(ch)
+        where = f" at column {column}" if columns else ""
+        if 0xDC80 <= code <= 0xDCFF:
+            return (
+                f"invalid UTF-8 (byte 0x{code - 0xDC00:02x}{where}); "
+                "save the file as UTF-8"
+            )
+        if 0xD800 <= code <= 0xDFFF:
+            return (
+                f"a lone surrogate \\u{code:04x}{where} is not valid Unicode; "
+                "remove it or write the character as a surrogate pair"
+            )
+    return None
+
+
+def _open_text(path: str, newline: str | None = None):
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig") as f:
+    with _open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             source = f"{path}:{line_no}"
+            bad = _unicode_problem(line)
+            if bad:
+                yield source, Problem(source, bad)
+                continue
             try:
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
@@ -286,33 +317,41 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
             if not isinstance(record, dict):
                 yield source, Problem(source, "a JSONL line must be a JSON object")
                 continue
+            bad = _unicode_problem(json.dumps(record, ensure_ascii=False), False)
+            if bad:
+                yield source, Problem(source, bad)
+                continue
             yield source, record
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            yield (
-                f"{path}:{e.lineno}",
-                Problem(f"{path}:{e.lineno}", f"malformed JSON ({e.msg})"),
-            )
-            return
+    with _open_text(path) as f:
+        text = f.read()
+    for line_no, line in enumerate(text.splitlines(), 1):
+        bad = _unicode_problem(line)
+        if bad:  # the whole list is one record set: report the line, stop
+            raise DataError(Problem(f"{path}:{line_no}", bad))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        yield (
+            f"{path}:{e.lineno}",
+            Problem(f"{path}:{e.lineno}", f"malformed JSON ({e.msg})"),
+        )
+        return
     if not isinstance(records, list):
         raise DataError(Problem(path, "a .json file must hold a list of records"))
     for index, record in enumerate(records):
         source = f"{path}[{index}]"
-        yield (
-            source,
-            record
-            if isinstance(record, dict)
-            else Problem(source, "not a JSON object"),
-        )
+        if not isinstance(record, dict):
+            yield source, Problem(source, "not a JSON object")
+            continue
+        bad = _unicode_problem(json.dumps(record, ensure_ascii=False), False)
+        yield (source, Problem(source, bad) if bad else record)
 
 
 def _iter_csv(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _open_text(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -321,6 +360,10 @@ def _iter_csv(path: str) -> Iterator[tuple[str, Any]]:
         for row in reader:
             source, start = f"{path}:{start}", reader.line_num + 1
             if not row:
+                continue
+            bad = _unicode_problem("\x1f".join(row), False)
+            if bad:
+                yield source, Problem(source, bad)
                 continue
             if len(row) != len(header):
                 reason = f"row has {len(row)} columns, the header has {len(header)}"
@@ -340,6 +383,15 @@ def iter_records(
         return
     if not os.path.exists(path):
         raise DataError(Problem(path, "no such file (check data.path)"))
+    if os.path.isdir(path):
+        raise DataError(
+            Problem(path, "is a directory; set data.path to a .jsonl/.json/.csv file")
+        )
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise DataError(Problem(path, f"cannot read it ({e.strerror})")) from e
     if path.endswith(".csv") or fmt == "csv":
         yield from _iter_csv(path)
     elif path.endswith(".json"):

@@ -78,8 +78,11 @@ def iter_tfds(path: str, data_dir: str = "") -> Iterator[tuple[str, dict]]:
         builder.download_and_prepare()
         dataset = builder.as_dataset(split=split, shuffle_files=False)
     except Exception as e:  # TFDS raises many types; report them as data errors.
+        # TFDS messages run to hundreds of lines (every known dataset name).
+        first = (str(e).strip().splitlines() or [""])[0][:300]
         raise DataError(
-            f"{path}: cannot load the TFDS split ({type(e).__name__}: {e})"
+            f"{path}: cannot load the TFDS split ({type(e).__name__}: {first}); "
+            "check the name, split and data.tfds_data_dir"
         ) from e
     features = builder.info.features
     for index, example in enumerate(tfds.as_numpy(dataset)):

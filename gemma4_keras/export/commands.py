@@ -24,18 +24,30 @@ from gemma4_keras.export.hf import ExportError
 FORMATS = ("peft", "hf", "keras", "gguf")
 
 
-def check_workdir(workdir: str) -> str:
-    """Returns workdir/adapter, or raises ExportError if the run is not finished."""
+def check_workdir(workdir: str, force: bool = False) -> str:
+    """Returns workdir/adapter, or raises ExportError if the run is not finished.
+
+    With `force`, a run that stopped early (preempted, diverged) is exported
+    from whatever adapter its workdir holds.
+    """
     adapter = os.path.join(workdir, "adapter")
     state_path = os.path.join(workdir, "run_state.json")
     status = None
     if os.path.isfile(state_path):
-        with open(state_path) as f:
-            status = json.load(f).get("status")
-    if status != "finished":
+        try:
+            with open(state_path) as f:
+                status = json.load(f).get("status")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ExportError(
+                f"{state_path}: unreadable run state ({e}); rerun `gemma4-keras "
+                f"train --workdir={workdir}` after deleting it, to resume"
+            ) from e
+    if status != "finished" and not force:
+        why = " (its loss became NaN/inf)" if status == "diverged" else ""
         raise ExportError(
-            f"{state_path}: run status is {status!r}, not 'finished'; finish the run "
-            f"first (rerun `gemma4-keras train --workdir={workdir}` to resume it)"
+            f"{state_path}: run status is {status!r}{why}, not 'finished'; finish the "
+            f"run first (rerun `gemma4-keras train --workdir={workdir}` to resume it), "
+            "or pass --force to export its adapter anyway"
         )
     if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
         raise ExportError(
@@ -43,6 +55,29 @@ def check_workdir(workdir: str) -> str:
             "adapter there (was the workdir copied partially?)"
         )
     return adapter
+
+
+def check_adapter_finite(adapter_dir: str, force: bool = False) -> None:
+    """Raises ExportError when the adapter holds NaN/inf (unless `force`)."""
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(
+            f"{path}: unreadable ({e}); it is truncated or corrupt. Rerun training "
+            "on a new --workdir, or restore the file"
+        ) from e
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad and not force:
+        raise ExportError(
+            f"{path}: {len(bad)} tensor(s) hold NaN/inf (first: {bad[0]}); the run "
+            "diverged. Retrain (e.g. a lower --config.train.learning_rate), or pass "
+            "--force to export it anyway"
+        )
 
 
 def check_out(out: str) -> None:
@@ -53,17 +88,55 @@ def check_out(out: str) -> None:
         )
 
 
+def _staging_prefix(out: str) -> str:
+    return f".{os.path.basename(os.path.abspath(out))}.export-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_staging(out: str) -> list[str]:
+    """Removes staging directories of `out` left by killed exports; returns them.
+
+    A staging directory is named `.<out>.export-<pid>-<random>`; it is stale
+    when process <pid> is gone (a live export's directory is never touched).
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    prefix = _staging_prefix(out)
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for name in os.listdir(parent):
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def staging(out: str):
-    """Yields a temporary directory beside `out`; renames it to `out` on success."""
+    """Yields a temporary directory beside `out`; renames it to `out` on success.
+
+    The result gets the user's umask permissions (not mkdtemp's 0700).
+    """
+    from gemma4_keras.export.peft import umask_permissions
+
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(os.path.abspath(out))}.export-", dir=parent
-    )
+    remove_stale_staging(out)
+    tmp = tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=parent)
     try:
         yield tmp
         check_out(out)  # something may have appeared while we wrote
+        umask_permissions(tmp)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
@@ -103,6 +176,7 @@ def export(
     layout: str = "causal_lm",
     dtype: str = "float32",
     base_model: str | None = None,
+    force: bool = False,
 ) -> str:
     """Exports a finished run's adapter as `fmt` into the new directory `out`.
 
@@ -119,6 +193,7 @@ def export(
         dtype: hf: stored weight dtype (`float32`, `bfloat16`, `float16`).
         base_model: id recorded as the base (default `config.model.preset`);
             for vLLM use the HF repo id, e.g. `google/gemma-4-E4B-it`.
+        force: export a run that did not finish, or an adapter with NaN/inf.
 
     Returns:
         `out`.
@@ -126,7 +201,7 @@ def export(
     Example:
       >>> export(config, "runs/tiny", "hf", "runs/tiny/export/hf")
     """
-    from gemma4_keras import models
+    from gemma4_keras import workdir_lock
 
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -134,7 +209,37 @@ def export(
         from gemma4_keras.export import gguf as gguf_lib
 
         gguf_lib.check_type(gguf_type)  # fail before the slow load
-    adapter_dir = check_workdir(workdir)
+    if fmt == "hf":
+        from gemma4_keras.export.hf import parse_size
+
+        if parse_size(shard_size) <= 0:
+            raise ExportError(f"--shard_size={shard_size!r} must be > 0 bytes")
+    if not os.path.isdir(workdir):
+        raise ExportError(
+            f"--workdir={workdir}: no such directory; point it at a finished run"
+        )
+    with workdir_lock.hold(workdir, "export"):
+        return _export_locked(
+            config,
+            workdir,
+            fmt,
+            out,
+            shard_size,
+            gguf_type,
+            layout,
+            dtype,
+            base_model,
+            force,
+        )
+
+
+def _export_locked(
+    config, workdir, fmt, out, shard_size, gguf_type, layout, dtype, base_model, force
+) -> str:
+    from gemma4_keras import models
+
+    adapter_dir = check_workdir(workdir, force)
+    check_adapter_finite(adapter_dir, force)
     check_out(out)
     base_model = base_model or default_base_model(config)
     preset = models.resolve_preset(config.model.preset)

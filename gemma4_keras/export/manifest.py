@@ -56,7 +56,11 @@ def build_manifest(
     if os.path.isfile(state_path):
         with open(state_path) as f:
             state = json.load(f)
-    eval_summary = {k: v for k, v in state.items() if k not in ("status", "step")}
+    eval_summary = {
+        k: _portable(v, workdir)
+        for k, v in state.items()
+        if k not in ("status", "step")
+    }
     return {
         "format": fmt,
         "base_model": base_model,
@@ -76,6 +80,15 @@ def build_manifest(
         "package": "gemma4-keras",
         "package_version": __version__,
     }
+
+
+def _portable(value, workdir: str):
+    """A path inside the workdir, relative to it (a manifest travels with the export)."""
+    if isinstance(value, str) and os.path.isabs(value):
+        root = os.path.abspath(workdir)
+        if os.path.commonpath([root, os.path.abspath(value)]) == root:
+            return os.path.relpath(value, root)
+    return value
 
 
 def write_manifest(directory: str, manifest: dict) -> str:

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gemma4_keras import config_lib
@@ -133,10 +134,27 @@ def save_adapter(
     )
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
         json.dump(adapter_config(spec, base_model, layout), f, indent=2)
+    umask_permissions(tmp)
     if os.path.exists(directory):
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def umask_permissions(directory: str) -> None:
+    """Gives `directory` and everything in it the modes the user's umask allows.
+
+    `tempfile.mkdtemp` makes 0700 directories and some writers 0600 files; a
+    serving process running as another user could not read the result.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -148,8 +166,13 @@ def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
                 f"{p} is missing; a PEFT adapter directory holds "
                 "adapter_config.json and adapter_model.safetensors"
             )
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{cfg_path}: not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(
             f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA"
@@ -164,7 +187,12 @@ def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
             )
     if cfg.get("use_dora"):
         raise AdapterFormatError(f"{cfg_path}: use_dora=true (DoRA) is not supported")
-    return cfg, load_file(w_path)
+    try:
+        return cfg, load_file(w_path)
+    except (SafetensorError, ValueError) as e:
+        raise AdapterFormatError(
+            f"{w_path}: unreadable ({e}); the file is truncated or corrupt"
+        ) from e
 
 
 def load_adapter(
