@@ -73,8 +73,8 @@ def _one_step(model, initial, batches, accum, lr=0.5):
         tokens_per_step=0,
     )
     model.fit(
-        shuffle=False,  # a generator: Keras cannot shuffle it
         train.step_batches(_Stream(batches), plan, 0),
+        shuffle=False,  # a generator: Keras cannot shuffle it
         steps_per_epoch=accum,
         epochs=1,
         verbose=0,
@@ -138,8 +138,8 @@ def _lr_history(model, initial, singles, c, total, tmp_path):
         )
 
     model.fit(
-        shuffle=False,  # a generator: Keras cannot shuffle it
         train.step_batches(_Stream(singles), plan, 0),
+        shuffle=False,  # a generator: Keras cannot shuffle it
         steps_per_epoch=plan.grad_accum,
         epochs=total,
         verbose=0,
@@ -199,8 +199,8 @@ def test_bfloat16_computes_in_bf16_with_float32_adapters_and_optimizer(setup):
     hidden = model(singles[0])
     assert hidden.dtype == "bfloat16"
     model.fit(
-        shuffle=False,  # a generator: Keras cannot shuffle it
         train.step_batches(_Stream(singles), plan, 0),
+        shuffle=False,  # a generator: Keras cannot shuffle it
         steps_per_epoch=1,
         epochs=1,
         verbose=0,
