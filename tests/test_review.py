@@ -485,6 +485,10 @@ def test_cli_serves_until_interrupted(eval_dir):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal: a pytest-xdist worker (or a shell's `&`)
+        # may ignore SIGINT, and a child inherits that, so Python would never
+        # raise KeyboardInterrupt in it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = process.stdout.readline()  # blocks until the URL (or exit)
