@@ -171,21 +171,43 @@ def test_llama_cpp_logits_match_keras(tmp_path_factory):
 
 
 def test_llama_cpp_tokenizes_a_rendered_prompt_with_one_bos(q8):
+    """One BOS the way llama.cpp serves a Gemma 4 GGUF.
+
+    The export says `add_bos_token` false, as the official tokenizer does
+    (the chat template emits `<bos>`). llama.cpp overrides that to true for
+    the gemma4 vocabulary ("workaround for Gemma 4" in llama-vocab.cpp), and
+    its chat path does not add a second one: llama-cpp-python's
+    `Jinja2ChatFormatter` reports `added_special`, so `create_chat_completion`
+    tokenizes the rendered prompt with `add_bos=False`. Plain text (no
+    template) gets its one BOS from llama.cpp.
+    """
     llama_cpp = pytest.importorskip(
         "llama_cpp",
         reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; compiles llama.cpp)",
     )
+    from llama_cpp import llama_chat_format
+
+    from gemma4_keras import tiny
     from gemma4_keras.data import generation_prompt
 
-    _, _, out, _ = q8
+    _, _, out, reader = q8
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is False
     llm = llama_cpp.Llama(
         model_path=os.path.join(out, "model-q8_0.gguf"), n_ctx=64, verbose=False
     )
-    prompt = generation_prompt([{"role": "user", "content": "Hi"}], template="small")
-    # add_bos=True asks llama.cpp to add BOS where the vocabulary says so.
-    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=tiny.chat_template_jinja("small"), eos_token="<eos>", bos_token="<bos>"
+    )
+    rendered = formatter(messages=messages)
+    assert rendered.prompt == generation_prompt(messages, template="small")
+    ids = llm.tokenize(
+        rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
+    )
     assert ids[0] == 2 and ids.count(2) == 1, ids
     assert ids.count(105) == 2 and ids.count(106) == 1, ids  # control tokens parsed
+    plain = llm.tokenize(b"Hi", add_bos=True, special=True)
+    assert plain[0] == 2 and plain.count(2) == 1, plain
 
 
 def test_q4_k_m_needs_llama_cpp(tmp_path):
