@@ -30,9 +30,13 @@ def evaluate_holdout(
     conversations,
     config,
     out_dir: str,
+    *,
+    template: str,
     train_log: str | None = None,
 ) -> dict:
     """Generates with base and fine-tuned models; writes the report to `out_dir`.
+
+    `template` is the run's resolved chat template variant (small | large).
 
     `deltas` are the adapter's (in, out) weight deltas (`weights.model_deltas`
     or `weights.peft_deltas`). Returns a summary: headline metric name, base and fine-tuned values and
@@ -47,7 +51,7 @@ def evaluate_holdout(
     gen = Generator(
         backbone,
         tokenizer,
-        template=models.chat_template(config, preset).variant,
+        template=template,
         enable_thinking=bool(config.data.enable_thinking),
     )
     predictions = {}
@@ -106,12 +110,11 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
         preset = models.resolve_preset(config.model.preset)
         tokenizer = models.load_tokenizer(preset)
         template = models.chat_template(config, preset).variant
-        prepared = data.prepare(
-            config_lib.data_settings(config.data, template), tokenizer
-        )
+        settings = config_lib.data_settings(config.data, template)
+        prepared = data.prepare(settings, tokenizer)
         if not prepared.holdout:
             raise data.DataError(
-                f"{config_lib.data_settings(config.data)['path']}: no held-out "
+                f"{settings['path']}: no held-out "
                 "example to evaluate on; raise data.holdout_fraction, add data, or "
                 "set data.eval_path"
             )
@@ -122,5 +125,6 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
             prepared.holdout,
             config,
             out_dir or os.path.join(workdir, "eval"),
+            template=template,
             train_log=os.path.join(workdir, "train_log.csv"),
         )

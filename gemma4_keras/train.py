@@ -117,7 +117,9 @@ def _run_locked(config, workdir: str) -> dict:
     if stopped:
         return write_run_state(workdir, status=stopped["status"], step=stopped["step"])
     save_adapter(model, config, preset, workdir)
-    summary = evaluate_run(model, tokenizer, preset, prepared, config, workdir)
+    summary = evaluate_run(
+        model, tokenizer, preset, prepared, config, workdir, template.variant
+    )
     return write_run_state(workdir, status="finished", step=plan.total_steps, **summary)
 
 
@@ -603,7 +605,9 @@ def save_adapter(model, config, preset: str, workdir: str) -> None:
     )
 
 
-def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> dict:
+def evaluate_run(
+    model, tokenizer, preset, prepared, config, workdir: str, template: str
+) -> dict:
     """Generates on the held-out split with base and fine-tuned; writes the report."""
     from gemma4_keras import evaluate
 
@@ -616,5 +620,6 @@ def evaluate_run(model, tokenizer, preset, prepared, config, workdir: str) -> di
         prepared.holdout,
         config,
         os.path.join(workdir, "eval"),
+        template=template,
         train_log=os.path.join(workdir, "train_log.csv"),
     )

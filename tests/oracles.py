@@ -26,14 +26,8 @@ from typing import NoReturn
 
 import pytest
 
-# Module name -> the distribution that provides it (all in the `test` extra).
-ORACLES = {
-    "torch": "torch",
-    "transformers": "transformers",
-    "peft": "peft",
-    "bitsandbytes": "bitsandbytes",
-    "gguf": "gguf",
-}
+# Importable names of the reference implementations (all in the `test` extra).
+ORACLES = ("torch", "transformers", "peft", "bitsandbytes", "gguf")
 INSTALL = 'pip install -e ".[test]"'
 # Set from `--require-oracles` by conftest.py (in every xdist worker too): a
 # missing oracle, or the browser of the review-page tests, fails instead.

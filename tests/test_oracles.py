@@ -42,7 +42,7 @@ def test_block_triton_leaves_an_imported_triton_alone(monkeypatch):
 
 
 def test_missing_lists_only_absent_oracles(monkeypatch):
-    monkeypatch.setattr(oracles, "ORACLES", {"json": "json", "no_such_mod_x": "x"})
+    monkeypatch.setattr(oracles, "ORACLES", ("json", "no_such_mod_x"))
     assert oracles.missing() == ["no_such_mod_x"]
 
 
@@ -70,7 +70,7 @@ class _Config:
 
 def test_require_oracles_stops_the_session_naming_the_missing_one(monkeypatch):
     monkeypatch.setattr(oracles, "REQUIRED", oracles.REQUIRED)  # restored after
-    monkeypatch.setattr(oracles, "ORACLES", {"json": "json", "no_such_mod_x": "x"})
+    monkeypatch.setattr(oracles, "ORACLES", ("json", "no_such_mod_x"))
     with pytest.raises(pytest.UsageError, match="not installed: no_such_mod_x"):
         conftest.pytest_configure(_Config(require=True))
     conftest.pytest_configure(_Config(require=False))  # skips are allowed then
