@@ -55,7 +55,10 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma4_keras import losses, modeling  # noqa: E402
+from gemma4_keras.model import (
+    loss,  # noqa: E402
+    modeling,
+)
 
 KERAS_HUB_TARGETS = [
     "query",
@@ -110,7 +113,7 @@ def _batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
 
 
 def _loss(hidden, embedding, data, soft_cap):
-    total, count = losses.chunked_cross_entropy(
+    total, count = loss.chunked_cross_entropy(
         hidden,
         embedding,
         data["targets"],

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gemma4_keras import losses  # noqa: E402
+from gemma4_keras.model import loss  # noqa: E402
 
 GIB = 1024**3
 
@@ -89,7 +89,7 @@ def main() -> None:
     print(header)
     for dim in args.dims:
         shape = (args.batch, args.seq, args.vocab, dim, dtype)
-        full_temp, full_flops, full_s = measure(losses.full_cross_entropy, *shape)
+        full_temp, full_flops, full_s = measure(loss.full_cross_entropy, *shape)
         print(
             f"{dim:>5} {'full':>14} {full_temp / GIB:>9.3f} {1:>7.3f} "
             f"{full_flops / 1e9:>9.1f} {1:>10.3f} {full_s:>9.1f}"
@@ -98,7 +98,7 @@ def main() -> None:
         for chunk in args.chunk_sizes:
 
             def chunked(h, e, t, w, chunk=chunk):
-                return losses.chunked_cross_entropy(h, e, t, w, chunk_size=chunk)
+                return loss.chunked_cross_entropy(h, e, t, w, chunk_size=chunk)
 
             temp, body_flops, secs = measure(chunked, *shape)
             trips = -(-tokens // chunk)

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from gemma4_keras import quant  # the package selects the JAX backend for keras
+from gemma4_keras.model import quant  # the package selects the JAX backend for keras
 
 SHAPE = (4096, 4096)
 

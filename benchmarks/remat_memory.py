@@ -26,8 +26,8 @@ import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gemma4_keras  # noqa: E402,F401  (selects the JAX backend before keras loads)
-from gemma4_keras import tiny  # noqa: E402
-from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec  # noqa: E402
+from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec  # noqa: E402
+from gemma4_keras.testing import tiny  # noqa: E402
 
 
 def write_checkpoint(path: str, layers: int, dim: int) -> None:

@@ -89,7 +89,7 @@ def main() -> None:
     affinity = pin_one_core()
     import keras_hub
 
-    from gemma4_keras.tiny import tiny_checkpoint
+    from gemma4_keras.testing.tiny import tiny_checkpoint
 
     preset = args.preset or str(tiny_checkpoint())
     tokenizer = keras_hub.models.Gemma4Tokenizer.from_preset(preset)

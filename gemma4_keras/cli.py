@@ -130,15 +130,18 @@ def usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemma4_keras import checkpointing, config_lib, generate, models, train
+    from gemma4_keras import config_lib
     from gemma4_keras.data import DataError
+    from gemma4_keras.eval import generate
     from gemma4_keras.export.hf import ExportError
     from gemma4_keras.export.peft import AdapterFormatError
+    from gemma4_keras.model import presets
+    from gemma4_keras.run import checkpointing, train
     from gemma4_keras.workdir_lock import WorkdirLockedError
 
     return (
         config_lib.ConfigError,
-        models.PresetError,
+        presets.PresetError,
         DataError,
         checkpointing.CheckpointError,
         train.WorkdirError,
@@ -202,7 +205,7 @@ def log_environment(config) -> None:
 
 @command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
 def _train(config, args) -> int:
-    from gemma4_keras import train
+    from gemma4_keras.run import train
 
     workdir = _require(FLAGS.workdir, "workdir")
     state = train.run(config, workdir)
@@ -227,7 +230,7 @@ def _train(config, args) -> int:
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
 def _evaluate(config, args) -> int:
-    from gemma4_keras import evaluate
+    from gemma4_keras.eval import evaluate
 
     summary = evaluate.evaluate_workdir(
         config, _require(FLAGS.workdir, "workdir"), FLAGS.out
@@ -238,7 +241,7 @@ def _evaluate(config, args) -> int:
 
 @command("generate", "answer prompts with the base model or an adapter")
 def _generate(config, args) -> int:
-    from gemma4_keras import generate
+    from gemma4_keras.eval import generate
 
     if FLAGS.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be > 0")
@@ -286,7 +289,7 @@ def _export(config, args) -> int:
     model=False,
 )
 def _review(config, args) -> int:
-    from gemma4_keras import review
+    from gemma4_keras.eval import review
 
     workdir = _require(FLAGS.workdir, "workdir")
     try:
@@ -301,7 +304,7 @@ def _review(config, args) -> int:
 
 @command("plan", "estimate memory and speed of a run before starting it")
 def _plan(config, args) -> int:
-    from gemma4_keras import plan
+    from gemma4_keras.model import plan
 
     estimate = plan.plan(config, tflops=FLAGS.tflops, mfu=FLAGS.mfu)
     print(plan.format_plan(estimate))
@@ -319,7 +322,8 @@ def _data(config, args) -> int:
     verb = args[0] if args else ""
     if verb not in ("check", "stats", "split", "render"):
         raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
-    from gemma4_keras import config_lib, models
+    from gemma4_keras import config_lib
+    from gemma4_keras.model import presets
 
     if verb == "split":  # no rendering: the chat template does not matter
         cfg = config_lib.data_settings(config.data)
@@ -328,14 +332,14 @@ def _data(config, args) -> int:
         return 0
     if verb == "render" and FLAGS.limit < 0:
         raise UsageError(f"--limit={FLAGS.limit} must be >= 0 (0 = all examples)")
-    preset = models.resolve_preset(config.model.preset)
-    template = models.chat_template(config, preset)
+    preset = presets.resolve_preset(config.model.preset)
+    template = presets.chat_template(config, preset)
     logging.info("chat template: %s (from %s)", template.variant, template.source)
     cfg = config_lib.data_settings(config.data, template.variant)
     if verb == "render":
         from gemma4_keras.data import render
 
-        tokenizer = models.load_tokenizer(preset)
+        tokenizer = presets.load_tokenizer(preset)
         render.render(cfg, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
         return 0
     result = getattr(data, verb)(cfg, _tokenizer(config))
@@ -347,12 +351,12 @@ def _data(config, args) -> int:
 
 
 def _tokenizer(config):
-    from gemma4_keras import models
+    from gemma4_keras.model import presets
 
-    preset = models.resolve_preset(config.model.preset)  # a misspelt name stops
+    preset = presets.resolve_preset(config.model.preset)  # a misspelt name stops
     try:
-        return models.load_tokenizer(preset)
-    except models.PresetError as e:  # a download needs credentials / network
+        return presets.load_tokenizer(preset)
+    except presets.PresetError as e:  # a download needs credentials / network
         logging.warning("no tokenizer (%s): token statistics are skipped", e)
         return None
 

@@ -339,7 +339,7 @@ def lora_layers(value: str | Sequence[str]) -> list[int] | None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first field whose value is unusable."""
-    from gemma4_keras.metrics import TASK_TYPES  # light: no model imports
+    from gemma4_keras.eval.metrics import TASK_TYPES  # light: no model imports
 
     checks = [
         (c.size in SIZES, "size", f"must be one of {', '.join(SIZES)}"),

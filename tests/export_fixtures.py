@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 
 from gemma4_keras.export import peft
-from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec
-from gemma4_keras.tiny import tiny_checkpoint
+from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec
+from gemma4_keras.testing.tiny import tiny_checkpoint
 
 TOKENS = np.array([[2, 105, 120, 300, 451, 77, 600, 1000, 5, 106, 9, 200]], np.int32)
 

@@ -124,7 +124,7 @@ def test_max_to_keep_and_adapter_sized(runs):
     whole, _, _, _ = runs
     assert _steps(whole) == [8, 10, 12]  # checkpoint.max_to_keep = 3
     assert not [d for d in os.listdir(os.path.join(whole, "checkpoints")) if "tmp" in d]
-    from gemma4_keras.tiny import tiny_checkpoint
+    from gemma4_keras.testing.tiny import tiny_checkpoint
 
     base_bytes = os.path.getsize(os.path.join(tiny_checkpoint(), "model.safetensors"))
     step_dir = os.path.join(whole, "checkpoints", "12")
@@ -176,7 +176,7 @@ def test_foreign_checkpoint_meta_is_named(runs, tmp_path):
     import json
     import shutil
 
-    from gemma4_keras import checkpointing
+    from gemma4_keras.run import checkpointing
 
     _, killed, _, _ = runs
     ckdir = str(tmp_path / "checkpoints")

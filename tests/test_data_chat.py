@@ -13,9 +13,9 @@ import pathlib
 
 import pytest
 
-from gemma4_keras import tiny
 from gemma4_keras.data import chat, generation_prompt, render_conversation
 from gemma4_keras.data.template import render_official
+from gemma4_keras.testing import tiny
 
 GOLDEN = json.loads(
     (pathlib.Path(__file__).parent / "data" / "gemma4_chat_golden.json").read_text()

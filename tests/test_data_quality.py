@@ -41,7 +41,7 @@ def _conv(user, model, source):
 def _tokenizer():
     import keras_hub
 
-    from gemma4_keras.tiny import tiny_checkpoint
+    from gemma4_keras.testing.tiny import tiny_checkpoint
 
     return keras_hub.models.Gemma4Tokenizer.from_preset(str(tiny_checkpoint()))
 

@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from gemma4_keras import cli, config_lib, models
+from gemma4_keras import cli, config_lib
 from gemma4_keras.data import chat, encode_conversation, load_conversations
 from gemma4_keras.data.render import highlight, render_records
+from gemma4_keras.model import presets
 
 RECORDS = [
     {
@@ -44,9 +45,9 @@ def _config(tmp_path, size, **data):
 
 
 def _render(c, limit=0):
-    preset = models.resolve_preset(c.model.preset)
-    template = models.chat_template(c, preset)
-    tokenizer = models.load_tokenizer(preset)
+    preset = presets.resolve_preset(c.model.preset)
+    template = presets.chat_template(c, preset)
+    tokenizer = presets.load_tokenizer(preset)
     settings = config_lib.data_settings(c.data, template.variant)
     return list(render_records(settings, tokenizer, template, limit=limit)), tokenizer
 

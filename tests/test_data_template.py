@@ -11,11 +11,14 @@ import os
 
 import pytest
 
-from gemma4_keras import config_lib, models, tiny, train
+from gemma4_keras import config_lib
 from gemma4_keras.data import TemplateError, chat
 from gemma4_keras.data import template as template_lib
 from gemma4_keras.data.records import Conversation, validate_messages
 from gemma4_keras.data.render import decode_with_spans
+from gemma4_keras.model import presets
+from gemma4_keras.run import train
+from gemma4_keras.testing import tiny
 
 CONFIGS = sorted(
     glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
@@ -76,7 +79,7 @@ def test_auto_without_checkpoint_template_or_size_fact_asks_for_the_field():
 def test_auto_reads_the_checkpoint_template_first(tmp_path, variant):
     d = tiny.write_tiny_checkpoint(tmp_path / "ckpt", chat_template=variant)
     c = config_lib.get_config("e4b" if variant == "large" else "31b", "lora")
-    got = models.chat_template(c, str(d))  # the size table says the other one
+    got = presets.chat_template(c, str(d))  # the size table says the other one
     assert got.variant == variant
     assert got.official_path == str(d / "chat_template.jinja")
 
@@ -95,9 +98,9 @@ def test_a_template_that_is_neither_variant_is_an_error(tmp_path):
 
 
 def _prepared_text(config):
-    preset = models.resolve_preset(config.model.preset)
-    template = models.chat_template(config, preset)
-    tokenizer = models.load_tokenizer(preset)
+    preset = presets.resolve_preset(config.model.preset)
+    template = presets.chat_template(config, preset)
+    tokenizer = presets.load_tokenizer(preset)
     prepared = train.prepare_data(config.data, tokenizer, template)
     example = prepared.train_examples[0]
     text, spans = decode_with_spans(
@@ -245,15 +248,15 @@ def test_transformers_renders_the_tiny_template_as_the_package_does(tmp_path):
 
 @pytest.mark.parametrize("size", ["e4b", "31b"])
 def test_generate_prompts_and_stops_like_the_size(size):
-    from gemma4_keras import generate
+    from gemma4_keras.eval import generate
 
     c = config_lib.get_config(size, "lora", "runlocal")
-    preset = models.resolve_preset(c.model.preset)
-    tokenizer = models.load_tokenizer(preset)
+    preset = presets.resolve_preset(c.model.preset)
+    tokenizer = presets.load_tokenizer(preset)
     gen = generate.Generator(
-        models.load_backbone(preset, "float32"),
+        presets.load_backbone(preset, "float32"),
         tokenizer,
-        template=models.chat_template(c, preset).variant,
+        template=presets.chat_template(c, preset).variant,
     )
     assert gen.stop_ids == (1, 106, 50) == tiny.STOP_IDS
     messages = [{"role": "user", "content": "Is 'great soup' positive?"}]

@@ -26,7 +26,7 @@ from gemma4_keras.data import (
 def _tokenizer():
     import keras_hub
 
-    from gemma4_keras.tiny import tiny_checkpoint
+    from gemma4_keras.testing.tiny import tiny_checkpoint
 
     return keras_hub.models.Gemma4Tokenizer.from_preset(str(tiny_checkpoint()))
 

@@ -10,15 +10,18 @@ import textwrap
 
 import pytest
 
-from gemma4_keras import config_lib, distributed
+from gemma4_keras import config_lib
+from gemma4_keras.run import distributed
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import gemma4_keras
     import jax, keras, keras_hub
-    from gemma4_keras import config_lib, distributed, train
-    from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec
-    from gemma4_keras.tiny import tiny_checkpoint
+    from gemma4_keras import config_lib
+    from gemma4_keras.run import distributed
+    from gemma4_keras.run import train
+    from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec
+    from gemma4_keras.testing.tiny import tiny_checkpoint
 
     out = sys.argv[1]
     assert jax.device_count() == 4, jax.devices()
@@ -88,12 +91,12 @@ def test_backbone_loads_on_host_outside_the_distribution():
     import jax.numpy as jnp
     import keras
 
-    from gemma4_keras import models
+    from gemma4_keras.model import presets
 
     dist = keras.distribution.DataParallel(devices=jax.devices())
     keras.distribution.set_distribution(dist)
     try:
-        with models.on_host():
+        with presets.on_host():
             assert keras.distribution.distribution() is None
             assert jnp.ones(3).devices() == {jax.devices("cpu")[0]}
         assert keras.distribution.distribution() is dist

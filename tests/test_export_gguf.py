@@ -187,8 +187,8 @@ def test_llama_cpp_tokenizes_a_rendered_prompt_with_one_bos(q8):
     )
     from llama_cpp import llama_chat_format
 
-    from gemma4_keras import tiny
     from gemma4_keras.data import generation_prompt
+    from gemma4_keras.testing import tiny
 
     _, _, out, reader = q8
     assert _field(reader, "tokenizer.ggml.add_bos_token") is False

@@ -14,8 +14,10 @@ import keras_hub
 import numpy as np
 import pytest
 
-from gemma4_keras import config_lib, lora, modeling, tiny
+from gemma4_keras import config_lib
 from gemma4_keras.export import peft as peft_lib
+from gemma4_keras.model import lora, modeling
+from gemma4_keras.testing import tiny
 
 SEQ = 20
 

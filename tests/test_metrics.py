@@ -1,11 +1,11 @@
-"""Tests for gemma4_keras.metrics against hand-computed values."""
+"""Tests for gemma4_keras.eval.metrics against hand-computed values."""
 
 import doctest
 
 import pytest
 import sacrebleu
 
-from gemma4_keras import metrics
+from gemma4_keras.eval import metrics
 
 
 def test_docstring_examples():

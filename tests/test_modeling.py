@@ -11,7 +11,8 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras import losses, modeling, tiny
+from gemma4_keras.model import loss, modeling
+from gemma4_keras.testing import tiny
 
 SEQ = 24  # longer than the tiny sliding window (16)
 VARIANTS = {
@@ -132,7 +133,7 @@ def test_packed_row_equals_examples_alone(variant):
 def _loss_and_grads(m, data):
     def loss_fn(tv, ntv):
         hidden, _ = m.stateless_call(tv, ntv, data, training=True)
-        total, count = losses.chunked_cross_entropy(
+        total, count = loss.chunked_cross_entropy(
             hidden,
             m.globals["embedding"].value,
             data["target_ids"],

@@ -23,8 +23,9 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras import modeling, tiny
 from gemma4_keras.export import peft as peft_lib
+from gemma4_keras.model import modeling
+from gemma4_keras.testing import tiny
 
 # Every test here compares with PEFT on transformers: without them the module
 # is skipped (or, under --require-oracles, the session never starts).

@@ -19,8 +19,10 @@ import keras_hub
 import numpy as np
 import pytest
 
-from gemma4_keras import config_lib, models, plan, tiny
-from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec, ModelSpec
+from gemma4_keras import config_lib
+from gemma4_keras.model import plan, presets
+from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec, ModelSpec
+from gemma4_keras.testing import tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
@@ -211,10 +213,10 @@ def test_plan_rejects_bad_flags_and_unfetchable_presets(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(plan, "_keras_hub_load_json", offline)
-    name = models.known_presets()[0]
-    with pytest.raises(models.PresetError, match=f"{name}.*KAGGLE_USERNAME"):
+    name = presets.known_presets()[0]
+    with pytest.raises(presets.PresetError, match=f"{name}.*KAGGLE_USERNAME"):
         plan.read_config_json(name)
-    with pytest.raises(models.PresetError, match="HF_TOKEN"):
+    with pytest.raises(presets.PresetError, match="HF_TOKEN"):
         plan.read_config_json("hf://google/gemma-4-E2B-it")
 
 

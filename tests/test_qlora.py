@@ -11,7 +11,8 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras import lora, losses, modeling, tiny
+from gemma4_keras.model import lora, loss, modeling
+from gemma4_keras.testing import tiny
 
 SEQ = 20
 
@@ -154,7 +155,7 @@ def test_lora_trains_on_quantised_base(quant):
 
     def loss_fn(tv, ntv):
         hidden, _ = model.stateless_call(tv, ntv, data, training=True)
-        total, count = losses.chunked_cross_entropy(
+        total, count = loss.chunked_cross_entropy(
             hidden,
             model.globals["embedding"].value,
             data["target_ids"],

@@ -1,6 +1,6 @@
 """NF4 quantisation against bitsandbytes (CPU) as the oracle.
 
-bitsandbytes is only imported here; `gemma4_keras.quant` never imports it.
+bitsandbytes is only imported here; `gemma4_keras.model.quant` never imports it.
 """
 
 import math
@@ -12,7 +12,7 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras import quant
+from gemma4_keras.model import quant
 
 
 def _torch():

@@ -460,7 +460,7 @@ def test_generate_refuses_a_prompt_longer_than_the_context(finished, capsys):
     ],
 )
 def test_context_length_of_released_presets(preset, expected):
-    from gemma4_keras.generate import context_length
+    from gemma4_keras.eval.generate import context_length
 
     assert context_length(preset) == expected
 
@@ -649,7 +649,7 @@ def test_disk_full_and_permission_errors_are_one_line(
 ):
     # As root the tests cannot make a read-only or full disk; the OS reports
     # them as these OSErrors, raised here where the run first writes.
-    from gemma4_keras import train
+    from gemma4_keras.run import train
 
     def fail(*args, **kwargs):
         raise error

@@ -1,4 +1,4 @@
-"""Tests for gemma4_keras.report: files written, table content, valid PNGs."""
+"""Tests for gemma4_keras.eval.report: files written, table content, valid PNGs."""
 
 import doctest
 import json
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gemma4_keras import metrics, report
+from gemma4_keras.eval import metrics, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,8 @@ import urllib.request
 import oracles
 import pytest
 
-from gemma4_keras import cli, report, review
+from gemma4_keras import cli
+from gemma4_keras.eval import report, review
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHANNEL = "<channel|><channel|><channel|><channel|>"  # the tiny base model's answer

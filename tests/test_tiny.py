@@ -11,7 +11,8 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras import datasets, tiny
+from gemma4_keras.data import samples
+from gemma4_keras.testing import tiny
 
 # float32 logits of the two frameworks agree to ~1e-5 relative on this model;
 # 1e-4 is the cross-framework floor DESIGN.md promises users.
@@ -86,12 +87,12 @@ def _read_all(path):
 
 
 def test_shipped_dataset_is_reproduced_byte_for_byte():
-    shipped = datasets.SENTIMENT_PATH.read_bytes()
-    assert datasets.sentiment_jsonl_text().encode("utf-8") == shipped
+    shipped = samples.SENTIMENT_PATH.read_bytes()
+    assert samples.sentiment_jsonl_text().encode("utf-8") == shipped
 
 
 def test_shipped_dataset_is_balanced_unique_and_well_formed():
-    lines = datasets.SENTIMENT_PATH.read_text(encoding="utf-8").splitlines()
+    lines = samples.SENTIMENT_PATH.read_text(encoding="utf-8").splitlines()
     assert 1000 <= len(lines) <= 1500
     assert len(set(lines)) == len(lines)
     examples = [json.loads(line) for line in lines]
@@ -346,7 +347,7 @@ def test_keras_hub_and_transformers_tokenize_identically(text, tokenizers):
 
 def test_dataset_sentences_tokenize_into_few_tokens(tokenizers):
     keras_tok, _ = tokenizers
-    example = datasets.load_sentiment_examples()[0]
+    example = samples.load_sentiment_examples()[0]
     user = example["messages"][-2]["content"]
     assert len(np.asarray(keras_tok(user))) <= len(user.split()) + 4
     # Byte fallback: characters absent from the corpus become <0xNN> pieces.
@@ -360,7 +361,7 @@ def test_tokenizer_adds_no_bos_and_generation_stops_like_the_it_checkpoints(
 ):
     """The official -it tokenizer adds no BOS (the template does); its
     generation_config.json stops on <eos>, <turn|> and <|tool_response>."""
-    from gemma4_keras import generate
+    from gemma4_keras.eval import generate
 
     path = checkpoints["default"]
     assert (

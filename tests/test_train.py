@@ -12,9 +12,11 @@ import keras
 import numpy as np
 import pytest
 
-from gemma4_keras import callbacks as cb
-from gemma4_keras import config_lib, models, train
-from gemma4_keras.modeling import Gemma4LoraModel
+from gemma4_keras import config_lib
+from gemma4_keras.model import presets
+from gemma4_keras.model.modeling import Gemma4LoraModel
+from gemma4_keras.run import callbacks as cb
+from gemma4_keras.run import train
 
 
 def _config(**train_overrides):
@@ -29,10 +31,10 @@ def _config(**train_overrides):
 def setup(tmp_path_factory):
     """(model, initial adapter weights, 4 single-example batches, config)."""
     c = _config()
-    model, tokenizer, preset = models.load_training_model(
+    model, tokenizer, preset = presets.load_training_model(
         c.model, c.lora, c.quant, c.train
     )
-    prepared = train.prepare_data(c.data, tokenizer, models.chat_template(c, preset))
+    prepared = train.prepare_data(c.data, tokenizer, presets.chat_template(c, preset))
     stream, _ = train.build_batches(prepared.train_examples, c.data, c.train)
     rows = [stream.batch(i) for i in range(2)]  # 2 batches of 2 rows
     singles = [
@@ -180,13 +182,13 @@ def test_float16_is_refused_unless_forced():
 
 
 def test_float32_on_cpu_by_default():
-    assert models.compute_dtype(_config().model) == "float32"
+    assert presets.compute_dtype(_config().model) == "float32"
 
 
 def test_bfloat16_computes_in_bf16_with_float32_adapters_and_optimizer(setup):
     c = _config()
     c.model.dtype = "bfloat16"
-    model, _, _ = models.load_training_model(c.model, c.lora, c.quant, c.train)
+    model, _, _ = presets.load_training_model(c.model, c.lora, c.quant, c.train)
     assert isinstance(model, Gemma4LoraModel)
     assert model.compute_dtype == "bfloat16"
     frozen = [v for v in model.non_trainable_variables if "embedding" in v.path]

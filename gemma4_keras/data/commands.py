@@ -71,7 +71,7 @@ def template_variant(cfg: Any) -> str:
     if variant not in chat.TEMPLATES:
         raise TemplateError(
             f"data.template={variant!r} is not resolved to small or large here; "
-            "resolve it first (gemma4_keras.models.chat_template(config, preset)) "
+            "resolve it first (gemma4_keras.model.presets.chat_template(config, preset)) "
             "or set --config.data.template=small (E2B/E4B) or large (26B-A4B/31B)"
         )
     return variant

@@ -149,7 +149,7 @@ def load_merged_inputs(preset: str, adapter_dir: str):
     import keras_hub
 
     from gemma4_keras.export import peft
-    from gemma4_keras.modeling import Gemma4LoraModel
+    from gemma4_keras.model.modeling import Gemma4LoraModel
 
     backbone = keras_hub.models.Gemma4Backbone.from_preset(preset, dtype="float32")
     model = Gemma4LoraModel.from_backbone(backbone, dtype="float32")
@@ -236,13 +236,13 @@ def export(
 def _export_locked(
     config, workdir, fmt, out, shard_size, gguf_type, layout, dtype, base_model, force
 ) -> str:
-    from gemma4_keras import models
+    from gemma4_keras.model import presets
 
     adapter_dir = check_workdir(workdir, force)
     check_adapter_finite(adapter_dir, force)
     check_out(out)
     base_model = base_model or default_base_model(config)
-    preset = models.resolve_preset(config.model.preset)
+    preset = presets.resolve_preset(config.model.preset)
     backbone, model, adapter_cfg = load_merged_inputs(preset, adapter_dir)
     options = (
         {"shard_size": shard_size, "layout": layout, "dtype": dtype}
@@ -316,9 +316,9 @@ def _write(fmt, tmp, model, backbone, preset, base_model, options) -> list[str]:
 
 def _tokenizer_model_from_keras(preset: str, directory: str) -> list[str]:
     """A KerasHub-name / remote base: its SentencePiece proto as tokenizer.model."""
-    from gemma4_keras import models
+    from gemma4_keras.model import presets
 
-    tokenizer = models.load_tokenizer(preset)
+    tokenizer = presets.load_tokenizer(preset)
     proto = getattr(tokenizer, "proto", None)
     if not proto:
         return []

@@ -113,7 +113,7 @@ def merged_state_dict(
 
 
 def _block_tensors(blk, prefix: str, adapters: dict) -> dict[str, np.ndarray]:
-    from gemma4_keras.modeling import ATTN_TARGETS
+    from gemma4_keras.model.modeling import ATTN_TARGETS
 
     i = blk.bspec.index
     out = {prefix + _NORMS[n]: _np(v) for n, v in blk.norms.items()}

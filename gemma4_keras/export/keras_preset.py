@@ -1,7 +1,7 @@
 """Merged KerasHub preset: `Gemma4CausalLM.from_preset(dir)` loads it.
 
 The adapter deltas are added into the base `Gemma4Backbone`'s kernels
-(`weights.merge_into_backbone`) and the task with its preprocessor is saved
+(`hub.merge_into_backbone`) and the task with its preprocessor is saved
 with KerasHub's own `save_to_preset`, so the directory is a regular KerasHub
 preset (config.json, metadata.json, model.weights.h5, tokenizer assets,
 task.json, preprocessor.json). Vision / audio towers of a multimodal base are
@@ -31,10 +31,10 @@ def write_keras_preset(model, backbone, preset: str, directory: str) -> list[str
     """
     import keras_hub
 
-    from gemma4_keras import models, weights
+    from gemma4_keras.model import hub, presets
 
-    weights.merge_into_backbone(model, backbone)
-    tokenizer = models.load_tokenizer(preset)
+    hub.merge_into_backbone(model, backbone)
+    tokenizer = presets.load_tokenizer(preset)
     preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer)
     causal_lm = keras_hub.models.Gemma4CausalLM(
         backbone=backbone, preprocessor=preprocessor

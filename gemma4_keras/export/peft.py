@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gemma4_keras import config_lib
-from gemma4_keras.modeling import ATTN_TARGETS, LoraSpec
+from gemma4_keras.model.modeling import ATTN_TARGETS, LoraSpec
 
 PREFIXES = {
     "causal_lm": "base_model.model.model.layers",

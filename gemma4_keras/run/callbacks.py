@@ -275,8 +275,9 @@ class SampleGenerations(keras.callbacks.Callback):
             return
         import json
 
-        from gemma4_keras import evaluate, weights
-        from gemma4_keras.generate import Generator
+        from gemma4_keras.eval import evaluate
+        from gemma4_keras.eval.generate import Generator
+        from gemma4_keras.model import hub
 
         if self._generator is None:
             self._generator = Generator(
@@ -286,14 +287,14 @@ class SampleGenerations(keras.callbacks.Callback):
                 enable_thinking=self.enable_thinking,
             )
         prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))
-        deltas = weights.model_deltas(self.model)
-        weights.apply_deltas(self._generator.backbone, deltas)
+        deltas = hub.model_deltas(self.model)
+        hub.apply_deltas(self._generator.backbone, deltas)
         try:
             outs = self._generator.generate(
                 list(prompts), max_new_tokens=self.max_new_tokens
             )
         finally:
-            weights.apply_deltas(self._generator.backbone, deltas, sign=-1.0)
+            hub.apply_deltas(self._generator.backbone, deltas, sign=-1.0)
         with open(self.path, "a") as f:
             for p, r, g in zip(prompts, refs, outs):
                 line = {

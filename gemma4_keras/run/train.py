@@ -27,16 +27,10 @@ import keras
 import numpy as np
 from absl import logging
 
-from gemma4_keras import callbacks as cb
-from gemma4_keras import (
-    checkpointing,
-    config_lib,
-    data,
-    distributed,
-    models,
-    weights,
-    workdir_lock,
-)
+from gemma4_keras import config_lib, data, workdir_lock
+from gemma4_keras.model import hub, presets
+from gemma4_keras.run import callbacks as cb
+from gemma4_keras.run import checkpointing, distributed
 
 
 class WorkdirError(RuntimeError):
@@ -83,9 +77,9 @@ def _run_locked(config, workdir: str) -> dict:
             f"Report: {state.get('report', '-')}"
         )
         return state
-    preset = models.resolve_preset(config.model.preset)
-    template = models.chat_template(config, preset)
-    tokenizer = models.load_tokenizer(preset)
+    preset = presets.resolve_preset(config.model.preset)
+    template = presets.chat_template(config, preset)
+    tokenizer = presets.load_tokenizer(preset)
     # Bad data, or a package rendering that differs from the checkpoint's
     # chat_template.jinja, stops the run here, before a large model is loaded.
     prepared = prepare_data(config.data, tokenizer, template)
@@ -100,7 +94,7 @@ def _run_locked(config, workdir: str) -> dict:
         )
 
     distributed.setup(config.distribution, int(config.train.batch_size))
-    model = models.build_training_model(
+    model = presets.build_training_model(
         preset, config.model, config.lora, config.quant, config.train
     )
     compile_model(model, config.train)
@@ -319,7 +313,7 @@ def checkpoint_meta(config, model, preset: str) -> dict:
 def prepare_data(data_cfg, tokenizer, template: data.ChatTemplate):
     """Reads, checks, splits and encodes the data; prints the quality report.
 
-    `template` (`models.chat_template`) is the chat template variant; when
+    `template` (`presets.chat_template`) is the chat template variant; when
     the checkpoint ships `chat_template.jinja`, a sample of the conversations
     rendered with it must equal the package's rendering (else TemplateError).
     """
@@ -498,7 +492,7 @@ def sample_callback(
     return cb.SampleGenerations(
         every,
         prepared.holdout[:2],
-        lambda: models.load_backbone(preset, models.compute_dtype(config.model)),
+        lambda: presets.load_backbone(preset, presets.compute_dtype(config.model)),
         tokenizer,
         os.path.join(workdir, "samples.jsonl"),
         max_new_tokens=int(config.eval.max_new_tokens),
@@ -609,12 +603,12 @@ def evaluate_run(
     model, tokenizer, preset, prepared, config, workdir: str, template: str
 ) -> dict:
     """Generates on the held-out split with base and fine-tuned; writes the report."""
-    from gemma4_keras import evaluate
+    from gemma4_keras.eval import evaluate
 
     if not prepared.holdout:
         return {}
     return evaluate.evaluate_holdout(
-        weights.model_deltas(model),
+        hub.model_deltas(model),
         tokenizer,
         preset,
         prepared.holdout,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from absl import logging
 
-from gemma4_keras import metrics, models, report, weights
-from gemma4_keras.generate import Generator
+from gemma4_keras.eval import metrics, report
+from gemma4_keras.eval.generate import Generator
+from gemma4_keras.model import hub, presets
 
 
 def split_prompt(conversation) -> tuple[list[dict], str]:
@@ -38,8 +39,8 @@ def evaluate_holdout(
 
     `template` is the run's resolved chat template variant (small | large).
 
-    `deltas` are the adapter's (in, out) weight deltas (`weights.model_deltas`
-    or `weights.peft_deltas`). Returns a summary: headline metric name, base and fine-tuned values and
+    `deltas` are the adapter's (in, out) weight deltas (`hub.model_deltas`
+    or `hub.peft_deltas`). Returns a summary: headline metric name, base and fine-tuned values and
     the report path.
     """
     ev = config.eval
@@ -47,7 +48,7 @@ def evaluate_holdout(
     if ev.max_examples >= 0:
         convs = convs[: ev.max_examples]
     prompts, refs = zip(*(split_prompt(c) for c in convs)) if convs else ((), ())
-    backbone = models.load_backbone(preset, models.compute_dtype(config.model))
+    backbone = presets.load_backbone(preset, presets.compute_dtype(config.model))
     gen = Generator(
         backbone,
         tokenizer,
@@ -59,7 +60,7 @@ def evaluate_holdout(
         predictions["base"] = gen.generate(
             list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
         )
-    weights.apply_deltas(backbone, deltas)
+    hub.apply_deltas(backbone, deltas)
     predictions["finetuned"] = gen.generate(
         list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
     )
@@ -107,9 +108,9 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
     from gemma4_keras import workdir_lock
 
     with workdir_lock.hold(workdir, "evaluate"):
-        preset = models.resolve_preset(config.model.preset)
-        tokenizer = models.load_tokenizer(preset)
-        template = models.chat_template(config, preset).variant
+        preset = presets.resolve_preset(config.model.preset)
+        tokenizer = presets.load_tokenizer(preset)
+        template = presets.chat_template(config, preset).variant
         settings = config_lib.data_settings(config.data, template)
         prepared = data.prepare(settings, tokenizer)
         if not prepared.holdout:
@@ -119,7 +120,7 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
                 "set data.eval_path"
             )
         return evaluate_holdout(
-            weights.peft_deltas(adapter),
+            hub.peft_deltas(adapter),
             tokenizer,
             preset,
             prepared.holdout,

@@ -35,7 +35,7 @@ def _float_kernel(model, layer: int, target: str):
     if proj.quant != "none":
         raise config_lib.ConfigError(
             f"layers.{layer}.{target} is stored as {proj.quant}; an in-place merge "
-            "would need a float kernel. Use gemma4_keras.lora.merged_kernels(model) "
+            "would need a float kernel. Use gemma4_keras.model.lora.merged_kernels(model) "
             "to get dequantised, merged float weights instead."
         )
     return proj.dense.kernel

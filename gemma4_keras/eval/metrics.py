@@ -323,7 +323,7 @@ def generation_metrics(
         >>> round(m["bleu"]), m["rougeL"]
         (100, 1.0)
     """
-    # Imported here so `import gemma4_keras.metrics` stays cheap.
+    # Imported here so `import gemma4_keras.eval.metrics` stays cheap.
     import sacrebleu
     from rouge_score import rouge_scorer
 

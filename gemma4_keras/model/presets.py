@@ -59,7 +59,7 @@ def resolve_preset(preset: str) -> str:
     """
     preset = str(preset).strip()
     if preset == "tiny" or preset.startswith("tiny:"):
-        from gemma4_keras.tiny import tiny_checkpoint
+        from gemma4_keras.testing.tiny import tiny_checkpoint
 
         return str(tiny_checkpoint(**tiny_variant(preset)))
     if preset.startswith(("hf://", "kaggle://", "gs://")):
@@ -192,7 +192,7 @@ def on_host():
 
 def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg):
     """The trainable model for a resolved preset: (quantised) base + adapters."""
-    from gemma4_keras.modeling import Gemma4LoraModel, LoraSpec
+    from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec
 
     dtype = compute_dtype(model_cfg)
     with on_host():

@@ -1,10 +1,10 @@
 """Text generation through KerasHub's cached `Gemma4CausalLM.generate`.
 
 Adapters are merged into a KerasHub backbone's kernels for generation
-(exact in float32; `weights.merge_into_backbone`), so decoding uses
+(exact in float32; `hub.merge_into_backbone`), so decoding uses
 KerasHub's KV cache and samplers. Prompts are rendered by
 `data.generation_prompt` with the chat template variant of the tuned size
-(`models.chat_template`) and already start with `<bos>`: they are tokenized
+(`presets.chat_template`) and already start with `<bos>`: they are tokenized
 without adding another start token. Decoding stops on the ids the -it
 `generation_config.json` lists: `<eos>`, `<turn|>` and `<|tool_response>`.
 """
@@ -228,7 +228,7 @@ def generate_answers(
     """`gemma4-keras generate`: base model, or base + a PEFT adapter merged."""
     import os
 
-    from gemma4_keras import models, weights
+    from gemma4_keras.model import hub, presets
 
     deltas = None
     if adapter and adapter != "none":  # checked before the slow model load
@@ -237,16 +237,16 @@ def generate_answers(
                 f"--adapter={adapter}: no such directory (train first, or give "
                 "--adapter=none for the base model)"
             )
-        deltas = weights.peft_deltas(adapter)
-    preset = models.resolve_preset(config.model.preset)
-    backbone = models.load_backbone(preset, models.compute_dtype(config.model))
-    tokenizer = models.load_tokenizer(preset)
+        deltas = hub.peft_deltas(adapter)
+    preset = presets.resolve_preset(config.model.preset)
+    backbone = presets.load_backbone(preset, presets.compute_dtype(config.model))
+    tokenizer = presets.load_tokenizer(preset)
     if deltas is not None:
-        weights.apply_deltas(backbone, deltas)
+        hub.apply_deltas(backbone, deltas)
     gen = Generator(
         backbone,
         tokenizer,
-        template=models.chat_template(config, preset).variant,
+        template=presets.chat_template(config, preset).variant,
         enable_thinking=bool(config.data.enable_thinking),
         max_length=context_length(preset),
     )

@@ -252,7 +252,7 @@ class FrozenLinear(keras.layers.Layer):
         self.nf4 = None
         self.dense = None
         if quant == "nf4":
-            from gemma4_keras import quant as quant_lib
+            from gemma4_keras.model import quant as quant_lib
 
             self.nf4 = quant_lib.NF4Kernel.from_array(
                 np.ascontiguousarray(kernel.T),
@@ -411,7 +411,7 @@ class DecoderBlock(keras.layers.Layer):
     ) -> None:
         """A raw MoE expert bank, frozen; NF4 under QLoRA."""
         if quant == "nf4":
-            from gemma4_keras import quant as quant_lib
+            from gemma4_keras.model import quant as quant_lib
 
             self.extra[name] = quant_lib.NF4Kernel.from_array(
                 np.asarray(value),
@@ -608,7 +608,7 @@ class Gemma4LoraModel(keras.Model):
         moe_dispatch: str = "dense",
     ) -> Gemma4LoraModel:
         """Copies the text weights out of a KerasHub `Gemma4Backbone`."""
-        from gemma4_keras import weights as weights_lib
+        from gemma4_keras.model import hub as weights_lib
 
         spec = ModelSpec.from_backbone(backbone)
         model = cls(
@@ -760,9 +760,9 @@ class Gemma4LoraModel(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        from gemma4_keras import losses
+        from gemma4_keras.model import loss
 
-        total, _ = losses.chunked_cross_entropy(
+        total, _ = loss.chunked_cross_entropy(
             y_pred,
             self.globals["embedding"].value,
             x["target_ids"],

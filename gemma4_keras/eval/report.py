@@ -1,13 +1,13 @@
 """The evaluation report: base and fine-tuned model side by side.
 
-`write_eval_report` turns metrics dicts from `gemma4_keras.metrics` (one per
+`write_eval_report` turns metrics dicts from `gemma4_keras.eval.metrics` (one per
 model) into files a person can read and a program can parse:
 
 | file                         | content                                        |
 |------------------------------|------------------------------------------------|
 | `eval_report.json`           | title, every model's metrics, deltas           |
 | `eval_report.md`             | the metrics table (+ delta), per-class scores  |
-|                              | + human review (`gemma4_keras.review`), if any |
+|                              | + human review (`gemma4_keras.eval.review`), if any |
 | `confusion_matrix_<model>.png` | one per classification result                |
 | `loss_curves.png`            | train / validation loss from the training log  |
 | `predictions.jsonl`          | prompt, reference, prediction_<model> per line |
@@ -40,7 +40,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
-from gemma4_keras import metrics as metrics_lib
+from gemma4_keras.eval import metrics as metrics_lib
 
 _LOG = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _check_results(results: Mapping[str, Mapping[str, Any]]) -> None:
         if not isinstance(model_metrics, Mapping):
             raise TypeError(
                 f"results[{name!r}] is {type(model_metrics).__name__}; expected "
-                "the dict returned by gemma4_keras.metrics.compute_metrics."
+                "the dict returned by gemma4_keras.eval.metrics.compute_metrics."
             )
 
 
@@ -535,6 +535,6 @@ def write_eval_report(
 
 def _human_review_section(out: pathlib.Path) -> str | None:
     """The "## Human review" section when `out` holds human_review.jsonl."""
-    from gemma4_keras import review  # review builds on this module
+    from gemma4_keras.eval import review  # review builds on this module
 
     return review.report_section(out)

@@ -4,7 +4,7 @@
 and checked in; a test regenerates it and compares bytes, so edit the lexicons
 here and rerun
 
-    python -m gemma4_keras.datasets
+    python -m gemma4_keras.data.samples
 
 rather than editing the file by hand.
 

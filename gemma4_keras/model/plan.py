@@ -14,7 +14,8 @@ loaded, no model is built), derives the same per-block facts as
 
 Usage:
 
-    from gemma4_keras import config_lib, plan
+    from gemma4_keras import config_lib
+    from gemma4_keras.model import plan
     cfg = config_lib.get_config("e4b", "qlora")
     print(plan.format_plan(plan.plan(cfg, tflops=100.0, mfu=0.4)))
 
@@ -32,8 +33,9 @@ import json
 import math
 import os
 
-from gemma4_keras import config_lib, models
-from gemma4_keras.modeling import (
+from gemma4_keras import config_lib
+from gemma4_keras.model import presets
+from gemma4_keras.model.modeling import (
     ATTN_TARGETS,
     MLP_TARGETS,
     BlockSpec,
@@ -86,10 +88,10 @@ def read_config_json(preset: str) -> dict:
         kaggle://..., a local directory (HF or KerasHub format), or `tiny`.
 
     Raises:
-      models.PresetError: naming the preset and the credentials it needs when
+      presets.PresetError: naming the preset and the credentials it needs when
         the file cannot be fetched.
     """
-    resolved = models.resolve_preset(preset)
+    resolved = presets.resolve_preset(preset)
     if os.path.isdir(resolved):
         with open(os.path.join(resolved, "config.json")) as f:
             return json.load(f)
@@ -102,7 +104,7 @@ def read_config_json(preset: str) -> dict:
             else "set KAGGLE_USERNAME and KAGGLE_KEY (or ~/.kaggle/kaggle.json) "
             "and accept the model's terms on kaggle.com"
         )
-        raise models.PresetError(
+        raise presets.PresetError(
             f"--config.model.preset={preset!r}: could not fetch its config.json "
             f"({type(e).__name__}: {e}); {how}, or point the preset at a local "
             "directory holding config.json"
@@ -118,7 +120,7 @@ def backbone_kwargs(config_json: dict) -> dict:
     """
     if "class_name" in config_json and "config" in config_json:
         if "Gemma4" not in str(config_json["class_name"]):
-            raise models.PresetError(
+            raise presets.PresetError(
                 f"config.json is a {config_json['class_name']}, not a Gemma 4 backbone"
             )
         return dict(config_json["config"])
@@ -529,7 +531,7 @@ def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
     spec = spec_from_backbone_config(kw)
     ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     lora = LoraSpec.from_config(config.lora)
-    dtype = models.compute_dtype(config.model)
+    dtype = presets.compute_dtype(config.model)
     s = _DTYPE_BYTES[dtype]
     t = config.train
     batch, seq, accum = (

@@ -570,13 +570,13 @@ def tokenizer_training_corpus() -> list[str]:
     >>> tokenizer_training_corpus()[-1]
     'thought\\n'
     """
-    from gemma4_keras import datasets
+    from gemma4_keras.data import samples
 
     # Each turn as the chat format shows it between the special tokens, so
     # role names and the empty thought block become single pieces too.
     roles = {"system": "system", "user": "user", "assistant": "model"}
     texts = []
-    for example in datasets.load_sentiment_examples():
+    for example in samples.load_sentiment_examples():
         for message in example["messages"]:
             texts.append(f"{roles[message['role']]}\n{message['content']}")
         texts.append("thought\n")

@@ -49,8 +49,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gemma4_keras import metrics as metrics_lib
-from gemma4_keras import report
+from gemma4_keras.eval import metrics as metrics_lib
+from gemma4_keras.eval import report
 
 _LOG = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Evaluation: generation, task metrics, the evaluation report and the review page."""

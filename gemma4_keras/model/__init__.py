@@ -1,0 +1,1 @@
+"""The model: KerasHub bridge, layers, LoRA, NF4 quantisation, loss, presets."""

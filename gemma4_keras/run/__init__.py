@@ -1,0 +1,1 @@
+"""The training run: `train.run`, its callbacks, checkpoints and distribution."""

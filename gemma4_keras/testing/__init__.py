@@ -1,0 +1,6 @@
+"""Checkpoints the package writes itself: the tiny Gemma 4 model of the
+default run and the tests, in Hugging Face format.
+
+It sits below `model/` in the layering: `model.presets` resolves the `tiny`
+preset by writing one of these checkpoints.
+"""
