@@ -55,10 +55,10 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma4_keras.model import (
-    loss,  # noqa: E402
-    modeling,
-)
+from gemma4_keras.model import hub, loss  # noqa: E402
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel  # noqa: E402
+from gemma4_keras.model.lora import LoraSpec  # noqa: E402
+from gemma4_keras.model.spec import ALL_TARGETS, ModelSpec  # noqa: E402
 
 KERAS_HUB_TARGETS = [
     "query",
@@ -135,8 +135,8 @@ def _compiled_flops(loss_fn, trainable, non_trainable, embedding, data) -> float
 
 def ours_flops(backbone, rank: int, data: dict) -> float:
     """Compiled FLOPs of our LoRA train step (adapters on all seven targets)."""
-    lora = modeling.LoraSpec(rank=rank, alpha=2.0 * rank)
-    model = modeling.Gemma4LoraModel.from_backbone(backbone, lora, dtype="float32")
+    lora = LoraSpec(rank=rank, alpha=2.0 * rank)
+    model = Gemma4LoraModel.from_backbone(backbone, lora, dtype="float32")
     batch = {
         "token_ids": data["token_ids"],
         "positions": data["positions"],
@@ -174,11 +174,11 @@ def keras_hub_flops(backbone, rank: int, data: dict) -> float:
     return _compiled_flops(loss_fn, trainable, non_trainable, embedding, data)
 
 
-def analytic_flops(spec: modeling.ModelSpec, rank: int, tokens: int, seq: int) -> dict:
+def analytic_flops(spec: ModelSpec, rank: int, tokens: int, seq: int) -> dict:
     """The formula of the module docstring, term by term (float FLOPs)."""
     frozen = adapter = attention = 0
     for b in spec.blocks:
-        for target in modeling.ATTN_TARGETS + modeling.MLP_TARGETS:
+        for target in ALL_TARGETS:
             if not spec.has_projection(b.index, target):
                 continue
             din, dout = spec.projection_shape(b.index, target)
@@ -199,7 +199,7 @@ def analytic_flops(spec: modeling.ModelSpec, rank: int, tokens: int, seq: int) -
 
 def compare(backbone, rank: int, batch: int, seq: int) -> dict:
     """All three counts for one backbone; `backbone` gets KerasHub LoRA enabled."""
-    spec = modeling.ModelSpec.from_backbone(backbone)
+    spec = hub.spec_from_config(backbone.get_config())
     data = _batch(batch, seq, spec.vocab_size)
     data = jax.tree.map(jnp.asarray, data)
     ours = ours_flops(backbone, rank, data)

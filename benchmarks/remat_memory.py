@@ -26,7 +26,8 @@ import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gemma4_keras  # noqa: E402,F401  (selects the JAX backend before keras loads)
-from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec  # noqa: E402
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel  # noqa: E402
+from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny  # noqa: E402
 
 

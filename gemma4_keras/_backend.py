@@ -19,7 +19,7 @@ def ensure_jax_backend() -> None:
     """Sets `KERAS_BACKEND=jax`, or raises if Keras already uses another one."""
     requested = os.environ.get("KERAS_BACKEND")
     if "keras" in sys.modules:
-        import keras
+        import keras  # after KERAS_BACKEND is set above
 
         active = keras.config.backend()
         if active != REQUIRED_BACKEND:

@@ -82,13 +82,13 @@ def start_libraries() -> None:
     """
     with filtered_stderr():
         try:
-            import tensorflow as tf
+            import tensorflow as tf  # after the environment variables above are set
         except ImportError:  # KerasHub without tensorflow-text
             tf = None
         if tf is not None:
             with contextlib.suppress(RuntimeError):  # devices already in use
                 tf.config.set_visible_devices([], "GPU")
-        import jax
+        import jax  # after the environment variables above are set
         import keras_hub  # noqa: F401
 
         jax.devices()

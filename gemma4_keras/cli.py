@@ -25,6 +25,12 @@ from collections.abc import Callable
 # TensorFlow (pulled in by KerasHub's tokenizers) logs INFO lines at import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import ast
+import contextlib
+import errno
+import re
+import traceback
+
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -130,14 +136,31 @@ def usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemma4_keras import config_lib
-    from gemma4_keras.data import DataError
-    from gemma4_keras.eval import generate
-    from gemma4_keras.export.hf import ExportError
-    from gemma4_keras.export.peft import AdapterFormatError
-    from gemma4_keras.model import presets
-    from gemma4_keras.run import checkpointing, train
-    from gemma4_keras.workdir_lock import WorkdirLockedError
+    from gemma4_keras import (
+        config_lib,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.data import (
+        DataError,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.eval import (
+        generate,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.export.hf import (
+        ExportError,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.export.peft import (
+        AdapterFormatError,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.model import (
+        presets,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.run import (
+        checkpointing,
+        train,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.workdir_lock import (
+        WorkdirLockedError,
+    )  # lazy: `--help` and `review` load no model stack
 
     return (
         config_lib.ConfigError,
@@ -155,7 +178,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _os_error(e: OSError) -> str:
     """One line for an OSError: the file, what went wrong and what to do."""
-    import errno
 
     where = f"{e.filename}: " if e.filename else ""
     what = e.strerror or str(e)
@@ -167,7 +189,9 @@ def _os_error(e: OSError) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    from gemma4_keras.data import DataError
+    from gemma4_keras.data import (
+        DataError,
+    )  # lazy: `--help` and `review` load no model stack
 
     if isinstance(e, OSError) and not type(e).__module__.startswith("gemma4_keras"):
         return _os_error(e)
@@ -187,9 +211,9 @@ class UsageError(ValueError):
 
 
 def log_environment(config) -> None:
-    import jax
-    import keras
-    import keras_hub
+    import jax  # lazy: `--help` and `review` load no model stack
+    import keras  # lazy: `--help` and `review` load no model stack
+    import keras_hub  # lazy: `--help` and `review` load no model stack
 
     logging.info(
         "gemma4_keras %s, keras %s, keras_hub %s, jax %s",
@@ -205,7 +229,9 @@ def log_environment(config) -> None:
 
 @command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
 def _train(config, args) -> int:
-    from gemma4_keras.run import train
+    from gemma4_keras.run import (
+        train,
+    )  # lazy: `--help` and `review` load no model stack
 
     workdir = _require(FLAGS.workdir, "workdir")
     state = train.run(config, workdir)
@@ -230,7 +256,9 @@ def _train(config, args) -> int:
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
 def _evaluate(config, args) -> int:
-    from gemma4_keras.eval import evaluate
+    from gemma4_keras.eval import (
+        evaluate,
+    )  # lazy: `--help` and `review` load no model stack
 
     summary = evaluate.evaluate_workdir(
         config, _require(FLAGS.workdir, "workdir"), FLAGS.out
@@ -241,7 +269,9 @@ def _evaluate(config, args) -> int:
 
 @command("generate", "answer prompts with the base model or an adapter")
 def _generate(config, args) -> int:
-    from gemma4_keras.eval import generate
+    from gemma4_keras.eval import (
+        generate,
+    )  # lazy: `--help` and `review` load no model stack
 
     if FLAGS.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be > 0")
@@ -264,7 +294,9 @@ def _generate(config, args) -> int:
 
 @command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")
 def _export(config, args) -> int:
-    from gemma4_keras.export.commands import export
+    from gemma4_keras.export.commands import (
+        export,
+    )  # lazy: `--help` and `review` load no model stack
 
     if not FLAGS.format:
         raise UsageError("--format=peft|hf|keras|gguf is required")
@@ -289,7 +321,9 @@ def _export(config, args) -> int:
     model=False,
 )
 def _review(config, args) -> int:
-    from gemma4_keras.eval import review
+    from gemma4_keras.eval import (
+        review,
+    )  # lazy: `--help` and `review` load no model stack
 
     workdir = _require(FLAGS.workdir, "workdir")
     try:
@@ -304,7 +338,9 @@ def _review(config, args) -> int:
 
 @command("plan", "estimate memory and speed of a run before starting it")
 def _plan(config, args) -> int:
-    from gemma4_keras.model import plan
+    from gemma4_keras.model import (
+        plan,
+    )  # lazy: `--help` and `review` load no model stack
 
     estimate = plan.plan(config, tflops=FLAGS.tflops, mfu=FLAGS.mfu)
     print(plan.format_plan(estimate))
@@ -317,13 +353,17 @@ def _plan(config, args) -> int:
 
 @command("data", "check | stats | split | render the configured dataset")
 def _data(config, args) -> int:
-    from gemma4_keras import data
+    from gemma4_keras import data  # lazy: `--help` and `review` load no model stack
 
     verb = args[0] if args else ""
     if verb not in ("check", "stats", "split", "render"):
         raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
-    from gemma4_keras import config_lib
-    from gemma4_keras.model import presets
+    from gemma4_keras import (
+        config_lib,
+    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.model import (
+        presets,
+    )  # lazy: `--help` and `review` load no model stack
 
     if verb == "split":  # no rendering: the chat template does not matter
         cfg = config_lib.data_settings(config.data)
@@ -337,7 +377,9 @@ def _data(config, args) -> int:
     logging.info("chat template: %s (from %s)", template.variant, template.source)
     cfg = config_lib.data_settings(config.data, template.variant)
     if verb == "render":
-        from gemma4_keras.data import render
+        from gemma4_keras.data import (
+            render,
+        )  # lazy: `--help` and `review` load no model stack
 
         tokenizer = presets.load_tokenizer(preset)
         render.render(cfg, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
@@ -351,7 +393,9 @@ def _data(config, args) -> int:
 
 
 def _tokenizer(config):
-    from gemma4_keras.model import presets
+    from gemma4_keras.model import (
+        presets,
+    )  # lazy: `--help` and `review` load no model stack
 
     preset = presets.resolve_preset(config.model.preset)  # a misspelt name stops
     try:
@@ -434,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _user_errors() as e:
         if FLAGS.verbose:
-            import traceback
-
             traceback.print_exc()
         print(f"gemma4-keras {name}: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -453,8 +495,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bad_flag(e: BaseException) -> str:
     """One line for a flag absl or ml_collections refused."""
-    import ast
-    import contextlib
 
     text = str(e)
     if text[:1] in ("'", '"') and text[:1] == text[-1:]:
@@ -495,8 +535,6 @@ def _config_file_problem(spec: str) -> str | None:
 
 def _config_code_error(spec: str, e: BaseException) -> str:
     """One line for an error raised by the config file's code, with its line."""
-    import re
-    import traceback
 
     text = str(e)
     frames = re.findall(r'File "([^"]+)", line (\d+)', text) or [

@@ -43,6 +43,8 @@ DATA_FIELDS = (
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # data.template: auto = the checkpoint's chat_template.jinja, else the size table.
 TEMPLATE_CHOICES = ("auto", "small", "large")
+# `eval.task_type` values; their metrics are in eval/metrics.py.
+TASK_TYPES = ("classification", "generation", "extraction", "instruction")
 
 
 class ConfigError(ValueError):
@@ -339,8 +341,6 @@ def lora_layers(value: str | Sequence[str]) -> list[int] | None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first field whose value is unusable."""
-    from gemma4_keras.eval.metrics import TASK_TYPES  # light: no model imports
-
     checks = [
         (c.size in SIZES, "size", f"must be one of {', '.join(SIZES)}"),
         (c.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),

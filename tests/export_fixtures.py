@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 
 from gemma4_keras.export import peft
-from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing.tiny import tiny_checkpoint
 
 TOKENS = np.array([[2, 105, 120, 300, 451, 77, 600, 1000, 5, 106, 9, 200]], np.int32)

@@ -20,7 +20,8 @@ SCRIPT = textwrap.dedent("""
     from gemma4_keras import config_lib
     from gemma4_keras.run import distributed
     from gemma4_keras.run import train
-    from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec
+    from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+    from gemma4_keras.model.lora import LoraSpec
     from gemma4_keras.testing.tiny import tiny_checkpoint
 
     out = sys.argv[1]

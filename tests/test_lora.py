@@ -16,7 +16,7 @@ import pytest
 
 from gemma4_keras import config_lib
 from gemma4_keras.export import peft as peft_lib
-from gemma4_keras.model import lora, modeling
+from gemma4_keras.model import gemma4_lora_model, hub, lora
 from gemma4_keras.testing import tiny
 
 SEQ = 20
@@ -29,8 +29,8 @@ def backbone(**variant):
     )
 
 
-def build(lora_spec=None, **variant) -> modeling.Gemma4LoraModel:
-    return modeling.Gemma4LoraModel.from_backbone(
+def build(lora_spec=None, **variant) -> gemma4_lora_model.Gemma4LoraModel:
+    return gemma4_lora_model.Gemma4LoraModel.from_backbone(
         backbone(**variant), lora_spec, dtype="float32"
     )
 
@@ -67,7 +67,7 @@ def rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def model():
     """One float model with a random adapter 'default' (rank 4, alpha 6)."""
-    m = build(modeling.LoraSpec(rank=4, alpha=6.0))
+    m = build(lora.LoraSpec(rank=4, alpha=6.0))
     randomise(m)
     return m
 
@@ -76,13 +76,13 @@ def model():
 
 
 def test_fresh_adapter_changes_nothing():
-    m = build(modeling.LoraSpec(rank=4, alpha=8.0))
+    m = build(lora.LoraSpec(rank=4, alpha=8.0))
     np.testing.assert_array_equal(logits(m, "default"), logits(m, None))
 
 
 def test_init_matches_peft():
     # PEFT: kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(in), 1/sqrt(in)); B = 0.
-    a = modeling.LoraAdapter(1024, 256, rank=64, alpha=16.0, seed=3)
+    a = lora.LoraAdapter(1024, 256, rank=64, alpha=16.0, seed=3)
     values = np.asarray(a.lora_a.value)
     bound = 1 / math.sqrt(1024)
     assert values.shape == (1024, 64)
@@ -92,12 +92,12 @@ def test_init_matches_peft():
     assert abs(values.mean()) < 0.02 * bound
     np.testing.assert_array_equal(np.asarray(a.lora_b.value), 0.0)
     assert a.scale == 16.0 / 64
-    rs = modeling.LoraAdapter(1024, 256, rank=64, alpha=16.0, rslora=True)
+    rs = lora.LoraAdapter(1024, 256, rank=64, alpha=16.0, rslora=True)
     assert rs.scale == 16.0 / 8
 
 
 def test_dropout_only_in_training_and_only_on_adapter():
-    m = build(modeling.LoraSpec(rank=4, alpha=6.0, dropout=0.5))
+    m = build(lora.LoraSpec(rank=4, alpha=6.0, dropout=0.5))
     # B = 0: dropout on the adapter input cannot show; a base-path dropout would.
     np.testing.assert_array_equal(logits(m, "default", training=True), logits(m, None))
     randomise(m, std=0.2)
@@ -124,12 +124,12 @@ def test_dropout_only_in_training_and_only_on_adapter():
 
 
 def test_targets_by_hf_name_and_layers():
-    spec = modeling.ModelSpec.from_backbone(backbone())
-    all_linear = modeling.LoraSpec(targets=tuple(config_lib.lora_targets("all-linear")))
+    spec = hub.spec_from_config(backbone().get_config())
+    all_linear = lora.LoraSpec(targets=tuple(config_lib.lora_targets("all-linear")))
     assert all_linear.sites(spec) == [
         (i, t) for i in range(4) for t in config_lib.LORA_TARGETS
     ]
-    some = modeling.LoraSpec(
+    some = lora.LoraSpec(
         targets=tuple(config_lib.lora_targets("v_proj, q_proj")), layers=(1, 3)
     )
     assert some.sites(spec) == [
@@ -139,11 +139,11 @@ def test_targets_by_hf_name_and_layers():
         (3, "v_proj"),
     ]
     with pytest.raises(config_lib.ConfigError, match="lora.layers names layer 4"):
-        modeling.LoraSpec(layers=(4,)).sites(spec)
+        lora.LoraSpec(layers=(4,)).sites(spec)
 
 
 def test_kv_shared_layers_get_no_kv_adapters():
-    m = build(modeling.LoraSpec(rank=2), ple=True, kv_shared_layers=2)
+    m = build(lora.LoraSpec(rank=2), ple=True, kv_shared_layers=2)
     sites = set(m.adapters())
     for layer in (2, 3):  # the two KV-shared layers
         assert (layer, "q_proj") in sites and (layer, "o_proj") in sites
@@ -166,7 +166,7 @@ def test_rank_larger_than_layer_names_module():
         config_lib.ConfigError,
         match=r"lora\.rank=48 is larger than lora_big_layers_0_k_proj's dimensions \(64 in, 32 out\)",
     ):
-        build().add_adapter("big", modeling.LoraSpec(rank=48))
+        build().add_adapter("big", lora.LoraSpec(rank=48))
 
 
 def _write_peft(directory: pathlib.Path, tensors: dict, r: int) -> str:
@@ -248,14 +248,14 @@ def test_load_adapter_errors(tmp_path):
 
 
 def test_two_adapters_switch_and_unload(tmp_path):
-    src = build(modeling.LoraSpec(rank=4, alpha=6.0))
+    src = build(lora.LoraSpec(rank=4, alpha=6.0))
     randomise(src, seed=1)
     want_a = logits(src, "default")
     peft_lib.save_adapter(src, str(tmp_path / "a"), base_model="tiny")
     src.unload_adapter("default")
     src.add_adapter(
         "default",
-        modeling.LoraSpec(
+        lora.LoraSpec(
             rank=2, alpha=3.0, targets=("q_proj", "down_proj"), layers=(0, 2)
         ),
     )
@@ -335,7 +335,7 @@ def test_merge_and_unmerge(model):
 
 
 def test_merge_refuses_quantised_base():
-    m = build(modeling.LoraSpec(rank=2, targets=("q_proj",)))
+    m = build(lora.LoraSpec(rank=2, targets=("q_proj",)))
     m.blocks[0].proj["q_proj"].quant = "nf4"  # stand-in: any non-float site
     with pytest.raises(
         config_lib.ConfigError,

@@ -11,7 +11,7 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras.model import loss, modeling
+from gemma4_keras.model import gemma4_lora_model, lora, loss
 from gemma4_keras.testing import tiny
 
 SEQ = 24  # longer than the tiny sliding window (16)
@@ -33,8 +33,8 @@ def backbone(variant: str):
 
 @functools.cache
 def model(variant: str, remat: bool = False):
-    return modeling.Gemma4LoraModel.from_backbone(
-        backbone(variant), modeling.LoraSpec(rank=4), remat=remat, dtype="float32"
+    return gemma4_lora_model.Gemma4LoraModel.from_backbone(
+        backbone(variant), lora.LoraSpec(rank=4), remat=remat, dtype="float32"
     )
 
 
@@ -179,7 +179,7 @@ def test_remat_same_outputs_and_gradients():
 def test_ragged_moe_equals_dense():
     path = tiny.tiny_checkpoint(moe=True)
     bb = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
-    blk = modeling.Gemma4LoraModel.from_backbone(bb, None).blocks[1]
+    blk = gemma4_lora_model.Gemma4LoraModel.from_backbone(bb, None).blocks[1]
     x = np.random.default_rng(0).standard_normal((2, 24, 64)).astype("float32")
     sparse, dense = np.asarray(blk.moe_ragged(x)), np.asarray(blk.moe_dense(x))
     assert np.abs(sparse - dense).max() <= 1e-5 * np.abs(dense).max()

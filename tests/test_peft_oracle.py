@@ -24,7 +24,7 @@ import oracles
 import pytest
 
 from gemma4_keras.export import peft as peft_lib
-from gemma4_keras.model import modeling
+from gemma4_keras.model import gemma4_lora_model, lora
 from gemma4_keras.testing import tiny
 
 # Every test here compares with PEFT on transformers: without them the module
@@ -148,8 +148,8 @@ def lora_sites(peft_model) -> set[tuple[int, str]]:
 @pytest.mark.parametrize("variant,lora", EXPORT_CASES, ids=lambda v: str(v))
 def test_our_adapter_in_peft(variant, lora, tmp_path):
     bb = backbone(variant)
-    model = modeling.Gemma4LoraModel.from_backbone(
-        bb, modeling.LoraSpec(**lora), dtype="float32"
+    model = gemma4_lora_model.Gemma4LoraModel.from_backbone(
+        bb, lora.LoraSpec(**lora), dtype="float32"
     )
     randomise(model, "default", seed=len(str(lora)))
     ids = token_ids(model.spec.vocab_size)
@@ -237,7 +237,7 @@ def test_peft_adapter_in_ours(variant, config, tmp_path):
     hf_adapted = hf_logits(peft_model, ids)
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    model = modeling.Gemma4LoraModel.from_backbone(
+    model = gemma4_lora_model.Gemma4LoraModel.from_backbone(
         backbone(variant), None, dtype="float32"
     )
     peft_lib.load_adapter(model, str(tmp_path / "adapter"), name="imported")
@@ -265,17 +265,17 @@ def test_v_proj_adapter_on_a_k_eq_v_layer_is_refused(tmp_path):
     to act on; loading must say so instead of inventing one."""
     from safetensors.numpy import save_file
 
-    model = modeling.Gemma4LoraModel.from_backbone(
-        backbone("k_eq_v"), modeling.LoraSpec(rank=2, targets=("v_proj",))
+    model = gemma4_lora_model.Gemma4LoraModel.from_backbone(
+        backbone("k_eq_v"), lora.LoraSpec(rank=2, targets=("v_proj",))
     )
     assert sorted(model.adapters()) == [(0, "v_proj"), (2, "v_proj")]
     path = peft_lib.save_adapter(
         model, str(tmp_path / "a"), base_model=str(checkpoint("k_eq_v"))
     )
-    tensors = peft_lib.read_adapter(path)[1]
+    tensors = peft_lib.read_adapter_files(path)[1]
     renamed = {k.replace("layers.2.", "layers.3."): v for k, v in tensors.items()}
     save_file(renamed, f"{path}/adapter_model.safetensors", {"format": "pt"})
-    fresh = modeling.Gemma4LoraModel.from_backbone(backbone("k_eq_v"), None)
+    fresh = gemma4_lora_model.Gemma4LoraModel.from_backbone(backbone("k_eq_v"), None)
     with pytest.raises(
         peft_lib.AdapterFormatError,
         match=r"layers\.3\.self_attn\.v_proj: this layer has no v_proj \(V is computed by k_proj",

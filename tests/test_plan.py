@@ -18,10 +18,12 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+from test_hub_contract import live_spec
 
 from gemma4_keras import config_lib
-from gemma4_keras.model import plan, presets
-from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec, ModelSpec
+from gemma4_keras.model import hub, plan, presets
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
@@ -44,8 +46,8 @@ QUANTS = [
 
 
 def _arch(path):
-    kw = plan.backbone_kwargs(plan.read_config_json(str(path)))
-    return kw, plan.spec_from_backbone_config(kw)
+    kw = hub.backbone_kwargs(presets.read_config_json(str(path)))
+    return kw, hub.spec_from_config(kw)
 
 
 def _bytes(variables) -> int:
@@ -71,7 +73,7 @@ def test_spec_and_counts_match_the_real_model(variant):
     path = tiny.tiny_checkpoint(**variant)
     kw, spec = _arch(path)
     backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
-    assert spec == ModelSpec.from_backbone(backbone)
+    assert spec == live_spec(backbone)
     ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     model = _model(backbone, LORA)
     frozen = sum(
@@ -108,8 +110,8 @@ def test_spec_k_eq_v_and_double_wide_mlp_match_a_built_backbone():
         sliding_window_pattern=3, num_kv_shared_layers=3, use_double_wide_mlp=True,
         global_rope_partial_rotary_factor=0.25, dtype="float32",
     )  # fmt: skip
-    spec = plan.spec_from_backbone_config(kw)
-    assert spec == ModelSpec.from_backbone(keras_hub.models.Gemma4Backbone(**kw))
+    spec = hub.spec_from_config(kw)
+    assert spec == live_spec(keras_hub.models.Gemma4Backbone(**kw))
     assert [b.k_eq_v for b in spec.blocks] == [False, False, True] * 2
     assert [b.ffn_dim for b in spec.blocks] == [64] * 3 + [128] * 3
 
@@ -120,7 +122,7 @@ def test_flops_within_10_percent_of_xla_cost_analysis():
     kw = dict(layers=2, hidden=256, ffn=1024, heads=4, kv_heads=2, head_dim=64,
               vocab=4096, window=128)  # fmt: skip
     backbone = lora_flops.build_backbone(**kw)
-    spec = ModelSpec.from_backbone(backbone)
+    spec = hub.spec_from_config(backbone.get_config())
     seq = 256
     data = jax.tree.map(jnp.asarray, lora_flops._batch(1, seq, spec.vocab_size))
     measured = lora_flops.ours_flops(backbone, 16, data)
@@ -175,7 +177,7 @@ def test_activation_residuals_within_25_percent(tmp_path):
     )
     lora = LoraSpec(rank=16, alpha=32.0)
     batch, seq = 3, 200  # 3: no weight has a leading axis of 3
-    spec = ModelSpec.from_backbone(backbone)
+    spec = hub.spec_from_config(backbone.get_config())
     est = plan.activation_bytes(spec, lora, batch, seq, 4)
     for remat, key in ((False, "no_remat_saved"), (True, "remat_saved")):
         model = Gemma4LoraModel.from_backbone(backbone, lora, remat=remat)
@@ -212,12 +214,12 @@ def test_plan_rejects_bad_flags_and_unfetchable_presets(monkeypatch):
     def offline(preset):
         raise OSError("no network")
 
-    monkeypatch.setattr(plan, "_keras_hub_load_json", offline)
+    monkeypatch.setattr(hub, "load_preset_json", offline)
     name = presets.known_presets()[0]
     with pytest.raises(presets.PresetError, match=f"{name}.*KAGGLE_USERNAME"):
-        plan.read_config_json(name)
+        presets.read_config_json(name)
     with pytest.raises(presets.PresetError, match="HF_TOKEN"):
-        plan.read_config_json("hf://google/gemma-4-E2B-it")
+        presets.read_config_json("hf://google/gemma-4-E2B-it")
 
 
 def test_keras_hub_preset_config_format():
@@ -225,7 +227,7 @@ def test_keras_hub_preset_config_format():
           "num_key_value_heads": 1, "hidden_dim": 16, "intermediate_dim": 32,
           "head_dim": 8, "image_size": None}  # fmt: skip
     wrapped = {"class_name": "Gemma4Backbone", "config": kw}
-    assert plan.backbone_kwargs(wrapped) == kw
-    spec = plan.spec_from_backbone_config(kw)
+    assert hub.backbone_kwargs(wrapped) == kw
+    spec = hub.spec_from_config(kw)
     keras.utils.set_random_seed(0)
-    assert spec == ModelSpec.from_backbone(keras_hub.models.Gemma4Backbone(**kw))
+    assert spec == live_spec(keras_hub.models.Gemma4Backbone(**kw))

@@ -11,7 +11,7 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras.model import lora, loss, modeling
+from gemma4_keras.model import gemma4_lora_model, lora, loss
 from gemma4_keras.testing import tiny
 
 SEQ = 20
@@ -24,11 +24,13 @@ def backbone():
 
 @functools.cache
 def float_model():
-    return modeling.Gemma4LoraModel.from_backbone(backbone(), None, dtype="float32")
+    return gemma4_lora_model.Gemma4LoraModel.from_backbone(
+        backbone(), None, dtype="float32"
+    )
 
 
 def build(quant: str, double_quant: bool = False, lora_spec=None):
-    return modeling.Gemma4LoraModel.from_backbone(
+    return gemma4_lora_model.Gemma4LoraModel.from_backbone(
         backbone(), lora_spec, quant=quant, double_quant=double_quant, dtype="float32"
     )
 
@@ -144,7 +146,7 @@ def test_lora_trains_on_quantised_base(quant):
         model = build(quant, double_quant=True)
     else:
         model = keras_quantised(quant)
-    model.add_adapter("train", modeling.LoraSpec(rank=4))
+    model.add_adapter("train", lora.LoraSpec(rank=4))
     rng = np.random.default_rng(0)
     for a in model.adapters().values():  # non-zero B so A gets a gradient too
         a.lora_b.assign(rng.normal(0, 0.05, a.lora_b.shape).astype(np.float32))

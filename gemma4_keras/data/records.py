@@ -377,7 +377,9 @@ def iter_records(
 ) -> Iterator[tuple[str, Any]]:
     """Yields (source, record dict or Problem) for a file or a TFDS split."""
     if path.startswith("tfds:") or fmt == "tfds":
-        from gemma4_keras.data import tfds_reader
+        from gemma4_keras.data import (
+            tfds_reader,
+        )  # cycle: tfds_reader raises this module's DataError
 
         yield from tfds_reader.iter_tfds(path, data_dir=tfds_data_dir)
         return

@@ -26,7 +26,7 @@ import json
 import pathlib
 import random
 
-SENTIMENT_PATH = pathlib.Path(__file__).parent / "resources" / "sentiment.jsonl"
+SENTIMENT_PATH = pathlib.Path(__file__).parent.parent / "resources" / "sentiment.jsonl"
 DEFAULT_SEED = 0
 DEFAULT_NUM_EXAMPLES = 1200
 LABELS = ("positive", "negative")

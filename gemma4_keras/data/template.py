@@ -27,6 +27,9 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from gemma4_keras.data import chat
 from gemma4_keras.data.records import Conversation, DataError, Problem
 
@@ -86,8 +89,6 @@ def render_official(
         ...                 [{"role": "user", "content": "Hi"}])
         '<bos>Hi'
     """
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
         raise jinja2.TemplateError(message)

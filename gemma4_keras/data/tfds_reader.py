@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from gemma4_keras.data.records import DataError
+
 
 def parse_tfds_path(path: str) -> tuple[str, str]:
     """Splits "tfds:name[/config]:split" into (name, split).
@@ -24,8 +26,6 @@ def parse_tfds_path(path: str) -> tuple[str, str]:
     body = path.removeprefix("tfds:")
     name, sep, split = body.partition(":")
     if not sep or not name or not split:
-        from gemma4_keras.data.records import DataError
-
         raise DataError(
             f"data.path={path!r}: expected 'tfds:name[/config]:split', e.g. 'tfds:imdb_reviews:train'"
         )
@@ -33,7 +33,7 @@ def parse_tfds_path(path: str) -> tuple[str, str]:
 
 
 def _plain(value: Any, feature: Any) -> Any:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy (TensorFlow); only TFDS sources need it
 
     if isinstance(feature, tfds.features.ClassLabel):
         return feature.int2str(int(value))
@@ -68,9 +68,7 @@ def flatten_example(example: dict, features: Any, prefix: str = "") -> dict:
 
 def iter_tfds(path: str, data_dir: str = "") -> Iterator[tuple[str, dict]]:
     """Yields (source, flat record) for every example of the split."""
-    import tensorflow_datasets as tfds
-
-    from gemma4_keras.data.records import DataError
+    import tensorflow_datasets as tfds  # heavy (TensorFlow); only TFDS sources need it
 
     name, split = parse_tfds_path(path)
     try:

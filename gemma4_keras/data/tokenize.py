@@ -74,7 +74,7 @@ class ChatTokenizer:
         """Wraps a `keras_hub.models.Gemma4Tokenizer` (uses its SentencePiece proto)."""
         proto = getattr(tokenizer, "proto", None)
         if proto is not None:
-            import sentencepiece
+            import sentencepiece  # only SentencePiece-model tokenizers need it
 
             if isinstance(proto, str):
                 with open(proto, "rb") as f:

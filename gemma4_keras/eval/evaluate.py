@@ -9,11 +9,15 @@ merged into a freshly loaded backbone for the fine-tuned pass).
 
 from __future__ import annotations
 
+import os
+
 from absl import logging
 
+from gemma4_keras import config_lib, data, workdir_lock
 from gemma4_keras.eval import metrics, report
 from gemma4_keras.eval.generate import Generator
-from gemma4_keras.model import hub, presets
+from gemma4_keras.export import peft
+from gemma4_keras.model import hub, lora, presets
 
 
 def split_prompt(conversation) -> tuple[list[dict], str]:
@@ -39,8 +43,8 @@ def evaluate_holdout(
 
     `template` is the run's resolved chat template variant (small | large).
 
-    `deltas` are the adapter's (in, out) weight deltas (`hub.model_deltas`
-    or `hub.peft_deltas`). Returns a summary: headline metric name, base and fine-tuned values and
+    `deltas` are the adapter's (in, out) weight deltas (`lora.model_deltas`
+    or `lora.deltas` of `peft.read_adapter`). Returns a summary: headline metric name, base and fine-tuned values and
     the report path.
     """
     ev = config.eval
@@ -95,9 +99,6 @@ def evaluate_holdout(
 
 def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
     """`gemma4-keras evaluate`: the held-out split (or data.eval_path) of a run."""
-    import os
-
-    from gemma4_keras import config_lib, data
 
     adapter = os.path.join(workdir, "adapter")
     if not os.path.isdir(adapter):
@@ -105,7 +106,6 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
             f"{adapter} is missing: train first (gemma4-keras train "
             f"--workdir={workdir}) or point --workdir at a finished run"
         )
-    from gemma4_keras import workdir_lock
 
     with workdir_lock.hold(workdir, "evaluate"):
         preset = presets.resolve_preset(config.model.preset)
@@ -120,7 +120,7 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
                 "set data.eval_path"
             )
         return evaluate_holdout(
-            hub.peft_deltas(adapter),
+            lora.deltas(*peft.read_adapter(adapter)),
             tokenizer,
             preset,
             prepared.holdout,

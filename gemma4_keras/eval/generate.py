@@ -1,7 +1,7 @@
 """Text generation through KerasHub's cached `Gemma4CausalLM.generate`.
 
 Adapters are merged into a KerasHub backbone's kernels for generation
-(exact in float32; `hub.merge_into_backbone`), so decoding uses
+(exact in float32; `hub.apply_deltas`), so decoding uses
 KerasHub's KV cache and samplers. Prompts are rendered by
 `data.generation_prompt` with the chat template variant of the tuned size
 (`presets.chat_template`) and already start with `<bos>`: they are tokenized
@@ -11,9 +11,14 @@ without adding another start token. Decoding stops on the ids the -it
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 from gemma4_keras.data import as_chat_tokenizer, chat, generation_prompt
+from gemma4_keras.export import peft
+from gemma4_keras.model import hub, lora, presets
 
 EOS_ID = 1
 END_OF_TURN_ID = 106  # <turn|>
@@ -53,8 +58,6 @@ def context_length(preset: str) -> int | None:
     Read from a checkpoint directory's `config.json` (`max_position_embeddings`),
     else from the preset name of a released size.
     """
-    import json
-    import os
 
     path = os.path.join(str(preset), "config.json")
     if os.path.isfile(path):
@@ -92,15 +95,13 @@ class Generator:
         enable_thinking: bool = False,
         max_length: int | None = None,
     ):
-        import keras_hub
-
         self.max_length = max_length  # context window; None = unchecked
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.chat_tokenizer = as_chat_tokenizer(tokenizer)
         self.template = chat.check_template(template)
         self.enable_thinking = enable_thinking
-        self.lm = keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=None)
+        self.lm = hub.causal_lm(backbone)
         self.lm.compile(sampler=sampler)
         self.stop_ids = stop_ids(tokenizer)
 
@@ -175,8 +176,6 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict
     A prompts file holds one `{"messages": [...]}` object or one plain-text
     user message per line.
     """
-    import json
-    import os
 
     out = [[{"role": "user", "content": p}] for p in prompts]
     if prompts_file:
@@ -226,9 +225,6 @@ def generate_answers(
     config, conversations, *, adapter: str | None, max_new_tokens: int
 ) -> list[str]:
     """`gemma4-keras generate`: base model, or base + a PEFT adapter merged."""
-    import os
-
-    from gemma4_keras.model import hub, presets
 
     deltas = None
     if adapter and adapter != "none":  # checked before the slow model load
@@ -237,7 +233,7 @@ def generate_answers(
                 f"--adapter={adapter}: no such directory (train first, or give "
                 "--adapter=none for the base model)"
             )
-        deltas = hub.peft_deltas(adapter)
+        deltas = lora.deltas(*peft.read_adapter(adapter))
     preset = presets.resolve_preset(config.model.preset)
     backbone = presets.load_backbone(preset, presets.compute_dtype(config.model))
     tokenizer = presets.load_tokenizer(preset)

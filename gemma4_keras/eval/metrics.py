@@ -30,7 +30,7 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
-TASK_TYPES = ("classification", "generation", "extraction", "instruction")
+from gemma4_keras.config_lib import TASK_TYPES
 
 # Column name used in the confusion matrix for predictions outside the label
 # set. Parenthesised so it cannot collide with a normalised label "other".
@@ -324,8 +324,10 @@ def generation_metrics(
         (100, 1.0)
     """
     # Imported here so `import gemma4_keras.eval.metrics` stays cheap.
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    import sacrebleu  # slow to import (nltk); only generation metrics need it
+    from rouge_score import (
+        rouge_scorer,
+    )  # slow to import (nltk); only generation metrics need it
 
     references, predictions = _check_pair(references, predictions)
     bleu = sacrebleu.corpus_bleu(predictions, [references]).score
@@ -401,7 +403,7 @@ def extraction_metrics(
 
 
 def _schema_validator(json_schema: dict) -> Any:
-    import jsonschema
+    import jsonschema  # only format-compliance metrics need it
 
     validator_class = jsonschema.validators.validator_for(json_schema)
     try:

@@ -266,8 +266,10 @@ def _new_figure(width: float, height: float) -> Any:
     renders off-screen without touching pyplot's global backend, so a
     notebook that imports the package keeps its inline plots.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,
+    )  # heavy; only when plotting
+    from matplotlib.figure import Figure  # heavy; only when plotting
 
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
@@ -284,7 +286,7 @@ def plot_confusion_matrix(model_metrics: Mapping[str, Any], model_name: str) -> 
     Returns:
         A matplotlib Figure (save it with `figure.savefig`).
     """
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # heavy; only when plotting
 
     matrix = model_metrics["confusion_matrix"]
     rows = model_metrics["labels"]
@@ -360,7 +362,7 @@ def plot_loss_curves(x_name: str, columns: Mapping[str, Sequence[float]]) -> Any
     Returns:
         A matplotlib Figure.
     """
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # heavy; only when plotting
 
     figure = _new_figure(7.0, 4.5)
     axes = figure.add_subplot()

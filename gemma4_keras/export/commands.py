@@ -18,8 +18,18 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from gemma4_keras import config_lib, workdir_lock
+from gemma4_keras.export import gguf as gguf_lib
+from gemma4_keras.export import hf, keras_preset, peft
 from gemma4_keras.export import manifest as manifest_lib
-from gemma4_keras.export.hf import ExportError
+from gemma4_keras.export.hf import ExportError, parse_size
+from gemma4_keras.export.peft import umask_permissions
+from gemma4_keras.model import presets
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 
 FORMATS = ("peft", "hf", "keras", "gguf")
 
@@ -59,9 +69,6 @@ def check_workdir(workdir: str, force: bool = False) -> str:
 
 def check_adapter_finite(adapter_dir: str, force: bool = False) -> None:
     """Raises ExportError when the adapter holds NaN/inf (unless `force`)."""
-    import numpy as np
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
     try:
@@ -127,7 +134,6 @@ def staging(out: str):
 
     The result gets the user's umask permissions (not mkdtemp's 0700).
     """
-    from gemma4_keras.export.peft import umask_permissions
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -146,12 +152,8 @@ def staging(out: str):
 
 def load_merged_inputs(preset: str, adapter_dir: str):
     """(backbone float32, Gemma4LoraModel with the adapter active, adapter config)."""
-    import keras_hub
 
-    from gemma4_keras.export import peft
-    from gemma4_keras.model.modeling import Gemma4LoraModel
-
-    backbone = keras_hub.models.Gemma4Backbone.from_preset(preset, dtype="float32")
+    backbone = presets.load_backbone(preset, "float32")
     model = Gemma4LoraModel.from_backbone(backbone, dtype="float32")
     try:
         peft.load_adapter(model, adapter_dir)
@@ -161,7 +163,7 @@ def load_merged_inputs(preset: str, adapter_dir: str):
             "the base the run trained on (--config.model.preset, see adapter_config.json "
             "base_model_name_or_path)"
         ) from e
-    cfg, _ = peft.read_adapter(adapter_dir)
+    cfg, _ = peft.read_adapter_files(adapter_dir)
     return backbone, model, cfg
 
 
@@ -201,17 +203,12 @@ def export(
     Example:
       >>> export(config, "runs/tiny", "hf", "runs/tiny/export/hf")
     """
-    from gemma4_keras import workdir_lock
 
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "gguf":
-        from gemma4_keras.export import gguf as gguf_lib
-
         gguf_lib.check_type(gguf_type)  # fail before the slow load
     if fmt == "hf":
-        from gemma4_keras.export.hf import parse_size
-
         if parse_size(shard_size) <= 0:
             raise ExportError(f"--shard_size={shard_size!r} must be > 0 bytes")
     if not os.path.isdir(workdir):
@@ -236,7 +233,6 @@ def export(
 def _export_locked(
     config, workdir, fmt, out, shard_size, gguf_type, layout, dtype, base_model, force
 ) -> str:
-    from gemma4_keras.model import presets
 
     adapter_dir = check_workdir(workdir, force)
     check_adapter_finite(adapter_dir, force)
@@ -271,7 +267,6 @@ def default_base_model(config) -> str:
     `gemma4_instruct_4b` -> `google/gemma-4-E4B-it`; `hf://org/repo` -> `org/repo`;
     anything else (a local directory) is recorded as given.
     """
-    from gemma4_keras import config_lib
 
     preset = str(config.model.preset)
     if preset.startswith("hf://"):
@@ -287,22 +282,15 @@ def default_base_model(config) -> str:
 def _write(fmt, tmp, model, backbone, preset, base_model, options) -> list[str]:
     base_dir = preset if os.path.isdir(preset) else None
     if fmt == "peft":
-        from gemma4_keras.export import peft
-
         peft.save_adapter(model, tmp, base_model=base_model, overwrite=True)
         return sorted(os.listdir(tmp))
     if fmt == "hf":
-        from gemma4_keras.export import hf
-
         files = hf.write_hf(model, backbone, tmp, base_dir=base_dir, **options)
         if not any(f in files for f in ("tokenizer.json", "tokenizer.model")):
             files += _tokenizer_model_from_keras(preset, tmp)
         return files
     if fmt == "keras":
-        from gemma4_keras.export import keras_preset
-
         return keras_preset.write_keras_preset(model, backbone, preset, tmp)
-    from gemma4_keras.export import gguf as gguf_lib
 
     return gguf_lib.write_gguf(
         model,
@@ -316,7 +304,6 @@ def _write(fmt, tmp, model, backbone, preset, base_model, options) -> list[str]:
 
 def _tokenizer_model_from_keras(preset: str, directory: str) -> list[str]:
     """A KerasHub-name / remote base: its SentencePiece proto as tokenizer.model."""
-    from gemma4_keras.model import presets
 
     tokenizer = presets.load_tokenizer(preset)
     proto = getattr(tokenizer, "proto", None)

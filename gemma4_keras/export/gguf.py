@@ -32,6 +32,7 @@ import re
 
 import numpy as np
 
+from gemma4_keras.export import hf
 from gemma4_keras.export.hf import ExportError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -41,7 +42,7 @@ _BYTE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 def _import_gguf():
     try:
-        import gguf
+        import gguf  # optional extra [gguf]
     except ImportError as e:
         raise ExportError(
             "--format=gguf needs the gguf package: pip install 'gemma4-keras[gguf]'"
@@ -105,7 +106,7 @@ def rope_freqs(spec) -> np.ndarray | None:
 
     llama.cpp rotates all `head_dim` dims of a full layer (NeoX style) and
     divides each frequency by this factor: 1 for the first `rotary_dim / 2`
-    frequencies (exponents over head_dim, as in `modeling.apply_rope`), 1e30
+    frequencies (exponents over head_dim, as in `layers.apply_rope`), 1e30
     for the rest, which makes their angle 0, i.e. no rotation (NoPE).
     """
     full = [b for b in spec.blocks if b.sliding_window is None]
@@ -265,7 +266,6 @@ def write_gguf(
     Example:
       >>> write_gguf(model, backbone, "out/gguf", base_dir="/ckpt/gemma-4-E4B-it", preset=...)
     """
-    from gemma4_keras.export import hf
 
     check_type(gguf_type)
     gguf = _import_gguf()

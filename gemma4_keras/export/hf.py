@@ -32,7 +32,11 @@ import os
 import re
 import shutil
 
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
+
+from gemma4_keras.model.spec import ATTN_TARGETS
 
 # Files a Hugging Face model directory carries for its tokenizer / generation.
 TOKENIZER_FILES = (
@@ -113,7 +117,6 @@ def merged_state_dict(
 
 
 def _block_tensors(blk, prefix: str, adapters: dict) -> dict[str, np.ndarray]:
-    from gemma4_keras.model.modeling import ATTN_TARGETS
 
     i = blk.bspec.index
     out = {prefix + _NORMS[n]: _np(v) for n, v in blk.norms.items()}
@@ -276,8 +279,6 @@ def _cast(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: expected one of {DTYPES}")
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
     return {k: v.astype(dtype) for k, v in tensors.items()}
 
@@ -289,7 +290,6 @@ def save_safetensors(
 
     Returns the file names written.
     """
-    from safetensors.numpy import save_file
 
     limit = parse_size(shard_size)
     shards: list[dict[str, np.ndarray]] = [{}]

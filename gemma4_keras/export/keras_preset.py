@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from gemma4_keras.model import hub, presets
+
 
 def write_keras_preset(model, backbone, preset: str, directory: str) -> list[str]:
     """Merges `model`'s active adapter into `backbone` and saves a preset.
@@ -29,17 +31,10 @@ def write_keras_preset(model, backbone, preset: str, directory: str) -> list[str
       >>> write_keras_preset(model, backbone, "gemma4_instruct_4b", "out/keras")
       >>> keras_hub.models.Gemma4CausalLM.from_preset("out/keras")
     """
-    import keras_hub
-
-    from gemma4_keras.model import hub, presets
 
     hub.merge_into_backbone(model, backbone)
     tokenizer = presets.load_tokenizer(preset)
-    preprocessor = keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer)
-    causal_lm = keras_hub.models.Gemma4CausalLM(
-        backbone=backbone, preprocessor=preprocessor
-    )
-    causal_lm.save_to_preset(directory)
+    hub.causal_lm(backbone, tokenizer).save_to_preset(directory)
     return sorted(
         os.path.relpath(os.path.join(root, f), directory)
         for root, _, names in os.walk(directory)

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 
+from gemma4_keras import __version__
+
 MANIFEST = "export_manifest.json"
 TEMPLATE = "gemma4 chat"
 
@@ -49,7 +51,6 @@ def build_manifest(
         files: file names written (relative to the export directory).
         options: format options (dtype, layout, shard size, gguf type).
     """
-    from gemma4_keras import __version__
 
     state_path = os.path.join(workdir, "run_state.json")
     state = {}

@@ -9,6 +9,10 @@ PEFT's key names for a Gemma 4 base:
 `lora_A.weight` is (r, in) and `lora_B.weight` is (out, r): the transposes of
 our (in, r) / (r, out) factors. This is what `peft.PeftModel.from_pretrained`
 and vLLM's runtime LoRA loading read.
+
+This module owns the file format only: `read_adapter` gives a `LoraSpec` and
+factors, `write_adapter` takes them; putting them into a model is
+`model.lora`'s job. `save_adapter` / `load_adapter` compose the two.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gemma4_keras import config_lib
-from gemma4_keras.model.modeling import ATTN_TARGETS, LoraSpec
+from gemma4_keras.model import lora
+from gemma4_keras.model.lora import Factors, LoraSpec
+from gemma4_keras.model.spec import module_name
 
 PREFIXES = {
     "causal_lm": "base_model.model.model.layers",
@@ -40,25 +46,16 @@ class AdapterFormatError(ValueError):
     """A PEFT adapter that does not fit the model."""
 
 
-def module_name(layer: int, target: str) -> str:
-    group = "self_attn" if target in ATTN_TARGETS else "mlp"
-    return f"layers.{layer}.{group}.{target}"
-
-
 def adapter_tensors(
-    model, name: str | None = None, layout: str = "causal_lm"
+    factors: Factors, layout: str = "causal_lm"
 ) -> dict[str, np.ndarray]:
-    """{PEFT key: array} of adapter `name` (float32)."""
+    """{PEFT key: array}: `lora_A.weight` = a.T (r, in), `lora_B.weight` = b.T."""
     prefix = PREFIXES[layout].rsplit(".layers", 1)[0]
     out = {}
-    for (layer, target), a in sorted(model.adapters(name).items()):
+    for (layer, target), (a, b) in sorted(factors.items()):
         base = f"{prefix}.{module_name(layer, target)}"
-        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(
-            np.asarray(a.lora_a.value, np.float32).T
-        )
-        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(
-            np.asarray(a.lora_b.value, np.float32).T
-        )
+        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
+        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
     return out
 
 
@@ -101,25 +98,18 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
     }
 
 
-def save_adapter(
-    model,
+def write_adapter(
     directory: str,
+    spec: LoraSpec,
+    factors: Factors,
     *,
     base_model: str,
-    name: str | None = None,
     layout: str = "causal_lm",
-    lora=None,
     overwrite: bool = False,
 ) -> str:
-    """Writes adapter `name` to `directory` in PEFT format (atomically).
-
-    Example:
-      >>> save_adapter(model, "out/adapter", base_model="google/gemma-4-E4B-it")
-    """
-    name = name or model.active_adapter
-    if name is None or not model.adapters(name):
-        raise AdapterFormatError("the model has no active adapter to save")
-    spec = model.lora_specs[name]
+    """Writes an adapter (spec + factors) to `directory` in PEFT format, atomically."""
+    if not factors:
+        raise AdapterFormatError("the adapter has no weights to save")
     if os.path.exists(directory) and os.listdir(directory) and not overwrite:
         raise FileExistsError(
             f"{directory} exists and is not empty; choose another directory"
@@ -128,7 +118,7 @@ def save_adapter(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
     save_file(
-        adapter_tensors(model, name, layout),
+        adapter_tensors(factors, layout),
         os.path.join(tmp, "adapter_model.safetensors"),
         metadata={"format": "pt"},
     )
@@ -139,6 +129,33 @@ def save_adapter(
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def save_adapter(
+    model,
+    directory: str,
+    *,
+    base_model: str,
+    name: str | None = None,
+    layout: str = "causal_lm",
+    overwrite: bool = False,
+) -> str:
+    """Writes adapter `name` of a `Gemma4LoraModel` in PEFT format (atomically).
+
+    Example:
+      >>> save_adapter(model, "out/adapter", base_model="google/gemma-4-E4B-it")
+    """
+    if (name or model.active_adapter) not in model.lora_specs:
+        raise AdapterFormatError("the model has no active adapter to save")
+    spec, factors = lora.adapter_factors(model, name)
+    return write_adapter(
+        directory,
+        spec,
+        factors,
+        base_model=base_model,
+        layout=layout,
+        overwrite=overwrite,
+    )
 
 
 def umask_permissions(directory: str) -> None:
@@ -157,7 +174,8 @@ def umask_permissions(directory: str) -> None:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
-def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
+def read_adapter_files(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter_config.json as a dict, {PEFT key: array}), checked for LoRA."""
     cfg_path = os.path.join(directory, "adapter_config.json")
     w_path = os.path.join(directory, "adapter_model.safetensors")
     for p in (cfg_path, w_path):
@@ -195,69 +213,63 @@ def read_adapter(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
         ) from e
 
 
-def load_adapter(
-    model, directory: str, name: str = "default", activate: bool = True
-) -> None:
-    """Loads a PEFT LoRA adapter (trained anywhere) into `model` as `name`."""
-    cfg, tensors = read_adapter(directory)
-    factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+def read_adapter(directory: str) -> tuple[LoraSpec, Factors]:
+    """(spec, {(layer, target): (a, b)}) of a PEFT LoRA adapter directory.
+
+    Example:
+      >>> spec, factors = read_adapter("runs/a/adapter")
+    """
+    cfg, tensors = read_adapter_files(directory)
+    halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
         if not m:
             raise AdapterFormatError(
                 f"{directory}: tensor {key!r} is not a Gemma 4 text-decoder LoRA weight"
             )
-        layer, _, target, ab = int(m[1]), m[2], m[3], m[4]
+        layer, target, ab = int(m[1]), m[3], m[4]
         if target not in config_lib.LORA_TARGETS:
             raise AdapterFormatError(
                 f"{directory}: module {key!r} targets {target!r}, "
                 f"not one of {config_lib.LORA_TARGETS}"
             )
-        factors.setdefault((layer, target), {})[ab] = value
+        halves.setdefault((layer, target), {})[ab] = value
+    for (layer, target), ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(
+                f"{directory}: {module_name(layer, target)}: lora_A or lora_B is missing"
+            )
     rank = int(cfg["r"])
-    targets = tuple(
-        t for t in config_lib.LORA_TARGETS if any(t == k[1] for k in factors)
-    )
-    layers = tuple(sorted({k[0] for k in factors}))
     spec = LoraSpec(
         rank=rank,
         alpha=float(cfg.get("lora_alpha", rank)),
         dropout=float(cfg.get("lora_dropout", 0.0)),
-        targets=targets,
-        layers=layers,
+        targets=tuple(
+            t for t in config_lib.LORA_TARGETS if any(t == k[1] for k in halves)
+        ),
+        layers=tuple(sorted({k[0] for k in halves})),
         rslora=bool(cfg.get("use_rslora", False)),
     )
-    _check_sites(model, factors, rank, directory)
-    model.add_adapter(name, spec, activate=activate)
-    adapters = model.adapters(name)
-    for site, ab in factors.items():
-        adapters[site].lora_a.assign(ab["A"].T.astype(np.float32))
-        adapters[site].lora_b.assign(ab["B"].T.astype(np.float32))
-    # Sites PEFT would create but the file omits (e.g. a layer subset) stay
-    # at B = 0, i.e. no effect, exactly as in PEFT.
+    factors = {
+        site: (
+            np.asarray(ab["A"], np.float32).T,
+            np.asarray(ab["B"], np.float32).T,
+        )
+        for site, ab in halves.items()
+    }
+    return spec, factors
 
 
-def _check_sites(model, factors, rank: int, directory: str) -> None:
-    s = model.spec
-    for (layer, target), ab in sorted(factors.items()):
-        where = f"{directory}: {module_name(layer, target)}"
-        if layer >= s.num_layers:
-            raise AdapterFormatError(
-                f"{where}: the model has only {s.num_layers} layers "
-                "(an adapter for another Gemma 4 size?)"
-            )
-        if not s.has_projection(layer, target):
-            why = (
-                "V is computed by k_proj (attention_k_eq_v)"
-                if target == "v_proj" and s.blocks[layer].has_kv
-                else "KV-shared layer"
-            )
-            raise AdapterFormatError(f"{where}: this layer has no {target} ({why})")
-        if set(ab) != {"A", "B"}:
-            raise AdapterFormatError(f"{where}: lora_A or lora_B is missing")
-        din, dout = s.projection_shape(layer, target)
-        if ab["A"].shape != (rank, din) or ab["B"].shape != (dout, rank):
-            raise AdapterFormatError(
-                f"{where}: lora_A {tuple(ab['A'].shape)} / lora_B {tuple(ab['B'].shape)} do not fit "
-                f"rank {rank} on a ({dout}, {din}) weight; expected ({rank}, {din}) / ({dout}, {rank})"
-            )
+def load_adapter(
+    model, directory: str, name: str = "default", activate: bool = True
+) -> None:
+    """Loads a PEFT LoRA adapter (trained anywhere) into `model` as `name`.
+
+    Example:
+      >>> load_adapter(model, "runs/a/adapter", name="a")
+    """
+    spec, factors = read_adapter(directory)
+    try:
+        lora.add_adapter_from_factors(model, spec, factors, name, activate)
+    except lora.AdapterMismatchError as e:
+        raise AdapterFormatError(f"{directory}: {e}") from e

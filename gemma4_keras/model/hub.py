@@ -1,13 +1,215 @@
-"""Moves weights between KerasHub's `Gemma4Backbone` and `Gemma4LoraModel`.
+"""The KerasHub bridge: every KerasHub name, attribute path and internal.
 
-Kernels are copied out as 2-D (in, out) matrices, the transpose of the
-Hugging Face `nn.Linear` weight. This module and `modeling.py` are the only
-ones that know KerasHub's layer names.
+KerasHub loads presets (KerasHub names, `hf://`, `kaggle://`, local
+directories), tokenizes and generates; this package trains its own
+re-statement of the text decoder (`Gemma4LoraModel`) over the same weights.
+Everything that depends on how KerasHub spells things lives here:
+
+* loading: `backbone_from_preset`, `tokenizer_from_preset`, `causal_lm`,
+  `preset_names`, `load_preset_json`;
+* the architecture: `backbone_kwargs` (KerasHub's own HF config converter)
+  and `spec_from_config`, the one reader of a backbone config into a
+  `ModelSpec`. `tests/test_hub_contract.py` checks it against the attributes
+  of live KerasHub layers for every tiny variant;
+* weights: the attribute paths of norms, kernels and MoE banks on a
+  `Gemma4TextDecoderBlock` (`copy_from_backbone`, `apply_deltas`).
+
+Kernels are exchanged as 2-D (in, out) matrices, the transpose of the Hugging
+Face `nn.Linear` weight. `keras_hub.src` is imported only here, and only where
+KerasHub has no public API for the job (reading one file of a preset, mapping
+an HF config without building the model). Raising the `keras-hub` bound in
+pyproject.toml: run `tests/test_hub_contract.py`, `tests/test_modeling.py` and
+`tests/test_plan.py` against the new release.
 """
 
 from __future__ import annotations
 
+import keras_hub
 import numpy as np
+
+from gemma4_keras.model import lora
+from gemma4_keras.model.spec import BlockSpec, ModelSpec
+
+
+class PresetError(ValueError):
+    """A preset name or directory that cannot be loaded."""
+
+
+# ----------------------------------------------------------------------------
+# Loading through KerasHub's public API.
+
+
+def preset_names() -> list[str]:
+    """KerasHub's registered Gemma 4 preset names."""
+    return sorted(keras_hub.models.Gemma4Backbone.presets)
+
+
+def backbone_from_preset(preset: str, dtype: str):
+    """`Gemma4Backbone.from_preset` (KerasHub name, hf://, kaggle://, directory)."""
+    return keras_hub.models.Gemma4Backbone.from_preset(preset, dtype=dtype)
+
+
+def tokenizer_from_preset(preset: str):
+    """`Gemma4Tokenizer.from_preset`."""
+    return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
+
+
+def causal_lm(backbone, tokenizer=None):
+    """A `Gemma4CausalLM` over `backbone`; with a preprocessor if `tokenizer`."""
+    preprocessor = (
+        None
+        if tokenizer is None
+        else keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer)
+    )
+    return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def load_preset_json(preset: str) -> dict:
+    """`config.json` of a KerasHub preset / hf:// / kaggle:// (may download).
+
+    KerasHub has no public API that reads one file of a preset.
+    """
+    from keras_hub.src.utils.preset_utils import load_json  # the one internal
+
+    return load_json(preset, "config.json")
+
+
+def convert_hf_config(text_config: dict) -> dict:
+    """KerasHub's own HF -> `Gemma4Backbone` kwargs mapping (text part only)."""
+    # No public API maps an HF config without building (allocating) the model.
+    from keras_hub.src.utils.transformers.convert_gemma4 import (  # internal
+        convert_backbone_config,
+    )
+
+    # `model_type=gemma4_text` makes the converter read this dict as the text
+    # config and build no vision/audio encoder (the plan is for the text decoder).
+    return convert_backbone_config({**text_config, "model_type": "gemma4_text"})
+
+
+def backbone_kwargs(config_json: dict) -> dict:
+    """`Gemma4Backbone` constructor kwargs from either config.json format.
+
+    A KerasHub preset's config.json is `{"class_name": ..., "config": kwargs}`;
+    a Hugging Face one is mapped by KerasHub's converter (multimodal layout:
+    its `text_config`).
+    """
+    if "class_name" in config_json and "config" in config_json:
+        if "Gemma4" not in str(config_json["class_name"]):
+            raise PresetError(
+                f"config.json is a {config_json['class_name']}, not a Gemma 4 backbone"
+            )
+        return dict(config_json["config"])
+    return convert_hf_config(config_json.get("text_config", config_json))
+
+
+# ----------------------------------------------------------------------------
+# The architecture: one reader, from the backbone config.
+
+
+def _kv_sources(kw: dict, is_global: list[bool]) -> dict[int, int]:
+    """Shared layer -> source layer, as `Gemma4Backbone.__init__` assigns them."""
+    n, shared = len(is_global), int(kw.get("num_kv_shared_layers") or 0)
+    first = n - shared
+    if shared <= 0:
+        return {}
+    if first == 0:  # assistant mode in KerasHub: sources 0 (local) / 1 (global)
+        return {j: int(is_global[j]) for j in range(n)}
+    out = {}
+    for j in range(first, n):
+        for k in range(first - 1, -1, -1):
+            if is_global[k] == is_global[j]:
+                out[j] = k
+                break
+    return out
+
+
+def spec_from_config(kw: dict) -> ModelSpec:
+    """The `ModelSpec` a backbone built from `kw` would give, without building it.
+
+    Mirrors `Gemma4Backbone.__init__` / `Gemma4TextDecoderBlock` /
+    `Gemma4TextAttention` (keras-hub 0.32): layer types from `layer_types` or
+    `sliding_window_pattern`, global head dim, KV-shared sources, K=V on
+    global layers when `num_global_key_value_heads` is set, double-wide MLP
+    on KV-shared layers, PLE and MoE sizes.
+
+    Example:
+      >>> kw = backbone_kwargs(json.load(open(path / "config.json")))
+      >>> spec_from_config(kw).num_layers
+      4
+    """
+    n = int(kw["num_layers"])
+    pattern = int(kw.get("sliding_window_pattern") or 6)
+    types = kw.get("layer_types")
+    is_global = [
+        (types[i] == "full_attention") if types else (i % pattern == pattern - 1)
+        for i in range(n)
+    ]
+    sources = _kv_sources(kw, is_global)
+    use_sliding = bool(kw.get("use_sliding_window_attention", True))
+    ngkv = kw.get("num_global_key_value_heads")
+    blocks = []
+    for i in range(n):
+        g = is_global[i]
+        head = (
+            int(kw.get("global_head_dim") or kw["head_dim"])
+            if g
+            else int(kw["head_dim"])
+        )
+        k_eq_v = g and ngkv is not None
+        # KerasHub would fail on a missing partial factor; 1.0 keeps the plan going.
+        partial = (kw.get("global_rope_partial_rotary_factor") or 1.0) if g else 1.0
+        raw_rot = int(partial * head)
+        ffn = int(kw["intermediate_dim"])
+        if kw.get("use_double_wide_mlp") and i in sources:
+            ffn *= 2
+        blocks.append(
+            BlockSpec(
+                index=i,
+                is_global=g,
+                head_dim=head,
+                num_heads=int(kw["num_query_heads"]),
+                num_kv_heads=int(ngkv if k_eq_v else kw["num_key_value_heads"]),
+                sliding_window=(
+                    int(kw.get("sliding_window_size", 512))
+                    if use_sliding and not g
+                    else None
+                ),
+                rope_wavelength=float(
+                    (kw.get("global_rope_wavelength") or 1_000_000.0)
+                    if g
+                    else (kw.get("local_rope_wavelength") or 10_000.0)
+                ),
+                rope_scaling=float(
+                    kw.get(
+                        "global_rope_scaling_factor"
+                        if g
+                        else "local_rope_scaling_factor",
+                        1.0,
+                    )
+                ),
+                rotary_dim=max(2, raw_rot - raw_rot % 2),
+                kv_source=sources.get(i),
+                k_eq_v=k_eq_v,
+                ffn_dim=ffn,
+                attn_soft_cap=kw.get("attention_logit_soft_cap"),
+            )
+        )
+    return ModelSpec(
+        vocab_size=int(kw["vocabulary_size"]),
+        hidden_dim=int(kw["hidden_dim"]),
+        eps=float(kw.get("layer_norm_epsilon", 1e-6)),
+        final_soft_cap=kw.get("final_logit_soft_cap"),
+        ple_dim=int(kw.get("hidden_size_per_layer_input") or 0),
+        moe=bool(kw.get("enable_moe_block", False)),
+        num_experts=int(kw.get("num_experts") or 0),
+        top_k=int(kw.get("num_experts_per_token", 8) or 0),
+        expert_dim=int(kw.get("expert_intermediate_dim") or 0),
+        blocks=tuple(blocks),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Weights: attribute paths on a KerasHub decoder block.
 
 # our name -> attribute path on a KerasHub decoder block
 _NORMS = {
@@ -148,32 +350,6 @@ def _copy_block(blk, src, spec, *, quant, double_quant, block_size) -> None:
             blk.add_bank(name, _np(_get(src, path)), quant, double_quant, block_size)
 
 
-def model_deltas(model, name: str | None = None) -> dict[tuple[int, str], np.ndarray]:
-    """{(layer, target): scale * A @ B} of adapter `name`, (in, out) float32."""
-    return {site: a.delta_weight() for site, a in model.adapters(name).items()}
-
-
-def peft_deltas(directory: str) -> dict[tuple[int, str], np.ndarray]:
-    """The same, read from a PEFT adapter directory (no model needed)."""
-    from gemma4_keras.export import peft
-
-    cfg, tensors = peft.read_adapter(directory)
-    rank = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", rank))
-    scale = alpha / (rank**0.5 if cfg.get("use_rslora") else rank)
-    factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        m = peft._KEY.match(key)
-        if not m:
-            raise peft.AdapterFormatError(
-                f"{directory}: {key!r} is not a Gemma 4 LoRA weight"
-            )
-        factors.setdefault((int(m[1]), m[3]), {})[m[4]] = np.asarray(value, np.float32)
-    return {
-        site: (ab["B"] @ ab["A"]).T * np.float32(scale) for site, ab in factors.items()
-    }
-
-
 def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
     """Adds (sign=-1: removes) (in, out) deltas into a KerasHub backbone's kernels.
 
@@ -203,4 +379,4 @@ def merge_into_backbone(
     model, backbone, name: str | None = None, sign: float = 1.0
 ) -> int:
     """Adds adapter `name` of a Gemma4LoraModel into a KerasHub backbone."""
-    return apply_deltas(backbone, model_deltas(model, name), sign)
+    return apply_deltas(backbone, lora.model_deltas(model, name), sign)

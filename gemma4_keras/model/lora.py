@@ -1,4 +1,11 @@
-"""Merging a LoRA adapter into the base kernels of a `Gemma4LoraModel`.
+"""LoRA in one place: the adapter layer, its sites, factors, deltas and merges.
+
+`LoraAdapter` is one PEFT-shaped adapter; `LoraSpec` (config `lora.*`) says
+which projections get one; `Gemma4LoraModel` adds, activates and unloads
+them. An adapter outside a model is a `LoraSpec` plus its factors,
+`{(layer, target): (a, b)}` with `a` (in, r) and `b` (r, out): what training
+resume, PEFT import and export (`export/peft.py` owns only that file format)
+and generation exchange.
 
 A merged site computes `x @ (W + scale * A @ B)` in one matmul: the adapter's
 logits without the adapter branch (serving, export of a full model). Float
@@ -15,9 +22,119 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import keras
 import numpy as np
 
 from gemma4_keras import config_lib
+from gemma4_keras.model.spec import ModelSpec, module_name
+
+
+class LoraAdapter(keras.layers.Layer):
+    """One PEFT-shaped adapter: delta(x) = scale * B(A(dropout(x))).
+
+    `lora_a` is (in, r) and `lora_b` is (r, out): PEFT's `lora_A.weight` and
+    `lora_B.weight` transposed. Init as PEFT: A ~ U(+-1/sqrt(in)) (Kaiming
+    uniform with a=sqrt(5)), B = 0, so a fresh adapter changes nothing.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if rank > min(in_features, out_features):
+            raise config_lib.ConfigError(
+                f"lora.rank={rank} is larger than {self.name}'s dimensions "
+                f"({in_features} in, {out_features} out); lower --config.lora.rank"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
+        bound = 1.0 / math.sqrt(in_features)
+        self.lora_a = self.add_weight(
+            name="lora_a",
+            shape=(in_features, rank),
+            initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed),
+            dtype="float32",
+        )
+        self.lora_b = self.add_weight(
+            name="lora_b",
+            shape=(rank, out_features),
+            initializer="zeros",
+            dtype="float32",
+        )
+
+    @staticmethod
+    def scale_of(rank: int, alpha: float, rslora: bool) -> float:
+        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return alpha / (math.sqrt(rank) if rslora else rank)
+
+    @property
+    def scale(self) -> float:
+        return self.scale_of(self.rank, self.alpha, self.rslora)
+
+    def delta(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        if key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        a = jnp.asarray(self.lora_a.value).astype(x.dtype)
+        b = jnp.asarray(self.lora_b.value).astype(x.dtype)
+        return ((x @ a) @ b) * jnp.asarray(self.scale, x.dtype)
+
+    def delta_weight(self) -> np.ndarray:
+        """scale * A @ B, shape (in, out), float32."""
+        a = np.asarray(self.lora_a.value, np.float32)
+        b = np.asarray(self.lora_b.value, np.float32)
+        return (a @ b) * np.float32(self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which projections get adapters and how (config `lora.*`)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = config_lib.LORA_TARGETS
+    layers: tuple[int, ...] | None = None
+    rslora: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, c) -> LoraSpec:
+        layers = config_lib.lora_layers(c.layers)
+        return cls(
+            rank=int(c.rank),
+            alpha=float(c.alpha),
+            dropout=float(c.dropout),
+            targets=tuple(config_lib.lora_targets(c.targets)),
+            layers=None if layers is None else tuple(layers),
+            rslora=bool(c.rslora),
+            seed=int(c.seed),
+        )
+
+    def sites(self, spec: ModelSpec) -> list[tuple[int, str]]:
+        """(layer, target) pairs that get an adapter; KV-shared k/v skipped."""
+        layers = range(spec.num_layers) if self.layers is None else self.layers
+        for i in layers:
+            if not 0 <= i < spec.num_layers:
+                raise config_lib.ConfigError(
+                    f"lora.layers names layer {i}, but the model has layers 0..{spec.num_layers - 1}"
+                )
+        return [
+            (i, t) for i in layers for t in self.targets if spec.has_projection(i, t)
+        ]
 
 
 def _adapter_name(model, name: str | None) -> str:
@@ -122,3 +239,88 @@ def merged_kernels(model, name: str | None = None) -> dict[tuple[int, str], np.n
         base = np.asarray(model.blocks[layer].proj[target].weight("float32"))
         out[(layer, target)] = base + adapter.delta_weight()
     return out
+
+
+# ----------------------------------------------------------------------------
+# Adapters as data: factors and deltas.
+
+Factors = dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+
+class AdapterMismatchError(ValueError):
+    """Adapter factors that do not fit the model (size, layer, shape)."""
+
+
+def adapter_factors(model, name: str | None = None) -> tuple[LoraSpec, Factors]:
+    """(spec, {(layer, target): (a, b)}) of adapter `name`, float32.
+
+    Example:
+      >>> spec, factors = adapter_factors(model)   # the active adapter
+    """
+    name = _adapter_name(model, name)
+    factors = {
+        site: (
+            np.asarray(a.lora_a.value, np.float32),
+            np.asarray(a.lora_b.value, np.float32),
+        )
+        for site, a in sorted(model.adapters(name).items())
+    }
+    return model.lora_specs[name], factors
+
+
+def add_adapter_from_factors(
+    model, spec: LoraSpec, factors: Factors, name: str = "default", activate=True
+) -> None:
+    """Adds adapter `name` to `model` with the given factors.
+
+    Sites the spec covers but `factors` omits (e.g. a PEFT file of a layer
+    subset) stay at B = 0, i.e. no effect, exactly as in PEFT.
+
+    Raises:
+      AdapterMismatchError: naming the site when a factor does not fit.
+    """
+    check_factors(model.spec, spec.rank, factors)
+    model.add_adapter(name, spec, activate=activate)
+    adapters = model.adapters(name)
+    for site, (a, b) in factors.items():
+        adapters[site].lora_a.assign(np.asarray(a, np.float32))
+        adapters[site].lora_b.assign(np.asarray(b, np.float32))
+
+
+def check_factors(spec: ModelSpec, rank: int, factors: Factors) -> None:
+    """Raises AdapterMismatchError if a factor does not fit `spec`."""
+    for (layer, target), (a, b) in sorted(factors.items()):
+        where = module_name(layer, target)
+        if layer >= spec.num_layers:
+            raise AdapterMismatchError(
+                f"{where}: the model has only {spec.num_layers} layers "
+                "(an adapter for another Gemma 4 size?)"
+            )
+        if not spec.has_projection(layer, target):
+            why = (
+                "V is computed by k_proj (attention_k_eq_v)"
+                if target == "v_proj" and spec.blocks[layer].has_kv
+                else "KV-shared layer"
+            )
+            raise AdapterMismatchError(f"{where}: this layer has no {target} ({why})")
+        din, dout = spec.projection_shape(layer, target)
+        if a.shape != (din, rank) or b.shape != (rank, dout):
+            raise AdapterMismatchError(
+                f"{where}: lora_A {tuple(a.shape[::-1])} / lora_B {tuple(b.shape[::-1])} "
+                f"do not fit rank {rank} on a ({dout}, {din}) weight; expected "
+                f"({rank}, {din}) / ({dout}, {rank})"
+            )
+
+
+def deltas(spec: LoraSpec, factors: Factors) -> dict[tuple[int, str], np.ndarray]:
+    """{(layer, target): scale * a @ b}, (in, out) float32."""
+    scale = np.float32(LoraAdapter.scale_of(spec.rank, spec.alpha, spec.rslora))
+    return {
+        site: (np.asarray(a, np.float32) @ np.asarray(b, np.float32)) * scale
+        for site, (a, b) in factors.items()
+    }
+
+
+def model_deltas(model, name: str | None = None) -> dict[tuple[int, str], np.ndarray]:
+    """{(layer, target): scale * A @ B} of adapter `name`, (in, out) float32."""
+    return {site: a.delta_weight() for site, a in model.adapters(name).items()}

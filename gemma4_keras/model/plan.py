@@ -2,7 +2,7 @@
 
 Reads the architecture from the preset's `config.json` only (no weights are
 loaded, no model is built), derives the same per-block facts as
-`modeling.ModelSpec.from_backbone`, and estimates, for one device:
+`hub.spec_from_config`, and estimates, for one device:
 
     parameters      embedding, PLE, attention, MLP, MoE experts, norms   [count]
     base            frozen weights as `quant.mode` stores them           [bytes]
@@ -29,19 +29,13 @@ whatever preset is named.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from gemma4_keras import config_lib
-from gemma4_keras.model import presets
-from gemma4_keras.model.modeling import (
-    ATTN_TARGETS,
-    MLP_TARGETS,
-    BlockSpec,
-    LoraSpec,
-    ModelSpec,
-)
+from gemma4_keras.model import hub, presets
+from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.model.spec import ATTN_TARGETS, MLP_TARGETS, BlockSpec, ModelSpec
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -53,180 +47,6 @@ _RESID_KV = 2  # k and v after norm (x kv_heads*head_dim), own K/V only
 _RESID_F = 8  # gate, up, GELU-tanh internals, product (x ffn)
 _ATTN_F32 = 4  # float32 [B, heads, T, T] tensors kept: logits, tanh, probs, ...
 _ATTN_BOOL = 2  # boolean [B, heads, T, T] masks kept by the `where`s
-
-
-# ----------------------------------------------------------------------------
-# Reading the architecture. The two KerasHub internals are isolated here:
-# KerasHub has no public API that reads one file of a preset or maps a
-# Hugging Face config to backbone kwargs without building the model (and so
-# without allocating every weight).
-
-
-def _keras_hub_load_json(preset: str) -> dict:
-    """`config.json` of a KerasHub preset / hf:// / kaggle:// (may download)."""
-    from keras_hub.src.utils.preset_utils import load_json
-
-    return load_json(preset, "config.json")
-
-
-def _keras_hub_convert_hf(text_config: dict) -> dict:
-    """KerasHub's own HF -> `Gemma4Backbone` kwargs mapping (text part only)."""
-    from keras_hub.src.utils.transformers.convert_gemma4 import (
-        convert_backbone_config,
-    )
-
-    # `model_type=gemma4_text` makes the converter read this dict as the text
-    # config and build no vision/audio encoder (the plan is for the text decoder).
-    return convert_backbone_config({**text_config, "model_type": "gemma4_text"})
-
-
-def read_config_json(preset: str) -> dict:
-    """The raw `config.json` of a preset, without loading weights.
-
-    Args:
-      preset: `config.model.preset`: a KerasHub preset name, hf://org/repo,
-        kaggle://..., a local directory (HF or KerasHub format), or `tiny`.
-
-    Raises:
-      presets.PresetError: naming the preset and the credentials it needs when
-        the file cannot be fetched.
-    """
-    resolved = presets.resolve_preset(preset)
-    if os.path.isdir(resolved):
-        with open(os.path.join(resolved, "config.json")) as f:
-            return json.load(f)
-    try:
-        return _keras_hub_load_json(resolved)
-    except Exception as e:  # network, auth and missing-file errors alike
-        how = (
-            "set HF_TOKEN (and accept the model's terms on huggingface.co)"
-            if resolved.startswith("hf://")
-            else "set KAGGLE_USERNAME and KAGGLE_KEY (or ~/.kaggle/kaggle.json) "
-            "and accept the model's terms on kaggle.com"
-        )
-        raise presets.PresetError(
-            f"--config.model.preset={preset!r}: could not fetch its config.json "
-            f"({type(e).__name__}: {e}); {how}, or point the preset at a local "
-            "directory holding config.json"
-        ) from e
-
-
-def backbone_kwargs(config_json: dict) -> dict:
-    """`Gemma4Backbone` constructor kwargs from either config.json format.
-
-    A KerasHub preset's config.json is `{"class_name": ..., "config": kwargs}`;
-    a Hugging Face one is mapped by KerasHub's converter (multimodal layout:
-    its `text_config`).
-    """
-    if "class_name" in config_json and "config" in config_json:
-        if "Gemma4" not in str(config_json["class_name"]):
-            raise presets.PresetError(
-                f"config.json is a {config_json['class_name']}, not a Gemma 4 backbone"
-            )
-        return dict(config_json["config"])
-    return _keras_hub_convert_hf(config_json.get("text_config", config_json))
-
-
-def _kv_sources(kw: dict, is_global: list[bool]) -> dict[int, int]:
-    """Shared layer -> source layer, as `Gemma4Backbone.__init__` assigns them."""
-    n, shared = len(is_global), int(kw.get("num_kv_shared_layers") or 0)
-    first = n - shared
-    if shared <= 0:
-        return {}
-    if first == 0:  # assistant mode in KerasHub: sources 0 (local) / 1 (global)
-        return {j: int(is_global[j]) for j in range(n)}
-    out = {}
-    for j in range(first, n):
-        for k in range(first - 1, -1, -1):
-            if is_global[k] == is_global[j]:
-                out[j] = k
-                break
-    return out
-
-
-def spec_from_backbone_config(kw: dict) -> ModelSpec:
-    """The `ModelSpec` a backbone built from `kw` would give, without building it.
-
-    Mirrors `Gemma4Backbone.__init__` / `Gemma4TextDecoderBlock` /
-    `Gemma4TextAttention` (keras-hub 0.32): layer types from `layer_types` or
-    `sliding_window_pattern`, global head dim, KV-shared sources, K=V on
-    global layers when `num_global_key_value_heads` is set, double-wide MLP
-    on KV-shared layers, PLE and MoE sizes.
-
-    Example:
-      >>> kw = backbone_kwargs(read_config_json("tiny"))
-      >>> spec_from_backbone_config(kw).num_layers
-      4
-    """
-    n = int(kw["num_layers"])
-    pattern = int(kw.get("sliding_window_pattern") or 6)
-    types = kw.get("layer_types")
-    is_global = [
-        (types[i] == "full_attention") if types else (i % pattern == pattern - 1)
-        for i in range(n)
-    ]
-    sources = _kv_sources(kw, is_global)
-    use_sliding = bool(kw.get("use_sliding_window_attention", True))
-    ngkv = kw.get("num_global_key_value_heads")
-    blocks = []
-    for i in range(n):
-        g = is_global[i]
-        head = (
-            int(kw.get("global_head_dim") or kw["head_dim"])
-            if g
-            else int(kw["head_dim"])
-        )
-        k_eq_v = g and ngkv is not None
-        # KerasHub would fail on a missing partial factor; 1.0 keeps the plan going.
-        partial = (kw.get("global_rope_partial_rotary_factor") or 1.0) if g else 1.0
-        raw_rot = int(partial * head)
-        ffn = int(kw["intermediate_dim"])
-        if kw.get("use_double_wide_mlp") and i in sources:
-            ffn *= 2
-        blocks.append(
-            BlockSpec(
-                index=i,
-                is_global=g,
-                head_dim=head,
-                num_heads=int(kw["num_query_heads"]),
-                num_kv_heads=int(ngkv if k_eq_v else kw["num_key_value_heads"]),
-                sliding_window=(
-                    int(kw.get("sliding_window_size", 512))
-                    if use_sliding and not g
-                    else None
-                ),
-                rope_wavelength=float(
-                    (kw.get("global_rope_wavelength") or 1_000_000.0)
-                    if g
-                    else (kw.get("local_rope_wavelength") or 10_000.0)
-                ),
-                rope_scaling=float(
-                    kw.get(
-                        "global_rope_scaling_factor"
-                        if g
-                        else "local_rope_scaling_factor",
-                        1.0,
-                    )
-                ),
-                rotary_dim=max(2, raw_rot - raw_rot % 2),
-                kv_source=sources.get(i),
-                k_eq_v=k_eq_v,
-                ffn_dim=ffn,
-                attn_soft_cap=kw.get("attention_logit_soft_cap"),
-            )
-        )
-    return ModelSpec(
-        vocab_size=int(kw["vocabulary_size"]),
-        hidden_dim=int(kw["hidden_dim"]),
-        eps=float(kw.get("layer_norm_epsilon", 1e-6)),
-        final_soft_cap=kw.get("final_logit_soft_cap"),
-        ple_dim=int(kw.get("hidden_size_per_layer_input") or 0),
-        moe=bool(kw.get("enable_moe_block", False)),
-        num_experts=int(kw.get("num_experts") or 0),
-        top_k=int(kw.get("num_experts_per_token", 8) or 0),
-        expert_dim=int(kw.get("expert_intermediate_dim") or 0),
-        blocks=tuple(blocks),
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -527,8 +347,8 @@ def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
         raise config_lib.ConfigError(f"--mfu={mfu} must be in (0, 1]")
     if tflops <= 0:
         raise config_lib.ConfigError(f"--tflops={tflops} must be > 0 (TFLOP/s)")
-    kw = backbone_kwargs(read_config_json(config.model.preset))
-    spec = spec_from_backbone_config(kw)
+    kw = hub.backbone_kwargs(presets.read_config_json(config.model.preset))
+    spec = hub.spec_from_config(kw)
     ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     lora = LoraSpec.from_config(config.lora)
     dtype = presets.compute_dtype(config.model)
@@ -641,4 +461,4 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_plan", "plan", "read_config_json", "spec_from_backbone_config"]
+__all__ = ["format_plan", "plan"]

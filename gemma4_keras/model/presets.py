@@ -14,19 +14,22 @@ import json
 import os
 
 import jax
+import keras
+
+from gemma4_keras import _quiet, config_lib
+from gemma4_keras.data import template
+from gemma4_keras.model import hub
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+from gemma4_keras.model.hub import PresetError
+from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.testing.tiny import tiny_checkpoint
 
 HF_FILES = ("config.json", "tokenizer.json")
 KERAS_FILES = ("config.json", "metadata.json")
 
 
-class PresetError(ValueError):
-    """A preset name or directory that cannot be loaded."""
-
-
 def known_presets() -> list[str]:
-    import keras_hub
-
-    return sorted(keras_hub.models.Gemma4Backbone.presets)
+    return hub.preset_names()
 
 
 TINY_FEATURES = ("ple", "kv_shared", "moe", "k_eq_v", "double_wide_mlp")
@@ -59,8 +62,6 @@ def resolve_preset(preset: str) -> str:
     """
     preset = str(preset).strip()
     if preset == "tiny" or preset.startswith("tiny:"):
-        from gemma4_keras.testing.tiny import tiny_checkpoint
-
         return str(tiny_checkpoint(**tiny_variant(preset)))
     if preset.startswith(("hf://", "kaggle://", "gs://")):
         return preset
@@ -109,8 +110,6 @@ def chat_template(config, preset: str):
     checkpoint's own `chat_template.jinja` when `preset` (resolved) is a local
     directory that has one, else the size table (`config_lib.SIZES`).
     """
-    from gemma4_keras import config_lib
-    from gemma4_keras.data import template
 
     size = str(config.get("size", ""))
     facts = config_lib.SIZES.get(size)
@@ -122,6 +121,37 @@ def chat_template(config, preset: str):
     )
 
 
+def read_config_json(preset: str) -> dict:
+    """The raw `config.json` of a preset, without loading weights.
+
+    Args:
+      preset: `config.model.preset`: a KerasHub preset name, hf://org/repo,
+        kaggle://..., a local directory (HF or KerasHub format), or `tiny`.
+
+    Raises:
+      PresetError: naming the preset and the credentials it needs when
+        the file cannot be fetched.
+    """
+    resolved = resolve_preset(preset)
+    if os.path.isdir(resolved):
+        with open(os.path.join(resolved, "config.json")) as f:
+            return json.load(f)
+    try:
+        return hub.load_preset_json(resolved)
+    except Exception as e:  # network, auth and missing-file errors alike
+        how = (
+            "set HF_TOKEN (and accept the model's terms on huggingface.co)"
+            if resolved.startswith("hf://")
+            else "set KAGGLE_USERNAME and KAGGLE_KEY (or ~/.kaggle/kaggle.json) "
+            "and accept the model's terms on kaggle.com"
+        )
+        raise PresetError(
+            f"--config.model.preset={preset!r}: could not fetch its config.json "
+            f"({type(e).__name__}: {e}); {how}, or point the preset at a local "
+            "directory holding config.json"
+        ) from e
+
+
 def compute_dtype(model_cfg) -> str:
     """`model.dtype`, with `auto` = bfloat16 on GPU/TPU and float32 on CPU."""
     if model_cfg.dtype != "auto":
@@ -131,23 +161,17 @@ def compute_dtype(model_cfg) -> str:
 
 def load_backbone(preset: str, dtype: str):
     """KerasHub `Gemma4Backbone` for a resolved preset."""
-    import keras_hub
-
     try:
-        return keras_hub.models.Gemma4Backbone.from_preset(preset, dtype=dtype)
+        return hub.backbone_from_preset(preset, dtype)
     except Exception as e:  # hub clients and converters raise many kinds
         raise _load_error(preset, "weights", e) from e
 
 
 def load_tokenizer(preset: str):
     """KerasHub `Gemma4Tokenizer` for a resolved preset."""
-    import keras_hub
-
-    from gemma4_keras import _quiet
-
     try:
         with _quiet.filtered_stderr():  # SentencePiece's "identity normalization"
-            return keras_hub.models.Gemma4Tokenizer.from_preset(preset)
+            return hub.tokenizer_from_preset(preset)
     except Exception as e:  # hub clients and converters raise many kinds
         raise _load_error(preset, "tokenizer", e) from e
 
@@ -179,8 +203,6 @@ def on_host():
     QLoRA base is never resident on the device in bfloat16. The host needs
     RAM for the base in the compute dtype while it loads.
     """
-    import keras
-
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(None)
     try:
@@ -192,8 +214,6 @@ def on_host():
 
 def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg):
     """The trainable model for a resolved preset: (quantised) base + adapters."""
-    from gemma4_keras.model.modeling import Gemma4LoraModel, LoraSpec
-
     dtype = compute_dtype(model_cfg)
     with on_host():
         backbone = load_backbone(preset, dtype)

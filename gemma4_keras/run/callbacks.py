@@ -8,6 +8,7 @@ resume at any step.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -15,6 +16,10 @@ import time
 import keras
 import numpy as np
 from absl import logging
+
+from gemma4_keras.eval import evaluate
+from gemma4_keras.eval.generate import Generator
+from gemma4_keras.model import hub, lora
 
 
 def learning_rate(
@@ -273,11 +278,6 @@ class SampleGenerations(keras.callbacks.Callback):
         step = epoch + 1
         if self.every <= 0 or step % self.every or not self.conversations:
             return
-        import json
-
-        from gemma4_keras.eval import evaluate
-        from gemma4_keras.eval.generate import Generator
-        from gemma4_keras.model import hub
 
         if self._generator is None:
             self._generator = Generator(
@@ -287,7 +287,7 @@ class SampleGenerations(keras.callbacks.Callback):
                 enable_thinking=self.enable_thinking,
             )
         prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))
-        deltas = hub.model_deltas(self.model)
+        deltas = lora.model_deltas(self.model)
         hub.apply_deltas(self._generator.backbone, deltas)
         try:
             outs = self._generator.generate(

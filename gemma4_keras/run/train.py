@@ -28,7 +28,9 @@ import numpy as np
 from absl import logging
 
 from gemma4_keras import config_lib, data, workdir_lock
-from gemma4_keras.model import hub, presets
+from gemma4_keras.eval import evaluate
+from gemma4_keras.export import peft
+from gemma4_keras.model import lora, presets
 from gemma4_keras.run import callbacks as cb
 from gemma4_keras.run import checkpointing, distributed
 
@@ -471,7 +473,7 @@ def build_callbacks(
 def tensorboard(workdir: str) -> keras.callbacks.Callback:
     """TensorBoard event files in workdir/tensorboard (needs tensorflow)."""
     try:
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401  (optional: only this callback needs it)
     except ImportError as e:
         raise config_lib.ConfigError(
             "--config.train.tensorboard=True needs tensorflow (pip install tensorflow-cpu); "
@@ -588,7 +590,6 @@ def _stopped(callbacks: list, plan: Plan) -> dict | None:
 
 def save_adapter(model, config, preset: str, workdir: str) -> None:
     """Writes the final adapter in PEFT format to workdir/adapter."""
-    from gemma4_keras.export import peft
 
     peft.save_adapter(
         model,
@@ -603,12 +604,11 @@ def evaluate_run(
     model, tokenizer, preset, prepared, config, workdir: str, template: str
 ) -> dict:
     """Generates on the held-out split with base and fine-tuned; writes the report."""
-    from gemma4_keras.eval import evaluate
 
     if not prepared.holdout:
         return {}
     return evaluate.evaluate_holdout(
-        hub.model_deltas(model),
+        lora.model_deltas(model),
         tokenizer,
         preset,
         prepared.holdout,

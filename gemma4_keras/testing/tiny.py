@@ -74,6 +74,9 @@ import zlib
 from collections.abc import Iterable
 
 import numpy as np
+from safetensors.numpy import save_file
+
+from gemma4_keras.data import samples
 
 # Bump when the files written change, so stale caches are not reused.
 FORMAT_VERSION = 4
@@ -453,8 +456,16 @@ def special_token_list() -> list[str]:
 
 def _train_pieces(corpus: Iterable[str], num_pieces: int) -> list[str]:
     """Learns up to `num_pieces` BPE pieces (characters, then merges in order)."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-    from tokenizers.trainers import BpeTrainer
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )  # tokenizers' `models`, `decoders` stay local to this builder
+    from tokenizers.trainers import (
+        BpeTrainer,
+    )  # tokenizers' `models`, `decoders` stay local to this builder
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
@@ -513,7 +524,7 @@ def build_tokenizer_json(
     >>> tok.encode("<|turn>great food", add_special_tokens=False).tokens[0]
     '<|turn>'
     """
-    from tokenizers import (
+    from tokenizers import (  # tokenizers' `models`, `decoders` stay local to this builder
         AddedToken,
         Tokenizer,
         decoders,
@@ -570,7 +581,6 @@ def tokenizer_training_corpus() -> list[str]:
     >>> tokenizer_training_corpus()[-1]
     'thought\\n'
     """
-    from gemma4_keras.data import samples
 
     # Each turn as the chat format shows it between the special tokens, so
     # role names and the empty thought block become single pieces too.
@@ -728,7 +738,6 @@ def write_checkpoint(
     Benchmarks use it for mid-size shapes, e.g.
     `write_checkpoint(d, tiny_hf_config(hidden_size=512, intermediate_size=2048))`.
     """
-    from safetensors.numpy import save_file
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)

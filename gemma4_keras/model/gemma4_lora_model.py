@@ -1,0 +1,238 @@
+"""`Gemma4LoraModel`: the Gemma 4 text decoder as a training model.
+
+KerasHub's `Gemma4Backbone` is what loads presets and what generates; this
+model holds the same text weights (copied out by the KerasHub bridge,
+`hub.copy_from_backbone`) in `layers.DecoderBlock`s, with LoRA adapters as a
+separate branch. Its output is the final hidden state, for the chunked loss
+(the [batch, seq, 262144] logits never exist), and each decoder block can be
+rematerialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from gemma4_keras.model import hub, loss
+from gemma4_keras.model.layers import DecoderBlock, attention_mask, frozen, rms_norm
+from gemma4_keras.model.lora import LoraAdapter, LoraSpec
+from gemma4_keras.model.spec import ModelSpec
+
+
+class Gemma4LoraModel(keras.Model):
+    """Gemma 4 text decoder with PEFT-exact LoRA adapters, for training.
+
+    `call` takes a batch dict (`token_ids`, `positions`, `segment_ids`) and
+    returns the final hidden states [B, T, D]; `compute_loss` turns them into
+    the masked, chunked cross-entropy against the tied embedding.
+
+    Example:
+      >>> backbone = keras_hub.models.Gemma4Backbone.from_preset(path)
+      >>> model = Gemma4LoraModel.from_backbone(backbone, LoraSpec(rank=8))
+      >>> hidden = model(batch)
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        remat: bool = False,
+        loss_chunk_size: int = 1024,
+        dtype=None,
+        **kwargs,
+    ):
+        super().__init__(dtype=dtype, **kwargs)
+        self.spec = spec
+        self.remat = remat
+        self.loss_chunk_size = loss_chunk_size
+        self.blocks = [
+            DecoderBlock(spec, i, dtype=self.dtype_policy, name=f"block_{i}")
+            for i in range(spec.num_layers)
+        ]
+        self.globals: dict[str, keras.Variable] = {}
+        self.lora_specs: dict[str, LoraSpec] = {}
+        self.active_adapter: str | None = None
+        self.dropout_seed = keras.random.SeedGenerator(0, name="lora_dropout_seed")
+
+    # --- construction -------------------------------------------------------
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone,
+        lora: LoraSpec | None = None,
+        *,
+        quant: str = "none",
+        double_quant: bool = False,
+        block_size: int = 64,
+        remat: bool = False,
+        loss_chunk_size: int = 1024,
+        dtype=None,
+        moe_dispatch: str = "dense",
+    ) -> Gemma4LoraModel:
+        """Copies the text weights out of a KerasHub `Gemma4Backbone`."""
+        spec = hub.spec_from_config(backbone.get_config())
+        model = cls(
+            spec,
+            remat=remat,
+            loss_chunk_size=loss_chunk_size,
+            name="gemma4_lora_model",
+            dtype=dtype or backbone.dtype_policy.name,
+        )
+        hub.copy_from_backbone(
+            model,
+            backbone,
+            quant=quant,
+            double_quant=double_quant,
+            block_size=block_size,
+        )
+        # Every variable exists now; marking the model built lets
+        # `stateless_call` (the jitted train step) run without an eager call.
+        model.built = True
+        for blk in model.blocks:
+            blk.moe_dispatch = moe_dispatch
+        if lora is not None:
+            model.add_adapter("default", lora)
+        return model
+
+    def add_global(self, name: str, value, dtype=None) -> None:
+        self.globals[name] = frozen(self, name, value, dtype or self.variable_dtype)
+
+    def add_adapter(self, name: str, lora: LoraSpec, activate: bool = True) -> None:
+        """Creates adapter `name` (zero effect until trained or loaded)."""
+        if name in self.lora_specs:
+            raise ValueError(
+                f"an adapter named {name!r} exists already; unload it first"
+            )
+        seed = lora.seed
+        for layer, target in lora.sites(self.spec):
+            din, dout = self.spec.projection_shape(layer, target)
+            adapter = LoraAdapter(
+                din,
+                dout,
+                lora.rank,
+                lora.alpha,
+                lora.dropout,
+                lora.rslora,
+                seed=seed,
+                name=f"lora_{name}_layers_{layer}_{target}",
+            )
+            seed += 1
+            self.blocks[layer].adapters.setdefault(name, {})[target] = adapter
+            # Track through the block so Keras sees the variables.
+            setattr(self.blocks[layer], f"_lora_{name}_{target}", adapter)
+        self.lora_specs[name] = lora
+        if activate:
+            self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activates adapter `name` (None = the base model alone)."""
+        if name is not None and name not in self.lora_specs:
+            raise KeyError(
+                f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}"
+            )
+        self.active_adapter = name
+        for blk in self.blocks:
+            blk.active_adapter = name
+
+    def unload_adapter(self, name: str) -> None:
+        """Removes adapter `name` and its variables; base weights are untouched."""
+        if name not in self.lora_specs:
+            raise KeyError(
+                f"no adapter named {name!r}; loaded: {sorted(self.lora_specs)}"
+            )
+        for blk in self.blocks:
+            for target, adapter in blk.adapters.pop(name, {}).items():
+                delattr(blk, f"_lora_{name}_{target}")
+                # delattr does not untrack a sub-layer: without this its
+                # variables stay in `trainable_variables` (and the optimizer).
+                blk._tracker.untrack(adapter)
+        del self.lora_specs[name]
+        if self.active_adapter == name:
+            self.set_adapter(None)
+
+    def adapters(self, name: str | None = None) -> dict[tuple[int, str], LoraAdapter]:
+        """{(layer, target): adapter} of adapter `name` (default: the active one)."""
+        name = name or self.active_adapter
+        return {
+            (blk.bspec.index, t): a
+            for blk in self.blocks
+            for t, a in blk.adapters.get(name, {}).items()
+        }
+
+    # --- forward ------------------------------------------------------------
+
+    def call(self, inputs, training=False):
+        token_ids = inputs["token_ids"]
+        positions = inputs["positions"]
+        segment_ids = inputs["segment_ids"]
+        dtype = self.compute_dtype
+        emb = self.globals["embedding"].value
+        x = jnp.take(emb, token_ids, axis=0).astype(dtype)
+        ple = self._ple_inputs(token_ids, x) if self.spec.ple_dim else None
+        x = x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype)
+        masks = {}
+        kv_cache: dict[int, tuple] = {}
+        base_key = self.dropout_seed.next() if training else None
+        for blk in self.blocks:
+            b = blk.bspec
+            if b.sliding_window not in masks:
+                masks[b.sliding_window] = attention_mask(segment_ids, b.sliding_window)
+            keys = self._dropout_keys(base_key, blk)
+            shared = kv_cache.get(b.kv_source) if not b.has_kv else None
+            ple_i = None if ple is None else ple[:, :, b.index]
+            fwd = blk.forward
+            if self.remat:
+                fwd = jax.checkpoint(fwd)
+            x, kv = fwd(x, positions, masks[b.sliding_window], ple_i, shared, keys)
+            kv_cache[b.index] = kv
+        return rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
+
+    def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:
+        if base_key is None:
+            return None
+        adapters = blk.adapters.get(self.active_adapter, {})
+        names = [t for t, a in adapters.items() if a.dropout > 0]
+        if not names:
+            return None
+        key = jax.random.fold_in(jnp.asarray(base_key, jnp.uint32), blk.bspec.index)
+        return {t: jax.random.fold_in(key, i) for i, t in enumerate(names)}
+
+    def _ple_inputs(self, token_ids, x):
+        """Per-layer inputs [B, T, L, P] as KerasHub computes them."""
+        s, g = self.spec, self.globals
+        p, n = s.ple_dim, s.num_layers
+        emb = jnp.take(g["ple_embedding"].value, token_ids, axis=0).astype(x.dtype)
+        emb = emb * jnp.asarray(p**0.5, x.dtype)
+        scaled = x * jnp.asarray(math.sqrt(s.hidden_dim), x.dtype)
+        proj = scaled @ g["ple_projection"].value.astype(x.dtype)
+        proj = proj * jnp.asarray(s.hidden_dim**-0.5, x.dtype)
+        bsz, t = token_ids.shape
+        proj = rms_norm(proj.reshape(bsz, t, n, p), g["ple_norm"].value, s.eps)
+        return (proj + emb.reshape(bsz, t, n, p)) * jnp.asarray(2.0**-0.5, x.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full soft-capped logits (small vocabularies / tests only)."""
+        emb = self.globals["embedding"].value.astype(hidden.dtype)
+        z = (hidden @ emb.T).astype(jnp.float32)
+        cap = self.spec.final_soft_cap
+        return jnp.tanh(z / cap) * cap if cap else z
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        total, _ = loss.chunked_cross_entropy(
+            y_pred,
+            self.globals["embedding"].value,
+            x["target_ids"],
+            x["loss_weights"],
+            soft_cap=self.spec.final_soft_cap,
+            chunk_size=self.loss_chunk_size,
+        )
+        # `loss_norm` is the token count of the whole optimiser step divided
+        # by the number of micro-batches: Keras averages accumulated
+        # gradients, so this gives the exact mean over the global batch.
+        return total / x["loss_norm"][0]

@@ -1,0 +1,333 @@
+"""The decoder's pure functions and the Keras layers that hold frozen weights.
+
+`DecoderBlock` re-states one KerasHub `Gemma4TextDecoderBlock` over the same
+weights, with what fine-tuning needs that KerasHub's forward pass lacks:
+
+* adapters are a separate branch, x -> dropout -> A -> B -> scale, next to a
+  frozen base (KerasHub's feed-forward reads `layer.kernel` directly, so its
+  LoRA adds A@B into the kernel and backprop builds a full weight gradient);
+* a frozen kernel may be stored as NF4 and dequantised per layer inside the
+  compiled step;
+* packed rows: attention never crosses `segment_ids`, positions restart.
+
+`tests/test_modeling.py` checks the forward pass against `Gemma4Backbone` and
+against transformers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from gemma4_keras.model import quant as quant_lib
+from gemma4_keras.model.lora import LoraAdapter
+from gemma4_keras.model.spec import BlockSpec, ModelSpec
+
+# ----------------------------------------------------------------------------
+# Pure functions of the forward pass.
+
+
+def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
+    """RMSNorm in float32, as Gemma 4 (`x / rms(x) * scale`, no 1 + scale)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, spec: BlockSpec) -> jax.Array:
+    """Rotary embedding on [B, T, heads, head_dim], with Gemma 4's partial RoPE.
+
+    Global layers rotate only the first `rotary_dim / 2` entries of each half
+    of the head; the rest pass through (NoPE).
+    """
+    head, rot = spec.head_dim, spec.rotary_dim
+    half, half_rot = head // 2, rot // 2
+    inv_freq = spec.rope_wavelength ** (-np.arange(0, rot, 2, dtype=np.float32) / head)
+    inv_freq = inv_freq / spec.rope_scaling
+    freq = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
+    cos = jnp.cos(freq)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(freq)[:, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    r1, p1 = x1[..., :half_rot], x1[..., half_rot:]
+    r2, p2 = x2[..., :half_rot], x2[..., half_rot:]
+    y1 = r1 * cos - r2 * sin
+    y2 = r2 * cos + r1 * sin
+    return jnp.concatenate([y1, p1, y2, p2], axis=-1)
+
+
+def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, T] boolean mask: causal, same segment, not padding, in window."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t)
+    causal = idx[None, :] <= idx[:, None]
+    if window is not None:
+        causal = causal & (idx[:, None] - idx[None, :] < window)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    valid = segment_ids[:, None, :] > 0
+    return causal[None] & same & valid
+
+
+def dot_attention(q, k, v, mask, soft_cap):
+    """Grouped-query attention with scale 1 (Gemma 4 normalises q and k)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+    if soft_cap is not None:
+        logits = jnp.tanh(logits / soft_cap) * soft_cap
+    m = mask[:, None, None, :, :]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # rows with no key -> 0
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# ----------------------------------------------------------------------------
+# Keras layers that hold the weights.
+
+
+def frozen(layer: keras.layers.Layer, name: str, value, dtype) -> keras.Variable:
+    arr = np.asarray(value)
+    var = layer.add_weight(
+        name=name, shape=arr.shape, dtype=dtype, initializer="zeros", trainable=False
+    )
+    var.assign(
+        arr.astype(keras.backend.standardize_dtype(dtype))
+        if dtype != "bfloat16"
+        else arr
+    )
+    return var
+
+
+class FrozenLinear(keras.layers.Layer):
+    """A frozen (in, out) kernel: float, Keras int8/int4, or NF4.
+
+    Float and int8/int4 kernels live in a `keras.layers.Dense` (so Keras' own
+    quantisation applies); NF4 keeps only packed codes and block scales of
+    the HF (out, in) weight, exactly as bitsandbytes lays them out.
+    """
+
+    def __init__(
+        self,
+        kernel,
+        quant: str = "none",
+        double_quant: bool = False,
+        block_size: int = 64,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        kernel = np.asarray(kernel)
+        self.quant = quant
+        self.in_features, self.out_features = kernel.shape
+        self.nf4 = None
+        self.dense = None
+        if quant == "nf4":
+            self.nf4 = quant_lib.NF4Kernel.from_array(
+                np.ascontiguousarray(kernel.T),
+                block_size=block_size,
+                double_quant=double_quant,
+                name=f"{self.name}_nf4",
+            )
+        else:
+            self.dense = keras.layers.Dense(
+                self.out_features,
+                use_bias=False,
+                dtype=self.dtype_policy,
+                name=self.name,
+            )
+            self.dense.build((None, self.in_features))
+            self.dense.kernel.assign(kernel)
+            self.dense.trainable = False
+            if quant in ("int8", "int4"):
+                self.dense.quantize(quant)
+
+    def weight(self, dtype) -> jax.Array:
+        """The (in, out) kernel in `dtype`, dequantised if stored quantised."""
+        if self.nf4 is not None:
+            return self.nf4.dequantize(dtype).T
+        if self.quant in ("int8", "int4"):
+            eye = jnp.eye(self.in_features, dtype=dtype)
+            return self.dense(eye)
+        return jnp.asarray(self.dense.kernel.value).astype(dtype)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """x @ kernel (Keras' quantised matmul for int8/int4)."""
+        if self.dense is not None and self.quant != "none":
+            return self.dense(x)
+        return x @ self.weight(x.dtype)
+
+
+class DecoderBlock(keras.layers.Layer):
+    """Frozen weights of one decoder block plus its adapters."""
+
+    def __init__(self, spec: ModelSpec, layer: int, **kwargs):
+        super().__init__(**kwargs)
+        self.spec, self.bspec = spec, spec.blocks[layer]
+        self.proj: dict[str, FrozenLinear] = {}
+        self.norms: dict[str, keras.Variable] = {}
+        self.extra: dict[str, keras.Variable] = {}
+        self.adapters: dict[str, dict[str, LoraAdapter]] = {}
+        self.active_adapter: str | None = None
+        self.moe_dispatch = "dense"  # dense | ragged (see moe_ragged)
+
+    def add_norm(self, name: str, value) -> None:
+        self.norms[name] = frozen(self, name, value, "float32")
+
+    def add_extra(self, name: str, value) -> None:
+        self.extra[name] = frozen(self, name, value, self.variable_dtype)
+
+    def add_bank(
+        self, name: str, value, quant: str, double_quant: bool, block_size: int
+    ) -> None:
+        """A raw MoE expert bank, frozen; NF4 under QLoRA."""
+        if quant == "nf4":
+            self.extra[name] = quant_lib.NF4Kernel.from_array(
+                np.asarray(value),
+                block_size=block_size,
+                double_quant=double_quant,
+                per_expert=True,
+                name=f"{self.name}_{name}",
+            )
+        else:
+            self.add_extra(name, value)
+
+    def add_projection(
+        self, target: str, kernel, quant: str, double_quant: bool, block_size: int
+    ) -> None:
+        self.proj[target] = FrozenLinear(
+            kernel,
+            quant=quant,
+            double_quant=double_quant,
+            block_size=block_size,
+            # Unique names give unique variable paths (layout maps, logs).
+            dtype=self.dtype_policy,
+            name=f"{self.name}_{target}",
+        )
+
+    def linear(self, target: str, x: jax.Array, keys: dict | None) -> jax.Array:
+        y = self.proj[target].apply(x)
+        adapter = self.adapters.get(self.active_adapter, {}).get(target)
+        if adapter is not None:
+            key = None if keys is None else keys.get(target)
+            y = y + adapter.delta(x, key)
+        return y
+
+    def forward(self, x, positions, mask, ple_input, shared_kv, keys):
+        s, b = self.spec, self.bspec
+        bsz, t, _ = x.shape
+        h = rms_norm(x, self.norms["pre_attn"].value, s.eps)
+        q = self.linear("q_proj", h, keys).reshape(bsz, t, b.num_heads, b.head_dim)
+        q = apply_rope(rms_norm(q, self.norms["q_norm"].value, s.eps), positions, b)
+        if b.has_kv:
+            raw_k = self.linear("k_proj", h, keys).reshape(
+                bsz, t, b.num_kv_heads, b.head_dim
+            )
+            k = apply_rope(
+                rms_norm(raw_k, self.norms["k_norm"].value, s.eps), positions, b
+            )
+            raw_v = (
+                raw_k
+                if b.k_eq_v
+                else self.linear("v_proj", h, keys).reshape(
+                    bsz, t, b.num_kv_heads, b.head_dim
+                )
+            )
+            v = rms_norm(raw_v, None, s.eps)
+        else:
+            k, v = shared_kv
+        att = dot_attention(q, k, v, mask, b.attn_soft_cap)
+        att = self.linear("o_proj", att, keys)
+        x = x + rms_norm(att, self.norms["post_attn"].value, s.eps)
+
+        h = rms_norm(x, self.norms["pre_ffw"].value, s.eps)
+        f = gelu_tanh(self.linear("gate_proj", h, keys)) * self.linear(
+            "up_proj", h, keys
+        )
+        f = self.linear("down_proj", f, keys)
+        if s.moe:
+            f = rms_norm(f, self.norms["post_ffw_dense"].value, s.eps)
+            f = f + self._moe(x)
+        x = x + rms_norm(f, self.norms["post_ffw"].value, s.eps)
+        if s.ple_dim and ple_input is not None:
+            g = gelu_tanh(x @ self.extra["ple_gate"].value.astype(x.dtype)) * ple_input
+            g = g @ self.extra["ple_up"].value.astype(x.dtype)
+            x = x + rms_norm(g, self.norms["post_ple"].value, s.eps)
+        x = x * self.extra["layer_scalar"].value.astype(x.dtype)
+        return x, (k, v)
+
+    def _moe(self, x: jax.Array) -> jax.Array:
+        """The MoE path (router on raw x, experts on normed x), frozen."""
+        if self.moe_dispatch == "ragged":
+            return self.moe_ragged(x)
+        return self.moe_dense(x)
+
+    def moe_ragged(self, x: jax.Array) -> jax.Array:
+        """MoE with tokens grouped by expert (`jax.lax.ragged_dot`).
+
+        Each expert multiplies only the tokens routed to it: k / num_experts
+        of the dense path's expert matmuls where the backend has a grouped
+        matmul (TPU, recent GPU XLA). XLA's CPU backend expands ragged_dot
+        into a dense product over every group, which costs more than the
+        dense path, so this is opt-in (`model.moe_dispatch=ragged`).
+        """
+        s, e = self.spec, self.extra
+        shape = x.shape
+        top_p, top_i = self._route(x.reshape(-1, shape[-1]))
+        m = rms_norm(x, self.norms["pre_ffw_moe"].value, s.eps).reshape(-1, shape[-1])
+        flat = top_i.reshape(-1)  # [T*k] expert of each (token, slot)
+        order = jnp.argsort(flat, stable=True)
+        token = order // s.top_k
+        sizes = jnp.bincount(flat, length=s.num_experts).astype(jnp.int32)
+        xs = m[token]
+        gate = jax.lax.ragged_dot(xs, self._bank("experts_gate", x.dtype), sizes)
+        up = jax.lax.ragged_dot(xs, self._bank("experts_up", x.dtype), sizes)
+        hid = gelu_tanh(gate.astype(jnp.float32)).astype(x.dtype) * up
+        out = jax.lax.ragged_dot(hid, self._bank("experts_down", x.dtype), sizes)
+        scale = e["expert_scale"].value.astype(x.dtype)[flat[order]]
+        weight = top_p.reshape(-1)[order] * scale
+        y = jnp.zeros_like(m).at[token].add(out * weight[:, None])
+        return rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
+
+    def _route(self, xf: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Top-k expert probabilities (renormalised) and indices, [T, k] each."""
+        s, e = self.spec, self.extra
+        r = rms_norm(xf, None, s.eps) * jnp.asarray(xf.shape[-1] ** -0.5, xf.dtype)
+        r = r * e["router_scale"].value.astype(xf.dtype)
+        logits = (r @ e["router_proj"].value.astype(xf.dtype)).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, -1)
+        top_p, top_i = jax.lax.top_k(probs.astype(xf.dtype), s.top_k)
+        denom = jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
+        return top_p / denom, top_i
+
+    def moe_dense(self, x: jax.Array) -> jax.Array:
+        """KerasHub's dense MoE: every expert on every token, one batched einsum."""
+        s, e = self.spec, self.extra
+        shape = x.shape
+        top_p, top_i = self._route(x.reshape(-1, shape[-1]))
+        dispatch = jnp.sum(
+            jax.nn.one_hot(top_i, s.num_experts, dtype=top_p.dtype) * top_p[..., None],
+            axis=1,
+        )  # [T, E]
+        m = rms_norm(x, self.norms["pre_ffw_moe"].value, s.eps).reshape(-1, shape[-1])
+        gate = jnp.einsum("th,ehi->eti", m, self._bank("experts_gate", x.dtype))
+        up = jnp.einsum("th,ehi->eti", m, self._bank("experts_up", x.dtype))
+        hid = gelu_tanh(gate.astype(jnp.float32)).astype(x.dtype) * up
+        out = jnp.einsum("eti,eih->eth", hid, self._bank("experts_down", x.dtype))
+        out = out * e["expert_scale"].value.astype(x.dtype)[:, None, None]
+        out = jnp.sum(out * dispatch.T[:, :, None], axis=0).reshape(shape)
+        return rms_norm(out, self.norms["post_ffw_moe"].value, s.eps)
+
+    def _bank(self, name: str, dtype) -> jax.Array:
+        holder = self.extra[name]
+        if hasattr(holder, "dequantize"):
+            return holder.dequantize(dtype)
+        return holder.value.astype(dtype)
