@@ -60,3 +60,16 @@ def test_notebook_only_calls_the_public_api():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith("gemma4_keras._"), node.module
+
+
+def test_one_version_number():
+    # pyproject.toml reads it from gemma4_keras.__version__; the installed
+    # distribution must agree, and no other file may state its own.
+    import importlib.metadata
+
+    import gemma4_keras
+
+    assert importlib.metadata.version("gemma4-keras") == gemma4_keras.__version__
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]

@@ -773,10 +773,6 @@ class NF4Kernel(keras.layers.Layer):
         """The float kernel, of the original shape, computed from the variables."""
         return nf4_dequantize(self.quantized(), dtype=dtype)
 
-    def bytes_per_param(self) -> float:
-        """Resident bytes per represented weight (see `nf4_bytes_per_param`)."""
-        return nf4_bytes_per_param(self.quantized())
-
     def get_config(self) -> dict:
         config = super().get_config()
         config.pop("trainable", None)  # always frozen
