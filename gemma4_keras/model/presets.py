@@ -112,10 +112,10 @@ def chat_template(config, preset: str):
     from gemma4_keras import config_lib
     from gemma4_keras.data import template
 
-    size = str(config.get("size", ""))
+    size = str(config.size)
     facts = config_lib.SIZES.get(size)
     return template.resolve(
-        str(config.data.get("template", "auto")),
+        str(config.data.template),
         size=size,
         size_variant=facts.template if facts else None,
         preset_dir=preset if os.path.isdir(str(preset)) else None,

@@ -207,7 +207,7 @@ def data_identity(data_cfg) -> dict:
     settings = config_lib.data_settings(data_cfg)
     identity = {}
     for field in ("path", "eval_path"):
-        path = str(settings.get(field) or "")
+        path = str(getattr(settings, field))
         if not path or path.startswith("tfds:") or not os.path.isfile(path):
             continue
         identity[f"data.{field}"] = {"path": path, "sha256": _file_sha256(path)}
