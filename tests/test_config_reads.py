@@ -50,6 +50,9 @@ class Read:
 
     where: str  # file:line
     path: tuple[str, ...]
+    # getattr(c, "x", default), hasattr(c, "x") or c.get("x"): code that would
+    # still run without the field, hiding a default from get_config.
+    fallback: bool = False
 
 
 def _chain(node: ast.AST) -> tuple[str, list[str]] | None:
@@ -117,8 +120,8 @@ class _Reads(ast.NodeVisitor):
         base = self.scopes[-1][chain[0]]
         return None if base is None else base + tuple(chain[1])
 
-    def _add(self, node: ast.AST, path: tuple[str, ...]) -> None:
-        self.reads.append(Read(f"{self.where}:{node.lineno}", path))
+    def _add(self, node: ast.AST, path: tuple[str, ...], fallback=False) -> None:
+        self.reads.append(Read(f"{self.where}:{node.lineno}", path, fallback))
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
         scope = dict(self.scopes[-1])
@@ -166,24 +169,32 @@ class _Reads(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         self.generic_visit(node)
+        self._record_passed(node)
+        func, args = node.func, node.args
+        key = _literal(args[1]) if len(args) > 1 else None
+        if isinstance(func, ast.Name) and func.id in ("getattr", "hasattr") and key:
+            path = self._path(args[0])
+            if path is not None:
+                fallback = func.id == "hasattr" or len(args) > 2
+                self._add(node, (*path, key), fallback)
+        key = _literal(args[0]) if args else None
+        if isinstance(func, ast.Attribute) and func.attr in ("get", "pop") and key:
+            path = self._path(func.value)
+            if path is not None:
+                self._add(node, (*path, key), fallback=True)
+
+    def _record_passed(self, node: ast.Call) -> None:
+        """Notes `f(config.train)`: `f`'s parameter there is the train slice."""
         callee = _chain(node.func)
-        if callee is not None:
-            args = [*enumerate(node.args), *((k.arg, k.value) for k in node.keywords)]
-            for key, arg in args:
-                path = self._path(arg)
-                if path is not None and len(path) <= 1:  # the config or a section
-                    calls = self.passed.setdefault((callee[0], *callee[1])[-1], {})
-                    calls[key] = path if calls.get(key, path) == path else None
-        key = _literal(node.args[1]) if len(node.args) > 1 else None
-        if isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
-            path = self._path(node.args[0])
-            if path is not None and key:
-                self._add(node, (*path, key))
-        key = _literal(node.args[0]) if node.args else None
-        if isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop"):
-            path = self._path(node.func.value)
-            if path is not None and key:
-                self._add(node, (*path, key))
+        if callee is None:
+            return
+        name = (callee[0], *callee[1])[-1]
+        args = [*enumerate(node.args), *((k.arg, k.value) for k in node.keywords)]
+        for key, arg in args:
+            path = self._path(arg)
+            if path is not None and len(path) <= 1:  # the config or a section
+                calls = self.passed.setdefault(name, {})
+                calls[key] = path if calls.get(key, path) == path else None
 
 
 def config_reads(files: dict[str, str], stores: Sequence[str] = ()) -> list[Read]:
@@ -267,6 +278,12 @@ def test_every_field_the_package_reads_is_in_get_config(size, method, arg):
     assert problems(config, READS) == []
 
 
+def test_no_config_read_falls_back_to_a_default_of_its_own():
+    # Every field is in get_config, so code reads it plainly: a fallback would
+    # hide a second default (and a field get_config lacks) from the CLI.
+    assert [f"{r.where}: {'.'.join(r.path)}" for r in READS if r.fallback] == []
+
+
 def test_the_checker_finds_reads_of_unknown_fields():
     source = """
 def f(config, data_cfg, settings):
@@ -314,6 +331,8 @@ class Spec:
         at("holdout", "data.holdout"),
         at("lora_c.rnak", "lora.rnak"),
     ]
+    fallbacks = sorted(".".join(r.path) for r in reads if r.fallback)
+    assert fallbacks == ["eval.max_exampels", "size", "train.warmup"]
 
 
 def test_the_checker_finds_a_config_file_setting_an_unknown_field():
