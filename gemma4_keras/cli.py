@@ -366,8 +366,8 @@ def _data(config, args) -> int:
     )  # lazy: `--help` and `review` load no model stack
 
     if verb == "split":  # no rendering: the chat template does not matter
-        cfg = config_lib.data_settings(config.data)
-        result = data.split(cfg, _require(FLAGS.out, "out"))
+        settings = config_lib.data_settings(config.data)
+        result = data.split(settings, _require(FLAGS.out, "out"))
         print(json.dumps(result, indent=2))
         return 0
     if verb == "render" and FLAGS.limit < 0:
@@ -375,16 +375,16 @@ def _data(config, args) -> int:
     preset = presets.resolve_preset(config.model.preset)
     template = presets.chat_template(config, preset)
     logging.info("chat template: %s (from %s)", template.variant, template.source)
-    cfg = config_lib.data_settings(config.data, template.variant)
+    settings = config_lib.data_settings(config.data, template.variant)
     if verb == "render":
         from gemma4_keras.data import (
             render,
         )  # lazy: `--help` and `review` load no model stack
 
         tokenizer = presets.load_tokenizer(preset)
-        render.render(cfg, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
+        render.render(settings, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
         return 0
-    result = getattr(data, verb)(cfg, _tokenizer(config))
+    result = getattr(data, verb)(settings, _tokenizer(config))
     print(data.format_report(result))
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)

@@ -6,6 +6,7 @@ here: adding a size is one row of `SIZES`, adding a method one row of
 
     --config.model.preset=gemma4_instruct_4b      (preset | hf://org/repo | dir | tiny)
     --config.data.path=train.jsonl                (file or tfds:name[/config]:split)
+    --config.data.eval_path=eval.jsonl            (held-out file; empty = split data.path)
     --config.data.template=auto                   (auto | small | large chat template)
     --config.lora.rank=16 --config.lora.alpha=32 --config.lora.dropout=0.05
     --config.lora.targets=q_proj,v_proj           (HF module names or all-linear)
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from gemma4_keras.settings import RECORD_FIELDS, DataSettings
+
 LORA_TARGETS = (
     "q_proj",
     "k_proj",
@@ -31,15 +34,7 @@ LORA_TARGETS = (
     "down_proj",
 )
 QUANT_MODES = ("none", "nf4", "int8", "int4")
-DATA_FIELDS = (
-    "messages",
-    "prompt",
-    "completion",
-    "system",
-    "instruction",
-    "input",
-    "output",
-)
+DATA_FIELDS = RECORD_FIELDS  # keys `data.fields` may rename
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # data.template: auto = the checkpoint's chat_template.jinja, else the size table.
 TEMPLATE_CHOICES = ("auto", "small", "large")
@@ -179,26 +174,11 @@ def get_config(
     c.quant = ml_collections.ConfigDict(dict(METHODS[method]))
     c.quant.block_size = 64  # NF4 block (bitsandbytes' default)
 
-    c.data = ml_collections.ConfigDict()
-    c.data.path = (
-        ""  # JSONL/CSV file or tfds:name[/config]:split; empty = shipped sample
+    # The data fields, their meaning and defaults are `data.DataSettings`'s
+    # (the data steps read that object); the size sets the sequence length.
+    c.data = ml_collections.ConfigDict(
+        dataclasses.asdict(DataSettings(max_length=facts.max_length))
     )
-    c.data.format = "auto"  # auto | messages | prompt_completion | alpaca | csv | tfds
-    # Record field -> column / feature name in the data; "" = the field's own name.
-    c.data.fields = ml_collections.ConfigDict({k: "" for k in DATA_FIELDS})
-    c.data.on_error = "raise"  # raise | skip (skipped records are listed in the report)
-    c.data.system_prompt = ""  # added as system turn when a record has none
-    c.data.train_on = "last_model_turn"  # last_model_turn | all_model_turns
-    c.data.max_length = facts.max_length  # tokens per example
-    c.data.truncation = "drop"  # drop | cut_history
-    c.data.packing = False  # pack several examples into one row
-    c.data.holdout_fraction = 0.1  # held out by content hash, in (0, 0.5]
-    c.data.dedupe = True
-    c.data.enable_thinking = False
-    # Chat template: auto (the checkpoint's chat_template.jinja, else the
-    # size table) | small (E2B/E4B) | large (26B-A4B/31B: empty thought block).
-    c.data.template = "auto"
-    c.data.seed = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 3
@@ -270,7 +250,6 @@ def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.train.batch_size = 2
     c.train.grad_accum = 1
     c.train.max_steps = 2
-    c.train.remat = c.train.remat  # keep the size's setting so remat is exercised
     c.train.log_every = 1
     c.checkpoint.every_steps = 2
     c.eval.max_examples = 4
@@ -280,21 +259,27 @@ def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.lora.alpha = 8.0
 
 
-def data_settings(data_cfg, template: str | None = None) -> dict:
-    """`config.data` as the data package reads it.
+def data_settings(data_cfg, template: str | None = None) -> DataSettings:
+    """`config.data` as the data steps read it: a frozen `DataSettings`.
 
-    Empty `data.fields` entries are dropped (the field keeps its own name) and
-    an empty `data.path` becomes the shipped sample dataset. `template`, the
-    resolved chat template variant (`models.chat_template(config, preset)`),
-    replaces `data.template` (which may be `auto`).
+    An empty `data.path` becomes the shipped sample dataset and empty
+    `data.fields` entries are dropped (the key keeps its own name).
+    `template`, the resolved chat template variant
+    (`presets.chat_template(config, preset).variant`), replaces
+    `data.template` (which may be `auto`).
+
+    Example:
+      >>> settings = data_settings(get_config("tiny", "lora").data, "small")
+      >>> settings.template, settings.eval_path, settings.path.endswith(".jsonl")
+      ('small', '', True)
     """
-    d = data_cfg.to_dict()
-    if template is not None:
-        d["template"] = template
-    d["fields"] = {k: v for k, v in d.get("fields", {}).items() if v}
-    if not d.get("path"):
-        d["path"] = default_dataset_path()
-    return d
+    settings = DataSettings.of(data_cfg)
+    return dataclasses.replace(
+        settings,
+        path=settings.path or default_dataset_path(),
+        fields={k: v for k, v in settings.fields.items() if v},
+        template=settings.template if template is None else template,
+    )
 
 
 def parse_list(value: str | Sequence[str]) -> list[str]:

@@ -193,6 +193,47 @@ def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
     assert "not empty" in one_error_line(capsys)
 
 
+def _eval_file(tmp_path: pathlib.Path, n: int = 3) -> pathlib.Path:
+    """The first `n` lines of the shipped sample, as a separate held-out file."""
+    from gemma4_keras import config_lib
+
+    with open(config_lib.default_dataset_path(), encoding="utf-8") as f:
+        lines = f.read().splitlines()[:n]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_evaluate_takes_data_eval_path_from_the_command_line(trained, tmp_path, capsys):
+    config, workdir = trained
+    eval_file = _eval_file(tmp_path)
+    capsys.readouterr()
+    code = run_cli(
+        "evaluate",
+        config,
+        f"--workdir={workdir}",
+        f"--config.data.eval_path={eval_file}",
+        f"--out={tmp_path}/eval",
+    )
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex('{\n  "metric"') :])
+    assert summary["num_examples"] == 3  # the eval file, not the 10% held out
+    rows = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    prompts = [json.loads(row)["prompt"] for row in rows]
+    lines = eval_file.read_text().splitlines()
+    assert prompts == [json.loads(line)["messages"][-2]["content"] for line in lines]
+
+
+def test_data_split_takes_data_eval_path_from_the_command_line(tmp_path, capsys):
+    eval_file = _eval_file(tmp_path)
+    args = [f"--config={CONFIGS}/tiny.py", f"--config.data.eval_path={eval_file}"]
+    assert run_cli("data", "split", *args, f"--out={tmp_path}/split") == 0
+    holdout = (tmp_path / "split" / "holdout.jsonl").read_text().splitlines()
+    sources = [json.loads(line)["source"] for line in holdout]
+    assert sources == [f"{eval_file}:{i}" for i in (1, 2, 3)]
+
+
 def test_export_needs_a_format(trained, tmp_path, capsys):
     config, workdir = trained
     assert run_cli("export", config, f"--workdir={workdir}", f"--out={tmp_path}/x") == 2

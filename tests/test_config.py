@@ -131,9 +131,12 @@ def test_targets_resolve_in_canonical_order():
 def test_data_settings_drop_empty_fields_and_default_path():
     c = config_lib.get_config("tiny", "lora")
     c.data.fields.prompt = "question"
-    d = config_lib.data_settings(c.data)
-    assert d["fields"] == {"prompt": "question"}
-    assert d["path"].endswith("sentiment.jsonl") and pathlib.Path(d["path"]).exists()
+    settings = config_lib.data_settings(c.data)
+    assert settings.fields == {"prompt": "question"}
+    assert settings.path.endswith("sentiment.jsonl")
+    assert pathlib.Path(settings.path).exists()
+    assert settings.template == "auto"
+    assert config_lib.data_settings(c.data, "large").template == "large"
 
 
 def test_resume_check_tolerates_fields_added_later_but_not_changes(tmp_path):

@@ -4,7 +4,6 @@ import functools
 import json
 import os
 
-import ml_collections
 import pytest
 
 from gemma4_keras import data
@@ -22,13 +21,9 @@ PLANTED = f"{DATA}/planted.jsonl"
 
 
 def _cfg(path=PLANTED, **kwargs):
-    from gemma4_keras.data.commands import DEFAULTS
-
-    fields = dict(
-        DEFAULTS, path=path, holdout_fraction=0.25, max_length=64, template="small"
-    )
+    fields = dict(path=path, holdout_fraction=0.25, max_length=64, template="small")
     fields.update(kwargs)
-    return ml_collections.ConfigDict(fields)
+    return data.DataSettings(**fields)
 
 
 def _conv(user, model, source):

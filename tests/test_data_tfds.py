@@ -1,5 +1,7 @@
 """The TFDS reader, with TFDS' own mock data and a local builder (no download)."""
 
+import pathlib
+
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
@@ -105,3 +107,26 @@ def test_unknown_tfds_dataset_is_a_data_error(tmp_path):
         load_conversations(
             _cfg("tfds:no_such_dataset_xyz:train", tfds_data_dir=str(tmp_path))
         )
+
+
+def test_tfds_data_dir_is_set_from_the_command_line(tmp_path, capsys):
+    from gemma4_keras import cli
+
+    configs = pathlib.Path(__file__).resolve().parent.parent / "configs"
+    data_dir, out = tmp_path / "tfds", tmp_path / "split"
+    code = cli.main(
+        [
+            "gemma4-keras",
+            "data",
+            "split",
+            f"--config={configs}/tiny.py",
+            "--config.data.path=tfds:gemma4_keras_test_chats:train",
+            f"--config.data.tfds_data_dir={data_dir}",
+            "--config.data.on_error=skip",
+            f"--out={out}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (data_dir / "gemma4_keras_test_chats").is_dir()  # built where it says
+    lines = [*(out / "train.jsonl").open(), *(out / "holdout.jsonl").open()]
+    assert len(lines) == 2  # the valid two of the three chats

@@ -2,7 +2,8 @@
 
 A run's data path, step by step (or all at once with `prepare`):
 
-    conversations, read_stats = load_conversations(config.data)
+    settings = DataSettings.of({"path": "train.jsonl"})  # or config.data
+    conversations, read_stats = load_conversations(settings)
     conversations, dedupe_stats = dedupe(conversations)
     train, holdout = split_holdout(conversations, 0.1, seed=0)
     examples, encode_stats = encode_conversations(
@@ -13,6 +14,9 @@ A run's data path, step by step (or all at once with `prepare`):
     print(format_report(report))
     batches = build_dataset(examples, seq_len=1024, batch_size=8, seed=0)
 """
+
+# The data fields, typed, with their defaults (`config.data` of a run).
+from gemma4_keras.settings import DataSettings  # isort: skip
 
 # Records: readers and validation.
 from gemma4_keras.data.records import (
@@ -70,6 +74,7 @@ __all__ = [
     "ChatTokenizer",
     "Conversation",
     "DataError",
+    "DataSettings",
     "EncodedExample",
     "Message",
     "PreparedData",

@@ -1,57 +1,22 @@
 """The data steps of a run in one call, and the `data check|stats|split` backends.
 
-Config fields read (attribute or mapping access; defaults in `DEFAULTS`):
-path, format, fields, on_error, system_prompt, tfds_data_dir, eval_path,
-dedupe, holdout_fraction, seed, train_on, max_length, truncation,
-enable_thinking, template. `template` must be resolved to small or large
-(`data.template.resolve`, or `models.chat_template` for a run config) before
-anything is encoded: the data steps never guess the chat template.
+Each step takes a `DataSettings` (or what `DataSettings.of` takes: a mapping
+or a ConfigDict slice; absent fields take the defaults there). `template`
+must be resolved to small or large (`data.template.resolve`, or
+`presets.chat_template` for a run config) before anything is encoded: the
+data steps never guess the chat template.
 """
 
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from gemma4_keras.data import chat, quality, records
 from gemma4_keras.data.records import Conversation, DataError, Problem
 from gemma4_keras.data.template import TemplateError
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversations
-
-DEFAULTS = {
-    "path": "",
-    "format": "auto",
-    "fields": {},
-    "on_error": "raise",
-    "system_prompt": "",
-    "tfds_data_dir": "",
-    "eval_path": "",
-    "dedupe": True,
-    "holdout_fraction": 0.1,
-    "seed": 0,
-    "train_on": "last_model_turn",
-    "max_length": 1024,
-    "truncation": "drop",
-    "enable_thinking": False,
-    "template": "auto",  # resolve to small | large first (see the docstring)
-}
-
-
-class _View:
-    """Read-only config view with defaults and overrides (never mutates cfg)."""
-
-    def __init__(self, cfg: Any, **overrides: Any):
-        self._cfg, self._overrides = cfg, overrides
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._overrides:
-            return self._overrides[name]
-        if isinstance(self._cfg, Mapping):
-            value = self._cfg.get(name)
-        else:
-            value = getattr(self._cfg, name, None)
-        return DEFAULTS.get(name) if value is None else value
+from gemma4_keras.settings import DataSettings
 
 
 @dataclasses.dataclass
@@ -65,9 +30,9 @@ class PreparedData:
     report: dict
 
 
-def template_variant(cfg: Any) -> str:
-    """`template` of a data config, which must be resolved (small or large)."""
-    variant = _View(cfg).template
+def template_variant(data_cfg: Any) -> str:
+    """`template` of data settings, which must be resolved (small or large)."""
+    variant = DataSettings.of(data_cfg).template
     if variant not in chat.TEMPLATES:
         raise TemplateError(
             f"data.template={variant!r} is not resolved to small or large here; "
@@ -77,101 +42,99 @@ def template_variant(cfg: Any) -> str:
     return variant
 
 
-def _encode_kwargs(cfg: _View) -> dict:
+def _encode_kwargs(settings: DataSettings) -> dict:
     return {
-        "train_on": cfg.train_on,
-        "max_length": int(cfg.max_length),
-        "truncation": cfg.truncation,
-        "template": template_variant(cfg),
-        "enable_thinking": bool(cfg.enable_thinking),
+        "train_on": settings.train_on,
+        "max_length": int(settings.max_length),
+        "truncation": settings.truncation,
+        "template": template_variant(settings),
+        "enable_thinking": bool(settings.enable_thinking),
     }
 
 
-def _read_and_split(cfg: _View) -> tuple[list, list, dict, dict | None]:
-    conversations, read_stats = records.load_conversations(cfg)
+def _read_and_split(settings: DataSettings) -> tuple[list, list, dict, dict | None]:
+    conversations, read_stats = records.load_conversations(settings)
     dedupe_stats = None
-    if cfg.dedupe:
+    if settings.dedupe:
         conversations, dedupe_stats = quality.dedupe(conversations)
-    if cfg.eval_path:
+    if settings.eval_path:
         holdout, holdout_stats = records.load_conversations(
-            _View(cfg, path=cfg.eval_path)
+            dataclasses.replace(settings, path=settings.eval_path)
         )
         read_stats["eval"] = holdout_stats
         return conversations, holdout, read_stats, dedupe_stats
     train, holdout = quality.split_holdout(
-        conversations, float(cfg.holdout_fraction), int(cfg.seed)
+        conversations, float(settings.holdout_fraction), int(settings.seed)
     )
     return train, holdout, read_stats, dedupe_stats
+
+
+def _split_info(train: list, holdout: list, settings: DataSettings) -> dict:
+    return {
+        "train": len(train),
+        "holdout": len(holdout),
+        "fraction": float(settings.holdout_fraction),
+        "seed": int(settings.seed),
+    }
 
 
 def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
     """Read, validate, dedupe, split, encode and report, as a run does.
 
     Args:
-        data_cfg: the `config.data` slice.
+        data_cfg: the run's settings (`config_lib.data_settings(config.data,
+            template)`), or what `DataSettings.of` takes.
         tokenizer: a KerasHub Gemma4Tokenizer (or a ChatTokenizer).
 
     Returns:
         PreparedData; `report` is the quality report (JSON-serialisable).
     """
-    cfg = _View(data_cfg)
-    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
+    settings = DataSettings.of(data_cfg)
+    train, holdout, read_stats, dedupe_stats = _read_and_split(settings)
     train_examples, encode_stats = encode_conversations(
-        train, tokenizer, **_encode_kwargs(cfg)
+        train, tokenizer, **_encode_kwargs(settings)
     )
     holdout_examples, _ = encode_conversations(
-        holdout, tokenizer, **_encode_kwargs(cfg)
+        holdout, tokenizer, **_encode_kwargs(settings)
     )
     if not train_examples:
         raise DataError(
-            f"{cfg.path}: no training example left: {len(train)} training "
+            f"{settings.path}: no training example left: {len(train)} training "
             f"conversation(s), {encode_stats.get('dropped_too_long', 0)} dropped as "
-            f"longer than data.max_length={int(cfg.max_length)}. Add data, raise "
+            f"longer than data.max_length={int(settings.max_length)}. Add data, raise "
             "data.max_length or set data.truncation=cut_history"
         )
-    split = {
-        "train": len(train),
-        "holdout": len(holdout),
-        "fraction": float(cfg.holdout_fraction),
-        "seed": int(cfg.seed),
-    }
-    encode_stats["policy"] = cfg.truncation
+    encode_stats["policy"] = settings.truncation
     report = quality.quality_report(
         train + holdout,
         train_examples,
         read_stats,
         dedupe_stats=dedupe_stats,
         encode_stats=encode_stats,
-        split=split,
-        max_length=int(cfg.max_length),
+        split=_split_info(train, holdout, settings),
+        max_length=int(settings.max_length),
     )
     return PreparedData(train, holdout, train_examples, holdout_examples, report)
 
 
 def stats(data_cfg: Any, tokenizer: Any = None) -> dict:
     """The quality report; bad records are listed, never fatal (`data stats`)."""
-    cfg = _View(data_cfg, on_error="skip")
-    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
+    settings = dataclasses.replace(DataSettings.of(data_cfg), on_error="skip")
+    train, holdout, read_stats, dedupe_stats = _read_and_split(settings)
     encoded, encode_stats = None, None
     if tokenizer is not None:
         encoded, encode_stats = encode_conversations(
-            train + holdout, tokenizer, **_encode_kwargs(cfg)
+            train + holdout, tokenizer, **_encode_kwargs(settings)
         )
-        encode_stats["policy"] = cfg.truncation
-    split = {
-        "train": len(train),
-        "holdout": len(holdout),
-        "fraction": float(cfg.holdout_fraction),
-        "seed": int(cfg.seed),
-    }
+        encode_stats["policy"] = settings.truncation
     return quality.quality_report(
         train + holdout,
         encoded,
         read_stats,
         dedupe_stats=dedupe_stats,
         encode_stats=encode_stats,
-        split=split,
-        max_length=int(cfg.max_length),
+        split=_split_info(train, holdout, settings),
+        max_length=int(settings.max_length),
     )
 
 
@@ -182,16 +145,17 @@ def check(data_cfg: Any, tokenizer: Any = None) -> dict:
         DataError: listing every bad record (file:line: problem), when
             data.on_error is "raise"; the report is attached as `e.report`.
     """
-    report = stats(data_cfg, tokenizer)
+    settings = DataSettings.of(data_cfg)
+    report = stats(settings, tokenizer)
     read = report["read"]
-    if _View(data_cfg).on_error == "raise" and read["skipped"]:
+    if settings.on_error == "raise" and read["skipped"]:
         error = DataError([Problem(**p) for p in read["skipped_records"]])
         error.report = report
         raise error
     if not read["valid"]:
         # on_error=skip would otherwise pass a file nothing can train on.
         error = DataError(
-            f"{_View(data_cfg).path}: no valid record ({read['records']} read, "
+            f"{settings.path}: no valid record ({read['records']} read, "
             f"{read['skipped']} skipped); fix the data or data.path"
         )
         error.report = report
@@ -226,29 +190,27 @@ def split(data_cfg: Any, out_dir: str) -> dict:
     Returns:
         {"train": path, "holdout": path, "report": path}.
     """
-    cfg = _View(data_cfg)
+    settings = DataSettings.of(data_cfg)
     paths = {
         name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "holdout")
     }
-    inputs = {os.path.realpath(p) for p in (cfg.path, cfg.eval_path) if p}
+    inputs = {os.path.realpath(p) for p in (settings.path, settings.eval_path) if p}
     for path in (*paths.values(), os.path.join(out_dir, "report.json")):
         if os.path.realpath(path) in inputs:
             raise DataError(
                 f"--out={out_dir} would overwrite the input {path} (data.path / "
                 "data.eval_path); choose another --out"
             )
-    train, holdout, read_stats, dedupe_stats = _read_and_split(cfg)
+    train, holdout, read_stats, dedupe_stats = _read_and_split(settings)
     os.makedirs(out_dir, exist_ok=True)
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["holdout"], holdout)
-    split_info = {
-        "train": len(train),
-        "holdout": len(holdout),
-        "fraction": float(cfg.holdout_fraction),
-        "seed": int(cfg.seed),
-    }
     report = quality.quality_report(
-        train + holdout, None, read_stats, dedupe_stats=dedupe_stats, split=split_info
+        train + holdout,
+        None,
+        read_stats,
+        dedupe_stats=dedupe_stats,
+        split=_split_info(train, holdout, settings),
     )
     paths["report"] = os.path.join(out_dir, "report.json")
     write_json(paths["report"], report)

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gemma4_keras.data import chat
+from gemma4_keras.settings import DataSettings
 
 ROLES = ("user", "model", "assistant", "system", "developer")
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "csv", "tfds")
@@ -407,15 +408,6 @@ def iter_records(
 # --------------------------------------------------------------------------
 
 
-def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    value = (
-        getattr(cfg, name, default)
-        if not isinstance(cfg, Mapping)
-        else cfg.get(name, default)
-    )
-    return default if value is None else value
-
-
 def record_to_conversation(
     record: Mapping, source: str, fmt: str, fields: Mapping, system_prompt: str = ""
 ) -> Conversation:
@@ -433,9 +425,9 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
     """Reads, converts and validates every record named by the config.
 
     Args:
-        data_cfg: attribute access (ConfigDict) or a mapping with `path`,
-            `format` ("auto"), `fields` ({}), `on_error` ("raise"),
-            `system_prompt` ("") and `tfds_data_dir` ("").
+        data_cfg: a `DataSettings`, or what `DataSettings.of` takes (a
+            mapping or ConfigDict); reads `path`, `format`, `fields`,
+            `on_error`, `system_prompt` and `tfds_data_dir`.
 
     Returns:
         (conversations, read_stats); read_stats = {"path", "format",
@@ -445,10 +437,9 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
     Raises:
         DataError: with on_error="raise", listing every bad record.
     """
-    path = str(_cfg(data_cfg, "path", ""))
-    fmt = _cfg(data_cfg, "format", "auto")
-    on_error = _cfg(data_cfg, "on_error", "raise")
-    fields = dict(_cfg(data_cfg, "fields", {}) or {})
+    settings = DataSettings.of(data_cfg)
+    path, fmt, on_error = str(settings.path), settings.format, settings.on_error
+    fields = dict(settings.fields or {})
     if not path:
         raise DataError(
             "data.path is empty; set it to a .jsonl/.json/.csv file or tfds:name:split"
@@ -457,11 +448,9 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
         raise DataError(f"data.format={fmt!r}: expected one of {', '.join(FORMATS)}")
     if on_error not in ("raise", "skip"):
         raise DataError(f"data.on_error={on_error!r}: expected 'raise' or 'skip'")
-    system_prompt = str(_cfg(data_cfg, "system_prompt", ""))
+    system_prompt = str(settings.system_prompt)
     conversations, problems, records = [], [], 0
-    for source, record in iter_records(
-        path, fmt, str(_cfg(data_cfg, "tfds_data_dir", ""))
-    ):
+    for source, record in iter_records(path, fmt, str(settings.tfds_data_dir)):
         records += 1
         if isinstance(record, Problem):
             problems.append(record)

@@ -16,6 +16,7 @@ not re-rendered, so what is shown is what is trained.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import numpy as np
 from gemma4_keras.data import commands
 from gemma4_keras.data import template as template_lib
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversation
+from gemma4_keras.settings import DataSettings
 
 _BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPACE = "\u2581"  # SentencePiece's visible space
@@ -104,7 +106,8 @@ def render_records(
     """Records of the training examples, as a run encodes them.
 
     Args:
-        data_cfg: the data config (`config_lib.data_settings(config.data)`).
+        data_cfg: the run's data settings (`config_lib.data_settings(config.data)`),
+            or what `DataSettings.of` takes; `template` comes from `chat_template`.
         tokenizer: a KerasHub Gemma4Tokenizer.
         chat_template: the run's template (`models.chat_template`); when it
             carries the checkpoint's `chat_template.jinja`, the conversations
@@ -114,12 +117,14 @@ def render_records(
     Yields:
         One dict per training example.
     """
-    cfg = commands._View(data_cfg, template=chat_template.variant)
-    train, _, _, _ = commands._read_and_split(cfg)
-    template_lib.check_conversations(
-        train, chat_template, enable_thinking=bool(cfg.enable_thinking)
+    settings = dataclasses.replace(
+        DataSettings.of(data_cfg), template=chat_template.variant
     )
-    kwargs = commands._encode_kwargs(cfg)
+    train, _, _, _ = commands._read_and_split(settings)
+    template_lib.check_conversations(
+        train, chat_template, enable_thinking=bool(settings.enable_thinking)
+    )
+    kwargs = commands._encode_kwargs(settings)
     count = 0
     for conversation in train:
         for example in encode_conversation(conversation, tokenizer, **kwargs):

@@ -26,7 +26,10 @@ import json
 import pathlib
 import random
 
-SENTIMENT_PATH = pathlib.Path(__file__).parent.parent / "resources" / "sentiment.jsonl"
+# The package's resources/, beside data/.
+SENTIMENT_PATH = (
+    pathlib.Path(__file__).resolve().parent.parent / "resources" / "sentiment.jsonl"
+)
 DEFAULT_SEED = 0
 DEFAULT_NUM_EXAMPLES = 1200
 LABELS = ("positive", "negative")

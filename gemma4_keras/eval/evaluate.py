@@ -115,7 +115,7 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
         prepared = data.prepare(settings, tokenizer)
         if not prepared.holdout:
             raise data.DataError(
-                f"{settings['path']}: no held-out "
+                f"{settings.path}: no held-out "
                 "example to evaluate on; raise data.holdout_fraction, add data, or "
                 "set data.eval_path"
             )

@@ -311,7 +311,7 @@ def optimizer_steps(config) -> int | None:
     if t.max_steps > 0:
         return int(t.max_steps)
     # An empty data.path means the sample that ships with the package.
-    records = _count_records(config_lib.data_settings(config.data)["path"])
+    records = _count_records(config_lib.data_settings(config.data).path)
     if records is None:
         return None
     train = records * (1 - float(config.data.holdout_fraction))

@@ -111,10 +111,10 @@ def chat_template(config, preset: str):
     directory that has one, else the size table (`config_lib.SIZES`).
     """
 
-    size = str(config.get("size", ""))
+    size = str(config.size)
     facts = config_lib.SIZES.get(size)
     return template.resolve(
-        str(config.data.get("template", "auto")),
+        str(config.data.template),
         size=size,
         size_variant=facts.template if facts else None,
         preset_dir=preset if os.path.isdir(str(preset)) else None,

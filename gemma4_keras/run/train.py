@@ -209,7 +209,7 @@ def data_identity(data_cfg) -> dict:
     settings = config_lib.data_settings(data_cfg)
     identity = {}
     for field in ("path", "eval_path"):
-        path = str(settings.get(field) or "")
+        path = str(getattr(settings, field))
         if not path or path.startswith("tfds:") or not os.path.isfile(path):
             continue
         identity[f"data.{field}"] = {"path": path, "sha256": _file_sha256(path)}
@@ -590,13 +590,8 @@ def _stopped(callbacks: list, plan: Plan) -> dict | None:
 
 def save_adapter(model, config, preset: str, workdir: str) -> None:
     """Writes the final adapter in PEFT format to workdir/adapter."""
-
     peft.save_adapter(
-        model,
-        os.path.join(workdir, "adapter"),
-        base_model=preset,
-        lora=config.lora,
-        overwrite=True,
+        model, os.path.join(workdir, "adapter"), base_model=preset, overwrite=True
     )
 
 
