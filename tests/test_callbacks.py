@@ -60,17 +60,3 @@ def test_progress_counts_real_tokens_not_padding():
     p = cb.Progress(total=10, tokens_per_step=4096, every=1, start=3, counts=counts)
     assert p.tokens_done(5) == 150
     assert cb.Progress(10, 4096, 1, start=3).tokens_done(5) == 2 * 4096
-
-
-def test_learning_rate_closed_form_warmup_then_cosine_or_constant():
-    lr = [
-        cb.learning_rate(s, base=1.0, total=10, warmup=2, schedule="cosine")
-        for s in range(11)
-    ]
-    assert lr[:3] == [0.0, 0.5, 1.0] and lr[6] == pytest.approx(0.5) and lr[10] == 0.0
-    assert all(a >= b for a, b in zip(lr[2:], lr[3:]))
-    const = [
-        cb.learning_rate(s, base=1.0, total=10, warmup=2, schedule="constant")
-        for s in range(10)
-    ]
-    assert const == [0.0, 0.5] + [1.0] * 8

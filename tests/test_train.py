@@ -1,12 +1,11 @@
-"""Tests of the training step: exact loss normalisation, schedule, precision.
+"""Tests of the training step: exact loss normalisation, precision.
+
+The learning-rate schedule and the run's stop reasons: tests/test_schedule.py.
 
 Everything runs the real `Gemma4LoraModel` on the tiny checkpoint for one or
 a few optimiser steps; the model is loaded once per module and its adapter
 weights reset between tests.
 """
-
-import csv
-import os
 
 import keras
 import numpy as np
@@ -15,7 +14,6 @@ import pytest
 from gemma4_keras import config_lib
 from gemma4_keras.model import presets
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
-from gemma4_keras.run import callbacks as cb
 from gemma4_keras.run import train
 
 
@@ -122,56 +120,6 @@ def test_mean_of_micro_batch_means_is_a_different_update(setup):
     assert _update_gap(naive, whole, initial) > 0.05
 
 
-def _lr_history(model, initial, singles, c, total, tmp_path):
-    for v, w in zip(model.trainable_variables, initial):
-        v.assign(w)
-    plan = train.Plan(total, int(c.train.grad_accum), len(singles), 0)
-    train.compile_model(model, c.train, plan)
-    log = os.path.join(tmp_path, "log.csv")
-    warm = cb.warmup_steps(c.train, total)
-
-    def fn(s):
-        return cb.learning_rate(
-            s,
-            base=float(c.train.learning_rate),
-            total=total,
-            warmup=warm,
-            schedule=c.train.schedule,
-        )
-
-    model.fit(
-        train.step_batches(_Stream(singles), plan, 0),
-        shuffle=False,  # a generator: Keras cannot shuffle it
-        steps_per_epoch=plan.grad_accum,
-        epochs=total,
-        verbose=0,
-        callbacks=[cb.LearningRateSchedule(fn), keras.callbacks.CSVLogger(log)],
-    )
-    with open(log) as f:
-        rows = list(csv.DictReader(f))
-    return [float(r["learning_rate"]) for r in rows], [fn(s) for s in range(total)]
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(schedule="cosine", warmup_ratio=0.25, warmup_steps=0),
-        dict(schedule="cosine", warmup_steps=3, grad_accum=2),
-        dict(schedule="constant", warmup_steps=2),
-    ],
-)
-def test_rates_used_equal_closed_form(setup, overrides, tmp_path):
-    model, initial, singles, _ = setup
-    c = _config(learning_rate=1e-3, **overrides)
-    total = 6
-    used, expected = _lr_history(model, initial, singles, c, total, str(tmp_path))
-    assert len(used) == total
-    np.testing.assert_allclose(used, expected, rtol=1e-6, atol=1e-12)
-    warm = cb.warmup_steps(c.train, total)
-    assert used[0] == 0.0 and warm > 0
-    assert max(used) == pytest.approx(1e-3, rel=1e-6)
-
-
 def test_float16_is_refused_unless_forced():
     c = _config()
     c.model.dtype = "float16"
@@ -196,7 +144,7 @@ def test_bfloat16_computes_in_bf16_with_float32_adapters_and_optimizer(setup):
     assert model.trainable_variables
     assert {v.dtype for v in model.trainable_variables} == {"float32"}
     plan = train.Plan(1, 1, 1, 0)
-    train.compile_model(model, c.train, plan)
+    train.compile_model(model, c.train, train.build_schedule(c.train, plan))
     _, _, singles, _ = setup
     hidden = model(singles[0])
     assert hidden.dtype == "bfloat16"

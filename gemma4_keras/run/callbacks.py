@@ -1,4 +1,4 @@
-"""Small Keras callbacks for a fine-tuning run.
+"""Small Keras callbacks for a fine-tuning run, and its learning-rate schedule.
 
 One Keras "epoch" of `Gemma4LoraModel.fit` in this package is one optimiser
 step (grad_accum micro-batches), so `epoch + 1` below is the number of
@@ -22,26 +22,6 @@ from gemma4_keras.eval.generate import Generator
 from gemma4_keras.model import hub, lora
 
 
-def learning_rate(
-    step: int, *, base: float, total: int, warmup: int, schedule: str
-) -> float:
-    """The learning rate of optimiser step `step` (0-based), as in transformers.
-
-    Linear warmup from 0 over `warmup` steps, then cosine decay to 0 at
-    `total` (or constant).
-
-    >>> [round(learning_rate(s, base=1.0, total=10, warmup=2, schedule="cosine"), 3)
-    ...  for s in (0, 1, 2, 6, 10)]
-    [0.0, 0.5, 1.0, 0.5, 0.0]
-    """
-    if step < warmup:
-        return base * step / max(1, warmup)
-    if schedule == "constant":
-        return base
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 def warmup_steps(train_cfg, total: int) -> int:
     """`train.warmup_steps`, or `train.warmup_ratio` of the total steps."""
     if train_cfg.warmup_steps > 0:
@@ -49,24 +29,94 @@ def warmup_steps(train_cfg, total: int) -> int:
     return int(math.ceil(train_cfg.warmup_ratio * total))
 
 
-class LearningRateSchedule(keras.callbacks.Callback):
-    """Sets the optimiser's learning rate before every optimiser step.
+@keras.saving.register_keras_serializable(package="gemma4_keras")
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `peak`, then cosine decay to 0 at `total_steps`.
 
-    Logs `learning_rate` read back from the optimiser after the step (the
-    rate the compiled step actually used), not the closed form.
+    The rate of optimiser step k (0-based) is `peak * k / warmup_steps` while
+    k < warmup_steps, then `peak * 0.5 * (1 + cos(pi * p))` with
+    p = (k - warmup_steps) / (total_steps - warmup_steps), clipped to [0, 1]
+    (as transformers' cosine schedule), or `peak` with `decay="constant"`.
+
+    Keras calls a schedule with the optimiser's micro-batch counter: with
+    `gradient_accumulation_steps=n` that counter advances n times per update,
+    so the optimiser step is counter // `grad_accum` (pass the same n).
+
+    Example:
+      >>> s = WarmupDecay(1.0, total_steps=10, warmup_steps=2)
+      >>> [round(s.rate(k), 3) for k in (0, 1, 2, 6, 10)]
+      [0.0, 0.5, 1.0, 0.5, 0.0]
+      >>> opt = keras.optimizers.AdamW(learning_rate=s)
     """
 
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
+    def __init__(
+        self,
+        peak: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        decay: str = "cosine",
+        grad_accum: int = 1,
+    ):
+        if decay not in ("cosine", "constant"):
+            raise ValueError(f"train.schedule={decay!r} must be cosine or constant")
+        if total_steps < 1 or warmup_steps < 0 or grad_accum < 1:
+            raise ValueError(
+                f"WarmupDecay needs total_steps >= 1, warmup_steps >= 0 and "
+                f"grad_accum >= 1; got {total_steps}, {warmup_steps}, {grad_accum}"
+            )
+        self.peak, self.decay = float(peak), decay
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+        self.grad_accum = int(grad_accum)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.learning_rate = self.fn(epoch)
+    def __call__(self, iteration):
+        step = keras.ops.floor_divide(
+            keras.ops.cast(iteration, "int32"), self.grad_accum
+        )
+        return self._at(keras.ops.cast(step, "float32"))
+
+    def rate(self, step: int) -> float:
+        """The rate of optimiser step `step`, as the compiled update computes it."""
+        return float(keras.ops.convert_to_numpy(self._at(np.float32(step))))
+
+    def _at(self, step):
+        ops, peak, warmup = keras.ops, self.peak, float(self.warmup_steps)
+        rising = peak * step / max(1.0, warmup)
+        if self.decay == "constant":
+            after = peak + 0.0 * step
+        else:
+            span = max(1.0, self.total_steps - warmup)
+            left = ops.clip((warmup + span - step) / span, 0.0, 1.0)  # 1 - progress
+            # sin(pi/2 * left)^2 = (1 + cos(pi * progress)) / 2, written so that
+            # float32 keeps its relative precision at the end of the decay,
+            # where 1 + cos(.) would cancel to a few digits.
+            after = peak * ops.square(ops.sin(0.5 * math.pi * left))
+        return ops.where(step < warmup, rising, after)
+
+    def get_config(self) -> dict:
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "decay": self.decay,
+            "grad_accum": self.grad_accum,
+        }
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Logs `learning_rate`: the rate of the optimiser step just applied.
+
+    Read from `schedule` at the optimiser's own step count (restored with the
+    checkpoint on resume), so the log shows what the update used.
+    """
+
+    def __init__(self, schedule: WarmupDecay):
+        super().__init__()
+        self.schedule = schedule
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            used = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            logs["learning_rate"] = float(used)
+            done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            logs["learning_rate"] = self.schedule.rate(done - 1)
 
 
 class Progress(keras.callbacks.Callback):

@@ -10,7 +10,7 @@ A workdir holds everything of a run:
     train_log.csv        loss / val_loss / learning rate per optimiser step
     adapter/             the final adapter in PEFT format
     eval/                base vs fine-tuned report (JSON, Markdown, PNGs)
-    run_state.json       "finished" once everything above is written
+    run_state.json       how the run stopped (see STOP_REASONS)
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ from gemma4_keras.run import checkpointing, distributed
 
 class WorkdirError(RuntimeError):
     """The workdir belongs to another run."""
+
+
+# run_state.json "status" -> what it means. A rerun resumes only a preempted
+# run (or one without a run_state); the others are reported and left as they are.
+STOP_REASONS = {
+    "finished": "trained all steps; adapter and eval report written",
+    "stopped_overfitting": "train.overfit_action=stop ended training at `step` "
+    "and restored the adapter of `restored_step`; adapter and eval report written",
+    "diverged": "the loss became NaN/inf at `step`; the last good checkpoint is kept",
+    "preempted": "SIGTERM; saved at `step`; rerun the same command to resume",
+}
+DONE = ("finished", "stopped_overfitting", "diverged")
 
 
 @dataclasses.dataclass
@@ -73,11 +85,8 @@ def _run_locked(config, workdir: str) -> dict:
     check_config(config, workdir)
     identity = data_identity(config.data)
     check_data_identity(identity, workdir)
-    if state.get("status") == "finished":
-        print(
-            f"{workdir}: this run finished at step {state['step']}; nothing to do. "
-            f"Report: {state.get('report', '-')}"
-        )
+    if state.get("status") in DONE:
+        print(done_message(workdir, state))
         return state
     preset = presets.resolve_preset(config.model.preset)
     template = presets.chat_template(config, preset)
@@ -99,24 +108,26 @@ def _run_locked(config, workdir: str) -> dict:
     model = presets.build_training_model(
         preset, config.model, config.lora, config.quant, config.train
     )
-    compile_model(model, config.train)
+    schedule = build_schedule(config.train, plan)
+    compile_model(model, config.train, schedule)
     ckpt = build_checkpointer(config, workdir, model, preset)
     start = ckpt.restore_latest(model)
+    check_optimizer_step(model, start, ckpt.directory)
     write_config(config, workdir)
     write_data_identity(identity, workdir)
     write_data_report(prepared, workdir)
     samples = sample_callback(config, prepared, tokenizer, preset, workdir, template)
-    history_cbs = build_callbacks(config, workdir, plan, ckpt, start, samples)
+    history_cbs = build_callbacks(config, workdir, plan, ckpt, start, schedule, samples)
     if start < plan.total_steps:
         fit(model, stream, prepared, config, plan, history_cbs, start)
-    stopped = _stopped(history_cbs, plan)
-    if stopped:
-        return write_run_state(workdir, status=stopped["status"], step=stopped["step"])
+    end = stop_state(history_cbs) or {"status": "finished", "step": plan.total_steps}
+    if end["status"] in ("diverged", "preempted"):
+        return write_run_state(workdir, **end)
     save_adapter(model, config, preset, workdir)
     summary = evaluate_run(
         model, tokenizer, preset, prepared, config, workdir, template.variant
     )
-    return write_run_state(workdir, status="finished", step=plan.total_steps, **summary)
+    return write_run_state(workdir, **end, **summary)
 
 
 # --- workdir ----------------------------------------------------------------
@@ -152,6 +163,26 @@ def read_run_state(workdir: str) -> dict:
 def write_run_state(workdir: str, **state) -> dict:
     _atomic_json(os.path.join(workdir, "run_state.json"), state)
     return state
+
+
+def done_message(workdir: str, state: dict) -> str:
+    """What a rerun of a finished, early-stopped or diverged run prints."""
+    step, report = state.get("step"), state.get("report", "-")
+    if state["status"] == "diverged":
+        return (
+            f"{workdir}: this run diverged (loss NaN/inf) at step {step}; nothing "
+            f"to do. Its last good checkpoint is in {workdir}/checkpoints; lower "
+            "--config.train.learning_rate and use a new --workdir"
+        )
+    if state["status"] == "stopped_overfitting":
+        return (
+            f"{workdir}: this run stopped for overfitting at step {step} with the "
+            f"adapter of step {state.get('restored_step')}; nothing to do. "
+            f"Report: {report}"
+        )
+    return (
+        f"{workdir}: this run finished at step {step}; nothing to do. Report: {report}"
+    )
 
 
 # Fields that may change between a run and its resumption.
@@ -417,11 +448,22 @@ def validation_batches(examples, data_cfg, train_cfg):
 # --- model and fit ----------------------------------------------------------
 
 
-def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
-    """AdamW with `train.grad_accum` micro-batches per optimiser step."""
-    accum = plan.grad_accum if plan is not None else int(train_cfg.grad_accum)
+def build_schedule(train_cfg, plan: Plan) -> cb.WarmupDecay:
+    """`train.learning_rate` with warmup, then `train.schedule` decay, per optimiser step."""
+    return cb.WarmupDecay(
+        float(train_cfg.learning_rate),
+        total_steps=plan.total_steps,
+        warmup_steps=cb.warmup_steps(train_cfg, plan.total_steps),
+        decay=str(train_cfg.schedule),
+        grad_accum=plan.grad_accum,
+    )
+
+
+def compile_model(model, train_cfg, schedule: cb.WarmupDecay) -> None:
+    """AdamW driven by `schedule`, with `schedule.grad_accum` micro-batches a step."""
+    accum = schedule.grad_accum
     optimizer = keras.optimizers.AdamW(
-        learning_rate=float(train_cfg.learning_rate),
+        learning_rate=schedule,  # evaluated by the optimiser at its own step count
         weight_decay=float(train_cfg.weight_decay),
         global_clipnorm=float(train_cfg.max_grad_norm) or None,
         gradient_accumulation_steps=accum if accum > 1 else None,
@@ -433,22 +475,34 @@ def compile_model(model, train_cfg, plan: Plan | None = None) -> None:
     model.compile(optimizer=optimizer, jit_compile=True)
 
 
+def check_optimizer_step(model, start: int, where: str) -> None:
+    """Raises CheckpointError unless the optimiser's step count is `start`.
+
+    The schedule reads the learning rate at `optimizer.iterations`, which the
+    checkpoint restores: a resumed run continues the schedule where it stopped.
+    """
+    done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if done != start:
+        raise checkpointing.CheckpointError(
+            f"{where}: checkpoint step {start} holds an optimiser step count of "
+            f"{done}; its learning rate schedule would not resume. Delete the "
+            "directory to train from the start, or use a new --workdir"
+        )
+
+
 def build_callbacks(
     config,
     workdir: str,
     plan: Plan,
     ckpt,
     start: int,
+    schedule: cb.WarmupDecay,
     samples: keras.callbacks.Callback | None = None,
 ) -> list:
     """The run's callbacks; order matters: alarms act before the checkpoint saves."""
     total, t = plan.total_steps, config.train
-    warm = cb.warmup_steps(t, total)
-    lr_fn = lambda step: cb.learning_rate(  # noqa: E731
-        step, base=float(t.learning_rate), total=total, warmup=warm, schedule=t.schedule
-    )
     cbs = [
-        cb.LearningRateSchedule(lr_fn),
+        cb.LearningRateLogger(schedule),  # first: the others log its value
         cb.NanGuard(),
         cb.PreemptionGuard(),
         cb.Progress(
@@ -479,9 +533,21 @@ def tensorboard(workdir: str) -> keras.callbacks.Callback:
             "--config.train.tensorboard=True needs tensorflow (pip install tensorflow-cpu); "
             "or set it to False (train_log.csv has the same numbers)"
         ) from e
-    return keras.callbacks.TensorBoard(
+    return StepTensorBoard(
         os.path.join(workdir, "tensorboard"), update_freq="epoch", write_graph=False
     )
+
+
+class StepTensorBoard(keras.callbacks.TensorBoard):
+    """TensorBoard that logs the learning rate of the step just applied.
+
+    Keras' TensorBoard overwrites `learning_rate` with `optimizer.learning_rate`,
+    which, with a schedule, is the rate of the *next* step; the logs already
+    hold the applied one (`LearningRateLogger`).
+    """
+
+    def _collect_learning_rate(self, logs):
+        return logs
 
 
 def sample_callback(
@@ -551,10 +617,15 @@ def fit(
         plan.total_steps,
         plan.grad_accum,
     )
+    # One Keras "epoch" is one optimiser step (grad_accum micro-batches), not a
+    # pass over the data: Keras calls epoch-end callbacks only, and exactly, at
+    # these boundaries, which is where checkpoints, validation, alarms and the
+    # CSV log must act and where a run stops and resumes (initial_epoch=start).
+    micro_batches_per_keras_epoch = plan.grad_accum
     model.fit(
         step_batches(stream, plan, start, plan.token_counts),
-        steps_per_epoch=plan.grad_accum,
-        epochs=plan.total_steps,
+        steps_per_epoch=micro_batches_per_keras_epoch,
+        epochs=plan.total_steps,  # = optimiser steps
         initial_epoch=start,
         validation_data=_repeat(val) if val else None,
         validation_steps=val_steps or None,
@@ -571,18 +642,30 @@ def _repeat(batches):
             yield (b,)
 
 
-def _stopped(callbacks: list, plan: Plan) -> dict | None:
-    for c in callbacks:
-        if isinstance(c, cb.NanGuard) and c.bad_step is not None:
-            return {"status": "diverged", "step": c.bad_step}
-        if isinstance(c, cb.PreemptionGuard) and c.requested:
-            saved = next(
-                x.last_saved
-                for x in callbacks
-                if isinstance(x, checkpointing.CheckpointCallback)
-            )
-            return {"status": "preempted", "step": saved}
+def stop_state(callbacks: list) -> dict | None:
+    """The run_state of a run that a callback stopped early; None if none did.
+
+    An overfitting stop ends the run like finishing it (the best adapter is
+    kept and evaluated); it wins over a SIGTERM that arrived at the same step.
+    """
+    nan, guard = _find(callbacks, cb.NanGuard), _find(callbacks, cb.PreemptionGuard)
+    alarm = _find(callbacks, cb.OverfitAlarm)
+    if nan.bad_step is not None:
+        return {"status": "diverged", "step": nan.bad_step}
+    if alarm is not None and alarm.stopped_step is not None:
+        return {
+            "status": "stopped_overfitting",
+            "step": alarm.stopped_step,
+            "restored_step": alarm.best_step,
+        }
+    if guard.requested:
+        saved = _find(callbacks, checkpointing.CheckpointCallback).last_saved
+        return {"status": "preempted", "step": saved}
     return None
+
+
+def _find(callbacks: list, kind: type):
+    return next((c for c in callbacks if isinstance(c, kind)), None)
 
 
 # --- outputs ----------------------------------------------------------------
