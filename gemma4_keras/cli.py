@@ -251,7 +251,7 @@ def _train(config, args) -> int:
             "new --workdir",
             file=sys.stderr,
         )
-    return 0 if status == "finished" else 1
+    return 0 if status in train.COMPLETE else 1
 
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gemma4_keras import config_lib
+from gemma4_keras.export import commands
 from gemma4_keras.run import callbacks as cb
 from gemma4_keras.run import checkpointing, train
 
@@ -283,6 +284,7 @@ def test_overfitting_stop_is_recorded_and_a_rerun_does_nothing(
     # The checkpoint saved on stopping holds the adapter of step 2.
     assert _adapter_sums(tmp_path, 3) == _adapter_sums(tmp_path, 2)
     assert _adapter_sums(tmp_path, 2) != _adapter_sums(tmp_path, 1)
+    commands.check_workdir(str(tmp_path))  # exportable, as a finished run
     before = _snapshot(tmp_path)
     capsys.readouterr()
     assert train.run(c, str(tmp_path)) == _state(tmp_path)

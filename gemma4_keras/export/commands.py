@@ -52,7 +52,7 @@ def check_workdir(workdir: str, force: bool = False) -> str:
                 f"{state_path}: unreadable run state ({e}); rerun `gemma4-keras "
                 f"train --workdir={workdir}` after deleting it, to resume"
             ) from e
-    if status != "finished" and not force:
+    if status not in ("finished", "stopped_overfitting") and not force:
         why = " (its loss became NaN/inf)" if status == "diverged" else ""
         raise ExportError(
             f"{state_path}: run status is {status!r}{why}, not 'finished'; finish the "

@@ -48,7 +48,8 @@ STOP_REASONS = {
     "diverged": "the loss became NaN/inf at `step`; the last good checkpoint is kept",
     "preempted": "SIGTERM; saved at `step`; rerun the same command to resume",
 }
-DONE = ("finished", "stopped_overfitting", "diverged")
+COMPLETE = ("finished", "stopped_overfitting")  # adapter and report written
+DONE = (*COMPLETE, "diverged")  # a rerun does nothing
 
 
 @dataclasses.dataclass
