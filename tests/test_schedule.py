@@ -205,7 +205,6 @@ def runs(tmp_path_factory):
     """An uninterrupted run; one preempted after step 2, then rerun to the end."""
     base = tmp_path_factory.mktemp("schedule")
     whole, resumed = str(base / "whole"), str(base / "resumed")
-    os.makedirs(whole), os.makedirs(resumed)
     assert train.run(_config(), whole)["status"] == "finished"
     with pytest.MonkeyPatch.context() as mp:
         _with_first(_SigtermAt(2), mp)
@@ -221,6 +220,7 @@ def runs(tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # the `runs` fixture: three tiny runs
 def test_logged_rates_are_the_schedule_of_each_optimiser_step(runs):
     rows = _log(runs["whole"])
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
@@ -230,6 +230,7 @@ def test_logged_rates_are_the_schedule_of_each_optimiser_step(runs):
     assert _state(runs["whole"])["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_preempted_run_records_it_then_resumes_the_schedule(runs):
     assert runs["first"] == {"status": "preempted", "step": 2}
     assert [int(r["step"]) for r in runs["first_log"]] == [1, 2]

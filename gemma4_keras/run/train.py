@@ -10,7 +10,18 @@ A workdir holds everything of a run:
     train_log.csv        loss / val_loss / learning rate per optimiser step
     adapter/             the final adapter in PEFT format
     eval/                base vs fine-tuned report (JSON, Markdown, PNGs)
-    run_state.json       how the run stopped (see STOP_REASONS)
+    run_state.json       how the run stopped: {"status": ..., "step": ...}
+
+run_state.json's status, and what a rerun of the same command does:
+
+    finished             all steps trained; adapter and eval written   nothing
+    stopped_overfitting  train.overfit_action=stop ended training at   nothing
+                         `step` with the adapter of `restored_step`;
+                         adapter and eval written
+    diverged             loss NaN/inf at `step`; the last good         nothing
+                         checkpoint is kept
+    preempted            SIGTERM; checkpoint saved at `step`           resumes
+    (no run_state.json)  new, running, or killed                       resumes
 """
 
 from __future__ import annotations
@@ -39,15 +50,6 @@ class WorkdirError(RuntimeError):
     """The workdir belongs to another run."""
 
 
-# run_state.json "status" -> what it means. A rerun resumes only a preempted
-# run (or one without a run_state); the others are reported and left as they are.
-STOP_REASONS = {
-    "finished": "trained all steps; adapter and eval report written",
-    "stopped_overfitting": "train.overfit_action=stop ended training at `step` "
-    "and restored the adapter of `restored_step`; adapter and eval report written",
-    "diverged": "the loss became NaN/inf at `step`; the last good checkpoint is kept",
-    "preempted": "SIGTERM; saved at `step`; rerun the same command to resume",
-}
 COMPLETE = ("finished", "stopped_overfitting")  # adapter and report written
 DONE = (*COMPLETE, "diverged")  # a rerun does nothing
 
@@ -122,7 +124,7 @@ def _run_locked(config, workdir: str) -> dict:
     if start < plan.total_steps:
         fit(model, stream, prepared, config, plan, history_cbs, start)
     end = stop_state(history_cbs) or {"status": "finished", "step": plan.total_steps}
-    if end["status"] in ("diverged", "preempted"):
+    if end["status"] not in COMPLETE:
         return write_run_state(workdir, **end)
     save_adapter(model, config, preset, workdir)
     summary = evaluate_run(
