@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and those below):
 
-    base      gemma4_keras (package root), _backend, _quiet, config_lib, settings,
+    base      gemma4_keras (package root), _backend, _quiet, atomic, config_lib, settings,
               workdir_lock, resources (data files)
     data      data/          dataset reading, chat rendering, tokenizing, packing
     testing   testing/       checkpoints the package writes itself (the tiny preset)
@@ -23,7 +23,15 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gemma4_keras"
 LAYERS = ["base", "data", "testing", "model", "export", "eval", "run", "cli"]
-BASE = ("_backend", "_quiet", "config_lib", "settings", "workdir_lock", "resources")
+BASE = (
+    "_backend",
+    "_quiet",
+    "atomic",
+    "config_lib",
+    "settings",
+    "workdir_lock",
+    "resources",
+)
 
 
 def layer_of(module: str) -> str:

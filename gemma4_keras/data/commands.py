@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from gemma4_keras import atomic
 from gemma4_keras.data import chat, quality, records
 from gemma4_keras.data.records import Conversation, DataError, Problem
 from gemma4_keras.data.template import TemplateError
@@ -165,15 +166,11 @@ def check(data_cfg: Any, tokenizer: Any = None) -> dict:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes JSON atomically (a crash never leaves half a file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, ensure_ascii=False)
 
 
 def _write_jsonl(path: str, conversations: list[Conversation]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic.atomic_open(path) as f:
         for c in conversations:
             f.write(
                 json.dumps(
@@ -181,7 +178,6 @@ def _write_jsonl(path: str, conversations: list[Conversation]) -> None:
                 )
                 + "\n"
             )
-    os.replace(tmp, path)
 
 
 def split(data_cfg: Any, out_dir: str) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from gemma4_keras import atomic
 from gemma4_keras.data import commands
 from gemma4_keras.data import template as template_lib
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversation
@@ -185,9 +185,7 @@ def render(
     terminal = sys.stdout if sys.stdout.isatty() else None
     if not out:
         return write_records(records, sys.stdout, terminal)
-    tmp = f"{out}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic.atomic_open(out) as f:
         n = write_records(records, f, terminal)
-    os.replace(tmp, out)
     print(f"wrote {n} examples to {out}", file=sys.stderr)
     return n

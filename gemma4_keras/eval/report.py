@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -36,10 +35,10 @@ import math
 import os
 import pathlib
 import re
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from gemma4_keras import atomic
 from gemma4_keras.eval import metrics as metrics_lib
 
 _LOG = logging.getLogger(__name__)
@@ -56,31 +55,14 @@ _NO_DELTA = frozenset({"num_examples"})
 # ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_open(path: pathlib.Path, mode: str) -> Iterator[IO[Any]]:
-    """Opens a temporary file beside `path`; on success moves it onto `path`."""
-    encoding = None if "b" in mode else "utf-8"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with open(fd, mode, encoding=encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_name)
-        raise
-
-
 def _write_text(path: pathlib.Path, text: str) -> pathlib.Path:
-    with _atomic_open(path, "w") as handle:
+    with atomic.atomic_open(path, "w") as handle:
         handle.write(text)
     return path
 
 
 def _save_figure(figure: Any, path: pathlib.Path) -> pathlib.Path:
-    with _atomic_open(path, "wb") as handle:
+    with atomic.atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120, bbox_inches="tight")
     return path
 

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from gemma4_keras import atomic
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not belong to this run or cannot be read."""
@@ -109,10 +111,12 @@ class AdapterCheckpointer:
         self.manager.wait_until_finished()
         # Written after Orbax finalised the step: a kill in between leaves a
         # step without checksums, restored unverified (as older runs' steps).
-        path = os.path.join(self.step_dir(step), CHECKSUMS)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state_checksums(state), f, indent=1, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        atomic.write_json(
+            os.path.join(self.step_dir(step), CHECKSUMS),
+            state_checksums(state),
+            indent=1,
+            sort_keys=True,
+        )
         logging.info("saved checkpoint step %d to %s", step, self.directory)
 
     def step_dir(self, step: int) -> str:
@@ -120,10 +124,7 @@ class AdapterCheckpointer:
 
     def _write_meta(self) -> None:
         path = os.path.join(self.directory, "meta.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.meta, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        atomic.write_json(path, self.meta, sort_keys=True)
 
     def check_meta(self) -> None:
         """Raises CheckpointError when the stored meta differs from this run's."""

@@ -38,7 +38,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from gemma4_keras import config_lib, data, workdir_lock
+from gemma4_keras import atomic, config_lib, data, workdir_lock
 from gemma4_keras.eval import evaluate
 from gemma4_keras.export import peft
 from gemma4_keras.model import lora, presets
@@ -137,10 +137,7 @@ def _run_locked(config, workdir: str) -> dict:
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, sort_keys=True, default=str)
 
 
 def read_run_state(workdir: str) -> dict:
@@ -296,12 +293,6 @@ def write_config(config, workdir: str) -> None:
     _atomic_json(
         os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
     )
-
-
-def check_or_write_config(config, workdir: str) -> None:
-    """Checks a rerun's config matches the stored one, then writes it."""
-    check_config(config, workdir)
-    write_config(config, workdir)
 
 
 def build_checkpointer(config, workdir: str, model, preset: str):
@@ -586,10 +577,8 @@ def csv_logger(workdir: str, start: int) -> keras.callbacks.CSVLogger:
         if rows:
             col = rows[0].index("epoch")
             kept = [rows[0]] + [r for r in rows[1:] if r and int(r[col]) < start]
-            tmp = path + ".tmp"
-            with open(tmp, "w", newline="") as f:
+            with atomic.atomic_open(path, newline="") as f:
                 csv.writer(f).writerows(kept)
-            os.replace(tmp, path)
     return StepCSVLogger(path, append=start > 0)
 
 
