@@ -196,6 +196,9 @@ def test_peft_reads_no_base_weights(multimodal, monkeypatch):
     cfg = _json(os.path.join(out, "adapter_config.json"))
     assert cfg["use_rslora"] is True and cfg["modules_to_save"] is None
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    options = _json(os.path.join(out, "export_manifest.json"))["options"]
+    assert options["vllm_max_lora_rank"] == 8  # vLLM's allowed values: 1, 8, 16, ...
+    assert options["vllm_serve"].startswith(f"vllm serve {base} --enable-lora")
     keys = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert all(
         k.startswith("base_model.model.model.language_model.layers.") for k in keys
@@ -236,6 +239,19 @@ def test_peft_refuses_an_adapter_on_a_kv_shared_layer(tmp_path):
     ):
         commands.export(config_for(base), workdir, "peft", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_vllm_max_lora_rank():
+    assert [commands.vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 320, 321, 512)] == [
+        1,
+        8,
+        8,
+        16,
+        320,
+        512,
+        512,
+    ]
+    assert commands.vllm_max_lora_rank(513) is None
 
 
 def test_hf_keeps_the_base_layout(multimodal, tmp_path):

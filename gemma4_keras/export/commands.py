@@ -41,6 +41,33 @@ from gemma4_keras.model import hub, lora, presets
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
+# vLLM's accepted `--max-lora-rank` values (its LoRA config checks membership).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`.
+
+    None above vLLM's largest (512): serve such an adapter merged.
+
+    >>> vllm_max_lora_rank(4), vllm_max_lora_rank(16), vllm_max_lora_rank(48)
+    (8, 16, 64)
+    """
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+
+
+def vllm_serve_command(base_model: str, adapter_dir: str, rank: int) -> str | None:
+    """The `vllm serve` line for a PEFT export (also in its manifest).
+
+    >>> vllm_serve_command("google/gemma-4-E4B-it", "/out/peft", 16)
+    'vllm serve google/gemma-4-E4B-it --enable-lora --max-lora-rank 16 --lora-modules adapter=/out/peft'
+    """
+    if vllm_max_lora_rank(rank) is None:
+        return None
+    return (
+        f"vllm serve {base_model} --enable-lora --max-lora-rank "
+        f"{vllm_max_lora_rank(rank)} --lora-modules adapter={os.path.abspath(adapter_dir)}"
+    )
 
 
 def check_workdir(workdir: str, force: bool = False) -> str:
@@ -330,6 +357,7 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
     base_dir = hf_base_dir(preset)
     job = {
         "fmt": fmt,
+        "out": out,
         "preset": preset,
         "base_dir": base_dir,
         "base_model": base_model,
@@ -372,7 +400,12 @@ def _manifest_options(job) -> dict:
     if fmt == "hf":
         return {k: job[k] for k in ("shard_size", "layout", "dtype")}
     if fmt == "peft":
-        return {"layout": job["layout"]}
+        rank = job["lora_spec"].rank
+        return {
+            "layout": job["layout"],
+            "vllm_max_lora_rank": vllm_max_lora_rank(rank),
+            "vllm_serve": vllm_serve_command(job["base_model"], job["out"], rank),
+        }
     if fmt == "keras":
         return {"dtype": job["dtype"]}
     options = {"gguf_type": job["gguf_type"]}
