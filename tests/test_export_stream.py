@@ -241,6 +241,17 @@ def test_peft_refuses_an_adapter_on_a_kv_shared_layer(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_peft_refuses_a_v_proj_adapter_on_a_k_eq_v_layer(tmp_path):
+    base = variant_preset(k_eq_v=True)  # layer 1: full attention, V = K projection
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("v_proj",), layers=(1,))
+    factors = random_factors(variant_preset(), spec)
+    workdir = factor_workdir(str(tmp_path), base, spec, factors)
+    with pytest.raises(
+        ExportError, match=r"layers\.1\.self_attn\.v_proj: this layer has no v_proj"
+    ):
+        commands.export(config_for(base), workdir, "peft", str(tmp_path / "out"))
+
+
 def test_vllm_max_lora_rank():
     assert [commands.vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 320, 321, 512)] == [
         1,
