@@ -271,3 +271,32 @@ def test_hf_keeps_the_base_layout(multimodal, tmp_path):
         commands.export(
             config_for(base), workdir, "hf", str(tmp_path / "o"), layout="causal_lm"
         )
+
+
+def test_hf_preset_streams_from_the_local_snapshot(tmp_path, monkeypatch):
+    """`hf://org/repo`: hf export streams from the HF cache's files, not KerasHub."""
+    import huggingface_hub
+
+    base = variant_preset(ple=True)
+    spec = LoraSpec(rank=4, alpha=8.0)
+    workdir = factor_workdir(str(tmp_path), base, spec, random_factors(base, spec))
+    asked = []
+
+    def snapshot(repo, **kwargs):
+        asked.append(repo)
+        return base
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the hf export built the model in memory")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(presets, "load_backbone", no_backbone)
+    out = commands.export(
+        config_for("hf://google/tiny-gemma-4"), workdir, "hf", str(tmp_path / "hf")
+    )
+    assert asked == ["google/tiny-gemma-4"]
+    assert set(load_file(os.path.join(out, "model.safetensors"))) == set(
+        load_file(os.path.join(base, "model.safetensors"))
+    )
+    manifest = _json(os.path.join(out, "export_manifest.json"))
+    assert manifest["base_model"] == "google/tiny-gemma-4"

@@ -238,6 +238,29 @@ def hf_base_dir(preset: str) -> str | None:
     return preset
 
 
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def hf_snapshot(preset: str) -> str:
+    """The local directory of an `hf://org/repo` base, from the HF cache.
+
+    Downloads the files a streamed export reads when they are not cached yet
+    (what KerasHub's own loader of `hf://` would download), so `hf` and `gguf`
+    stream from it instead of building the model in memory.
+    """
+    import huggingface_hub  # KerasHub's own hf:// client; present wherever hf:// loads
+
+    repo = preset[len("hf://") :]
+    try:
+        return huggingface_hub.snapshot_download(repo, allow_patterns=SNAPSHOT_FILES)
+    except Exception as e:  # network, auth, missing repo alike
+        raise ExportError(
+            f"--config.model.preset={preset}: could not fetch its files "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "set HF_TOKEN (gated models), or download it and point the preset at the directory"
+        ) from e
+
+
 def base_dtype(preset: str, config_json: dict) -> str:
     """The base's own dtype: its safetensors' float dtype, else its config's.
 
@@ -349,6 +372,8 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
     check_out(out)
     base_model = base_model or default_base_model(config)
     preset = presets.resolve_preset(config.model.preset)
+    if fmt in ("hf", "gguf") and preset.startswith("hf://"):
+        preset = hf_snapshot(preset)  # stream from the local files
     config_json = presets.read_config_json(preset)
     model_spec = hub.spec_from_config(hub.backbone_kwargs(config_json))
     lora_spec, factors, adapter_cfg = read_checked_adapter(
