@@ -300,3 +300,50 @@ def test_hf_preset_streams_from_the_local_snapshot(tmp_path, monkeypatch):
     )
     manifest = _json(os.path.join(out, "export_manifest.json"))
     assert manifest["base_model"] == "google/tiny-gemma-4"
+
+
+def test_only_adapted_tensors_are_read_whole(tmp_path, monkeypatch):
+    """Other tensors (e.g. a multi-GB embedding) are copied in row blocks."""
+    base = variant_preset(ple=True)
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
+    factors = random_factors(base, spec)
+    workdir = factor_workdir(str(tmp_path), base, spec, factors)
+    whole, blocks = [], []
+    read_tensor, read_blocks = hf_stream.read_tensor, hf_stream.read_blocks
+
+    def spy_tensor(ref):
+        whole.append(ref.name)
+        return read_tensor(ref)
+
+    def spy_blocks(ref, max_bytes=64 * 1024**2):
+        blocks.append(ref.name)
+        return read_blocks(ref, max_bytes=4096)  # many blocks per tensor
+
+    monkeypatch.setattr(hf_stream, "read_tensor", spy_tensor)
+    monkeypatch.setattr(hf_stream, "read_blocks", spy_blocks)
+    out = commands.export(config_for(base), workdir, "hf", str(tmp_path / "hf"))
+    sites = {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4)}
+    sites |= {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)}
+    assert set(whole) == sites
+    assert set(blocks) == set(hf_stream.tensor_refs(base)) - sites
+    got = load_file(os.path.join(out, "model.safetensors"))
+    want = load_file(os.path.join(base, "model.safetensors"))
+    for name in blocks:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_read_blocks_and_truncation(tmp_path):
+    ref = hf_stream.tensor_refs(variant_preset())["model.embed_tokens.weight"]
+    parts = list(hf_stream.read_blocks(ref, max_bytes=10_000))
+    assert len(parts) > 10 and all(p.nbytes <= 10_000 for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), hf_stream.read_tensor(ref))
+    short = tmp_path / "short.safetensors"
+    with open(ref.path, "rb") as f:
+        short.write_bytes(f.read(ref.start + ref.nbytes // 2))
+    cut = hf_stream.TensorRef(
+        ref.name, str(short), ref.dtype, ref.shape, ref.start, ref.nbytes
+    )
+    with pytest.raises(ExportError, match=r"model\.embed_tokens\.weight' is truncated"):
+        hf_stream.read_tensor(cut)
+    with pytest.raises(ExportError, match=r"model\.embed_tokens\.weight' is truncated"):
+        list(hf_stream.read_blocks(cut, max_bytes=10_000))

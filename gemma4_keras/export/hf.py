@@ -8,8 +8,9 @@ Two writers:
   the base's own) and writes shards as they fill. The result carries exactly
   the base's tensor names (vision/audio towers and the redundant K/V tensors
   some checkpoints keep for KV-shared layers included) and the base's own
-  `config.json` with only `dtype` changed. Peak host memory: about one tensor
-  in float32 plus its delta, whatever the model size.
+  `config.json` with only `dtype` changed. Peak host memory: one adapted
+  tensor in float32 plus its delta (tensors without an adapter are copied in
+  row blocks of at most 64 MiB), whatever the model size.
 * `write_hf` (a KerasHub preset or a remote base, which has no safetensors to
   stream): the in-memory path below; it holds the merged model in float32.
 
@@ -535,9 +536,13 @@ def write_hf_streamed(
     def out_dtype(ref):
         return out if ref.dtype in hf_stream.DTYPE_NAMES.values() else ref.dtype
 
-    def produce(name: str) -> np.ndarray:
+    def produce(name: str):
+        site = sites.get(name)
+        if site is None:  # passes through: cast block by block
+            blocks = hf_stream.read_blocks(refs[name])
+            return (merge_tensor(b, lora_spec, factors, None, out) for b in blocks)
         base = hf_stream.read_tensor(refs[name])
-        return merge_tensor(base, lora_spec, factors, sites.get(name), out)
+        return merge_tensor(base, lora_spec, factors, site, out)
 
     entries = [(n, out_dtype(refs[n]), refs[n].shape) for n in sorted(refs)]
     files = hf_stream.write_sharded(directory, entries, produce, parse_size(shard_size))

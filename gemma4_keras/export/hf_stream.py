@@ -140,6 +140,30 @@ def read_tensor(ref: TensorRef) -> np.ndarray:
     return arr
 
 
+def read_blocks(ref: TensorRef, max_bytes: int = 64 * 1024**2):
+    """Yields a tensor as consecutive blocks of rows (axis 0), each <= `max_bytes`.
+
+    A row larger than `max_bytes` is yielded alone. For tensors that pass
+    through unchanged (or only change dtype), so that even a multi-GB
+    embedding never sits in memory whole.
+    """
+    rows = ref.shape[0] if ref.shape else 1
+    row_bytes = ref.nbytes // max(rows, 1)
+    step = max(1, max_bytes // max(row_bytes, 1))
+    with open(ref.path, "rb") as f:
+        f.seek(ref.start)
+        for first in range(0, rows, step):
+            n = min(step, rows - first)
+            block = np.empty((n, *ref.shape[1:]) if ref.shape else (), ref.dtype)
+            got = f.readinto(memoryview(block.reshape(-1).view(np.uint8)))
+            if got != block.nbytes:
+                raise ExportError(
+                    f"{ref.path}: tensor {ref.name!r} is truncated "
+                    f"(row {first + got // max(row_bytes, 1)} of {rows})"
+                )
+            yield block
+
+
 def stored_dtype(refs: dict[str, TensorRef]) -> str:
     """The float dtype holding most of a checkpoint's bytes: `bfloat16`, ...
 
@@ -197,23 +221,38 @@ def write_safetensors(
 ) -> int:
     """Writes one safetensors file, asking `produce(name)` for each tensor in turn.
 
-    `entries` lists (name, dtype, shape) up front (the header comes first);
-    a produced tensor of another dtype or shape is an error. Returns bytes
-    of tensor data written.
+    `entries` lists (name, dtype, shape) up front (the header comes first).
+    `produce` returns the tensor, or an iterator of row blocks whose
+    concatenation along axis 0 is the tensor (`read_blocks`); another dtype,
+    shape or byte count than planned is an error. Returns bytes of tensor
+    data written.
     """
     written = 0
     with open(path, "wb") as f:
         f.write(_header_bytes(entries, meta or {"format": "pt"}))
         for name, dtype, shape in entries:
-            arr = np.ascontiguousarray(produce(name))
-            if arr.dtype != dtype or tuple(arr.shape) != tuple(shape):
-                raise ExportError(
-                    f"tensor {name!r}: produced {arr.dtype}{arr.shape}, planned "
-                    f"{dtype}{tuple(shape)}"
-                )
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-            written += arr.nbytes
-            del arr
+            written += _write_tensor(f, name, dtype, tuple(shape), produce(name))
+    return written
+
+
+def _write_tensor(f, name, dtype, shape, produced) -> int:
+    """Writes one tensor (an array or an iterator of row blocks); its byte count."""
+    whole = isinstance(produced, np.ndarray)
+    blocks = [produced] if whole else produced
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    written = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block)
+        if block.dtype != dtype or (whole and tuple(block.shape) != shape):
+            raise ExportError(
+                f"tensor {name!r}: produced {block.dtype}{block.shape}, planned "
+                f"{dtype}{shape}"
+            )
+        f.write(memoryview(block.reshape(-1).view(np.uint8)))
+        written += block.nbytes
+        del block
+    if written != want:
+        raise ExportError(f"tensor {name!r}: produced {written} bytes, planned {want}")
     return written
 
 
