@@ -103,6 +103,12 @@ def test_tensor_names_types_and_values(q8):
         _tensor(reader, "blk.0.attn_norm.weight"),
         merged["model.layers.0.input_layernorm.weight"],
     )
+    # Tensors without an adapter are encoded in row blocks: same q8_0 bytes.
+    emb = merged["model.embed_tokens_per_layer.weight"]
+    t = next(t for t in reader.tensors if t.name == "per_layer_token_embd.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    want_q = gguf.quants.quantize(emb, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(np.asarray(t.data).reshape(want_q.shape), want_q)
 
 
 def test_tokenizer(q8):
@@ -286,6 +292,14 @@ def test_gguf_lora_is_the_merged_delta(lora_run):
             base[hf_name] + delta, _tensor(merged, name), rtol=1e-5, atol=1e-5
         )
         assert np.abs(delta).max() > 1e-2  # the adapter is not a no-op
+    # Tensors without an adapter pass through exactly (f32, written in row blocks).
+    np.testing.assert_array_equal(
+        _tensor(merged, "token_embd.weight"), base["model.embed_tokens.weight"]
+    )
+    np.testing.assert_array_equal(
+        _tensor(merged, "per_layer_token_embd.weight"),
+        base["model.embed_tokens_per_layer.weight"],
+    )
 
 
 def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):

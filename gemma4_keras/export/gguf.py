@@ -313,6 +313,43 @@ def _plan(refs: dict, base_config: dict, spec, gguf_type: str, gguf) -> list:
     return sorted(plan)
 
 
+def _encoded_blocks(gguf, ref, gguf_type: str):
+    """A base tensor without an adapter, encoded in row blocks (axis 0).
+
+    f32/f16/bf16 convert element-wise and q8_0 quantises blocks of 32 along
+    the last axis, so encoding row blocks gives the bytes of the whole.
+    """
+    for block in hf_stream.read_blocks(ref):
+        if len(ref.shape) < 2:  # 1-D stays f32 (`_encoding`)
+            yield block.astype(np.float32)
+            continue
+        dtype, _, raw = _encoding(gguf, ref.shape, gguf_type)
+        f32 = block.astype(np.float32)
+        yield f32.astype(dtype) if raw is None else gguf.quants.quantize(f32, raw)
+
+
+def _write_blocks(writer, blocks) -> None:
+    """`GGUFWriter.write_tensor_data` for a tensor given as consecutive blocks.
+
+    The same steps (the next planned tensor's info, alignment padding before
+    and after, the data) on the writer's single output file; gguf 0.19 has
+    no public call that appends part of a tensor.
+    """
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    info = writer.tensors[0].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for block in blocks:
+        block.tofile(fout)
+        written += block.nbytes
+    if written != info.nbytes:
+        raise ExportError(
+            f"GGUF tensor {name!r}: wrote {written} bytes, planned {info.nbytes}"
+        )
+    writer.write_padding(fout, written)
+
+
 def write_gguf(
     directory: str,
     *,
@@ -328,8 +365,9 @@ def write_gguf(
     tensor is merged with its adapter delta in float32 (`hf.merge_tensor`),
     encoded and appended: the GGUF header lists every tensor first (shapes and
     types are known from the base's headers), then `GGUFWriter.write_tensor_data`
-    writes one tensor at a time. Peak host memory: one tensor in float32 plus
-    its delta and encoding, plus the vocabulary.
+    writes one tensor at a time; a tensor without an adapter is read, encoded
+    and written in row blocks of at most 64 MiB. Peak host memory: one adapted
+    tensor in float32 plus its delta and encoding, plus the vocabulary.
 
     Args:
         directory: an existing empty directory.
@@ -373,12 +411,15 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for _, base, _ in plan:
+        if base is not None and base not in sites:
+            _write_blocks(writer, _encoded_blocks(gguf, refs[base], gguf_type))
+            continue
         if base is None:
             value = rope_freqs(spec)
         else:
             raw_value = hf_stream.read_tensor(refs[base])
             value = hf.merge_tensor(
-                raw_value, lora_spec, factors, sites.get(base), np.dtype(np.float32)
+                raw_value, lora_spec, factors, sites[base], np.dtype(np.float32)
             )
             del raw_value
         data, _ = _encode(gguf, value, gguf_type)
