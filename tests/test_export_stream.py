@@ -347,3 +347,24 @@ def test_read_blocks_and_truncation(tmp_path):
         hf_stream.read_tensor(cut)
     with pytest.raises(ExportError, match=r"model\.embed_tokens\.weight' is truncated"):
         list(hf_stream.read_blocks(cut, max_bytes=10_000))
+
+
+def test_keras_export_keeps_a_bfloat16_base_in_bfloat16(tf_run, peft_merged, tmp_path):
+    import keras_hub
+
+    base, workdir = tf_run
+    out = commands.export(config_for(base), workdir, "keras", str(tmp_path / "k"))
+    manifest = _json(os.path.join(out, "export_manifest.json"))
+    assert manifest["dtype"] == manifest["base_dtype"] == "bfloat16"
+    policy = _json(os.path.join(out, "config.json"))["config"]["dtype"]
+    assert policy["config"]["name"] == "bfloat16"  # stored as the base is
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(out, dtype="bfloat16")
+    kernel = backbone.get_layer("decoder_block_1").attention.query_dense.kernel
+    # HF q_proj (out, in) -> KerasHub (heads, d, head_dim); compare within 1 ulp.
+    want = peft_merged["model.layers.1.self_attn.q_proj.weight"]
+    heads, d, hd = kernel.shape
+    got = (
+        np.asarray(kernel.numpy(), np.float32).transpose(0, 2, 1).reshape(heads * hd, d)
+    )
+    want16 = want.astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert (np.abs(got - want16) <= np.abs(want16) * 2.0**-7 + 1e-30).all()
