@@ -61,7 +61,16 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float("mfu", 0.4, "plan: assumed model FLOP utilisation, in (0, 1].")
 flags.DEFINE_enum(
-    "format", None, ["peft", "hf", "keras", "gguf"], "export: what to write."
+    "format",
+    None,
+    ["peft", "hf", "keras", "gguf", "gguf-lora"],
+    "export: what to write (gguf-lora: the adapter as GGUF for llama.cpp / Ollama).",
+)
+flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16", "float16"],
+    "export hf/keras: stored weight dtype (default: the base's own; see the manifest).",
 )
 flags.DEFINE_string(
     "shard_size", "5GB", "export hf: largest safetensors shard (bytes, or 500MB / 5GB)."
@@ -80,9 +89,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum(
     "layout",
-    "causal_lm",
+    None,
     ["causal_lm", "conditional_generation"],
-    "export peft/hf: key layout of the base (multimodal checkpoints: conditional_generation).",
+    "export peft: PEFT key layout (default: the base's own; multimodal bases: "
+    "conditional_generation).",
 )
 flags.DEFINE_bool(
     "summary", False, "review: print the human-review summary instead of serving."
@@ -299,7 +309,7 @@ def _export(config, args) -> int:
     )  # lazy: `--help` and `review` load no model stack
 
     if not FLAGS.format:
-        raise UsageError("--format=peft|hf|keras|gguf is required")
+        raise UsageError("--format=peft|hf|keras|gguf|gguf-lora is required")
     path = export(
         config,
         _require(FLAGS.workdir, "workdir"),
@@ -308,6 +318,7 @@ def _export(config, args) -> int:
         shard_size=FLAGS.shard_size,
         gguf_type=FLAGS.gguf_type,
         layout=FLAGS.layout,
+        dtype=FLAGS.dtype,
         base_model=FLAGS.base_model,
         force=FLAGS.force,
     )

@@ -68,3 +68,107 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 def variant_preset(**variant) -> str:
     return str(tiny_checkpoint(**variant))
+
+
+# ----------------------------------------------------------------------------
+# Runs without a Keras model: adapters as factors, bases written by others.
+
+
+def random_factors(preset: str, lora_spec, seed: int = 0) -> dict:
+    """Seeded non-zero factors for every site `lora_spec` gives on `preset`."""
+    from gemma4_keras.model import hub, presets
+
+    spec = hub.spec_from_config(hub.backbone_kwargs(presets.read_config_json(preset)))
+    rng = np.random.default_rng(seed)
+    factors = {}
+    for layer, target in lora_spec.sites(spec):
+        din, dout = spec.projection_shape(layer, target)
+        factors[(layer, target)] = (
+            rng.normal(0, 0.2, (din, lora_spec.rank)).astype(np.float32),
+            rng.normal(0, 0.2, (lora_spec.rank, dout)).astype(np.float32),
+        )
+    return factors
+
+
+def factor_workdir(
+    root: str, preset: str, lora_spec, factors, layout: str = "causal_lm"
+) -> str:
+    """A finished run's workdir holding an adapter written from factors."""
+    workdir = os.path.join(root, "run")
+    os.makedirs(workdir, exist_ok=True)
+    peft.write_adapter(
+        os.path.join(workdir, "adapter"),
+        lora_spec,
+        factors,
+        base_model=preset,
+        layout=layout,
+    )
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"model": {"preset": preset}}, f)
+    with open(os.path.join(workdir, "run_state.json"), "w") as f:
+        json.dump({"status": "finished", "step": 10}, f)
+    return workdir
+
+
+def transformers_checkpoint(path, dtype: str = "bfloat16", seed: int = 0, **variant):
+    """A tiny Gemma4ForCausalLM written by transformers' own `save_pretrained`.
+
+    `global_head_dim` equals `head_dim`, so transformers writes no such key
+    (the case where a re-derived config used to write `null`s). Tokenizer
+    files come from the package's tiny checkpoint.
+    """
+    import shutil
+
+    import torch
+    import transformers
+
+    from gemma4_keras.testing import tiny
+
+    cfg = tiny.tiny_hf_config(**variant)
+    for key in ("architectures", "model_type"):
+        cfg.pop(key)
+    cfg.update(global_head_dim=cfg["head_dim"], dtype=dtype)
+    torch.manual_seed(seed)
+    model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**cfg))
+    model.to(getattr(torch, dtype)).save_pretrained(str(path))
+    source = tiny_checkpoint()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(source, name), os.path.join(str(path), name))
+    return str(path)
+
+
+def redundant_kv_tensors(config: dict) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of k_proj/v_proj/k_norm for each KV-shared layer.
+
+    The released E2B/E4B checkpoints carry these although the layers reuse an
+    earlier layer's K/V; transformers >= 5.5.2 no longer builds them.
+    """
+    text = config.get("text_config", config)
+    prefix = "model.language_model." if "text_config" in config else "model."
+    n, shared = text["num_hidden_layers"], text["num_kv_shared_layers"]
+    out = {}
+    for i in range(n - shared, n):
+        full = text["layer_types"][i] == "full_attention"
+        hd = text["global_head_dim"] if full else text["head_dim"]
+        kv = text["num_key_value_heads"] * hd
+        out[f"{prefix}layers.{i}.self_attn.k_proj.weight"] = (kv, text["hidden_size"])
+        out[f"{prefix}layers.{i}.self_attn.v_proj.weight"] = (kv, text["hidden_size"])
+        out[f"{prefix}layers.{i}.self_attn.k_norm.weight"] = (hd,)
+    return out
+
+
+def with_redundant_kv(source: str, path) -> str:
+    """A copy of checkpoint `source` with K/V tensors added to KV-shared layers."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, str(path))
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    rng = np.random.default_rng(7)
+    for name, shape in redundant_kv_tensors(config).items():
+        tensors[name] = rng.normal(0, 0.1, shape).astype(np.float32)
+    save_file(tensors, os.path.join(str(path), "model.safetensors"), {"format": "pt"})
+    return str(path)

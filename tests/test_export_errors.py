@@ -86,11 +86,11 @@ def test_mismatched_base(run, tmp_path):
 def test_failure_while_writing_leaves_nothing(run, tmp_path, monkeypatch):
     workdir, preset = run
 
-    def broken(model, backbone, directory, **kwargs):
+    def broken(base_dir, directory, *args, **kwargs):
         open(os.path.join(directory, "model.safetensors"), "w").close()
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "write_hf", broken)
+    monkeypatch.setattr(hf, "write_hf_streamed", broken)
     with pytest.raises(OSError, match="disk full"):
         commands.export(config_for(preset), workdir, "hf", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and _leftovers(str(tmp_path)) == []
@@ -99,7 +99,8 @@ def test_failure_while_writing_leaves_nothing(run, tmp_path, monkeypatch):
 def test_bad_format_and_options(run, tmp_path):
     workdir, preset = run
     with pytest.raises(
-        ExportError, match=r"--format='onnx': expected one of peft, hf, keras, gguf"
+        ExportError,
+        match=r"--format='onnx': expected one of peft, hf, keras, gguf, gguf-lora",
     ):
         commands.export(config_for(preset), workdir, "onnx", str(tmp_path / "out"))
     with pytest.raises(ExportError, match=r"--shard_size='lots'"):

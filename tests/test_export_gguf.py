@@ -9,15 +9,19 @@ import pytest
 from export_fixtures import (
     TOKENS,
     config_for,
+    factor_workdir,
     fake_workdir,
     keras_logits,
+    random_factors,
     rel_err,
     trained_model,
     variant_preset,
 )
+from safetensors.numpy import load_file
 
 from gemma4_keras.export import commands, hf
 from gemma4_keras.export.hf import ExportError
+from gemma4_keras.model.lora import LoraSpec
 
 gguf = oracles.need("gguf")
 
@@ -99,6 +103,12 @@ def test_tensor_names_types_and_values(q8):
         _tensor(reader, "blk.0.attn_norm.weight"),
         merged["model.layers.0.input_layernorm.weight"],
     )
+    # Tensors without an adapter are encoded in row blocks: same q8_0 bytes.
+    emb = merged["model.embed_tokens_per_layer.weight"]
+    t = next(t for t in reader.tensors if t.name == "per_layer_token_embd.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    want_q = gguf.quants.quantize(emb, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(np.asarray(t.data).reshape(want_q.shape), want_q)
 
 
 def test_tokenizer(q8):
@@ -222,3 +232,103 @@ def test_q4_k_m_needs_llama_cpp(tmp_path):
             str(tmp_path / "o"),
             gguf_type="q4_k_m",
         )
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """An rsLoRA run (scale alpha/sqrt(r) = 4, not alpha/r = 2) on a KV-shared base."""
+    preset = variant_preset(ple=True, kv_shared_layers=2)
+    spec = LoraSpec(rank=4, alpha=8.0, rslora=True)
+    factors = random_factors(preset, spec, seed=5)
+    root = tmp_path_factory.mktemp("gguf_lora")
+    workdir = factor_workdir(str(root), preset, spec, factors)
+    lora_dir = commands.export(
+        config_for(preset), workdir, "gguf-lora", str(root / "lora"), gguf_type="f32"
+    )
+    merged_dir = commands.export(
+        config_for(preset), workdir, "gguf", str(root / "merged"), gguf_type="f32"
+    )
+    return preset, spec, factors, root, lora_dir, merged_dir
+
+
+def test_gguf_lora_structure(lora_run):
+    preset, spec, factors, _, lora_dir, _ = lora_run
+    assert set(os.listdir(lora_dir)) == {"adapter-f32.gguf", "export_manifest.json"}
+    reader = gguf.GGUFReader(os.path.join(lora_dir, "adapter-f32.gguf"))
+    assert _field(reader, "general.architecture") == "gemma4"
+    assert _field(reader, "general.type") == "adapter"
+    assert _field(reader, "adapter.type") == "lora"
+    # The scale is folded into lora_b; llama.cpp's alpha / r is then 1.
+    assert _field(reader, "adapter.lora.alpha") == pytest.approx(4.0)
+    names = {t.name for t in reader.tensors}
+    assert len(names) == 2 * len(factors)
+    assert {"blk.0.attn_q.weight.lora_a", "blk.3.ffn_down.weight.lora_b"} <= names
+    assert not {n for n in names if n.startswith(("blk.2.attn_k", "blk.3.attn_v"))}
+    a, b = factors[(1, "q_proj")]
+    assert _tensor(reader, "blk.1.attn_q.weight.lora_a").shape == (4, a.shape[0])
+    assert _tensor(reader, "blk.1.attn_q.weight.lora_b").shape == (b.shape[1], 4)
+    with open(os.path.join(lora_dir, "export_manifest.json")) as f:
+        man = json.load(f)
+    assert man["format"] == "gguf-lora" and man["lora"]["rslora"] is True
+    assert man["options"]["scale_folded_into_lora_b"] == pytest.approx(4.0)
+
+
+def test_gguf_lora_is_the_merged_delta(lora_run):
+    """llama.cpp's maths W + (alpha / r) * lora_b @ lora_a gives the merged GGUF."""
+    preset, _, factors, _, lora_dir, merged_dir = lora_run
+    lora = gguf.GGUFReader(os.path.join(lora_dir, "adapter-f32.gguf"))
+    merged = gguf.GGUFReader(os.path.join(merged_dir, "model-f32.gguf"))
+    alpha = _field(lora, "adapter.lora.alpha")
+    base = load_file(os.path.join(preset, "model.safetensors"))
+    for name, hf_name in (
+        ("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight"),
+        ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"),
+        ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight"),
+    ):
+        lora_a = _tensor(lora, name + ".lora_a")
+        lora_b = _tensor(lora, name + ".lora_b")
+        delta = (alpha / lora_a.shape[0]) * (lora_b @ lora_a)
+        np.testing.assert_allclose(
+            base[hf_name] + delta, _tensor(merged, name), rtol=1e-5, atol=1e-5
+        )
+        assert np.abs(delta).max() > 1e-2  # the adapter is not a no-op
+    # Tensors without an adapter pass through exactly (f32, written in row blocks).
+    np.testing.assert_array_equal(
+        _tensor(merged, "token_embd.weight"), base["model.embed_tokens.weight"]
+    )
+    np.testing.assert_array_equal(
+        _tensor(merged, "per_layer_token_embd.weight"),
+        base["model.embed_tokens_per_layer.weight"],
+    )
+
+
+def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp",
+        reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; "
+        "compiles llama.cpp); without it the GGUF adapter is checked with GGUFReader only",
+    )
+    preset, spec, factors, root, lora_dir, merged_dir = lora_run
+    zero = {s: (a, np.zeros_like(b)) for s, (a, b) in factors.items()}
+    base_dir = commands.export(
+        config_for(preset),
+        factor_workdir(str(tmp_path), preset, spec, zero),
+        "gguf",
+        str(tmp_path / "base"),
+        gguf_type="f32",
+    )
+    tokens = [int(t) for t in np.asarray(TOKENS).reshape(-1)]
+
+    def scores(**kwargs):
+        llm = llama_cpp.Llama(logits_all=True, n_ctx=64, verbose=False, **kwargs)
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+
+    want = scores(model_path=os.path.join(merged_dir, "model-f32.gguf"))
+    got = scores(
+        model_path=os.path.join(base_dir, "model-f32.gguf"),
+        lora_path=os.path.join(lora_dir, "adapter-f32.gguf"),
+    )
+    assert rel_err(got, want) < 1e-3
+    base = scores(model_path=os.path.join(base_dir, "model-f32.gguf"))
+    assert rel_err(base, want) > 1e-2

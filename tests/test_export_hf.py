@@ -17,7 +17,7 @@ from export_fixtures import (
 )
 from safetensors.numpy import load_file
 
-from gemma4_keras.export import commands
+from gemma4_keras.export import commands, hf
 
 torch = oracles.need("torch")
 transformers = oracles.need("transformers")
@@ -121,7 +121,18 @@ def test_files_and_manifest(exported):
     assert len(man["training_config_sha256"]) == 64
 
 
-def test_sharded_and_multimodal_layout(tmp_path):
+def test_bit_for_bit_equal_to_the_in_memory_merge(exported):
+    """The streamed export equals the old in-memory path (Keras model merged)."""
+    name, _, model, out = exported
+    want = hf.merged_state_dict(model)  # float32, as the base
+    got = load_file(os.path.join(out, "model.safetensors"))
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        assert got[key].tobytes() == value.tobytes(), f"{name}: {key}"
+
+
+def test_sharded(tmp_path):
     preset = variant_preset(ple=True)
     model = trained_model(preset, seed=1)
     workdir = fake_workdir(str(tmp_path), model, preset)
@@ -132,17 +143,24 @@ def test_sharded_and_multimodal_layout(tmp_path):
     shards = sorted(f for f in files if f.startswith("model-"))
     assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
     assert "model.safetensors" not in files
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    for shard in shards:  # a shard over the limit holds one oversized tensor
+        held = [k for k, v in weight_map.items() if v == shard]
+        big = os.path.getsize(os.path.join(out, shard)) > 100 * 1024 + 8192
+        assert held and (not big or len(held) == 1), shard
     ref = keras_logits(model)
     assert rel_err(_hf_logits(out), ref) < TOL
 
-    out2 = commands.export(
-        config_for(preset),
-        workdir,
-        "hf",
-        str(tmp_path / "mm"),
-        layout="conditional_generation",
-    )
-    keys = load_file(os.path.join(out2, "model.safetensors"))
+
+def test_multimodal_base(tmp_path):
+    """A Gemma4ForConditionalGeneration base: the export keeps its layout."""
+    preset = variant_preset(layout="conditional_generation", ple=True)
+    model = trained_model(preset, seed=2)
+    workdir = fake_workdir(str(tmp_path), model, preset)
+    out = commands.export(config_for(preset), workdir, "hf", str(tmp_path / "mm"))
+    keys = load_file(os.path.join(out, "model.safetensors"))
+    assert set(keys) == set(load_file(os.path.join(preset, "model.safetensors")))
     assert all(k.startswith("model.language_model.") for k in keys)
-    got = _hf_logits(out2, transformers.Gemma4ForConditionalGeneration)
-    assert rel_err(got, ref) < TOL
+    got = _hf_logits(out, transformers.Gemma4ForConditionalGeneration)
+    assert rel_err(got, keras_logits(model)) < TOL

@@ -71,7 +71,9 @@ def test_preset_files_and_manifest(exported):
         "export_manifest.json",
     } <= files
     with open(os.path.join(out, "export_manifest.json")) as f:
-        assert json.load(f)["format"] == "keras"
+        man = json.load(f)
+    assert man["format"] == "keras"
+    assert man["dtype"] == man["base_dtype"] == "float32"  # the base's own
 
 
 def test_merged_kernels_are_base_plus_delta(exported):

@@ -4,6 +4,15 @@
     export(config, "runs/x", "hf", "out/hf")           merged safetensors (transformers)
     export(config, "runs/x", "keras", "out/keras")     merged KerasHub preset
     export(config, "runs/x", "gguf", "out/gguf")       merged GGUF (llama.cpp)
+    export(config, "runs/x", "gguf-lora", "out/lora")  adapter as GGUF (llama.cpp, Ollama)
+
+No export holds a full-precision copy of the base. `peft` and `gguf-lora`
+read no base weights at all: the adapter is checked against the model spec
+read from the base's config.json alone. `hf` and `gguf` stream the base's
+safetensors tensor by tensor (a local HF directory; a KerasHub-preset or
+remote base falls back to loading the model for `hf`). `keras` loads the
+base once, in the output dtype. Merged exports keep the base's dtype unless
+`dtype` says otherwise; the manifest records both.
 
 Every export is written into a temporary directory beside `out` and renamed
 into place only when complete, with an `export_manifest.json`; a failure
@@ -24,14 +33,41 @@ from safetensors.numpy import load_file
 
 from gemma4_keras import config_lib, workdir_lock
 from gemma4_keras.export import gguf as gguf_lib
-from gemma4_keras.export import hf, keras_preset, peft
+from gemma4_keras.export import hf, hf_stream, keras_preset, peft
 from gemma4_keras.export import manifest as manifest_lib
 from gemma4_keras.export.hf import ExportError, parse_size
 from gemma4_keras.export.peft import umask_permissions
-from gemma4_keras.model import presets
+from gemma4_keras.model import hub, lora, presets
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 
-FORMATS = ("peft", "hf", "keras", "gguf")
+FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
+# vLLM's accepted `--max-lora-rank` values (its LoRA config checks membership).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`.
+
+    None above vLLM's largest (512): serve such an adapter merged.
+
+    >>> vllm_max_lora_rank(4), vllm_max_lora_rank(16), vllm_max_lora_rank(48)
+    (8, 16, 64)
+    """
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+
+
+def vllm_serve_command(base_model: str, adapter_dir: str, rank: int) -> str | None:
+    """The `vllm serve` line for a PEFT export (also in its manifest).
+
+    >>> vllm_serve_command("google/gemma-4-E4B-it", "/out/peft", 16)
+    'vllm serve google/gemma-4-E4B-it --enable-lora --max-lora-rank 16 --lora-modules adapter=/out/peft'
+    """
+    if vllm_max_lora_rank(rank) is None:
+        return None
+    return (
+        f"vllm serve {base_model} --enable-lora --max-lora-rank "
+        f"{vllm_max_lora_rank(rank)} --lora-modules adapter={os.path.abspath(adapter_dir)}"
+    )
 
 
 def check_workdir(workdir: str, force: bool = False) -> str:
@@ -151,20 +187,114 @@ def staging(out: str):
 
 
 def load_merged_inputs(preset: str, adapter_dir: str):
-    """(backbone float32, Gemma4LoraModel with the adapter active, adapter config)."""
+    """(backbone float32, Gemma4LoraModel with the adapter active).
+
+    Only for `--format=hf` from a base that is not a local HF directory
+    (KerasHub preset name, hf://, kaggle://): there is no safetensors file to
+    stream, so the merged model is built in memory (float32).
+    """
 
     backbone = presets.load_backbone(preset, "float32")
     model = Gemma4LoraModel.from_backbone(backbone, dtype="float32")
     try:
         peft.load_adapter(model, adapter_dir)
     except peft.AdapterFormatError as e:
+        raise _mismatch(adapter_dir, preset, e) from e
+    return backbone, model
+
+
+def _mismatch(adapter_dir: str, preset: str, e: Exception) -> ExportError:
+    return ExportError(
+        f"the adapter in {adapter_dir} does not fit base {preset!r}: {e}. Export with "
+        "the base the run trained on (--config.model.preset, see adapter_config.json "
+        "base_model_name_or_path)"
+    )
+
+
+def read_checked_adapter(adapter_dir: str, model_spec, preset: str):
+    """(LoraSpec, factors, adapter_config.json) of the run, checked against the spec.
+
+    The spec comes from the base's config.json alone (`hub.spec_from_config`),
+    so no weights are read: shapes, layer count, KV-shared layers (no k/v
+    adapters there) and K=V layers (no v_proj adapter) are all checked.
+    """
+    try:
+        spec, factors = peft.read_adapter(adapter_dir)
+        lora.check_factors(model_spec, spec.rank, factors)
+    except (peft.AdapterFormatError, lora.AdapterMismatchError) as e:
+        raise _mismatch(adapter_dir, preset, e) from e
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        return spec, factors, json.load(f)
+
+
+def hf_base_dir(preset: str) -> str | None:
+    """`preset` when it is a local HF checkpoint directory with safetensors."""
+    if hf.read_base_config(preset) is None:
+        return None
+    try:
+        hf_stream.shard_files(preset)
+    except ExportError:
+        return None
+    return preset
+
+
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def hf_snapshot(preset: str) -> str:
+    """The local directory of an `hf://org/repo` base, from the HF cache.
+
+    Downloads the files a streamed export reads when they are not cached yet
+    (what KerasHub's own loader of `hf://` would download), so `hf` and `gguf`
+    stream from it instead of building the model in memory.
+    """
+    import huggingface_hub  # KerasHub's own hf:// client; present wherever hf:// loads
+
+    repo = preset[len("hf://") :]
+    try:
+        return huggingface_hub.snapshot_download(repo, allow_patterns=SNAPSHOT_FILES)
+    except Exception as e:  # network, auth, missing repo alike
         raise ExportError(
-            f"the adapter in {adapter_dir} does not fit base {preset!r}: {e}. Export with "
-            "the base the run trained on (--config.model.preset, see adapter_config.json "
-            "base_model_name_or_path)"
+            f"--config.model.preset={preset}: could not fetch its files "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "set HF_TOKEN (gated models), or download it and point the preset at the directory"
         ) from e
-    cfg, _ = peft.read_adapter_files(adapter_dir)
-    return backbone, model, cfg
+
+
+def base_dtype(preset: str, config_json: dict) -> str:
+    """The base's own dtype: its safetensors' float dtype, else its config's.
+
+    A config that names none gives float32 (no precision is lost by default).
+    """
+    base_dir = hf_base_dir(preset)
+    if base_dir:
+        return hf_stream.stored_dtype(hf_stream.tensor_refs(base_dir))
+    kw = config_json.get("config", {}) if "class_name" in config_json else {}
+    text = config_json.get("text_config", config_json)
+    for value in (kw.get("dtype"), text.get("dtype"), text.get("torch_dtype")):
+        if isinstance(value, dict):  # a Keras DTypePolicy config
+            value = value.get("config", {}).get("name")
+        name = {"bf16": "bfloat16", "mixed_bfloat16": "bfloat16"}.get(value, value)
+        if name in hf.DTYPES:
+            return name
+    return "float32"
+
+
+def _check_options(fmt, shard_size, gguf_type, dtype) -> None:
+    """Fails on bad flags before any file is read."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt in ("gguf", "gguf-lora"):
+        gguf_lib.check_type(gguf_type)
+    if fmt == "hf" and parse_size(shard_size) <= 0:
+        raise ExportError(f"--shard_size={shard_size!r} must be > 0 bytes")
+    if dtype is not None:
+        hf.check_dtype(dtype)
+        if fmt not in ("hf", "keras"):
+            raise ExportError(
+                f"--dtype={dtype} applies to --format=hf and keras; "
+                f"--format={fmt} stores {'--gguf_type' if 'gguf' in fmt else 'float32'}"
+            )
 
 
 def export(
@@ -175,8 +305,8 @@ def export(
     *,
     shard_size="5GB",
     gguf_type: str = "f16",
-    layout: str = "causal_lm",
-    dtype: str = "float32",
+    layout: str | None = None,
+    dtype: str | None = None,
     base_model: str | None = None,
     force: bool = False,
 ) -> str:
@@ -186,13 +316,19 @@ def export(
         config: the run's ConfigDict (`config.model.preset` names the base).
         workdir: the training workdir (needs adapter/ and run_state.json
             with status "finished").
-        fmt: `peft`, `hf`, `keras` or `gguf`.
+        fmt: `peft`, `hf`, `keras`, `gguf` or `gguf-lora`.
         out: output directory; must not exist or be empty.
         shard_size: hf: max bytes per safetensors shard (int or "500MB", "5GB").
-        gguf_type: gguf: `f32`, `f16`, `bf16`, `q8_0` (`q4_k_m` needs llama.cpp).
-        layout: hf: `causal_lm` (`model.*`) or `conditional_generation`
-            (`model.language_model.*`, the multimodal checkpoints' layout).
-        dtype: hf: stored weight dtype (`float32`, `bfloat16`, `float16`).
+        gguf_type: gguf, gguf-lora: `f32`, `f16`, `bf16`, `q8_0` (`q4_k_m`
+            needs llama.cpp).
+        layout: peft: PEFT key layout, `causal_lm` (`model.layers.*`) or
+            `conditional_generation` (`model.language_model.layers.*`);
+            default: the base's own. hf: only the base's own layout
+            (a merged export keeps the base's tensor names), or for a
+            non-HF base the layout to write.
+        dtype: hf, keras: stored weight dtype (`float32`, `bfloat16`,
+            `float16`); default: the base's own (bfloat16 for the released
+            checkpoints). Recorded in the manifest.
         base_model: id recorded as the base (default `config.model.preset`);
             for vLLM use the HF repo id, e.g. `google/gemma-4-E4B-it`.
         force: export a run that did not finish, or an adapter with NaN/inf.
@@ -204,61 +340,107 @@ def export(
       >>> export(config, "runs/tiny", "hf", "runs/tiny/export/hf")
     """
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "gguf":
-        gguf_lib.check_type(gguf_type)  # fail before the slow load
-    if fmt == "hf":
-        if parse_size(shard_size) <= 0:
-            raise ExportError(f"--shard_size={shard_size!r} must be > 0 bytes")
+    _check_options(fmt, shard_size, gguf_type, dtype)
     if not os.path.isdir(workdir):
         raise ExportError(
             f"--workdir={workdir}: no such directory; point it at a finished run"
         )
+    options = {
+        "shard_size": shard_size,
+        "gguf_type": gguf_type,
+        "layout": layout,
+        "dtype": dtype,
+    }
     with workdir_lock.hold(workdir, "export"):
-        return _export_locked(
-            config,
-            workdir,
-            fmt,
-            out,
-            shard_size,
-            gguf_type,
-            layout,
-            dtype,
-            base_model,
-            force,
+        return _export_locked(config, workdir, fmt, out, options, base_model, force)
+
+
+def _resolve_layout(fmt, layout, config_json, base_dir) -> str | None:
+    own = hf.base_layout(config_json)
+    if fmt == "hf" and base_dir and layout not in (None, own):
+        raise ExportError(
+            f"--layout={layout}: a merged hf export keeps the base's own tensor names "
+            f"and config.json, and {base_dir} is {own}; leave --layout unset"
         )
+    return (layout or own) if fmt in ("peft", "hf") else None
 
 
-def _export_locked(
-    config, workdir, fmt, out, shard_size, gguf_type, layout, dtype, base_model, force
-) -> str:
+def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str:
 
     adapter_dir = check_workdir(workdir, force)
     check_adapter_finite(adapter_dir, force)
     check_out(out)
     base_model = base_model or default_base_model(config)
     preset = presets.resolve_preset(config.model.preset)
-    backbone, model, adapter_cfg = load_merged_inputs(preset, adapter_dir)
-    options = (
-        {"shard_size": shard_size, "layout": layout, "dtype": dtype}
-        if fmt == "hf"
-        else {}
+    if fmt in ("hf", "gguf") and preset.startswith("hf://"):
+        preset = hf_snapshot(preset)  # stream from the local files
+    config_json = presets.read_config_json(preset)
+    model_spec = hub.spec_from_config(hub.backbone_kwargs(config_json))
+    lora_spec, factors, adapter_cfg = read_checked_adapter(
+        adapter_dir, model_spec, preset
     )
-    if fmt == "gguf":
-        options = {"gguf_type": gguf_type}
+    base_dir = hf_base_dir(preset)
+    job = {
+        "fmt": fmt,
+        "out": out,
+        "preset": preset,
+        "base_dir": base_dir,
+        "base_model": base_model,
+        "adapter_dir": adapter_dir,
+        "config_json": config_json,
+        "lora_spec": lora_spec,
+        "factors": factors,
+        "layout": _resolve_layout(fmt, options["layout"], config_json, base_dir),
+        "dtype": _stored_dtype(fmt, options, preset, config_json),
+        "shard_size": options["shard_size"],
+        "gguf_type": options["gguf_type"],
+    }
     with staging(out) as tmp:
-        files = _write(fmt, tmp, model, backbone, preset, base_model, options)
+        files = _write(tmp, job)
         manifest = manifest_lib.build_manifest(
             fmt=fmt,
             base_model=base_model,
             adapter_config=adapter_cfg,
             workdir=workdir,
             files=files,
-            options=options,
+            options=_manifest_options(job),
+            dtype=job["dtype"],
+            base_dtype=base_dtype(preset, config_json),
         )
         manifest_lib.write_manifest(tmp, manifest)
     return out
+
+
+def _stored_dtype(fmt, options, preset, config_json) -> str:
+    """What the export's weights are stored as (the manifest's `dtype`)."""
+    if fmt in ("gguf", "gguf-lora"):
+        return options["gguf_type"]
+    if fmt == "peft":
+        return "float32"  # the adapter's factors, as trained
+    return options["dtype"] or base_dtype(preset, config_json)
+
+
+def _manifest_options(job) -> dict:
+    fmt = job["fmt"]
+    if fmt == "hf":
+        return {k: job[k] for k in ("shard_size", "layout", "dtype")}
+    if fmt == "peft":
+        rank = job["lora_spec"].rank
+        return {
+            "layout": job["layout"],
+            "vllm_max_lora_rank": vllm_max_lora_rank(rank),
+            "vllm_serve": vllm_serve_command(job["base_model"], job["out"], rank),
+        }
+    if fmt == "keras":
+        return {"dtype": job["dtype"]}
+    options = {"gguf_type": job["gguf_type"]}
+    if fmt == "gguf-lora":
+        spec = job["lora_spec"]
+        options["adapter_lora_alpha"] = float(spec.rank)
+        options["scale_folded_into_lora_b"] = lora.LoraAdapter.scale_of(
+            spec.rank, spec.alpha, spec.rslora
+        )
+    return options
 
 
 def default_base_model(config) -> str:
@@ -279,27 +461,63 @@ def default_base_model(config) -> str:
     return preset
 
 
-def _write(fmt, tmp, model, backbone, preset, base_model, options) -> list[str]:
-    base_dir = preset if os.path.isdir(preset) else None
+def _write(tmp: str, job: dict) -> list[str]:
+    fmt = job["fmt"]
     if fmt == "peft":
-        peft.save_adapter(model, tmp, base_model=base_model, overwrite=True)
+        peft.write_adapter(
+            tmp,
+            job["lora_spec"],
+            job["factors"],
+            base_model=job["base_model"],
+            layout=job["layout"],
+            overwrite=True,
+        )
         return sorted(os.listdir(tmp))
     if fmt == "hf":
-        files = hf.write_hf(model, backbone, tmp, base_dir=base_dir, **options)
-        if not any(f in files for f in ("tokenizer.json", "tokenizer.model")):
-            files += _tokenizer_model_from_keras(preset, tmp)
-        return files
+        return _write_hf(tmp, job)
     if fmt == "keras":
-        return keras_preset.write_keras_preset(model, backbone, preset, tmp)
-
+        return keras_preset.write_keras_preset(
+            job["preset"], tmp, job["lora_spec"], job["factors"], job["dtype"]
+        )
+    if fmt == "gguf-lora":
+        return gguf_lib.write_gguf_lora(
+            tmp,
+            config_json=job["config_json"],
+            preset=job["preset"],
+            lora_spec=job["lora_spec"],
+            factors=job["factors"],
+            gguf_type=job["gguf_type"],
+        )
     return gguf_lib.write_gguf(
+        tmp,
+        base_dir=job["base_dir"],
+        preset=job["preset"],
+        lora_spec=job["lora_spec"],
+        factors=job["factors"],
+        gguf_type=job["gguf_type"],
+    )
+
+
+def _write_hf(tmp: str, job: dict) -> list[str]:
+    if job["base_dir"]:
+        return hf.write_hf_streamed(
+            job["base_dir"],
+            tmp,
+            job["lora_spec"],
+            job["factors"],
+            dtype=job["dtype"],
+            shard_size=job["shard_size"],
+        )
+    backbone, model = load_merged_inputs(job["preset"], job["adapter_dir"])
+    files = hf.write_hf(
         model,
         backbone,
         tmp,
-        base_dir=base_dir,
-        preset=preset,
-        gguf_type=options["gguf_type"],
+        layout=job["layout"],
+        dtype=job["dtype"],
+        shard_size=job["shard_size"],
     )
+    return files + _tokenizer_model_from_keras(job["preset"], tmp)
 
 
 def _tokenizer_model_from_keras(preset: str, directory: str) -> list[str]:

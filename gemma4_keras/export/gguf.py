@@ -1,9 +1,14 @@
-"""Merged Gemma 4 text decoder as a GGUF file (llama.cpp), via the `gguf` package.
+"""Gemma 4 as GGUF (llama.cpp, Ollama), via the `gguf` package: merged or adapter.
 
 Needs the optional extra: `pip install gemma4-keras[gguf]`.
 
-The tensors are the merged HF export's (`hf.merged_state_dict`), renamed
-with gguf's own `TensorNameMap` for the GEMMA4 architecture. The two MoE
+    write_gguf(dir, base_dir=..., ...)        model-<type>.gguf: merged, streamed
+    write_gguf_lora(dir, config_json=..., ...)  adapter-<type>.gguf: LoRA only
+
+The merged tensors are the base's text-decoder safetensors tensors with the
+adapter merged in (`hf.merge_tensor`, as the merged HF export), renamed
+with gguf's own `TensorNameMap` for the GEMMA4 architecture, read and written
+one at a time. The two MoE
 scales the map has no name for are written as llama.cpp's converter writes
 them: `blk.N.ffn_gate_inp.scale` and `blk.N.ffn_down_exps.scale`. A
 `rope_freqs.weight` tensor carries the full layers' proportional RoPE.
@@ -32,8 +37,10 @@ import re
 
 import numpy as np
 
-from gemma4_keras.export import hf
-from gemma4_keras.export.hf import ExportError
+from gemma4_keras.export import hf, hf_stream
+from gemma4_keras.export.hf_stream import ExportError
+from gemma4_keras.model import hub, lora
+from gemma4_keras.model.spec import module_name
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 _NEEDS_LLAMA_CPP = ("q4_k_m",)
@@ -66,39 +73,58 @@ def check_type(gguf_type: str) -> None:
     _import_gguf()
 
 
-def gguf_tensors(
-    hf_tensors: dict[str, np.ndarray], num_layers: int
-) -> dict[str, np.ndarray]:
-    """Renames merged HF tensors to GGUF names (float32)."""
-    gguf = _import_gguf()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, num_layers)
-    t = {
-        re.sub(r"^model\.language_model\.", "model.", k): v
-        for k, v in hf_tensors.items()
-    }
-    extra = {}
-    for key in [k for k in t if k.endswith("router.scale")]:
-        # llama.cpp's Gemma 4 graph applies both MoE scales itself, as separate
-        # tensors: `ffn_gate_inp.scale` (per hidden dim, before the router
-        # projection) and `ffn_down_exps.scale` (per expert, on the expert output).
-        layer = key[: -len("router.scale")]
-        bid = int(re.search(r"\.layers\.(\d+)\.", key).group(1))
-        extra[f"blk.{bid}.ffn_gate_inp.scale"] = t.pop(key)
-        extra[f"blk.{bid}.ffn_down_exps.scale"] = t.pop(
-            layer + "router.per_expert_scale"
-        )
+_REDUNDANT_KV = re.compile(
+    r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$"
+)
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def text_tensors(hf_names, layout: str, spec) -> dict[str, str]:
+    """{`model.*` text-decoder name: base tensor name} of what llama.cpp loads.
+
+    Vision/audio tensors are left out (llama.cpp reads towers from a separate
+    mmproj file), and so are the K/V tensors that some checkpoints keep for
+    KV-shared layers: llama.cpp's graph has no such tensors and refuses a
+    file with more tensors than it loads.
+    """
+    prefix = hf.PREFIXES[layout]
     out = {}
-    for key, value in t.items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ExportError(
-                f"no GGUF name for tensor {key!r} in gguf {gguf.__version__}'s "
-                "GEMMA4 map; upgrade the gguf package"
-            )
-        # llama.cpp loads every tensor as `<name>.weight`; HF's expert banks and
-        # layer_scalar carry no suffix, so the map returns the bare name.
-        out[name if name.endswith((".weight", ".bias")) else name + ".weight"] = value
-    return {**out, **extra}
+    for name in hf_names:
+        if not name.startswith(prefix):
+            continue
+        key = "model." + name[len(prefix) :]
+        m = _REDUNDANT_KV.match(key)
+        if m and not spec.has_projection(
+            int(m[1]), "k_proj" if m[2] == "k_norm" else m[2]
+        ):
+            continue
+        out[key] = name
+    return out
+
+
+def gguf_name(key: str, names) -> str:
+    """GGUF name of a `model.*` text tensor (gguf's GEMMA4 map, `.weight` suffix).
+
+    The two MoE scales the map has no name for follow llama.cpp's converter:
+    llama.cpp's Gemma 4 graph applies `ffn_gate_inp.scale` (per hidden dim,
+    before the router projection) and `ffn_down_exps.scale` (per expert, on
+    the expert output) as separate tensors.
+    """
+    m = _LAYER.search(key)
+    if key.endswith("router.scale"):
+        return f"blk.{m[1]}.ffn_gate_inp.scale"
+    if key.endswith("router.per_expert_scale"):
+        return f"blk.{m[1]}.ffn_down_exps.scale"
+    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        gguf = _import_gguf()
+        raise ExportError(
+            f"no GGUF name for tensor {key!r} in gguf {gguf.__version__}'s "
+            "GEMMA4 map; upgrade the gguf package"
+        )
+    # llama.cpp loads every tensor as `<name>.weight`; HF's expert banks and
+    # layer_scalar carry no suffix, so the map returns the bare name.
+    return name if name.endswith((".weight", ".bias")) else name + ".weight"
 
 
 def rope_freqs(spec) -> np.ndarray | None:
@@ -116,15 +142,31 @@ def rope_freqs(spec) -> np.ndarray | None:
     return np.array([1.0] * half_rot + [1e30] * (half - half_rot), np.float32)
 
 
-def _encode(gguf, value: np.ndarray, gguf_type: str):
-    """(data, raw_dtype or None) for GGUFWriter.add_tensor."""
+def _encoding(gguf, shape: tuple[int, ...], gguf_type: str):
+    """(numpy dtype, stored shape, raw GGML type or None) of a tensor's data.
+
+    1-D tensors (norms, scalars) stay f32; q8_0 falls back to f16 for rows
+    that are not a multiple of 32 long.
+    """
     q = gguf.GGMLQuantizationType
-    if value.ndim < 2 or gguf_type == "f32":
-        return value.astype(np.float32), None
-    if gguf_type == "f16" or (gguf_type == "q8_0" and value.shape[-1] % 32):
-        return value.astype(np.float16), None
+    if len(shape) < 2 or gguf_type == "f32":
+        return np.dtype(np.float32), tuple(shape), None
+    if gguf_type == "f16" or (gguf_type == "q8_0" and shape[-1] % 32):
+        return np.dtype(np.float16), tuple(shape), None
     qtype = q.BF16 if gguf_type == "bf16" else q.Q8_0
-    return gguf.quants.quantize(value.astype(np.float32), qtype), qtype
+    return (
+        np.dtype(np.uint8),
+        gguf.quants.quant_shape_to_byte_shape(shape, qtype),
+        qtype,
+    )
+
+
+def _encode(gguf, value: np.ndarray, gguf_type: str):
+    """(data, raw_dtype or None) for GGUFWriter.add_tensor / write_tensor_data."""
+    dtype, _, raw = _encoding(gguf, value.shape, gguf_type)
+    if raw is None:
+        return value.astype(dtype), None
+    return gguf.quants.quantize(value.astype(np.float32), raw), raw
 
 
 def _file_type(gguf, gguf_type: str):
@@ -241,34 +283,8 @@ def _read_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def write_gguf(
-    model,
-    backbone,
-    directory: str,
-    *,
-    base_dir: str | None,
-    preset: str,
-    gguf_type: str = "f16",
-) -> list[str]:
-    """Writes `model-<type>.gguf` (merged weights) into `directory`.
-
-    Args:
-        model: `Gemma4LoraModel` with the adapter active.
-        backbone: its KerasHub backbone (for the config).
-        directory: an existing empty directory.
-        base_dir: local HF base directory holding tokenizer.json.
-        preset: the base preset (for error messages).
-        gguf_type: `f32`, `f16`, `bf16` or `q8_0`.
-
-    Returns:
-        The file names written.
-
-    Example:
-      >>> write_gguf(model, backbone, "out/gguf", base_dir="/ckpt/gemma-4-E4B-it", preset=...)
-    """
-
-    check_type(gguf_type)
-    gguf = _import_gguf()
+def _tokenizer_inputs(base_dir: str | None, preset: str) -> tuple[dict, dict | None]:
+    """(tokenizer.json, tokenizer_config with the chat template) of a local base."""
     tok = _read_json(os.path.join(base_dir, "tokenizer.json")) if base_dir else None
     if tok is None:
         raise ExportError(
@@ -281,20 +297,186 @@ def write_gguf(
     if os.path.isfile(jinja):
         with open(jinja) as f:
             tok_cfg = {**(tok_cfg or {}), "chat_template": f.read()}
-    text = hf.text_config(backbone, model.spec, hf.read_base_config(base_dir))
+    return tok, tok_cfg
+
+
+def _plan(refs: dict, base_config: dict, spec, gguf_type: str, gguf) -> list:
+    """[(gguf name, base tensor name or None for rope_freqs, shape)], sorted."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, spec.num_layers)
+    layout = hf.base_layout(base_config)
+    plan = [
+        (gguf_name(key, names), base, refs[base].shape)
+        for key, base in text_tensors(refs, layout, spec).items()
+    ]
+    if rope_freqs(spec) is not None:
+        plan.append(("rope_freqs.weight", None, rope_freqs(spec).shape))
+    return sorted(plan)
+
+
+def _encoded_blocks(gguf, ref, gguf_type: str):
+    """A base tensor without an adapter, encoded in row blocks (axis 0).
+
+    f32/f16/bf16 convert element-wise and q8_0 quantises blocks of 32 along
+    the last axis, so encoding row blocks gives the bytes of the whole.
+    """
+    for block in hf_stream.read_blocks(ref):
+        if len(ref.shape) < 2:  # 1-D stays f32 (`_encoding`)
+            yield block.astype(np.float32)
+            continue
+        dtype, _, raw = _encoding(gguf, ref.shape, gguf_type)
+        f32 = block.astype(np.float32)
+        yield f32.astype(dtype) if raw is None else gguf.quants.quantize(f32, raw)
+
+
+def _write_blocks(writer, blocks) -> None:
+    """`GGUFWriter.write_tensor_data` for a tensor given as consecutive blocks.
+
+    The same steps (the next planned tensor's info, alignment padding before
+    and after, the data) on the writer's single output file; gguf 0.19 has
+    no public call that appends part of a tensor.
+    """
+    fout = writer.fout[0]
+    name = next(iter(writer.tensors[0]))
+    info = writer.tensors[0].pop(name)
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for block in blocks:
+        block.tofile(fout)
+        written += block.nbytes
+    if written != info.nbytes:
+        raise ExportError(
+            f"GGUF tensor {name!r}: wrote {written} bytes, planned {info.nbytes}"
+        )
+    writer.write_padding(fout, written)
+
+
+def write_gguf(
+    directory: str,
+    *,
+    base_dir: str | None,
+    preset: str,
+    lora_spec,
+    factors,
+    gguf_type: str = "f16",
+) -> list[str]:
+    """Writes `model-<type>.gguf` (merged weights) into `directory`, streamed.
+
+    The base's safetensors are read tensor by tensor (`hf_stream`); each
+    tensor is merged with its adapter delta in float32 (`hf.merge_tensor`),
+    encoded and appended: the GGUF header lists every tensor first (shapes and
+    types are known from the base's headers), then `GGUFWriter.write_tensor_data`
+    writes one tensor at a time; a tensor without an adapter is read, encoded
+    and written in row blocks of at most 64 MiB. Peak host memory: one adapted
+    tensor in float32 plus its delta and encoding, plus the vocabulary.
+
+    Args:
+        directory: an existing empty directory.
+        base_dir: local HF base directory (config.json, safetensors, tokenizer.json).
+        preset: the base preset (name and error messages).
+        lora_spec, factors: the adapter (`peft.read_adapter`), validated.
+        gguf_type: `f32`, `f16`, `bf16` or `q8_0`.
+
+    Returns:
+        The file names written.
+
+    Example:
+      >>> write_gguf("out/gguf", base_dir="/ckpt/gemma-4-E4B-it", preset=...,
+      ...            lora_spec=spec, factors=factors)
+    """
+
+    check_type(gguf_type)
+    gguf = _import_gguf()
+    tok, tok_cfg = _tokenizer_inputs(base_dir, preset)
+    base_config = hf.read_base_config(base_dir)
+    if base_config is None:
+        raise ExportError(f"{base_dir}/config.json: not a Gemma 4 HF config")
+    spec = hub.spec_from_config(hub.backbone_kwargs(base_config))
+    refs = hf_stream.tensor_refs(base_dir)
+    sites = hf._sites_by_tensor(hf.base_layout(base_config), factors)
+    hf._check_sites(refs, sites, base_dir, factors)
+    plan = _plan(refs, base_config, spec, gguf_type, gguf)
+
     fname = f"model-{gguf_type}.gguf"
     writer = gguf.GGUFWriter(os.path.join(directory, fname), "gemma4")
     writer.add_name(os.path.basename(os.path.normpath(str(preset))) + "-merged")
     writer.add_file_type(_file_type(gguf, gguf_type))
-    add_metadata(writer, text, model.spec)
+    add_metadata(writer, base_config.get("text_config", base_config), spec)
     add_tokenizer(writer, tok, tok_cfg)
-    tensors = gguf_tensors(hf.merged_state_dict(model), model.spec.num_layers)
-    freqs = rope_freqs(model.spec)
-    if freqs is not None:
-        tensors["rope_freqs.weight"] = freqs
-    for name, value in sorted(tensors.items()):
-        data, raw = _encode(gguf, value, gguf_type)
-        writer.add_tensor(name, data, raw_dtype=raw)
+    del tok
+    for name, _, shape in plan:
+        dtype, stored, raw = _encoding(gguf, shape, gguf_type)
+        nbytes = int(np.prod(stored, dtype=np.int64)) * dtype.itemsize
+        writer.add_tensor_info(name, stored, dtype, nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, base, _ in plan:
+        if base is not None and base not in sites:
+            _write_blocks(writer, _encoded_blocks(gguf, refs[base], gguf_type))
+            continue
+        if base is None:
+            value = rope_freqs(spec)
+        else:
+            raw_value = hf_stream.read_tensor(refs[base])
+            value = hf.merge_tensor(
+                raw_value, lora_spec, factors, sites[base], np.dtype(np.float32)
+            )
+            del raw_value
+        data, _ = _encode(gguf, value, gguf_type)
+        del value
+        writer.write_tensor_data(data)
+        del data
+    writer.close()
+    return [fname]
+
+
+def write_gguf_lora(
+    directory: str,
+    *,
+    config_json: dict,
+    preset: str,
+    lora_spec,
+    factors,
+    gguf_type: str = "f16",
+) -> list[str]:
+    """Writes `adapter-<type>.gguf`: the LoRA adapter for llama.cpp / Ollama.
+
+    llama.cpp's `convert_lora_to_gguf.py` conventions: `general.type` =
+    `adapter`, `adapter.type` = `lora`, `adapter.lora.alpha`, and per adapted
+    weight `<gguf name>.lora_a` (r, in) and `<gguf name>.lora_b` (out, r)
+    (numpy order). llama.cpp scales by `alpha / r` and ignores PEFT's
+    `use_rslora`, so the adapter's own scale (alpha / r, or alpha / sqrt(r)
+    with rsLoRA) is folded into `lora_b` and `alpha` is written as `r`
+    (scale 1). No base weights are read: only the base's config (for names).
+
+    Returns:
+        The file names written.
+
+    Example:
+      >>> write_gguf_lora("out/lora", config_json=cfg, preset="...", lora_spec=spec,
+      ...                 factors=factors)
+      # llama-cli -m base-f16.gguf --lora out/lora/adapter-f16.gguf
+    """
+    check_type(gguf_type)
+    gguf = _import_gguf()
+    spec = hub.spec_from_config(hub.backbone_kwargs(config_json))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, spec.num_layers)
+    scale = np.float32(
+        lora.LoraAdapter.scale_of(lora_spec.rank, lora_spec.alpha, lora_spec.rslora)
+    )
+    fname = f"adapter-{gguf_type}.gguf"
+    writer = gguf.GGUFWriter(os.path.join(directory, fname), "gemma4")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_spec.rank))
+    writer.add_name(os.path.basename(os.path.normpath(str(preset))) + "-lora")
+    for (layer, target), (a, b) in sorted(factors.items()):
+        base = gguf_name(f"model.{module_name(layer, target)}.weight", names)
+        lora_a = np.ascontiguousarray(np.asarray(a, np.float32).T)
+        lora_b = np.ascontiguousarray(np.asarray(b, np.float32).T * scale)
+        for suffix, value in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            data, raw = _encode(gguf, value, gguf_type)
+            writer.add_tensor(base + suffix, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

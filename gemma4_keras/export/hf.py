@@ -1,6 +1,20 @@
 """Merged Gemma 4 text decoder as a Hugging Face checkpoint.
 
-Writes what `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads:
+Two writers:
+
+* `write_hf_streamed` (every base that is a local HF directory): reads the
+  base's safetensors tensor by tensor (`hf_stream`), adds `scale * B @ A`
+  (in float32) only where an adapter sits, casts to the output dtype (default:
+  the base's own) and writes shards as they fill. The result carries exactly
+  the base's tensor names (vision/audio towers and the redundant K/V tensors
+  some checkpoints keep for KV-shared layers included) and the base's own
+  `config.json` with only `dtype` changed. Peak host memory: one adapted
+  tensor in float32 plus its delta (tensors without an adapter are copied in
+  row blocks of at most 64 MiB), whatever the model size.
+* `write_hf` (a KerasHub preset or a remote base, which has no safetensors to
+  stream): the in-memory path below; it holds the merged model in float32.
+
+`write_hf` writes what `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads:
 
     config.json                       Gemma4ForCausalLM, model_type gemma4_text
     model.safetensors                 or model-0000i-of-0000N.safetensors +
@@ -36,7 +50,11 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemma4_keras.model.spec import ATTN_TARGETS
+from gemma4_keras.export import hf_stream
+from gemma4_keras.export.hf_stream import ExportError
+from gemma4_keras.model import lora
+from gemma4_keras.model.lora import Factors, LoraSpec
+from gemma4_keras.model.spec import ATTN_TARGETS, module_name
 
 # Files a Hugging Face model directory carries for its tokenizer / generation.
 TOKENIZER_FILES = (
@@ -74,10 +92,6 @@ _EXTRAS = {
     "router_proj": ("router.proj.weight", True),
     "expert_scale": ("router.per_expert_scale", False),
 }
-
-
-class ExportError(ValueError):
-    """An export that cannot be written as asked."""
 
 
 def _np(var) -> np.ndarray:
@@ -222,6 +236,10 @@ def text_config(
         "max_position_embeddings": 131072,
         "initializer_range": 0.02,
     }
+    # A key the backbone does not set (e.g. `global_head_dim` when it equals
+    # `head_dim`) is left out, not written as null: transformers 5.24
+    # refuses `"head_dim": null` (StrictDataclassFieldValidationError).
+    derived = {k: v for k, v in derived.items() if v is not None}
     base_text = dict((base_config or {}).get("text_config", base_config or {}))
     keep = {
         k: v
@@ -393,4 +411,141 @@ def write_hf(
     files = save_safetensors(tensors, directory, shard_size)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(model_config(text, layout, base_config), f, indent=2, sort_keys=True)
+    return [*files, "config.json", *copy_tokenizer_files(base_dir, directory)]
+
+
+# ----------------------------------------------------------------------------
+# Streamed from the base's safetensors.
+
+
+def base_layout(config_json: dict) -> str:
+    """`conditional_generation` for a multimodal base, else `causal_lm`.
+
+    HF: `text_config` nesting / `Gemma4ForConditionalGeneration`; KerasHub
+    preset: a vision or audio encoder in the backbone config (the released
+    multimodal checkpoints, whose HF twins are conditional-generation ones).
+    """
+    if "class_name" in config_json and "config" in config_json:
+        kw = config_json["config"]
+        has_tower = kw.get("vision_encoder") or kw.get("audio_encoder")
+        return "conditional_generation" if has_tower else "causal_lm"
+    archs = config_json.get("architectures") or []
+    if "text_config" in config_json or any("Conditional" in a for a in archs):
+        return "conditional_generation"
+    return "causal_lm"
+
+
+def exported_config(base_config: dict, dtype: str) -> dict:
+    """The base's own config.json with `dtype` set (top level and text_config).
+
+    Nothing else changes: keys the base lacks stay absent, so transformers
+    reads the export exactly as it reads the base.
+    """
+    out = json.loads(json.dumps(base_config))
+    for cfg in (out, out.get("text_config")):
+        if isinstance(cfg, dict):
+            if "torch_dtype" in cfg:
+                cfg["torch_dtype"] = dtype
+            if "dtype" in cfg or cfg is out:
+                cfg["dtype"] = dtype
+    return out
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+
+
+def _sites_by_tensor(layout: str, factors: Factors) -> dict[str, tuple[int, str]]:
+    """{HF tensor name: (layer, target)} of the adapter's sites."""
+    prefix = PREFIXES[layout]
+    return {f"{prefix}{module_name(*site)}.weight": site for site in factors}
+
+
+def _check_sites(refs: dict, sites: dict, base_dir: str, factors: Factors) -> None:
+    """Every adapter site must name a base tensor of the delta's shape."""
+    for name, (layer, target) in sorted(sites.items()):
+        if name not in refs:
+            raise ExportError(
+                f"{base_dir}: the adapter has {module_name(layer, target)} but the "
+                f"base has no tensor {name!r} (an adapter for another base?)"
+            )
+        a, b = factors[(layer, target)]
+        want = (b.shape[1], a.shape[0])
+        if refs[name].shape != want:
+            raise ExportError(
+                f"{base_dir}: tensor {name!r} is {refs[name].shape}, the adapter's "
+                f"delta is {want} (an adapter for another base?)"
+            )
+
+
+def merge_tensor(
+    base: np.ndarray, lora_spec: LoraSpec, factors: Factors, site, out: np.dtype
+) -> np.ndarray:
+    """`base + (scale * a @ b).T` in float32 (site None: `base`), cast to `out`.
+
+    The delta is computed exactly as the in-memory merge computes it
+    (`lora.deltas`: `(a @ b) * scale`, then transposed), so the streamed export
+    equals the in-memory one bit for bit.
+    """
+    if site is not None:
+        delta = lora.deltas(lora_spec, {site: factors[site]})[site]
+        base = base.astype(np.float32) + delta.T
+        del delta
+    if base.dtype == out or base.dtype.kind not in "fV":
+        return base
+    return base.astype(out)
+
+
+def write_hf_streamed(
+    base_dir: str,
+    directory: str,
+    lora_spec: LoraSpec,
+    factors: Factors,
+    *,
+    dtype: str | None = None,
+    shard_size=DEFAULT_SHARD_SIZE,
+) -> list[str]:
+    """Writes the merged checkpoint of a local HF base, tensor by tensor.
+
+    Args:
+        base_dir: the base's HF directory (config.json + safetensors).
+        directory: an existing empty output directory.
+        lora_spec, factors: the adapter (`peft.read_adapter`), already
+            validated against the base's spec.
+        dtype: stored dtype of every float tensor; None = the base's own.
+        shard_size: bytes or a size string; shards are written as they fill.
+
+    Returns:
+        The file names written.
+
+    Example:
+      >>> spec, factors = peft.read_adapter("runs/x/adapter")
+      >>> write_hf_streamed("/ckpt/gemma-4-E4B-it", "out/hf", spec, factors)
+    """
+    base_config = read_base_config(base_dir)
+    if base_config is None:
+        raise ExportError(f"{base_dir}/config.json: not a Gemma 4 HF config")
+    refs = hf_stream.tensor_refs(base_dir)
+    dtype = dtype or hf_stream.stored_dtype(refs)
+    check_dtype(dtype)
+    out = hf_stream.DTYPE_NAMES[dtype]
+    sites = _sites_by_tensor(base_layout(base_config), factors)
+    _check_sites(refs, sites, base_dir, factors)
+
+    def out_dtype(ref):
+        return out if ref.dtype in hf_stream.DTYPE_NAMES.values() else ref.dtype
+
+    def produce(name: str):
+        site = sites.get(name)
+        if site is None:  # passes through: cast block by block
+            blocks = hf_stream.read_blocks(refs[name])
+            return (merge_tensor(b, lora_spec, factors, None, out) for b in blocks)
+        base = hf_stream.read_tensor(refs[name])
+        return merge_tensor(base, lora_spec, factors, site, out)
+
+    entries = [(n, out_dtype(refs[n]), refs[n].shape) for n in sorted(refs)]
+    files = hf_stream.write_sharded(directory, entries, produce, parse_size(shard_size))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(exported_config(base_config, dtype), f, indent=2)
     return [*files, "config.json", *copy_tokenizer_files(base_dir, directory)]

@@ -4,6 +4,7 @@ Every export directory carries one, so a deployed file can be traced back to
 its base model, adapter settings, training config and eval summary:
 
     {"format": "hf", "base_model": "google/gemma-4-E4B-it", "template": "gemma4 chat",
+     "dtype": "bfloat16", "base_dtype": "bfloat16",
      "lora": {"rank": 16, "alpha": 32.0, "targets": [...], ...},
      "training_config_sha256": "...", "eval": {...}, "package_version": "0.1.0", ...}
 """
@@ -39,6 +40,8 @@ def build_manifest(
     workdir: str,
     files: list[str],
     options: dict | None = None,
+    dtype: str | None = None,
+    base_dtype: str | None = None,
 ) -> dict:
     """The manifest dict of one export.
 
@@ -50,6 +53,10 @@ def build_manifest(
             run_state.json supplies the eval summary).
         files: file names written (relative to the export directory).
         options: format options (dtype, layout, shard size, gguf type).
+        dtype: what the exported weights are stored as (`bfloat16`, ...;
+            the GGUF type for gguf; `float32` for a PEFT adapter).
+        base_dtype: the base checkpoint's own dtype, so a precision change
+            (e.g. a float32 export of a bfloat16 base) is never silent.
     """
 
     state_path = os.path.join(workdir, "run_state.json")
@@ -66,6 +73,8 @@ def build_manifest(
         "format": fmt,
         "base_model": base_model,
         "template": TEMPLATE,
+        "dtype": dtype,
+        "base_dtype": base_dtype,
         "lora": {
             "rank": adapter_config.get("r"),
             "alpha": adapter_config.get("lora_alpha"),
