@@ -18,7 +18,7 @@ import keras
 
 from gemma4_keras import _quiet, config_lib
 from gemma4_keras.data import template
-from gemma4_keras.model import hub
+from gemma4_keras.model import hf_config, hub, stream_load
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.hub import PresetError
 from gemma4_keras.model.lora import LoraSpec
@@ -213,15 +213,15 @@ def on_host():
 
 
 def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg):
-    """The trainable model for a resolved preset: (quantised) base + adapters."""
+    """The trainable model for a resolved preset: (quantised) base + adapters.
+
+    Hugging Face checkpoints (a local directory, hf://) are read tensor by
+    tensor and quantised as they arrive (`stream_load`): the host never holds
+    the full-precision model. KerasHub presets (names, kaggle://, KerasHub
+    directories) still load a whole KerasHub backbone first.
+    """
     dtype = compute_dtype(model_cfg)
-    with on_host():
-        backbone = load_backbone(preset, dtype)
-    # The training model copies (maybe quantises) what it needs; the backbone
-    # is dropped when this returns.
-    return Gemma4LoraModel.from_backbone(
-        backbone,
-        LoraSpec.from_config(lora_cfg),
+    options = dict(
         quant=quant_cfg.mode,
         double_quant=bool(quant_cfg.double_quant),
         block_size=int(quant_cfg.block_size),
@@ -230,6 +230,19 @@ def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg)
         dtype=dtype,
         moe_dispatch=str(model_cfg.moe_dispatch),
     )
+    lora = LoraSpec.from_config(lora_cfg)
+    try:
+        directory = stream_load.local_checkpoint(preset)
+        if directory is not None:
+            with on_host():
+                return stream_load.load_training_model(directory, lora, **options)
+    except (stream_load.CheckpointError, hf_config.ConfigError, OSError) as e:
+        raise _load_error(preset, "weights", e) from e
+    with on_host():
+        backbone = load_backbone(preset, dtype)
+    # The training model copies (maybe quantises) what it needs; the backbone
+    # is dropped when this returns.
+    return Gemma4LoraModel.from_backbone(backbone, lora, **options)
 
 
 def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):

@@ -739,13 +739,23 @@ def write_checkpoint(
     `write_checkpoint(d, tiny_hf_config(hidden_size=512, intermediate_size=2048))`.
     """
 
-    path = pathlib.Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _dump_json(path / "config.json", config)
+    path = write_support_files(path, config)
     # transformers refuses safetensors files without format metadata.
     save_file(
         tiny_weights(config, seed), str(path / "model.safetensors"), {"format": "pt"}
     )
+    return path
+
+
+def write_support_files(path: str | os.PathLike, config: dict) -> pathlib.Path:
+    """Writes everything of a checkpoint but its weights: `config.json`, the
+    tiny tokenizer files, `processor_config.json`, `generation_config.json`.
+
+    `testing.full_size` writes the weights of real-dimension checkpoints itself.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _dump_json(path / "config.json", config)
     _dump_json(
         path / "tokenizer.json", build_tokenizer_json(tokenizer_training_corpus())
     )

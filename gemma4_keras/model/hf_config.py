@@ -1,0 +1,256 @@
+"""Reading a Hugging Face Gemma 4 `config.json`, in either layout of its fields.
+
+Released checkpoints carry `global_head_dim` (and, on K=V models,
+`num_global_key_value_heads`) at the top level of the text config. The
+transformers 5.x `save_pretrained` writes them instead as per-layer overrides
+of the full-attention layers and drops the top-level keys:
+
+    released:          {"head_dim": 256, "global_head_dim": 512, ...}
+    transformers 5.24: {"head_dim": 256, "per_layer_config":
+                        {"4": {"head_dim": 512}, "9": {"head_dim": 512}, ...}}
+
+KerasHub 0.32's converter reads only the top level, so it builds a re-saved
+checkpoint (a merged fine-tune, a community upload) with the wrong global
+head size. `normalise` rewrites either layout into the released one; it also
+drops `vision_config: null` / `audio_config: null` (transformers writes them;
+KerasHub builds a vision encoder whenever the key exists and fails on null).
+
+Usage:
+
+    config = hf_config.read_config(directory)      # normalised dict
+    text = hf_config.text_config(config)
+    with hf_config.keras_hub_view(directory) as readable:
+        backbone = keras_hub.models.Gemma4Backbone.from_preset(readable)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+CONFIG_FILE = "config.json"
+# transformers' default when neither layout names the global head size
+# (`Gemma4TextConfig.__post_init__`: `kwargs.pop("global_head_dim", 512)`).
+TRANSFORMERS_GLOBAL_HEAD_DIM = 512
+# Per-layer overrides that map onto a top-level field of the released layout.
+_OVERRIDES = ("head_dim", "num_key_value_heads")
+
+
+class ConfigError(ValueError):
+    """A config.json this package cannot read as a Gemma 4 text decoder."""
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """`directory/config.json`, normalised to the released layout (`normalise`).
+
+    Raises:
+        ConfigError: the file is missing, not JSON, or has per-layer overrides
+            that the released layout cannot express; the message names the file.
+
+    Example:
+
+        >>> cfg = read_config(tiny_checkpoint())
+        >>> text_config(cfg)["global_head_dim"]
+        32
+    """
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    return normalise(read_raw(path), source=path)
+
+
+def read_raw(path: str | os.PathLike) -> dict:
+    """The JSON of one config file, with a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"{path}: no such file (a checkpoint needs config.json)"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def text_config(config: dict) -> dict:
+    """The text decoder's fields: `text_config` of a multimodal config, else itself."""
+    return config.get("text_config", config)
+
+
+def normalise(config: dict, source: str = CONFIG_FILE) -> dict:
+    """A copy of `config` in the released layout (what KerasHub 0.32 reads).
+
+    * `per_layer_config` overrides of the full-attention layers become the
+      top-level `global_head_dim` and `num_global_key_value_heads`, and the
+      key is removed (it said nothing else);
+    * no `global_head_dim` anywhere: transformers' default (512) is written;
+    * `num_global_key_value_heads` is kept only with `attention_k_eq_v`:
+      transformers ignores it otherwise, while KerasHub turns K=V on whenever
+      it is set;
+    * `vision_config` / `audio_config` keys whose value is null are dropped.
+
+    Args:
+        config: a parsed config.json (either `Gemma4ForCausalLM` or
+            `Gemma4ForConditionalGeneration` layout).
+        source: file name for error messages.
+
+    Raises:
+        ConfigError: overrides the released layout cannot express (a sliding
+            layer with its own head size, full layers that disagree, an
+            unknown per-layer field).
+
+    Example:
+
+        >>> saved = {"model_type": "gemma4_text", "head_dim": 256,
+        ...          "layer_types": ["sliding_attention", "full_attention"],
+        ...          "per_layer_config": {"1": {"head_dim": 512}}}
+        >>> normalise(saved)["global_head_dim"]
+        512
+    """
+    out = copy.deepcopy(config)
+    for key in ("vision_config", "audio_config"):
+        if key in out and out[key] is None:
+            del out[key]
+    text = text_config(out)
+    overrides = _full_layer_overrides(text, source)
+    text.pop("per_layer_config", None)
+    if "head_dim" in overrides:
+        text["global_head_dim"] = overrides["head_dim"]
+    elif text.get("global_head_dim") is None:
+        text["global_head_dim"] = TRANSFORMERS_GLOBAL_HEAD_DIM
+    if not text.get("attention_k_eq_v"):
+        if text.get("num_global_key_value_heads") is not None:
+            text["num_global_key_value_heads"] = None
+    elif "num_key_value_heads" in overrides:
+        text["num_global_key_value_heads"] = overrides["num_key_value_heads"]
+    return out
+
+
+def _full_layer_overrides(text: dict, source: str) -> dict:
+    """{field: value} that `per_layer_config` sets on every full-attention layer.
+
+    Empty when the config has no `per_layer_config`. Keys are layer indices
+    as strings (`"4"`, or zero-padded `"04"`).
+    """
+    per_layer = text.get("per_layer_config")
+    if not per_layer:
+        return {}
+    types = text.get("layer_types") or []
+    by_layer = {}
+    for key, fields in per_layer.items():
+        try:
+            i = int(key)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: per_layer_config key {key!r} is not a layer index"
+            ) from None
+        if not 0 <= i < len(types):
+            raise ConfigError(
+                f"{source}: per_layer_config names layer {i}, but layer_types has "
+                f"{len(types)} layers"
+            )
+        unknown = sorted(set(fields) - set(_OVERRIDES))
+        if unknown:
+            raise ConfigError(
+                f"{source}: per_layer_config[{key!r}] sets {unknown}; only "
+                f"{list(_OVERRIDES)} can be read"
+            )
+        by_layer[i] = fields
+    return _collapse(text, by_layer, types, source)
+
+
+def _collapse(text: dict, by_layer: dict, types: list, source: str) -> dict:
+    """One value per field for the full layers; sliding layers must not differ."""
+    found: dict[str, set] = {f: set() for f in _OVERRIDES}
+    for i, kind in enumerate(types):
+        fields = by_layer.get(i, {})
+        for field in _OVERRIDES:
+            value = fields.get(field, text.get(field))
+            if kind == "full_attention":
+                found[field].add(value)
+            elif value != text.get(field):
+                raise ConfigError(
+                    f"{source}: per_layer_config gives sliding layer {i} "
+                    f"{field}={value}, the top level {text.get(field)}; the released "
+                    "layout cannot express that"
+                )
+    out = {}
+    for field, values in found.items():
+        if len(values) > 1:
+            raise ConfigError(
+                f"{source}: per_layer_config gives the full-attention layers "
+                f"different {field} values {sorted(values)}; Gemma 4 has one"
+            )
+        if values and any(field in f for f in by_layer.values()):
+            out[field] = values.pop()
+    return out
+
+
+def needs_normalising(directory: str | os.PathLike) -> bool:
+    """Whether KerasHub would misread `directory/config.json` as it is."""
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    raw = read_raw(path)
+    return normalise(raw, source=path) != raw
+
+
+@contextlib.contextmanager
+def keras_hub_view(preset: str | os.PathLike) -> Iterator[str]:
+    """A path KerasHub's `from_preset` reads correctly; removed on exit.
+
+    A local Hugging Face directory whose config.json is not in the released
+    layout is shown to KerasHub as a temporary directory holding the
+    normalised config.json and a symbolic link to every other file of the
+    original (no weight byte is copied). Anything else (a directory already
+    in the released layout, a KerasHub preset, a preset name, hf://) is
+    yielded unchanged.
+
+    Example:
+
+        with keras_hub_view(path) as readable:
+            backbone = keras_hub.models.Gemma4Backbone.from_preset(readable)
+    """
+    preset = os.fspath(preset)
+    if not _is_hf_directory(preset) or not needs_normalising(preset):
+        yield preset
+        return
+    view = tempfile.mkdtemp(prefix="gemma4_keras_config_")
+    try:
+        _link_with_config(preset, view)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _is_hf_directory(preset: str) -> bool:
+    return (
+        os.path.isdir(preset)
+        and os.path.exists(os.path.join(preset, CONFIG_FILE))
+        and not os.path.exists(os.path.join(preset, "metadata.json"))
+    )
+
+
+def _link_with_config(source: str, view: str) -> None:
+    source = os.path.abspath(source)
+    for name in os.listdir(source):
+        if name != CONFIG_FILE:
+            os.symlink(os.path.join(source, name), os.path.join(view, name))
+    with open(os.path.join(view, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(read_config(source), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+__all__ = [
+    "ConfigError",
+    "keras_hub_view",
+    "needs_normalising",
+    "normalise",
+    "read_config",
+    "read_raw",
+    "text_config",
+]

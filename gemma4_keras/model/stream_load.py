@@ -1,0 +1,495 @@
+"""Builds the training model straight from a checkpoint's tensors, one at a time.
+
+KerasHub's `Gemma4Backbone.from_preset` builds the whole backbone in the
+compute dtype before `Gemma4LoraModel.from_backbone` copies (and maybe
+quantises) it: E2B peaked at 22.5 GB of host memory that way, for a 9.3 GB
+checkpoint. This module reads the Hugging Face safetensors of a checkpoint
+tensor by tensor, casts each to what the KerasHub backbone would have held,
+hands it to the training model (which stores it, or quantises it to NF4 /
+int8 / int4) and drops it, so the host holds the finished model plus one
+tensor in flight.
+
+The result equals, variable for variable and bit for bit, what
+`Gemma4LoraModel.from_backbone(Gemma4Backbone.from_preset(dir, dtype=d))`
+builds (`tests/test_stream_load.py`). The name and layout mapping is
+KerasHub's `convert_gemma4.py` (the reader) and `hub.copy_from_backbone`
+(what the training model is filled with): every HF `nn.Linear` weight
+(out, in) becomes the (in, out) kernel `hub.keras_to_2d` would give, i.e. its
+transpose.
+
+Usage:
+
+    model = stream_load.load_training_model(
+        "/path/to/gemma-4-E2B-it", LoraSpec(rank=16),
+        dtype="bfloat16", quant="nf4", double_quant=True,
+    )
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+
+import keras
+import ml_dtypes
+import numpy as np
+
+from gemma4_keras.model import hf_config, hub
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.model.spec import ATTN_TARGETS, ModelSpec
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# safetensors dtype names -> numpy dtypes (bfloat16 via ml_dtypes).
+_DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+}
+# Linux returns at most ~2 GiB per read(); larger tensors are read in pieces.
+_READ_CHUNK = 1 << 30
+
+# our norm name -> HF name under `layers.N.` (KerasHub: convert_gemma4.py)
+HF_NORMS = {
+    "pre_attn": "input_layernorm.weight",
+    "post_attn": "post_attention_layernorm.weight",
+    "pre_ffw": "pre_feedforward_layernorm.weight",
+    "post_ffw": "post_feedforward_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "post_ffw_dense": "post_feedforward_layernorm_1.weight",
+    "pre_ffw_moe": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_moe": "post_feedforward_layernorm_2.weight",
+    "post_ple": "post_per_layer_input_norm.weight",
+}
+# our extra name -> (HF name under `layers.N.`, is an nn.Linear weight)
+HF_EXTRAS = {
+    "ple_gate": ("per_layer_input_gate.weight", True),
+    "ple_up": ("per_layer_projection.weight", True),
+    "router_scale": ("router.scale", False),
+    "router_proj": ("router.proj.weight", True),
+    "expert_scale": ("router.per_expert_scale", False),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that lacks a tensor, or has one of the wrong shape."""
+
+
+# ----------------------------------------------------------------------------
+# Reading single tensors.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in `file`
+    nbytes: int
+
+
+class CheckpointReader:
+    """Single tensors of a safetensors checkpoint, read on demand.
+
+    Reads the (small) headers of every shard up front, then each tensor with
+    plain `read`s into a fresh numpy array. Not `safetensors.safe_open`: it
+    maps the file, and every page a read touches stays in the process'
+    resident set until the file is closed, so a 2 GiB tensor cost 4.4 GB of
+    RSS (its mapped pages plus the copy) where this costs 2.1 GB.
+
+    Example:
+
+        reader = CheckpointReader("/path/to/checkpoint")
+        emb = reader.read("model.embed_tokens.weight", (262144, 1536))
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        self._entries: dict[str, _Entry] = {}
+        for name in self._shard_names():
+            self._entries.update(_read_header(os.path.join(self.directory, name)))
+
+    def _shard_names(self) -> list[str]:
+        index = os.path.join(self.directory, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map")
+            return sorted(set(weight_map.values()))
+        if os.path.exists(os.path.join(self.directory, SINGLE_FILE)):
+            return [SINGLE_FILE]
+        raise CheckpointError(
+            f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE} exists"
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.directory}: the checkpoint has no tensor {name!r} "
+                "(config.json implies it; an incomplete or mismatched checkpoint)"
+            ) from None
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name`, which must have `shape`, as a fresh numpy array."""
+        e = self._entry(name)
+        if e.shape != tuple(shape):
+            raise CheckpointError(
+                f"{e.file}: tensor {name!r} has shape {e.shape}, config.json "
+                f"implies {tuple(shape)}"
+            )
+        out = np.empty(e.shape, e.dtype)
+        _read_into(e.file, e.start, out.reshape(-1).view(np.uint8), name)
+        return out
+
+
+def _read_header(path: str) -> dict[str, _Entry]:
+    """{name: _Entry} of one safetensors file (8-byte length, JSON, data)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: shard missing (named by {INDEX_FILE})"
+        ) from None
+    except (struct.error, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {info['dtype']}; expected "
+                f"one of {sorted(_DTYPES)}"
+            )
+        begin, end = info["data_offsets"]
+        entries[name] = _Entry(
+            path,
+            _DTYPES[info["dtype"]],
+            tuple(info["shape"]),
+            8 + length + begin,
+            end - begin,
+        )
+    return entries
+
+
+def _read_into(path: str, start: int, buf: np.ndarray, name: str) -> None:
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done : done + _READ_CHUNK])
+            if not n:
+                raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+            done += n
+
+
+# ----------------------------------------------------------------------------
+# The architecture, from config.json alone.
+
+
+def model_spec(config: dict) -> ModelSpec:
+    """The `ModelSpec` of a (normalised) HF config, without building anything.
+
+    Example:
+
+        spec = model_spec(hf_config.read_config(directory))
+    """
+    return hub.spec_from_config(hub.backbone_kwargs(config))
+
+
+def text_prefix(config: dict, reader: CheckpointReader) -> str:
+    """Where the text decoder's tensors live, e.g. `model.language_model.`.
+
+    The candidates KerasHub's converter tries (`_resolve_prefix`), in its
+    order, for each `model_type`.
+    """
+    if config.get("model_type", "gemma4") == "gemma4_text":
+        candidates = ("model.", "language_model.", "")
+    else:
+        candidates = ("model.language_model.", "language_model.")
+    for prefix in candidates:
+        if f"{prefix}embed_tokens.weight" in reader:
+            return prefix
+    tried = ", ".join(f"{p}embed_tokens.weight" for p in candidates)
+    raise CheckpointError(
+        f"{reader.directory}: no text decoder embedding found (tried {tried})"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Filling the model.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Reads HF tensors of one checkpoint as the KerasHub backbone holds them."""
+
+    reader: CheckpointReader
+    prefix: str
+    dtype: str  # the backbone's variable dtype
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        # KerasHub assigns each tensor to a variable of the backbone's dtype
+        # before the training model copies it: round exactly there.
+        return _cast(self.reader.read(self.prefix + name, shape), self.dtype)
+
+    def linear(self, name: str, shape_in_out: tuple[int, int]) -> np.ndarray:
+        """An HF (out, in) weight as the (in, out) kernel (a transposed view)."""
+        din, dout = shape_in_out
+        return self.get(name, (dout, din)).T
+
+
+def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
+    target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    return arr if arr.dtype == target else arr.astype(target)
+
+
+def _add_global(model: Gemma4LoraModel, name: str, value, dtype=None) -> None:
+    """`model.add_global` without its transient all-zeros copy.
+
+    `add_global` creates the variable with zeros, then assigns: for the
+    4.7 GB per-layer-embedding table of E2B that is a second 4.7 GB alive at
+    once. Created from the value itself, the variable shares the array's
+    memory on the host. Same name, dtype and value as `add_global`.
+    """
+    dtype = dtype or model.variable_dtype
+    value = _cast(np.asarray(value), keras.backend.standardize_dtype(dtype))
+    model.globals[name] = model.add_weight(
+        name=name,
+        shape=value.shape,
+        dtype=dtype,
+        initializer=lambda shape, dtype: value,
+        trainable=False,
+    )
+
+
+def fill_globals(model: Gemma4LoraModel, src: _Source, config: dict) -> None:
+    """Embedding, final norm and the PLE tables, in `hub.copy_from_backbone`'s order."""
+    spec, d = model.spec, model.spec.hidden_dim
+    _add_global(
+        model, "embedding", src.get("embed_tokens.weight", (spec.vocab_size, d))
+    )
+    _add_global(model, "final_norm", src.get("norm.weight", (d,)), "float32")
+    if spec.ple_dim:
+        text = hf_config.text_config(config)
+        width = spec.num_layers * spec.ple_dim
+        vocab = int(text.get("vocab_size_per_layer_input") or spec.vocab_size)
+        _add_global(
+            model,
+            "ple_embedding",
+            src.get("embed_tokens_per_layer.weight", (vocab, width)),
+        )
+        _add_global(
+            model,
+            "ple_projection",
+            src.linear("per_layer_model_projection.weight", (d, width)),
+        )
+        _add_global(
+            model,
+            "ple_norm",
+            src.get("per_layer_projection_norm.weight", (spec.ple_dim,)),
+            "float32",
+        )
+
+
+def _norm_shapes(spec: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
+    """Our norm name -> shape, in the order `hub._copy_block` adds them."""
+    b, d = spec.blocks[layer], (spec.hidden_dim,)
+    shapes = {
+        "pre_attn": d,
+        "post_attn": d,
+        "pre_ffw": d,
+        "post_ffw": d,
+        "q_norm": (b.head_dim,),
+    }
+    if b.has_kv:
+        shapes["k_norm"] = (b.head_dim,)
+    if spec.moe:
+        shapes.update(post_ffw_dense=d, pre_ffw_moe=d, post_ffw_moe=d)
+    if spec.ple_dim:
+        shapes["post_ple"] = d
+    return shapes
+
+
+def _extra_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Our extra name -> Keras shape ((in, out) for linear weights), PLE then MoE."""
+    d, p, e = spec.hidden_dim, spec.ple_dim, spec.num_experts
+    shapes = {}
+    if p:
+        shapes.update(ple_gate=(d, p), ple_up=(p, d))
+    if spec.moe:
+        shapes.update(router_scale=(d,), router_proj=(d, e), expert_scale=(e,))
+    return shapes
+
+
+def fill_block(blk, src: _Source, quant: str, double_quant: bool, block_size: int):
+    """One decoder block's norms, projections, extras and expert banks."""
+    spec, i = blk.spec, blk.bspec.index
+    layer = f"layers.{i}."
+    for name, shape in _norm_shapes(spec, i).items():
+        blk.add_norm(name, src.get(layer + HF_NORMS[name], shape))
+    for target in hub.KERAS_KERNELS:
+        if spec.has_projection(i, target):
+            group = "self_attn" if target in ATTN_TARGETS else "mlp"
+            kernel = src.linear(
+                f"{layer}{group}.{target}.weight", spec.projection_shape(i, target)
+            )
+            blk.add_projection(target, kernel, quant, double_quant, block_size)
+    blk.add_extra("layer_scalar", src.get(layer + "layer_scalar", (1,)).reshape(()))
+    for name, shape in _extra_shapes(spec).items():
+        hf_name, is_linear = HF_EXTRAS[name]
+        if is_linear:
+            value = src.linear(layer + hf_name, shape)
+        else:
+            value = src.get(layer + hf_name, shape)
+        blk.add_extra(name, value)
+    if spec.moe:
+        _fill_banks(blk, src, layer, quant, double_quant, block_size)
+
+
+def _fill_banks(blk, src: _Source, layer: str, quant, double_quant, block_size):
+    """HF `experts.gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) ->
+    KerasHub banks gate / up (E, H, I) and down (E, I, H)."""
+    spec = blk.spec
+    e, d, m = spec.num_experts, spec.hidden_dim, spec.expert_dim
+    gate_up = src.get(layer + "experts.gate_up_proj", (e, 2 * m, d))
+    for name, part in (
+        ("experts_gate", gate_up[:, :m]),
+        ("experts_up", gate_up[:, m:]),
+    ):
+        blk.add_bank(name, part.transpose(0, 2, 1), quant, double_quant, block_size)
+    del gate_up
+    down = src.get(layer + "experts.down_proj", (e, d, m))
+    blk.add_bank(
+        "experts_down", down.transpose(0, 2, 1), quant, double_quant, block_size
+    )
+
+
+def fill_model(
+    model: Gemma4LoraModel,
+    directory: str | os.PathLike,
+    config: dict,
+    *,
+    quant: str = "none",
+    double_quant: bool = False,
+    block_size: int = 64,
+) -> None:
+    """Fills an empty `Gemma4LoraModel` from `directory`'s safetensors.
+
+    The streaming counterpart of `hub.copy_from_backbone`: same variables,
+    same order, same values.
+    """
+    reader = CheckpointReader(directory)
+    src = _Source(reader, text_prefix(config, reader), model.variable_dtype)
+    fill_globals(model, src, config)
+    for blk in model.blocks:
+        fill_block(blk, src, quant, double_quant, block_size)
+
+
+def local_checkpoint(preset: str) -> str | None:
+    """The local HF checkpoint directory a resolved preset names, else None.
+
+    A local directory with `config.json` (and no KerasHub `metadata.json`)
+    is one; `hf://org/repo` is downloaded (huggingface_hub's cache, the
+    files KerasHub would fetch; `HF_TOKEN` for gated repos) and its snapshot
+    directory returned. KerasHub preset names and `kaggle://` give None: their
+    weights are a KerasHub `model.weights.h5`, which this module does not read.
+    """
+    preset = str(preset)
+    if preset.startswith("hf://"):
+        from huggingface_hub import snapshot_download  # only for hf:// presets
+
+        return snapshot_download(
+            preset.removeprefix("hf://"),
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"],
+        )
+    if os.path.isdir(preset) and not os.path.exists(
+        os.path.join(preset, "metadata.json")
+    ):
+        return preset
+    return None
+
+
+def load_training_model(
+    directory: str | os.PathLike,
+    lora: LoraSpec | None = None,
+    *,
+    dtype: str = "float32",
+    quant: str = "none",
+    double_quant: bool = False,
+    block_size: int = 64,
+    remat: bool = False,
+    loss_chunk_size: int = 1024,
+    moe_dispatch: str = "dense",
+) -> Gemma4LoraModel:
+    """The training model of a local HF checkpoint, read tensor by tensor.
+
+    Arguments as `Gemma4LoraModel.from_backbone`; `dtype` is what
+    `Gemma4Backbone.from_preset(directory, dtype=...)` would have been given.
+    Call it under `presets.on_host()` to keep the weights in host memory.
+
+    Raises:
+        hf_config.ConfigError: a config.json that cannot be read.
+        CheckpointError: a missing shard or tensor, or a tensor of the wrong
+            shape (one line naming the file and the tensor).
+
+    Example:
+
+        with presets.on_host():
+            model = load_training_model(path, LoraSpec(rank=8), dtype="bfloat16",
+                                        quant="nf4", double_quant=True)
+    """
+    config = hf_config.read_config(directory)
+    model = Gemma4LoraModel(
+        model_spec(config),
+        remat=remat,
+        loss_chunk_size=loss_chunk_size,
+        name="gemma4_lora_model",
+        dtype=dtype,
+    )
+    fill_model(
+        model,
+        directory,
+        config,
+        quant=quant,
+        double_quant=double_quant,
+        block_size=block_size,
+    )
+    # As `Gemma4LoraModel.from_backbone` does once every variable exists.
+    model.built = True
+    for blk in model.blocks:
+        blk.moe_dispatch = moe_dispatch
+    if lora is not None:
+        model.add_adapter("default", lora)
+    return model
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReader",
+    "fill_model",
+    "load_training_model",
+    "local_checkpoint",
+    "model_spec",
+    "text_prefix",
+]
