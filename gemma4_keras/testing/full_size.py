@@ -1,0 +1,454 @@
+"""Random-weight Gemma 4 checkpoints at the released dimensions.
+
+Memory is a property of the real sizes: a tiny model proves a code path
+correct, not that it fits. This module writes a Hugging Face checkpoint with
+the released `config.json` of a size and seeded random bfloat16 weights,
+in the released `Gemma4ForConditionalGeneration` key layout
+(`model.language_model.*`; no vision or audio tower) as sharded safetensors
+with `model.safetensors.index.json`, plus the shipped tiny tokenizer (the
+model keeps the real 262,144-entry vocabulary):
+
+    path = full_size.full_size_checkpoint("e2b")    # ~9.3 GB, cached
+    full_size.write_full_size(d, "31b", weights=False)   # config.json only
+
+Weights are generated and written in pieces of at most `CHUNK_BYTES`, so
+writing never holds even one whole tensor (E2B's per-layer-embedding table
+is 4.7 GB). E2B is ~9.3 GB and E4B ~16 GB on disk; 26B-A4B (~52 GB) and 31B
+(~62 GB) fit neither this disk nor its memory: use `weight_specs` /
+`parameter_count` (no memory spent) or `weights=False`.
+
+The text configs are those of transformers' `convert_gemma4_weights.py`
+(`_VARIANTS`), completed with `Gemma4TextConfig`'s defaults, with
+`global_head_dim` at the top level as the released files carry it. Like
+the released checkpoints (`shared/GEMMA4.md`, "What serving stacks
+expect"), the KV-shared layers carry K/V projections (and a K norm) that
+the model never uses (`shared_kv_weights=False` leaves them out, as
+transformers' own `save_pretrained` does).
+
+The benchmark entry point is `benchmarks/load_memory.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import struct
+import tempfile
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+from gemma4_keras.testing import tiny
+
+SIZES = ("e2b", "e4b", "26b_a4b", "31b")
+CHUNK_BYTES = 64 << 20  # largest piece of a tensor generated at once
+DEFAULT_SHARD_BYTES = 4 << 30
+INDEX_FILE = "model.safetensors.index.json"
+# Bump when the files written change, so stale caches are not reused.
+FORMAT_VERSION = 1
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+
+# Per size: the fields transformers' convert_gemma4_weights.py sets.
+_VARIANTS: dict[str, dict] = {
+    "e2b": dict(
+        hidden_size=1536,
+        hidden_size_per_layer_input=256,
+        intermediate_size=6144,
+        num_hidden_layers=35,
+        layer_types=([_SLIDING] * 4 + [_FULL]) * 7,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        num_kv_shared_layers=20,
+        use_double_wide_mlp=True,
+    ),
+    "e4b": dict(
+        hidden_size=2560,
+        hidden_size_per_layer_input=256,
+        intermediate_size=10240,
+        num_hidden_layers=42,
+        layer_types=([_SLIDING] * 5 + [_FULL]) * 7,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_kv_shared_layers=18,
+    ),
+    "26b_a4b": dict(
+        hidden_size=2816,
+        hidden_size_per_layer_input=0,
+        intermediate_size=2112,
+        num_hidden_layers=30,
+        layer_types=([_SLIDING] * 5 + [_FULL]) * 5,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        use_bidirectional_attention="vision",
+        enable_moe_block=True,
+        num_experts=128,
+        moe_intermediate_size=704,
+        top_k_experts=8,
+        sliding_window=1024,
+        max_position_embeddings=262144,
+    ),
+    "31b": dict(
+        hidden_size=5376,
+        hidden_size_per_layer_input=0,
+        intermediate_size=21504,
+        num_hidden_layers=60,
+        layer_types=([_SLIDING] * 5 + [_FULL]) * 10,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        num_global_key_value_heads=4,
+        attention_k_eq_v=True,
+        use_bidirectional_attention="vision",
+        sliding_window=1024,
+        max_position_embeddings=262144,
+    ),
+}
+
+# `Gemma4TextConfig` defaults the converter leaves in place.
+_TEXT_DEFAULTS = dict(
+    model_type="gemma4_text",
+    vocab_size=262144,
+    vocab_size_per_layer_input=262144,
+    head_dim=256,
+    global_head_dim=512,
+    num_global_key_value_heads=None,
+    attention_k_eq_v=False,
+    use_bidirectional_attention=None,
+    num_kv_shared_layers=0,
+    use_double_wide_mlp=False,
+    enable_moe_block=False,
+    num_experts=None,
+    moe_intermediate_size=None,
+    top_k_experts=None,
+    sliding_window=512,
+    max_position_embeddings=131072,
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    attention_dropout=0.0,
+    rope_parameters={
+        _SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+        _FULL: {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1000000.0,
+        },
+    },
+    pad_token_id=tiny.PAD_ID,
+    eos_token_id=tiny.EOS_ID,
+    bos_token_id=tiny.BOS_ID,
+    initializer_range=0.02,
+    dtype="bfloat16",
+)
+
+# `Gemma4Config` (multimodal wrapper) token ids of the released vocabulary.
+_MULTIMODAL_IDS = dict(
+    boi_token_id=255999,
+    eoi_token_id=258882,
+    image_token_id=258880,
+    video_token_id=258884,
+    boa_token_id=256000,
+    eoa_token_index=258883,
+    audio_token_id=258881,
+)
+
+
+def released_config(size: str) -> dict:
+    """The released `config.json` of `size`, text decoder only.
+
+    `Gemma4ForConditionalGeneration` layout: the text config under
+    `text_config`; `vision_config` / `audio_config` are left out (there
+    are no towers; KerasHub builds a vision encoder whenever the key exists).
+
+    Example:
+
+        >>> text = released_config("e2b")["text_config"]
+        >>> text["hidden_size"], text["num_kv_shared_layers"], text["global_head_dim"]
+        (1536, 20, 512)
+    """
+    if size not in _VARIANTS:
+        raise ValueError(f"size={size!r}: expected one of {SIZES}")
+    text = json.loads(json.dumps({**_TEXT_DEFAULTS, **_VARIANTS[size]}))
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        **_MULTIMODAL_IDS,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "dtype": "bfloat16",
+    }
+
+
+# ----------------------------------------------------------------------------
+# Tensor names and shapes (no memory spent).
+
+
+def weight_specs(
+    config: dict, shared_kv_weights: bool = True
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{HF tensor name: (shape, init kind)} in checkpoint order (by layer).
+
+    `tiny.weight_shapes` (what transformers builds), plus, with
+    `shared_kv_weights`, the K/V projections and K norm the released files
+    carry for KV-shared layers.
+
+    Example:
+
+        >>> specs = weight_specs(released_config("e2b"))
+        >>> specs["model.language_model.embed_tokens_per_layer.weight"][0]
+        (262144, 8960)
+    """
+    specs = tiny.weight_shapes(config)
+    if shared_kv_weights:
+        specs.update(_shared_kv_specs(config))
+    return dict(sorted(specs.items(), key=lambda item: _order_key(item[0])))
+
+
+def _shared_kv_specs(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    text = tiny._text_of(config)
+    prefix = "model.language_model." if "text_config" in config else "model."
+    n, shared = text["num_hidden_layers"], text["num_kv_shared_layers"]
+    h, out = text["hidden_size"], {}
+    for i in range(n - shared, n):
+        hd, kv = tiny._layer_head_dim(text, i), tiny._layer_kv_heads(text, i)
+        layer = f"{prefix}layers.{i}.self_attn."
+        out[layer + "k_proj.weight"] = ((kv * hd, h), "matrix")
+        if not tiny._is_k_eq_v(text, i):
+            out[layer + "v_proj.weight"] = ((kv * hd, h), "matrix")
+        out[layer + "k_norm.weight"] = ((hd,), "norm")
+    return out
+
+
+def _order_key(name: str) -> tuple[int, str]:
+    """Globals first, then layer by layer (not `layers.10` before `layers.2`)."""
+    parts = name.split("layers.", 1)
+    if len(parts) == 2 and parts[1].split(".", 1)[0].isdigit():
+        return int(parts[1].split(".", 1)[0]), name
+    return -1, name
+
+
+def parameter_count(config: dict, shared_kv_weights: bool = True) -> int:
+    """Parameters of the text decoder's checkpoint tensors.
+
+    Example:
+
+        >>> round(parameter_count(released_config("e2b"), False) / 1e9, 2)
+        4.63
+    """
+    specs = weight_specs(config, shared_kv_weights)
+    return sum(math.prod(shape) for shape, _ in specs.values())
+
+
+# ----------------------------------------------------------------------------
+# Generating one tensor in pieces.
+
+
+def _pieces(seed: int, name: str, shape: tuple[int, ...], kind: str):
+    """bfloat16 pieces (C order) of one tensor, each at most `CHUNK_BYTES`.
+
+    Scales keep a forward pass at these widths finite and O(1): matrices
+    N(0, 0.5 / sqrt(fan_in)) as `tiny`; embeddings N(0, 2 / sqrt(d)), so
+    tied logits stay well inside the soft-cap; norms 1 + N(0, 0.1).
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    total = math.prod(shape)
+    step = max(1, CHUNK_BYTES // 2)
+    for start in range(0, total, step):
+        n = min(step, total - start)
+        if kind == "scalar":
+            x = rng.uniform(0.6, 1.0, n).astype(np.float32)
+        else:
+            x = rng.standard_normal(n, dtype=np.float32)
+            if kind == "norm":
+                x = x * np.float32(0.1) + np.float32(1.0)
+            else:
+                x *= np.float32(
+                    (2.0 if kind == "embedding" else 0.5) / math.sqrt(shape[-1])
+                )
+        yield x.astype(ml_dtypes.bfloat16)
+
+
+# ----------------------------------------------------------------------------
+# Writing safetensors shard by shard.
+
+
+def plan_shards(
+    specs: dict[str, tuple[tuple[int, ...], str]], max_shard_bytes: int
+) -> list[list[str]]:
+    """Tensor names per shard, in order; a tensor larger than the limit alone."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, _) in specs.items():
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _header(names: list[str], specs: dict) -> bytes:
+    """A safetensors header (padded to 8 bytes with spaces, as the format asks)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        shape = specs[name][0]
+        nbytes = 2 * math.prod(shape)
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def write_shard(path: pathlib.Path, names: list[str], specs: dict, seed: int) -> None:
+    """Writes one safetensors file, tensor by tensor, piece by piece."""
+    header = _header(names, specs)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for name in names:
+            shape, kind = specs[name]
+            for piece in _pieces(seed, name, shape, kind):
+                f.write(piece.view(np.uint8))
+
+
+def write_weights(
+    path: str | os.PathLike,
+    config: dict,
+    *,
+    seed: int = 0,
+    shared_kv_weights: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[str]:
+    """Writes `model-0000i-of-0000N.safetensors` and the index; returns the files."""
+    path = pathlib.Path(path)
+    specs = weight_specs(config, shared_kv_weights)
+    shards = plan_shards(specs, max_shard_bytes)
+    files = [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        for i in range(len(shards))
+    ]
+    for file, names in zip(files, shards, strict=True):
+        write_shard(path / file, names, specs, seed)
+    index = {
+        "metadata": {
+            "total_size": sum(2 * math.prod(s) for s, _ in specs.values()),
+            "total_parameters": sum(math.prod(s) for s, _ in specs.values()),
+        },
+        "weight_map": {
+            name: file
+            for file, names in zip(files, shards, strict=True)
+            for name in names
+        },
+    }
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    config: dict,
+    *,
+    seed: int = 0,
+    weights: bool = True,
+    shared_kv_weights: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> pathlib.Path:
+    """Writes a bfloat16, sharded checkpoint of any Gemma 4 `config`.
+
+    `tiny.write_support_files` writes the config, tokenizer and generation
+    files; `weights=False` stops there (a directory to plan from).
+
+    Example:
+
+        write_checkpoint(d, tiny.tiny_hf_config(layout="conditional_generation"),
+                         max_shard_bytes=100_000)
+    """
+    path = tiny.write_support_files(path, config)
+    if weights:
+        _check_disk(path, config, shared_kv_weights)
+        write_weights(
+            path,
+            config,
+            seed=seed,
+            shared_kv_weights=shared_kv_weights,
+            max_shard_bytes=max_shard_bytes,
+        )
+    return path
+
+
+def _check_disk(path: pathlib.Path, config: dict, shared_kv_weights: bool) -> None:
+    need = 2 * parameter_count(config, shared_kv_weights)
+    free = shutil.disk_usage(path).free
+    if need + (1 << 30) > free:
+        raise OSError(
+            f"{path}: writing this checkpoint needs {need / 2**30:.1f} GiB, the "
+            f"disk has {free / 2**30:.1f} GiB free; use weights=False for a "
+            "config-only directory"
+        )
+
+
+def write_full_size(
+    path: str | os.PathLike, size: str, *, seed: int = 0, **kwargs
+) -> pathlib.Path:
+    """`write_checkpoint(path, released_config(size), ...)`."""
+    return write_checkpoint(path, released_config(size), seed=seed, **kwargs)
+
+
+def cache_dir(size: str) -> pathlib.Path:
+    """`$GEMMA4_KERAS_CACHE/full_size/<size>` (default `~/.cache/gemma4_keras/...`)."""
+    root = os.environ.get(tiny.CACHE_ENV_VAR)
+    base = (
+        pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "gemma4_keras"
+    )
+    return base / "full_size" / f"{size}-v{FORMAT_VERSION}"
+
+
+def full_size_checkpoint(size: str, *, seed: int = 0) -> pathlib.Path:
+    """The cached random-weight checkpoint of `size`, written on first use.
+
+    Written into a temporary directory beside the cache entry and renamed
+    into place, so an interrupted write leaves no half checkpoint behind.
+    Never written inside the repository; delete the cache directory to free
+    the disk.
+    """
+    final = cache_dir(size) if seed == 0 else cache_dir(f"{size}-seed{seed}")
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write_full_size(tmp, size, seed=seed)
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+    return final
+
+
+__all__ = [
+    "SIZES",
+    "cache_dir",
+    "full_size_checkpoint",
+    "parameter_count",
+    "plan_shards",
+    "released_config",
+    "weight_specs",
+    "write_checkpoint",
+    "write_full_size",
+    "write_weights",
+]
