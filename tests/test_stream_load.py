@@ -334,3 +334,33 @@ def test_missing_global_head_dim_gets_the_transformers_default():
 def test_normalise_refuses_what_the_released_layout_cannot_say(per_layer, match):
     with pytest.raises(hf_config.ConfigError, match=match):
         hf_config.normalise(_saved(per_layer), source="cfg.json")
+
+
+def test_hf_presets_are_streamed_from_the_downloaded_snapshot(monkeypatch):
+    import huggingface_hub
+
+    from gemma4_keras import config_lib
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append(repo_id)
+        return str(tiny.tiny_checkpoint())
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(presets, "load_backbone", None)  # never reached
+    cfg = config_lib.get_config("tiny", "lora")
+    model = presets.build_training_model(
+        "hf://google/gemma-4-E2B-it", cfg.model, cfg.lora, cfg.quant, cfg.train
+    )
+    assert asked == ["google/gemma-4-E2B-it"] and model.spec.num_layers == 4
+
+
+def test_hf_presets_offline_stop_with_a_preset_error():
+    from gemma4_keras import config_lib
+
+    cfg = config_lib.get_config("tiny", "lora")
+    with pytest.raises(presets.PresetError, match="could not load its weights"):
+        presets.build_training_model(
+            "hf://google/no-such-gemma", cfg.model, cfg.lora, cfg.quant, cfg.train
+        )

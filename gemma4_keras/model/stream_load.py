@@ -137,6 +137,10 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
+    def nbytes(self, name: str) -> int:
+        """Bytes of tensor `name` as stored (what reading it allocates)."""
+        return self._entry(name).nbytes
+
     def _entry(self, name: str) -> _Entry:
         try:
             return self._entries[name]
