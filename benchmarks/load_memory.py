@@ -55,7 +55,7 @@ def ensure_checkpoint(size: str) -> str:
 
 def measure(path: str, dtype: str, quant: str, double_quant: bool) -> dict:
     from gemma4_keras.model import presets, stream_load
-    from gemma4_keras.model.modeling import LoraSpec
+    from gemma4_keras.model.lora import LoraSpec
 
     reader = stream_load.CheckpointReader(path)
     largest = max(reader.nbytes(n) for n in reader.names())
