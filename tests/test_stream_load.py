@@ -364,3 +364,30 @@ def test_hf_presets_offline_stop_with_a_preset_error():
         presets.build_training_model(
             "hf://google/no-such-gemma", cfg.model, cfg.lora, cfg.quant, cfg.train
         )
+
+
+# --- memory -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_globals_adopt_the_buffer_read_from_disk(dtype):
+    """No copy of the big tables: the variable holds the very buffer read.
+
+    JAX copies a numpy array it cannot adopt (through a staging buffer, so
+    three copies of E2B's 4.7 GB table at once); it adopts one aligned to 64
+    bytes. A JAX release that stops doing so fails here, not in a 9 GB run.
+    """
+    import ml_dtypes
+
+    config = hf_config.read_config(tiny.tiny_checkpoint())
+    table = stream_load.aligned_empty(
+        (tiny.TINY_VOCAB_SIZE, tiny.HIDDEN_SIZE),
+        ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32,
+    )
+    assert table.ctypes.data % 64 == 0
+    with presets.on_host():
+        model = Gemma4LoraModel(stream_load.model_spec(config), dtype=dtype)
+        stream_load._add_global(model, "embedding", table)
+    var = model.globals["embedding"]
+    assert var.dtype == dtype and var.path.endswith("embedding")
+    assert var.value.unsafe_buffer_pointer() == table.ctypes.data
