@@ -16,6 +16,18 @@ model's bytes (every variable), the largest checkpoint tensor, and the issue
 checkpoint is written by a child process, so writing does not count.
 26B-A4B and 31B do not fit this disk: use `--size=... --config_only` to write
 a config-only directory (what `plan` reads).
+
+Measured on the 2-core, 24 GB CPU machine (others' tests running; load
+average ~12-20, so the seconds are pessimistic), NF4 + double quant,
+bfloat16 compute, LoRA r16 on all targets, 2026-11-30:
+
+    size  checkpoint   peak RSS   model     largest tensor  budget     load
+    e2b   9.3 GB       7.52 GiB   6.17 GiB  4.38 GiB (PLE)  11.55 GiB  266 s
+    e4b   15.0 GB      9.86 GiB   8.65 GiB  5.25 GiB (PLE)  14.90 GiB  357 s
+
+(KerasHub's `Gemma4Backbone.from_preset` alone peaked at 22.5 GB for E2B.)
+Writing the checkpoints took 7.7 min (E2B) and 10.8 min (E4B) at 0.37 GB
+peak RSS.
 """
 
 from __future__ import annotations
