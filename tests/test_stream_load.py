@@ -230,8 +230,10 @@ def test_save_pretrained_moves_global_fields_into_per_layer_config(resaved):
     text = json.loads((path / "config.json").read_text())["text_config"]
     assert "global_head_dim" not in text and "num_global_key_value_heads" not in text
     assert text["per_layer_config"]["1"] == {"head_dim": 32, "num_key_value_heads": 2}
-    # What KerasHub's converter makes of it as it is: no global head size.
-    assert hub.backbone_kwargs(text)["global_head_dim"] is None
+    # What KerasHub's converter makes of it as it is: no global head size;
+    # the bridge normalises first.
+    assert hub.convert_hf_config(text)["global_head_dim"] is None
+    assert hub.backbone_kwargs(text)["global_head_dim"] == 32
     assert hf_config.needs_normalising(path)
 
 
@@ -261,6 +263,16 @@ def test_keras_hub_reads_the_resaved_checkpoint_through_the_view(resaved):
             old = Gemma4LoraModel.from_backbone(bb, LORA, dtype="float32")
     assert_same_model(streamed(source, "float32"), old)
     assert not os.path.exists(readable)  # the view is removed on exit
+
+
+def test_the_bridge_loads_the_resaved_checkpoint_through_the_view(resaved):
+    # presets.load_backbone -> hub.backbone_from_preset: the KerasHub path used
+    # for KerasHub-format presets and by evaluation, generation and export.
+    source, path = resaved
+    with presets.on_host():
+        bb = presets.load_backbone(str(path), "float32")
+        old = Gemma4LoraModel.from_backbone(bb, LORA, dtype="float32")
+    assert_same_model(streamed(source, "float32"), old)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

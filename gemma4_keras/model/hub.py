@@ -27,7 +27,7 @@ from __future__ import annotations
 import keras_hub
 import numpy as np
 
-from gemma4_keras.model import lora
+from gemma4_keras.model import hf_config, lora
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
 
 
@@ -45,8 +45,15 @@ def preset_names() -> list[str]:
 
 
 def backbone_from_preset(preset: str, dtype: str):
-    """`Gemma4Backbone.from_preset` (KerasHub name, hf://, kaggle://, directory)."""
-    return keras_hub.models.Gemma4Backbone.from_preset(preset, dtype=dtype)
+    """`Gemma4Backbone.from_preset` (KerasHub name, hf://, kaggle://, directory).
+
+    A local HF directory re-saved by current transformers (`global_head_dim`
+    moved into `per_layer_config`) is shown to KerasHub normalised
+    (`hf_config.keras_hub_view`), which it would otherwise build with the
+    wrong global head size.
+    """
+    with hf_config.keras_hub_view(preset) as readable:
+        return keras_hub.models.Gemma4Backbone.from_preset(readable, dtype=dtype)
 
 
 def tokenizer_from_preset(preset: str):
@@ -99,7 +106,7 @@ def backbone_kwargs(config_json: dict) -> dict:
                 f"config.json is a {config_json['class_name']}, not a Gemma 4 backbone"
             )
         return dict(config_json["config"])
-    return convert_hf_config(config_json.get("text_config", config_json))
+    return convert_hf_config(hf_config.text_config(hf_config.normalise(config_json)))
 
 
 # ----------------------------------------------------------------------------
