@@ -13,6 +13,10 @@ overrides (the config is locked: a misspelt field is an error) and most take
 `--workdir`. Adding a command is one function decorated with `@command`.
 A test calls `main(["gemma4-keras", "train", ...])`, which returns the exit
 code instead of exiting.
+
+Imports inside the commands are lazy on purpose: `--help` and `review` start
+without loading TensorFlow, JAX or KerasHub, and each command loads only its
+own stack.
 """
 
 from __future__ import annotations
@@ -146,31 +150,14 @@ def usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemma4_keras import (
-        config_lib,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.data import (
-        DataError,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.eval import (
-        generate,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.export.hf import (
-        ExportError,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.export.peft import (
-        AdapterFormatError,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.model import (
-        presets,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.run import (
-        checkpointing,
-        train,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.workdir_lock import (
-        WorkdirLockedError,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras import config_lib  # lazy: see module doc
+    from gemma4_keras.data import DataError  # lazy: see module doc
+    from gemma4_keras.eval import generate  # lazy: see module doc
+    from gemma4_keras.export.hf import ExportError  # lazy: see module doc
+    from gemma4_keras.export.peft import AdapterFormatError  # lazy: see module doc
+    from gemma4_keras.model import presets  # lazy: see module doc
+    from gemma4_keras.run import checkpointing, train  # lazy: see module doc
+    from gemma4_keras.workdir_lock import WorkdirLockedError  # lazy: see module doc
 
     return (
         config_lib.ConfigError,
@@ -199,9 +186,7 @@ def _os_error(e: OSError) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    from gemma4_keras.data import (
-        DataError,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.data import DataError  # lazy: see module doc
 
     if isinstance(e, OSError) and not type(e).__module__.startswith("gemma4_keras"):
         return _os_error(e)
@@ -221,9 +206,9 @@ class UsageError(ValueError):
 
 
 def log_environment(config) -> None:
-    import jax  # lazy: `--help` and `review` load no model stack
-    import keras  # lazy: `--help` and `review` load no model stack
-    import keras_hub  # lazy: `--help` and `review` load no model stack
+    import jax  # lazy: see module doc
+    import keras  # lazy: see module doc
+    import keras_hub  # lazy: see module doc
 
     logging.info(
         "gemma4_keras %s, keras %s, keras_hub %s, jax %s",
@@ -239,9 +224,7 @@ def log_environment(config) -> None:
 
 @command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
 def _train(config, args) -> int:
-    from gemma4_keras.run import (
-        train,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.run import train  # lazy: see module doc
 
     workdir = _require(FLAGS.workdir, "workdir")
     state = train.run(config, workdir)
@@ -266,9 +249,7 @@ def _train(config, args) -> int:
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
 def _evaluate(config, args) -> int:
-    from gemma4_keras.eval import (
-        evaluate,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.eval import evaluate  # lazy: see module doc
 
     summary = evaluate.evaluate_workdir(
         config, _require(FLAGS.workdir, "workdir"), FLAGS.out
@@ -279,9 +260,7 @@ def _evaluate(config, args) -> int:
 
 @command("generate", "answer prompts with the base model or an adapter")
 def _generate(config, args) -> int:
-    from gemma4_keras.eval import (
-        generate,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.eval import generate  # lazy: see module doc
 
     if FLAGS.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be > 0")
@@ -304,9 +283,7 @@ def _generate(config, args) -> int:
 
 @command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")
 def _export(config, args) -> int:
-    from gemma4_keras.export.commands import (
-        export,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.export.commands import export  # lazy: see module doc
 
     if not FLAGS.format:
         raise UsageError("--format=peft|hf|keras|gguf|gguf-lora is required")
@@ -332,9 +309,7 @@ def _export(config, args) -> int:
     model=False,
 )
 def _review(config, args) -> int:
-    from gemma4_keras.eval import (
-        review,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.eval import review  # lazy: see module doc
 
     workdir = _require(FLAGS.workdir, "workdir")
     try:
@@ -349,9 +324,7 @@ def _review(config, args) -> int:
 
 @command("plan", "estimate memory and speed of a run before starting it")
 def _plan(config, args) -> int:
-    from gemma4_keras.model import (
-        plan,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.model import plan  # lazy: see module doc
 
     estimate = plan.plan(config, tflops=FLAGS.tflops, mfu=FLAGS.mfu)
     print(plan.format_plan(estimate))
@@ -364,17 +337,13 @@ def _plan(config, args) -> int:
 
 @command("data", "check | stats | split | render the configured dataset")
 def _data(config, args) -> int:
-    from gemma4_keras import data  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras import data  # lazy: see module doc
 
     verb = args[0] if args else ""
     if verb not in ("check", "stats", "split", "render"):
         raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
-    from gemma4_keras import (
-        config_lib,
-    )  # lazy: `--help` and `review` load no model stack
-    from gemma4_keras.model import (
-        presets,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras import config_lib  # lazy: see module doc
+    from gemma4_keras.model import presets  # lazy: see module doc
 
     if verb == "split":  # no rendering: the chat template does not matter
         settings = config_lib.data_settings(config.data)
@@ -388,9 +357,7 @@ def _data(config, args) -> int:
     logging.info("chat template: %s (from %s)", template.variant, template.source)
     settings = config_lib.data_settings(config.data, template.variant)
     if verb == "render":
-        from gemma4_keras.data import (
-            render,
-        )  # lazy: `--help` and `review` load no model stack
+        from gemma4_keras.data import render  # lazy: see module doc
 
         tokenizer = presets.load_tokenizer(preset)
         render.render(settings, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
@@ -404,9 +371,7 @@ def _data(config, args) -> int:
 
 
 def _tokenizer(config):
-    from gemma4_keras.model import (
-        presets,
-    )  # lazy: `--help` and `review` load no model stack
+    from gemma4_keras.model import presets  # lazy: see module doc
 
     preset = presets.resolve_preset(config.model.preset)  # a misspelt name stops
     try:

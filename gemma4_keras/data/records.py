@@ -379,8 +379,8 @@ def iter_records(
     """Yields (source, record dict or Problem) for a file or a TFDS split."""
     if path.startswith("tfds:") or fmt == "tfds":
         from gemma4_keras.data import (
-            tfds_reader,
-        )  # cycle: tfds_reader raises this module's DataError
+            tfds_reader,  # cycle: tfds_reader raises this module's DataError
+        )
 
         yield from tfds_reader.iter_tfds(path, data_dir=tfds_data_dir)
         return

@@ -326,8 +326,8 @@ def generation_metrics(
     # Imported here so `import gemma4_keras.eval.metrics` stays cheap.
     import sacrebleu  # slow to import (nltk); only generation metrics need it
     from rouge_score import (
-        rouge_scorer,
-    )  # slow to import (nltk); only generation metrics need it
+        rouge_scorer,  # slow to import (nltk); only generation metrics need it
+    )
 
     references, predictions = _check_pair(references, predictions)
     bleu = sacrebleu.corpus_bleu(predictions, [references]).score

@@ -249,8 +249,8 @@ def _new_figure(width: float, height: float) -> Any:
     notebook that imports the package keeps its inline plots.
     """
     from matplotlib.backends.backend_agg import (
-        FigureCanvasAgg,
-    )  # heavy; only when plotting
+        FigureCanvasAgg,  # heavy; only when plotting
+    )
     from matplotlib.figure import Figure  # heavy; only when plotting
 
     figure = Figure(figsize=(width, height))

@@ -456,16 +456,16 @@ def special_token_list() -> list[str]:
 
 def _train_pieces(corpus: Iterable[str], num_pieces: int) -> list[str]:
     """Learns up to `num_pieces` BPE pieces (characters, then merges in order)."""
-    from tokenizers import (
+    from tokenizers import (  # tokenizers' `models`, `decoders` stay local to this builder
         Regex,
         Tokenizer,
         models,
         normalizers,
         pre_tokenizers,
-    )  # tokenizers' `models`, `decoders` stay local to this builder
+    )
     from tokenizers.trainers import (
-        BpeTrainer,
-    )  # tokenizers' `models`, `decoders` stay local to this builder
+        BpeTrainer,  # tokenizers' `models`, `decoders` stay local to this builder
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
