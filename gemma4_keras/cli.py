@@ -155,7 +155,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gemma4_keras.eval import generate  # lazy: see module doc
     from gemma4_keras.export.hf import ExportError  # lazy: see module doc
     from gemma4_keras.export.peft import AdapterFormatError  # lazy: see module doc
-    from gemma4_keras.model import presets  # lazy: see module doc
+    from gemma4_keras.model import presets, safetensors_io  # lazy: see module doc
     from gemma4_keras.run import checkpointing, train  # lazy: see module doc
     from gemma4_keras.workdir_lock import WorkdirLockedError  # lazy: see module doc
 
@@ -164,6 +164,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         presets.PresetError,
         DataError,
         checkpointing.CheckpointError,
+        safetensors_io.CheckpointError,
         train.WorkdirError,
         WorkdirLockedError,
         AdapterFormatError,

@@ -330,6 +330,10 @@ def test_normalise_drops_null_towers_and_ignores_unused_global_kv_heads():
 
 def test_missing_global_head_dim_gets_the_transformers_default():
     assert hf_config.normalise({"head_dim": 256})["global_head_dim"] == 512
+    # transformers 5.24's layout: an empty per_layer_config means every layer
+    # has head_dim (it writes no global_head_dim when the two agree).
+    saved = {"head_dim": 16, "per_layer_config": {}}
+    assert hf_config.normalise(saved)["global_head_dim"] == 16
 
 
 @pytest.mark.parametrize(

@@ -233,7 +233,7 @@ def hf_base_dir(preset: str) -> str | None:
         return None
     try:
         hf_stream.shard_files(preset)
-    except ExportError:
+    except hf_stream.CheckpointError:
         return None
     return preset
 

@@ -89,7 +89,9 @@ def normalise(config: dict, source: str = CONFIG_FILE) -> dict:
     * `per_layer_config` overrides of the full-attention layers become the
       top-level `global_head_dim` and `num_global_key_value_heads`, and the
       key is removed (it said nothing else);
-    * no `global_head_dim` anywhere: transformers' default (512) is written;
+    * no `global_head_dim` anywhere: `head_dim` when the config has a
+      `per_layer_config` (transformers 5.24 writes one, maybe `{}`, and omits
+      the key when the sizes agree), else the older default, 512;
     * `num_global_key_value_heads` is kept only with `attention_k_eq_v`:
       transformers ignores it otherwise, while KerasHub turns K=V on whenever
       it is set;
@@ -119,11 +121,17 @@ def normalise(config: dict, source: str = CONFIG_FILE) -> dict:
             del out[key]
     text = text_config(out)
     overrides = _full_layer_overrides(text, source)
+    # transformers 5.24 writes `per_layer_config` (maybe `{}`) and no
+    # `global_head_dim`: no override means the full layers use `head_dim`.
+    # A config with neither key is the older layout, whose default was 512.
+    new_layout = "per_layer_config" in text
     text.pop("per_layer_config", None)
     if "head_dim" in overrides:
         text["global_head_dim"] = overrides["head_dim"]
     elif text.get("global_head_dim") is None:
-        text["global_head_dim"] = TRANSFORMERS_GLOBAL_HEAD_DIM
+        text["global_head_dim"] = (
+            text["head_dim"] if new_layout else TRANSFORMERS_GLOBAL_HEAD_DIM
+        )
     if not text.get("attention_k_eq_v"):
         if text.get("num_global_key_value_heads") is not None:
             text["num_global_key_value_heads"] = None

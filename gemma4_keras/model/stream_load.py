@@ -28,36 +28,20 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import struct
 
 import jax
 import keras
 import ml_dtypes
 import numpy as np
 
-from gemma4_keras.model import hf_config, hub
+from gemma4_keras.model import hf_config, hub, safetensors_io
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.model.safetensors_io import CheckpointError, aligned_empty
 from gemma4_keras.model.spec import ATTN_TARGETS, ModelSpec
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-# safetensors dtype names -> numpy dtypes (bfloat16 via ml_dtypes).
-_DTYPES = {
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F16": np.dtype(np.float16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-}
-# Linux returns at most ~2 GiB per read(); larger tensors are read in pieces.
-_READ_CHUNK = 1 << 30
-# XLA's CPU client adopts a host buffer without copying it only when the
-# buffer is aligned to this (`jax.device_put(x, may_alias=True)`); numpy
-# aligns to 16 bytes.
-_ALIGN = 64
+_FLOATS = {safetensors_io.DTYPES[k] for k in ("F64", "F32", "F16", "BF16")}
 
 # our norm name -> HF name under `layers.N.` (KerasHub: convert_gemma4.py)
 HF_NORMS = {
@@ -82,31 +66,15 @@ HF_EXTRAS = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that lacks a tensor, or has one of the wrong shape."""
-
-
 # ----------------------------------------------------------------------------
 # Reading single tensors.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    file: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in `file`
-    nbytes: int
-
-
 class CheckpointReader:
-    """Single tensors of a safetensors checkpoint, read on demand.
+    """Single tensors of a safetensors checkpoint, read on demand, shape-checked.
 
     Reads the (small) headers of every shard up front, then each tensor with
-    plain `read`s into a fresh numpy array. Not `safetensors.safe_open`: it
-    maps the file, and every page a read touches stays in the process'
-    resident set until the file is closed, so a 2 GiB tensor cost 4.4 GB of
-    RSS (its mapped pages plus the copy) where this costs 2.1 GB.
+    plain reads into a fresh aligned array (`safetensors_io`).
 
     Example:
 
@@ -116,40 +84,24 @@ class CheckpointReader:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
-        self._entries: dict[str, _Entry] = {}
-        for name in self._shard_names():
-            self._entries.update(_read_header(os.path.join(self.directory, name)))
-
-    def _shard_names(self) -> list[str]:
-        index = os.path.join(self.directory, INDEX_FILE)
-        if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no weight_map")
-            return sorted(set(weight_map.values()))
-        if os.path.exists(os.path.join(self.directory, SINGLE_FILE)):
-            return [SINGLE_FILE]
-        raise CheckpointError(
-            f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE} exists"
-        )
+        self._refs = safetensors_io.tensor_refs(self.directory)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._refs
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._refs)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
+        return self._ref(name).shape
 
     def nbytes(self, name: str) -> int:
         """Bytes of tensor `name` as stored (what reading it allocates)."""
-        return self._entry(name).nbytes
+        return self._ref(name).nbytes
 
-    def _entry(self, name: str) -> _Entry:
+    def _ref(self, name: str) -> safetensors_io.TensorRef:
         try:
-            return self._entries[name]
+            return self._refs[name]
         except KeyError:
             raise CheckpointError(
                 f"{self.directory}: the checkpoint has no tensor {name!r} "
@@ -157,69 +109,19 @@ class CheckpointReader:
             ) from None
 
     def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Tensor `name`, which must have `shape`, as a fresh numpy array."""
-        e = self._entry(name)
-        if e.shape != tuple(shape):
+        """Tensor `name`, which must have `shape`, as a fresh aligned array."""
+        ref = self._ref(name)
+        if ref.shape != tuple(shape):
             raise CheckpointError(
-                f"{e.file}: tensor {name!r} has shape {e.shape}, config.json "
+                f"{ref.path}: tensor {name!r} has shape {ref.shape}, config.json "
                 f"implies {tuple(shape)}"
             )
-        out = aligned_empty(e.shape, e.dtype)
-        _read_into(e.file, e.start, out.reshape(-1).view(np.uint8), name)
-        return out
-
-
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """`np.empty`, but starting on an `_ALIGN`-byte boundary (see `_ALIGN`)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def _read_header(path: str) -> dict[str, _Entry]:
-    """{name: _Entry} of one safetensors file (8-byte length, JSON, data)."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: shard missing (named by {INDEX_FILE})"
-        ) from None
-    except (struct.error, ValueError) as e:
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
+        if ref.dtype not in _FLOATS:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {info['dtype']}; expected "
-                f"one of {sorted(_DTYPES)}"
+                f"{ref.path}: tensor {name!r} has dtype {ref.dtype}; expected a "
+                "float (float32, bfloat16, float16, float64)"
             )
-        begin, end = info["data_offsets"]
-        entries[name] = _Entry(
-            path,
-            _DTYPES[info["dtype"]],
-            tuple(info["shape"]),
-            8 + length + begin,
-            end - begin,
-        )
-    return entries
-
-
-def _read_into(path: str, start: int, buf: np.ndarray, name: str) -> None:
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done : done + _READ_CHUNK])
-            if not n:
-                raise CheckpointError(f"{path}: tensor {name!r} is truncated")
-            done += n
+        return safetensors_io.read_tensor(ref)
 
 
 # ----------------------------------------------------------------------------
