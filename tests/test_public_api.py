@@ -198,3 +198,11 @@ def test_generate_refuses_no_prompt():
     config = gemma4_keras.get_config("tiny", "lora", "runlocal")
     with pytest.raises(ValueError, match="no prompt"):
         gemma4_keras.generate(config, [])
+
+
+def test_evaluate_and_export_need_a_finished_run(tmp_path):
+    config = gemma4_keras.get_config("tiny", "lora", "runlocal")
+    with pytest.raises(FileNotFoundError, match="adapter is missing: train first"):
+        gemma4_keras.evaluate(config, str(tmp_path))
+    with pytest.raises(ValueError, match="no such directory"):
+        gemma4_keras.export(config, str(tmp_path / "nope"), "peft", str(tmp_path / "o"))
