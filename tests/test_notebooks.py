@@ -26,6 +26,7 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
 
 
 class NotebookError(AssertionError):
@@ -82,8 +83,8 @@ def execute(nb, cwd: pathlib.Path, timeout: int = 600):
         )
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:
-        first = str(e).strip().splitlines()
-        raise NotebookError("a cell raised:\n" + "\n".join(first[-15:])) from None
+        lines = ANSI.sub("", str(e)).strip().splitlines()
+        raise NotebookError("a cell raised:\n" + "\n".join(lines[-15:])) from None
     finally:
         if saved is None:
             os.environ.pop("PYTHONPATH", None)

@@ -206,3 +206,20 @@ def test_evaluate_and_export_need_a_finished_run(tmp_path):
         gemma4_keras.evaluate(config, str(tmp_path))
     with pytest.raises(ValueError, match="no such directory"):
         gemma4_keras.export(config, str(tmp_path / "nope"), "peft", str(tmp_path / "o"))
+
+
+def test_generate_pads_prompts_over_the_data_parallel_devices(monkeypatch):
+    # After `run` on a 4 x 2 mesh the distribution stays set; KerasHub's
+    # generate splits each batch over the 4 `batch` devices.
+    from gemma4_keras.config_lib import ConfigError
+    from gemma4_keras.run import api
+
+    mesh = type("Mesh", (), {"shape": (4, 2)})()
+    dist = type("Dist", (), {"device_mesh": mesh})()
+    monkeypatch.setattr(api.keras.distribution, "distribution", lambda: dist)
+    assert api._pad_to_data_parallel([["a"], ["b"]], 8) == [["a"], ["b"], ["b"], ["b"]]
+    assert len(api._pad_to_data_parallel([["a"]] * 4, 8)) == 4
+    with pytest.raises(
+        ConfigError, match="eval.batch_size=6 must be a multiple of the 4"
+    ):
+        api._pad_to_data_parallel([["a"]], 6)

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import keras
 import ml_collections
 
 from gemma4_keras import config_lib
@@ -309,20 +310,46 @@ def generate(
     if not conversations:
         raise generate_lib.PromptError("no prompt: give a message or a list of them")
     tokens = int(max_new_tokens or config.eval.max_new_tokens)
+    padded = _pad_to_data_parallel(conversations, int(config.eval.batch_size))
     if adapter is None or isinstance(adapter, str):
-        return generate_lib.generate_answers(
-            config, conversations, adapter=adapter or "none", max_new_tokens=tokens
+        answers = generate_lib.generate_answers(
+            config, padded, adapter=adapter or "none", max_new_tokens=tokens
         )
-    with tempfile.TemporaryDirectory(prefix="gemma4-adapter-") as tmp:
-        peft.save_adapter(
-            adapter,
-            tmp,
-            base_model=export_lib.default_base_model(config),
-            overwrite=True,
+    else:
+        with tempfile.TemporaryDirectory(prefix="gemma4-adapter-") as tmp:
+            peft.save_adapter(
+                adapter,
+                tmp,
+                base_model=export_lib.default_base_model(config),
+                overwrite=True,
+            )
+            answers = generate_lib.generate_answers(
+                config, padded, adapter=tmp, max_new_tokens=tokens
+            )
+    return answers[: len(conversations)]
+
+
+def _pad_to_data_parallel(conversations: list, batch_size: int) -> list:
+    """`conversations`, the last repeated to fill every data-parallel device.
+
+    After `run` or `load_training_model` on a mesh the Keras distribution is
+    still set, and KerasHub's `generate` splits each batch over its `batch`
+    axis, which fails unless the batch divides evenly.
+
+    >>> _pad_to_data_parallel([["a"]], 8)  # one device
+    [['a']]
+    """
+    dist = keras.distribution.distribution()
+    devices = int(dist.device_mesh.shape[0]) if dist is not None else 1
+    if devices == 1:
+        return conversations
+    if batch_size % devices:
+        raise config_lib.ConfigError(
+            f"--config.eval.batch_size={batch_size} must be a multiple of the "
+            f"{devices} data-parallel devices of the active distribution"
         )
-        return generate_lib.generate_answers(
-            config, conversations, adapter=tmp, max_new_tokens=tokens
-        )
+    missing = -len(conversations) % devices
+    return conversations + [conversations[-1]] * missing
 
 
 def export(config, workdir: str, fmt: str, out: str, **options) -> str:
