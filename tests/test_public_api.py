@@ -9,6 +9,7 @@ import ast
 import importlib.util
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -173,6 +174,8 @@ def test_plan_validates_and_formats():
 # --- bring your own fit -----------------------------------------------------
 
 
+# ~85 s on 2 CPU cores: loads the tiny model twice (fit, then generate).
+@pytest.mark.slow
 def test_bring_your_own_fit_trains_and_generates():
     g4 = gemma4_keras
     config = g4.get_config("tiny", "lora", "runlocal", {"lora.dropout": 0.0})
@@ -223,3 +226,17 @@ def test_generate_pads_prompts_over_the_data_parallel_devices(monkeypatch):
         ConfigError, match="eval.batch_size=6 must be a multiple of the 4"
     ):
         api._pad_to_data_parallel([["a"]], 6)
+
+
+def test_no_code_imports_run_or_export_submodules_as_attributes():
+    # `gemma4_keras.run` / `.export` are the public functions, so
+    # `import gemma4_keras.run.train as t` fails; `from gemma4_keras.run import
+    # train` works.
+    pattern = re.compile(r"^\s*import gemma4_keras\.(run|export)\.\S+ as ", re.M)
+    bad = [
+        str(p.relative_to(ROOT))
+        for d in ("gemma4_keras", "tests", "benchmarks")
+        for p in sorted((ROOT / d).rglob("*.py"))
+        if pattern.search(p.read_text())
+    ]
+    assert bad == [], "use `from gemma4_keras.run import x` in: " + ", ".join(bad)
