@@ -89,7 +89,10 @@ def load(config, preset: str):
     model = presets.build_training_model(
         preset, config.model, config.lora, config.quant, config.train
     )
-    return model, {"seconds": round(time.time() - start, 1), "peak_rss_gib": peak_rss() / GIB}
+    return model, {
+        "seconds": round(time.time() - start, 1),
+        "peak_rss_gib": peak_rss() / GIB,
+    }
 
 
 def compile_step(model, config):
@@ -106,7 +109,9 @@ def compile_step(model, config):
         [v.value for v in model.optimizer.variables],
         [v.value for v in model.metrics_variables],
     )
-    data = (batch(config.data.max_length, config.train.batch_size, model.spec.vocab_size),)
+    data = (
+        batch(config.data.max_length, config.train.batch_size, model.spec.vocab_size),
+    )
     reset_peak()
     start = time.time()
     step = jax.jit(model.train_step, donate_argnums=0)

@@ -6,6 +6,8 @@ evaluates base vs fine-tuned on the 10% held out:
 
     gemma4-keras train --config=configs/tiny.py --workdir=runs/tiny
 
+Its settings are `config_lib.EMBEDDED_DEFAULT` (shared with the quickstart
+notebook: `gemma4_keras.get_config("tiny", "lora", "embedded")`).
 Rerunning the command on the same workdir resumes, or reports a finished run.
 """
 
@@ -13,19 +15,5 @@ from gemma4_keras import config_lib
 
 
 def get_config(arg=None):
-    config = config_lib.get_config("tiny", "lora", arg)
-    if arg:  # :runlocal already shrank everything
-        return config
-    config.lora.rank = 8
-    config.lora.alpha = 16.0
-    config.lora.dropout = 0.0
-    config.data.max_length = 96
-    config.train.epochs = 2
-    config.train.batch_size = 16
-    config.train.grad_accum = 1
-    config.train.learning_rate = 3e-3
-    config.train.log_every = 10
-    config.checkpoint.every_steps = 50
-    config.eval.max_examples = 120
-    config.eval.max_new_tokens = 4
-    return config
+    # :runlocal shrinks everything itself; no arg is the embedded default.
+    return config_lib.get_config("tiny", "lora", arg or "embedded")

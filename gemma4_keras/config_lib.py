@@ -132,7 +132,8 @@ def get_config(
       size: a key of `SIZES` (tiny, e2b, e4b, 26b_a4b, 31b).
       method: a key of `METHODS` (lora, qlora).
       arg: the `:arg` of `--config=file.py:arg`; `runlocal` shrinks the run to
-        the tiny model for a couple of steps (tests, smoke runs).
+        the tiny model for a couple of steps (tests, smoke runs); `embedded`
+        (tiny only) sets `EMBEDDED_DEFAULT`, the run of `configs/tiny.py`.
 
     Example:
       >>> cfg = get_config("e4b", "qlora")
@@ -227,14 +228,42 @@ def get_config(
     return c
 
 
+# The embedded default (`configs/tiny.py`, the quickstart notebook): LoRA on
+# the tiny model, tuned to lift held-out accuracy on the shipped sample within
+# about 40 s on 2 CPU cores. `:embedded` applies it to the tiny size.
+EMBEDDED_DEFAULT: dict[str, object] = {
+    "lora.rank": 8,
+    "lora.alpha": 16.0,
+    "lora.dropout": 0.0,
+    "data.max_length": 96,
+    "train.epochs": 2,
+    "train.batch_size": 16,
+    "train.grad_accum": 1,
+    "train.learning_rate": 3e-3,
+    "train.log_every": 10,
+    "checkpoint.every_steps": 50,
+    "eval.max_examples": 120,
+    "eval.max_new_tokens": 4,
+}
+
+
 def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
     """Applies the `:arg` switches (comma-separated)."""
     for switch in arg.split(","):
         if switch == "runlocal":
             _shrink_to_tiny(c)
+        elif switch == "embedded":
+            if c.size != "tiny":
+                raise ConfigError(
+                    f"config switch 'embedded' is the tiny model's default run; "
+                    f"size {c.size!r} has none (use runlocal)"
+                )
+            for field, value in EMBEDDED_DEFAULT.items():
+                section, name = field.split(".")
+                c[section][name] = value
         else:
             raise ConfigError(
-                f"unknown config switch {switch!r}; known switches: runlocal"
+                f"unknown config switch {switch!r}; known switches: runlocal, embedded"
             )
 
 

@@ -528,7 +528,7 @@ def _cases(tmp: pathlib.Path, run: dict) -> list[tuple[str, tuple, str]]:
         ("config_syntax", ("train", f"--config={tmp}/broken.py", fresh), "broken.py:3: syntax error"),
         ("config_raises", ("train", f"--config={tmp}/raising.py", fresh), "raising.py:1: RuntimeError"),
         ("config_no_get", ("train", f"--config={tmp}/noget.py", fresh), "get_config"),
-        ("config_switch", ("train", f"{TINY.removesuffix(':runlocal')}:bogus", fresh), "tiny.py:16"),
+        ("config_switch", ("train", f"{TINY.removesuffix(':runlocal')}:bogus", fresh), "tiny.py:19"),
         ("config_misspelt", (*train, "--config.lora.rnak=3"), "rnak"),
         ("config_type", (*train, "--config.lora.rank=abc"), "lora.rank"),
         ("config_missing_flag", ("train", fresh), "--config"),

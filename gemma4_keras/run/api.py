@@ -1,0 +1,365 @@
+"""The public API's implementation (`import gemma4_keras` re-exports it by name).
+
+Each function takes a whole run config (`get_config`) and delegates to the
+builders the CLI uses, so a notebook and `gemma4-keras <command>` do the same
+thing. The package root resolves these names on first use, so
+`import gemma4_keras` stays light.
+
+Bring your own `fit` (what `run` does, minus checkpoints, reports, resume):
+
+    config = get_config("tiny", "lora", "runlocal")
+    model, tokenizer, preset = load_training_model(config)
+    data = training_data(config, tokenizer, preset)
+    compile_model(model, config, data)
+    model.fit(data.batches, steps_per_epoch=data.steps_per_epoch, epochs=data.epochs,
+              shuffle=False)  # the batches are shuffled by train.seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import keras
+import ml_collections
+
+from gemma4_keras import config_lib
+from gemma4_keras import data as data_lib
+from gemma4_keras.data import render as render_lib
+from gemma4_keras.eval import evaluate as evaluate_lib
+from gemma4_keras.eval import generate as generate_lib
+from gemma4_keras.export import commands as export_lib
+from gemma4_keras.export import peft
+from gemma4_keras.model import plan as plan_lib
+from gemma4_keras.model import presets
+from gemma4_keras.run import distributed, train
+
+# --- config -----------------------------------------------------------------
+
+
+def get_config(
+    size: str,
+    method: str,
+    arg: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+    """A locked, validated run config, as `--config=configs/<size>_<method>.py[:arg]`.
+
+    Args:
+      size: tiny, e2b, e4b, 26b_a4b or 31b.
+      method: lora or qlora.
+      arg: the config file's `:arg`: `runlocal` (a two-step run of the tiny
+        model with this size's architecture features) or `embedded` (the
+        embedded default, `configs/tiny.py`).
+      overrides: `{"data.path": "train.jsonl", "lora.rank": 8}`, as
+        `--config.data.path=train.jsonl --config.lora.rank=8`.
+
+    Returns:
+      A locked `ConfigDict`: setting a field that does not exist raises, as a
+      misspelt `--config.<field>` does on the command line.
+
+    Raises:
+      ConfigError: an unknown size, method, switch or field, or a value
+        `config_lib.validate` refuses, named as the CLI names it.
+
+    Example:
+      >>> config = get_config("e4b", "qlora", overrides={"lora.rank": 8})
+      >>> config.quant.mode, config.lora.rank
+      ('nf4', 8)
+      >>> config.lora.rnak = 4
+      Traceback (most recent call last):
+      AttributeError: ...
+    """
+    config = config_lib.get_config(size, method, arg)
+    for field, value in (overrides or {}).items():
+        _set_field(config, field, value)
+    config_lib.validate(config)
+    config.lock()
+    return config
+
+
+def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+    *parents, leaf = field.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            bad = ".".join(parents[: i + 1])
+            raise config_lib.ConfigError(f"--config.{bad}: no such config field")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise config_lib.ConfigError(f"--config.{field}: no such config field")
+    try:
+        setattr(node, leaf, value)
+    except TypeError as e:
+        raise config_lib.ConfigError(
+            f"--config.{field}={value!r}: wrong type ({' '.join(str(e).split())})"
+        ) from e
+
+
+# --- data -------------------------------------------------------------------
+
+
+def _data_context(config, with_tokenizer: bool = True):
+    """(settings with the resolved chat template, tokenizer, template)."""
+    preset = presets.resolve_preset(config.model.preset)
+    template = presets.chat_template(config, preset)
+    settings = config_lib.data_settings(config.data, template.variant)
+    tokenizer = presets.load_tokenizer(preset) if with_tokenizer else None
+    return settings, tokenizer, template
+
+
+def check(config) -> dict:
+    """`gemma4-keras data check`: prints the quality report and returns it.
+
+    Raises:
+      DataError: every bad record as `file:line: problem` (with
+        `data.on_error=raise`), or a file with no valid record.
+
+    Example:
+      >>> report = check(get_config("tiny", "lora"))
+      >>> report["read"]["valid"] > 0
+      True
+    """
+    settings, tokenizer, _ = _data_context(config)
+    report = data_lib.check(settings, tokenizer)
+    print(data_lib.format_report(report), flush=True)
+    return report
+
+
+def stats(config) -> dict:
+    """`gemma4-keras data stats`: the report; bad records are listed, not fatal."""
+    settings, tokenizer, _ = _data_context(config)
+    report = data_lib.stats(settings, tokenizer)
+    print(data_lib.format_report(report), flush=True)
+    return report
+
+
+def render(config, limit: int = 3, show: bool = True) -> list[dict]:
+    """`gemma4-keras data render`: exactly what is trained, for `limit` examples.
+
+    Returns one record per training example: `text` (special tokens spelled
+    out), `trained` (the `[start, end)` character spans carrying loss),
+    `generation_prompt` and `template`. With `show`, prints each text with
+    the trained spans in bold green (ANSI; notebooks show the colour).
+
+    Example:
+      >>> records = render(get_config("tiny", "lora"), limit=1, show=False)
+      >>> records[0]["text"].startswith("<bos><|turn>user")
+      True
+    """
+    if limit < 0:
+        raise config_lib.ConfigError(f"limit={limit} must be >= 0 (0 = all examples)")
+    settings, tokenizer, template = _data_context(config)
+    records = list(
+        render_lib.render_records(settings, tokenizer, template, limit=limit)
+    )
+    if show:
+        for r in records:
+            print(f"--- {r['source']} ({r['template']} template)")
+            print(render_lib.highlight(r["text"], r["trained"]), flush=True)
+    return records
+
+
+# --- plan and train ---------------------------------------------------------
+
+
+def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
+    """`gemma4-keras plan`: memory per device and time per step, no weights loaded.
+
+    Example:
+      >>> print(format_plan(plan(get_config("tiny", "qlora"), tflops=65)))  # doctest: +SKIP
+    """
+    config_lib.validate(config)
+    return plan_lib.plan(config, tflops=tflops, mfu=mfu)
+
+
+format_plan = plan_lib.format_plan
+
+
+def run(config, workdir: str) -> dict:
+    """`gemma4-keras train`: train, evaluate, export the adapter; rerun resumes.
+
+    Returns run_state.json's content: `status` (finished, stopped_overfitting,
+    diverged, preempted), `step`, and the eval summary (`metric`, `base`,
+    `finetuned`, `report`).
+
+    Example:
+      >>> state = run(get_config("tiny", "lora", "runlocal"), "runs/smoke")
+      >>> state["status"]
+      'finished'
+    """
+    return train.run(config, workdir)
+
+
+# --- bring your own fit -----------------------------------------------------
+
+
+def load_training_model(config):
+    """The trainable model of `config`: the base (quantised for QLoRA) + adapters.
+
+    Sets up the Keras distribution of `config.distribution` first, as `run`
+    does. Returns `(model, tokenizer, preset)`: a `Gemma4LoraModel` (a Keras
+    model; its loss is the chunked cross-entropy), the KerasHub tokenizer and
+    the resolved preset.
+    """
+    config_lib.validate(config)
+    distributed.setup(config.distribution, int(config.train.batch_size))
+    return presets.load_training_model(
+        config.model, config.lora, config.quant, config.train
+    )
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What `model.fit` needs, built by the run's own data pipeline.
+
+    Attributes:
+      batches: endless `(batch,)` tuples (token ids, masks, loss weights and
+        the loss normaliser), shuffled by `train.seed`.
+      steps_per_epoch: micro-batches per Keras epoch (one pass over the data,
+        or all of `train.max_steps` when set).
+      epochs: Keras epochs (`train.epochs`, or 1 with `train.max_steps`).
+      plan: optimiser steps, gradient accumulation, tokens per step.
+      prepared: the split data (`prepared.holdout`: held-out conversations)
+        and its quality report.
+    """
+
+    batches: Iterator
+    steps_per_epoch: int
+    epochs: int
+    plan: train.Plan
+    prepared: data_lib.PreparedData
+
+
+def training_data(config, tokenizer, preset: str) -> TrainingData:
+    """Reads, checks, splits, renders and batches `config.data` as `run` does.
+
+    Prints the data quality report. Raises DataError (file:line) on bad data.
+    """
+    template = presets.chat_template(config, preset)
+    prepared = train.prepare_data(config.data, tokenizer, template)
+    stream, steps = train.build_batches(
+        prepared.train_examples, config.data, config.train
+    )
+    if config.train.max_steps > 0:
+        epochs, per_epoch = 1, steps.total_steps
+    else:
+        epochs = int(config.train.epochs)
+        per_epoch = steps.total_steps // epochs
+    return TrainingData(
+        batches=train.step_batches(stream, steps, 0),
+        steps_per_epoch=per_epoch * steps.grad_accum,
+        epochs=epochs,
+        plan=steps,
+        prepared=prepared,
+    )
+
+
+def compile_model(model, config, data: TrainingData) -> None:
+    """AdamW with the run's warmup + decay schedule, clipping and accumulation."""
+    schedule = train.build_schedule(config.train, data.plan)
+    train.compile_model(model, config.train, schedule)
+
+
+# --- evaluate, generate, export ---------------------------------------------
+
+
+def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
+    """`gemma4-keras evaluate`: base vs fine-tuned on the run's held-out split.
+
+    Writes `eval_report.md`/`.json` and plots to `out_dir` (default
+    `workdir/eval`), prints the metrics table and returns the summary.
+    """
+    return evaluate_lib.evaluate_workdir(config, workdir, out_dir)
+
+
+def _conversations(prompts) -> list[list[dict]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [
+        [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        for p in prompts
+    ]
+
+
+def generate(
+    config,
+    prompts: str | Sequence[str] | Sequence[Sequence[dict]],
+    *,
+    adapter=None,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """`gemma4-keras generate`: one model turn per prompt (greedy).
+
+    Args:
+      config: the run config (`model.preset`, `data.template`, ...).
+      prompts: a user message, a list of them, or chat conversations
+        (lists of `{"role", "content"}` dicts ending in a user turn).
+      adapter: None for the base model, a PEFT adapter directory
+        (`<workdir>/adapter`), or a trained `Gemma4LoraModel` (its active
+        adapter is saved to a temporary directory first).
+      max_new_tokens: default `config.eval.max_new_tokens`.
+
+    Example:
+      >>> generate(config, "Great soup.", adapter="runs/tiny/adapter")
+      ['positive']
+    """
+    conversations = _conversations(prompts)
+    if not conversations:
+        raise generate_lib.PromptError("no prompt: give a message or a list of them")
+    tokens = int(max_new_tokens or config.eval.max_new_tokens)
+    padded = _pad_to_data_parallel(conversations, int(config.eval.batch_size))
+    if adapter is None or isinstance(adapter, str):
+        answers = generate_lib.generate_answers(
+            config, padded, adapter=adapter or "none", max_new_tokens=tokens
+        )
+    else:
+        with tempfile.TemporaryDirectory(prefix="gemma4-adapter-") as tmp:
+            peft.save_adapter(
+                adapter,
+                tmp,
+                base_model=export_lib.default_base_model(config),
+                overwrite=True,
+            )
+            answers = generate_lib.generate_answers(
+                config, padded, adapter=tmp, max_new_tokens=tokens
+            )
+    return answers[: len(conversations)]
+
+
+def _pad_to_data_parallel(conversations: list, batch_size: int) -> list:
+    """`conversations`, the last repeated to fill every data-parallel device.
+
+    After `run` or `load_training_model` on a mesh the Keras distribution is
+    still set, and KerasHub's `generate` splits each batch over its `batch`
+    axis, which fails unless the batch divides evenly.
+
+    >>> _pad_to_data_parallel([["a"]], 8)  # one device
+    [['a']]
+    """
+    dist = keras.distribution.distribution()
+    devices = int(dist.device_mesh.shape[0]) if dist is not None else 1
+    if devices == 1:
+        return conversations
+    if batch_size % devices:
+        raise config_lib.ConfigError(
+            f"--config.eval.batch_size={batch_size} must be a multiple of the "
+            f"{devices} data-parallel devices of the active distribution"
+        )
+    missing = -len(conversations) % devices
+    return conversations + [conversations[-1]] * missing
+
+
+def export(config, workdir: str, fmt: str, out: str, **options) -> str:
+    """`gemma4-keras export`: a finished run as `peft`, `hf`, `keras` or `gguf`.
+
+    `options` are `export.commands.export`'s: `gguf_type` (f16, q8_0, ...),
+    `shard_size`, `layout`, `dtype`, `base_model`, `force`. Returns `out`.
+
+    Example:
+      >>> export(config, "runs/tiny", "peft", "runs/tiny/export/peft")
+      'runs/tiny/export/peft'
+    """
+    return export_lib.export(config, workdir, fmt, out, **options)
