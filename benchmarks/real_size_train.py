@@ -178,7 +178,15 @@ def main() -> None:
     result = {"size": args.size, "method": args.method, "seq": args.seq,
               "batch": args.batch, "rank": args.rank}  # fmt: skip
     model, result["load"] = load(config, preset)
+    print(
+        json.dumps({"load": result["load"]}, default=float), file=sys.stderr, flush=True
+    )
     compiled, state, data, result["compile"] = compile_step(model, config)
+    print(
+        json.dumps({"compile": result["compile"]}, default=float),
+        file=sys.stderr,
+        flush=True,
+    )
     result["step"] = run_steps(compiled, state, data, args.steps)
     try:
         result["plan"] = plan_figures(config)
