@@ -595,7 +595,6 @@ def save_adapter(model, config, preset: str, workdir: str) -> None:
         model,
         os.path.join(workdir, "adapter"),
         base_model=preset,
-        lora=config.lora,
         overwrite=True,
     )
 
