@@ -231,4 +231,43 @@ def test_switching_adapters_switches_the_compiled_decoder():
         if name is not None:
             hub.merge_into_backbone(m, bb, name)
         np.testing.assert_array_equal(got, keras_hub_greedy(bb, inputs)["token_ids"])
-    assert set(lm._generate_functions) == {"default", None, "b"}
+    # The base ran through a compiled adapter function with B held at 0, and
+    # got the adapter's weights back.
+    assert set(lm._generate_functions) == {"default", "b"}
+    np.testing.assert_array_equal(run("default"), a)
+
+
+def test_no_backbone_is_loaded_after_training_starts(tmp_path, monkeypatch):
+    """Samples and evaluation decode with the training model itself."""
+    from gemma4_keras import config_lib  # the run's modules, for this test only
+    from gemma4_keras.run import train  # the run's modules, for this test only
+
+    c = config_lib.get_config("tiny", "lora", "runlocal")
+    c.train.sample_every = 1
+    c.eval.compare_base = True
+    started = []
+    real_fit = train.fit
+
+    def fit(*args, **kwargs):
+        started.append(True)
+        return real_fit(*args, **kwargs)
+
+    def guarded(load):
+        def guard(*args, **kwargs):
+            assert not started, "Gemma4Backbone.from_preset after training started"
+            return load(*args, **kwargs)
+
+        return guard
+
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(hub, "backbone_from_preset", guarded(hub.backbone_from_preset))
+    cls = keras_hub.models.Gemma4Backbone
+    monkeypatch.setattr(cls, "from_preset", staticmethod(guarded(cls.from_preset)))
+    state = train.run(c, str(tmp_path))
+    assert started and state["status"] == "finished"
+    assert state["evaluated_on"] == "float32 + adapter"
+    assert state["base"] is not None and state["finetuned"] is not None
+    report = (tmp_path / "eval" / "eval_report.md").read_text()
+    assert "float32 + adapter" in report
+    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4  # 2 prompts at steps 1 and 2

@@ -24,7 +24,10 @@ What the contract does not carry, and what this class adds for it:
 * Adapter switching: the active adapter is Python state read while
   tracing, so KerasHub's single cached `generate_function` would go on
   decoding with the adapter it was traced with. `make_generate_function`
-  keeps one compiled function per active adapter (None = base alone).
+  keeps one compiled function per active adapter. The base alone (no
+  adapter active) reuses a loaded adapter's function with that adapter's B
+  factors held at zero for the call: its branch then adds exactly 0, so the
+  tokens are the base's, without a second compilation.
 * Quantised bases need nothing extra: each block dequantises NF4 (or runs
   Keras' int8/int4 matmul) inside the compiled step exactly as in training
   (`FrozenLinear.apply`); the packed codes are ordinary model variables.
@@ -36,6 +39,8 @@ What the contract does not carry, and what this class adds for it:
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +157,18 @@ def stop_padding_mask(token_ids, padding_mask, stop_token_ids):
     end = jnp.isin(token_ids, jnp.asarray(stop_token_ids)) & ~padding_mask
     end = end.astype(jnp.int32)
     return (jnp.cumsum(end, axis=-1) - end) == 0
+
+
+def base_precision(model) -> str:
+    """How the frozen base is stored: "nf4", "int8", "int4", or its float dtype.
+
+    >>> f"{base_precision(model)} + adapter"
+    'nf4 + adapter'
+    """
+    proj = next(iter(model.blocks[0].proj.values()))
+    if proj.quant != "none":
+        return proj.quant
+    return str(proj.dense.kernel.dtype)
 
 
 class Gemma4LoraCausalLM(hub.CausalLM):
@@ -298,12 +315,46 @@ class Gemma4LoraCausalLM(hub.CausalLM):
         """`CausalLM.generate`; `stop_token_ids="auto"` = this model's stop ids."""
         if stop_token_ids == "auto":
             stop_token_ids = self.stop_token_ids
-        return super().generate(
-            inputs,
+        kwargs = dict(
             max_length=max_length,
             stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
         )
+        model = self.backbone
+        if model.active_adapter is not None or not model.lora_specs:
+            return super().generate(inputs, **kwargs)
+        with base_through_adapter(model, self._base_carrier()):
+            return super().generate(inputs, **kwargs)
+
+    def _base_carrier(self) -> str:
+        """The adapter whose compiled function the base alone runs through."""
+        compiled = [k for k in self._generate_functions if k is not None]
+        return compiled[0] if compiled else sorted(self.backbone.lora_specs)[0]
 
 
-__all__ = ["Gemma4LoraCausalLM", "STOP_IDS", "empty_cache", "forward_with_cache"]
+@contextlib.contextmanager
+def base_through_adapter(model, name: str):
+    """Activates adapter `name` with its B factors at zero; restores both after.
+
+    x @ A @ 0 adds exactly 0 to every projection, so the model computes the
+    base alone, through the (already compiled) graph of adapter `name`.
+    """
+    saved = [(a.lora_b, a.lora_b.value) for a in model.adapters(name).values()]
+    try:
+        for var, _ in saved:
+            var.assign(jnp.zeros(var.shape, var.dtype))
+        model.set_adapter(name)
+        yield
+    finally:
+        for var, value in saved:
+            var.assign(value)
+        model.set_adapter(None)
+
+
+__all__ = [
+    "Gemma4LoraCausalLM",
+    "STOP_IDS",
+    "base_precision",
+    "empty_cache",
+    "forward_with_cache",
+]
