@@ -44,6 +44,7 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import keras
 
 from gemma4_keras.model import hub
 from gemma4_keras.model.layers import dot_attention, rms_norm
@@ -280,9 +281,10 @@ class Gemma4LoraCausalLM(hub.CausalLM):
         def next(prompt, cache, index):
             last = jax.lax.dynamic_slice_in_dim(prompt, index - 1, 1, axis=1)
             keep = ~jax.lax.dynamic_slice_in_dim(padding_mask, index - 1, 1, axis=1)
-            logits, hidden, cache = self.call_with_cache(
-                last, cache, index - 1, cache_update_mask=keep
-            )
+            with weights_read_per_step(self.backbone, index):
+                logits, hidden, cache = self.call_with_cache(
+                    last, cache, index - 1, cache_update_mask=keep
+                )
             return logits[:, 0], hidden[:, 0], cache
 
         token_ids = self.sampler(
@@ -330,6 +332,23 @@ class Gemma4LoraCausalLM(hub.CausalLM):
         """The adapter whose compiled function the base alone runs through."""
         compiled = [k for k in self._generate_functions if k is not None]
         return compiled[0] if compiled else sorted(self.backbone.lora_specs)[0]
+
+
+@contextlib.contextmanager
+def weights_read_per_step(model, anchor):
+    """Makes every weight of `model` depend on the loop-varying `anchor`.
+
+    Inside a decode loop the weights do not change, and XLA's loop-invariant
+    code motion would hoist whatever is computed from them alone out of the
+    loop: the dequantised NF4 kernels of every layer, i.e. a full-precision
+    copy of the base held for the whole generation. An optimization barrier
+    that also takes `anchor` keeps each dequantisation inside the step, one
+    layer at a time, as in training.
+    """
+    variables = model.trainable_variables + model.non_trainable_variables
+    values, _ = jax.lax.optimization_barrier(([v.value for v in variables], anchor))
+    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+        yield
 
 
 @contextlib.contextmanager
