@@ -271,3 +271,32 @@ def test_no_backbone_is_loaded_after_training_starts(tmp_path, monkeypatch):
     assert "float32 + adapter" in report
     samples = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 4  # 2 prompts at steps 1 and 2
+
+
+def test_nf4_dequantisation_stays_inside_the_decode_loop():
+    """XLA must not hoist the dequantised kernels out of the step loop (a
+    full-precision copy of the base for the whole generation)."""
+    import itertools  # this test only
+    import re  # this test only
+
+    import keras  # this test only
+
+    lm = decoding.Gemma4LoraCausalLM(model("default", "nf4"))
+    variables = (
+        lm.sampler.variables,
+        lm.trainable_variables,
+        lm.non_trainable_variables,
+    )
+
+    def step(inputs, state):
+        pairs = itertools.chain(*(zip(v, s) for v, s in zip(variables, state)))
+        with keras.StatelessScope(state_mapping=pairs):
+            return lm.generate_step(inputs, (1,))
+
+    state = [[v.value for v in vs] for vs in variables]
+    inputs = {k: jax.numpy.asarray(v) for k, v in prompts().items()}
+    hlo = jax.jit(step).lower(inputs, state).compile().as_text()
+    (body,) = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    text = re.search(r"\n%?" + re.escape(body) + r" .*?\n}\n", hlo, re.S).group(0)
+    # The packed uint8 codes are read inside the loop body, not before it.
+    assert len(re.findall(r"u8\[", text)) > 0
