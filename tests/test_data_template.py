@@ -253,7 +253,7 @@ def test_generate_prompts_and_stops_like_the_size(size):
     c = config_lib.get_config(size, "lora", "runlocal")
     preset = presets.resolve_preset(c.model.preset)
     tokenizer = presets.load_tokenizer(preset)
-    gen = generate.Generator(
+    gen = generate.Generator.from_backbone(
         presets.load_backbone(preset, "float32"),
         tokenizer,
         template=presets.chat_template(c, preset).variant,

@@ -2,9 +2,11 @@
 
 Each held-out conversation is cut before its last model turn; the model
 generates that turn from the exact serving prompt, and task metrics compare
-it with the reference. The untouched base model and the fine-tuned model run
-on the same prompts, through KerasHub's cached generation (the adapter is
-merged into a freshly loaded backbone for the fine-tuned pass).
+it with the reference. Both columns come from the one training model, with
+the adapter switched off (base) and on (fine-tuned): the fine-tuned column
+is the adapter on the base it trained against (e.g. NF4 under QLoRA), as it
+will be served, and no second copy of the base is loaded. The report names
+what it evaluated (`evaluated_on`, e.g. "nf4 + adapter").
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from absl import logging
 
 from gemma4_keras import config_lib, data, workdir_lock
 from gemma4_keras.eval import metrics, report
-from gemma4_keras.eval.generate import Generator
+from gemma4_keras.eval.generate import Generator, load_model
 from gemma4_keras.export import peft
-from gemma4_keras.model import hub, lora, presets
+from gemma4_keras.model import decoding, presets
 
 
 def split_prompt(conversation) -> tuple[list[dict], str]:
@@ -29,9 +31,8 @@ def split_prompt(conversation) -> tuple[list[dict], str]:
 
 
 def evaluate_holdout(
-    deltas: dict,
+    model,
     tokenizer,
-    preset: str,
     conversations,
     config,
     out_dir: str,
@@ -39,38 +40,58 @@ def evaluate_holdout(
     template: str,
     train_log: str | None = None,
 ) -> dict:
-    """Generates with base and fine-tuned models; writes the report to `out_dir`.
+    """Generates with the adapter off and on; writes the report to `out_dir`.
 
-    `template` is the run's resolved chat template variant (small | large).
+    Args:
+      model: the `Gemma4LoraModel` with the adapter to evaluate active (the
+        model that trained, or `generate.load_model` of a saved run).
+      template: the run's resolved chat template variant (small | large).
 
-    `deltas` are the adapter's (in, out) weight deltas (`lora.model_deltas`
-    or `lora.deltas` of `peft.read_adapter`). Returns a summary: headline metric name, base and fine-tuned values and
-    the report path.
+    Returns:
+      A summary: headline metric name, base and fine-tuned values, what
+      they were evaluated on, and the report path.
+
+    Example:
+      >>> evaluate_holdout(model, tokenizer, holdout, config, "run/eval", template="small")
+      {'metric': 'accuracy', 'finetuned': 0.89, 'base': 0.0, ...}
     """
+    adapter = model.active_adapter
+    if adapter is None:
+        raise ValueError("the model has no active adapter to evaluate")
     ev = config.eval
     convs = list(conversations)
     if ev.max_examples >= 0:
         convs = convs[: ev.max_examples]
     prompts, refs = zip(*(split_prompt(c) for c in convs)) if convs else ((), ())
-    backbone = presets.load_backbone(preset, presets.compute_dtype(config.model))
-    gen = Generator(
-        backbone,
+    gen = Generator.from_model(
+        model,
         tokenizer,
         template=template,
         enable_thinking=bool(config.data.enable_thinking),
     )
-    predictions = {}
-    if ev.compare_base:
-        predictions["base"] = gen.generate(
+
+    def generate():
+        return gen.generate(
             list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
         )
-    hub.apply_deltas(backbone, deltas)
-    predictions["finetuned"] = gen.generate(
-        list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
-    )
+
+    precision = decoding.base_precision(model)
+    evaluated_on = {"base": precision, "finetuned": f"{precision} + adapter"}
+    predictions = {}
+    if ev.compare_base:
+        model.set_adapter(None)
+        try:
+            predictions["base"] = generate()
+        finally:
+            model.set_adapter(adapter)
+    predictions["finetuned"] = generate()
     task = ev.task_type or None
     results = {
-        k: metrics.compute_metrics(task, list(refs), v) for k, v in predictions.items()
+        k: {
+            **metrics.compute_metrics(task, list(refs), v),
+            "evaluated_on": evaluated_on[k],
+        }
+        for k, v in predictions.items()
     }
     prompt_text = [p[-1]["content"] for p in prompts]
     examples = {
@@ -81,7 +102,12 @@ def evaluate_holdout(
         for k, v in predictions.items()
     }
     paths = report.write_eval_report(
-        out_dir, results=results, examples=examples, train_log_csv=train_log
+        out_dir,
+        results=results,
+        examples=examples,
+        train_log_csv=train_log,
+        title="Gemma 4 fine-tuning evaluation, on "
+        + " and ".join(f"{v} ({k})" for k, v in evaluated_on.items() if k in results),
     )
     task_type = results["finetuned"]["task_type"]
     head = metrics.headline_metric(task_type)
@@ -89,6 +115,7 @@ def evaluate_holdout(
         "metric": head,
         "finetuned": results["finetuned"].get(head),
         "base": results.get("base", {}).get(head),
+        "evaluated_on": evaluated_on["finetuned"],
         "report": str(paths["markdown"]),
         "num_examples": len(convs),
     }
@@ -119,10 +146,10 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
                 "example to evaluate on; raise data.holdout_fraction, add data, or "
                 "set data.eval_path"
             )
+        model = load_model(config, preset, peft.read_adapter(adapter), source=adapter)
         return evaluate_holdout(
-            lora.deltas(*peft.read_adapter(adapter)),
+            model,
             tokenizer,
-            preset,
             prepared.holdout,
             config,
             out_dir or os.path.join(workdir, "eval"),

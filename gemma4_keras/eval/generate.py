@@ -1,12 +1,14 @@
-"""Text generation through KerasHub's cached `Gemma4CausalLM.generate`.
+"""Text generation from chat messages, with the training model itself.
 
-Adapters are merged into a KerasHub backbone's kernels for generation
-(exact in float32; `hub.apply_deltas`), so decoding uses
-KerasHub's KV cache and samplers. Prompts are rendered by
-`data.generation_prompt` with the chat template variant of the tuned size
-(`presets.chat_template`) and already start with `<bos>`: they are tokenized
-without adding another start token. Decoding stops on the ids the -it
-`generation_config.json` lists: `<eos>`, `<turn|>` and `<|tool_response>`.
+`Generator.from_model` decodes with the `Gemma4LoraModel` that trained (float
+or NF4 base, adapter on, off or switched) through its KV-cached KerasHub
+`CausalLM` (`model.decoding`): no second copy of the base is loaded.
+`Generator.from_backbone` wraps KerasHub's own `Gemma4CausalLM`, for checking
+exported presets. Prompts are rendered by `data.generation_prompt` with the
+chat template variant of the tuned size (`presets.chat_template`) and
+already start with `<bos>`: they are tokenized without adding another start
+token. Decoding stops on the ids the -it `generation_config.json` lists:
+`<eos>`, `<turn|>` and `<|tool_response>`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import numpy as np
 
 from gemma4_keras.data import as_chat_tokenizer, chat, generation_prompt
 from gemma4_keras.export import peft
-from gemma4_keras.model import hub, lora, presets
+from gemma4_keras.model import decoding, hub, lora, presets
 
 EOS_ID = 1
 END_OF_TURN_ID = 106  # <turn|>
 TOOL_RESPONSE_ID = 50  # <|tool_response>: a tool call waits for its result
 # generation_config.json of the Gemma 4 -it checkpoints: eos_token_id [1, 106, 50].
-STOP_IDS = (EOS_ID, END_OF_TURN_ID, TOOL_RESPONSE_ID)
+STOP_IDS = decoding.STOP_IDS
 STOP_TOKENS = ("<eos>", "<turn|>", "<|tool_response>")
 
 
@@ -76,34 +78,55 @@ def context_length(preset: str) -> int | None:
     return None
 
 
+def buffer_length(prompt_len: int, max_new_tokens: int) -> int:
+    """Token buffer of a batch: rounded up to a power of two, so a handful
+    of compiled shapes serve every batch.
+
+    >>> buffer_length(30, 4)
+    64
+    """
+    return int(2 ** np.ceil(np.log2(prompt_len + max_new_tokens)))
+
+
 class Generator:
-    """Batched generation from chat messages.
+    """Batched generation from chat messages, over any KerasHub `CausalLM`.
 
     Example:
-      >>> gen = Generator(backbone, tokenizer, template="small")
+      >>> gen = Generator.from_model(model, tokenizer, template="small")
       >>> gen.generate([[{"role": "user", "content": "Hi"}]], max_new_tokens=16)
       ['Hello! How can I help?']
+      >>> model.set_adapter(None)   # the same generator, now the base alone
     """
 
     def __init__(
         self,
-        backbone,
+        lm,
         tokenizer,
         *,
-        sampler: str = "greedy",
         template: str,
         enable_thinking: bool = False,
         max_length: int | None = None,
     ):
         self.max_length = max_length  # context window; None = unchecked
-        self.backbone = backbone
+        self.lm = lm
         self.tokenizer = tokenizer
         self.chat_tokenizer = as_chat_tokenizer(tokenizer)
         self.template = chat.check_template(template)
         self.enable_thinking = enable_thinking
-        self.lm = hub.causal_lm(backbone)
-        self.lm.compile(sampler=sampler)
         self.stop_ids = stop_ids(tokenizer)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, sampler: str = "greedy", **kwargs):
+        """Decodes with a `Gemma4LoraModel` (its active adapter, its base)."""
+        lm = decoding.Gemma4LoraCausalLM(model, sampler=sampler)
+        return cls(lm, tokenizer, **kwargs)
+
+    @classmethod
+    def from_backbone(cls, backbone, tokenizer, *, sampler: str = "greedy", **kwargs):
+        """Decodes with KerasHub's `Gemma4CausalLM` (e.g. an exported preset)."""
+        lm = hub.causal_lm(backbone)
+        lm.compile(sampler=sampler)
+        return cls(lm, tokenizer, **kwargs)
 
     def prompt_ids(self, messages_list) -> list[list[int]]:
         texts = [
@@ -129,11 +152,18 @@ class Generator:
                     f"model's context of {self.max_length} tokens. Shorten the prompt "
                     "or lower --max_new_tokens"
                 )
-        out: list[str] = []
+        # Batches of similar length (fewer steps through longer prompts), all
+        # of one shape: each shape and adapter is one compilation.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        length = buffer_length(len(prompts[order[-1]]), max_new_tokens)
+        out: list[str] = [""] * len(prompts)
         for start in range(0, len(prompts), batch_size):
-            out += self._generate_batch(
-                prompts[start : start + batch_size], max_new_tokens
-            )
+            rows = order[start : start + batch_size]
+            batch = [prompts[i] for i in rows]
+            batch += [batch[-1]] * (min(batch_size, len(prompts)) - len(batch))
+            texts = self._generate_batch(batch, max_new_tokens, length)
+            for i, text in zip(rows, texts):
+                out[i] = text
         return out
 
     def _decode(self, ids: list[int]) -> str:
@@ -144,11 +174,9 @@ class Generator:
         return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
     def _generate_batch(
-        self, prompts: list[list[int]], max_new_tokens: int
+        self, prompts: list[list[int]], max_new_tokens: int, length: int | None = None
     ) -> list[str]:
-        length = max(len(p) for p in prompts) + max_new_tokens
-        # Round up so a handful of compiled shapes serve every batch.
-        length = int(2 ** np.ceil(np.log2(length)))
+        length = length or buffer_length(max(map(len, prompts)), max_new_tokens)
         n = len(prompts)
         token_ids = np.zeros((n, length), np.int32)
         padding_mask = np.zeros((n, length), bool)
@@ -221,26 +249,51 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict
     return out
 
 
+def load_model(config, preset: str, adapter=None, source: str = "adapter"):
+    """The training model of `config`, with `adapter` active if given.
+
+    The base is built as training builds it (`presets.build_training_model`:
+    same dtype, same quantisation). `adapter` is `(LoraSpec, factors)` as
+    `export.peft.read_adapter` returns them (`source` names its directory in
+    errors); None leaves the base alone (no adapter active).
+
+    Example:
+      >>> model = load_model(config, preset, peft.read_adapter("run/adapter"))
+    """
+    model = presets.build_training_model(
+        preset, config.model, config.lora, config.quant, config.train
+    )
+    model.unload_adapter("default")  # the config's fresh, untrained adapter
+    if adapter is not None:
+        try:
+            lora.add_adapter_from_factors(model, *adapter, name="default")
+        except lora.AdapterMismatchError as e:
+            raise peft.AdapterFormatError(f"{source}: {e}") from e
+    return model
+
+
 def generate_answers(
     config, conversations, *, adapter: str | None, max_new_tokens: int
 ) -> list[str]:
-    """`gemma4-keras generate`: base model, or base + a PEFT adapter merged."""
+    """`gemma4-keras generate`: the base model, or base + a PEFT adapter.
 
-    deltas = None
+    Decodes with the training model (the base quantised as `config.quant`
+    says), never with a merged full-precision copy.
+    """
+
+    factors = None
     if adapter and adapter != "none":  # checked before the slow model load
         if not os.path.isdir(adapter):
             raise FileNotFoundError(
                 f"--adapter={adapter}: no such directory (train first, or give "
                 "--adapter=none for the base model)"
             )
-        deltas = lora.deltas(*peft.read_adapter(adapter))
+        factors = peft.read_adapter(adapter)
     preset = presets.resolve_preset(config.model.preset)
-    backbone = presets.load_backbone(preset, presets.compute_dtype(config.model))
     tokenizer = presets.load_tokenizer(preset)
-    if deltas is not None:
-        hub.apply_deltas(backbone, deltas)
-    gen = Generator(
-        backbone,
+    model = load_model(config, preset, factors, source=str(adapter))
+    gen = Generator.from_model(
+        model,
         tokenizer,
         template=presets.chat_template(config, preset).variant,
         enable_thinking=bool(config.data.enable_thinking),

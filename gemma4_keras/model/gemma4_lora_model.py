@@ -169,11 +169,7 @@ class Gemma4LoraModel(keras.Model):
         token_ids = inputs["token_ids"]
         positions = inputs["positions"]
         segment_ids = inputs["segment_ids"]
-        dtype = self.compute_dtype
-        emb = self.globals["embedding"].value
-        x = jnp.take(emb, token_ids, axis=0).astype(dtype)
-        ple = self._ple_inputs(token_ids, x) if self.spec.ple_dim else None
-        x = x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype)
+        x, ple = self.embed(token_ids)
         masks = {}
         kv_cache: dict[int, tuple] = {}
         base_key = self.dropout_seed.next() if training else None
@@ -190,6 +186,13 @@ class Gemma4LoraModel(keras.Model):
             x, kv = fwd(x, positions, masks[b.sliding_window], ple_i, shared, keys)
             kv_cache[b.index] = kv
         return rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
+
+    def embed(self, token_ids) -> tuple[jax.Array, jax.Array | None]:
+        """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None)."""
+        dtype = self.compute_dtype
+        x = jnp.take(self.globals["embedding"].value, token_ids, axis=0).astype(dtype)
+        ple = self._ple_inputs(token_ids, x) if self.spec.ple_dim else None
+        return x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype), ple
 
     def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:
         if base_key is None:

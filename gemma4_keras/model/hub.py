@@ -7,6 +7,8 @@ Everything that depends on how KerasHub spells things lives here:
 
 * loading: `backbone_from_preset`, `tokenizer_from_preset`, `causal_lm`,
   `preset_names`, `load_preset_json`;
+* generation: `CausalLM` (the base class the training model's decoder,
+  `decoding.Gemma4LoraCausalLM`, implements) and `sampler`;
 * the architecture: `backbone_kwargs` (KerasHub's own HF config converter)
   and `spec_from_config`, the one reader of a backbone config into a
   `ModelSpec`. `tests/test_hub_contract.py` checks it against the attributes
@@ -69,6 +71,16 @@ def causal_lm(backbone, tokenizer=None):
         else keras_hub.models.Gemma4CausalLMPreprocessor(tokenizer)
     )
     return keras_hub.models.Gemma4CausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+# The base class of `decoding.Gemma4LoraCausalLM`: KerasHub's generation
+# contract (`compile(sampler=...)`, `generate`, the jitted `generate_step`).
+CausalLM = keras_hub.models.CausalLM
+
+
+def sampler(name_or_sampler):
+    """A `keras_hub.samplers.Sampler` from a name ("greedy", "top_k", ...)."""
+    return keras_hub.samplers.get(name_or_sampler)
 
 
 def load_preset_json(preset: str) -> dict:

@@ -222,29 +222,42 @@ class DecoderBlock(keras.layers.Layer):
         return y
 
     def forward(self, x, positions, mask, ple_input, shared_kv, keys):
+        """One block over a whole sequence; returns (x, (k, v)) for KV sharing."""
+        q, kv = self.attention_inputs(x, positions, keys)
+        k, v = kv if kv is not None else shared_kv
+        att = dot_attention(q, k, v, mask, self.bspec.attn_soft_cap)
+        return self.attention_output(x, att, ple_input, keys), (k, v)
+
+    def attention_inputs(self, x, positions, keys):
+        """(q, (k, v)) of the tokens in `x`, normed and rotated.
+
+        KV-shared layers return (q, None): they attend over their source
+        layer's keys and values (the training pass hands them over, decoding
+        reads the source layer's cache).
+        """
         s, b = self.spec, self.bspec
         bsz, t, _ = x.shape
         h = rms_norm(x, self.norms["pre_attn"].value, s.eps)
         q = self.linear("q_proj", h, keys).reshape(bsz, t, b.num_heads, b.head_dim)
         q = apply_rope(rms_norm(q, self.norms["q_norm"].value, s.eps), positions, b)
-        if b.has_kv:
-            raw_k = self.linear("k_proj", h, keys).reshape(
+        if not b.has_kv:
+            return q, None
+        raw_k = self.linear("k_proj", h, keys).reshape(
+            bsz, t, b.num_kv_heads, b.head_dim
+        )
+        k = apply_rope(rms_norm(raw_k, self.norms["k_norm"].value, s.eps), positions, b)
+        raw_v = (
+            raw_k
+            if b.k_eq_v
+            else self.linear("v_proj", h, keys).reshape(
                 bsz, t, b.num_kv_heads, b.head_dim
             )
-            k = apply_rope(
-                rms_norm(raw_k, self.norms["k_norm"].value, s.eps), positions, b
-            )
-            raw_v = (
-                raw_k
-                if b.k_eq_v
-                else self.linear("v_proj", h, keys).reshape(
-                    bsz, t, b.num_kv_heads, b.head_dim
-                )
-            )
-            v = rms_norm(raw_v, None, s.eps)
-        else:
-            k, v = shared_kv
-        att = dot_attention(q, k, v, mask, b.attn_soft_cap)
+        )
+        return q, (k, rms_norm(raw_v, None, s.eps))
+
+    def attention_output(self, x, att, ple_input, keys):
+        """The rest of the block after attention: o_proj, MLP (+ MoE), PLE."""
+        s = self.spec
         att = self.linear("o_proj", att, keys)
         x = x + rms_norm(att, self.norms["post_attn"].value, s.eps)
 
@@ -261,8 +274,7 @@ class DecoderBlock(keras.layers.Layer):
             g = gelu_tanh(x @ self.extra["ple_gate"].value.astype(x.dtype)) * ple_input
             g = g @ self.extra["ple_up"].value.astype(x.dtype)
             x = x + rms_norm(g, self.norms["post_ple"].value, s.eps)
-        x = x * self.extra["layer_scalar"].value.astype(x.dtype)
-        return x, (k, v)
+        return x * self.extra["layer_scalar"].value.astype(x.dtype)
 
     def _moe(self, x: jax.Array) -> jax.Array:
         """The MoE path (router on raw x, experts on normed x), frozen."""

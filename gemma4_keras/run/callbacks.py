@@ -19,7 +19,6 @@ from absl import logging
 
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
-from gemma4_keras.model import hub, lora
 
 
 def warmup_steps(train_cfg, total: int) -> int:
@@ -296,19 +295,15 @@ class SampleGenerations(keras.callbacks.Callback):
     Appends one JSON line per prompt to `path`:
     `{"step": 20, "prompt": "...", "reference": "...", "generation": "..."}`.
 
-    Uses a KerasHub backbone (built once by `make_backbone`) with the current
-    adapter merged in, then un-merged: generation reuses the tested
-    `Generator` and its KV cache. The merge is float32 add-then-subtract, so
-    the backbone drifts by rounding only; it is never used for training.
-    The backbone is a second copy of the base weights: leave sampling off
-    (`train.sample_every=0`) when memory is tight.
+    Decodes with the model being trained (its current adapter, its own base,
+    quantised or not) through its KV-cached `Generator.from_model`: no
+    second copy of the base weights.
     """
 
     def __init__(
         self,
         every: int,
         conversations,
-        make_backbone,
         tokenizer,
         path: str,
         *,
@@ -319,7 +314,7 @@ class SampleGenerations(keras.callbacks.Callback):
         super().__init__()
         self.every, self.path, self.max_new_tokens = int(every), path, max_new_tokens
         self.conversations = list(conversations)
-        self.make_backbone, self.tokenizer = make_backbone, tokenizer
+        self.tokenizer = tokenizer
         self.template = template  # chat template variant of the tuned size
         self.enable_thinking = enable_thinking
         self._generator = None
@@ -330,21 +325,16 @@ class SampleGenerations(keras.callbacks.Callback):
             return
 
         if self._generator is None:
-            self._generator = Generator(
-                self.make_backbone(),
+            self._generator = Generator.from_model(
+                self.model,
                 self.tokenizer,
                 template=self.template,
                 enable_thinking=self.enable_thinking,
             )
         prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))
-        deltas = lora.model_deltas(self.model)
-        hub.apply_deltas(self._generator.backbone, deltas)
-        try:
-            outs = self._generator.generate(
-                list(prompts), max_new_tokens=self.max_new_tokens
-            )
-        finally:
-            hub.apply_deltas(self._generator.backbone, deltas, sign=-1.0)
+        outs = self._generator.generate(
+            list(prompts), max_new_tokens=self.max_new_tokens
+        )
         with open(self.path, "a") as f:
             for p, r, g in zip(prompts, refs, outs):
                 line = {

@@ -41,7 +41,7 @@ from absl import logging
 from gemma4_keras import atomic, config_lib, data, workdir_lock
 from gemma4_keras.eval import evaluate
 from gemma4_keras.export import peft
-from gemma4_keras.model import lora, presets
+from gemma4_keras.model import presets
 from gemma4_keras.run import callbacks as cb
 from gemma4_keras.run import checkpointing, distributed
 
@@ -554,7 +554,6 @@ def sample_callback(
     return cb.SampleGenerations(
         every,
         prepared.holdout[:2],
-        lambda: presets.load_backbone(preset, presets.compute_dtype(config.model)),
         tokenizer,
         os.path.join(workdir, "samples.jsonl"),
         max_new_tokens=int(config.eval.max_new_tokens),
@@ -677,10 +676,10 @@ def evaluate_run(
 
     if not prepared.holdout:
         return {}
+    # The model that trained, adapter off then on: no second backbone.
     return evaluate.evaluate_holdout(
-        lora.model_deltas(model),
+        model,
         tokenizer,
-        preset,
         prepared.holdout,
         config,
         os.path.join(workdir, "eval"),
