@@ -7,7 +7,7 @@ Run (the checkpoint is written once, outside the repository, into
     python benchmarks/load_memory.py --size=e2b --write_only # just write it (9.3 GB)
     /usr/bin/time -v python benchmarks/load_memory.py --size=e4b --quant=none
 
-Loads the checkpoint with `stream_load.load_training_model` (QLoRA defaults:
+Loads the checkpoint with `stream_load.stream_training_model` (QLoRA defaults:
 NF4 with double quantisation, bfloat16 compute, block 64) in a process that
 has done nothing else, and prints one JSON line: seconds, peak RSS
 (`getrusage` ru_maxrss, the whole process), RSS before loading, the finished
@@ -74,7 +74,7 @@ def measure(path: str, dtype: str, quant: str, double_quant: bool) -> dict:
     before = _rss_now()
     start = time.time()
     with presets.on_host():
-        model = stream_load.load_training_model(
+        model = stream_load.stream_training_model(
             path, LoraSpec(rank=16), dtype=dtype, quant=quant, double_quant=double_quant
         )
     seconds = time.time() - start

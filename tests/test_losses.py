@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma4_keras.model import loss
+from gemma4_keras.model import loss as loss_lib
 
 RTOL = 1e-5
 
@@ -59,7 +59,7 @@ SHAPES = [
 def test_chunked_equals_full(batch, seq, dim, vocab, chunk_size, soft_cap, use_jit):
     hidden, embedding, targets, weights = _inputs(batch, seq, dim, vocab)
     chunked = _value_and_grads(
-        lambda h, e, t, w: loss.chunked_cross_entropy(
+        lambda h, e, t, w: loss_lib.chunked_cross_entropy(
             h, e, t, w, soft_cap=soft_cap, chunk_size=chunk_size, embedding_grad=True
         ),
         hidden,
@@ -69,7 +69,7 @@ def test_chunked_equals_full(batch, seq, dim, vocab, chunk_size, soft_cap, use_j
         use_jit,
     )
     full = _value_and_grads(
-        lambda h, e, t, w: loss.full_cross_entropy(h, e, t, w, soft_cap=soft_cap),
+        lambda h, e, t, w: loss_lib.full_cross_entropy(h, e, t, w, soft_cap=soft_cap),
         hidden,
         embedding,
         targets,
@@ -92,8 +92,8 @@ def test_chunked_equals_full(batch, seq, dim, vocab, chunk_size, soft_cap, use_j
 def test_soft_cap_changes_the_loss():
     # Guards the equality test: with these inputs the cap is not a no-op.
     hidden, embedding, targets, weights = _inputs(2, 37, 16, 300)
-    capped, _ = loss.chunked_cross_entropy(hidden, embedding, targets, weights)
-    plain, _ = loss.chunked_cross_entropy(
+    capped, _ = loss_lib.chunked_cross_entropy(hidden, embedding, targets, weights)
+    plain, _ = loss_lib.chunked_cross_entropy(
         hidden, embedding, targets, weights, soft_cap=None
     )
     assert _rel_err(capped, plain) > 1e-2
@@ -104,7 +104,7 @@ def test_frozen_embedding_gets_zero_gradient_and_same_hidden_gradient():
 
     def grads(embedding_grad):
         def loss(h, e):
-            total, count = loss.chunked_cross_entropy(
+            total, count = loss_lib.chunked_cross_entropy(
                 h, e, targets, weights, chunk_size=16, embedding_grad=embedding_grad
             )
             return total / count
@@ -133,11 +133,11 @@ def test_bfloat16_hidden_matches_full_in_bfloat16():
         return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, embedding)
 
     (c_mean, c_total), (c_dh, c_de) = run(
-        lambda h, e, t, w: loss.chunked_cross_entropy(
+        lambda h, e, t, w: loss_lib.chunked_cross_entropy(
             h, e, t, w, chunk_size=16, embedding_grad=True
         )
     )
-    (f_mean, f_total), (f_dh, f_de) = run(loss.full_cross_entropy)
+    (f_mean, f_total), (f_dh, f_de) = run(loss_lib.full_cross_entropy)
     assert c_total.dtype == jnp.float32
     assert c_dh.dtype == jnp.bfloat16 and c_de.dtype == jnp.float32
     assert _rel_err(c_mean, f_mean) < 1e-5  # forward math is identical
@@ -148,10 +148,10 @@ def test_bfloat16_hidden_matches_full_in_bfloat16():
 def test_huge_logits_stay_finite():
     hidden, embedding, targets, weights = _inputs(1, 20, 8, 64, scale=30.0)
     for soft_cap in (30.0, None, 1000.0):
-        total, _ = loss.chunked_cross_entropy(
+        total, _ = loss_lib.chunked_cross_entropy(
             hidden, embedding, targets, weights, soft_cap=soft_cap, chunk_size=8
         )
-        expected, _ = loss.full_cross_entropy(
+        expected, _ = loss_lib.full_cross_entropy(
             hidden, embedding, targets, weights, soft_cap=soft_cap
         )
         assert np.isfinite(float(total))
@@ -160,7 +160,7 @@ def test_huge_logits_stay_finite():
 
 def test_token_logprobs_matches_full_log_softmax():
     hidden, embedding, targets, _ = _inputs(2, 37, 16, 300)
-    logp = jax.jit(lambda h, e, t: loss.token_logprobs(h, e, t, chunk_size=16))(
+    logp = jax.jit(lambda h, e, t: loss_lib.token_logprobs(h, e, t, chunk_size=16))(
         hidden, embedding, targets
     )
     logits = 30.0 * jnp.tanh(hidden @ embedding.T / 30.0)
@@ -174,11 +174,13 @@ def test_token_logprobs_matches_full_log_softmax():
 def test_mismatched_shapes_name_the_argument():
     hidden, embedding, targets, weights = _inputs(2, 5, 8, 50)
     with pytest.raises(ValueError, match=r"weights must have shape \(2, 5\)"):
-        loss.chunked_cross_entropy(hidden, embedding, targets, weights[:, :4])
+        loss_lib.chunked_cross_entropy(hidden, embedding, targets, weights[:, :4])
     with pytest.raises(ValueError, match=r"embedding must be \[vocab, 8\]"):
-        loss.chunked_cross_entropy(hidden, embedding[:, :4], targets, weights)
+        loss_lib.chunked_cross_entropy(hidden, embedding[:, :4], targets, weights)
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
-        loss.chunked_cross_entropy(hidden, embedding, targets, weights, chunk_size=0)
+        loss_lib.chunked_cross_entropy(
+            hidden, embedding, targets, weights, chunk_size=0
+        )
 
 
 def _train_step_temp_bytes(loss_fn, batch, seq, vocab, dim):
@@ -207,9 +209,9 @@ def _train_step_temp_bytes(loss_fn, batch, seq, vocab, dim):
 def test_train_step_temp_memory_is_under_a_tenth_of_full_logits():
     # Gemma 4's vocab at seq 4096 (compiles in well under a second on CPU).
     batch, seq, vocab, dim, chunk = 1, 4096, 262144, 64, 1024
-    full = _train_step_temp_bytes(loss.full_cross_entropy, batch, seq, vocab, dim)
+    full = _train_step_temp_bytes(loss_lib.full_cross_entropy, batch, seq, vocab, dim)
     chunked = _train_step_temp_bytes(
-        lambda h, e, t, w: loss.chunked_cross_entropy(h, e, t, w, chunk_size=chunk),
+        lambda h, e, t, w: loss_lib.chunked_cross_entropy(h, e, t, w, chunk_size=chunk),
         batch,
         seq,
         vocab,
@@ -223,6 +225,6 @@ def test_train_step_temp_memory_is_under_a_tenth_of_full_logits():
 
 
 def test_docstring_examples():
-    results = doctest.testmod(loss, optionflags=doctest.ELLIPSIS)
+    results = doctest.testmod(loss_lib, optionflags=doctest.ELLIPSIS)
     assert results.attempted >= 3
     assert results.failed == 0

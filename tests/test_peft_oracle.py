@@ -24,7 +24,8 @@ import oracles
 import pytest
 
 from gemma4_keras.export import peft as peft_lib
-from gemma4_keras.model import gemma4_lora_model, lora
+from gemma4_keras.model import gemma4_lora_model
+from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny
 
 # Every test here compares with PEFT on transformers: without them the module
@@ -149,7 +150,7 @@ def lora_sites(peft_model) -> set[tuple[int, str]]:
 def test_our_adapter_in_peft(variant, lora, tmp_path):
     bb = backbone(variant)
     model = gemma4_lora_model.Gemma4LoraModel.from_backbone(
-        bb, lora.LoraSpec(**lora), dtype="float32"
+        bb, LoraSpec(**lora), dtype="float32"
     )
     randomise(model, "default", seed=len(str(lora)))
     ids = token_ids(model.spec.vocab_size)
@@ -266,7 +267,7 @@ def test_v_proj_adapter_on_a_k_eq_v_layer_is_refused(tmp_path):
     from safetensors.numpy import save_file
 
     model = gemma4_lora_model.Gemma4LoraModel.from_backbone(
-        backbone("k_eq_v"), lora.LoraSpec(rank=2, targets=("v_proj",))
+        backbone("k_eq_v"), LoraSpec(rank=2, targets=("v_proj",))
     )
     assert sorted(model.adapters()) == [(0, "v_proj"), (2, "v_proj")]
     path = peft_lib.save_adapter(

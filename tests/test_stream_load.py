@@ -60,7 +60,7 @@ def old_path(path, dtype, quant="none", double_quant=False):
 
 def streamed(path, dtype, quant="none", double_quant=False):
     with presets.on_host():
-        return stream_load.load_training_model(
+        return stream_load.stream_training_model(
             path, LORA, dtype=dtype, quant=quant, double_quant=double_quant
         )
 

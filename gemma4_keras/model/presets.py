@@ -234,8 +234,10 @@ def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg)
     try:
         directory = stream_load.local_checkpoint(preset)
         if directory is not None:
-            with on_host():
-                return stream_load.load_training_model(directory, lora, **options)
+            # Variables are created under the active distribution (as
+            # `from_backbone` below), so a mesh lays them out; each tensor is
+            # read and quantised on the host first.
+            return stream_load.stream_training_model(directory, lora, **options)
     except (stream_load.CheckpointError, hf_config.ConfigError, OSError) as e:
         raise _load_error(preset, "weights", e) from e
     with on_host():

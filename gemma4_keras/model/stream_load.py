@@ -19,7 +19,7 @@ transpose.
 
 Usage:
 
-    model = stream_load.load_training_model(
+    model = stream_load.stream_training_model(
         "/path/to/gemma-4-E2B-it", LoraSpec(rank=16),
         dtype="bfloat16", quant="nf4", double_quant=True,
     )
@@ -360,7 +360,7 @@ def local_checkpoint(preset: str) -> str | None:
     return None
 
 
-def load_training_model(
+def stream_training_model(
     directory: str | os.PathLike,
     lora: LoraSpec | None = None,
     *,
@@ -386,7 +386,7 @@ def load_training_model(
     Example:
 
         with presets.on_host():
-            model = load_training_model(path, LoraSpec(rank=8), dtype="bfloat16",
+            model = stream_training_model(path, LoraSpec(rank=8), dtype="bfloat16",
                                         quant="nf4", double_quant=True)
     """
     config = hf_config.read_config(directory)
@@ -418,7 +418,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointReader",
     "fill_model",
-    "load_training_model",
+    "stream_training_model",
     "local_checkpoint",
     "model_spec",
     "text_prefix",
