@@ -89,14 +89,23 @@ class Gemma4LoraModel(keras.Model):
             double_quant=double_quant,
             block_size=block_size,
         )
-        # Every variable exists now; marking the model built lets
-        # `stateless_call` (the jitted train step) run without an eager call.
-        model.built = True
-        for blk in model.blocks:
+        return model.finish_loading(lora, moe_dispatch)
+
+    def finish_loading(
+        self, lora: LoraSpec | None, moe_dispatch: str = "dense"
+    ) -> Gemma4LoraModel:
+        """Marks a filled model built, sets MoE dispatch, adds adapter `default`.
+
+        Every loader (`from_backbone`, `stream_load`) calls it once every base
+        variable exists: marking the model built lets `stateless_call` (the
+        jitted train step) run without an eager call.
+        """
+        self.built = True
+        for blk in self.blocks:
             blk.moe_dispatch = moe_dispatch
         if lora is not None:
-            model.add_adapter("default", lora)
-        return model
+            self.add_adapter("default", lora)
+        return self
 
     def add_global(self, name: str, value, dtype=None) -> None:
         self.globals[name] = frozen(self, name, value, dtype or self.variable_dtype)

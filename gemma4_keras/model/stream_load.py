@@ -405,13 +405,7 @@ def stream_training_model(
         double_quant=double_quant,
         block_size=block_size,
     )
-    # As `Gemma4LoraModel.from_backbone` does once every variable exists.
-    model.built = True
-    for blk in model.blocks:
-        blk.moe_dispatch = moe_dispatch
-    if lora is not None:
-        model.add_adapter("default", lora)
-    return model
+    return model.finish_loading(lora, moe_dispatch)
 
 
 __all__ = [
