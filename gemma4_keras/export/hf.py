@@ -52,7 +52,7 @@ from safetensors.numpy import save_file
 
 from gemma4_keras.export import hf_stream
 from gemma4_keras.export.hf_stream import ExportError
-from gemma4_keras.model import lora
+from gemma4_keras.model import lora, stream_load
 from gemma4_keras.model.lora import Factors, LoraSpec
 from gemma4_keras.model.spec import ATTN_TARGETS, module_name
 
@@ -71,27 +71,9 @@ PREFIXES = {"causal_lm": "model.", "conditional_generation": "model.language_mod
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 
-# our norm name -> HF name (relative to `layers.N.`)
-_NORMS = {
-    "pre_attn": "input_layernorm.weight",
-    "post_attn": "post_attention_layernorm.weight",
-    "pre_ffw": "pre_feedforward_layernorm.weight",
-    "post_ffw": "post_feedforward_layernorm.weight",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "post_ffw_dense": "post_feedforward_layernorm_1.weight",
-    "pre_ffw_moe": "pre_feedforward_layernorm_2.weight",
-    "post_ffw_moe": "post_feedforward_layernorm_2.weight",
-    "post_ple": "post_per_layer_input_norm.weight",
-}
-# our extra name -> (HF name, transpose a Keras (in, out) kernel)
-_EXTRAS = {
-    "ple_gate": ("per_layer_input_gate.weight", True),
-    "ple_up": ("per_layer_projection.weight", True),
-    "router_scale": ("router.scale", False),
-    "router_proj": ("router.proj.weight", True),
-    "expert_scale": ("router.per_expert_scale", False),
-}
+# Our norm / extra names -> HF names under `layers.N.`: the loader's tables.
+_NORMS = stream_load.HF_NORMS
+_EXTRAS = stream_load.HF_EXTRAS
 
 
 def _np(var) -> np.ndarray:
