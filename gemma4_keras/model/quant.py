@@ -61,9 +61,12 @@ __all__ = [
     "NF4Weight",
     "nf4_bytes_per_param",
     "nf4_dequantize",
+    "nf4_matmul",
     "nf4_quantize",
     "nf4_quantize_experts",
     "nf4_take",
+    "no_cotangent",
+    "tie_to",
 ]
 
 # The 16 NormalFloat levels (QLoRA, Dettmers et al. 2023), as float32, exactly
@@ -592,6 +595,71 @@ def nf4_dequantize(q: NF4Weight, dtype: Any = "float32") -> jax.Array:
         batched = jax.tree_util.tree_unflatten(treedef, flat_leaves)
         flat = jax.vmap(lambda s: _dequantize_slice(s, slice_size))(batched)
     return flat.astype(dtype).reshape(q.shape)
+
+
+def tie_to(tree: Any, anchor: jax.Array, integers: bool = False) -> Any:
+    """`tree` with its float (and, if asked, integer) leaves made to depend on
+    `anchor`; values unchanged.
+
+    `leaf + 0 * anchor[0]` is a data dependency XLA keeps (it does not fold a
+    float multiply by zero), unlike an optimization barrier, which XLA:CPU
+    removes before its last CSE and its scheduler. A computation that reads
+    only weights (a dequantisation, a dropout mask from a fixed key) is then
+    neither scheduled before `anchor` exists nor merged with a copy of itself
+    computed from another anchor (a rematerialisation).
+
+    Example:
+
+        w = nf4_dequantize(tie_to(q, x))   # not computed before x exists
+    """
+    zero = jnp.ravel(anchor)[0].astype(jnp.float32) * jnp.float32(0)
+
+    def tie(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating) or (
+            integers and jnp.issubdtype(leaf.dtype, jnp.integer)
+        ):
+            return leaf + zero.astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map(tie, tree)
+
+
+def no_cotangent(leaf: jax.Array) -> Any:
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+        return jnp.zeros_like(leaf)
+    return np.zeros(jnp.shape(leaf), jax.dtypes.float0)
+
+
+@jax.custom_vjp
+def nf4_matmul(x: jax.Array, q: NF4Weight) -> jax.Array:
+    """`x @ nf4_dequantize(q, x.dtype).T`, one layer's kernel alive at a time.
+
+    `q` holds an HF-layout (out, in) kernel; the result is [..., out]. The
+    frozen kernel gets no gradient. The dequantisation depends on `x` in the
+    forward pass and on the incoming gradient in the backward pass (which
+    dequantises again rather than keeping the float kernel as a residual):
+    a kernel's dequantisation otherwise depends on the weights alone, and
+    XLA schedules those of every layer early and keeps them all alive (at
+    E2B's size, 16 GiB of float32 kernels in one train step on a CPU), or
+    merges the forward pass's with the rematerialised one.
+
+    Example:
+
+        y = nf4_matmul(x, nf4_quantize(w_hf))   # == x @ w_hf.T, dequantised
+    """
+    return x @ nf4_dequantize(tie_to(q, x, integers=True), dtype=x.dtype).T
+
+
+def _nf4_matmul_fwd(x, q):
+    return nf4_matmul(x, q), q
+
+
+def _nf4_matmul_bwd(q, g):
+    dx = g @ nf4_dequantize(tie_to(q, g, integers=True), dtype=g.dtype)
+    return dx, jax.tree_util.tree_map(no_cotangent, q)
+
+
+nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
 
 
 def nf4_bytes_per_param(q: NF4Weight) -> float:

@@ -1,0 +1,119 @@
+"""One layer's weights at a time: the compiled step's temporaries vs depth.
+
+A frozen NF4 kernel's dequantisation depends on the weights alone, so XLA
+may compute every layer's float kernel at the start of the step and keep it
+until the backward pass; on XLA:CPU it also merged `jax.checkpoint`'s
+recomputation with the forward pass (its barriers are removed before the
+last CSE). At E2B's size that was 16 GiB of temporaries for a step that
+needs about 2. These tests compile the training step of a small NF4 model
+at two depths: the temporaries must not grow by a layer's float kernels per
+layer (they grew by about three before `quant.nf4_matmul` and
+`gemma4_lora_model.remat_block`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_keras.model import loss, presets, quant, stream_load
+from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.testing import full_size, tiny
+
+WIDTH, FFN = 256, 1024
+
+
+def _checkpoint(tmp_path, layers: int):
+    cfg = tiny.tiny_hf_config(
+        hidden_size=WIDTH,
+        intermediate_size=FFN,
+        num_hidden_layers=layers,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+    )
+    return full_size.write_checkpoint(tmp_path / f"l{layers}", cfg)
+
+
+def _step_temp_bytes(path, remat: bool) -> int:
+    with presets.on_host():
+        model = stream_load.stream_training_model(
+            path,
+            LoraSpec(rank=4, dropout=0.1),
+            dtype="float32",
+            quant="nf4",
+            double_quant=True,
+        )
+    model.remat = remat
+    seq = 32
+    ids = np.arange(seq, dtype=np.int32)[None] % 50 + 3
+    data = {
+        "token_ids": ids,
+        "positions": np.arange(seq, dtype=np.int32)[None],
+        "segment_ids": np.ones((1, seq), np.int32),
+    }
+
+    def loss_fn(tv, ntv):
+        hidden, _ = model.stateless_call(tv, ntv, data, training=True)
+        total, count = loss.chunked_cross_entropy(
+            hidden,
+            model.globals["embedding"].value,
+            np.roll(ids, -1, axis=1),
+            np.ones(ids.shape, np.float32),
+            soft_cap=model.spec.final_soft_cap,
+            chunk_size=seq,
+        )
+        return total / count
+
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(tv, ntv).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_rematerialised_step_holds_no_layer_of_float_kernels_per_layer(tmp_path):
+    remat = True  # without remat each layer's activations are kept by design
+    shallow = _step_temp_bytes(_checkpoint(tmp_path, 2), remat)
+    deep = _step_temp_bytes(_checkpoint(tmp_path, 8), remat)
+    layer_kernels = 4 * 3 * WIDTH * FFN  # one layer's float32 MLP kernels
+    growth = (deep - shallow) / 6
+    print(
+        f"remat={remat}: temporaries {shallow / 2**20:.2f} MiB (2 layers), "
+        f"{deep / 2**20:.2f} MiB (8 layers): {growth / 2**20:.3f} MiB per layer; "
+        f"one layer's float32 MLP kernels {layer_kernels / 2**20:.2f} MiB"
+    )
+    assert growth < 0.5 * layer_kernels
+
+
+def test_nf4_matmul_equals_the_dequantised_matmul_with_gradients():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 128)).astype(np.float32)  # HF (out, in)
+    q = quant.nf4_quantize(w, double_quant=True)
+    x = jnp.asarray(rng.standard_normal((3, 5, 128)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal((3, 5, 96)).astype(np.float32))
+
+    def reference(x):
+        return x @ quant.nf4_dequantize(q, x.dtype).T
+
+    y, vjp = jax.vjp(lambda x: quant.nf4_matmul(x, q), x)
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(
+        np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_tie_to_keeps_values_and_the_dependency():
+    leaves = {"f": jnp.arange(4.0), "i": jnp.arange(4, dtype=jnp.uint8)}
+    anchor = jnp.ones((2, 3))
+    tied = jax.jit(lambda t, a: quant.tie_to(t, a, integers=True))(leaves, anchor)
+    np.testing.assert_array_equal(np.asarray(tied["f"]), np.arange(4.0))
+    np.testing.assert_array_equal(np.asarray(tied["i"]), np.arange(4))
+    hlo = (
+        jax.jit(lambda t, a: quant.tie_to(t, a)["f"] * 2)
+        .lower(leaves, anchor)
+        .compile()
+        .as_text()
+    )
+    entry = hlo[hlo.index("ENTRY") :]
+    # The anchor (parameter 1) still feeds the result after XLA's simplifier.
+    assert "parameter(1)" in entry and "fusion(" in entry
