@@ -42,6 +42,8 @@ def test_rules_split_the_named_dimension_when_it_divides():
     assert sharding.model_dim("block_3_o_proj/kernel", (8192, 5376), 2) == 0
     assert sharding.model_dim("block_3_q_proj/kernel_scale", (1, 8192), 2) == 1
     assert sharding.model_dim("block_3_o_proj/kernel_scale", (5376,), 2) is None
+    assert sharding.model_dim("block_3_down_proj/kernel_zero", (168, 5376), 2) == 0
+    assert sharding.model_dim("block_3_down_proj/g_idx", (21504,), 2) == 0
     assert sharding.model_dim("block_0_experts_up/packed", (128, 991232), 8) == 0
     assert sharding.model_dim("block_0/experts_up", (128, 2816, 704), 8) == 0
     assert sharding.model_dim("gemma4_lora_model/embedding", (262144, 5376), 8) == 0
@@ -203,19 +205,26 @@ SCRIPT = textwrap.dedent("""
         float(np.abs(a - g).max() / (np.abs(a).max() + 1e-30))
         for a, g in zip(one_grads, mesh_grads)
     )
-    rows = [
-        {
-            "path": v.path,
-            "nbytes": v.value.nbytes,
-            "replicated": v.value.sharding.is_fully_replicated,
-            "per_device": sorted({s.data.nbytes for s in v.value.addressable_shards}),
-            "devices": len(v.value.addressable_shards),
-        }
-        for v in model.variables
-        if "seed" not in v.path
-    ]
-    p = plan.plan(c, devices=8)
+    def layout(model):
+        return [
+            {
+                "path": v.path,
+                "nbytes": v.value.nbytes,
+                "replicated": v.value.sharding.is_fully_replicated,
+                "per_device": sorted(
+                    {s.data.nbytes for s in v.value.addressable_shards}),
+                "devices": len(v.value.addressable_shards),
+            }
+            for v in model.variables
+            if "seed" not in v.path
+        ]
+
+    rows, p = layout(model), plan.plan(c, devices=8)
+    # Keras' int4 Dense kernels and scales, placed by the same rules.
+    c.quant.mode = "int4"
+    int4 = presets.load_training_model(c.model, c.lora, c.quant, c.train)[0]
     json.dump({"vars": rows, "plan": p["per_device"], "mesh": p["mesh"],
+               "int4": layout(int4), "int4_plan": plan.plan(c, devices=8)["per_device"],
                "losses": [one_loss, mesh_loss], "grad_err": grad_err},
               open(f"{out}/layout.json", "w"))
 """)
@@ -258,6 +267,12 @@ def test_qlora_moe_ple_on_a_2x4_mesh(tmp_path):
         "block_0_experts_down/absmax_offset",
     ):
         assert path in split, path
-    held = sum(r["per_device"][0] for r in rows)
-    assert held == facts["plan"]["base"] + facts["plan"]["adapters"]
-    assert held < sum(r["nbytes"] for r in rows) / 2
+    placed = ((rows, facts["plan"]), (facts["int4"], facts["int4_plan"]))
+    for variables, estimate in placed:
+        held = sum(r["per_device"][0] for r in variables)
+        assert held == estimate["base"] + estimate["adapters"]
+        assert held < sum(r["nbytes"] for r in variables) / 2
+    int4 = {r["path"]: r for r in facts["int4"]}
+    for path in ("block_0_up_proj/kernel", "block_0_up_proj/kernel_scale",
+                 "block_0_up_proj/kernel_zero", "block_0_down_proj/kernel"):  # fmt: skip
+        assert not int4[path]["replicated"], path

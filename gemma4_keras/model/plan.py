@@ -40,6 +40,7 @@ from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.model.spec import ATTN_TARGETS, MLP_TARGETS, BlockSpec, ModelSpec
 
 GIB = 1024**3
+KERAS_INT4_BLOCK = 128  # input rows per int4 scale (Int4QuantizationConfig default)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Activation model, elements per token per decoder block (read off the vjp
 # residuals of `Gemma4LoraModel`'s forward; see `activation_bytes`).
@@ -124,10 +125,10 @@ def _kernel_bytes(din: int, dout: int, q: dict, s: int) -> int:
         return nf4_bytes(din * dout, q["block_size"], q["double_quant"])
     if mode == "int8":  # int8 kernel + float32 per-output-channel scale
         return din * dout + 4 * dout
-    if (
-        mode == "int4"
-    ):  # Keras: packed int4 + f32 scale + int8 zero per column, f32 g_idx
-        return din * -(-dout // 2) + 5 * dout + 4 * din
+    if mode == "int4":  # Keras: packed int4, f32 scale + int8 zero per group
+        # of KERAS_INT4_BLOCK input rows and output column, f32 g_idx
+        groups = -(-din // KERAS_INT4_BLOCK)
+        return din * -(-dout // 2) + 5 * groups * dout + 4 * din
     return din * dout * s
 
 
@@ -135,7 +136,8 @@ def base_bytes(spec: ModelSpec, ple_vocab: int, q: dict, s: int) -> dict[str, in
     """Resident bytes of the frozen base [bytes].
 
     projections  per kernel: compute dtype (s B/weight), or NF4 (`nf4_bytes`),
-                 int8 (in*out + 4*out), int4 (in*ceil(out/2) + 5*out + 4*in)
+                 int8 (in*out + 4*out), int4 (in*ceil(out/2) + 5*G*out + 4*in,
+                 G = ceil(in / 128) groups)
     experts      MoE banks: NF4 per expert under nf4, else s B/weight
                  (Keras int8/int4 apply to Dense kernels only)
     embedding    embedding, PLE table/projection/gate/up, router, scales: s B
@@ -342,10 +344,11 @@ def _projection_variables(
             (f"{name}/kernel_scale", (dout,), 4),
         ]
     if mode == "int4":  # keras.layers.Dense.quantize("int4"): packed along out
+        groups = -(-din // KERAS_INT4_BLOCK)
         return [
             (f"{name}/kernel", (din, -(-dout // 2)), 1),
-            (f"{name}/kernel_scale", (1, dout), 4),
-            (f"{name}/kernel_zero", (1, dout), 1),
+            (f"{name}/kernel_scale", (groups, dout), 4),
+            (f"{name}/kernel_zero", (groups, dout), 1),
             (f"{name}/g_idx", (din,), 4),
         ]
     return [(f"{name}/kernel", (din, dout), s)]

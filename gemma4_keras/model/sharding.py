@@ -11,6 +11,8 @@ replicated, and the whole variable is replicated over the `batch` axis.
                                   block_N_{o,down}_proj/kernel          0 (in)
     int8 / int4 scales, zeros     block_N_{q,k,v,gate,up}_proj/        -1 (out)
                                     kernel_{scale,zero}
+    int4 group scales, zeros      block_N_{o,down}_proj/kernel_{scale, -2 (group)
+                                    zero}, .../g_idx                    0 (in)
     NF4 projection leaves         block_N_{proj}_nf4/{packed,absmax,    0 (flat)
                                     absmax_codes}
     MoE expert banks (float, NF4) block_N/experts_*,                    0 (expert)
@@ -69,6 +71,8 @@ LAYOUT_RULES: tuple[tuple[str, int], ...] = (
     (rf"block_\d+_{_COLUMN}/kernel", -1),
     (rf"block_\d+_{_ROW}/kernel", 0),
     (rf"block_\d+_{_COLUMN}/kernel_(scale|zero)", -1),
+    (rf"block_\d+_{_ROW}/kernel_(scale|zero)", -2),
+    (rf"block_\d+_{_ROW}/g_idx", 0),
     (rf"block_\d+_({_COLUMN}|{_ROW})_nf4/{_NF4_FLAT}", 0),
     (rf"block_\d+/{_BANK}", 0),
     (rf"block_\d+_{_BANK}/{_NF4_ALL}", 0),
@@ -100,6 +104,8 @@ def model_dim(path: str, shape: Sequence[int], model_size: int) -> int | None:
     dim = rule_dim(path)
     if dim is None or model_size <= 1 or not shape:
         return None
+    if not -len(shape) <= dim < len(shape):
+        return None  # e.g. the (out,) int8 scale of a row-parallel kernel
     dim %= len(shape)
     size = int(shape[dim])
     if size % model_size:
