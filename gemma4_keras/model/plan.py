@@ -11,6 +11,10 @@ loaded, no model is built), derives the same per-block facts as
     loss temp       one chunk of the chunked loss                        [bytes]
     flops           per optimiser step                                   [FLOP]
     time            per step at `tflops` x `mfu`                         [s]
+    per device      on the mesh of `config.distribution` over `devices`:
+                    each device's shard of every variable (the layout
+                    table of `sharding.py`), its share of the batch, and
+                    which `ACCELERATORS` that fits                        [bytes]
 
 Usage:
 
