@@ -7,6 +7,7 @@
     gemma4-keras data     check|stats|split|render --config=configs/tiny.py [--out=DIR]
     gemma4-keras review   --workdir=runs/tiny [--summary]
     gemma4-keras plan     --config=configs/e4b_qlora.py --config.model.preset=DIR [--tflops=..]
+                          [--accelerator=t4|2xt4|v5e-8|...] [--devices=N]
 
 Every command but `review` takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
 overrides (the config is locked: a misspelt field is an error) and most take
@@ -64,6 +65,19 @@ flags.DEFINE_float(
     "tflops", 100.0, "plan: accelerator rating in the compute dtype, TFLOP/s."
 )
 flags.DEFINE_float("mfu", 0.4, "plan: assumed model FLOP utilisation, in (0, 1].")
+flags.DEFINE_string(
+    "accelerator",
+    None,
+    "plan: the device to fit: t4, l4, rtx4090, a100-40, a100-80, h100, h200, "
+    "v5e, v5p (16 / 24 / 24 / 40 / 80 / 80 / 141 / 16 / 95 GB each); "
+    "2xt4 or v5e-8 name the count too.",
+)
+flags.DEFINE_integer(
+    "devices",
+    None,
+    "plan: devices of the run (the mesh with --config.distribution.*); default: "
+    "the --accelerator count, else model_parallel under mode=model, else 1.",
+)
 flags.DEFINE_enum(
     "format",
     None,
@@ -327,7 +341,13 @@ def _review(config, args) -> int:
 def _plan(config, args) -> int:
     from gemma4_keras.model import plan  # lazy: see module doc
 
-    estimate = plan.plan(config, tflops=FLAGS.tflops, mfu=FLAGS.mfu)
+    estimate = plan.plan(
+        config,
+        tflops=FLAGS.tflops,
+        mfu=FLAGS.mfu,
+        devices=FLAGS.devices,
+        accelerator_name=FLAGS.accelerator,
+    )
     print(plan.format_plan(estimate))
     if FLAGS.out:
         os.makedirs(FLAGS.out, exist_ok=True)

@@ -11,6 +11,10 @@ loaded, no model is built), derives the same per-block facts as
     loss temp       one chunk of the chunked loss                        [bytes]
     flops           per optimiser step                                   [FLOP]
     time            per step at `tflops` x `mfu`                         [s]
+    per device      on the mesh of `config.distribution` over `devices`:
+                    each device's shard of every variable (the layout
+                    table of `sharding.py`), its share of the batch, and
+                    which `ACCELERATORS` that fits                        [bytes]
 
 Usage:
 
@@ -32,12 +36,15 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
+
 from gemma4_keras import config_lib
-from gemma4_keras.model import hub, presets
+from gemma4_keras.model import hub, presets, quant, sharding
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.model.spec import ATTN_TARGETS, MLP_TARGETS, BlockSpec, ModelSpec
 
 GIB = 1024**3
+KERAS_INT4_BLOCK = 128  # input rows per int4 scale (Int4QuantizationConfig default)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Activation model, elements per token per decoder block (read off the vjp
 # residuals of `Gemma4LoraModel`'s forward; see `activation_bytes`).
@@ -122,10 +129,10 @@ def _kernel_bytes(din: int, dout: int, q: dict, s: int) -> int:
         return nf4_bytes(din * dout, q["block_size"], q["double_quant"])
     if mode == "int8":  # int8 kernel + float32 per-output-channel scale
         return din * dout + 4 * dout
-    if (
-        mode == "int4"
-    ):  # Keras: packed int4 + f32 scale + int8 zero per column, f32 g_idx
-        return din * -(-dout // 2) + 5 * dout + 4 * din
+    if mode == "int4":  # Keras: packed int4, f32 scale + int8 zero per group
+        # of KERAS_INT4_BLOCK input rows and output column, f32 g_idx
+        groups = -(-din // KERAS_INT4_BLOCK)
+        return din * -(-dout // 2) + 5 * groups * dout + 4 * din
     return din * dout * s
 
 
@@ -133,7 +140,8 @@ def base_bytes(spec: ModelSpec, ple_vocab: int, q: dict, s: int) -> dict[str, in
     """Resident bytes of the frozen base [bytes].
 
     projections  per kernel: compute dtype (s B/weight), or NF4 (`nf4_bytes`),
-                 int8 (in*out + 4*out), int4 (in*ceil(out/2) + 5*out + 4*in)
+                 int8 (in*out + 4*out), int4 (in*ceil(out/2) + 5*G*out + 4*in,
+                 G = ceil(in / 128) groups)
     experts      MoE banks: NF4 per expert under nf4, else s B/weight
                  (Keras int8/int4 apply to Dense kernels only)
     embedding    embedding, PLE table/projection/gate/up, router, scales: s B
@@ -320,21 +328,251 @@ def optimizer_steps(config) -> int | None:
 
 
 # ----------------------------------------------------------------------------
+# Per device: the variables, the mesh, the accelerators.
+
+
+def _projection_variables(
+    i: int, target: str, din: int, dout: int, q: dict, s: int
+) -> list[tuple[str, tuple[int, ...], int]]:
+    """Variables of one frozen projection, as `layers.FrozenLinear` holds them."""
+    name, mode = f"block_{i}_{target}", q["mode"]
+    if mode == "nf4":  # the HF (out, in) weight, flat (quant.NF4Kernel)
+        leaves = quant.nf4_leaf_specs((dout, din), q["block_size"], q["double_quant"])
+        return [
+            (f"{name}_nf4/{leaf}", shape, np.dtype(dtype).itemsize)
+            for leaf, (shape, dtype) in leaves.items()
+        ]
+    if mode == "int8":  # keras.layers.Dense.quantize("int8")
+        return [
+            (f"{name}/kernel", (din, dout), 1),
+            (f"{name}/kernel_scale", (dout,), 4),
+        ]
+    if mode == "int4":  # keras.layers.Dense.quantize("int4"): packed along out
+        groups = -(-din // KERAS_INT4_BLOCK)
+        return [
+            (f"{name}/kernel", (din, -(-dout // 2)), 1),
+            (f"{name}/kernel_scale", (groups, dout), 4),
+            (f"{name}/kernel_zero", (groups, dout), 1),
+            (f"{name}/g_idx", (din,), 4),
+        ]
+    return [(f"{name}/kernel", (din, dout), s)]
+
+
+def _block_variables(
+    spec: ModelSpec, b: BlockSpec, q: dict, s: int
+) -> list[tuple[str, tuple[int, ...], int]]:
+    """Frozen variables of decoder block `b` (layers.DecoderBlock)."""
+    d, p, e, i = spec.hidden_dim, spec.ple_dim, spec.num_experts, spec.expert_dim
+    pre = f"block_{b.index}"
+    out = [(f"{pre}/norm_{k}", (d,), 4) for k in range(4)]
+    out.append((f"{pre}/q_norm", (b.head_dim,), 4))
+    if b.has_kv:
+        out.append((f"{pre}/k_norm", (b.head_dim,), 4))
+    if spec.moe:
+        out += [(f"{pre}/moe_norm_{k}", (d,), 4) for k in range(3)]
+    if p:
+        out.append((f"{pre}/post_ple", (d,), 4))
+    for t in ATTN_TARGETS + MLP_TARGETS:
+        if spec.has_projection(b.index, t):
+            din, dout = spec.projection_shape(b.index, t)
+            out += _projection_variables(b.index, t, din, dout, q, s)
+    out.append((f"{pre}/layer_scalar", (), s))
+    if p:
+        out += [(f"{pre}/ple_gate", (d, p), s), (f"{pre}/ple_up", (p, d), s)]
+    if spec.moe:
+        out += [
+            (f"{pre}/router_scale", (d,), s),
+            (f"{pre}/router_proj", (d, e), s),
+            (f"{pre}/expert_scale", (e,), s),
+        ]
+        for name, shape in (
+            ("gate", (e, d, i)),
+            ("up", (e, d, i)),
+            ("down", (e, i, d)),
+        ):
+            if q["mode"] != "nf4":  # Keras int8/int4 quantise Dense kernels only
+                out.append((f"{pre}/experts_{name}", shape, s))
+                continue
+            leaves = quant.nf4_leaf_specs(
+                shape, q["block_size"], q["double_quant"], batch_dims=1
+            )
+            out += [
+                (f"{pre}_experts_{name}/{leaf}", ls, np.dtype(dt).itemsize)
+                for leaf, (ls, dt) in leaves.items()
+            ]
+    return out
+
+
+def training_variables(
+    spec: ModelSpec, ple_vocab: int, q: dict, s: int, lora: LoraSpec | None = None
+) -> list[tuple[str, tuple[int, ...], int]]:
+    """`(path, shape, bytes per element)` of every variable of the training
+    model (frozen base, then adapter `default`), from the spec alone.
+
+    The paths are those `Gemma4LoraModel` gives its variables where the
+    layout rules (`sharding.LAYOUT_RULES`) look at them; norms and other
+    replicated variables get placeholder names. `tests/test_sharding.py`
+    checks the list against a built model (shapes, dtypes, split paths).
+    """
+    d, p, n = spec.hidden_dim, spec.ple_dim, spec.num_layers
+    out = [
+        ("gemma4_lora_model/embedding", (spec.vocab_size, d), s),
+        ("gemma4_lora_model/final_norm", (d,), 4),
+    ]
+    if p:
+        out += [
+            ("gemma4_lora_model/ple_embedding", (ple_vocab, n * p), s),
+            ("gemma4_lora_model/ple_projection", (d, n * p), s),
+            ("gemma4_lora_model/ple_norm", (p,), 4),
+        ]
+    for b in spec.blocks:
+        out += _block_variables(spec, b, q, s)
+    for layer, t in lora.sites(spec) if lora is not None else ():
+        din, dout = spec.projection_shape(layer, t)
+        name = f"lora_default_layers_{layer}_{t}"
+        out += [
+            (f"{name}/lora_a", (din, lora.rank), 4),
+            (f"{name}/lora_b", (lora.rank, dout), 4),
+        ]
+    return out
+
+
+# name -> (what, memory per device [bytes, vendor GB = 1e9], devices by default)
+ACCELERATORS: dict[str, tuple[str, float, int]] = {
+    "t4": ("NVIDIA T4 16 GB", 16e9, 1),
+    "l4": ("NVIDIA L4 24 GB", 24e9, 1),
+    "rtx4090": ("NVIDIA RTX 4090 24 GB", 24e9, 1),
+    "a100-40": ("NVIDIA A100 40 GB", 40e9, 1),
+    "a100-80": ("NVIDIA A100 80 GB", 80e9, 1),
+    "h100": ("NVIDIA H100 80 GB", 80e9, 1),
+    "h200": ("NVIDIA H200 141 GB", 141e9, 1),
+    "v5e": ("TPU v5e, 16 GB per chip", 16e9, 1),
+    "v5p": ("TPU v5p, 95 GB per chip", 95e9, 1),
+}
+# Share of a device's memory a run may plan for: the rest is the runtime's
+# (CUDA context, XLA's workspace) and allocator fragmentation.
+USABLE_FRACTION = 0.9
+
+
+def accelerator(name: str) -> tuple[str, str, float, int]:
+    """`t4`, `2xt4`, `v5e-8` -> (key, description, bytes per device, devices).
+
+    >>> accelerator("v5e-8")[1:]
+    ('TPU v5e, 16 GB per chip', 16000000000.0, 8)
+    >>> accelerator("2xT4")[3]
+    2
+    """
+    key, count = name.strip().lower(), None
+    if "x" in key.split("-")[0] and key.split("x", 1)[0].isdigit():
+        count, key = key.split("x", 1)
+    elif key.rsplit("-", 1)[-1].isdigit() and key.rsplit("-", 1)[0] in ("v5e", "v5p"):
+        key, count = key.rsplit("-", 1)
+    if key not in ACCELERATORS:
+        raise config_lib.ConfigError(
+            f"--accelerator={name!r} is not known; use one of "
+            f"{', '.join(ACCELERATORS)} (optionally Nx..., e.g. 2xt4, or v5e-8)"
+        )
+    what, memory, devices = ACCELERATORS[key]
+    return key, what, memory, int(count) if count else devices
+
+
+def device_mesh(dist_cfg, devices: int) -> dict[str, int | str]:
+    """The (batch, model) mesh `distributed.build_distribution` would make on
+    `devices` devices: {"mode", "devices", "data", "model"}."""
+    mode = str(dist_cfg.mode)
+    if mode == "auto":
+        mode = "data" if devices > 1 else "none"
+    if mode == "none":
+        return {"mode": mode, "devices": 1, "data": 1, "model": 1}
+    if mode == "data":
+        return {"mode": mode, "devices": devices, "data": devices, "model": 1}
+    data, model = sharding.mesh_shape(devices, int(dist_cfg.model_parallel))
+    return {"mode": mode, "devices": devices, "data": data, "model": model}
+
+
+def per_device_bytes(
+    spec: ModelSpec,
+    ple_vocab: int,
+    lora: LoraSpec,
+    q: dict,
+    s: int,
+    mesh: dict,
+    *,
+    batch: int,
+    seq: int,
+    grad_accum: int,
+    chunk: int,
+    remat: bool,
+) -> dict[str, int]:
+    """Bytes one device of `mesh` holds during a step [bytes].
+
+    base, adapters  the variables' shards under the layout rules (exact:
+                    equal to the arrays a mesh run places, tested)
+    adapter state   gradients, accumulators, AdamW m and v follow their
+                    adapter's layout (Keras creates them from it)
+    activations     `activation_bytes` of the device's share of the batch
+                    (batch / data devices); not divided over the model axis
+                    (the residual stream is replicated there): an upper bound
+    loss temp       `loss_temp_bytes` of that share, likewise not divided
+    """
+    if batch % mesh["data"]:
+        raise config_lib.ConfigError(
+            f"--config.train.batch_size={batch} does not split over "
+            f"{mesh['data']} data-parallel devices"
+        )
+    variables = training_variables(spec, ple_vocab, q, s)
+    base = sharding.per_device_bytes(variables, mesh["model"])
+    adapter_vars = training_variables(spec, ple_vocab, q, s, lora)[len(variables) :]
+    adapters = sharding.per_device_bytes(adapter_vars, mesh["model"])
+    state = adapters * (3 + (grad_accum > 1))  # grads (+ accumulators) + m, v
+    b_dev = batch // mesh["data"]
+    act = activation_bytes(spec, lora, b_dev, seq, s)
+    out = {
+        "base": base,
+        "adapters": adapters,
+        "adapter_state": state,
+        "activations": act["remat_peak"] if remat else act["no_remat_saved"],
+        "loss_temp": loss_temp_bytes(spec, b_dev * seq, chunk),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def fits(total: float, memory: float) -> bool:
+    """Whether `total` bytes fit a device of `memory` bytes (with headroom)."""
+    return total <= USABLE_FRACTION * memory
+
+
+# ----------------------------------------------------------------------------
 # The plan.
 
 
-def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
+def plan(
+    config,
+    tflops: float = 100.0,
+    mfu: float = 0.4,
+    *,
+    devices: int | None = None,
+    accelerator_name: str | None = None,
+) -> dict:
     """Memory and speed estimate of a run, from its config alone.
 
     Args:
       config: the run's ConfigDict (`config_lib.get_config`).
       tflops: the accelerator's dense rating in the compute dtype [TFLOP/s].
       mfu: assumed model FLOP utilisation, in (0, 1].
+      devices: devices the run uses (default: the accelerator's count, e.g.
+        8 for `v5e-8`, else `distribution.model_parallel` under mode=model,
+        else 1); with `config.distribution` they give the mesh.
+      accelerator_name: a key of `ACCELERATORS` (optionally `2xt4`,
+        `v5e-8`): the device whose memory the per-device total must fit.
 
     Returns:
       A JSON-serialisable dict: `model`, `params` [count], `base_bytes`,
       `adapter_params` [count], `adapter_bytes`, `activation_bytes`,
-      `loss_temp_bytes`, `total_bytes` [bytes], `flops_per_step` [FLOP],
+      `loss_temp_bytes`, `total_bytes` [bytes] (one device holding it all),
+      `mesh`, `per_device` [bytes], `fits` {accelerator: bool},
+      `accelerator` (the named one, or None), `flops_per_step` [FLOP],
       `seconds_per_step`, `tokens_per_second`, `steps`, `hours`.
 
     Example:
@@ -351,7 +589,10 @@ def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
     spec = hub.spec_from_config(kw)
     ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     lora = LoraSpec.from_config(config.lora)
+    target = accelerator(accelerator_name) if accelerator_name else None
     dtype = presets.compute_dtype(config.model)
+    if target is not None and config.model.dtype == "auto":
+        dtype = "bfloat16"  # `auto` on the named accelerator, not on this host
     s = _DTYPE_BYTES[dtype]
     t = config.train
     batch, seq, accum = (
@@ -375,6 +616,18 @@ def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
     flops = step_flops(spec, lora, tokens, seq, batch * seq, chunk)
     sec = flops["total"] / (tflops * 1e12 * mfu)
     steps = optimizer_steps(config)
+    if devices is None:
+        devices = max(
+            target[3] if target else 1,
+            int(config.distribution.model_parallel)
+            if config.distribution.mode == "model"
+            else 1,
+        )
+    mesh = device_mesh(config.distribution, int(devices))
+    dev = per_device_bytes(
+        spec, ple_vocab, lora, quant, s, mesh, batch=batch, seq=seq,
+        grad_accum=accum, chunk=chunk, remat=bool(t.remat),
+    )  # fmt: skip
     return {
         "model": {
             "preset": str(config.model.preset),
@@ -403,6 +656,18 @@ def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
         "activation_bytes": act,
         "loss_temp_bytes": loss,
         "total_bytes": base["total"] + adapters["total"] + act_used + loss,
+        "mesh": mesh,
+        "per_device": dev,
+        "fits": {k: fits(dev["total"], a[1]) for k, a in ACCELERATORS.items()},
+        "accelerator": None
+        if target is None
+        else {
+            "name": target[0],
+            "what": target[1],
+            "memory": target[2],
+            "devices": target[3],
+            "fits": fits(dev["total"], target[2]),
+        },
         "flops_per_step": flops,
         "seconds_per_step": sec,
         "tokens_per_second": tokens / sec,
@@ -416,6 +681,54 @@ def _gib(n: float) -> str:
     if n < GIB:
         return f"{n / 1024**2:8.2f} MiB"
     return f"{n / GIB:8.2f} GiB"
+
+
+def _why_not(dev: dict, run: dict) -> str:
+    """The two largest parts of a per-device total and what shrinks each."""
+    fixes = {
+        "base": "more --config.distribution.model_parallel (mode=model)"
+        + ("" if run["quant"]["mode"] == "nf4" else " or --config.quant.mode=nf4"),
+        "activations": ("" if run["remat"] else "--config.train.remat=True, ")
+        + "a smaller --config.data.max_length or --config.train.batch_size "
+        "(raise grad_accum to keep the batch)",
+        "loss_temp": "a smaller --config.train.loss_chunk_size",
+        "adapter_state": "a smaller --config.lora.rank",
+        "adapters": "a smaller --config.lora.rank",
+    }
+    parts = sorted(
+        ((k, v) for k, v in dev.items() if k != "total"), key=lambda kv: -kv[1]
+    )[:2]
+    return "; ".join(f"{k} {_gib(v).strip()}: {fixes[k]}" for k, v in parts)
+
+
+def format_per_device(p: dict) -> list[str]:
+    """The per-device lines of `format_plan`: mesh, bytes, which devices fit."""
+    m, dev = p["mesh"], p["per_device"]
+    lines = [
+        f"memory per device on the mesh: mode={m['mode']}, {m['devices']} "
+        f"device(s) = {m['data']} (batch) x {m['model']} (model)",
+    ]
+    lines += [f"  {k:22s}{_gib(v)}" for k, v in dev.items() if k != "total"]
+    lines.append(f"  {'TOTAL per device':22s}{_gib(dev['total'])}")
+    a = p["accelerator"]
+    usable = f"{USABLE_FRACTION:.0%} of its memory usable"
+    if a is not None:
+        have = f"{a['what']} x {m['devices']}"
+        if a["fits"]:
+            lines.append(f"  fits {have} ({usable})")
+        else:
+            lines.append(
+                f"  does NOT fit {have}: needs {_gib(dev['total']).strip()} per "
+                f"device, has {_gib(a['memory'] * USABLE_FRACTION).strip()} "
+                f"({usable}); largest: {_why_not(dev, p['run'])}"
+            )
+    ok = [k for k, v in p["fits"].items() if v]
+    no = [k for k, v in p["fits"].items() if not v]
+    lines.append(
+        f"  this mesh fits ({usable}): {', '.join(ok) or 'none'}; "
+        f"not: {', '.join(no) or 'none'}"
+    )
+    return lines
 
 
 def format_plan(p: dict) -> str:
@@ -437,7 +750,7 @@ def format_plan(p: dict) -> str:
     ]
     lines += [f"  {k:22s} {v:>16,}" for k, v in p["params"].items()]
     lines.append(f"  {'lora adapters':22s} {p['adapter_params']:>16,}")
-    lines.append("memory per device")
+    lines.append("memory of the whole run on one device")
     lines += [f"  base {k:17s} {_gib(v)}" for k, v in p["base_bytes"].items()]
     lines += [f"  adapter {k:14s} {_gib(v)}" for k, v in p["adapter_bytes"].items()]
     act = p["activation_bytes"]
@@ -447,8 +760,9 @@ def format_plan(p: dict) -> str:
         f"{_gib(act['remat_saved']).strip()} kept for backward)",
         f"  loss temp             {_gib(p['loss_temp_bytes'])}",
         f"  TOTAL                 {_gib(p['total_bytes'])}",
-        "compute per optimiser step",
     ]
+    lines += format_per_device(p)
+    lines.append("compute per optimiser step")
     lines += [
         f"  {k:22s} {v / 1e12:12.2f} TFLOP" for k, v in p["flops_per_step"].items()
     ]
@@ -461,4 +775,4 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_plan", "plan"]
+__all__ = ["ACCELERATORS", "format_plan", "plan", "training_variables"]

@@ -126,16 +126,20 @@ def read_config_json(preset: str) -> dict:
 
     Args:
       preset: `config.model.preset`: a KerasHub preset name, hf://org/repo,
-        kaggle://..., a local directory (HF or KerasHub format), or `tiny`.
+        kaggle://..., a local directory (HF or KerasHub format; only its
+        config.json is needed), or `tiny`.
 
     Raises:
       PresetError: naming the preset and the credentials it needs when
         the file cannot be fetched.
     """
+    local = str(preset).strip()
+    if not local.startswith("tiny") and os.path.isdir(local):
+        # Only config.json is read: plan before downloading the weights.
+        return _read_local_config(local)
     resolved = resolve_preset(preset)
     if os.path.isdir(resolved):
-        with open(os.path.join(resolved, "config.json")) as f:
-            return json.load(f)
+        return _read_local_config(resolved)
     try:
         return hub.load_preset_json(resolved)
     except Exception as e:  # network, auth and missing-file errors alike
@@ -150,6 +154,22 @@ def read_config_json(preset: str) -> dict:
             f"({type(e).__name__}: {e}); {how}, or point the preset at a local "
             "directory holding config.json"
         ) from e
+
+
+def _read_local_config(directory: str) -> dict:
+    """`directory/config.json`, parsed; PresetError naming the file if not."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise PresetError(
+            f"--config.model.preset={directory!r} has no config.json; a preset "
+            "directory holds a Hugging Face checkpoint or a KerasHub preset (to "
+            "plan, config.json alone is enough)"
+        )
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise PresetError(f"{path}: not valid JSON ({e})") from e
 
 
 def compute_dtype(model_cfg) -> str:

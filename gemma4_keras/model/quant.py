@@ -61,6 +61,7 @@ __all__ = [
     "NF4Weight",
     "nf4_bytes_per_param",
     "nf4_dequantize",
+    "nf4_leaf_specs",
     "nf4_matmul",
     "nf4_quantize",
     "nf4_quantize_experts",
@@ -709,6 +710,23 @@ def _leaf_shapes(
     else:
         shapes["absmax"] = (*batch, n_blocks)
     return shapes
+
+
+def nf4_leaf_specs(
+    shape: Sequence[int],
+    block_size: int = 64,
+    double_quant: bool = False,
+    batch_dims: int = 0,
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{leaf name: (shape, dtype)} of the variables `NF4Kernel` holds for `shape`.
+
+    Example:
+
+        nf4_leaf_specs((4096, 2560), double_quant=True)["absmax_codes"]
+        # ((163840,), 'uint8')
+    """
+    shapes = _leaf_shapes(tuple(shape), block_size, double_quant, batch_dims)
+    return {name: (tuple(s), _LEAF_DTYPES[name]) for name, s in shapes.items()}
 
 
 class NF4Kernel(keras.layers.Layer):

@@ -165,14 +165,30 @@ def render(config, limit: int = 3, show: bool = True) -> list[dict]:
 # --- plan and train ---------------------------------------------------------
 
 
-def plan(config, tflops: float = 100.0, mfu: float = 0.4) -> dict:
+def plan(
+    config,
+    tflops: float = 100.0,
+    mfu: float = 0.4,
+    *,
+    devices: int | None = None,
+    accelerator_name: str | None = None,
+) -> dict:
     """`gemma4-keras plan`: memory per device and time per step, no weights loaded.
+
+    `devices` and `config.distribution` give the mesh; `accelerator_name`
+    (`t4`, `2xt4`, `v5e-8`, ...; `plan_lib.ACCELERATORS`) the device to fit.
 
     Example:
       >>> print(format_plan(plan(get_config("tiny", "qlora"), tflops=65)))  # doctest: +SKIP
     """
     config_lib.validate(config)
-    return plan_lib.plan(config, tflops=tflops, mfu=mfu)
+    return plan_lib.plan(
+        config,
+        tflops=tflops,
+        mfu=mfu,
+        devices=devices,
+        accelerator_name=accelerator_name,
+    )
 
 
 format_plan = plan_lib.format_plan

@@ -6,11 +6,16 @@
 * `data`: data parallel over every device (`keras.distribution.DataParallel`);
   each device holds the whole (possibly NF4) base and the adapters.
 * `model`: a 2-D mesh `(batch, model)` with `distribution.model_parallel`
-  devices on the model axis (`keras.distribution.ModelParallel`). The frozen
-  base is split Megatron-style: column-parallel q/k/v/gate/up (output dim on
-  `model`), row-parallel o/down (input dim on `model`), the embedding by
-  vocabulary; LoRA factors follow their kernel (B of a column-parallel layer
-  by columns, A of a row-parallel layer by rows) so no adapter is gathered.
+  devices on the model axis (`keras.distribution.ModelParallel`). Every big
+  array is split (`model/sharding.py` holds the table, which `plan` counts
+  with): float and int8/int4 kernels Megatron-style (column-parallel
+  q/k/v/gate/up by output, row-parallel o/down by input, their scales with
+  their columns), NF4 kernels along output features in whole blocks, MoE
+  expert banks by expert (expert parallelism), the embedding and the
+  per-layer-embedding table by vocabulary, the PLE projections by columns /
+  rows; LoRA factors follow their kernel (B of a column-parallel layer by
+  columns, A of a row-parallel layer by rows) so no adapter is gathered.
+  A dimension the model axis does not divide stays replicated.
 * `auto`: `data` when there is more than one device, else `none`.
 
 Multi-host (TPU pods, multi-node GPU): `setup` calls
@@ -29,19 +34,13 @@ import keras
 from absl import logging
 
 from gemma4_keras import config_lib
+from gemma4_keras.model import sharding
 
 MODES = ("auto", "none", "data", "model")
 
-# Variable path regex -> layout over mesh axes (None = replicated dim).
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"
-_ROW = r"(o_proj|down_proj)"
-LAYOUT_RULES = (
-    (rf"block_\d+_{_COLUMN}/kernel$", (None, "model")),
-    (rf"block_\d+_{_ROW}/kernel$", ("model", None)),
-    (rf"lora_.*_layers_\d+_{_COLUMN}/lora_b$", (None, "model")),
-    (rf"lora_.*_layers_\d+_{_ROW}/lora_a$", ("model", None)),
-    (r"gemma4_lora_model/embedding$", ("model", None)),
-)
+# Variable path regex -> the dimension split over `model` (see model/sharding.py).
+LAYOUT_RULES = sharding.LAYOUT_RULES
+mesh_shape = sharding.mesh_shape
 
 
 def maybe_initialize_multihost() -> None:
@@ -66,26 +65,27 @@ def resolve_mode(dist_cfg) -> str:
     return mode
 
 
-def mesh_shape(num_devices: int, model_parallel: int) -> tuple[int, int]:
-    """(batch, model) axis sizes for `num_devices`.
-
-    >>> mesh_shape(8, 2)
-    (4, 2)
-    """
-    if model_parallel < 1 or num_devices % model_parallel:
-        raise config_lib.ConfigError(
-            f"--config.distribution.model_parallel={model_parallel} must divide the "
-            f"{num_devices} devices"
-        )
-    return num_devices // model_parallel, model_parallel
-
-
 def layout_map(mesh: keras.distribution.DeviceMesh) -> keras.distribution.LayoutMap:
-    """The Gemma 4 LoRA layout map (see the module docstring)."""
-    layouts = keras.distribution.LayoutMap(mesh)
-    for pattern, axes in LAYOUT_RULES:
-        layouts[pattern] = axes
-    return layouts
+    """An empty layout map: variables are laid out by `LoraModelParallel`
+    from their path and shape; intermediate tensors are left to XLA."""
+    return keras.distribution.LayoutMap(mesh)
+
+
+class LoraModelParallel(keras.distribution.ModelParallel):
+    """`ModelParallel` whose variable layouts come from `sharding.axes`.
+
+    Keras' `LayoutMap` sees only a variable's path; the rules here also need
+    its shape (a rank-agnostic split dimension, replication where the model
+    axis does not divide it, NF4 block alignment).
+    """
+
+    def get_variable_layout(self, variable):
+        if getattr(variable, "_layout", None) is not None:
+            return variable._layout
+        mesh = self.device_mesh
+        model_size = mesh.shape[mesh.axis_names.index(sharding.MODEL_AXIS)]
+        spec = sharding.axes(variable.path, tuple(variable.shape), model_size)
+        return keras.distribution.TensorLayout(list(spec), mesh)
 
 
 def build_distribution(dist_cfg):
@@ -98,9 +98,7 @@ def build_distribution(dist_cfg):
         return keras.distribution.DataParallel(devices=devices)
     shape = mesh_shape(len(devices), int(dist_cfg.model_parallel))
     mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices=devices)
-    return keras.distribution.ModelParallel(
-        layout_map=layout_map(mesh), batch_dim_name="batch"
-    )
+    return LoraModelParallel(layout_map=layout_map(mesh), batch_dim_name="batch")
 
 
 def setup(dist_cfg, batch_size: int):
