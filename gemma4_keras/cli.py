@@ -127,6 +127,12 @@ flags.DEFINE_bool(
     False,
     "export: also export a run that did not finish, or an adapter holding NaN/inf.",
 )
+flags.DEFINE_bool(
+    "merged",
+    False,
+    "evaluate: also evaluate the merged model (the adapter folded into the "
+    "unquantised base, as merged exports serve it); = --config.eval.merged=true.",
+)
 flags.DEFINE_bool("verbose", False, "On an error, print the full Python traceback too.")
 
 # Exit codes: 0 done, 1 failed, 2 usage error, 3 preempted (rerun to resume).
@@ -266,6 +272,8 @@ def _train(config, args) -> int:
 def _evaluate(config, args) -> int:
     from gemma4_keras.eval import evaluate  # lazy: see module doc
 
+    if FLAGS.merged:
+        config.eval.merged = True
     summary = evaluate.evaluate_workdir(
         config, _require(FLAGS.workdir, "workdir"), FLAGS.out
     )

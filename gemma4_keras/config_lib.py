@@ -222,6 +222,10 @@ def get_config(
     )
     c.eval.batch_size = 8
     c.eval.compare_base = True  # also evaluate the untouched base model
+    # Also evaluate the merged model (the adapter folded into an unquantised
+    # base in model.dtype: what a merged export serves). Loads that base
+    # beside the trained model: more memory, opt-in.
+    c.eval.merged = False
 
     if arg:
         _apply_arg(c, arg)

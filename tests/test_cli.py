@@ -292,3 +292,29 @@ def test_plan_prints_memory_and_speed(tmp_path, capsys):
 def test_plan_rejects_a_bad_mfu(capsys):
     assert run_cli("plan", f"--config={CONFIGS}/tiny.py", "--mfu=0") == 1
     assert "--mfu" in one_error_line(capsys)
+
+
+def test_evaluate_merged_adds_the_merged_model(trained, tmp_path, capsys):
+    """--merged evaluates the adapter folded into the float base as well; on a
+    float base that is the same function, so greedy answers agree."""
+    config, workdir = trained
+    capsys.readouterr()
+    code = run_cli(
+        "evaluate",
+        config,
+        f"--workdir={workdir}",
+        "--merged",
+        "--config.eval.max_examples=6",
+        f"--out={tmp_path}/eval",
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert "merged" in json.dumps(report) and ", merged" in json.dumps(report)
+    rows = [
+        json.loads(row)
+        for row in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 6
+    assert [r["prediction_merged"] for r in rows] == [
+        r["prediction_finetuned"] for r in rows
+    ]

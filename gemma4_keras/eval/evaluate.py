@@ -19,7 +19,7 @@ from gemma4_keras import config_lib, data, workdir_lock
 from gemma4_keras.eval import metrics, report
 from gemma4_keras.eval.generate import Generator, load_model
 from gemma4_keras.export import peft
-from gemma4_keras.model import decoding, presets
+from gemma4_keras.model import decoding, lora, presets
 
 
 def split_prompt(conversation) -> tuple[list[dict], str]:
@@ -63,17 +63,21 @@ def evaluate_holdout(
     if ev.max_examples >= 0:
         convs = convs[: ev.max_examples]
     prompts, refs = zip(*(split_prompt(c) for c in convs)) if convs else ((), ())
-    gen = Generator.from_model(
-        model,
-        tokenizer,
-        template=template,
-        enable_thinking=bool(config.data.enable_thinking),
-    )
 
-    def generate():
+    def generator(m):
+        return Generator.from_model(
+            m,
+            tokenizer,
+            template=template,
+            enable_thinking=bool(config.data.enable_thinking),
+        )
+
+    def generate(gen):
         return gen.generate(
             list(prompts), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size
         )
+
+    gen = generator(model)  # one compiled decoder for adapter off and on
 
     precision = decoding.base_precision(model)
     evaluated_on = {"base": precision, "finetuned": f"{precision} + adapter"}
@@ -81,10 +85,15 @@ def evaluate_holdout(
     if ev.compare_base:
         model.set_adapter(None)
         try:
-            predictions["base"] = generate()
+            predictions["base"] = generate(gen)
         finally:
             model.set_adapter(adapter)
-    predictions["finetuned"] = generate()
+    predictions["finetuned"] = generate(gen)
+    if ev.get("merged", False):
+        merged = merged_model(model, config)
+        evaluated_on["merged"] = f"{decoding.base_precision(merged)}, merged"
+        predictions["merged"] = generate(generator(merged))
+        del merged
     task = ev.task_type or None
     results = {
         k: {
@@ -122,6 +131,23 @@ def evaluate_holdout(
     print(report.format_metrics_table(results), flush=True)
     logging.info("eval: %s", summary)
     return summary
+
+
+def merged_model(model, config):
+    """An unquantised base in `config.model.dtype` with `model`'s active
+    adapter merged into its kernels (`lora.merge_adapter`): what a merged
+    export (`--format=hf|gguf|keras`) serves. Built beside `model`.
+    """
+    preset = presets.resolve_preset(config.model.preset)
+    quant_cfg = config.quant.copy_and_resolve_references()
+    quant_cfg.mode = "none"
+    merged = presets.build_training_model(
+        preset, config.model, config.lora, quant_cfg, config.train
+    )
+    merged.unload_adapter("default")
+    lora.add_adapter_from_factors(merged, *lora.adapter_factors(model), name="default")
+    lora.merge_adapter(merged, "default")
+    return merged
 
 
 def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
