@@ -294,6 +294,8 @@ class SampleGenerations(keras.callbacks.Callback):
 
     Appends one JSON line per prompt to `path`:
     `{"step": 20, "prompt": "...", "reference": "...", "generation": "..."}`.
+    `path=None` generates without writing (the other processes of a
+    multi-host run: generation is one computation over all of them).
 
     Decodes with the model being trained (its current adapter, its own base,
     quantised or not) through its KV-cached `Generator.from_model`: no
@@ -305,7 +307,7 @@ class SampleGenerations(keras.callbacks.Callback):
         every: int,
         conversations,
         tokenizer,
-        path: str,
+        path: str | None,
         *,
         max_new_tokens: int = 32,
         template: str,
@@ -335,6 +337,8 @@ class SampleGenerations(keras.callbacks.Callback):
         outs = self._generator.generate(
             list(prompts), max_new_tokens=self.max_new_tokens
         )
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             for p, r, g in zip(prompts, refs, outs):
                 line = {

@@ -13,11 +13,18 @@
   by columns, A of a row-parallel layer by rows) so no adapter is gathered.
 * `auto`: `data` when there is more than one device, else `none`.
 
-Multi-host (TPU pods, multi-node GPU): `setup` calls
-`jax.distributed.initialize()` when the environment names a coordinator
-(TPU pods are detected by JAX itself); every host then runs the same
-command. Call `setup` before any model is built: Keras places variables
-when they are created.
+Multi-host (TPU pods, multi-node GPU): every process runs the same command;
+`initialize` (first thing in the CLI and in `run`, before anything touches
+JAX) joins them when the environment names a coordinator:
+
+    JAX_COORDINATOR_ADDRESS=host:port  JAX_NUM_PROCESSES=N  JAX_PROCESS_ID=i
+    JAX_LOCAL_DEVICE_IDS=0,1   (optional: this process's accelerators)
+    GEMMA4_DISTRIBUTED=auto    (no address: JAX's own cluster detection, e.g.
+                                on TPU pod slices, SLURM, Open MPI)
+
+`train.batch_size` is the global batch: each process feeds only the rows of
+it that its own devices hold (`process_rows`). Call `setup` before any model
+is built: Keras places variables when they are created.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 
 import jax
 import keras
+import numpy as np
 from absl import logging
 
 from gemma4_keras import config_lib
@@ -44,15 +52,65 @@ LAYOUT_RULES = (
 )
 
 
-def maybe_initialize_multihost() -> None:
-    """`jax.distributed.initialize()` when a coordinator is configured."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
+def initialize() -> None:
+    """Joins the other processes of a multi-host run (see the module docstring).
+
+    Does nothing without a coordinator in the environment, or when already
+    joined. Must run before anything queries JAX devices: JAX refuses to
+    join once its backend has started.
+
+    Raises:
+      ConfigError: a malformed JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
         "COORDINATOR_ADDRESS"
-    ):
-        jax.distributed.initialize()
-        logging.info(
-            "multi-host: process %d of %d", jax.process_index(), jax.process_count()
+    )
+    auto = os.environ.get("GEMMA4_DISTRIBUTED", "") == "auto"
+    if not (address or auto) or jax.distributed.is_initialized():
+        return
+    count = _env_int("JAX_NUM_PROCESSES")
+    index = _env_int("JAX_PROCESS_ID")
+    explicit = address and count is not None and index is not None
+    if explicit and not 0 <= index < count:
+        raise config_lib.ConfigError(
+            f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count})"
         )
+    jax.distributed.initialize(
+        coordinator_address=address or None,
+        num_processes=count,
+        process_id=index,
+        # Everything given: no cluster guessing (SLURM detection would also
+        # pin one device per process, wrong for one process per node).
+        cluster_detection_method="deactivate" if explicit else None,
+    )
+    logging.info(
+        "multi-host: process %d of %d", jax.process_index(), jax.process_count()
+    )
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise config_lib.ConfigError(
+            f"environment variable {name}={value!r} must be an integer"
+        ) from None
+
+
+def is_writer() -> bool:
+    """True on the one process that writes files (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches `name` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # reason: multi-host only
+
+        multihost_utils.sync_global_devices(name)
 
 
 def resolve_mode(dist_cfg) -> str:
@@ -106,18 +164,19 @@ def build_distribution(dist_cfg):
 def setup(dist_cfg, batch_size: int):
     """Initialises multi-host JAX and sets the global Keras distribution.
 
-    Returns the distribution (None on one device). The per-step batch must
-    split evenly over the data-parallel devices.
+    `batch_size` is the global batch (all processes together); it must split
+    evenly over the data-parallel devices. Returns the distribution (None on
+    one device).
     """
-    maybe_initialize_multihost()
+    initialize()
     distribution = build_distribution(dist_cfg)
     if distribution is not None:
         data_devices = distribution.device_mesh.shape[0]
-        global_batch = batch_size * jax.process_count()
-        if global_batch % data_devices:
+        if batch_size % data_devices:
             raise config_lib.ConfigError(
-                f"--config.train.batch_size={batch_size} (x {jax.process_count()} hosts) "
-                f"does not split over {data_devices} data-parallel devices"
+                f"--config.train.batch_size={batch_size} (the global batch of all "
+                f"{jax.process_count()} processes) does not split over "
+                f"{data_devices} data-parallel devices"
             )
         logging.info(
             "distribution: %s over mesh %s",
@@ -132,3 +191,28 @@ def setup(dist_cfg, batch_size: int):
         )
     keras.distribution.set_distribution(distribution)
     return distribution
+
+
+def process_rows(batch_size: int, seq_len: int) -> np.ndarray | None:
+    """The rows of each global batch this process feeds, or None for all.
+
+    Keras builds the global batch from every process's rows with
+    `jax.make_array_from_process_local_data`; a process holds the rows its
+    own devices hold under the active distribution's data layout (all of
+    them when the batch axis does not span processes).
+
+    >>> process_rows(8, 16) is None  # one process
+    True
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None or jax.process_count() == 1:
+        return None
+    layout = distribution.get_data_layout((batch_size, seq_len))
+    sharding = layout.backend_layout
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(
+        (batch_size, seq_len)
+    ).values():
+        rows.update(range(batch_size)[index[0]])
+    picked = np.array(sorted(rows), np.int64)
+    return None if len(picked) == batch_size else picked
