@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +40,9 @@ OVERRIDES = {  # what every run here shares (mode and method aside)
     "train.max_steps": STEPS,
     "checkpoint.every_steps": 1,
     "distribution.model_parallel": 2,
-    "data.holdout_fraction": 0.0,  # no eval: this test is about training
+    "train.eval_every": STEPS,  # one validation loss, at the end
+    "eval.max_examples": 4,  # a short eval report (one batch over 4 devices)
+    "eval.max_new_tokens": 2,
 }
 
 # Trains `runs` ([name, mode, method], ...) in this process, under `out`.
@@ -51,8 +54,11 @@ WORKER = textwrap.dedent("""
     from gemma4_keras.run import distributed
     distributed.initialize()  # first: before anything starts JAX
 
+    from absl import logging
     from gemma4_keras import config_lib
     from gemma4_keras.run import checkpointing, train
+
+    logging.set_verbosity(logging.INFO)  # the test reads "restored checkpoint step"
 
     out, runs, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     pause = int(os.environ.get("PAUSE_AFTER_STEP", "0"))
@@ -137,13 +143,14 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = dict(os.environ, **extra)
+    env = dict(os.environ)
+    for name in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"):
+        env.pop(name, None)  # only the coordinators given here
+    env.update(extra)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     )
-    for name in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS"):
-        env.pop(name, None)
     return env
 
 
@@ -209,6 +216,17 @@ def _steps_logged(workdir: pathlib.Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
+    started: list[subprocess.Popen] = []
+    try:
+        _two_processes_train_like_one(tmp_path, started)
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _two_processes_train_like_one(tmp_path, started):
     logs = tmp_path / "logs"
     logs.mkdir()
     one, two = tmp_path / "one", tmp_path / "two"
@@ -219,11 +237,13 @@ def test_two_processes_train_like_one(tmp_path):
         _env(4),
         open(logs / "one.log", "w"),
     )
+    started.append(ref)
 
     # mode=model, NF4: both processes pause after checkpoint 1; kill them.
     first = _pair(
         two, [["model", "model", "qlora"]], logs, "killed", PAUSE_AFTER_STEP="1"
     )
+    started += first
     markers = [two / f"paused-{i}" for i in range(2)]
     deadline = time.monotonic() + 600
     while not all(m.exists() for m in markers):
@@ -240,11 +260,12 @@ def test_two_processes_train_like_one(tmp_path):
 
     # Rerun both: resumes at step 1 and finishes.
     second = _pair(two, [["model", "model", "qlora"]], logs, "resumed")
+    started += second
     _wait(second, logs, ["resumed-0", "resumed-1"])
     assert "restored checkpoint step 1" in (logs / "resumed-0.log").read_text()
 
     # mode=data through the SLURM launcher and the CLI.
-    _launch_slurm_pair(two / "data", logs)
+    _launch_slurm_pair(two / "data", logs, started)
 
     _wait([ref], logs, ["one"])
     for name in ("model", "data"):
@@ -256,7 +277,7 @@ def test_two_processes_train_like_one(tmp_path):
     )
 
 
-def _launch_slurm_pair(workdir: pathlib.Path, logs: pathlib.Path):
+def _launch_slurm_pair(workdir: pathlib.Path, logs: pathlib.Path, started: list):
     port = _free_port()
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     procs = []
@@ -295,4 +316,23 @@ def _launch_slurm_pair(workdir: pathlib.Path, logs: pathlib.Path):
                 cwd=ROOT,
             )
         )
+        started.append(procs[-1])
     _wait(procs, logs, ["slurm-0", "slurm-1"])
+
+
+def test_launchers_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install -e '.[dev]')")
+    scripts = sorted(str(p) for p in (ROOT / "launch").glob("*.sh"))
+    assert any(s.endswith("gpu_multihost.sh") for s in scripts)
+    r = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_launchers_only_call_the_cli():
+    for name in ("gpu_multihost.sh", "tpu_pod.sh"):
+        text = (ROOT / "launch" / name).read_text()
+        commands = [ln for ln in text.splitlines() if ln.startswith("exec ")]
+        assert len(commands) == 1, name
+        assert commands[0].startswith("exec gemma4-keras train "), name

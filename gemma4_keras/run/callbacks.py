@@ -19,6 +19,7 @@ from absl import logging
 
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
+from gemma4_keras.run import distributed
 
 
 def warmup_steps(train_cfg, total: int) -> int:
@@ -334,9 +335,10 @@ class SampleGenerations(keras.callbacks.Callback):
                 enable_thinking=self.enable_thinking,
             )
         prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))
-        outs = self._generator.generate(
-            list(prompts), max_new_tokens=self.max_new_tokens
-        )
+        with distributed.replicated_inputs():  # every process, same prompts
+            outs = self._generator.generate(
+                list(prompts), max_new_tokens=self.max_new_tokens
+            )
         if self.path is None:
             return
         with open(self.path, "a") as f:

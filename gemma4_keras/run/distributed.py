@@ -29,6 +29,7 @@ is built: Keras places variables when they are created.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -152,12 +153,16 @@ def build_distribution(dist_cfg):
     devices = jax.devices()
     if mode == "none":
         return None
+    # The batch streams are already per process (`process_rows`): Keras must
+    # not shard them again (it could only shard a tf.data.Dataset anyway).
     if mode == "data":
-        return keras.distribution.DataParallel(devices=devices)
+        return keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=False
+        )
     shape = mesh_shape(len(devices), int(dist_cfg.model_parallel))
     mesh = keras.distribution.DeviceMesh(shape, ["batch", "model"], devices=devices)
     return keras.distribution.ModelParallel(
-        layout_map=layout_map(mesh), batch_dim_name="batch"
+        layout_map=layout_map(mesh), batch_dim_name="batch", auto_shard_dataset=False
     )
 
 
@@ -216,3 +221,46 @@ def process_rows(batch_size: int, seq_len: int) -> np.ndarray | None:
         rows.update(range(batch_size)[index[0]])
     picked = np.array(sorted(rows), np.int64)
     return None if len(picked) == batch_size else picked
+
+
+class _ReplicatedInputs(keras.distribution.Distribution):
+    """`base`'s variable layouts, with every input whole on every device."""
+
+    def __init__(self, base):
+        super().__init__(
+            base.device_mesh, base.batch_dim_name, auto_shard_dataset=False
+        )
+        self._base = base
+
+    def get_data_layout(self, data_shape):
+        return keras.distribution.TensorLayout(
+            [None] * len(data_shape), self.device_mesh
+        )
+
+    def get_variable_layout(self, variable):
+        return self._base.get_variable_layout(variable)
+
+    def get_tensor_layout(self, path):
+        return self._base.get_tensor_layout(path)
+
+    def distribute_dataset(self, dataset):
+        return dataset
+
+
+@contextlib.contextmanager
+def replicated_inputs():
+    """Within: inputs are given whole to every device (multi-host generation).
+
+    Generation (evaluation, sample generations) runs on every process with
+    the same prompts; split by batch across processes, its outputs would be
+    readable by no single host. On one process this changes nothing.
+    """
+    base = keras.distribution.distribution()
+    if base is None or jax.process_count() == 1:
+        yield
+        return
+    keras.distribution.set_distribution(_ReplicatedInputs(base))
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(base)

@@ -208,8 +208,14 @@ def done_message(workdir: str, state: dict) -> str:
     )
 
 
-# Fields that may change between a run and its resumption.
-_RESUMABLE = ("train.log_every", "eval.", "checkpoint.max_to_keep")
+# Fields that may change between a run and its resumption. The distribution
+# may: checkpoints restore into any mesh (another host count, another split).
+_RESUMABLE = (
+    "train.log_every",
+    "eval.",
+    "checkpoint.max_to_keep",
+    "distribution.",
+)
 
 
 def check_config(config, workdir: str) -> None:
@@ -715,10 +721,13 @@ def evaluate_run(
         return {}
     # The model that trained, adapter off then on: no second backbone. Every
     # process generates (one SPMD computation); only process 0 keeps the report.
-    if distributed.is_writer():
-        return _evaluate_into(model, tokenizer, prepared, config, workdir, template)
-    with tempfile.TemporaryDirectory(prefix="gemma4-eval-") as scratch:
-        summary = _evaluate_into(model, tokenizer, prepared, config, scratch, template)
+    with distributed.replicated_inputs():
+        if distributed.is_writer():
+            return _evaluate_into(model, tokenizer, prepared, config, workdir, template)
+        with tempfile.TemporaryDirectory(prefix="gemma4-eval-") as scratch:
+            summary = _evaluate_into(
+                model, tokenizer, prepared, config, scratch, template
+            )
     summary.pop("report", None)  # a path in the scratch directory
     return summary
 
