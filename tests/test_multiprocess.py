@@ -5,7 +5,8 @@ must give the adapter a single process with 4 devices gives:
 
 * `mode=model` (NF4 base) through the Python API, killed after its step-1
   checkpoint (process 1 first), then rerun by both processes: it resumes and
-  finishes identically;
+  finishes identically; a copy of its step-1 checkpoint also resumes on one
+  process with a (4,) data-parallel mesh instead of (2, 2) and finishes alike;
 * `mode=data` through `launch/gpu_multihost.sh` under a faked SLURM
   environment (the CLI, the coordinator taken from SLURM_* variables).
 
@@ -74,6 +75,8 @@ WORKER = textwrap.dedent("""
 
         checkpointing.AdapterCheckpointer.save = save_then_pause
     for name, mode, method in runs:
+        while not os.path.exists(f"{out}/{name}.ready") and name.startswith("wait-"):
+            time.sleep(0.5)  # for the test to put a checkpoint there first
         c = config_lib.get_config("tiny", method, "runlocal")
         for field, value in overrides.items():
             group, leaf = field.split(".")
@@ -231,9 +234,15 @@ def _two_processes_train_like_one(tmp_path, started):
     logs.mkdir()
     one, two = tmp_path / "one", tmp_path / "two"
     # The single-process reference (4 devices) runs beside the first pair.
+    # Its third run resumes the 2-process checkpoint below on 1 process and
+    # a (4,) data-parallel mesh instead of (2, 2).
     ref = _worker(
         one,
-        [["model", "model", "qlora"], ["data", "data", "lora"]],
+        [
+            ["model", "model", "qlora"],
+            ["data", "data", "lora"],
+            ["wait-remesh", "data", "qlora"],
+        ],
         _env(4),
         open(logs / "one.log", "w"),
     )
@@ -257,6 +266,8 @@ def _two_processes_train_like_one(tmp_path, started):
     first[0].send_signal(signal.SIGKILL)
     first[0].wait()
     assert _steps_logged(two / "model") == [1]
+    shutil.copytree(two / "model", one / "wait-remesh")
+    (one / "wait-remesh.ready").touch()
 
     # Rerun both: resumes at step 1 and finishes.
     second = _pair(two, [["model", "model", "qlora"]], logs, "resumed")
@@ -271,6 +282,10 @@ def _two_processes_train_like_one(tmp_path, started):
     for name in ("model", "data"):
         _assert_same_adapter(two / name, one / name)
         assert _steps_logged(two / name) == list(range(1, STEPS + 1))
+    # Resumed on another process count and mesh: the same training.
+    assert "restored checkpoint step 1" in (logs / "one.log").read_text()
+    _assert_same_adapter(one / "wait-remesh", one / "model")
+    assert _steps_logged(one / "wait-remesh") == list(range(1, STEPS + 1))
     # One writer: process 1 wrote no file of its own (no stray temporaries).
     assert sorted(p.name for p in (two / "model").iterdir()) == sorted(
         p.name for p in (one / "model").iterdir()

@@ -40,6 +40,7 @@ from absl import logging
 from gemma4_keras import config_lib
 
 MODES = ("auto", "none", "data", "model")
+_MULTIHOST_SEED = 1234  # any value, the same on every process
 
 # Variable path regex -> layout over mesh axes (None = replicated dim).
 _COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"
@@ -174,6 +175,11 @@ def setup(dist_cfg, batch_size: int):
     one device).
     """
     initialize()
+    if jax.process_count() > 1:
+        # Every process creates each variable and puts it on the global mesh,
+        # which JAX allows only for equal values: initialisers without a seed
+        # (whose values loaded weights then replace) must draw alike.
+        keras.utils.set_random_seed(_MULTIHOST_SEED)
     distribution = build_distribution(dist_cfg)
     if distribution is not None:
         data_devices = distribution.device_mesh.shape[0]
@@ -223,12 +229,17 @@ def process_rows(batch_size: int, seq_len: int) -> np.ndarray | None:
     return None if len(picked) == batch_size else picked
 
 
-class _ReplicatedInputs(keras.distribution.Distribution):
-    """`base`'s variable layouts, with every input whole on every device."""
+class _ReplicatedInputs(keras.distribution.ModelParallel):
+    """`base`'s variable layouts, with every input whole on every device.
+
+    (A ModelParallel only for its constructor: Keras exports no plainer base.)
+    """
 
     def __init__(self, base):
         super().__init__(
-            base.device_mesh, base.batch_dim_name, auto_shard_dataset=False
+            layout_map=keras.distribution.LayoutMap(base.device_mesh),
+            batch_dim_name=base.batch_dim_name,
+            auto_shard_dataset=False,
         )
         self._base = base
 
