@@ -210,6 +210,9 @@ class PreemptionGuard(keras.callbacks.Callback):
         self.requested = True
 
     def on_epoch_end(self, epoch, logs=None):
+        # Every process stops at the same step, or the others would wait in
+        # the next step's collectives for it: a SIGTERM to any stops all.
+        self.requested = distributed.any_process(self.requested)
         if self.requested:
             self.model.stop_training = True
 

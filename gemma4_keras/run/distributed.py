@@ -107,6 +107,15 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """True when `flag` is True on any process (one tiny exchange per call)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # reason: multi-host only
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([bool(flag)]))))
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches `name` (no-op on one process)."""
     if jax.process_count() > 1:

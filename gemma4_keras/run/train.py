@@ -442,8 +442,7 @@ def step_batches(stream, plan: Plan, start_step: int, counts: dict | None = None
     while True:
         micro = [step * plan.grad_accum + i for i in range(plan.grad_accum)]
         group = [stream.batch(k) for k in micro]
-        # Counts of the global batch (this process may hold only some rows).
-        trained, real = np.sum([stream.counts(k) for k in micro], axis=0)
+        trained, real = _global_counts(stream, micro, group)
         norm = np.float32(float(trained) / plan.grad_accum)
         if counts is not None:  # real (non-padding) tokens, for tokens/s
             counts[step] = int(real)
@@ -451,6 +450,15 @@ def step_batches(stream, plan: Plan, start_step: int, counts: dict | None = None
             b["loss_norm"] = np.full((b["token_ids"].shape[0],), norm, np.float32)
             yield (b,)
         step += 1
+
+
+def _global_counts(stream, steps: list[int], group: list[dict]) -> tuple[int, int]:
+    """(trained, real) tokens of the global batches `steps` (`group`: this process's)."""
+    if getattr(stream, "process_rows", None) is not None:  # only some rows here
+        trained, real = np.sum([stream.counts(k) for k in steps], axis=0)
+        return int(trained), int(real)
+    trained = sum(int(b["loss_weights"].sum()) for b in group)
+    return trained, sum(int(b["padding_mask"].sum()) for b in group)
 
 
 def validation_batches(examples, data_cfg, train_cfg):
