@@ -200,7 +200,7 @@ def _adapter(workdir: pathlib.Path) -> dict:
     return load_file(str(workdir / "adapter" / "adapter_model.safetensors"))
 
 
-def _assert_same_adapter(got_dir, want_dir):
+def _assert_same_adapter(got_dir, want_dir, rtol=1e-5):
     got, want = _adapter(got_dir), _adapter(want_dir)
     assert got.keys() == want.keys()
     worst = max(
@@ -208,7 +208,7 @@ def _assert_same_adapter(got_dir, want_dir):
         for k in want
     )
     print(f"{got_dir.name}: worst relative error {worst:.2e}")
-    assert worst < 1e-5, (got_dir, worst)
+    assert worst < rtol, (got_dir, worst)
     return worst
 
 
@@ -282,9 +282,11 @@ def _two_processes_train_like_one(tmp_path, started):
     for name in ("model", "data"):
         _assert_same_adapter(two / name, one / name)
         assert _steps_logged(two / name) == list(range(1, STEPS + 1))
-    # Resumed on another process count and mesh: the same training.
+    # Resumed on another process count and mesh: the same training, up to
+    # float32 summation order (another mesh sums in another order; measured
+    # 4.3e-5 after Adam's normalisation, against 0 and 7e-7 above).
     assert "restored checkpoint step 1" in (logs / "one.log").read_text()
-    _assert_same_adapter(one / "wait-remesh", one / "model")
+    _assert_same_adapter(one / "wait-remesh", one / "model", rtol=2e-4)
     assert _steps_logged(one / "wait-remesh") == list(range(1, STEPS + 1))
     # One writer: process 1 wrote no file of its own (no stray temporaries).
     assert sorted(p.name for p in (two / "model").iterdir()) == sorted(
