@@ -288,7 +288,11 @@ def _two_processes_train_like_one(tmp_path, started):
     assert "restored checkpoint step 1" in (logs / "one.log").read_text()
     _assert_same_adapter(one / "wait-remesh", one / "model", rtol=2e-4)
     assert _steps_logged(one / "wait-remesh") == list(range(1, STEPS + 1))
-    # One writer: process 1 wrote no file of its own (no stray temporaries).
+    # One writer: process 0 wrote the report (process 1's went to a scratch
+    # directory), each train_log row once (above), nothing else beside.
+    report = f"'report': '{two / 'model' / 'eval'}"
+    assert report in (logs / "resumed-0.log").read_text()
+    assert report not in (logs / "resumed-1.log").read_text()
     assert sorted(p.name for p in (two / "model").iterdir()) == sorted(
         p.name for p in (one / "model").iterdir()
     )
