@@ -226,6 +226,18 @@ class UsageError(ValueError):
     """A missing or wrong command-line flag."""
 
 
+def _start_jax() -> None:
+    """Joins a multi-host run, then starts the libraries (and JAX's backend).
+
+    The order matters: JAX refuses `jax.distributed.initialize()` once
+    anything has queried its devices, which starting the libraries does.
+    """
+    from gemma4_keras.run import distributed  # lazy: see module doc
+
+    distributed.initialize()
+    _quiet.start_libraries()
+
+
 def log_environment(config) -> None:
     import jax  # lazy: see module doc
     import keras  # lazy: see module doc
@@ -468,13 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     with_model = name not in WITHOUT_MODEL
-    if with_model:
-        _quiet.start_libraries()
     try:
         config = _CONFIG.value
         if with_model:
             if config is None:
                 raise UsageError("--config=configs/<file>.py is required")
+            _start_jax()
             log_environment(config)
         fn, _ = COMMANDS[name]
         return fn(config, positional)

@@ -184,7 +184,9 @@ def get_config(
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 3
     c.train.max_steps = -1  # optimiser steps; -1 = epochs x data
-    c.train.batch_size = facts.micro_batch  # examples per micro-batch
+    c.train.batch_size = (
+        facts.micro_batch
+    )  # examples per micro-batch, global (all hosts)
     c.train.grad_accum = 4  # micro-batches per optimiser step
     c.train.learning_rate = 2e-4
     c.train.warmup_ratio = 0.1  # of all optimiser steps; ignored when warmup_steps > 0

@@ -9,6 +9,16 @@ iterable of dicts, which `keras.Model.fit` accepts (with `steps_per_epoch`).
 Rows are grouped once (packing is deterministic); each epoch shuffles the
 rows with `np.random.default_rng([seed, epoch])`. Batch k is rows
 perm(epoch)[j*B:(j+1)*B] with epoch, j = divmod(k, steps_per_epoch).
+
+Multi-host: B is the global batch. Every process computes the same
+permutation and materialises only its own rows of each batch
+(`process_rows`, e.g. rows 2..3 of 4 on the second of two hosts); the token
+counts of the whole batch (`counts`) come from per-row totals, so the loss
+normaliser is the global one without exchanging data.
+
+    batch k (B=4)   rows perm[4k:4k+4] = [7, 2, 9, 0]
+    process 0       process_rows=[0, 1] -> rows 7, 2
+    process 1       process_rows=[2, 3] -> rows 9, 0
 """
 
 from collections.abc import Iterator, Sequence
@@ -39,6 +49,7 @@ class BatchStream:
         drop_remainder: bool = True,
         start_step: int = 0,
         num_epochs: int | None = None,
+        process_rows: Sequence[int] | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
             raise DataError(
@@ -59,6 +70,26 @@ class BatchStream:
             num_epochs,
         )
         self._perm_epoch, self._perm = -1, None
+        self.process_rows = None
+        if process_rows is not None:
+            picked = np.asarray(process_rows, np.int64)
+            if picked.size == 0 or picked.min() < 0 or picked.max() >= batch_size:
+                raise DataError(
+                    f"process_rows={list(picked)} must be rows of the batch of "
+                    f"{batch_size}"
+                )
+            self.process_rows = picked
+        # Per row: trained targets and real input positions (the whole batch's
+        # counts without materialising other processes' rows).
+        self._row_trained = np.array(
+            [sum(int(examples[i].loss_mask[1:].sum()) for i in r.members) for r in rows]
+            + [0],
+            np.int64,
+        )
+        self._row_tokens = np.array(
+            [sum(len(examples[i]) - 1 for i in r.members) for r in rows] + [0],
+            np.int64,
+        )
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -68,19 +99,36 @@ class BatchStream:
             self._perm_epoch = epoch
         return self._perm
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The batch at global step `step` (epochs follow one another)."""
+    def _picked(self, step: int) -> np.ndarray:
+        """Row indices of the global batch `step`; len(rows) marks padding."""
         epoch, j = divmod(step, self.steps_per_epoch)
         picked = self._permutation(epoch)[
             j * self.batch_size : (j + 1) * self.batch_size
         ]
-        rows = [self.rows[r] for r in picked]
-        rows += [packing_lib.Row(())] * (
-            self.batch_size - len(rows)
-        )  # drop_remainder=False
-        arrays = packing_lib.materialise(rows, self.examples, self.seq_len)
-        if not arrays["loss_weights"].any():
-            sources = [self.examples[i].source for row in rows for i in row.members]
+        pad = self.batch_size - len(picked)  # drop_remainder=False
+        return np.concatenate([picked, np.full(pad, len(self.rows), np.int64)])
+
+    def counts(self, step: int) -> tuple[int, int]:
+        """(trained target tokens, real input tokens) of the global batch `step`."""
+        picked = self._picked(step)
+        return int(self._row_trained[picked].sum()), int(self._row_tokens[picked].sum())
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the batch at global step `step`.
+
+        All rows without `process_rows`. Epochs follow one another.
+
+        Raises:
+            DataError: the whole batch has no trained token.
+        """
+        picked = self._picked(step)
+        if self.counts(step)[0] == 0:
+            sources = [
+                self.examples[i].source
+                for r in picked
+                if r < len(self.rows)
+                for i in self.rows[r].members
+            ]
             raise DataError(
                 [
                     Problem(
@@ -89,7 +137,11 @@ class BatchStream:
                     for s in sources
                 ]
             )
-        return arrays
+        if self.process_rows is not None:
+            picked = picked[self.process_rows]
+        empty = packing_lib.Row(())
+        rows = [self.rows[r] if r < len(self.rows) else empty for r in picked]
+        return packing_lib.materialise(rows, self.examples, self.seq_len)
 
     def __len__(self) -> int:
         if self.num_epochs is None:
@@ -117,6 +169,7 @@ def build_dataset(
     drop_remainder: bool = True,
     start_step: int = 0,
     num_epochs: int | None = None,
+    process_rows: Sequence[int] | None = None,
 ) -> BatchStream:
     """Batches for training, packed or one example per row.
 
@@ -131,6 +184,8 @@ def build_dataset(
             it with empty rows).
         start_step: first global step to yield (resume).
         num_epochs: stop after this many epochs; None repeats forever.
+        process_rows: the rows of each batch this process feeds (multi-host,
+            `run.distributed.process_rows`); None = all.
 
     Returns:
         A BatchStream (iterable of batch dicts, `steps_per_epoch`, `batch(k)`).
@@ -150,4 +205,5 @@ def build_dataset(
         drop_remainder=drop_remainder,
         start_step=start_step,
         num_epochs=num_epochs,
+        process_rows=process_rows,
     )

@@ -205,7 +205,11 @@ def run(config, workdir: str) -> dict:
       >>> state = run(get_config("tiny", "lora", "runlocal"), "runs/smoke")
       >>> state["status"]
       'finished'
+
+    Multi-host: run the same call on every process (see `run.distributed`);
+    it joins them before anything starts JAX.
     """
+    distributed.initialize()  # first: JAX refuses to join once started
     return train.run(config, workdir)
 
 
@@ -220,6 +224,7 @@ def load_training_model(config):
     model; its loss is the chunked cross-entropy), the KerasHub tokenizer and
     the resolved preset.
     """
+    distributed.initialize()  # first: JAX refuses to join once started
     config_lib.validate(config)
     distributed.setup(config.distribution, int(config.train.batch_size))
     return presets.load_training_model(

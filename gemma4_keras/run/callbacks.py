@@ -19,6 +19,7 @@ from absl import logging
 
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
+from gemma4_keras.run import distributed
 
 
 def warmup_steps(train_cfg, total: int) -> int:
@@ -209,6 +210,9 @@ class PreemptionGuard(keras.callbacks.Callback):
         self.requested = True
 
     def on_epoch_end(self, epoch, logs=None):
+        # Every process stops at the same step, or the others would wait in
+        # the next step's collectives for it: a SIGTERM to any stops all.
+        self.requested = distributed.any_process(self.requested)
         if self.requested:
             self.model.stop_training = True
 
@@ -294,6 +298,8 @@ class SampleGenerations(keras.callbacks.Callback):
 
     Appends one JSON line per prompt to `path`:
     `{"step": 20, "prompt": "...", "reference": "...", "generation": "..."}`.
+    `path=None` generates without writing (the other processes of a
+    multi-host run: generation is one computation over all of them).
 
     Decodes with the model being trained (its current adapter, its own base,
     quantised or not) through its KV-cached `Generator.from_model`: no
@@ -305,7 +311,7 @@ class SampleGenerations(keras.callbacks.Callback):
         every: int,
         conversations,
         tokenizer,
-        path: str,
+        path: str | None,
         *,
         max_new_tokens: int = 32,
         template: str,
@@ -332,9 +338,12 @@ class SampleGenerations(keras.callbacks.Callback):
                 enable_thinking=self.enable_thinking,
             )
         prompts, refs = zip(*(evaluate.split_prompt(c) for c in self.conversations))
-        outs = self._generator.generate(
-            list(prompts), max_new_tokens=self.max_new_tokens
-        )
+        with distributed.replicated_inputs():  # every process, same prompts
+            outs = self._generator.generate(
+                list(prompts), max_new_tokens=self.max_new_tokens
+            )
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             for p, r, g in zip(prompts, refs, outs):
                 line = {

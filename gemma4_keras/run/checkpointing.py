@@ -11,6 +11,13 @@ wrong value), so each step also holds `checksums.json`: the sha256 of every
 saved array. A restore recomputes them; a step that fails to read or to
 match is reported by path and array, moved aside to `corrupt-<step>`, and
 the run falls back to the newest good step.
+
+Multi-host: the state is saved as the global `jax.Array`s the variables
+hold, with Orbax's multi-process save (each process writes the shards it
+owns; nothing is gathered to one host), and restored into the shardings of
+the restoring run's variables, so a run resumes under another number of
+processes or another mesh. Process 0 alone writes `meta.json` and the
+checksums; each process verifies the arrays it holds whole.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import json
 import os
 import sys
 
+import jax
 import keras
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from gemma4_keras import atomic
+from gemma4_keras.run import distributed
 
 
 class CheckpointError(RuntimeError):
@@ -36,19 +45,19 @@ def _key(path: str) -> str:
     return path.replace("/", "__")
 
 
-def adapter_state(model) -> dict[str, np.ndarray]:
-    return {_key(v.path): np.asarray(v.value) for v in model.trainable_variables}
+def adapter_state(model) -> dict[str, jax.Array]:
+    """The trainable variables' global arrays (sharded as the variables are)."""
+    return {_key(v.path): v.value for v in model.trainable_variables}
 
 
-def optimizer_state(optimizer) -> dict[str, np.ndarray]:
+def optimizer_state(optimizer) -> dict[str, jax.Array]:
     return {
-        f"{i:04d}__{_key(v.path)}": np.asarray(v.value)
-        for i, v in enumerate(optimizer.variables)
+        f"{i:04d}__{_key(v.path)}": v.value for i, v in enumerate(optimizer.variables)
     }
 
 
-def seed_state(model) -> dict[str, np.ndarray]:
-    return {"dropout_seed": np.asarray(model.dropout_seed.state.value)}
+def seed_state(model) -> dict[str, jax.Array]:
+    return {"dropout_seed": model.dropout_seed.state.value}
 
 
 CHECKSUMS = "checksums.json"
@@ -62,13 +71,27 @@ def array_sha256(value) -> str:
     return h.hexdigest()
 
 
+def held_value(value) -> np.ndarray | None:
+    """The whole value of `value` if this process holds all of it, else None.
+
+    Copies local shards only (no communication): on one process that is
+    every array; on many, those replicated or split within this process.
+    """
+    try:
+        return np.asarray(value)
+    except RuntimeError:  # spans shards held only by other processes
+        return None
+
+
 def state_checksums(state: dict) -> dict[str, str]:
-    """{"group/key": sha256} of a checkpoint state ({group: {key: array}})."""
-    return {
-        f"{group}/{key}": array_sha256(value)
-        for group, arrays in state.items()
-        for key, value in arrays.items()
-    }
+    """{"group/key": sha256} of the arrays of a checkpoint state this process holds."""
+    sums = {}
+    for group, arrays in state.items():
+        for key, value in arrays.items():
+            held = held_value(value)
+            if held is not None:
+                sums[f"{group}/{key}"] = array_sha256(held)
+    return sums
 
 
 class AdapterCheckpointer:
@@ -111,18 +134,23 @@ class AdapterCheckpointer:
         self.manager.wait_until_finished()
         # Written after Orbax finalised the step: a kill in between leaves a
         # step without checksums, restored unverified (as older runs' steps).
-        atomic.write_json(
-            os.path.join(self.step_dir(step), CHECKSUMS),
-            state_checksums(state),
-            indent=1,
-            sort_keys=True,
-        )
+        sums = state_checksums(state)
+        if distributed.is_writer():
+            atomic.write_json(
+                os.path.join(self.step_dir(step), CHECKSUMS),
+                sums,
+                indent=1,
+                sort_keys=True,
+            )
+        distributed.barrier("gemma4_keras:checkpoint_saved")
         logging.info("saved checkpoint step %d to %s", step, self.directory)
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
     def _write_meta(self) -> None:
+        if not distributed.is_writer():
+            return
         path = os.path.join(self.directory, "meta.json")
         atomic.write_json(path, self.meta, sort_keys=True)
 
@@ -210,7 +238,7 @@ class AdapterCheckpointer:
             raise CheckpointError(f"{sums_path}: unreadable ({e})") from e
         got = state_checksums(restored)
         for key in sorted(expected):
-            if got.get(key) != expected[key]:
+            if key in got and got[key] != expected[key]:
                 raise CheckpointError(
                     f"{path} is corrupt: array {key} does not match its sha256 in "
                     f"{sums_path} (a file under {path}/default changed on disk)"
@@ -223,7 +251,8 @@ class AdapterCheckpointer:
             aside = os.path.join(self.directory, f"corrupt-{step}")
             if os.path.exists(aside):
                 aside = f"{aside}-{os.getpid()}"
-            os.replace(self.step_dir(step), aside)
+            if distributed.is_writer():
+                os.replace(self.step_dir(step), aside)
             message = (
                 f"checkpoint step {step}: {reason}. Resuming from step {good} "
                 f"instead; the corrupt step is kept in {aside}"
@@ -231,6 +260,7 @@ class AdapterCheckpointer:
             logging.warning("%s", message)
             print(f"warning: {message}", file=sys.stderr, flush=True)
         if bad:
+            distributed.barrier("gemma4_keras:corrupt_set_aside")
             self.manager.reload()
 
     def close(self) -> None:

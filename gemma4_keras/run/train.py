@@ -12,6 +12,11 @@ A workdir holds everything of a run:
     eval/                base vs fine-tuned report (JSON, Markdown, PNGs)
     run_state.json       how the run stopped: {"status": ..., "step": ...}
 
+Multi-host: every process runs the same command on the same (shared)
+workdir. Process 0 alone holds the lock and writes files; all processes
+compute (training, checkpoints through Orbax's multi-process save,
+generation), each feeding only its rows of every global batch.
+
 run_state.json's status, and what a rerun of the same command does:
 
     finished             all steps trained; adapter and eval written   nothing
@@ -26,6 +31,7 @@ run_state.json's status, and what a rerun of the same command does:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -33,6 +39,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -75,13 +82,26 @@ def run(config, workdir: str) -> dict:
     failed start leaves an existing run byte for byte as it was, and a new
     workdir empty.
     """
+    distributed.initialize()  # before anything touches JAX
     config_lib.validate(config)
-    with workdir_lock.hold(workdir, "train"):
+    with _writer_lock(workdir):
         return _run_locked(config, workdir)
 
 
+@contextlib.contextmanager
+def _writer_lock(workdir: str):
+    """The workdir lock on the writing process; the others wait until it holds."""
+    if not distributed.is_writer():
+        distributed.barrier("gemma4_keras:workdir_locked")
+        yield
+        return
+    with workdir_lock.hold(workdir, "train"):
+        remove_stale_temp(workdir)
+        distributed.barrier("gemma4_keras:workdir_locked")
+        yield
+
+
 def _run_locked(config, workdir: str) -> dict:
-    remove_stale_temp(workdir)
     state = read_run_state(workdir)
     # Identity before "finished": a finished workdir rerun with another config
     # or other data is another run, not a finished one.
@@ -97,6 +117,7 @@ def _run_locked(config, workdir: str) -> dict:
     # Bad data, or a package rendering that differs from the checkpoint's
     # chat_template.jinja, stops the run here, before a large model is loaded.
     prepared = prepare_data(config.data, tokenizer, template)
+    distributed.setup(config.distribution, int(config.train.batch_size))
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
     if not prepared.holdout:
         print(
@@ -107,7 +128,6 @@ def _run_locked(config, workdir: str) -> dict:
             flush=True,
         )
 
-    distributed.setup(config.distribution, int(config.train.batch_size))
     model = presets.build_training_model(
         preset, config.model, config.lora, config.quant, config.train
     )
@@ -116,9 +136,10 @@ def _run_locked(config, workdir: str) -> dict:
     ckpt = build_checkpointer(config, workdir, model, preset)
     start = ckpt.restore_latest(model)
     check_optimizer_step(model, start, ckpt.directory)
-    write_config(config, workdir)
-    write_data_identity(identity, workdir)
-    write_data_report(prepared, workdir)
+    if distributed.is_writer():
+        write_config(config, workdir)
+        write_data_identity(identity, workdir)
+        write_data_report(prepared, workdir)
     samples = sample_callback(config, prepared, tokenizer, preset, workdir, template)
     history_cbs = build_callbacks(config, workdir, plan, ckpt, start, schedule, samples)
     if start < plan.total_steps:
@@ -161,7 +182,9 @@ def read_run_state(workdir: str) -> dict:
 
 
 def write_run_state(workdir: str, **state) -> dict:
-    _atomic_json(os.path.join(workdir, "run_state.json"), state)
+    """Writes run_state.json (process 0 only) and returns `state`."""
+    if distributed.is_writer():
+        _atomic_json(os.path.join(workdir, "run_state.json"), state)
     return state
 
 
@@ -185,8 +208,14 @@ def done_message(workdir: str, state: dict) -> str:
     )
 
 
-# Fields that may change between a run and its resumption.
-_RESUMABLE = ("train.log_every", "eval.", "checkpoint.max_to_keep")
+# Fields that may change between a run and its resumption. The distribution
+# may: checkpoints restore into any mesh (another host count, another split).
+_RESUMABLE = (
+    "train.log_every",
+    "eval.",
+    "checkpoint.max_to_keep",
+    "distribution.",
+)
 
 
 def check_config(config, workdir: str) -> None:
@@ -368,7 +397,11 @@ def write_data_report(prepared, workdir: str) -> None:
 
 
 def build_batches(examples, data_cfg, train_cfg):
-    """The batch stream and the step plan."""
+    """The batch stream and the step plan.
+
+    `train.batch_size` is the global batch; under a multi-host distribution
+    (`distributed.setup` first) the stream yields this process's rows only.
+    """
     batch = int(train_cfg.batch_size)
     try:
         stream = data.build_dataset(
@@ -378,6 +411,7 @@ def build_batches(examples, data_cfg, train_cfg):
             packing=bool(data_cfg.packing),
             shuffle=True,
             seed=int(train_cfg.seed),
+            process_rows=distributed.process_rows(batch, int(data_cfg.max_length)),
         )
     except data.DataError as e:
         raise config_lib.ConfigError(
@@ -406,32 +440,43 @@ def step_batches(stream, plan: Plan, start_step: int, counts: dict | None = None
     """
     step = start_step
     while True:
-        group = [
-            stream.batch(step * plan.grad_accum + i) for i in range(plan.grad_accum)
-        ]
-        tokens = sum(float(b["loss_weights"].sum()) for b in group)
-        norm = np.float32(tokens / plan.grad_accum)
+        micro = [step * plan.grad_accum + i for i in range(plan.grad_accum)]
+        group = [stream.batch(k) for k in micro]
+        trained, real = _global_counts(stream, micro, group)
+        norm = np.float32(float(trained) / plan.grad_accum)
         if counts is not None:  # real (non-padding) tokens, for tokens/s
-            counts[step] = int(sum(int(b["padding_mask"].sum()) for b in group))
+            counts[step] = int(real)
         for b in group:
             b["loss_norm"] = np.full((b["token_ids"].shape[0],), norm, np.float32)
             yield (b,)
         step += 1
 
 
+def _global_counts(stream, steps: list[int], group: list[dict]) -> tuple[int, int]:
+    """(trained, real) tokens of the global batches `steps` (`group`: this process's)."""
+    if getattr(stream, "process_rows", None) is not None:  # only some rows here
+        trained, real = np.sum([stream.counts(k) for k in steps], axis=0)
+        return int(trained), int(real)
+    trained = sum(int(b["loss_weights"].sum()) for b in group)
+    return trained, sum(int(b["padding_mask"].sum()) for b in group)
+
+
 def validation_batches(examples, data_cfg, train_cfg):
     if not examples:
         return None, 0
+    batch = int(train_cfg.batch_size)
     stream = data.build_dataset(
         examples,
         seq_len=int(data_cfg.max_length),
-        batch_size=int(train_cfg.batch_size),
+        batch_size=batch,
         packing=bool(data_cfg.packing),
         shuffle=False,
         drop_remainder=False,
+        process_rows=distributed.process_rows(batch, int(data_cfg.max_length)),
     )
-    batches = [stream.batch(i) for i in range(stream.steps_per_epoch)]
-    tokens = sum(float(b["loss_weights"].sum()) for b in batches)
+    steps = range(stream.steps_per_epoch)
+    batches = [stream.batch(i) for i in steps]
+    tokens = float(sum(stream.counts(i)[0] for i in steps))
     for b in batches:  # mean over all held-out target tokens
         b["loss_norm"] = np.full(
             (b["token_ids"].shape[0],), tokens / len(batches), np.float32
@@ -502,11 +547,13 @@ def build_callbacks(
         cb.Progress(
             total, plan.tokens_per_step, int(t.log_every), start, plan.token_counts
         ),
-        csv_logger(workdir, start),
     ]
+    writer = distributed.is_writer()
+    if writer:
+        cbs.append(csv_logger(workdir, start))
     if int(t.overfit_patience) > 0:
         cbs.append(cb.OverfitAlarm(int(t.overfit_patience), str(t.overfit_action)))
-    if t.tensorboard:
+    if t.tensorboard and writer:
         cbs.append(tensorboard(workdir))
     if samples is not None:
         cbs.append(samples)
@@ -551,11 +598,13 @@ def sample_callback(
     every = int(config.train.sample_every)
     if every <= 0 or not prepared.holdout:
         return None
+    # Every process generates (one SPMD computation); process 0 writes.
+    path = os.path.join(workdir, "samples.jsonl") if distributed.is_writer() else None
     return cb.SampleGenerations(
         every,
         prepared.holdout[:2],
         tokenizer,
-        os.path.join(workdir, "samples.jsonl"),
+        path,
         max_new_tokens=int(config.eval.max_new_tokens),
         template=template.variant,
         enable_thinking=bool(config.data.enable_thinking),
@@ -663,7 +712,9 @@ def _find(callbacks: list, kind: type):
 
 
 def save_adapter(model, config, preset: str, workdir: str) -> None:
-    """Writes the final adapter in PEFT format to workdir/adapter."""
+    """Writes the final adapter in PEFT format to workdir/adapter (process 0)."""
+    if not distributed.is_writer():
+        return
     peft.save_adapter(
         model, os.path.join(workdir, "adapter"), base_model=preset, overwrite=True
     )
@@ -676,13 +727,26 @@ def evaluate_run(
 
     if not prepared.holdout:
         return {}
-    # The model that trained, adapter off then on: no second backbone.
+    # The model that trained, adapter off then on: no second backbone. Every
+    # process generates (one SPMD computation); only process 0 keeps the report.
+    with distributed.replicated_inputs():
+        if distributed.is_writer():
+            return _evaluate_into(model, tokenizer, prepared, config, workdir, template)
+        with tempfile.TemporaryDirectory(prefix="gemma4-eval-") as scratch:
+            summary = _evaluate_into(
+                model, tokenizer, prepared, config, scratch, template
+            )
+    summary.pop("report", None)  # a path in the scratch directory
+    return summary
+
+
+def _evaluate_into(model, tokenizer, prepared, config, root: str, template: str):
     return evaluate.evaluate_holdout(
         model,
         tokenizer,
         prepared.holdout,
         config,
-        os.path.join(workdir, "eval"),
+        os.path.join(root, "eval"),
         template=template,
-        train_log=os.path.join(workdir, "train_log.csv"),
+        train_log=os.path.join(root, "train_log.csv"),
     )
