@@ -30,6 +30,7 @@ SCRIPT = textwrap.dedent("""
         c = config_lib.get_config("tiny", "lora", "runlocal")
         c.distribution.mode, c.distribution.model_parallel = mode, 2
         c.train.batch_size = 4
+        c.eval.max_examples = 3  # fewer prompts than devices: padded to split
         state = train.run(c, f"{out}/{mode}")
         assert state["status"] == "finished", state
 
@@ -76,6 +77,8 @@ def test_data_and_model_parallel_match_one_device(tmp_path):
     assert len(one) == 2
     for mode in ("data", "model"):
         assert losses(tmp_path / mode) == pytest.approx(one, rel=1e-5), mode
+        rows = (tmp_path / mode / "eval" / "predictions.jsonl").read_text()
+        assert len(rows.splitlines()) == 3, mode
     specs = json.loads((tmp_path / "specs.json").read_text())
     row, column = ["model", None], [None, "model"]
     assert specs["gemma4_lora_model/embedding"] == row

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import numpy as np
 
 from gemma4_keras.data import as_chat_tokenizer, chat, generation_prompt
@@ -88,6 +89,16 @@ def buffer_length(prompt_len: int, max_new_tokens: int) -> int:
     return int(2 ** np.ceil(np.log2(prompt_len + max_new_tokens)))
 
 
+def batch_devices() -> int:
+    """Devices on the batch axis of the active Keras distribution (1 if none)."""
+    dist = keras.distribution.distribution()
+    if dist is None:
+        return 1
+    mesh = dist.device_mesh
+    name = getattr(dist, "batch_dim_name", None) or mesh.axis_names[0]
+    return int(mesh.shape[list(mesh.axis_names).index(name)])
+
+
 class Generator:
     """Batched generation from chat messages, over any KerasHub `CausalLM`.
 
@@ -157,10 +168,14 @@ class Generator:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         length = buffer_length(len(prompts[order[-1]]), max_new_tokens)
         out: list[str] = [""] * len(prompts)
+        # Every batch is padded to one size that splits over the data-parallel
+        # devices (a mesh refuses 3 rows over 4 devices).
+        split = batch_devices()
+        full = -(-min(batch_size, len(prompts)) // split) * split
         for start in range(0, len(prompts), batch_size):
             rows = order[start : start + batch_size]
             batch = [prompts[i] for i in rows]
-            batch += [batch[-1]] * (min(batch_size, len(prompts)) - len(batch))
+            batch += [batch[-1]] * (full - len(batch))
             texts = self._generate_batch(batch, max_new_tokens, length)
             for i, text in zip(rows, texts):
                 out[i] = text
