@@ -62,6 +62,7 @@ def build_config(args, preset: str):
     config.train.max_steps = args.steps
     config.lora.rank = args.rank
     config.lora.alpha = 2.0 * args.rank
+    config.model.ple_on_host = args.ple_on_host
     config_lib.validate(config)
     return config
 
@@ -166,6 +167,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--ple_on_host",
+        default="off",
+        choices=["on", "off"],
+        help="the per-layer-embedding table in host memory (XLA's device figure "
+        "then leaves it out; on this CPU the host is the device)",
+    )
     args = parser.parse_args()
 
     from gemma4_keras.testing import full_size, tiny
@@ -176,7 +184,8 @@ def main() -> None:
         preset = str(full_size.full_size_checkpoint(args.size))
     config = build_config(args, preset)
     result = {"size": args.size, "method": args.method, "seq": args.seq,
-              "batch": args.batch, "rank": args.rank}  # fmt: skip
+              "batch": args.batch, "rank": args.rank,
+              "ple_on_host": args.ple_on_host}  # fmt: skip
     model, result["load"] = load(config, preset)
     print(
         json.dumps({"load": result["load"]}, default=float), file=sys.stderr, flush=True

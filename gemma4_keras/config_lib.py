@@ -162,6 +162,10 @@ def get_config(
     c.model.moe_dispatch = (
         "dense"  # MoE experts: dense (every expert) | ragged (grouped)
     )
+    # The per-layer-embedding table (E2B/E4B) in host memory, each step
+    # fetching only its tokens' rows: auto = on for one GPU/TPU (saves
+    # 4.4 / 5.3 GiB of device memory), off on CPU and on a mesh | on | off.
+    c.model.ple_on_host = "auto"
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16
@@ -458,6 +462,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             c.model.moe_dispatch in ("dense", "ragged"),
             "model.moe_dispatch",
             "must be dense or ragged",
+        ),
+        (
+            c.model.ple_on_host in ("auto", "on", "off"),
+            "model.ple_on_host",
+            "must be auto, on or off",
         ),
         (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
         (

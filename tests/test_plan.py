@@ -231,3 +231,19 @@ def test_keras_hub_preset_config_format():
     spec = hub.spec_from_config(kw)
     keras.utils.set_random_seed(0)
     assert spec == live_spec(keras_hub.models.Gemma4Backbone(**kw))
+
+
+def test_ple_table_on_host_leaves_the_device_total():
+    from gemma4_keras import config_lib
+    from gemma4_keras.model import plan as plan_lib
+
+    def total(setting):
+        c = config_lib.get_config("e2b", "qlora", "runlocal")
+        c.model.ple_on_host = setting
+        p = plan_lib.plan(c)
+        return p["per_device"]["total"], p["host_ple_table_bytes"], p["model"]
+
+    off, none, _ = total("off")
+    on, table, model = total("on")
+    assert none == 0 and table > 0
+    assert off - on == table

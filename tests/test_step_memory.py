@@ -117,3 +117,49 @@ def test_tie_to_keeps_values_and_the_dependency():
     entry = hlo[hlo.index("ENTRY") :]
     # The anchor (parameter 1) still feeds the result after XLA's simplifier.
     assert "parameter(1)" in entry and "fusion(" in entry
+
+
+def _ple_loss_and_grads(ple_on_host: bool):
+    path = tiny.tiny_checkpoint(ple=True, kv_shared_layers=2)
+    with presets.on_host():
+        model = stream_load.stream_training_model(
+            path, LoraSpec(rank=4), dtype="float32", ple_on_host=ple_on_host
+        )
+    for i, a in enumerate(model.adapters().values()):  # a non-zero adapter
+        r = np.random.default_rng(i)
+        a.lora_b.assign(r.normal(0, 0.05, a.lora_b.shape).astype(np.float32))
+    ids = (np.arange(24, dtype=np.int32)[None] * 7) % 200 + 3
+    data = {
+        "token_ids": ids,
+        "positions": np.arange(24, dtype=np.int32)[None],
+        "segment_ids": np.ones((1, 24), np.int32),
+    }
+
+    def loss_fn(tv, ntv):
+        hidden, _ = model.stateless_call(tv, ntv, data)
+        total, count = loss.chunked_cross_entropy(
+            hidden,
+            model.globals["embedding"].value,
+            np.roll(ids, -1, axis=1),
+            np.ones(ids.shape, np.float32),
+            soft_cap=model.spec.final_soft_cap,
+            chunk_size=8,
+        )
+        return total / count
+
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    step = jax.jit(jax.value_and_grad(loss_fn)).lower(tv, ntv).compile()
+    value, grads = step(tv, ntv)
+    table = model.globals["ple_embedding"]
+    return value, grads, step.memory_analysis().argument_size_in_bytes, table
+
+
+def test_ple_table_on_host_gives_the_same_loss_and_gradients():
+    on_value, on_grads, on_args, table = _ple_loss_and_grads(True)
+    off_value, off_grads, off_args, _ = _ple_loss_and_grads(False)
+    assert float(on_value) == float(off_value)
+    for a, b in zip(on_grads, off_grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The compiled step no longer takes the table as an argument.
+    assert off_args - on_args == table.array.nbytes

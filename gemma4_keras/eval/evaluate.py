@@ -89,7 +89,7 @@ def evaluate_holdout(
         finally:
             model.set_adapter(adapter)
     predictions["finetuned"] = generate(gen)
-    if ev.get("merged", False):
+    if ev.merged:
         merged = merged_model(model, config)
         evaluated_on["merged"] = f"{decoding.base_precision(merged)}, merged"
         predictions["merged"] = generate(generator(merged))

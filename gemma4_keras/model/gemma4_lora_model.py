@@ -15,12 +15,52 @@ import math
 import jax
 import jax.numpy as jnp
 import keras
+import ml_dtypes
+import numpy as np
 
 from gemma4_keras.model import hub, loss
 from gemma4_keras.model.layers import DecoderBlock, attention_mask, frozen, rms_norm
 from gemma4_keras.model.lora import LoraAdapter, LoraSpec
 from gemma4_keras.model.quant import no_cotangent, tie_to
 from gemma4_keras.model.spec import ModelSpec
+
+PLE_TABLE = "ple_embedding"
+
+
+class HostTable:
+    """A frozen lookup table kept in host memory (`model.ple_on_host`).
+
+    The per-layer-embedding table of E2B/E4B is 262,144 rows of
+    layers x 256 values (4.4 / 5.3 GiB in bfloat16), of which a step reads
+    only the rows of its tokens. `take` fetches those rows from the host
+    inside the compiled step (`jax.pure_callback`): the accelerator holds
+    [batch, seq, width] values instead of the table. The table is frozen, so
+    no gradient flows to it.
+
+    Example:
+      >>> table = HostTable(np.zeros((10, 4), "float32"), "float32")
+      >>> table.take(jnp.array([[1, 2]])).shape
+      (1, 2, 4)
+    """
+
+    def __init__(self, value, dtype):
+        dtype = keras.backend.standardize_dtype(dtype)
+        target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else dtype
+        self.array = np.ascontiguousarray(np.asarray(value).astype(target, copy=False))
+        self.shape, self.dtype = self.array.shape, self.array.dtype
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.array
+
+    def take(self, ids: jax.Array) -> jax.Array:
+        table = self.array
+
+        def rows(i):
+            return np.take(table, np.asarray(i), axis=0)
+
+        out = jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), table.dtype)
+        return jax.pure_callback(rows, out, ids, vmap_method="sequential")
 
 
 class Gemma4LoraModel(keras.Model):
@@ -42,12 +82,14 @@ class Gemma4LoraModel(keras.Model):
         *,
         remat: bool = False,
         loss_chunk_size: int = 1024,
+        ple_on_host: bool = False,
         dtype=None,
         **kwargs,
     ):
         super().__init__(dtype=dtype, **kwargs)
         self.spec = spec
         self.remat = remat
+        self.ple_on_host = bool(ple_on_host and spec.ple_dim)
         self.loss_chunk_size = loss_chunk_size
         self.blocks = [
             DecoderBlock(spec, i, dtype=self.dtype_policy, name=f"block_{i}")
@@ -73,6 +115,7 @@ class Gemma4LoraModel(keras.Model):
         loss_chunk_size: int = 1024,
         dtype=None,
         moe_dispatch: str = "dense",
+        ple_on_host: bool = False,
     ) -> Gemma4LoraModel:
         """Copies the text weights out of a KerasHub `Gemma4Backbone`."""
         spec = hub.spec_from_config(backbone.get_config())
@@ -80,6 +123,7 @@ class Gemma4LoraModel(keras.Model):
             spec,
             remat=remat,
             loss_chunk_size=loss_chunk_size,
+            ple_on_host=ple_on_host,
             name="gemma4_lora_model",
             dtype=dtype or backbone.dtype_policy.name,
         )
@@ -109,7 +153,11 @@ class Gemma4LoraModel(keras.Model):
         return self
 
     def add_global(self, name: str, value, dtype=None) -> None:
-        self.globals[name] = frozen(self, name, value, dtype or self.variable_dtype)
+        dtype = dtype or self.variable_dtype
+        if name == PLE_TABLE and self.ple_on_host:
+            self.globals[name] = HostTable(value, dtype)
+        else:
+            self.globals[name] = frozen(self, name, value, dtype)
 
     def add_adapter(self, name: str, lora: LoraSpec, activate: bool = True) -> None:
         """Creates adapter `name` (zero effect until trained or loaded)."""
@@ -216,7 +264,11 @@ class Gemma4LoraModel(keras.Model):
         """Per-layer inputs [B, T, L, P] as KerasHub computes them."""
         s, g = self.spec, self.globals
         p, n = s.ple_dim, s.num_layers
-        emb = jnp.take(g["ple_embedding"].value, token_ids, axis=0).astype(x.dtype)
+        table = g[PLE_TABLE]
+        if isinstance(table, HostTable):
+            emb = table.take(token_ids).astype(x.dtype)
+        else:
+            emb = jnp.take(table.value, token_ids, axis=0).astype(x.dtype)
         emb = emb * jnp.asarray(p**0.5, x.dtype)
         scaled = x * jnp.asarray(math.sqrt(s.hidden_dim), x.dtype)
         proj = scaled @ g["ple_projection"].value.astype(x.dtype)
@@ -272,17 +324,17 @@ def remat_block(blk: DecoderBlock, x, positions, mask, ple_input, shared_kv, key
             return blk.forward(x, positions, mask, ple_input, shared_kv, keys)
 
     @jax.custom_vjp
-    def run(x, ple_input, shared_kv, t_values, f_values, positions, mask, keys):
+    def block(x, ple_input, shared_kv, t_values, f_values, positions, mask, keys):
         # Dropout masks come from fixed keys: make them wait for x too.
         keys = tie_to(keys, x, integers=True)
         return forward(
             x, ple_input, shared_kv, t_values, f_values, positions, mask, keys
         )
 
-    def run_fwd(*args):
-        return run(*args), args
+    def block_fwd(*args):
+        return block(*args), args
 
-    def run_bwd(args, g):
+    def block_bwd(args, g):
         x, ple_input, shared_kv, t_values, f_values, positions, mask, keys = args
         anchor = jax.tree_util.tree_leaves(g)[0]
         x, ple_input, shared_kv = tie_to((x, ple_input, shared_kv), anchor)
@@ -299,8 +351,8 @@ def remat_block(blk: DecoderBlock, x, positions, mask, ple_input, shared_kv, key
         )
         return (*vjp(g), *nondiff)
 
-    run.defvjp(run_fwd, run_bwd)
-    return run(
+    block.defvjp(block_fwd, block_bwd)
+    return block(
         x,
         ple_input,
         shared_kv,

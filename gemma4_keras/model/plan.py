@@ -538,6 +538,19 @@ def per_device_bytes(
     return out
 
 
+def ple_host_bytes(config, spec: ModelSpec, ple_vocab: int, s: int, mesh: dict) -> int:
+    """Bytes of the per-layer-embedding table kept in host memory [bytes].
+
+    `model.ple_on_host`: `on`, or `auto` on one device (plan is for the
+    accelerator, where `auto` means on); 0 on a mesh or without PLE.
+    """
+    setting = str(config.model.ple_on_host)
+    one_device = mesh["data"] * mesh["model"] == 1
+    if not spec.ple_dim or setting == "off" or not one_device:
+        return 0
+    return ple_vocab * spec.num_layers * spec.ple_dim * s
+
+
 def fits(total: float, memory: float) -> bool:
     """Whether `total` bytes fit a device of `memory` bytes (with headroom)."""
     return total <= USABLE_FRACTION * memory
@@ -628,6 +641,12 @@ def plan(
         spec, ple_vocab, lora, quant, s, mesh, batch=batch, seq=seq,
         grad_accum=accum, chunk=chunk, remat=bool(t.remat),
     )  # fmt: skip
+    host_table = ple_host_bytes(config, spec, ple_vocab, s, mesh)
+    if host_table:  # `model.ple_on_host`: in host memory, off the device
+        base = {**base, "embedding": base["embedding"] - host_table}
+        base["total"] -= host_table
+        dev = {**dev, "base": dev["base"] - host_table}
+        dev["total"] -= host_table
     return {
         "model": {
             "preset": str(config.model.preset),
@@ -651,6 +670,7 @@ def plan(
         },
         "params": param_counts(spec, ple_vocab),
         "base_bytes": base,
+        "host_ple_table_bytes": host_table,
         "adapter_params": n_adapter,
         "adapter_bytes": adapters,
         "activation_bytes": act,
@@ -752,6 +772,11 @@ def format_plan(p: dict) -> str:
     lines.append(f"  {'lora adapters':22s} {p['adapter_params']:>16,}")
     lines.append("memory of the whole run on one device")
     lines += [f"  base {k:17s} {_gib(v)}" for k, v in p["base_bytes"].items()]
+    if p["host_ple_table_bytes"]:
+        lines.append(
+            f"  (PLE table in host RAM {_gib(p['host_ple_table_bytes']).strip()}: "
+            "model.ple_on_host; not counted on the device)"
+        )
     lines += [f"  adapter {k:14s} {_gib(v)}" for k, v in p["adapter_bytes"].items()]
     act = p["activation_bytes"]
     lines += [

@@ -232,6 +232,28 @@ def on_host():
         keras.distribution.set_distribution(previous)
 
 
+def ple_on_host(model_cfg) -> bool:
+    """`model.ple_on_host` resolved: `auto` = one GPU/TPU and no Keras mesh.
+
+    On a CPU the host is the device (nothing to save); on a mesh the table is
+    split over the devices instead (`model/sharding.py`).
+
+    Raises:
+      ConfigError: `on` while a Keras distribution (mesh) is active.
+    """
+    setting = str(model_cfg.ple_on_host)
+    meshed = keras.distribution.distribution() is not None
+    if setting == "on" and meshed:
+        raise config_lib.ConfigError(
+            "--config.model.ple_on_host=on needs one device; with "
+            "distribution.mode=data|model the table is split over the mesh: "
+            "set it to auto or off"
+        )
+    if setting == "auto":
+        return jax.default_backend() != "cpu" and not meshed
+    return setting == "on"
+
+
 def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg):
     """The trainable model for a resolved preset: (quantised) base + adapters.
 
@@ -249,6 +271,7 @@ def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg)
         loss_chunk_size=int(train_cfg.loss_chunk_size),
         dtype=dtype,
         moe_dispatch=str(model_cfg.moe_dispatch),
+        ple_on_host=ple_on_host(model_cfg),
     )
     lora = LoraSpec.from_config(lora_cfg)
     try:

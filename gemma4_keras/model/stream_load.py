@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma4_keras.model import hf_config, hub, safetensors_io
-from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+from gemma4_keras.model.gemma4_lora_model import PLE_TABLE, Gemma4LoraModel, HostTable
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.model.safetensors_io import CheckpointError, aligned_empty
 from gemma4_keras.model.spec import ATTN_TARGETS, ModelSpec
@@ -201,6 +201,9 @@ def _add_global(model: Gemma4LoraModel, name: str, value, dtype=None) -> None:
     """
     dtype = dtype or model.variable_dtype
     value = _cast(np.asarray(value), keras.backend.standardize_dtype(dtype))
+    if name == PLE_TABLE and model.ple_on_host:
+        model.globals[name] = HostTable(value, dtype)  # stays in host memory
+        return
     # Under `presets.on_host()` the default device is the CPU: no copy.
     array = jax.device_put(value, may_alias=True)
     del value
@@ -371,6 +374,7 @@ def stream_training_model(
     remat: bool = False,
     loss_chunk_size: int = 1024,
     moe_dispatch: str = "dense",
+    ple_on_host: bool = False,
 ) -> Gemma4LoraModel:
     """The training model of a local HF checkpoint, read tensor by tensor.
 
@@ -394,6 +398,7 @@ def stream_training_model(
         model_spec(config),
         remat=remat,
         loss_chunk_size=loss_chunk_size,
+        ple_on_host=ple_on_host,
         name="gemma4_lora_model",
         dtype=dtype,
     )
