@@ -118,6 +118,11 @@ def wait_for_memory(min_free_gb: float) -> None:
         time.sleep(15)
 
 
+def default_workdir() -> str:
+    cache = os.environ.get("GEMMA4_KERAS_CACHE", "~/.cache/gemma4_keras")
+    return os.path.join(os.path.expanduser(cache), "compare")
+
+
 def hf_config(args) -> dict:
     """The checkpoint's config.json (`tiny_hf_config` at the requested shape)."""
     from gemma4_keras.testing import tiny
@@ -469,15 +474,7 @@ def main() -> None:
     p.add_argument("--remat", type=int, default=0, help="ours: remat blocks (0/1)")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     p.add_argument("--min-free-gb", type=float, default=14.0)
-    p.add_argument(
-        "--workdir",
-        default=os.path.join(
-            os.environ.get(
-                "GEMMA4_KERAS_CACHE", os.path.expanduser("~/.cache/gemma4_keras")
-            ),
-            "compare",
-        ),
-    )
+    p.add_argument("--workdir", default=default_workdir(), help="checkpoint cache")
     p.add_argument("--json", action="store_true", help="print all rounds as JSON")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
