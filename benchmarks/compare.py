@@ -501,6 +501,9 @@ def main() -> None:
                 else r.get("error")
             )
             print(f"round {i + 1} {system}: {figure}", file=sys.stderr, flush=True)
+            # The whole record too, so an interrupted run keeps its figures.
+            print(json.dumps({"round": i + 1, "system": system, **r}),
+                  file=sys.stderr, flush=True)  # fmt: skip
         rounds.append(one)
     best = best_rounds(rounds)
     info["load_avg_at_end"] = os.getloadavg()
