@@ -27,10 +27,9 @@ H query heads of width h, LoRA sites (in_s, out_s):
   attention          3 * 4 * T^2 * H * h per layer
                      (QK^T and PV, 2T^2Hh each, full square; bwd = 2 x fwd)
   LM head            4 * T * V * d
-                     (fwd logits + d_hidden; no embedding gradient. The
-                     custom backward recomputes the logits, but with a single
-                     chunk XLA sees the same matmul twice and merges it; with
-                     several chunks a real step pays 6 * T * V * d.)
+                     (fwd logits + d_hidden, both formed in the loss's
+                     forward pass; no embedding gradient. Any number of
+                     chunks pays this; see docs/performance.md.)
 Element-wise work (norms, RoPE, softmax, GELU) is left out.
 
 Measured (4 layers, rank 16, 1 x 512 tokens, jax 0.10.2 CPU):

@@ -13,11 +13,13 @@ speed; they depend on the backend (CPU here unless a GPU/TPU is visible).
 
 XLA's cost analysis counts the body of a loop once, not once per trip, so the
 chunked step's FLOPs are printed as XLA's figure times the number of chunks
-(the loop bodies hold all the work: three matmuls per chunk, forward logits,
-recomputed logits and d_hidden; outside them are only the padding and a few
-sums). The extra matmul is the price of not storing the logits: about 1.5x
-the full version's FLOPs. (Compiling with a single chunk does not measure it:
-XLA then merges the forward and recomputed logits.)
+(the loop body holds all the work: per chunk the logits and, the embedding
+being frozen, d_hidden, both formed in the forward pass; outside it are only
+the padding and a few sums). That is the same as the full-logits version
+(flop ratio 1.00); the earlier loss recomputed the logits in the backward
+pass and cost 1.5x. Its temp memory is one [chunk, vocab] float32 block plus
+one [tokens, dim] float32 array (the saved d_hidden), as before plus that
+array. `docs/performance.md` has both versions' figures.
 """
 
 import argparse

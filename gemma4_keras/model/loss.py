@@ -7,12 +7,18 @@ of the naive loss keeps several arrays of that size alive. The loss here walks
 the flattened tokens in chunks and has a hand-written gradient, so the
 compiled train step only ever holds one chunk's `[chunk, vocab]` logits:
 
-* forward: per chunk, logits -> soft-cap -> float32 logsumexp; it saves the
-  per-token logsumexp and negative log-likelihood (two floats per token);
-* backward: per chunk, it recomputes the logits and forms
-  `d_logits = (softmax - onehot) * weight * (1 - tanh^2)`, then
-  `d_hidden = d_logits @ embedding` (and, only when asked,
-  `d_embedding += d_logits.T @ hidden`).
+* frozen embedding (the LoRA case, the default): the forward pass of the
+  gradient, per chunk, forms the logits -> soft-cap -> float32 logsumexp and,
+  while the chunk's logits exist, `d_logits = (softmax - onehot) * weight *
+  (1 - tanh^2)` and `d_hidden = d_logits @ embedding` for a unit cotangent.
+  It saves that `[tokens, dim]` d_hidden and the per-token loss; the backward
+  pass only scales them by the incoming cotangent. Two matmuls per chunk.
+* `embedding_grad=True`: the forward pass saves the per-token logsumexp and
+  loss; the backward pass recomputes each chunk's logits and forms d_hidden
+  and `d_embedding += d_logits.T @ hidden`. Three matmuls per chunk (four with
+  the embedding's), the price of not storing the logits.
+
+Without differentiation (evaluation) only the logsumexp pass runs.
 
 Both return the *sum* of weighted token losses and the sum of weights, so the
 caller divides by a global token count; that keeps gradient accumulation over
@@ -109,6 +115,45 @@ def _scan_forward(
     return lse, nll
 
 
+def _d_logits(
+    raw: jax.Array,
+    t: jax.Array,
+    scale: jax.Array,
+    lse: jax.Array | None,
+    soft_cap: float | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(d_logits, lse, nll) of one chunk from its raw logits, all float32.
+
+    `d_logits = (softmax - onehot) * scale * (1 - tanh^2)` is the gradient of
+    `sum(scale * nll)` w.r.t. the raw logits. With `lse=None` the logsumexp is
+    computed here, otherwise the given (saved) one is used.
+    """
+    vocab = raw.shape[-1]
+    cap = soft_cap
+    if lse is None:
+        lse = _logsumexp(_soft_cap(raw, soft_cap)[0], soft_cap)
+        if soft_cap is not None:
+            # Passing the logits and the cap through a barrier keeps XLA from
+            # sharing the soft-cap (and its broadcast constants) between the
+            # logsumexp pass and the d_logits pass: shared, each is a
+            # [chunk, vocab] temporary of its own (three blocks alive on
+            # XLA:CPU); recomputed, each pass is one loop over the logits and
+            # d_logits overwrites them (one block, as before).
+            raw, lse, cap = jax.lax.optimization_barrier(
+                (raw, lse, jnp.float32(soft_cap))
+            )
+    logits, tanh = _soft_cap(raw, cap)
+    probs = jnp.exp(logits - lse[:, None])
+    target_raw = jnp.take_along_axis(raw, t[:, None], axis=-1)[:, 0]
+    target_logit, _ = _soft_cap(target_raw, cap)
+    onehot = t[:, None] == jnp.arange(vocab, dtype=t.dtype)[None, :]
+    d_logits = (probs - onehot) * scale[:, None]
+    if tanh is not None:
+        # d/dx [cap * tanh(x / cap)] = 1 - tanh(x / cap)^2.
+        d_logits = d_logits * (1.0 - tanh * tanh)
+    return d_logits, lse, lse - target_logit
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _chunked_loss_sum(
     h_chunks: jax.Array,
@@ -123,48 +168,68 @@ def _chunked_loss_sum(
     return jnp.sum(w_chunks * nll)
 
 
-def _chunked_loss_sum_fwd(h_chunks, embedding, t_chunks, w_chunks, soft_cap, _):
-    lse, nll = _scan_forward(h_chunks, embedding, t_chunks, soft_cap)
+def _chunked_loss_sum_fwd(h_chunks, embedding, t_chunks, w_chunks, soft_cap, grad_e):
+    if grad_e:
+        # The embedding's gradient needs g * d_logits.T @ h per chunk; it is
+        # formed in the backward pass, which recomputes the logits.
+        lse, nll = _scan_forward(h_chunks, embedding, t_chunks, soft_cap)
+        loss = jnp.sum(w_chunks * nll)
+        return loss, (h_chunks, embedding, t_chunks, w_chunks, lse, nll)
+
+    # Frozen embedding: the loss needs only d(hidden), which is linear in the
+    # incoming cotangent g. So it is formed here, while each chunk's logits
+    # exist anyway, for g = 1; the backward pass just scales it. That saves
+    # recomputing the [chunk, vocab] logits (a third of the loss's matmuls).
+    def body(_, xs):
+        h, t, w = xs
+        raw = _logits(h, embedding)
+        d_logits, _, nll = _d_logits(raw, t, w, None, soft_cap)
+        d_h = jnp.einsum(
+            "nv,vd->nd",
+            d_logits.astype(h.dtype),
+            embedding,
+            preferred_element_type=jnp.float32,
+        )
+        return None, (nll, d_h)
+
+    _, (nll, d_h_unit) = jax.lax.scan(body, None, (h_chunks, t_chunks, w_chunks))
     loss = jnp.sum(w_chunks * nll)
-    # Residuals: the inputs (already alive in the caller) plus two floats per
-    # token. Nothing of size vocab per token survives the forward pass.
-    return loss, (h_chunks, embedding, t_chunks, w_chunks, lse, nll)
+    # Residuals: one [tokens, dim] float32 array (the unit-cotangent d_hidden)
+    # and one float per token, plus inputs alive in the caller anyway; nothing
+    # of size vocab per token. (The caller casts the embedding to hidden's
+    # dtype, so the embedding also carries the dtype of d_hidden.)
+    return loss, (d_h_unit, embedding, nll, w_chunks)
 
 
 def _chunked_loss_sum_bwd(soft_cap, embedding_grad, residuals, g):
+    if not embedding_grad:
+        d_h_unit, embedding, nll, w_chunks = residuals
+        d_h = (g * d_h_unit).astype(embedding.dtype)
+        # The tied embedding is frozen under LoRA; a zero cotangent that no
+        # one reads is removed by XLA, so this costs nothing in the train step.
+        d_embedding = jnp.zeros_like(embedding)
+        # d(loss)/d(weight) is the token's nll, saved anyway: exact for free.
+        return d_h, d_embedding, None, (g * nll).astype(w_chunks.dtype)
+
     h_chunks, embedding, t_chunks, w_chunks, lse, nll = residuals
-    vocab = embedding.shape[0]
 
     def body(d_embedding, xs):
         h, t, w, lse_c = xs
         raw = _logits(h, embedding)
-        logits, tanh = _soft_cap(raw, soft_cap)
-        probs = jnp.exp(logits - lse_c[:, None])
-        onehot = t[:, None] == jnp.arange(vocab, dtype=t.dtype)[None, :]
-        d_logits = (probs - onehot) * (w * g)[:, None]
-        if tanh is not None:
-            # d/dx [cap * tanh(x / cap)] = 1 - tanh(x / cap)^2.
-            d_logits = d_logits * (1.0 - tanh * tanh)
+        d_logits, _, _ = _d_logits(raw, t, w * g, lse_c, soft_cap)
         d_logits = d_logits.astype(h.dtype)
         d_h = jnp.einsum(
             "nv,vd->nd", d_logits, embedding, preferred_element_type=jnp.float32
         ).astype(h.dtype)
-        if embedding_grad:
-            d_embedding = d_embedding + jnp.einsum(
-                "nv,nd->vd", d_logits, h, preferred_element_type=jnp.float32
-            )
+        d_embedding = d_embedding + jnp.einsum(
+            "nv,nd->vd", d_logits, h, preferred_element_type=jnp.float32
+        )
         return d_embedding, d_h
 
-    init = jnp.zeros(embedding.shape, jnp.float32) if embedding_grad else None
+    init = jnp.zeros(embedding.shape, jnp.float32)
     d_embedding, d_h = jax.lax.scan(body, init, (h_chunks, t_chunks, w_chunks, lse))
-    if embedding_grad:
-        d_embedding = d_embedding.astype(embedding.dtype)
-    else:
-        # The tied embedding is frozen under LoRA; a zero cotangent that no one
-        # reads is removed by XLA, so this costs nothing in the train step.
-        d_embedding = jnp.zeros_like(embedding)
-    # d(loss)/d(weight) is the token's nll, which is saved anyway, so the
-    # weights get their exact gradient for free. Targets are integers: None.
+    d_embedding = d_embedding.astype(embedding.dtype)
+    # Targets are integers: None.
     d_w = (g * nll).astype(w_chunks.dtype)
     return d_h, d_embedding, None, d_w
 
@@ -214,10 +279,12 @@ def chunked_cross_entropy(
     """Weighted token cross-entropy from hidden states, without full logits.
 
     The logits are `soft_cap * tanh(hidden @ embedding.T / soft_cap)`. They
-    are computed `chunk_size` tokens at a time, in both the forward and the
-    (custom) backward pass, so `[batch, seq, vocab]` logits never exist. The
-    matmul runs in `hidden.dtype` with float32 accumulation; the soft-cap,
-    softmax and logsumexp run in float32.
+    are computed `chunk_size` tokens at a time, so `[batch, seq, vocab]`
+    logits never exist. With the embedding frozen (the default), the gradient
+    w.r.t. `hidden` is formed in the same pass as the loss, while each chunk's
+    logits exist; with `embedding_grad=True` the backward pass recomputes
+    them. The matmuls run in `hidden.dtype` with float32 accumulation; the
+    soft-cap, softmax and logsumexp run in float32.
 
     Args:
       hidden: `[batch, seq, dim]` final hidden states (after the final norm),
