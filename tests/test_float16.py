@@ -1,0 +1,162 @@
+"""float16 compute with float32 islands (the T4 mode): what runs in which
+dtype, the gate*up clamp before down_proj, dynamic loss scaling, and a few
+training steps that track float32."""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import keras
+import keras_hub
+import ml_collections
+import numpy as np
+import pytest
+
+from gemma4_keras.model import gemma4_lora_model, layers, lora, presets
+from gemma4_keras.run import callbacks as cb
+from gemma4_keras.run import train
+from gemma4_keras.testing import tiny
+
+SEQ = 24
+
+
+@functools.cache
+def backbone():
+    return keras_hub.models.Gemma4Backbone.from_preset(str(tiny.tiny_checkpoint()))
+
+
+def build(dtype: str) -> gemma4_lora_model.Gemma4LoraModel:
+    return gemma4_lora_model.Gemma4LoraModel.from_backbone(
+        backbone(), lora.LoraSpec(rank=4, alpha=8.0, seed=3), dtype=dtype
+    )
+
+
+def batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 1024, size=(2, SEQ))
+    ids[:, 0] = 2
+    weights = np.ones((2, SEQ), np.float32)
+    weights[:, : SEQ // 2] = 0  # the prompt half is not trained
+    return {
+        "token_ids": ids,
+        "positions": np.tile(np.arange(SEQ), (2, 1)),
+        "segment_ids": np.ones((2, SEQ), np.int32),
+        "target_ids": np.roll(ids, -1, axis=1),
+        "loss_weights": weights,
+        "loss_norm": np.full((2,), weights.sum(), np.float32),
+    }
+
+
+def test_float16_islands_only_for_float16():
+    assert layers.float16_islands("float16")
+    assert not layers.float16_islands("bfloat16")
+    assert not layers.float16_islands("float32")
+
+
+def test_residual_stream_and_outputs_stay_float32():
+    m = build("float16")
+    x, _ = m.embed(jnp.asarray(batch()["token_ids"]))
+    assert x.dtype == jnp.float32
+    blk = m.blocks[0]
+    # The frozen kernels are stored in float16 (half float32's memory).
+    assert blk.proj["gate_proj"].dense.kernel.dtype == "float16"
+    y = blk.linear("gate_proj", x, None)
+    assert y.dtype == jnp.float32
+    hidden = m(batch())
+    assert hidden.dtype == jnp.float32
+
+
+def test_gate_up_clamped_before_down_proj():
+    m = build("float16")
+    blk = m.blocks[0]
+    rng = np.random.default_rng(0)
+    # Scale 3000: gate * up reaches about 1e6, far past float16's 65504.
+    h = jnp.asarray(rng.standard_normal((1, 4, m.spec.hidden_dim)) * 3000, jnp.float32)
+    gate = np.asarray(blk.linear("gate_proj", h, None), np.float64)
+    up = np.asarray(blk.linear("up_proj", h, None), np.float64)
+    product = np.asarray(jax.nn.gelu(gate, approximate=True)) * up
+    assert np.abs(product).max() > 65504  # the test's input does overflow
+    down = np.asarray(blk.proj["down_proj"].weight("float32"), np.float64)
+    # Unclamped, down_proj's float16 input would hold inf.
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(product.astype(np.float16)).all()
+
+    out = np.asarray(blk.mlp(h, None))
+    assert np.isfinite(out).all()
+    clamped = np.clip(product, -layers.FLOAT16_CLAMP, layers.FLOAT16_CLAMP)
+    expected = clamped.astype(np.float16).astype(np.float64) @ down
+    np.testing.assert_allclose(
+        out, expected, rtol=2e-3, atol=1e-2 * np.abs(expected).max()
+    )
+
+
+def test_float16_gradients_finite_under_loss_scale():
+    m = build("float16")
+    params = [v.value for v in m.trainable_variables]
+    frozen_values = [v.value for v in m.non_trainable_variables]
+    b = {k: jnp.asarray(v) for k, v in batch().items()}
+
+    def scaled_loss(params):
+        hidden, _ = m.stateless_call(params, frozen_values, b)
+        return m.compute_loss(x=b, y_pred=hidden) * 2.0**15
+
+    grads = jax.grad(scaled_loss)(params)
+    assert all(g.dtype == jnp.float32 for g in grads)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    assert any(float(jnp.abs(g).max()) > 0 for g in grads)
+
+
+def compiled(dtype: str):
+    m = build(dtype)
+    cfg = ml_collections.ConfigDict(dict(weight_decay=0.0, max_grad_norm=1.0))
+    train.compile_model(m, cfg, cb.WarmupDecay(3e-3, total_steps=8, decay="constant"))
+    return m
+
+
+def test_float16_training_tracks_float32():
+    keras.utils.set_random_seed(0)
+    ref, f16 = compiled("float32"), compiled("float16")
+    assert isinstance(f16.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert not isinstance(ref.optimizer, keras.optimizers.LossScaleOptimizer)
+    b = batch()
+    steps = 4
+    losses = {
+        name: [float(m.train_on_batch(b)) for _ in range(steps)]
+        for name, m in (("float32", ref), ("float16", f16))
+    }
+    # Training moved the loss, and float16 followed it step by step.
+    assert losses["float32"][-1] < losses["float32"][0] - 0.05
+    np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=1e-2)
+    # No step was skipped for overflowing gradients: the scale never dropped.
+    assert int(keras.ops.convert_to_numpy(f16.optimizer.iterations)) == steps
+    assert float(keras.ops.convert_to_numpy(f16.optimizer.dynamic_scale)) == 2.0**15
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_other_dtypes_keep_their_compute(dtype):
+    m = build(dtype)
+    x, _ = m.embed(jnp.asarray(batch()["token_ids"]))
+    assert x.dtype == jnp.dtype(dtype)
+    assert m.blocks[0].linear("up_proj", x, None).dtype == jnp.dtype(dtype)
+
+
+def test_auto_is_float16_on_gpus_without_bfloat16(monkeypatch):
+    cfg = ml_collections.ConfigDict(dict(dtype="auto"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for capability, dtype in (
+        ("7.5", "float16"),
+        ("7.0", "float16"),
+        ("8.9", "bfloat16"),
+    ):
+        gpu = types.SimpleNamespace(compute_capability=capability)
+        monkeypatch.setattr(jax, "devices", lambda *a, g=gpu: [g])
+        assert presets.compute_dtype(cfg) == dtype, capability
+    monkeypatch.setattr(jax, "devices", lambda *a: [object()])
+    assert presets.compute_dtype(cfg) == "bfloat16"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert presets.compute_dtype(cfg) == "bfloat16"
+    cfg.dtype = "float32"
+    assert presets.compute_dtype(cfg) == "float32"
