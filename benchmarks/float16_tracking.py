@@ -55,7 +55,6 @@ def train(preset: str, dtype: str, steps: int, batch: int, seq: int, lr: float) 
         overrides={
             "model.preset": preset,
             "model.dtype": dtype,
-            "model.allow_float16": dtype == "float16",
             "train.max_steps": steps,
             "train.batch_size": batch,
             "data.max_length": seq,

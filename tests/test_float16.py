@@ -28,9 +28,9 @@ def backbone():
     return keras_hub.models.Gemma4Backbone.from_preset(str(tiny.tiny_checkpoint()))
 
 
-def build(dtype: str) -> gemma4_lora_model.Gemma4LoraModel:
+def build(dtype: str, quant: str = "none") -> gemma4_lora_model.Gemma4LoraModel:
     return gemma4_lora_model.Gemma4LoraModel.from_backbone(
-        backbone(), lora.LoraSpec(rank=4, alpha=8.0, seed=3), dtype=dtype
+        backbone(), lora.LoraSpec(rank=4, alpha=8.0, seed=3), dtype=dtype, quant=quant
     )
 
 
@@ -65,8 +65,6 @@ def test_residual_stream_and_outputs_stay_float32():
     assert blk.proj["gate_proj"].dense.kernel.dtype == "float16"
     y = blk.linear("gate_proj", x, None)
     assert y.dtype == jnp.float32
-    hidden = m(batch())
-    assert hidden.dtype == jnp.float32
 
 
 def test_gate_up_clamped_before_down_proj():
@@ -93,20 +91,28 @@ def test_gate_up_clamped_before_down_proj():
     )
 
 
-def test_float16_gradients_finite_under_loss_scale():
-    m = build("float16")
+def scaled_grads(m, scale: float) -> list[np.ndarray]:
     params = [v.value for v in m.trainable_variables]
     frozen_values = [v.value for v in m.non_trainable_variables]
     b = {k: jnp.asarray(v) for k, v in batch().items()}
 
     def scaled_loss(params):
         hidden, _ = m.stateless_call(params, frozen_values, b)
-        return m.compute_loss(x=b, y_pred=hidden) * 2.0**15
+        return m.compute_loss(x=b, y_pred=hidden) * scale
 
     grads = jax.grad(scaled_loss)(params)
     assert all(g.dtype == jnp.float32 for g in grads)
-    assert all(bool(jnp.isfinite(g).all()) for g in grads)
-    assert any(float(jnp.abs(g).max()) > 0 for g in grads)
+    return [np.asarray(g) / scale for g in grads]
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_float16_gradients_match_float32_under_loss_scale(quant):
+    ref = np.concatenate([g.ravel() for g in scaled_grads(build("float32", quant), 1)])
+    f16 = scaled_grads(build("float16", quant), 2.0**15)  # Keras' initial scale
+    assert all(np.isfinite(g).all() for g in f16)
+    f16 = np.concatenate([g.ravel() for g in f16])
+    assert np.abs(ref).max() > 0
+    assert np.linalg.norm(f16 - ref) < 1e-2 * np.linalg.norm(ref)
 
 
 def compiled(dtype: str):
@@ -135,8 +141,8 @@ def test_float16_training_tracks_float32():
     assert float(keras.ops.convert_to_numpy(f16.optimizer.dynamic_scale)) == 2.0**15
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_other_dtypes_keep_their_compute(dtype):
+def test_bfloat16_keeps_its_compute():
+    dtype = "bfloat16"
     m = build(dtype)
     x, _ = m.embed(jnp.asarray(batch()["token_ids"]))
     assert x.dtype == jnp.dtype(dtype)
