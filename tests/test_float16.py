@@ -28,6 +28,12 @@ def backbone():
     return keras_hub.models.Gemma4Backbone.from_preset(str(tiny.tiny_checkpoint()))
 
 
+@functools.cache
+def built(dtype: str, quant: str = "none") -> gemma4_lora_model.Gemma4LoraModel:
+    """One shared model per (dtype, quant), for tests that do not train it."""
+    return build(dtype, quant)
+
+
 def build(dtype: str, quant: str = "none") -> gemma4_lora_model.Gemma4LoraModel:
     return gemma4_lora_model.Gemma4LoraModel.from_backbone(
         backbone(), lora.LoraSpec(rank=4, alpha=8.0, seed=3), dtype=dtype, quant=quant
@@ -57,7 +63,7 @@ def test_float16_islands_only_for_float16():
 
 
 def test_residual_stream_and_outputs_stay_float32():
-    m = build("float16")
+    m = built("float16")
     x, _ = m.embed(jnp.asarray(batch()["token_ids"]))
     assert x.dtype == jnp.float32
     blk = m.blocks[0]
@@ -68,7 +74,7 @@ def test_residual_stream_and_outputs_stay_float32():
 
 
 def test_gate_up_clamped_before_down_proj():
-    m = build("float16")
+    m = built("float16")
     blk = m.blocks[0]
     rng = np.random.default_rng(0)
     # Scale 3000: gate * up reaches about 1e6, far past float16's 65504.
@@ -100,15 +106,15 @@ def scaled_grads(m, scale: float) -> list[np.ndarray]:
         hidden, _ = m.stateless_call(params, frozen_values, b)
         return m.compute_loss(x=b, y_pred=hidden) * scale
 
-    grads = jax.grad(scaled_loss)(params)
+    grads = jax.jit(jax.grad(scaled_loss))(params)
     assert all(g.dtype == jnp.float32 for g in grads)
     return [np.asarray(g) / scale for g in grads]
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_float16_gradients_match_float32_under_loss_scale(quant):
-    ref = np.concatenate([g.ravel() for g in scaled_grads(build("float32", quant), 1)])
-    f16 = scaled_grads(build("float16", quant), 2.0**15)  # Keras' initial scale
+    ref = np.concatenate([g.ravel() for g in scaled_grads(built("float32", quant), 1)])
+    f16 = scaled_grads(built("float16", quant), 2.0**15)  # Keras' initial scale
     assert all(np.isfinite(g).all() for g in f16)
     f16 = np.concatenate([g.ravel() for g in f16])
     assert np.abs(ref).max() > 0
@@ -128,7 +134,7 @@ def test_float16_training_tracks_float32():
     assert isinstance(f16.optimizer, keras.optimizers.LossScaleOptimizer)
     assert not isinstance(ref.optimizer, keras.optimizers.LossScaleOptimizer)
     b = batch()
-    steps = 4
+    steps = 3
     losses = {
         name: [float(m.train_on_batch(b)) for _ in range(steps)]
         for name, m in (("float32", ref), ("float16", f16))
@@ -143,7 +149,7 @@ def test_float16_training_tracks_float32():
 
 def test_bfloat16_keeps_its_compute():
     dtype = "bfloat16"
-    m = build(dtype)
+    m = built(dtype)
     x, _ = m.embed(jnp.asarray(batch()["token_ids"]))
     assert x.dtype == jnp.dtype(dtype)
     assert m.blocks[0].linear("up_proj", x, None).dtype == jnp.dtype(dtype)
