@@ -17,7 +17,7 @@ import pytest
 
 from gemma4_keras.model import gemma4_lora_model, layers, lora, presets
 from gemma4_keras.run import callbacks as cb
-from gemma4_keras.run import train
+from gemma4_keras.run import checkpointing, train
 from gemma4_keras.testing import tiny
 
 SEQ = 24
@@ -172,3 +172,15 @@ def test_auto_is_float16_on_gpus_without_bfloat16(monkeypatch):
     assert presets.compute_dtype(cfg) == "bfloat16"
     cfg.dtype = "float32"
     assert presets.compute_dtype(cfg) == "float32"
+
+
+def test_resume_accepts_steps_the_loss_scaler_skipped():
+    plain = types.SimpleNamespace(optimizer=keras.optimizers.AdamW())
+    with pytest.raises(checkpointing.CheckpointError):
+        train.check_optimizer_step(plain, 3, "ckpt")
+    inner = keras.optimizers.AdamW()
+    scaled = types.SimpleNamespace(optimizer=keras.optimizers.LossScaleOptimizer(inner))
+    train.check_optimizer_step(scaled, 3, "ckpt")  # 3 steps run, all skipped
+    inner.iterations.assign(5)  # more applied than run: still an error
+    with pytest.raises(checkpointing.CheckpointError):
+        train.check_optimizer_step(scaled, 3, "ckpt")
