@@ -101,10 +101,11 @@ def float16_islands(dtype) -> bool:
     """True when `dtype` runs the float16 mode: float16 matmuls, float32 rest.
 
     In that mode the residual stream, RMSNorm, embeddings, the attention's
-    q/k/v, scores and softmax, and the MLP's activation stay float32; only
-    the projections' matmuls (and their LoRA branches) run in float16, and
-    the MLP's gate * up product is clamped to +-`FLOAT16_CLAMP` before its
-    float16 down_proj. float32 and bfloat16 compute are untouched by it.
+    q/k/v, scores and softmax, the MLP's activation and the LoRA branches
+    stay float32; only the frozen projections' matmuls take float16 inputs,
+    and the MLP's gate * up product is clamped to +-`FLOAT16_CLAMP` before it
+    becomes down_proj's float16 input. float32 and bfloat16 compute are
+    untouched by it (docs/t4.md).
     """
     return keras.backend.standardize_dtype(dtype) == "float16"
 
