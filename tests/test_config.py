@@ -91,7 +91,6 @@ def test_guide_defaults():
         ),
         ("lora.targets", "", "lora.targets is empty"),
         ("lora.targets", "q_proj,qkv", "unknown module name(s) ['qkv']"),
-        ("model.dtype", "float16", "Gemma 4 overflows in float16"),
         ("lora.layers", "1,x", "lora.layers must be comma-separated integers"),
     ],
 )
@@ -105,11 +104,14 @@ def test_bad_values_name_the_field(field, value, message):
     assert "\n" not in str(e.value)
 
 
-def test_float16_can_be_forced():
+def test_float16_is_accepted():
+    # float16 runs with float32 islands and loss scaling (tests/test_float16.py).
     c = config_lib.get_config("e2b", "lora")
     c.model.dtype = "float16"
-    c.model.allow_float16 = True
     config_lib.validate(c)
+    c.model.dtype = "float8"
+    with pytest.raises(config_lib.ConfigError, match="model.dtype"):
+        config_lib.validate(c)
 
 
 def test_unknown_size_method_and_switch():

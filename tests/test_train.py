@@ -120,12 +120,9 @@ def test_mean_of_micro_batch_means_is_a_different_update(setup):
     assert _update_gap(naive, whole, initial) > 0.05
 
 
-def test_float16_is_refused_unless_forced():
+def test_float16_is_accepted():
     c = _config()
     c.model.dtype = "float16"
-    with pytest.raises(config_lib.ConfigError, match="allow_float16"):
-        config_lib.validate(c)
-    c.model.allow_float16 = True
     config_lib.validate(c)
 
 

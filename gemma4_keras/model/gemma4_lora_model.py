@@ -19,7 +19,13 @@ import ml_dtypes
 import numpy as np
 
 from gemma4_keras.model import hub, loss
-from gemma4_keras.model.layers import DecoderBlock, attention_mask, frozen, rms_norm
+from gemma4_keras.model.layers import (
+    DecoderBlock,
+    attention_mask,
+    float16_islands,
+    frozen,
+    rms_norm,
+)
 from gemma4_keras.model.lora import LoraAdapter, LoraSpec
 from gemma4_keras.model.quant import no_cotangent, tie_to
 from gemma4_keras.model.spec import ModelSpec
@@ -246,6 +252,8 @@ class Gemma4LoraModel(keras.Model):
     def embed(self, token_ids) -> tuple[jax.Array, jax.Array | None]:
         """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None)."""
         dtype = self.compute_dtype
+        if float16_islands(dtype):  # the residual stream stays float32
+            dtype = "float32"
         x = jnp.take(self.globals["embedding"].value, token_ids, axis=0).astype(dtype)
         ple = self._ple_inputs(token_ids, x) if self.spec.ple_dim else None
         return x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype), ple

@@ -91,6 +91,25 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+# float16 compute ("float32 islands"): the largest magnitude the MLP's
+# gate * up product keeps before down_proj, a little under float16's 65504
+# so that rounding cannot reach inf (the recipe Unsloth's T4 notebooks use).
+FLOAT16_CLAMP = 65280.0
+
+
+def float16_islands(dtype) -> bool:
+    """True when `dtype` runs the float16 mode: float16 matmuls, float32 rest.
+
+    In that mode the residual stream, RMSNorm, embeddings, the attention's
+    q/k/v, scores and softmax, the MLP's activation and the LoRA branches
+    stay float32; only the frozen projections' matmuls take float16 inputs,
+    and the MLP's gate * up product is clamped to +-`FLOAT16_CLAMP` before it
+    becomes down_proj's float16 input. float32 and bfloat16 compute are
+    untouched by it (docs/t4.md).
+    """
+    return keras.backend.standardize_dtype(dtype) == "float16"
+
+
 # ----------------------------------------------------------------------------
 # Keras layers that hold the weights.
 
@@ -167,6 +186,18 @@ class FrozenLinear(keras.layers.Layer):
             return quant_lib.nf4_matmul(x, self.nf4.quantized())
         return x @ self.weight(x.dtype)
 
+    def apply_float32_out(self, x: jax.Array) -> jax.Array:
+        """`apply` of a float16 `x`, the result in float32 (float16 mode).
+
+        A float kernel multiplies in float16 and accumulates and returns
+        float32 (as tensor cores do), so a large output cannot overflow;
+        NF4 and Keras int8/int4 kernels return float16, cast afterwards.
+        """
+        if self.dense is not None and self.quant == "none":
+            w = self.weight(x.dtype)
+            return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+        return self.apply(x).astype(jnp.float32)
+
 
 class DecoderBlock(keras.layers.Layer):
     """Frozen weights of one decoder block plus its adapters."""
@@ -216,12 +247,38 @@ class DecoderBlock(keras.layers.Layer):
         )
 
     def linear(self, target: str, x: jax.Array, keys: dict | None) -> jax.Array:
+        if float16_islands(self.compute_dtype):
+            return self._linear_float16(target, x, keys)
         y = self.proj[target].apply(x)
         adapter = self.adapters.get(self.active_adapter, {}).get(target)
         if adapter is not None:
             key = None if keys is None else keys.get(target)
             y = y + adapter.delta(x, key)
         return y
+
+    def _linear_float16(self, target: str, x: jax.Array, keys: dict | None):
+        """The frozen matmul in float16; the adapter and the result in float32.
+
+        The adapter's weight gradients sum over every token of the batch:
+        in float16, times the loss scale, they overflow (the first steps
+        would all be skipped), so its (rank-r, cheap) branch stays float32.
+        """
+        x = x.astype(jnp.float32)
+        y = self.proj[target].apply_float32_out(x.astype(jnp.float16))
+        adapter = self.adapters.get(self.active_adapter, {}).get(target)
+        if adapter is not None:
+            key = None if keys is None else keys.get(target)
+            y = y + adapter.delta(x, key)
+        return y
+
+    def mlp(self, h: jax.Array, keys: dict | None) -> jax.Array:
+        """down_proj(gelu(gate_proj(h)) * up_proj(h)), clamped in float16 mode."""
+        f = gelu_tanh(self.linear("gate_proj", h, keys)) * self.linear(
+            "up_proj", h, keys
+        )
+        if float16_islands(self.compute_dtype):
+            f = jnp.clip(f, -FLOAT16_CLAMP, FLOAT16_CLAMP)
+        return self.linear("down_proj", f, keys)
 
     def forward(self, x, positions, mask, ple_input, shared_kv, keys):
         """One block over a whole sequence; returns (x, (k, v)) for KV sharing."""
@@ -264,10 +321,7 @@ class DecoderBlock(keras.layers.Layer):
         x = x + rms_norm(att, self.norms["post_attn"].value, s.eps)
 
         h = rms_norm(x, self.norms["pre_ffw"].value, s.eps)
-        f = gelu_tanh(self.linear("gate_proj", h, keys)) * self.linear(
-            "up_proj", h, keys
-        )
-        f = self.linear("down_proj", f, keys)
+        f = self.mlp(h, keys)
         if s.moe:
             f = rms_norm(f, self.norms["post_ffw_dense"].value, s.eps)
             f = f + self._moe(x)

@@ -173,10 +173,32 @@ def _read_local_config(directory: str) -> dict:
 
 
 def compute_dtype(model_cfg) -> str:
-    """`model.dtype`, with `auto` = bfloat16 on GPU/TPU and float32 on CPU."""
+    """`model.dtype`; `auto` is float32 on CPU, float16 on a GPU without
+    bfloat16 tensor cores (compute capability below 8.0: T4, V100), bfloat16
+    on other GPUs and TPUs.
+
+    float16 compute keeps float32 islands (`layers.float16_islands`) and
+    trains with dynamic loss scaling; docs/t4.md has the evidence.
+    """
     if model_cfg.dtype != "auto":
         return model_cfg.dtype
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "float32"
+    if backend == "gpu" and not gpu_has_bfloat16(jax.devices()[0]):
+        return "float16"
+    return "bfloat16"
+
+
+def gpu_has_bfloat16(device) -> bool:
+    """Whether a JAX GPU device has bfloat16 tensor cores (Ampere, 8.0, on).
+
+    A device that does not report its compute capability counts as having them.
+    """
+    try:
+        return float(device.compute_capability) >= 8.0
+    except (AttributeError, TypeError, ValueError):
+        return True
 
 
 def load_backbone(preset: str, dtype: str):
@@ -302,6 +324,7 @@ __all__ = [
     "PresetError",
     "chat_template",
     "compute_dtype",
+    "gpu_has_bfloat16",
     "known_presets",
     "load_backbone",
     "build_training_model",

@@ -49,6 +49,7 @@ from gemma4_keras import atomic, config_lib, data, workdir_lock
 from gemma4_keras.eval import evaluate
 from gemma4_keras.export import peft
 from gemma4_keras.model import presets
+from gemma4_keras.model.layers import float16_islands
 from gemma4_keras.run import callbacks as cb
 from gemma4_keras.run import checkpointing, distributed
 
@@ -511,6 +512,10 @@ def compile_model(model, train_cfg, schedule: cb.WarmupDecay) -> None:
         # process could not restore its own checkpoint.
         name="adam_w",
     )
+    if float16_islands(model.compute_dtype):
+        # float16 gradients underflow without a loss scale; steps whose
+        # scaled gradients overflow are skipped and the scale halved.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale")
     model.compile(optimizer=optimizer, jit_compile=True)
 
 
@@ -521,7 +526,10 @@ def check_optimizer_step(model, start: int, where: str) -> None:
     checkpoint restores: a resumed run continues the schedule where it stopped.
     """
     done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    if done != start:
+    # Under dynamic loss scaling (float16) a step whose gradients overflowed
+    # is skipped: the optimiser has then counted fewer steps than were run.
+    skips = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    if done != start and not (skips and done < start):
         raise checkpointing.CheckpointError(
             f"{where}: checkpoint step {start} holds an optimiser step count of "
             f"{done}; its learning rate schedule would not resume. Delete the "
