@@ -256,9 +256,13 @@ def activation_bytes(
 
 
 def loss_temp_bytes(spec: ModelSpec, micro_tokens: int, chunk: int) -> int:
-    """Chunked loss temp [bytes]: ~2 x min(chunk, tokens) x V x 4 (float32
-    logits and their gradient for one chunk)."""
-    return 2 * min(chunk, micro_tokens) * spec.vocab_size * 4
+    """Chunked loss temp [bytes]: min(chunk, tokens) x V x 4 (one float32
+    block of one chunk's logits, turned into their gradient in place: the
+    loss builds d(hidden) in the forward pass) + tokens x D x 4 (that
+    d(hidden), kept for the backward pass; `docs/real_size.md` compares
+    plan with XLA's count at E2B and E4B)."""
+    block = min(chunk, micro_tokens) * spec.vocab_size * 4
+    return block + micro_tokens * spec.hidden_dim * 4
 
 
 def step_flops(
