@@ -64,15 +64,6 @@ ROOT = HERE.parent
 SYSTEMS = ("ours-float", "ours-nf4", "kerashub", "peft", "peft-bnb")
 OURS = ("ours-float", "ours-nf4")
 GIB = 1024**3
-HF_TARGETS = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
 KERAS_HUB_TARGETS = [
     "query",
     "key",
@@ -297,6 +288,8 @@ def run_peft(args, ckpt: pathlib.Path, bnb: bool) -> dict:
     import torch
     import transformers
 
+    from gemma4_keras import config_lib
+
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     kwargs = {"dtype": torch.float32}
@@ -313,7 +306,7 @@ def run_peft(args, ckpt: pathlib.Path, bnb: bool) -> dict:
         r=args.rank,
         lora_alpha=2 * args.rank,
         lora_dropout=0.0,
-        target_modules=HF_TARGETS,
+        target_modules=list(config_lib.LORA_TARGETS),
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, lora)

@@ -59,15 +59,6 @@ PEAK_TFLOPS = {
     "TPU v4": 275.0,
     "TPU v6": 918.0,
 }
-HF_TARGETS = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
 
 
 class RandomSource:
@@ -221,6 +212,8 @@ def run_ours(args, method: str) -> dict:
 
 def run_peft(args) -> dict:
     """transformers + PEFT LoRA at the same shape, if importable with CUDA."""
+    from gemma4_keras import config_lib
+
     try:
         import peft
         import torch
@@ -241,7 +234,7 @@ def run_peft(args) -> dict:
     model = peft.get_peft_model(
         model,
         peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                        target_modules=HF_TARGETS, task_type="CAUSAL_LM"),
+                        target_modules=list(config_lib.LORA_TARGETS), task_type="CAUSAL_LM"),
     )  # fmt: skip
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
