@@ -138,14 +138,10 @@ def merged_model(model, config):
     adapter merged into its kernels (`lora.merge_adapter`): what a merged
     export (`--format=hf|gguf|keras`) serves. Built beside `model`.
     """
+    unquantised = config.copy_and_resolve_references()
+    unquantised.quant.mode = "none"
     preset = presets.resolve_preset(config.model.preset)
-    quant_cfg = config.quant.copy_and_resolve_references()
-    quant_cfg.mode = "none"
-    merged = presets.build_training_model(
-        preset, config.model, config.lora, quant_cfg, config.train
-    )
-    merged.unload_adapter("default")
-    lora.add_adapter_from_factors(merged, *lora.adapter_factors(model), name="default")
+    merged = load_model(unquantised, preset, lora.adapter_factors(model))
     lora.merge_adapter(merged, "default")
     return merged
 
