@@ -170,6 +170,12 @@ def get_config(
     # fetching only its tokens' rows: auto = on for one GPU/TPU (saves
     # 4.4 / 5.3 GiB of device memory), off on CPU and on a mesh | on | off.
     c.model.ple_on_host = "auto"
+    # Attention (model/attention.py): auto = cuDNN flash attention on GPUs
+    # where it applies, else queries in chunks when rows are longer than
+    # attention_chunk_size (memory heads x chunk x keys; sliding layers read
+    # only chunk + window keys), else dense | dense | chunked | fused.
+    c.model.attention = "auto"
+    c.model.attention_chunk_size = 512  # queries per chunk [tokens]
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16
@@ -466,6 +472,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
             c.model.moe_dispatch in ("dense", "ragged"),
             "model.moe_dispatch",
             "must be dense or ragged",
+        ),
+        (
+            c.model.attention in ("auto", "dense", "chunked", "fused"),
+            "model.attention",
+            "must be auto, dense, chunked or fused",
+        ),
+        (
+            c.model.attention_chunk_size > 0,
+            "model.attention_chunk_size",
+            "must be > 0",
         ),
         (
             c.model.ple_on_host in ("auto", "on", "off"),

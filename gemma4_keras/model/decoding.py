@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import keras
 
 from gemma4_keras.model import hub
-from gemma4_keras.model.layers import dot_attention, rms_norm
+from gemma4_keras.model.attention import dot_attention
+from gemma4_keras.model.layers import rms_norm
 
 # eos_token_id of the Gemma 4 -it generation_config.json: <eos>, <turn|>,
 # <|tool_response>.

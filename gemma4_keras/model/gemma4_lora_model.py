@@ -18,10 +18,9 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from gemma4_keras.model import hub, loss
+from gemma4_keras.model import attention, hub, loss
 from gemma4_keras.model.layers import (
     DecoderBlock,
-    attention_mask,
     float16_islands,
     frozen,
     rms_norm,
@@ -158,6 +157,25 @@ class Gemma4LoraModel(keras.Model):
             self.add_adapter("default", lora)
         return self
 
+    def set_attention(self, implementation: str = "auto", chunk_size: int = 512):
+        """How every block computes attention (`model/attention.py`).
+
+        Args:
+          implementation: auto | dense | chunked | fused (`model.attention`).
+          chunk_size: queries per chunk of the chunked path
+            (`model.attention_chunk_size`); auto chunks rows longer than it.
+        """
+        if implementation not in attention.IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.attention={implementation!r}: use one of "
+                f"{attention.IMPLEMENTATIONS}"
+            )
+        if chunk_size < 1:
+            raise ValueError(f"model.attention_chunk_size={chunk_size}: must be >= 1")
+        for blk in self.blocks:
+            blk.attention = implementation
+            blk.attention_chunk_size = int(chunk_size)
+
     def add_global(self, name: str, value, dtype=None) -> None:
         dtype = dtype or self.variable_dtype
         if name == PLE_TABLE and self.ple_on_host:
@@ -234,17 +252,14 @@ class Gemma4LoraModel(keras.Model):
         positions = inputs["positions"]
         segment_ids = inputs["segment_ids"]
         x, ple = self.embed(token_ids)
-        masks = {}
         kv_cache: dict[int, tuple] = {}
         base_key = self.dropout_seed.next() if training else None
         for blk in self.blocks:
             b = blk.bspec
-            if b.sliding_window not in masks:
-                masks[b.sliding_window] = attention_mask(segment_ids, b.sliding_window)
             keys = self._dropout_keys(base_key, blk)
             shared = kv_cache.get(b.kv_source) if not b.has_kv else None
             ple_i = None if ple is None else ple[:, :, b.index]
-            args = (x, positions, masks[b.sliding_window], ple_i, shared, keys)
+            args = (x, positions, segment_ids, ple_i, shared, keys)
             x, kv = remat_block(blk, *args) if self.remat else blk.forward(*args)
             kv_cache[b.index] = kv
         return rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
@@ -309,7 +324,9 @@ class Gemma4LoraModel(keras.Model):
         return total / x["loss_norm"][0]
 
 
-def remat_block(blk: DecoderBlock, x, positions, mask, ple_input, shared_kv, keys):
+def remat_block(
+    blk: DecoderBlock, x, positions, segment_ids, ple_input, shared_kv, keys
+):
     """`blk.forward(...)`, recomputed in the backward pass instead of stored.
 
     `jax.checkpoint` keeps its recomputation apart from the forward pass with
@@ -326,36 +343,49 @@ def remat_block(blk: DecoderBlock, x, positions, mask, ple_input, shared_kv, key
     trainable = blk.trainable_variables
     frozen_vars = blk.non_trainable_variables
 
-    def forward(x, ple_input, shared_kv, t_values, f_values, positions, mask, keys):
+    def forward(
+        x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys
+    ):
         values = list(zip(trainable, t_values)) + list(zip(frozen_vars, f_values))
         with keras.StatelessScope(state_mapping=values):
-            return blk.forward(x, positions, mask, ple_input, shared_kv, keys)
+            return blk.forward(x, positions, segment_ids, ple_input, shared_kv, keys)
 
     @jax.custom_vjp
-    def block(x, ple_input, shared_kv, t_values, f_values, positions, mask, keys):
+    def block(
+        x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys
+    ):
         # Dropout masks come from fixed keys: make them wait for x too.
         keys = tie_to(keys, x, integers=True)
         return forward(
-            x, ple_input, shared_kv, t_values, f_values, positions, mask, keys
+            x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys
         )
 
     def block_fwd(*args):
         return block(*args), args
 
     def block_bwd(args, g):
-        x, ple_input, shared_kv, t_values, f_values, positions, mask, keys = args
+        x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys = args
         anchor = jax.tree_util.tree_leaves(g)[0]
         x, ple_input, shared_kv = tie_to((x, ple_input, shared_kv), anchor)
-        positions, keys = tie_to((positions, keys), anchor, integers=True)
+        positions, segment_ids, keys = tie_to(
+            (positions, segment_ids, keys), anchor, integers=True
+        )
 
         def differentiable(x, ple_input, shared_kv, t_values):
             return forward(
-                x, ple_input, shared_kv, t_values, f_values, positions, mask, keys
+                x,
+                ple_input,
+                shared_kv,
+                t_values,
+                f_values,
+                positions,
+                segment_ids,
+                keys,
             )
 
         _, vjp = jax.vjp(differentiable, x, ple_input, shared_kv, t_values)
         nondiff = jax.tree_util.tree_map(
-            no_cotangent, (f_values, positions, mask, keys)
+            no_cotangent, (f_values, positions, segment_ids, keys)
         )
         return (*vjp(g), *nondiff)
 
@@ -367,6 +397,6 @@ def remat_block(blk: DecoderBlock, x, positions, mask, ple_input, shared_kv, key
         [v.value for v in trainable],
         [v.value for v in frozen_vars],
         positions,
-        mask,
+        segment_ids,
         keys,
     )

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from gemma4_keras.model import attention as attention_lib
 from gemma4_keras.model import quant as quant_lib
 from gemma4_keras.model.lora import LoraAdapter
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
@@ -57,34 +58,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, spec: BlockSpec) -> jax.Array
     y1 = r1 * cos - r2 * sin
     y2 = r2 * cos + r1 * sin
     return jnp.concatenate([y1, p1, y2, p2], axis=-1)
-
-
-def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, T] boolean mask: causal, same segment, not padding, in window."""
-    t = segment_ids.shape[1]
-    idx = jnp.arange(t)
-    causal = idx[None, :] <= idx[:, None]
-    if window is not None:
-        causal = causal & (idx[:, None] - idx[None, :] < window)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    valid = segment_ids[:, None, :] > 0
-    return causal[None] & same & valid
-
-
-def dot_attention(q, k, v, mask, soft_cap):
-    """Grouped-query attention with scale 1 (Gemma 4 normalises q and k)."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
-    if soft_cap is not None:
-        logits = jnp.tanh(logits / soft_cap) * soft_cap
-    m = mask[:, None, None, :, :]
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # rows with no key -> 0
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n * h)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -211,6 +184,9 @@ class DecoderBlock(keras.layers.Layer):
         self.adapters: dict[str, dict[str, LoraAdapter]] = {}
         self.active_adapter: str | None = None
         self.moe_dispatch = "dense"  # dense | ragged (see moe_ragged)
+        # model.attention / model.attention_chunk_size (model/attention.py)
+        self.attention = "auto"
+        self.attention_chunk_size = 512
 
     def add_norm(self, name: str, value) -> None:
         self.norms[name] = frozen(self, name, value, "float32")
@@ -280,11 +256,21 @@ class DecoderBlock(keras.layers.Layer):
             f = jnp.clip(f, -FLOAT16_CLAMP, FLOAT16_CLAMP)
         return self.linear("down_proj", f, keys)
 
-    def forward(self, x, positions, mask, ple_input, shared_kv, keys):
-        """One block over a whole sequence; returns (x, (k, v)) for KV sharing."""
+    def forward(self, x, positions, segment_ids, ple_input, shared_kv, keys):
+        """One block over whole packed rows; returns (x, (k, v)) for KV sharing."""
         q, kv = self.attention_inputs(x, positions, keys)
         k, v = kv if kv is not None else shared_kv
-        att = dot_attention(q, k, v, mask, self.bspec.attn_soft_cap)
+        b = self.bspec
+        att = attention_lib.attend(
+            q,
+            k,
+            v,
+            segment_ids,
+            b.sliding_window,
+            b.attn_soft_cap,
+            self.attention,
+            self.attention_chunk_size,
+        )
         return self.attention_output(x, att, ple_input, keys), (k, v)
 
     def attention_inputs(self, x, positions, keys):

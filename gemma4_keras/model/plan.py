@@ -190,6 +190,32 @@ def adapter_bytes(params: int, grad_accum: int) -> dict[str, int]:
 # Activations, loss temp, FLOPs.
 
 
+def attention_chunk(model_cfg) -> int | None:
+    """Query chunk `plan` counts for `model.attention`; None = the full square.
+
+    auto and chunked run queries in chunks of `model.attention_chunk_size`
+    (auto uses cuDNN instead where it applies, which holds less: the chunked
+    figure is then an upper bound); dense and fused (XLA's implementation
+    off GPUs) hold the whole [B, heads, T, T] square.
+    """
+    if str(model_cfg.attention) in ("dense", "fused"):
+        return None
+    return int(model_cfg.attention_chunk_size)
+
+
+def attention_block(b: BlockSpec, seq: int, chunk: int | None) -> tuple[int, int]:
+    """(queries, keys) of the largest logits block one layer holds at once.
+
+    Dense: seq x seq. Chunked: chunk x seq on global layers, chunk x
+    (chunk + window - 1) on sliding ones (`model/attention.py`).
+    """
+    if chunk is None or seq <= chunk:
+        return seq, seq
+    if b.sliding_window is not None and chunk + b.sliding_window - 1 < seq:
+        return chunk, chunk + b.sliding_window - 1
+    return chunk, seq
+
+
 def _block_internal_bytes(
     spec: ModelSpec,
     b: BlockSpec,
@@ -198,6 +224,7 @@ def _block_internal_bytes(
     batch: int,
     seq: int,
     s: int,
+    attn_chunk: int | None = None,
 ) -> int:
     """Residuals one block keeps for its backward pass [bytes]."""
     d, n_tok = spec.hidden_dim, batch * seq
@@ -209,25 +236,33 @@ def _block_internal_bytes(
         per_tok += spec.num_experts * (3 * spec.expert_dim + spec.hidden_dim) + 4 * d
     if spec.ple_dim:
         per_tok += 2 * spec.ple_dim + 2 * d
-    attn = batch * b.num_heads * seq * seq * (_ATTN_F32 * 4 + _ATTN_BOOL)
+    queries, keys = attention_block(b, seq, attn_chunk)
+    attn = batch * b.num_heads * queries * keys * (_ATTN_F32 * 4 + _ATTN_BOOL)
     return n_tok * per_tok * s + attn
 
 
 def activation_bytes(
-    spec: ModelSpec, lora: LoraSpec, batch: int, seq: int, s: int
+    spec: ModelSpec,
+    lora: LoraSpec,
+    batch: int,
+    seq: int,
+    s: int,
+    attn_chunk: int | None = None,
 ) -> dict[str, int]:
     """Activation memory of one micro-batch of `batch` x `seq` tokens [bytes].
 
     Without remat every block keeps its residuals for the backward pass, per
     block l and token: (6*D + 3*H*h_l + 2*kv*h_l [own K/V only] + 8*F_l
     + r * sites_l [+ MoE E*(3*I + D) + 4*D] [+ PLE 2*P + 2*D]) * s bytes, plus
-    attention B*H*T*T*(4 float32 + 2 bool) bytes (the full square: masks are
-    applied with `where`, not by skipping blocks).
+    attention B*H*Tq*Tk*(4 float32 + 2 bool) bytes: the full square (Tq = Tk
+    = T) when `attn_chunk` is None or T <= attn_chunk, else one chunk's block
+    (`attention_block`; chunks are recomputed, so this bounds what a layer
+    holds at once).
 
-    With remat each block keeps only its input: L*B*T*D*s, plus the boolean
-    [B, T, T] mask of each distinct window and the PLE inputs B*T*L*P*s; the
-    backward recomputes one block at a time, so the peak adds the largest
-    block's residuals. Both add the final hidden state B*T*D*s.
+    With remat each block keeps only its input: L*B*T*D*s, plus the PLE
+    inputs B*T*L*P*s (masks are rebuilt from the segment ids inside each
+    block); the backward recomputes one block at a time, so the peak adds
+    the largest block's residuals. Both add the final hidden state B*T*D*s.
 
     `*_saved` is what lives between forward and backward (compare with vjp
     residuals); `*_peak` adds, with remat, one block's recomputed internals.
@@ -236,15 +271,15 @@ def activation_bytes(
     for layer, _ in lora.sites(spec):
         sites[layer] = sites.get(layer, 0) + 1
     internals = [
-        _block_internal_bytes(spec, b, sites.get(b.index, 0), lora.rank, batch, seq, s)
+        _block_internal_bytes(
+            spec, b, sites.get(b.index, 0), lora.rank, batch, seq, s, attn_chunk
+        )
         for b in spec.blocks
     ]
     n_tok, d = batch * seq, spec.hidden_dim
     final = n_tok * d * s
-    windows = {b.sliding_window for b in spec.blocks}
     remat_saved = (
         spec.num_layers * n_tok * d * s
-        + len(windows) * batch * seq * seq
         + n_tok * spec.num_layers * spec.ple_dim * s
         + final
     )
@@ -270,8 +305,7 @@ def step_flops(
     lora: LoraSpec,
     tokens: int,
     seq: int,
-    micro_tokens: int,
-    chunk: int,
+    attn_chunk: int | None = None,
 ) -> dict[str, int]:
     """FLOPs of one optimiser step of `tokens` tokens in rows of `seq` [FLOP].
 
@@ -279,10 +313,13 @@ def step_flops(
                P: own projections, all MoE experts (this implementation runs
                every expert on every token), router, PLE projection/gate/up
     adapters   6 * T * r * sum_sites (in + out)
-    attention  12 * T * seq * H * h_l per layer (QK^T and PV on the full square)
-    lm_head    6 * T * V * D (the chunked loss recomputes the logits in the
-               backward); 4 * T * V * D when a micro-batch is one chunk (XLA
-               merges the two identical matmuls then)
+    attention  12 * T * keys * H * h_l per layer (QK^T and PV, forward and
+               backward): keys = seq on the full square; chunked, 16 * T *
+               keys (each chunk's forward recomputed), keys = seq on global
+               layers and chunk + window - 1 on sliding ones
+    lm_head    4 * T * V * D: each loss chunk's logits and, the tied
+               embedding being frozen, d(hidden), both in the forward pass
+               (`model/loss.py`)
     Element-wise work (norms, RoPE, softmax, GELU) is left out.
     """
     d, n = spec.hidden_dim, spec.num_layers
@@ -293,17 +330,22 @@ def step_flops(
         )
     if spec.ple_dim:
         frozen_p += d * n * spec.ple_dim + n * 2 * d * spec.ple_dim
-    passes = 2 if micro_tokens <= chunk else 3
     out = {
         "frozen": 4 * tokens * frozen_p,
         "adapters": 6 * tokens * adapter_params(spec, lora),
         "attention": sum(
-            12 * tokens * seq * b.num_heads * b.head_dim for b in spec.blocks
+            _attention_flops(b, tokens, seq, attn_chunk) for b in spec.blocks
         ),
-        "lm_head": 2 * passes * tokens * spec.vocab_size * d,
+        "lm_head": 4 * tokens * spec.vocab_size * d,
     }
     out["total"] = sum(out.values())
     return out
+
+
+def _attention_flops(b: BlockSpec, tokens: int, seq: int, chunk: int | None) -> int:
+    queries, keys = attention_block(b, seq, chunk)
+    passes = 12 if queries == seq else 16
+    return passes * tokens * keys * b.num_heads * b.head_dim
 
 
 def _count_records(path: str) -> int | None:
@@ -507,6 +549,7 @@ def per_device_bytes(
     grad_accum: int,
     chunk: int,
     remat: bool,
+    attn_chunk: int | None = None,
 ) -> dict[str, int]:
     """Bytes one device of `mesh` holds during a step [bytes].
 
@@ -530,7 +573,7 @@ def per_device_bytes(
     adapters = sharding.per_device_bytes(adapter_vars, mesh["model"])
     state = adapters * (3 + (grad_accum > 1))  # grads (+ accumulators) + m, v
     b_dev = batch // mesh["data"]
-    act = activation_bytes(spec, lora, b_dev, seq, s)
+    act = activation_bytes(spec, lora, b_dev, seq, s, attn_chunk)
     out = {
         "base": base,
         "adapters": adapters,
@@ -624,13 +667,14 @@ def plan(
         "block_size": int(config.quant.block_size),
     }
     n_adapter = adapter_params(spec, lora)
-    act = activation_bytes(spec, lora, batch, seq, s)
+    attn_chunk = attention_chunk(config.model)
+    act = activation_bytes(spec, lora, batch, seq, s, attn_chunk)
     base = base_bytes(spec, ple_vocab, quant, s)
     adapters = adapter_bytes(n_adapter, accum)
     loss = loss_temp_bytes(spec, batch * seq, chunk)
     act_used = act["remat_peak"] if t.remat else act["no_remat_saved"]
     tokens = batch * accum * seq
-    flops = step_flops(spec, lora, tokens, seq, batch * seq, chunk)
+    flops = step_flops(spec, lora, tokens, seq, attn_chunk)
     sec = flops["total"] / (tflops * 1e12 * mfu)
     steps = optimizer_steps(config)
     if devices is None:
@@ -643,7 +687,7 @@ def plan(
     mesh = device_mesh(config.distribution, int(devices))
     dev = per_device_bytes(
         spec, ple_vocab, lora, quant, s, mesh, batch=batch, seq=seq,
-        grad_accum=accum, chunk=chunk, remat=bool(t.remat),
+        grad_accum=accum, chunk=chunk, remat=bool(t.remat), attn_chunk=attn_chunk,
     )  # fmt: skip
     host_table = ple_host_bytes(config, spec, ple_vocab, s, mesh)
     if host_table:  # `model.ple_on_host`: in host memory, off the device

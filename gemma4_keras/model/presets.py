@@ -296,6 +296,14 @@ def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg)
         ple_on_host=ple_on_host(model_cfg),
     )
     lora = LoraSpec.from_config(lora_cfg)
+    model = _load_model(preset, dtype, lora, options)
+    model.set_attention(str(model_cfg.attention), int(model_cfg.attention_chunk_size))
+    return model
+
+
+def _load_model(preset: str, dtype, lora, options: dict):
+    """The model of `build_training_model`, streamed from a HF directory or
+    copied out of a KerasHub backbone."""
     try:
         directory = stream_load.local_checkpoint(preset)
         if directory is not None:

@@ -1,0 +1,209 @@
+"""Attention over packed rows: dense, chunked (memory by chunk), or fused.
+
+Every implementation computes the same thing: grouped-query attention with
+scale 1 (Gemma 4 normalises q and k), an optional logit soft-cap, causal,
+within each row's packed segment (`segment_ids`, 0 = padding), and within
+`window` tokens on sliding layers. They differ in what they hold:
+
+    dense     the whole [B, heads, T, T] float32 square (logits, probs, the
+              masks): the reference, and the fastest at short T on a CPU.
+    chunked   queries in chunks of `chunk_size`, each chunk's logits formed,
+              used and dropped (recomputed in the backward pass): memory
+              heads x chunk x keys per step. A sliding layer's chunk reads
+              only the `chunk + window - 1` keys it can see, so its cost
+              grows with T x window, not T^2; a global layer reads all T.
+    fused     `jax.nn.dot_product_attention`: cuDNN's flash attention on a
+              GPU (bfloat16 / float16, head_dim <= 256 on Hopper, 128 before;
+              causal and window skipped block-wise, packed segments as a
+              mask), XLA's reference implementation elsewhere.
+    auto      fused on a GPU where cuDNN takes the layer (no soft-cap, 16-bit
+              q/k/v, head width cuDNN supports; Gemma 4's 512-wide global
+              heads do not qualify), else chunked when T > chunk_size, else
+              dense.
+
+`tests/test_attention.py` checks chunked and fused against dense, outputs
+and gradients, on packed rows with padding, sliding and global layers.
+`benchmarks/attention_memory.py` measures one 31B-width layer at 8k tokens.
+
+Example:
+
+    out = attend(q, k, v, segment_ids, window=512, soft_cap=None,
+                 implementation="chunked", chunk_size=512)   # [B, T, N*H]
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "dense", "chunked", "fused")
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, T] boolean mask: causal, same segment, not padding, in window."""
+    idx = jnp.arange(segment_ids.shape[1])
+    return _mask(segment_ids, segment_ids, idx, idx, window)
+
+
+def _mask(q_seg, k_seg, q_idx, k_idx, window: int | None) -> jax.Array:
+    """[B, Tq, Tk] mask of queries at token indices q_idx over keys at k_idx."""
+    allowed = k_idx[None, :] <= q_idx[:, None]
+    if window is not None:
+        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)
+    same = q_seg[:, :, None] == k_seg[:, None, :]
+    return allowed[None] & same & (k_seg[:, None, :] > 0)
+
+
+def dot_attention(q, k, v, mask, soft_cap):
+    """Grouped-query attention of q [B, T, N, H] over k, v [B, S, K, H].
+
+    `mask` [B, T, S]; a query without any key (padding) gets zeros.
+    Returns [B, T, N * H].
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+    if soft_cap is not None:
+        logits = jnp.tanh(logits / soft_cap) * soft_cap
+    m = mask[:, None, None, :, :]
+    logits = jnp.where(m, logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # rows with no key -> 0
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+
+def chunked_attention(q, k, v, segment_ids, window, soft_cap, chunk_size):
+    """`dot_attention` computed `chunk_size` queries at a time.
+
+    Each chunk's body is a `jax.checkpoint` inside a `lax.map` (a scan): the
+    backward pass recomputes one chunk's logits at a time, so neither pass
+    holds more than one chunk's [B, heads, chunk, keys] block. On a sliding
+    layer the chunk starting at query i*c reads keys [i*c - window + 1,
+    i*c + c) only, taken from keys padded with `window - 1` padding tokens
+    in front (segment 0: masked out).
+    """
+    b, t, n, h = q.shape
+    c = min(chunk_size, t)
+    n_chunks = -(-t // c)
+    tail = n_chunks * c - t
+    q_seg = jnp.pad(segment_ids, ((0, 0), (0, tail)))
+    q_pad = jnp.pad(q, ((0, 0), (0, tail), (0, 0), (0, 0)))
+    sliding = window is not None and c + window - 1 < t
+    lead = window - 1 if sliding else 0
+    span = c + lead if sliding else t
+    if sliding:
+        width = ((0, 0), (lead, tail), (0, 0), (0, 0))
+        k, v = jnp.pad(k, width), jnp.pad(v, width)
+        k_seg = jnp.pad(segment_ids, ((0, 0), (lead, tail)))
+    else:
+        k_seg = segment_ids
+
+    def one_chunk(i):
+        start = i * c
+        qc = jax.lax.dynamic_slice_in_dim(q_pad, start, c, axis=1)
+        qs = jax.lax.dynamic_slice_in_dim(q_seg, start, c, axis=1)
+        q_idx = start + jnp.arange(c)
+        if sliding:  # padded key index start + j is token start - lead + j
+            kc = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
+            vc = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
+            ks = jax.lax.dynamic_slice_in_dim(k_seg, start, span, axis=1)
+            k_idx = start - lead + jnp.arange(span)
+        else:
+            kc, vc, ks, k_idx = k, v, k_seg, jnp.arange(t)
+        mask = _mask(qs, ks, q_idx, k_idx, window)
+        return dot_attention(qc, kc, vc, mask, soft_cap)
+
+    body = jax.checkpoint(one_chunk, prevent_cse=False)  # inside a scan
+    out = jax.lax.map(body, jnp.arange(n_chunks))  # [chunks, B, c, N*H]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, n * h)
+    return out[:, :t]
+
+
+def fused_attention(q, k, v, segment_ids, window, implementation=None):
+    """`jax.nn.dot_product_attention` with Gemma 4's masks (no soft-cap).
+
+    Causal and the window go in as `is_causal` / `local_window_size` (cuDNN
+    skips the blocks they exclude); packed segments and padding as a mask.
+    Padding queries, which XLA's implementation would spread over every
+    key, are zeroed as `dot_attention` does.
+    """
+    b, t, n, h = q.shape
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=attention_mask(segment_ids, window)[:, None],
+        scale=1.0,
+        is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation=implementation,
+    )
+    out = jnp.where(segment_ids[:, :, None, None] > 0, out, jnp.zeros((), out.dtype))
+    return out.reshape(b, t, n * h)
+
+
+def _cudnn_may_take(q, soft_cap) -> bool:
+    """Whether cuDNN's flash attention supports this layer on this machine."""
+    if jax.default_backend() != "gpu" or soft_cap is not None:
+        return False
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    capability = str(getattr(jax.devices()[0], "compute_capability", "0"))
+    major = int(capability.split(".")[0] or 0)
+    head_max = 256 if major >= 9 else 128
+    return major >= 8 and q.shape[-1] <= head_max and q.shape[-1] % 8 == 0
+
+
+def resolve(implementation: str, q, soft_cap, chunk_size: int) -> str:
+    """The implementation `auto` (or a fixed choice) runs for this layer.
+
+    Raises:
+      ValueError: an unknown implementation, or `fused` with a soft-cap.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention={implementation!r}: use one of {IMPLEMENTATIONS}"
+        )
+    if implementation == "fused" and soft_cap is not None:
+        raise ValueError(
+            "model.attention=fused: jax.nn.dot_product_attention has no logit "
+            "soft-cap; this checkpoint sets one: use auto, chunked or dense"
+        )
+    if implementation != "auto":
+        return implementation
+    if _cudnn_may_take(q, soft_cap):
+        return "fused"
+    return "chunked" if q.shape[1] > chunk_size else "dense"
+
+
+def attend(
+    q,
+    k,
+    v,
+    segment_ids,
+    window: int | None,
+    soft_cap: float | None,
+    implementation: str = "auto",
+    chunk_size: int = 512,
+):
+    """Attention of q [B, T, N, H] over k, v [B, T, K, H] -> [B, T, N * H]."""
+    chosen = resolve(implementation, q, soft_cap, chunk_size)
+    if chosen == "fused":
+        on_gpu = jax.default_backend() == "gpu"
+        try:
+            return fused_attention(
+                q, k, v, segment_ids, window, "cudnn" if on_gpu else "xla"
+            )
+        except (NotImplementedError, ValueError) as err:
+            if implementation != "auto":
+                raise
+            logging.warning("cuDNN attention unavailable (%s); using chunked", err)
+            chosen = "chunked" if q.shape[1] > chunk_size else "dense"
+    if chosen == "chunked":
+        return chunked_attention(q, k, v, segment_ids, window, soft_cap, chunk_size)
+    return dot_attention(q, k, v, attention_mask(segment_ids, window), soft_cap)
