@@ -171,16 +171,21 @@ def _activation_residuals(model, batch: int, seq: int) -> int:
     )
 
 
-def test_activation_residuals_within_25_percent(tmp_path):
+@pytest.mark.parametrize("attn_chunk", [None, 64])
+def test_activation_residuals_within_25_percent(tmp_path, attn_chunk):
+    """Dense attention keeps each layer's square; chunked keeps none of it
+    (plan counts one chunk's block per layer: an upper bound)."""
     backbone = keras_hub.models.Gemma4Backbone.from_preset(
         _mid_checkpoint(tmp_path), dtype="float32"
     )
     lora = LoraSpec(rank=16, alpha=32.0)
     batch, seq = 3, 200  # 3: no weight has a leading axis of 3
     spec = hub.spec_from_config(backbone.get_config())
-    est = plan.activation_bytes(spec, lora, batch, seq, 4)
+    est = plan.activation_bytes(spec, lora, batch, seq, 4, attn_chunk)
     for remat, key in ((False, "no_remat_saved"), (True, "remat_saved")):
         model = Gemma4LoraModel.from_backbone(backbone, lora, remat=remat)
+        if attn_chunk is not None:
+            model.set_attention("chunked", attn_chunk)
         measured = _activation_residuals(model, batch, seq)
         assert abs(est[key] / measured - 1) < 0.25, (remat, est[key], measured)
     assert est["remat_saved"] < est["remat_peak"] < est["no_remat_saved"]
