@@ -619,7 +619,7 @@ def tie_to(tree: Any, anchor: jax.Array, integers: bool = False) -> Any:
     # produces `anchor` (an RMS norm, a gradient's sum of terms) and evaluates
     # it once per output element; a reduction over two elements is not fused
     # there, so the scalar is computed once. Issue 17: in a QLoRA step this
-    # made the dequantisations 2-3x slower (benchmarks/nf4_speed.py).
+    # made the dequantisations 2-3x slower (docs/performance.md, section 3).
     first = jnp.max(jnp.ravel(anchor)[:2])
     zero = first.astype(jnp.float32) * jnp.float32(0)
 
