@@ -119,6 +119,25 @@ def test_tie_to_keeps_values_and_the_dependency():
     assert "parameter(1)" in entry and "fusion(" in entry
 
 
+def test_tie_to_computes_its_zero_once_outside_the_tied_leaf():
+    # The tied leaf's consumer must read a scalar, not the anchor's producers:
+    # fused there, the anchor's chain (here tanh and a square, in a train step
+    # an RMS norm or a gradient's sum of terms) ran once per element of every
+    # dequantised kernel (issue 17).
+    def fn(leaf, a):
+        anchor = jnp.tanh(a) * 3.0 + a * a
+        return quant.tie_to({"f": leaf}, anchor)["f"] * 2
+
+    hlo = jax.jit(fn).lower(jnp.zeros(4096), jnp.ones((64, 64))).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    (root,) = [line for line in entry.splitlines() if "ROOT" in line]
+    operands = root[root.index("fusion(") : root.index(")")]
+    shapes = {line.split("=")[0].strip(): line.split("=")[1].split()[0]
+              for line in entry.splitlines() if "=" in line}  # fmt: skip
+    operand_shapes = [shapes[name.strip()] for name in operands[7:].split(",")]
+    assert sorted(operand_shapes) == ["f32[4096]{0}", "f32[]"], (root, operand_shapes)
+
+
 def _ple_loss_and_grads(ple_on_host: bool):
     path = tiny.tiny_checkpoint(ple=True, kv_shared_layers=2)
     with presets.on_host():

@@ -602,18 +602,26 @@ def tie_to(tree: Any, anchor: jax.Array, integers: bool = False) -> Any:
     """`tree` with its float (and, if asked, integer) leaves made to depend on
     `anchor`; values unchanged.
 
-    `leaf + 0 * anchor[0]` is a data dependency XLA keeps (it does not fold a
-    float multiply by zero), unlike an optimization barrier, which XLA:CPU
-    removes before its last CSE and its scheduler. A computation that reads
-    only weights (a dequantisation, a dropout mask from a fixed key) is then
-    neither scheduled before `anchor` exists nor merged with a copy of itself
-    computed from another anchor (a rematerialisation).
+    `leaf + 0 * max(anchor[:2])` is a data dependency XLA keeps (it does not
+    fold a float multiply by zero), unlike an optimization barrier, which
+    XLA:CPU removes before its last CSE and its scheduler. A computation that
+    reads only weights (a dequantisation, a dropout mask from a fixed key) is
+    then neither scheduled before `anchor` exists nor merged with a copy of
+    itself computed from another anchor (a rematerialisation). The zero is
+    NaN if one of the first two elements of `anchor` is infinite or NaN.
 
     Example:
 
         w = nf4_dequantize(tie_to(q, x))   # not computed before x exists
     """
-    zero = jnp.ravel(anchor)[0].astype(jnp.float32) * jnp.float32(0)
+    # A reduction, not `anchor[0]`: XLA fuses the slice of an element into
+    # each tied leaf's consumer together with the whole elementwise chain that
+    # produces `anchor` (an RMS norm, a gradient's sum of terms) and evaluates
+    # it once per output element; a reduction over two elements is not fused
+    # there, so the scalar is computed once. Issue 17: in a QLoRA step this
+    # made the dequantisations 2-3x slower (docs/performance.md, section 3).
+    first = jnp.max(jnp.ravel(anchor)[:2])
+    zero = first.astype(jnp.float32) * jnp.float32(0)
 
     def tie(leaf):
         if jnp.issubdtype(leaf.dtype, jnp.floating) or (
