@@ -34,6 +34,32 @@ def _checkpoint(tmp_path, layers: int):
     return full_size.write_checkpoint(tmp_path / f"l{layers}", cfg)
 
 
+def _compiled_loss_step(model, ids, chunk_size: int, training: bool):
+    """(compiled value_and_grad of the mean next-token loss of `ids`, tv, ntv)."""
+    seq = ids.shape[1]
+    data = {
+        "token_ids": ids,
+        "positions": np.arange(seq, dtype=np.int32)[None],
+        "segment_ids": np.ones((1, seq), np.int32),
+    }
+
+    def loss_fn(tv, ntv):
+        hidden, _ = model.stateless_call(tv, ntv, data, training=training)
+        total, count = loss.chunked_cross_entropy(
+            hidden,
+            model.globals["embedding"].value,
+            np.roll(ids, -1, axis=1),
+            np.ones(ids.shape, np.float32),
+            soft_cap=model.spec.final_soft_cap,
+            chunk_size=chunk_size,
+        )
+        return total / count
+
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    return jax.jit(jax.value_and_grad(loss_fn)).lower(tv, ntv).compile(), tv, ntv
+
+
 def _step_temp_bytes(path, remat: bool) -> int:
     with presets.on_host():
         model = stream_load.stream_training_model(
@@ -44,29 +70,8 @@ def _step_temp_bytes(path, remat: bool) -> int:
             double_quant=True,
         )
     model.remat = remat
-    seq = 32
-    ids = np.arange(seq, dtype=np.int32)[None] % 50 + 3
-    data = {
-        "token_ids": ids,
-        "positions": np.arange(seq, dtype=np.int32)[None],
-        "segment_ids": np.ones((1, seq), np.int32),
-    }
-
-    def loss_fn(tv, ntv):
-        hidden, _ = model.stateless_call(tv, ntv, data, training=True)
-        total, count = loss.chunked_cross_entropy(
-            hidden,
-            model.globals["embedding"].value,
-            np.roll(ids, -1, axis=1),
-            np.ones(ids.shape, np.float32),
-            soft_cap=model.spec.final_soft_cap,
-            chunk_size=seq,
-        )
-        return total / count
-
-    tv = [v.value for v in model.trainable_variables]
-    ntv = [v.value for v in model.non_trainable_variables]
-    compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(tv, ntv).compile()
+    ids = np.arange(32, dtype=np.int32)[None] % 50 + 3
+    compiled, _, _ = _compiled_loss_step(model, ids, 32, training=True)
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -148,27 +153,7 @@ def _ple_loss_and_grads(ple_on_host: bool):
         r = np.random.default_rng(i)
         a.lora_b.assign(r.normal(0, 0.05, a.lora_b.shape).astype(np.float32))
     ids = (np.arange(24, dtype=np.int32)[None] * 7) % 200 + 3
-    data = {
-        "token_ids": ids,
-        "positions": np.arange(24, dtype=np.int32)[None],
-        "segment_ids": np.ones((1, 24), np.int32),
-    }
-
-    def loss_fn(tv, ntv):
-        hidden, _ = model.stateless_call(tv, ntv, data)
-        total, count = loss.chunked_cross_entropy(
-            hidden,
-            model.globals["embedding"].value,
-            np.roll(ids, -1, axis=1),
-            np.ones(ids.shape, np.float32),
-            soft_cap=model.spec.final_soft_cap,
-            chunk_size=8,
-        )
-        return total / count
-
-    tv = [v.value for v in model.trainable_variables]
-    ntv = [v.value for v in model.non_trainable_variables]
-    step = jax.jit(jax.value_and_grad(loss_fn)).lower(tv, ntv).compile()
+    step, tv, ntv = _compiled_loss_step(model, ids, 8, training=False)
     value, grads = step(tv, ntv)
     table = model.globals["ple_embedding"]
     return value, grads, step.memory_analysis().argument_size_in_bytes, table

@@ -159,16 +159,21 @@ def _cudnn_may_take(q, soft_cap) -> bool:
     return major >= 8 and q.shape[-1] <= head_max and q.shape[-1] % 8 == 0
 
 
+def check_implementation(implementation: str) -> None:
+    """Raises ValueError naming `model.attention` unless it is known."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention={implementation!r}: use one of {IMPLEMENTATIONS}"
+        )
+
+
 def resolve(implementation: str, q, soft_cap, chunk_size: int) -> str:
     """The implementation `auto` (or a fixed choice) runs for this layer.
 
     Raises:
       ValueError: an unknown implementation, or `fused` with a soft-cap.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attention={implementation!r}: use one of {IMPLEMENTATIONS}"
-        )
+    check_implementation(implementation)
     if implementation == "fused" and soft_cap is not None:
         raise ValueError(
             "model.attention=fused: jax.nn.dot_product_attention has no logit "

@@ -165,11 +165,7 @@ class Gemma4LoraModel(keras.Model):
           chunk_size: queries per chunk of the chunked path
             (`model.attention_chunk_size`); auto chunks rows longer than it.
         """
-        if implementation not in attention.IMPLEMENTATIONS:
-            raise ValueError(
-                f"model.attention={implementation!r}: use one of "
-                f"{attention.IMPLEMENTATIONS}"
-            )
+        attention.check_implementation(implementation)
         if chunk_size < 1:
             raise ValueError(f"model.attention_chunk_size={chunk_size}: must be >= 1")
         for blk in self.blocks:
