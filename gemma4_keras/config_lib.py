@@ -211,6 +211,9 @@ def get_config(
     c.train.remat = facts.remat  # rematerialise each decoder block
     c.train.loss_chunk_size = 1024  # tokens per chunk of the vocab projection
     c.train.seed = 0
+    # Stop before loading when `plan`'s host-memory estimate exceeds the
+    # machine's available memory; False = try anyway.
+    c.train.memory_check = True
     c.train.log_every = 10  # optimiser steps between progress lines
     c.train.eval_every = 0  # optimiser steps between validation losses; 0 = each epoch
     c.train.overfit_patience = (

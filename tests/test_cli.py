@@ -318,3 +318,23 @@ def test_evaluate_merged_adds_the_merged_model(trained, tmp_path, capsys):
     assert [r["prediction_merged"] for r in rows] == [
         r["prediction_finetuned"] for r in rows
     ]
+
+
+def test_train_refuses_to_start_when_the_host_memory_plan_exceeds_the_machine(
+    tmp_path, capsys, monkeypatch
+):
+    """Before loading: one line with the estimate, what is available and what
+    to change; nothing written. `train.memory_check=False` tries anyway."""
+    from gemma4_keras.model import plan
+
+    monkeypatch.setattr(plan, "host_memory_available", lambda: 1)
+    workdir = tmp_path / "w"
+    args = ["train", f"--config={CONFIGS}/tiny.py", f"--workdir={workdir}"]
+    assert run_cli(*args) == 1
+    line = one_error_line(capsys)
+    assert "GiB of host memory" in line and "memory_check=False" in line
+    assert not workdir.exists() or not list(workdir.iterdir())
+
+    monkeypatch.setattr(plan, "host_memory_available", lambda: 1 << 50)
+    args.append("--config.train.max_steps=1")
+    assert run_cli(*args) == 0

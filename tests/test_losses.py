@@ -303,6 +303,65 @@ def test_train_step_temp_memory_is_under_a_tenth_of_full_logits():
     assert chunked <= 2 * chunk * vocab * 4, chunked
 
 
+def test_narrower_stored_embedding_equals_its_float32_copy():
+    """A bfloat16 embedding under float32 hidden states (a bfloat16
+    checkpoint, float32 compute) gives the loss and d(hidden) of its
+    float32 upcast (`loss._dot` splits the float32 side instead)."""
+    hidden, embedding, targets, weights = _inputs(2, 24, 16, 256)
+    stored = embedding.astype(jnp.bfloat16)
+
+    def value_and_grad(e):
+        def mean(h):
+            total, count = loss_lib.chunked_cross_entropy(
+                h, e, targets, weights, chunk_size=16
+            )
+            return total / count
+
+        return jax.jit(jax.value_and_grad(mean))(hidden)
+
+    (loss, d_h), (ref, ref_d_h) = (
+        value_and_grad(stored),
+        value_and_grad(stored.astype(jnp.float32)),
+    )
+    assert d_h.dtype == jnp.float32
+    assert abs(float(loss) / float(ref) - 1) < 1e-6
+    assert _rel_err(d_h, ref_d_h) < 1e-6
+    logp = loss_lib.token_logprobs(hidden, stored, targets, chunk_size=16)
+    ref_logp = loss_lib.token_logprobs(hidden, stored.astype(jnp.float32), targets)
+    assert _rel_err(logp, ref_logp) < 1e-6
+
+
+def test_narrower_stored_embedding_is_never_upcast_whole():
+    """The step's temporaries hold no float32 copy of the table: casting the
+    whole bfloat16 table added vocab x dim x 4 bytes (1.5 GiB at E2B, 2.5
+    GiB at E4B)."""
+    vocab, dim, chunk = 65536, 1024, 16
+    table = vocab * dim * 4
+
+    def temp(cast: bool) -> int:
+        def step(h, e, t, w):
+            def mean(h):
+                emb = e.astype(jnp.float32) if cast else e
+                total, count = loss_lib.chunked_cross_entropy(
+                    h, emb, t, w, chunk_size=chunk
+                )
+                return total / count
+
+            return jax.grad(mean)(h)
+
+        args = (
+            jax.ShapeDtypeStruct((2, chunk, dim), jnp.float32),
+            jax.ShapeDtypeStruct((vocab, dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, chunk), jnp.int32),
+            jax.ShapeDtypeStruct((2, chunk), jnp.float32),
+        )
+        mem = jax.jit(step).lower(*args).compile().memory_analysis()
+        return mem.temp_size_in_bytes
+
+    assert temp(cast=True) >= table  # the old way: the whole table in float32
+    assert temp(cast=False) < table / 10, temp(cast=False) / table
+
+
 def test_docstring_examples():
     results = doctest.testmod(loss_lib, optionflags=doctest.ELLIPSIS)
     assert results.attempted >= 3

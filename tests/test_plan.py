@@ -252,3 +252,33 @@ def test_ple_table_on_host_leaves_the_device_total():
     on, table, model = total("on")
     assert none == 0 and table > 0
     assert off - on == table
+
+
+def test_plan_counts_frozen_weights_in_the_checkpoints_dtype(tmp_path):
+    """A bfloat16 checkpoint under float32 compute: the base is counted in
+    bfloat16 (as `layers.storage_dtype` stores it), the activations in
+    float32; the loss splits its float32 side (no float32 table)."""
+    from gemma4_keras.testing import full_size
+
+    path = full_size.write_full_size(tmp_path / "e2b", "e2b", weights=False)
+    cfg = config_lib.get_config("e2b", "qlora")
+    cfg.model.preset, cfg.model.dtype = str(path), "float32"
+    cfg.model.ple_on_host = "off"  # the whole base counted on the device
+    p = plan.plan(cfg)
+    c, spec = (
+        p["params"],
+        hub.spec_from_config(hub.backbone_kwargs(presets.read_config_json(str(path)))),
+    )
+    assert p["base_bytes"]["embedding"] == 2 * (c["embedding"] + c["ple"])
+    cfg.model.dtype = "bfloat16"
+    b = plan.plan(cfg)
+    assert b["base_bytes"] == p["base_bytes"]
+    # float32 compute splits the loss's float32 side (`loss._dot`): chunks of
+    # at most 256 tokens and their d_logits in three bfloat16 parts.
+    rows, v, d = 256, spec.vocab_size, spec.hidden_dim
+    tokens = cfg.train.batch_size * cfg.data.max_length
+    assert p["loss_temp_bytes"] == rows * v * (4 + 6) + tokens * d * 4
+    assert b["loss_temp_bytes"] == min(1024, tokens) * v * 4 + tokens * d * 4
+    assert set(p["host_bytes"]) == {
+        "load", "train", "evaluate", "export_peft", "export_hf"
+    }  # fmt: skip

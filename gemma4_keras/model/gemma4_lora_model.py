@@ -15,7 +15,6 @@ import math
 import jax
 import jax.numpy as jnp
 import keras
-import ml_dtypes
 import numpy as np
 
 from gemma4_keras.model import attention, hub, loss
@@ -23,7 +22,9 @@ from gemma4_keras.model.layers import (
     DecoderBlock,
     float16_islands,
     frozen,
+    np_dtype,
     rms_norm,
+    storage_dtype,
 )
 from gemma4_keras.model.lora import LoraAdapter, LoraSpec
 from gemma4_keras.model.quant import no_cotangent, tie_to
@@ -49,9 +50,9 @@ class HostTable:
     """
 
     def __init__(self, value, dtype):
-        dtype = keras.backend.standardize_dtype(dtype)
-        target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else dtype
-        self.array = np.ascontiguousarray(np.asarray(value).astype(target, copy=False))
+        value = np.asarray(value)
+        target = np_dtype(storage_dtype(value.dtype, dtype))
+        self.array = np.ascontiguousarray(value.astype(target, copy=False))
         self.shape, self.dtype = self.array.shape, self.array.dtype
 
     @property
@@ -298,8 +299,8 @@ class Gemma4LoraModel(keras.Model):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full soft-capped logits (small vocabularies / tests only)."""
-        emb = self.globals["embedding"].value.astype(hidden.dtype)
-        z = (hidden @ emb.T).astype(jnp.float32)
+        # In hidden's dtype; an embedding stored narrower is not converted.
+        z = loss._dot("...d,vd->...v", hidden, self.globals["embedding"].value)
         cap = self.spec.final_soft_cap
         return jnp.tanh(z / cap) * cap if cap else z
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import keras
+import ml_dtypes
 import numpy as np
 
 from gemma4_keras.model import attention as attention_lib
@@ -87,17 +88,45 @@ def float16_islands(dtype) -> bool:
 # Keras layers that hold the weights.
 
 
+def storage_dtype(source, compute) -> str:
+    """The dtype a frozen float tensor is kept in: never wider than its source.
+
+    The compute dtype, unless the source (the checkpoint's tensor) is
+    narrower: a bfloat16 checkpoint stays bfloat16 under float32 compute
+    (each use upcasts inside the step), so float32 compute never doubles a
+    frozen table. A float32 source under bfloat16 compute is rounded to
+    bfloat16, as KerasHub's backbone does; at equal widths (float16 source,
+    bfloat16 compute) the compute dtype wins.
+
+    >>> storage_dtype("bfloat16", "float32"), storage_dtype("float32", "bfloat16")
+    ('bfloat16', 'bfloat16')
+    """
+    source = keras.backend.standardize_dtype(source)
+    compute = keras.backend.standardize_dtype(compute)
+    narrower = _itemsize(source) < _itemsize(compute)
+    return source if narrower and "float" in source else compute
+
+
+def _itemsize(dtype: str) -> int:
+    return np_dtype(dtype).itemsize
+
+
 def frozen(layer: keras.layers.Layer, name: str, value, dtype) -> keras.Variable:
+    """A non-trainable variable holding `value`, kept in
+    `storage_dtype(value.dtype, dtype)`."""
     arr = np.asarray(value)
+    dtype = storage_dtype(arr.dtype, dtype)
     var = layer.add_weight(
         name=name, shape=arr.shape, dtype=dtype, initializer="zeros", trainable=False
     )
-    var.assign(
-        arr.astype(keras.backend.standardize_dtype(dtype))
-        if dtype != "bfloat16"
-        else arr
-    )
+    var.assign(arr.astype(np_dtype(dtype), copy=False))
     return var
+
+
+def np_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a Keras dtype name (bfloat16 from ml_dtypes)."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
 class FrozenLinear(keras.layers.Layer):
@@ -130,10 +159,16 @@ class FrozenLinear(keras.layers.Layer):
                 name=f"{self.name}_nf4",
             )
         else:
+            # A float kernel keeps its storage dtype (`storage_dtype`); int8 /
+            # int4 ones compute through the Dense in the model's dtype.
             self.dense = keras.layers.Dense(
                 self.out_features,
                 use_bias=False,
-                dtype=self.dtype_policy,
+                dtype=(
+                    storage_dtype(kernel.dtype, self.variable_dtype)
+                    if quant == "none"
+                    else self.dtype_policy
+                ),
                 name=self.name,
             )
             self.dense.build((None, self.in_features))

@@ -36,10 +36,12 @@ from __future__ import annotations
 import math
 import os
 
+import jax
 import numpy as np
 
 from gemma4_keras import config_lib
 from gemma4_keras.model import hub, presets, quant, sharding
+from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.model.spec import ATTN_TARGETS, MLP_TARGETS, BlockSpec, ModelSpec
 
@@ -290,14 +292,21 @@ def activation_bytes(
     }
 
 
-def loss_temp_bytes(spec: ModelSpec, micro_tokens: int, chunk: int) -> int:
+def loss_temp_bytes(
+    spec: ModelSpec, micro_tokens: int, chunk: int, split: bool = False
+) -> int:
     """Chunked loss temp [bytes]: min(chunk, tokens) x V x 4 (one float32
     block of one chunk's logits, turned into their gradient in place: the
     loss builds d(hidden) in the forward pass) + tokens x D x 4 (that
     d(hidden), kept for the backward pass; `docs/real_size.md` compares
-    plan with XLA's count at E2B and E4B)."""
-    block = min(chunk, micro_tokens) * spec.vocab_size * 4
-    return block + micro_tokens * spec.hidden_dim * 4
+    plan with XLA's count at E2B and E4B). With `split` (an embedding stored
+    narrower than the compute dtype, `loss._dot`) chunks are at most
+    `loss.SPLIT_CHUNK` tokens and d_logits' parts add 3 x chunk x V x 2."""
+    if split:
+        chunk = min(chunk, loss_lib.SPLIT_CHUNK)
+    rows = min(chunk, micro_tokens)
+    parts = loss_lib.SPLIT_PARTS * rows * spec.vocab_size * 2 if split else 0
+    return rows * spec.vocab_size * 4 + parts + micro_tokens * spec.hidden_dim * 4
 
 
 def step_flops(
@@ -550,8 +559,11 @@ def per_device_bytes(
     chunk: int,
     remat: bool,
     attn_chunk: int | None = None,
+    storage: int | None = None,
 ) -> dict[str, int]:
     """Bytes one device of `mesh` holds during a step [bytes].
+
+    `s` is the compute dtype's size, `storage` the frozen weights' (default s).
 
     base, adapters  the variables' shards under the layout rules (exact:
                     equal to the arrays a mesh run places, tested)
@@ -567,9 +579,10 @@ def per_device_bytes(
             f"--config.train.batch_size={batch} does not split over "
             f"{mesh['data']} data-parallel devices"
         )
-    variables = training_variables(spec, ple_vocab, q, s)
+    st = storage or s
+    variables = training_variables(spec, ple_vocab, q, st)
     base = sharding.per_device_bytes(variables, mesh["model"])
-    adapter_vars = training_variables(spec, ple_vocab, q, s, lora)[len(variables) :]
+    adapter_vars = training_variables(spec, ple_vocab, q, st, lora)[len(variables) :]
     adapters = sharding.per_device_bytes(adapter_vars, mesh["model"])
     state = adapters * (3 + (grad_accum > 1))  # grads (+ accumulators) + m, v
     b_dev = batch // mesh["data"]
@@ -579,7 +592,7 @@ def per_device_bytes(
         "adapters": adapters,
         "adapter_state": state,
         "activations": act["remat_peak"] if remat else act["no_remat_saved"],
-        "loss_temp": loss_temp_bytes(spec, b_dev * seq, chunk),
+        "loss_temp": loss_temp_bytes(spec, b_dev * seq, chunk, split=st < s),
     }
     out["total"] = sum(out.values())
     return out
@@ -596,6 +609,82 @@ def ple_host_bytes(config, spec: ModelSpec, ple_vocab: int, s: int, mesh: dict) 
     if not spec.ple_dim or setting == "off" or not one_device:
         return 0
     return ple_vocab * spec.num_layers * spec.ple_dim * s
+
+
+def checkpoint_dtype(raw_config: dict) -> str | None:
+    """The float dtype a Hugging Face `config.json` says its weights are in.
+
+    >>> checkpoint_dtype({"text_config": {"dtype": "bfloat16"}})
+    'bfloat16'
+    """
+    text = raw_config.get("text_config") or {}
+    for cfg in (text, raw_config):
+        for key in ("dtype", "torch_dtype"):
+            if cfg.get(key) in _DTYPE_BYTES:
+                return cfg[key]
+    return None
+
+
+# The process with nothing loaded yet: Python, JAX, TensorFlow (KerasHub's
+# tokenizers), the tokenizer and the prepared data [bytes]; read off
+# `benchmarks/real_size_cli.py` (docs/real_size.md), as are the two below.
+PROCESS_BYTES = int(1.0 * GIB)
+# What XLA holds besides the step's buffers while compiling and running the
+# E2B/E4B train step on a CPU (its compiler, the executable) [bytes].
+XLA_CPU_BYTES = int(1.0 * GIB)
+# A streamed HF export holds one tensor at a time (`export/hf_stream.py`):
+# the largest merged kernel, read, merged in float32 and written [copies].
+EXPORT_IN_FLIGHT = 4
+
+
+def host_bytes(
+    spec: ModelSpec,
+    base: dict,
+    dev: dict,
+    *,
+    host_table: int,
+    st: int,
+    on_cpu: bool,
+    adapter_weights: int,
+) -> dict[str, int]:
+    """Peak resident memory of each command on the host it runs on [bytes].
+
+    load        process + the base as stored (on a CPU all of it; with an
+                accelerator only the PLE table kept on the host) + one
+                tensor in flight (the largest kernel, read and quantised)
+    train       on a CPU the host is the device: process + the step's
+                device total + XLA's own; with an accelerator: process +
+                the host PLE table
+    evaluate    train's model without the optimiser and the backward pass:
+                process + base + adapters
+    export_peft process + the adapter's float32 factors, twice (read, write)
+    export_hf   process + one tensor in flight (the largest kernel, merged in
+                float32; tables pass through in blocks)
+    """
+    kernel = max((a * b for a, b in _projections(spec)), default=0) * (st + 8)
+    stored = base["total"] + host_table if on_cpu else host_table
+    device = dev["total"] + host_table + XLA_CPU_BYTES if on_cpu else 0
+    largest = kernel // (st + 8) * 4
+    return {
+        "load": PROCESS_BYTES + stored + kernel,
+        "train": PROCESS_BYTES + (device if on_cpu else host_table),
+        "evaluate": PROCESS_BYTES
+        + (stored + adapter_weights if on_cpu else host_table),
+        "export_peft": PROCESS_BYTES + 2 * adapter_weights,
+        "export_hf": PROCESS_BYTES + EXPORT_IN_FLIGHT * largest,
+    }
+
+
+def host_memory_available() -> int | None:
+    """`MemAvailable` of /proc/meminfo [bytes]; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def fits(total: float, memory: float) -> bool:
@@ -645,7 +734,8 @@ def plan(
         raise config_lib.ConfigError(f"--mfu={mfu} must be in (0, 1]")
     if tflops <= 0:
         raise config_lib.ConfigError(f"--tflops={tflops} must be > 0 (TFLOP/s)")
-    kw = hub.backbone_kwargs(presets.read_config_json(config.model.preset))
+    raw = presets.read_config_json(config.model.preset)
+    kw = hub.backbone_kwargs(raw)
     spec = hub.spec_from_config(kw)
     ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     lora = LoraSpec.from_config(config.lora)
@@ -654,6 +744,9 @@ def plan(
     if target is not None and config.model.dtype == "auto":
         dtype = "bfloat16"  # `auto` on the named accelerator, not on this host
     s = _DTYPE_BYTES[dtype]
+    # Frozen weights keep their storage dtype (`layers.storage_dtype`): never
+    # wider than the checkpoint's.
+    st = min(s, _DTYPE_BYTES.get(checkpoint_dtype(raw), s))
     t = config.train
     batch, seq, accum = (
         int(t.batch_size),
@@ -669,9 +762,9 @@ def plan(
     n_adapter = adapter_params(spec, lora)
     attn_chunk = attention_chunk(config.model)
     act = activation_bytes(spec, lora, batch, seq, s, attn_chunk)
-    base = base_bytes(spec, ple_vocab, quant, s)
+    base = base_bytes(spec, ple_vocab, quant, st)
     adapters = adapter_bytes(n_adapter, accum)
-    loss = loss_temp_bytes(spec, batch * seq, chunk)
+    loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
     act_used = act["remat_peak"] if t.remat else act["no_remat_saved"]
     tokens = batch * accum * seq
     flops = step_flops(spec, lora, tokens, seq, attn_chunk)
@@ -688,13 +781,19 @@ def plan(
     dev = per_device_bytes(
         spec, ple_vocab, lora, quant, s, mesh, batch=batch, seq=seq,
         grad_accum=accum, chunk=chunk, remat=bool(t.remat), attn_chunk=attn_chunk,
+        storage=st,
     )  # fmt: skip
-    host_table = ple_host_bytes(config, spec, ple_vocab, s, mesh)
+    host_table = ple_host_bytes(config, spec, ple_vocab, st, mesh)
     if host_table:  # `model.ple_on_host`: in host memory, off the device
         base = {**base, "embedding": base["embedding"] - host_table}
         base["total"] -= host_table
         dev = {**dev, "base": dev["base"] - host_table}
         dev["total"] -= host_table
+    host = host_bytes(
+        spec, base, dev, host_table=host_table, st=st,
+        on_cpu=target is None and jax.default_backend() == "cpu",
+        adapter_weights=adapters["weights"],
+    )  # fmt: skip
     return {
         "model": {
             "preset": str(config.model.preset),
@@ -719,6 +818,7 @@ def plan(
         "params": param_counts(spec, ple_vocab),
         "base_bytes": base,
         "host_ple_table_bytes": host_table,
+        "host_bytes": host,
         "adapter_params": n_adapter,
         "adapter_bytes": adapters,
         "activation_bytes": act,
@@ -835,6 +935,8 @@ def format_plan(p: dict) -> str:
         f"  TOTAL                 {_gib(p['total_bytes'])}",
     ]
     lines += format_per_device(p)
+    lines.append("host memory (RAM) per command on this machine, peak")
+    lines += [f"  {k:22s}{_gib(v)}" for k, v in p["host_bytes"].items()]
     lines.append("compute per optimiser step")
     lines += [
         f"  {k:22s} {v / 1e12:12.2f} TFLOP" for k, v in p["flops_per_step"].items()

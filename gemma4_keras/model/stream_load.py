@@ -28,15 +28,19 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import os
+from collections.abc import Iterator
 
 import jax
-import keras
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from gemma4_keras.model import hf_config, hub, safetensors_io
 from gemma4_keras.model.gemma4_lora_model import PLE_TABLE, Gemma4LoraModel, HostTable
+from gemma4_keras.model.layers import np_dtype, storage_dtype
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.model.safetensors_io import CheckpointError, aligned_empty
 from gemma4_keras.model.spec import ATTN_TARGETS, ModelSpec
@@ -110,6 +114,13 @@ class CheckpointReader:
 
     def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Tensor `name`, which must have `shape`, as a fresh aligned array."""
+        return safetensors_io.read_tensor(self._checked(name, shape))
+
+    def blocks(self, name: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+        """Tensor `name` (of `shape`) as consecutive blocks of rows (<= 64 MiB)."""
+        return safetensors_io.read_blocks(self._checked(name, shape))
+
+    def _checked(self, name: str, shape: tuple[int, ...]) -> safetensors_io.TensorRef:
         ref = self._ref(name)
         if ref.shape != tuple(shape):
             raise CheckpointError(
@@ -121,7 +132,7 @@ class CheckpointReader:
                 f"{ref.path}: tensor {name!r} has dtype {ref.dtype}; expected a "
                 "float (float32, bfloat16, float16, float64)"
             )
-        return safetensors_io.read_tensor(ref)
+        return ref
 
 
 # ----------------------------------------------------------------------------
@@ -163,16 +174,33 @@ def text_prefix(config: dict, reader: CheckpointReader) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-    """Reads HF tensors of one checkpoint as the KerasHub backbone holds them."""
+    """Reads HF tensors of one checkpoint in their storage dtype.
+
+    Each tensor is cast to `layers.storage_dtype(its dtype, compute dtype)`:
+    a float32 checkpoint under bfloat16 compute is rounded where KerasHub's
+    backbone would round it; a bfloat16 checkpoint stays bfloat16 under
+    float32 compute (the step upcasts per use).
+    """
 
     reader: CheckpointReader
     prefix: str
-    dtype: str  # the backbone's variable dtype
+    dtype: str  # the compute dtype
+    progress: tqdm.tqdm | None = None  # advanced by the bytes read
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        # KerasHub assigns each tensor to a variable of the backbone's dtype
-        # before the training model copies it: round exactly there.
-        return _cast(self.reader.read(self.prefix + name, shape), self.dtype)
+        arr = self.reader.read(self.prefix + name, shape)
+        self._advance(arr.nbytes)
+        return _cast(arr, storage_dtype(arr.dtype, self.dtype))
+
+    def rows(self, name: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+        """`get`, as blocks of rows (a multi-GB table is never read whole)."""
+        for block in self.reader.blocks(self.prefix + name, shape):
+            self._advance(block.nbytes)
+            yield _cast(block, storage_dtype(block.dtype, self.dtype))
+
+    def _advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.update(nbytes)
 
     def linear(self, name: str, shape_in_out: tuple[int, int]) -> np.ndarray:
         """An HF (out, in) weight as the (in, out) kernel (a transposed view)."""
@@ -181,7 +209,7 @@ class _Source:
 
 
 def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
-    target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    target = np_dtype(dtype)
     if arr.dtype == target:
         return arr
     out = aligned_empty(arr.shape, target)
@@ -189,29 +217,63 @@ def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
-def _add_global(model: Gemma4LoraModel, name: str, value, dtype=None) -> None:
-    """`model.add_global` without its transient copies.
+# Made by XLA, so the buffer can be donated (eager `jnp.zeros` could not).
+_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(buffer: jax.Array, rows: jax.Array, first) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, first, axis=0)
+
+
+def _owned_array(shape: tuple[int, ...], dtype, blocks) -> jax.Array:
+    """A JAX array of `shape`, filled from consecutive blocks of rows.
+
+    XLA owns its buffer. A JAX array that adopts a numpy buffer
+    (`jax.device_put(x, may_alias=True)`) cannot be donated: the first
+    train step (Keras donates the whole state) then copied every such
+    frozen table, and E2B held its tables twice. Filling a donated buffer
+    in place keeps the peak at the table plus one block.
+    """
+    buffer = _zeros(shape, dtype)
+    first = 0
+    for rows in blocks:
+        buffer = _put_rows(buffer, rows, first)
+        first += len(rows)
+    return buffer
+
+
+def _add_global(model: Gemma4LoraModel, name: str, shape, blocks, dtype=None) -> None:
+    """`model.add_global` of a tensor given as blocks of rows, without copies.
 
     `add_global` creates the variable with zeros, then assigns a numpy
     array, which JAX copies (through a staging buffer): E2B's 4.7 GB
     per-layer-embedding table was alive three times at once (14.7 GB peak
-    RSS). Here the variable is created from a JAX array that adopts the
-    (aligned) numpy buffer just read: one copy, none made. Same name, dtype
-    and value as `add_global`.
+    RSS). Here the variable is created from an array filled block by block
+    (`_owned_array`): the table plus one block of rows. Same name, dtype and
+    value as `add_global`.
     """
-    dtype = dtype or model.variable_dtype
-    value = _cast(np.asarray(value), keras.backend.standardize_dtype(dtype))
+    blocks = iter(blocks)
+    first = next(blocks)
+    storage = storage_dtype(first.dtype, dtype or model.variable_dtype)
+    blocks = (_cast(b, storage) for b in itertools.chain([first], blocks))
     if name == PLE_TABLE and model.ple_on_host:
-        model.globals[name] = HostTable(value, dtype)  # stays in host memory
+        table = aligned_empty(tuple(shape), np_dtype(storage))
+        start = 0
+        for b in blocks:
+            table[start : start + len(b)] = b
+            start += len(b)
+        model.globals[name] = HostTable(table, storage)  # stays in host memory
         return
-    # Under `presets.on_host()` the default device is the CPU: no copy.
-    array = jax.device_put(value, may_alias=True)
-    del value
+    # Under `presets.on_host()` the default device is the CPU.
+    pending = [_owned_array(tuple(shape), storage, blocks)]
     model.globals[name] = model.add_weight(
         name=name,
-        shape=array.shape,
-        dtype=dtype,
-        initializer=lambda shape, dtype: array,
+        shape=tuple(shape),
+        dtype=storage,
+        # Hands the array over once: a closure holding it would keep a second
+        # copy alive once Keras lays the variable out on a mesh.
+        initializer=lambda shape, dtype: pending.pop(),
         trainable=False,
     )
 
@@ -219,30 +281,20 @@ def _add_global(model: Gemma4LoraModel, name: str, value, dtype=None) -> None:
 def fill_globals(model: Gemma4LoraModel, src: _Source, config: dict) -> None:
     """Embedding, final norm and the PLE tables, in `hub.copy_from_backbone`'s order."""
     spec, d = model.spec, model.spec.hidden_dim
-    _add_global(
-        model, "embedding", src.get("embed_tokens.weight", (spec.vocab_size, d))
-    )
-    _add_global(model, "final_norm", src.get("norm.weight", (d,)), "float32")
+    shape = (spec.vocab_size, d)
+    _add_global(model, "embedding", shape, src.rows("embed_tokens.weight", shape))
+    _add_global(model, "final_norm", (d,), [src.get("norm.weight", (d,))], "float32")
     if spec.ple_dim:
         text = hf_config.text_config(config)
         width = spec.num_layers * spec.ple_dim
         vocab = int(text.get("vocab_size_per_layer_input") or spec.vocab_size)
-        _add_global(
-            model,
-            "ple_embedding",
-            src.get("embed_tokens_per_layer.weight", (vocab, width)),
-        )
-        _add_global(
-            model,
-            "ple_projection",
-            src.linear("per_layer_model_projection.weight", (d, width)),
-        )
-        _add_global(
-            model,
-            "ple_norm",
-            src.get("per_layer_projection_norm.weight", (spec.ple_dim,)),
-            "float32",
-        )
+        shape = (vocab, width)
+        table = src.rows("embed_tokens_per_layer.weight", shape)
+        _add_global(model, "ple_embedding", shape, table)
+        projection = src.linear("per_layer_model_projection.weight", (d, width))
+        _add_global(model, "ple_projection", (d, width), [projection])
+        norm = src.get("per_layer_projection_norm.weight", (spec.ple_dim,))
+        _add_global(model, "ple_norm", (spec.ple_dim,), [norm], "float32")
 
 
 def _norm_shapes(spec: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
@@ -333,10 +385,19 @@ def fill_model(
     same order, same values.
     """
     reader = CheckpointReader(directory)
-    src = _Source(reader, text_prefix(config, reader), model.variable_dtype)
-    fill_globals(model, src, config)
-    for blk in model.blocks:
-        fill_block(blk, src, quant, double_quant, block_size)
+    prefix = text_prefix(config, reader)
+    total = sum(reader.nbytes(n) for n in reader.names() if n.startswith(prefix))
+    # On a terminal only (`disable=None`): E2B/E4B take minutes to load.
+    what = f"loading {os.path.basename(os.path.normpath(directory))}"
+    if quant != "none":
+        what += f" ({quant})"
+    with tqdm.tqdm(
+        total=total, desc=what, unit="B", unit_scale=True, disable=None, leave=False
+    ) as progress:
+        src = _Source(reader, prefix, model.variable_dtype, progress)
+        fill_globals(model, src, config)
+        for blk in model.blocks:
+            fill_block(blk, src, quant, double_quant, block_size)
 
 
 def local_checkpoint(preset: str) -> str | None:

@@ -48,6 +48,7 @@ from absl import logging
 from gemma4_keras import atomic, config_lib, data, workdir_lock
 from gemma4_keras.eval import evaluate
 from gemma4_keras.export import peft
+from gemma4_keras.model import plan as plan_lib
 from gemma4_keras.model import presets
 from gemma4_keras.model.layers import float16_islands
 from gemma4_keras.run import callbacks as cb
@@ -129,6 +130,7 @@ def _run_locked(config, workdir: str) -> dict:
             flush=True,
         )
 
+    check_host_memory(config)
     model = presets.build_training_model(
         preset, config.model, config.lora, config.quant, config.train
     )
@@ -153,6 +155,42 @@ def _run_locked(config, workdir: str) -> dict:
         model, tokenizer, preset, prepared, config, workdir, template.variant
     )
     return write_run_state(workdir, **end, **summary)
+
+
+def check_host_memory(config) -> None:
+    """Stops before loading when `plan` says training needs more host memory
+    than this machine has available (`train.memory_check=False` skips it).
+
+    Minutes of loading would otherwise end in the kernel's OOM killer.
+
+    Raises:
+      ConfigError: naming the estimate, what is available and what to change.
+    """
+    available = plan_lib.host_memory_available()
+    if not config.train.memory_check or available is None:
+        return
+    estimate = plan_lib.plan(config)
+    need = max(estimate["host_bytes"][k] for k in ("load", "train"))
+    have = available + _own_rss()  # the estimate counts this process too
+    if need <= have:
+        return
+    gib = 1024**3
+    raise config_lib.ConfigError(
+        f"training needs about {need / gib:.1f} GiB of host memory by "
+        f"`gemma4-keras plan` (same flags), this machine has {have / gib:.1f} GiB "
+        "available: lower --config.data.max_length or --config.train.batch_size, "
+        "use --config.model.dtype=bfloat16 or --config.quant.mode=nf4, free memory, "
+        "or set --config.train.memory_check=False to try anyway"
+    )
+
+
+def _own_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
 
 
 # --- workdir ----------------------------------------------------------------
