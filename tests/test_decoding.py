@@ -300,3 +300,22 @@ def test_nf4_dequantisation_stays_inside_the_decode_loop():
     text = re.search(r"\n%?" + re.escape(body) + r" .*?\n}\n", hlo, re.S).group(0)
     # The packed uint8 codes are read inside the loop body, not before it.
     assert len(re.findall(r"u8\[", text)) > 0
+
+
+def test_ids_past_the_tokenizers_vocabulary_decode_as_nothing():
+    """A model's embedding may be padded past its tokenizer (the released
+    vocabulary, 262,144 rows, over a smaller tokenizer here): an id no text
+    maps to is dropped, not a SentencePiece "piece id is out of range"."""
+    import types
+
+    from gemma4_keras.eval import generate
+
+    tok = keras_hub.models.Gemma4Tokenizer.from_preset(str(tiny.tiny_checkpoint()))
+    ids = np.asarray(tok("hello world")).tolist()
+    holder = types.SimpleNamespace(tokenizer=tok)
+    known = tok.vocabulary_size()
+    decode = generate.Generator._decode
+    assert decode(holder, ids[:1] + [known, known + 5000] + ids[1:]) == decode(
+        holder, ids
+    )
+    assert decode(holder, [known]) == ""

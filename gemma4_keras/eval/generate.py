@@ -182,6 +182,10 @@ class Generator:
         return out
 
     def _decode(self, ids: list[int]) -> str:
+        # A model's vocabulary may be padded past its tokenizer's (embedding
+        # rows no text maps to); SentencePiece refuses such ids: drop them.
+        known = self.tokenizer.vocabulary_size()
+        ids = [i for i in ids if 0 <= i < known]
         if not ids:
             return ""
         text = self.tokenizer.detokenize(np.asarray(ids, np.int32))
