@@ -87,6 +87,12 @@ class RandomSource:
         flat = np.resize(np.roll(self.pool, offset), size)
         return flat.reshape(shape).astype(self.dtype)
 
+    def rows(self, name: str, shape: tuple[int, ...], block: int = 16384):
+        """`get` as blocks of rows, as `_Source.rows` yields the big tables."""
+        for start in range(0, shape[0], block):
+            n = min(block, shape[0] - start)
+            yield self.get(f"{name}[{start}:]", (n, *shape[1:]))
+
     def linear(self, name: str, shape_in_out: tuple[int, int]):
         din, dout = shape_in_out
         return self.get(name, (dout, din)).T

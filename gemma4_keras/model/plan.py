@@ -629,9 +629,13 @@ def checkpoint_dtype(raw_config: dict) -> str | None:
 # tokenizers), the tokenizer and the prepared data [bytes]; read off
 # `benchmarks/real_size_cli.py` (docs/real_size.md), as are the two below.
 PROCESS_BYTES = int(1.0 * GIB)
-# What XLA holds besides the step's buffers while compiling and running the
-# E2B/E4B train step on a CPU (its compiler, the executable) [bytes].
-XLA_CPU_BYTES = int(1.0 * GIB)
+# What XLA holds besides the step's buffers on a CPU while `train` compiles
+# and runs its step, then compiles and runs generation for the run's
+# evaluation (compilers, executables) [bytes].
+XLA_CPU_BYTES = int(2.0 * GIB)
+# Loading beyond the finished model: read buffers, quantisation temporaries,
+# the in-place fill of the tables [bytes].
+LOAD_BYTES = int(1.0 * GIB)
 # A streamed HF export holds one tensor at a time (`export/hf_stream.py`):
 # the largest merged kernel, read, merged in float32 and written [copies].
 EXPORT_IN_FLIGHT = 4
@@ -650,10 +654,11 @@ def host_bytes(
     """Peak resident memory of each command on the host it runs on [bytes].
 
     load        process + the base as stored (on a CPU all of it; with an
-                accelerator only the PLE table kept on the host) + one
-                tensor in flight (the largest kernel, read and quantised)
+                accelerator only the PLE table kept on the host) + what
+                loading holds in flight (`LOAD_BYTES`)
     train       on a CPU the host is the device: process + the step's
-                device total + XLA's own; with an accelerator: process +
+                device total + XLA's own (`XLA_CPU_BYTES`, which covers the
+                run's own evaluation too); with an accelerator: process +
                 the host PLE table
     evaluate    train's model without the optimiser and the backward pass:
                 process + base + adapters
@@ -661,12 +666,11 @@ def host_bytes(
     export_hf   process + one tensor in flight (the largest kernel, merged in
                 float32; tables pass through in blocks)
     """
-    kernel = max((a * b for a, b in _projections(spec)), default=0) * (st + 8)
     stored = base["total"] + host_table if on_cpu else host_table
     device = dev["total"] + host_table + XLA_CPU_BYTES if on_cpu else 0
-    largest = kernel // (st + 8) * 4
+    largest = max((a * b for a, b in _projections(spec)), default=0) * 4
     return {
-        "load": PROCESS_BYTES + stored + kernel,
+        "load": PROCESS_BYTES + stored + LOAD_BYTES,
         "train": PROCESS_BYTES + (device if on_cpu else host_table),
         "evaluate": PROCESS_BYTES
         + (stored + adapter_weights if on_cpu else host_table),

@@ -171,7 +171,10 @@ def check_host_memory(config) -> None:
         return
     estimate = plan_lib.plan(config)
     need = max(estimate["host_bytes"][k] for k in ("load", "train"))
-    have = available + _own_rss()  # the estimate counts this process too
+    # The estimate counts the process itself (up to PROCESS_BYTES): that
+    # part is resident already. Anything more (a notebook's other objects)
+    # stays resident beside the run.
+    have = available + min(_own_rss(), plan_lib.PROCESS_BYTES)
     if need <= have:
         return
     gib = 1024**3
