@@ -631,7 +631,7 @@ def checkpoint_dtype(raw_config: dict) -> str | None:
 PROCESS_BYTES = int(1.0 * GIB)
 # What XLA holds besides the step's buffers on a CPU while `train` compiles
 # and runs its step, then compiles and runs generation for the run's
-# evaluation (compilers, executables) [bytes].
+# evaluation (compilers, executables); `evaluate` alike [bytes].
 XLA_CPU_BYTES = int(2.0 * GIB)
 # Loading beyond the finished model: read buffers, quantisation temporaries,
 # the in-place fill of the tables [bytes].
@@ -661,8 +661,8 @@ def host_bytes(
                 run's own evaluation too); with an accelerator: process +
                 the host PLE table
     evaluate    train's model without the optimiser and the backward pass:
-                process + base + adapters
-    export_peft process + the adapter's float32 factors, twice (read, write)
+                process + base + adapters (+ XLA's own on a CPU)
+    export_peft process + the adapter's float32 factors
     export_hf   process + one tensor in flight (the largest kernel, merged in
                 float32; tables pass through in blocks)
     """
@@ -673,8 +673,8 @@ def host_bytes(
         "load": PROCESS_BYTES + stored + LOAD_BYTES,
         "train": PROCESS_BYTES + (device if on_cpu else host_table),
         "evaluate": PROCESS_BYTES
-        + (stored + adapter_weights if on_cpu else host_table),
-        "export_peft": PROCESS_BYTES + 2 * adapter_weights,
+        + (stored + adapter_weights + XLA_CPU_BYTES if on_cpu else host_table),
+        "export_peft": PROCESS_BYTES + adapter_weights,
         "export_hf": PROCESS_BYTES + EXPORT_IN_FLIGHT * largest,
     }
 
