@@ -22,6 +22,7 @@ from test_hub_contract import live_spec
 
 from gemma4_keras import config_lib
 from gemma4_keras.model import hub, plan, presets
+from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny
@@ -274,8 +275,9 @@ def test_plan_counts_frozen_weights_in_the_checkpoints_dtype(tmp_path):
     b = plan.plan(cfg)
     assert b["base_bytes"] == p["base_bytes"]
     # float32 compute splits the loss's float32 side (`loss._dot`): chunks of
-    # at most 256 tokens and their d_logits in three bfloat16 parts.
-    rows, v, d = 256, spec.vocab_size, spec.hidden_dim
+    # at most `loss_lib.SPLIT_CHUNK` tokens and their d_logits in three bfloat16
+    # parts.
+    rows, v, d = loss_lib.SPLIT_CHUNK, spec.vocab_size, spec.hidden_dim
     tokens = cfg.train.batch_size * cfg.data.max_length
     assert p["loss_temp_bytes"] == rows * v * (4 + 6) + tokens * d * 4
     assert b["loss_temp_bytes"] == min(1024, tokens) * v * 4 + tokens * d * 4

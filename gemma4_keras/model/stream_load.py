@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from gemma4_keras import host_memory
 from gemma4_keras.model import hf_config, hub, safetensors_io
 from gemma4_keras.model.gemma4_lora_model import PLE_TABLE, Gemma4LoraModel, HostTable
 from gemma4_keras.model.layers import np_dtype, storage_dtype
@@ -398,6 +399,10 @@ def fill_model(
         fill_globals(model, src, config)
         for blk in model.blocks:
             fill_block(blk, src, quant, double_quant, block_size)
+    # The blocks read and quantised are freed; the compiles to come free
+    # more (see host_memory).
+    host_memory.release()
+    host_memory.release_after_compiles()
 
 
 def local_checkpoint(preset: str) -> str | None:
