@@ -13,6 +13,7 @@ permissions (0666 minus the umask), not `mkstemp`'s 0600.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -42,9 +43,11 @@ def atomic_open(
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a full disk names the file, not a descriptor
         raise
 
 
@@ -59,3 +62,12 @@ def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
     dump_kwargs.setdefault("indent", 2)
     with atomic_open(path) as f:
         json.dump(obj, f, **dump_kwargs)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

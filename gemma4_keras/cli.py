@@ -40,7 +40,8 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import gemma4_keras  # noqa: E402,F401  (selects the JAX backend first)
-from gemma4_keras import _quiet  # noqa: E402
+from gemma4_keras import _quiet, disk  # noqa: E402
+from gemma4_keras.run import stopping  # noqa: E402  (light: no JAX)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -170,9 +171,9 @@ def usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemma4_keras import config_lib  # lazy: see module doc
+    from gemma4_keras import config_lib, outputs  # lazy: see module doc
     from gemma4_keras.data import DataError  # lazy: see module doc
-    from gemma4_keras.eval import generate  # lazy: see module doc
+    from gemma4_keras.eval import generate, report  # lazy: see module doc
     from gemma4_keras.export.hf import ExportError  # lazy: see module doc
     from gemma4_keras.export.peft import AdapterFormatError  # lazy: see module doc
     from gemma4_keras.model import presets, safetensors_io  # lazy: see module doc
@@ -190,7 +191,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         AdapterFormatError,
         ExportError,
         generate.PromptError,
-        OSError,  # missing files, permissions, a full disk: named by _os_error
+        outputs.OutputError,
+        report.ReportError,
+        OSError,  # missing files, permissions (_os_error), a full disk (disk.py)
     )
 
 
@@ -199,8 +202,6 @@ def _os_error(e: OSError) -> str:
 
     where = f"{e.filename}: " if e.filename else ""
     what = e.strerror or str(e)
-    if e.errno == errno.ENOSPC:
-        return f"{where}no space left on the device; free some, then rerun the same command (it resumes)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}{what}; check the permissions of the file and its directory (or pick another --workdir / --out)"
     return f"{where}{what}" if where else str(e)
@@ -209,6 +210,11 @@ def _os_error(e: OSError) -> str:
 def _one_line(e: BaseException) -> str:
     from gemma4_keras.data import DataError  # lazy: see module doc
 
+    full = disk.full_error(e)  # however the library words it: path, need, free
+    if full is not None:
+        if not full.filename:  # the library did not say where: the command's output
+            full.filename = FLAGS.out or FLAGS.workdir
+        return str(full)
     if isinstance(e, OSError) and not type(e).__module__.startswith("gemma4_keras"):
         return _os_error(e)
     if isinstance(e, DataError):  # already "file:line: problem" lines, by design
@@ -262,12 +268,14 @@ def _train(config, args) -> int:
     workdir = _require(FLAGS.workdir, "workdir")
     state = train.run(config, workdir)
     status = state.get("status")
+    if status in train.COMPLETE:  # a finished run is not evaluated again
+        from gemma4_keras.run import identity  # lazy: see module doc
+
+        note = identity.unapplied_eval_changes(config, workdir)
+        if note:
+            print(f"gemma4-keras train: {note}", file=sys.stderr)
     if status == "preempted":
-        print(
-            f"gemma4-keras train: preempted (SIGTERM) at step {state.get('step')}; the "
-            "checkpoint is saved: rerun the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"gemma4-keras train: {stopping.message(state)}", file=sys.stderr)
         return EXIT_PREEMPTED
     if status == "diverged":
         print(
@@ -282,13 +290,11 @@ def _train(config, args) -> int:
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
 def _evaluate(config, args) -> int:
-    from gemma4_keras.eval import evaluate  # lazy: see module doc
+    from gemma4_keras.run import api  # lazy: see module doc
 
     if FLAGS.merged:
         config.eval.merged = True
-    summary = evaluate.evaluate_workdir(
-        config, _require(FLAGS.workdir, "workdir"), FLAGS.out
-    )
+    summary = api.evaluate(config, _require(FLAGS.workdir, "workdir"), FLAGS.out)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -302,6 +308,9 @@ def _generate(config, args) -> int:
     conversations = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     adapter = FLAGS.adapter
     if adapter is None and FLAGS.workdir:
+        from gemma4_keras.run import identity  # lazy: see module doc
+
+        identity.check_config(config, FLAGS.workdir, "generate")
         adapter = os.path.join(FLAGS.workdir, "adapter")
     answers = generate.generate_answers(
         config, conversations, adapter=adapter, max_new_tokens=FLAGS.max_new_tokens
@@ -318,7 +327,7 @@ def _generate(config, args) -> int:
 
 @command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")
 def _export(config, args) -> int:
-    from gemma4_keras.export.commands import export  # lazy: see module doc
+    from gemma4_keras.run.api import export  # lazy: see module doc
 
     if not FLAGS.format:
         raise UsageError("--format=peft|hf|keras|gguf|gguf-lora is required")
@@ -359,8 +368,11 @@ def _review(config, args) -> int:
 
 @command("plan", "estimate memory and speed of a run before starting it")
 def _plan(config, args) -> int:
+    from gemma4_keras import outputs  # lazy: see module doc
     from gemma4_keras.model import plan  # lazy: see module doc
 
+    if FLAGS.out:
+        outputs.check(FLAGS.out, ["plan.json"], inputs=outputs.run_inputs(config))
     estimate = plan.plan(
         config,
         tflops=FLAGS.tflops,
@@ -370,9 +382,7 @@ def _plan(config, args) -> int:
     )
     print(plan.format_plan(estimate))
     if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        with open(os.path.join(FLAGS.out, "plan.json"), "w") as f:
-            json.dump(estimate, f, indent=2)
+        outputs.write_json(FLAGS.out, "plan.json", estimate)
     return 0
 
 
@@ -383,9 +393,12 @@ def _data(config, args) -> int:
     verb = args[0] if args else ""
     if verb not in ("check", "stats", "split", "render"):
         raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
-    from gemma4_keras import config_lib  # lazy: see module doc
+    from gemma4_keras import config_lib, outputs  # lazy: see module doc
     from gemma4_keras.model import presets  # lazy: see module doc
 
+    if verb in ("check", "stats") and FLAGS.out:
+        names = [f"data_{verb}.json"]
+        outputs.check(FLAGS.out, names, inputs=outputs.run_inputs(config))
     if verb == "split":  # no rendering: the chat template does not matter
         settings = config_lib.data_settings(config.data)
         result = data.split(settings, _require(FLAGS.out, "out"))
@@ -406,8 +419,7 @@ def _data(config, args) -> int:
     result = getattr(data, verb)(settings, _tokenizer(config))
     print(data.format_report(result))
     if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        data.commands.write_json(os.path.join(FLAGS.out, f"data_{verb}.json"), result)
+        outputs.write_json(FLAGS.out, f"data_{verb}.json", result)
     return 0
 
 
@@ -430,6 +442,13 @@ def _quiet_libraries(record) -> bool:
     """
     warning = 30  # the standard library's level (absl's WARNING is -1)
     own = f"{os.sep}gemma4_keras{os.sep}" in record.pathname
+    if not own and record.exc_info and not FLAGS.verbose:
+        # A library's background thread (Orbax's, on a full disk) logs its
+        # traceback before the error reaches the user as one line: keep the
+        # line it logged, cut, and leave the traceback to --verbose.
+        text = " ".join(record.getMessage().split())
+        record.msg, record.args = text[:200] + ("..." if len(text) > 200 else ""), ()
+        record.exc_info = record.exc_text = None
     return record.levelno >= warning or own
 
 
@@ -480,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
     with_model = name not in WITHOUT_MODEL
+    signals = contextlib.ExitStack()
     try:
+        if name == "train":  # SIGTERM / SIGINT at any phase: exit 3 (run/stopping.py)
+            signals.enter_context(stopping.on_signals())
         config = _CONFIG.value
         if with_model:
             if config is None:
@@ -489,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             log_environment(config)
         fn, _ = COMMANDS[name]
         return fn(config, positional)
+    except stopping.Stopped as stop:  # before the run held its workdir
+        state = {"signal": stop.signal, "phase": stop.phase}
+        print(f"gemma4-keras {name}: {stopping.message(state)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UsageError as e:
         print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
         return 2
@@ -500,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if FLAGS.verbose:
             raise
+        if disk.full_error(e) is not None:  # a full disk, in a library's words
+            print(f"gemma4-keras {name}: error: {_one_line(e)}", file=sys.stderr)
+            return 1
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(
             f"gemma4-keras {name}: error: unexpected {type(e).__name__}: {first} "
@@ -507,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        signals.close()
 
 
 def _bad_flag(e: BaseException) -> str:

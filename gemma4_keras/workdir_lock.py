@@ -9,6 +9,15 @@ blocks a rerun. The file holds the holder's PID, host and command, which the
 refusal names. On release the file is removed (a workdir that nothing else
 was written to stays empty); acquiring re-checks that the locked file is
 still the one at the path, so removing it never lets two holders in.
+
+Commands that only read a finished run (`export`, `evaluate --out=...`) pass
+`reader=True`: where the workdir cannot be written (read-only storage, another
+user's run) they take a shared lock on an existing `.lock` instead (still
+refused while a writer holds it), or none when there is no `.lock`: a
+workdir nobody can write to cannot change under them.
+
+    with workdir_lock.hold("/readonly/runs/tiny", "export", reader=True):
+        ...
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+
+from absl import logging
 
 LOCK_FILE = ".lock"
 
@@ -42,6 +53,13 @@ def _holder(path: str) -> str:
         return "another process (starting up)"
 
 
+def _in_use(path: str, advice: str = "") -> WorkdirLockedError:
+    return WorkdirLockedError(
+        f"{os.path.dirname(path)} is in use by {_holder(path)}; wait for it "
+        f"to end (or stop it){advice}"
+    )
+
+
 def _acquire(path: str) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -49,10 +67,7 @@ def _acquire(path: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise WorkdirLockedError(
-                f"{os.path.dirname(path)} is in use by {_holder(path)}; wait for it "
-                "to end (or stop it), or pick another --workdir"
-            ) from None
+            raise _in_use(path, ", or pick another --workdir") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -62,13 +77,47 @@ def _acquire(path: str) -> int:
         os.close(fd)  # the previous holder removed this file as we locked it
 
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _acquire_shared(path: str) -> int | None:
+    """A shared lock on an existing `path` opened read-only; None if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _in_use(path) from None
+    return fd
+
+
 @contextlib.contextmanager
-def hold(workdir: str, command: str) -> Iterator[str]:
+def _shared(workdir: str, path: str) -> Iterator[str]:
+    fd = _acquire_shared(path)
+    logging.info(
+        "%s is not writable: reading it under a %s",
+        workdir,
+        "shared lock" if fd is not None else "no lock (nothing can write it)",
+    )
+    try:
+        yield path
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(workdir: str, command: str, *, reader: bool = False) -> Iterator[str]:
     """Holds `workdir` (created if missing) for the `with` block.
 
     Args:
         workdir: the run directory.
         command: the CLI command, recorded for the refusal message.
+        reader: the command only reads `workdir`: when it cannot be written,
+            take a shared lock (or none) instead of failing.
 
     Yields:
         The lock file path.
@@ -80,9 +129,17 @@ def hold(workdir: str, command: str) -> Iterator[str]:
         raise FileExistsError(
             errno.EEXIST, "is a file, not a directory; pick another --workdir", workdir
         )
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
-    fd = _acquire(path)
+    try:
+        if not (reader and os.path.isdir(workdir)):
+            os.makedirs(workdir, exist_ok=True)
+        fd = _acquire(path)
+    except OSError as e:
+        if not (reader and e.errno in _NOT_WRITABLE and os.path.isdir(workdir)):
+            raise
+        with _shared(workdir, path):
+            yield path
+        return
     try:
         info = {
             "command": command,

@@ -194,11 +194,21 @@ def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
 
 
 def _eval_file(tmp_path: pathlib.Path, n: int = 3) -> pathlib.Path:
-    """The first `n` lines of the shipped sample, as a separate held-out file."""
-    from gemma4_keras import config_lib
+    """`n` reviews that are not in the shipped sample, as a separate held-out file.
 
-    with open(config_lib.default_dataset_path(), encoding="utf-8") as f:
-        lines = f.read().splitlines()[:n]
+    (evaluate refuses held-out examples the run trained on.)
+    """
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Is 'held-out review {i}' positive?"},
+                    {"role": "assistant", "content": "positive"},
+                ]
+            }
+        )
+        for i in range(n)
+    ]
     path = tmp_path / "eval.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

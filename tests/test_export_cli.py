@@ -10,7 +10,7 @@ import pathlib
 import oracles
 from export_fixtures import factor_workdir, random_factors, variant_preset
 
-from gemma4_keras import cli
+from gemma4_keras import cli, config_lib
 from gemma4_keras.model.lora import LoraSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,11 +29,20 @@ def _export(base, workdir, *flags) -> int:
     )
 
 
+def _record_config(workdir: str, base: str) -> None:
+    """The run's config.json, as `train` writes it (export checks it is the run's)."""
+    config = config_lib.get_config("tiny", "lora", "runlocal")
+    config.model.preset = base
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f)
+
+
 def test_dtype_and_gguf_lora_flags(tmp_path, capsys):
     oracles.need("gguf")
     base = variant_preset()
     spec = LoraSpec(rank=4, alpha=8.0)
     workdir = factor_workdir(str(tmp_path), base, spec, random_factors(base, spec))
+    _record_config(workdir, base)
     out = tmp_path / "hf16"
     assert _export(base, workdir, "--format=hf", "--dtype=float16", f"--out={out}") == 0
     manifest = json.loads((out / "export_manifest.json").read_text())

@@ -9,6 +9,7 @@ from export_fixtures import config_for, fake_workdir, trained_model, variant_pre
 
 from gemma4_keras.export import commands, hf
 from gemma4_keras.export.hf import ExportError
+from gemma4_keras.outputs import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_non_empty_target_is_left_alone(run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"--out=.*out exists and is not empty"):
+    with pytest.raises(OutputError, match=r"--out=.*out exists and is not empty"):
         commands.export(config_for(preset), workdir, "hf", str(out))
     assert os.listdir(out) == ["keep.txt"]
 

@@ -2,8 +2,8 @@
 
 Layers, lowest first (a module may import its own layer and those below):
 
-    base      gemma4_keras (package root), _backend, _quiet, atomic, config_lib, settings,
-              workdir_lock, resources (data files)
+    base      gemma4_keras (package root), _backend, _quiet, atomic, config_lib, disk,
+              host_memory, settings, outputs, workdir_lock, resources (data files)
     data      data/          dataset reading, chat rendering, tokenizing, packing
     testing   testing/       checkpoints the package writes itself (the tiny preset)
     model     model/         KerasHub bridge, layers, LoRA, NF4, loss, presets, plan
@@ -28,7 +28,10 @@ BASE = (
     "_quiet",
     "atomic",
     "config_lib",
+    "disk",
+    "host_memory",
     "settings",
+    "outputs",
     "workdir_lock",
     "resources",
 )

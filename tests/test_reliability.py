@@ -68,10 +68,12 @@ def snapshot(directory) -> dict[str, bytes]:
     return out
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 4-step tiny run on its own copy of the sample data."""
-    base = tmp_path_factory.mktemp("reliability")
+def train_tiny_run(base: pathlib.Path) -> dict:
+    """A finished 4-step tiny run in `base`, on its own copy of the sample data.
+
+    Returns {"workdir", "data", "args"}: `args` is the train command without
+    `--workdir` (its flags are the run's config).
+    """
     data = base / "data" / "train.jsonl"
     data.parent.mkdir()
     shutil.copy(config_lib.default_dataset_path(), data)
@@ -79,6 +81,12 @@ def finished(tmp_path_factory):
     args = ("train", TINY, *STEPS, f"--config.data.path={data}")
     assert run_cli(*args, f"--workdir={workdir}") == 0
     return {"workdir": workdir, "data": data, "args": args}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step tiny run on its own copy of the sample data."""
+    return train_tiny_run(tmp_path_factory.mktemp("reliability"))
 
 
 def copy_run(finished, tmp_path, *, resume: bool = False) -> pathlib.Path:
@@ -180,10 +188,10 @@ def test_evaluate_and_export_stop_on_a_locked_workdir_and_sigkill_frees_it(
     holder = _holder(work)
     try:
         for args in (
-            ("evaluate", TINY, f"--workdir={work}"),
+            ("evaluate", *finished["args"][1:], f"--workdir={work}"),
             (
                 "export",
-                TINY,
+                *finished["args"][1:],
                 f"--workdir={work}",
                 "--format=peft",
                 f"--out={tmp_path}/o",
@@ -271,10 +279,11 @@ def test_every_checkpoint_corrupt_is_named_and_nothing_moves(
 ):
     work = copy_run(finished, tmp_path, resume=True)
     _flip_bytes(work / "checkpoints" / "4")
-    sums = work / "checkpoints" / "2" / "checksums.json"
-    table = json.loads(sums.read_text())
+    sums = work / "checkpoints" / "2" / "_CHECKPOINT_METADATA"  # Orbax's step metadata
+    meta = json.loads(sums.read_text())
+    table = meta["custom_metadata"]["sha256"]
     table[sorted(table)[0]] = "0" * 64  # step 2 no longer matches either
-    sums.write_text(json.dumps(table))
+    sums.write_text(json.dumps(meta))
     before = snapshot(work)
     assert run_cli(*finished["args"], f"--workdir={work}") == 1
     line = error_line(capsys)
@@ -380,7 +389,8 @@ def test_export_refuses_a_nan_adapter_unless_forced(finished, tmp_path, capsys):
     tensors[key] = np.full_like(tensors[key], np.nan)
     save_file(tensors, path, metadata={"format": "pt"})
     out = tmp_path / "peft"
-    args = ("export", TINY, f"--workdir={work}", "--format=peft", f"--out={out}")
+    flags = finished["args"][1:]  # the run's config (export checks it)
+    args = ("export", *flags, f"--workdir={work}", "--format=peft", f"--out={out}")
     assert run_cli(*args) == 1
     line = error_line(capsys)
     assert "NaN/inf" in line and key in line and "--force" in line
@@ -391,7 +401,14 @@ def test_export_refuses_a_nan_adapter_unless_forced(finished, tmp_path, capsys):
 def test_export_refuses_a_diverged_run(finished, tmp_path, capsys):
     work = copy_run(finished, tmp_path)
     (work / "run_state.json").write_text('{"status": "diverged", "step": 3}')
-    args = ("export", TINY, f"--workdir={work}", "--format=peft", f"--out={tmp_path}/o")
+    flags = finished["args"][1:]
+    args = (
+        "export",
+        *flags,
+        f"--workdir={work}",
+        "--format=peft",
+        f"--out={tmp_path}/o",
+    )
     assert run_cli(*args) == 1
     line = error_line(capsys)
     assert "'diverged'" in line and "NaN" in line and "--force" in line
@@ -412,7 +429,12 @@ def test_export_is_readable_relative_and_cleans_stale_staging(
     live.mkdir()
     old = os.umask(0o022)
     try:
-        args = ("export", TINY, f"--workdir={finished['workdir']}", "--format=peft")
+        args = (
+            "export",
+            *finished["args"][1:],
+            f"--workdir={finished['workdir']}",
+            "--format=peft",
+        )
         assert run_cli(*args, f"--out={out}") == 0
     finally:
         os.umask(old)
@@ -473,7 +495,7 @@ def test_one_record_run_warns_and_evaluate_says_why(tmp_path, capsys):
     one = ("--config.train.batch_size=1", "--config.train.max_steps=1")
     assert run_cli("train", *args, *one) == 0
     assert "warning: no held-out example" in capsys.readouterr().err
-    assert run_cli("evaluate", *args) == 1
+    assert run_cli("evaluate", *args, *one) == 1
     assert "no held-out example to evaluate on" in error_line(capsys)
 
 
@@ -518,7 +540,8 @@ def _cases(tmp: pathlib.Path, run: dict) -> list[tuple[str, tuple, str]]:
     (tmp / "out_full" / "x").write_text("x")
     fresh = f"--workdir={tmp}/fresh"
     train = ("train", TINY, fresh)
-    exp = ("export", TINY, "--format=peft")
+    flags = run["args"][1:]  # the run's config: export checks it
+    exp = ("export", *flags, "--format=peft")
     gen = ("generate", TINY, "--adapter=none")
     d = f"--config.data.path={data}"
     return [
@@ -573,8 +596,8 @@ def _cases(tmp: pathlib.Path, run: dict) -> list[tuple[str, tuple, str]]:
         ("export_unfinished", (*exp, f"--workdir={broken['unfinished']}", f"--out={tmp}/e3"), "not 'finished'"),
         ("export_truncated", (*exp, f"--workdir={broken['adapter']}", f"--out={tmp}/e4"), "truncated or corrupt"),
         ("export_out_full", (*exp, f"--workdir={work}", f"--out={tmp}/out_full"), "not empty"),
-        ("export_shard_zero", ("export", TINY, "--format=hf", "--shard_size=0", f"--workdir={work}", f"--out={tmp}/e5"), "--shard_size='0' must be > 0"),
-        ("export_shard_bad", ("export", TINY, "--format=hf", "--shard_size=lots", f"--workdir={work}", f"--out={tmp}/e6"), "--shard_size='lots'"),
+        ("export_shard_zero", ("export", *flags, "--format=hf", "--shard_size=0", f"--workdir={work}", f"--out={tmp}/e5"), "--shard_size='0' must be > 0"),
+        ("export_shard_bad", ("export", *flags, "--format=hf", "--shard_size=lots", f"--workdir={work}", f"--out={tmp}/e6"), "--shard_size='lots'"),
         # Generate (checked before the model loads, except the context length).
         ("gen_no_prompt", gen, "no prompt"),
         ("gen_negative_tokens", (*gen, "--prompt=hi", "--max_new_tokens=-5"), "--max_new_tokens=-5"),

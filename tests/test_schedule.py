@@ -232,7 +232,12 @@ def test_logged_rates_are_the_schedule_of_each_optimiser_step(runs):
 
 @pytest.mark.slow
 def test_preempted_run_records_it_then_resumes_the_schedule(runs):
-    assert runs["first"] == {"status": "preempted", "step": 2}
+    assert runs["first"] == {
+        "status": "preempted",
+        "step": 2,
+        "phase": "training",
+        "signal": "SIGTERM",
+    }
     assert [int(r["step"]) for r in runs["first_log"]] == [1, 2]
     assert runs["final"]["status"] == "finished" and runs["final"]["step"] == STEPS
     resumed, whole = _log(runs["resumed"]), _log(runs["whole"])
@@ -262,9 +267,11 @@ def _snapshot(workdir) -> dict:
 
 
 def _adapter_sums(workdir, step) -> dict:
-    path = os.path.join(workdir, "checkpoints", str(step), checkpointing.CHECKSUMS)
+    """The adapter arrays' sha256 saved with a step (in Orbax's step metadata)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
     with open(path) as f:
-        return {k: v for k, v in json.load(f).items() if k.startswith("adapter/")}
+        sums = json.load(f)["custom_metadata"][checkpointing.SUMS_KEY]
+    return {k: v for k, v in sums.items() if k.startswith("adapter/")}
 
 
 def test_overfitting_stop_is_recorded_and_a_rerun_does_nothing(

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from gemma4_keras import atomic
+from gemma4_keras import atomic, outputs
 from gemma4_keras.data import chat, quality, records
 from gemma4_keras.data.records import Conversation, DataError, Problem
 from gemma4_keras.data.template import TemplateError
@@ -53,7 +53,12 @@ def _encode_kwargs(settings: DataSettings) -> dict:
     }
 
 
-def _read_and_split(settings: DataSettings) -> tuple[list, list, dict, dict | None]:
+def read_and_split(settings: DataSettings) -> tuple[list, list, dict, dict | None]:
+    """(train, holdout, read stats, dedupe stats) of the data, as a run splits it.
+
+    No encoding: `data render`, `data split` and `evaluate`'s check against
+    a run's training examples read the split without a tokenizer.
+    """
     conversations, read_stats = records.load_conversations(settings)
     dedupe_stats = None
     if settings.dedupe:
@@ -91,7 +96,7 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
         PreparedData; `report` is the quality report (JSON-serialisable).
     """
     settings = DataSettings.of(data_cfg)
-    train, holdout, read_stats, dedupe_stats = _read_and_split(settings)
+    train, holdout, read_stats, dedupe_stats = read_and_split(settings)
     train_examples, encode_stats = encode_conversations(
         train, tokenizer, **_encode_kwargs(settings)
     )
@@ -121,7 +126,7 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
 def stats(data_cfg: Any, tokenizer: Any = None) -> dict:
     """The quality report; bad records are listed, never fatal (`data stats`)."""
     settings = dataclasses.replace(DataSettings.of(data_cfg), on_error="skip")
-    train, holdout, read_stats, dedupe_stats = _read_and_split(settings)
+    train, holdout, read_stats, dedupe_stats = read_and_split(settings)
     encoded, encode_stats = None, None
     if tokenizer is not None:
         encoded, encode_stats = encode_conversations(
@@ -187,17 +192,14 @@ def split(data_cfg: Any, out_dir: str) -> dict:
         {"train": path, "holdout": path, "report": path}.
     """
     settings = DataSettings.of(data_cfg)
-    paths = {
-        name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "holdout")
+    names = {
+        "train": "train.jsonl",
+        "holdout": "holdout.jsonl",
+        "report": "report.json",
     }
-    inputs = {os.path.realpath(p) for p in (settings.path, settings.eval_path) if p}
-    for path in (*paths.values(), os.path.join(out_dir, "report.json")):
-        if os.path.realpath(path) in inputs:
-            raise DataError(
-                f"--out={out_dir} would overwrite the input {path} (data.path / "
-                "data.eval_path); choose another --out"
-            )
-    train, holdout, read_stats, dedupe_stats = _read_and_split(settings)
+    outputs.check(out_dir, list(names.values()), inputs=outputs.data_inputs(settings))
+    paths = {name: os.path.join(out_dir, file) for name, file in names.items()}
+    train, holdout, read_stats, dedupe_stats = read_and_split(settings)
     os.makedirs(out_dir, exist_ok=True)
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["holdout"], holdout)
@@ -208,6 +210,5 @@ def split(data_cfg: Any, out_dir: str) -> dict:
         dedupe_stats=dedupe_stats,
         split=_split_info(train, holdout, settings),
     )
-    paths["report"] = os.path.join(out_dir, "report.json")
     write_json(paths["report"], report)
     return paths

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from gemma4_keras import atomic
+from gemma4_keras import atomic, outputs
 from gemma4_keras.data import commands
 from gemma4_keras.data import template as template_lib
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversation
@@ -120,7 +121,7 @@ def render_records(
     settings = dataclasses.replace(
         DataSettings.of(data_cfg), template=chat_template.variant
     )
-    train, _, _, _ = commands._read_and_split(settings)
+    train, _, _, _ = commands.read_and_split(settings)
     template_lib.check_conversations(
         train, chat_template, enable_thinking=bool(settings.enable_thinking)
     )
@@ -176,15 +177,19 @@ def render(
     limit: int = 0,
     out: str | None = None,
 ) -> int:
-    """`gemma4-keras data render`: JSON lines to `out` (a path) or stdout.
+    """`gemma4-keras data render`: JSON lines to `out` (a new file) or stdout.
 
+    `out` may be neither an input nor an existing file (`outputs.check`).
     On a terminal the texts are also printed with the trained spans
     highlighted. Returns the number of examples written.
     """
+    if out:  # before any work: never over the data, never over another file
+        outputs.check(out, inputs=outputs.data_inputs(data_cfg))
     records = render_records(data_cfg, tokenizer, chat_template, limit=limit)
     terminal = sys.stdout if sys.stdout.isatty() else None
     if not out:
         return write_records(records, sys.stdout, terminal)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with atomic.atomic_open(out) as f:
         n = write_records(records, f, terminal)
     print(f"wrote {n} examples to {out}", file=sys.stderr)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 
 import jinja2
+from jinja2 import sandbox
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gemma4_keras.data import chat
@@ -74,6 +76,75 @@ def read_official(preset_dir: str | None) -> tuple[str, str] | None:
         return f.read(), path
 
 
+# A chat template renders a few messages. A rendering that makes more range()
+# items or repeated-sequence items than this, or runs longer, is refused:
+# nested `range(100000)` loops would otherwise hang the command for hours.
+MAX_ITEMS = sandbox.MAX_RANGE
+MAX_SECONDS = 10.0
+
+
+class _Unbounded(RuntimeError):
+    """A template rendering past `MAX_ITEMS` or `MAX_SECONDS`."""
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox with a per-rendering budget of loop items and time.
+
+    The budget is checked where the rendered code calls back into the
+    environment: `range`, sequence repetition and powers, calls, attribute
+    and item access (every loop that does anything does one of these).
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.globals["range"] = self._range
+        self._items = 0
+        self._deadline = time.monotonic() + MAX_SECONDS
+
+    def _spend(self, items: int = 0) -> None:
+        self._items += items
+        if self._items > MAX_ITEMS:
+            raise _Unbounded(
+                f"it loops over more than {MAX_ITEMS} range() / repeated items in one "
+                "rendering, which no chat template needs; is it the checkpoint's own "
+                "template?"
+            )
+        if time.monotonic() > self._deadline:
+            raise _Unbounded(
+                f"one rendering ran past {MAX_SECONDS:.0f} s; is it the checkpoint's "
+                "own template?"
+            )
+
+    def _range(self, *args):
+        items = sandbox.safe_range(*args)
+        self._spend(len(items))
+        return items
+
+    def call_binop(self, context, operator, left, right):
+        self._spend()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    self._spend(len(seq) * max(n, 0))
+        if operator == "**" and isinstance(right, int) and right > 64:
+            self._spend(MAX_ITEMS + 1)  # a power no chat template computes
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj, /, *args, **kwargs):
+        self._spend()
+        return super().call(context, obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        self._spend()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self._spend()
+        return super().getitem(obj, argument)
+
+
 def render_official(
     source: str,
     messages: Sequence[dict],
@@ -82,7 +153,10 @@ def render_official(
     enable_thinking: bool = False,
     bos_token: str = chat.BOS,
 ) -> str:
-    """Renders a jinja chat template the way transformers does.
+    """Renders a jinja chat template the way transformers does (sandboxed, bounded).
+
+    A rendering past `MAX_ITEMS` loop items or `MAX_SECONDS` raises (the
+    callers name the template file).
 
     Example:
         >>> render_official("{{ bos_token }}{{ messages[0]['content'] }}",
@@ -93,7 +167,7 @@ def render_official(
     def raise_exception(message: str):
         raise jinja2.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=["jinja2.ext.loopcontrols"],

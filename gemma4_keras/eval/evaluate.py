@@ -15,7 +15,7 @@ import os
 
 from absl import logging
 
-from gemma4_keras import config_lib, data, workdir_lock
+from gemma4_keras import config_lib, data, outputs, workdir_lock
 from gemma4_keras.eval import metrics, report
 from gemma4_keras.eval.generate import Generator, load_model
 from gemma4_keras.export import peft
@@ -146,17 +146,29 @@ def merged_model(model, config):
     return merged
 
 
-def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
-    """`gemma4-keras evaluate`: the held-out split (or data.eval_path) of a run."""
-
+def check_adapter(workdir: str) -> str:
+    """`workdir/adapter`; FileNotFoundError saying what to do when it is missing."""
     adapter = os.path.join(workdir, "adapter")
     if not os.path.isdir(adapter):
         raise FileNotFoundError(
             f"{adapter} is missing: train first (gemma4-keras train "
             f"--workdir={workdir}) or point --workdir at a finished run"
         )
+    return adapter
 
-    with workdir_lock.hold(workdir, "evaluate"):
+
+def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
+    """The held-out split (or data.eval_path) of a run, reported in `out_dir`.
+
+    `out_dir` defaults to `workdir/eval`. `gemma4-keras evaluate`
+    (`run.api.evaluate`) checks the run's identity and picks `out_dir` first
+    (`run.identity.report_dir`).
+    """
+
+    adapter = check_adapter(workdir)
+    out_dir = out_dir or os.path.join(workdir, "eval")
+    outputs.check_writable(out_dir)  # read-only storage: before the model loads
+    with workdir_lock.hold(workdir, "evaluate", reader=True):
         preset = presets.resolve_preset(config.model.preset)
         tokenizer = presets.load_tokenizer(preset)
         template = presets.chat_template(config, preset).variant
@@ -168,13 +180,15 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
                 "example to evaluate on; raise data.holdout_fraction, add data, or "
                 "set data.eval_path"
             )
+        train_log = os.path.join(workdir, "train_log.csv")
+        report.read_loss_log(train_log)  # a garbled log stops here, not half-way
         model = load_model(config, preset, peft.read_adapter(adapter), source=adapter)
         return evaluate_holdout(
             model,
             tokenizer,
             prepared.holdout,
             config,
-            out_dir or os.path.join(workdir, "eval"),
+            out_dir,
             template=template,
-            train_log=os.path.join(workdir, "train_log.csv"),
+            train_log=train_log,
         )

@@ -43,6 +43,11 @@ from gemma4_keras.eval import metrics as metrics_lib
 
 _LOG = logging.getLogger(__name__)
 
+
+class ReportError(ValueError):
+    """An input of the report (the training log) that cannot be read."""
+
+
 BASE, FINETUNED = "base", "finetuned"
 
 # Scalar rows that describe the evaluation rather than score the model; a
@@ -317,13 +322,22 @@ def read_train_log(csv_path: str | os.PathLike) -> tuple[str, dict[str, list[flo
         (x column name, {column: values}) for the x column and the loss
         columns that exist.
 
+    Raises:
+        ReportError: the file is not UTF-8 CSV (naming it).
+
     Example:
         A CSVLogger file `epoch,loss,val_loss\\n0,2.1,2.3\\n1,1.7,2.0` reads as
         `("epoch", {"epoch": [0.0, 1.0], "loss": [2.1, 1.7],
         "val_loss": [2.3, 2.0]})`.
     """
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ReportError(
+            f"{csv_path}: unreadable training log ({error}); restore it, or move it "
+            "away to write the report without loss curves"
+        ) from error
     fields = list(rows[0]) if rows else []
     x_name = next((name for name in ("step", "epoch") if name in fields), "row")
     columns = {x_name: [float(i) for i in range(len(rows))]}
@@ -372,10 +386,14 @@ def _has_loss(columns: Mapping[str, Sequence[float]]) -> bool:
     return any(not math.isnan(v) for v in values)
 
 
-def _loss_curves(
-    train_log_csv: str | os.PathLike | None, out: pathlib.Path
-) -> pathlib.Path | None:
-    """Writes loss_curves.png, or logs why not and returns None."""
+def read_loss_log(
+    train_log_csv: str | os.PathLike | None,
+) -> tuple[str, dict[str, list[float]]] | None:
+    """`read_train_log` of a log with loss values; None (logged) when there is none.
+
+    Raises:
+        ReportError: the file exists but is not UTF-8 CSV.
+    """
     if train_log_csv is None:
         return None
     if not os.path.exists(train_log_csv):
@@ -388,7 +406,16 @@ def _loss_curves(
             train_log_csv,
         )
         return None
-    return _save_figure(plot_loss_curves(x_name, columns), out / "loss_curves.png")
+    return x_name, columns
+
+
+def _loss_curves(
+    log: tuple[str, dict[str, list[float]]] | None, out: pathlib.Path
+) -> pathlib.Path | None:
+    """Writes loss_curves.png from `read_loss_log`'s result, if any."""
+    if log is None:
+        return None
+    return _save_figure(plot_loss_curves(*log), out / "loss_curves.png")
 
 
 # ----------------------------------------------------------------------------
@@ -491,6 +518,7 @@ def write_eval_report(
     # a ValueError never leaves a partial report behind.
     rows = merge_examples(examples) if examples is not None else None
     report_json = _report_json(title, results)
+    log = read_loss_log(train_log_csv)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, pathlib.Path] = {}
@@ -502,7 +530,7 @@ def write_eval_report(
                 plot_confusion_matrix(model_metrics, model), path
             )
             images[f"Confusion matrix: {model}"] = path.name
-    loss_path = _loss_curves(train_log_csv, out)
+    loss_path = _loss_curves(log, out)
     if loss_path is not None:
         paths["loss_curves"] = loss_path
         images["Training and validation loss"] = loss_path.name
@@ -515,6 +543,21 @@ def write_eval_report(
         markdown += "\n" + human_review
     paths["markdown"] = _write_text(out / "eval_report.md", markdown)
     return paths
+
+
+def output_names(models: Sequence[str]) -> list[str]:
+    """The file names `write_eval_report` may write for `models` (see the table above).
+
+    >>> output_names(["finetuned"])
+    ['eval_report.json', 'eval_report.md', 'predictions.jsonl', 'loss_curves.png', 'confusion_matrix_finetuned.png']
+    """
+    fixed = [
+        "eval_report.json",
+        "eval_report.md",
+        "predictions.jsonl",
+        "loss_curves.png",
+    ]
+    return fixed + [f"confusion_matrix_{_file_safe(m)}.png" for m in models]
 
 
 def _human_review_section(out: pathlib.Path) -> str | None:

@@ -25,13 +25,14 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from gemma4_keras import config_lib, workdir_lock
+from gemma4_keras import config_lib, disk, outputs, workdir_lock
 from gemma4_keras.export import gguf as gguf_lib
 from gemma4_keras.export import hf, hf_stream, keras_preset, peft
 from gemma4_keras.export import manifest as manifest_lib
@@ -123,12 +124,58 @@ def check_adapter_finite(adapter_dir: str, force: bool = False) -> None:
         )
 
 
-def check_out(out: str) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ExportError(
-            f"--out={out} exists and is not empty; choose a new directory "
-            "or remove it first (exports never overwrite)"
-        )
+def check_adapter_checksums(adapter_dir: str, force: bool = False) -> tuple[str, bool]:
+    """(sha256 of the adapter's weights, verified): the adapter is the one the run saved.
+
+    Raises:
+        ExportError: a file of the adapter changed since the run saved it, or
+            it has no checksums.json; with `force`, a warning instead.
+    """
+    try:
+        return peft.verify_checksums(adapter_dir), True
+    except peft.ChecksumError as e:
+        if not force:
+            raise ExportError(
+                f"{e}. Restore the adapter the run saved (or retrain on a new "
+                "--workdir), or pass --force to export it as it is"
+            ) from e
+        print(f"warning: {e}; exporting it unverified (--force)", file=sys.stderr)
+    weights = os.path.join(adapter_dir, peft.WEIGHTS)
+    return manifest_lib.file_sha256(weights), False
+
+
+# Bytes per element of each --gguf_type (q8_0: blocks of 32 int8 + a float16 scale).
+_GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+_EXPORT_SLACK = 1 << 20  # metadata, headers, alignment
+
+
+def export_bytes(job: dict) -> int | None:
+    """About how many bytes an export writes; None when it cannot tell in advance.
+
+    From the adapter's factors (peft, gguf-lora) or the base's safetensors
+    headers in the output dtype plus its other files (tokenizer, config) for
+    merged exports; None for a base that is not a local HF directory.
+    """
+    fmt, factors = job["fmt"], job["factors"]
+    if fmt in ("peft", "gguf-lora"):
+        per = 4.0 if fmt == "peft" else _GGUF_BYTES.get(job["gguf_type"], 4.0)
+        elements = peft.adapter_bytes(factors) // 4  # float32 factors
+        return int(elements * per) + _EXPORT_SLACK
+    base_dir = job["base_dir"]
+    if not base_dir:
+        return None
+    if fmt == "gguf":
+        per = _GGUF_BYTES.get(job["gguf_type"], 4.0)
+    else:
+        per = float(hf_stream.DTYPE_NAMES[job["dtype"]].itemsize)
+    refs = hf_stream.tensor_refs(base_dir)
+    weights = sum(int(np.prod(r.shape, dtype=np.int64)) for r in refs.values()) * per
+    others = sum(
+        e.stat().st_size
+        for e in os.scandir(base_dir)
+        if e.is_file() and not e.name.endswith(".safetensors")
+    )
+    return int(weights) + others + _EXPORT_SLACK
 
 
 def _staging_prefix(out: str) -> str:
@@ -177,7 +224,7 @@ def staging(out: str):
     tmp = tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=parent)
     try:
         yield tmp
-        check_out(out)  # something may have appeared while we wrote
+        outputs.check(out, empty=True)  # something may have appeared while we wrote
         umask_permissions(tmp)
         if os.path.isdir(out):
             os.rmdir(out)
@@ -351,7 +398,7 @@ def export(
         "layout": layout,
         "dtype": dtype,
     }
-    with workdir_lock.hold(workdir, "export"):
+    with workdir_lock.hold(workdir, "export", reader=True):
         return _export_locked(config, workdir, fmt, out, options, base_model, force)
 
 
@@ -369,7 +416,8 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
 
     adapter_dir = check_workdir(workdir, force)
     check_adapter_finite(adapter_dir, force)
-    check_out(out)
+    adapter_sha256, verified = check_adapter_checksums(adapter_dir, force)
+    outputs.check(out, empty=True, inputs=outputs.run_inputs(config, workdir))
     base_model = base_model or default_base_model(config)
     preset = presets.resolve_preset(config.model.preset)
     if fmt in ("hf", "gguf") and preset.startswith("hf://"):
@@ -395,6 +443,9 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
         "shard_size": options["shard_size"],
         "gguf_type": options["gguf_type"],
     }
+    need = export_bytes(job)
+    if need is not None:
+        disk.require(out, need, f"the {fmt} export")
     with staging(out) as tmp:
         files = _write(tmp, job)
         manifest = manifest_lib.build_manifest(
@@ -406,6 +457,8 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
             options=_manifest_options(job),
             dtype=job["dtype"],
             base_dtype=base_dtype(preset, config_json),
+            adapter_sha256=adapter_sha256,
+            adapter_verified=verified,
         )
         manifest_lib.write_manifest(tmp, manifest)
     return out
@@ -463,16 +516,15 @@ def default_base_model(config) -> str:
 
 def _write(tmp: str, job: dict) -> list[str]:
     fmt = job["fmt"]
-    if fmt == "peft":
-        peft.write_adapter(
+    if fmt == "peft":  # straight into the staging directory: it is one already
+        return peft.write_adapter_files(
             tmp,
             job["lora_spec"],
             job["factors"],
             base_model=job["base_model"],
             layout=job["layout"],
-            overwrite=True,
+            checksums=False,  # the manifest records the adapter's sha256
         )
-        return sorted(os.listdir(tmp))
     if fmt == "hf":
         return _write_hf(tmp, job)
     if fmt == "keras":

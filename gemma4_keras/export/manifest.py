@@ -6,16 +6,17 @@ its base model, adapter settings, training config and eval summary:
     {"format": "hf", "base_model": "google/gemma-4-E4B-it", "template": "gemma4 chat",
      "dtype": "bfloat16", "base_dtype": "bfloat16",
      "lora": {"rank": 16, "alpha": 32.0, "targets": [...], ...},
-     "training_config_sha256": "...", "eval": {...}, "package_version": "0.1.0", ...}
+     "training_config_sha256": "...", "adapter_sha256": "...", "adapter_verified": true,
+     "eval": {...}, "package_version": "0.1.0", ...}
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import pathlib
 
-from gemma4_keras import __version__
+from gemma4_keras import __version__, atomic
 
 MANIFEST = "export_manifest.json"
 TEMPLATE = "gemma4 chat"
@@ -25,11 +26,7 @@ def file_sha256(path: str) -> str | None:
     """sha256 of a file's bytes, None if it does not exist."""
     if not os.path.isfile(path):
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return atomic.file_sha256(path)
 
 
 def build_manifest(
@@ -42,6 +39,8 @@ def build_manifest(
     options: dict | None = None,
     dtype: str | None = None,
     base_dtype: str | None = None,
+    adapter_sha256: str | None = None,
+    adapter_verified: bool | None = None,
 ) -> dict:
     """The manifest dict of one export.
 
@@ -57,6 +56,10 @@ def build_manifest(
             the GGUF type for gguf; `float32` for a PEFT adapter).
         base_dtype: the base checkpoint's own dtype, so a precision change
             (e.g. a float32 export of a bfloat16 base) is never silent.
+        adapter_sha256: sha256 of the run's adapter/adapter_model.safetensors
+            the export was made from.
+        adapter_verified: whether it matched the adapter's checksums.json
+            (False only for an export forced past a mismatch).
     """
 
     state_path = os.path.join(workdir, "run_state.json")
@@ -65,7 +68,7 @@ def build_manifest(
         with open(state_path) as f:
             state = json.load(f)
     eval_summary = {
-        k: _portable(v, workdir)
+        k: _portable(k, v, workdir)
         for k, v in state.items()
         if k not in ("status", "step")
     }
@@ -86,19 +89,41 @@ def build_manifest(
         "run": {"status": state.get("status"), "step": state.get("step")},
         "eval": eval_summary or None,
         "options": options or {},
+        "adapter_sha256": adapter_sha256,
+        "adapter_verified": adapter_verified,
         "files": sorted(files),
         "package": "gemma4-keras",
         "package_version": __version__,
     }
 
 
-def _portable(value, workdir: str):
-    """A path inside the workdir, relative to it (a manifest travels with the export)."""
-    if isinstance(value, str) and os.path.isabs(value):
-        root = os.path.abspath(workdir)
-        if os.path.commonpath([root, os.path.abspath(value)]) == root:
-            return os.path.relpath(value, root)
-    return value
+# run_state.json values that are paths of the run's files.
+_PATH_KEYS = ("report",)
+
+
+def _portable(key: str, value, workdir: str):
+    """A path of the run, relative to its workdir (a manifest travels with the export).
+
+    run_state.json holds the path as the run wrote it: absolute, or relative
+    to the directory it ran in, of a workdir that may since have moved. It
+    is made relative to `workdir`, else to the longest tail that names a
+    file there, else cut to its file name: never an absolute path.
+
+    >>> _portable("report", "/old/place/run/eval/eval_report.md", "/no/such/run")
+    'eval_report.md'
+    """
+    if key not in _PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    root = os.path.realpath(workdir)
+    full = os.path.realpath(value)
+    if os.path.commonpath([root, full]) == root:
+        return os.path.relpath(full, root)
+    parts = pathlib.PurePath(value).parts
+    for i in range(1, len(parts)):
+        tail = os.path.join(*parts[i:])
+        if os.path.exists(os.path.join(workdir, tail)):
+            return tail
+    return parts[-1]
 
 
 def write_manifest(directory: str, manifest: dict) -> str:

@@ -13,6 +13,11 @@ and vLLM's runtime LoRA loading read.
 This module owns the file format only: `read_adapter` gives a `LoraSpec` and
 factors, `write_adapter` takes them; putting them into a model is
 `model.lora`'s job. `save_adapter` / `load_adapter` compose the two.
+
+A saved adapter also holds `checksums.json`, the sha256 of both files,
+written in the same staging directory (they appear together or not at all);
+`verify_checksums` is how an export knows the adapter is the one the run
+saved. PEFT and vLLM ignore the extra file.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from gemma4_keras import config_lib
+from gemma4_keras import atomic, config_lib, disk
 from gemma4_keras.model import lora
 from gemma4_keras.model.lora import Factors, LoraSpec
 from gemma4_keras.model.spec import module_name
@@ -44,6 +49,15 @@ _KEY = re.compile(
 
 class AdapterFormatError(ValueError):
     """A PEFT adapter that does not fit the model."""
+
+
+class ChecksumError(AdapterFormatError):
+    """An adapter file that is not the one saved (or has no checksum to tell)."""
+
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+CHECKSUMS = "checksums.json"  # {file name: sha256} of WEIGHTS and CONFIG
 
 
 def adapter_tensors(
@@ -98,6 +112,44 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
     }
 
 
+def write_adapter_files(
+    directory: str,
+    spec: LoraSpec,
+    factors: Factors,
+    *,
+    base_model: str,
+    layout: str = "causal_lm",
+    checksums: bool = True,
+) -> list[str]:
+    """Writes the PEFT files into the existing `directory` (not atomically).
+
+    Returns the names written. `write_adapter` stages them; an export writes
+    them straight into its own staging directory.
+    """
+    if not factors:
+        raise AdapterFormatError("the adapter has no weights to save")
+    save_file(
+        adapter_tensors(factors, layout),
+        os.path.join(directory, WEIGHTS),
+        metadata={"format": "pt"},
+    )
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        json.dump(adapter_config(spec, base_model, layout), f, indent=2)
+    if checksums:
+        sums = {
+            name: atomic.file_sha256(os.path.join(directory, name))
+            for name in (WEIGHTS, CONFIG)
+        }
+        with open(os.path.join(directory, CHECKSUMS), "w") as f:
+            json.dump(sums, f, indent=1, sort_keys=True)
+    return sorted(os.listdir(directory))
+
+
+def adapter_bytes(factors: Factors) -> int:
+    """Bytes of an adapter's float32 weights in PEFT format."""
+    return sum(int(np.size(a) + np.size(b)) * 4 for a, b in factors.values())
+
+
 def write_adapter(
     directory: str,
     spec: LoraSpec,
@@ -106,8 +158,16 @@ def write_adapter(
     base_model: str,
     layout: str = "causal_lm",
     overwrite: bool = False,
+    checksums: bool = True,
 ) -> str:
-    """Writes an adapter (spec + factors) to `directory` in PEFT format, atomically."""
+    """Writes an adapter (spec + factors) to `directory` in PEFT format, atomically.
+
+    The files go to a `.adapter-*` directory beside `directory`, renamed into
+    place when complete; a failure (a full disk included) removes it.
+
+    Raises:
+        disk.DiskFullError: the adapter does not fit (checked before writing).
+    """
     if not factors:
         raise AdapterFormatError("the adapter has no weights to save")
     if os.path.exists(directory) and os.listdir(directory) and not overwrite:
@@ -116,19 +176,58 @@ def write_adapter(
         )
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
+    disk.require(directory, adapter_bytes(factors) + (1 << 20), "the adapter")
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    save_file(
-        adapter_tensors(factors, layout),
-        os.path.join(tmp, "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config(spec, base_model, layout), f, indent=2)
-    umask_permissions(tmp)
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    try:
+        write_adapter_files(
+            tmp,
+            spec,
+            factors,
+            base_model=base_model,
+            layout=layout,
+            checksums=checksums,
+        )
+        umask_permissions(tmp)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
+
+
+def verify_checksums(directory: str) -> str:
+    """Checks an adapter's files against its `checksums.json`; returns the weights' sha256.
+
+    Raises:
+        ChecksumError: naming the file that changed since it was saved, or
+            the missing `checksums.json`.
+    """
+    path = os.path.join(directory, CHECKSUMS)
+    try:
+        with open(path) as f:
+            expected = json.load(f)
+    except FileNotFoundError:
+        raise ChecksumError(
+            f"{path} is missing, so the adapter cannot be verified as the one the "
+            "run saved (a run writes it with its adapter)"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ChecksumError(f"{path}: unreadable ({e})") from e
+    if not isinstance(expected, dict) or WEIGHTS not in expected:
+        raise ChecksumError(f"{path}: no sha256 of {WEIGHTS} in it")
+    got = {}
+    for name, want in sorted(expected.items()):
+        file = os.path.join(directory, name)
+        got[name] = atomic.file_sha256(file) if os.path.isfile(file) else None
+        if got[name] != want:
+            now = got[name][:12] if got[name] else "missing"
+            raise ChecksumError(
+                f"{file} changed since the run saved it: its sha256 is {now}, "
+                f"{path} records {str(want)[:12]}"
+            )
+    return got[WEIGHTS]
 
 
 def save_adapter(

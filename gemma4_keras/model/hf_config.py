@@ -63,19 +63,192 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def read_raw(path: str | os.PathLike) -> dict:
-    """The JSON of one config file, with a one-line error naming it."""
+    """The JSON of one config file, checked by `validate`; one-line errors name it."""
     try:
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+            raw = json.load(f)
     except FileNotFoundError as e:
         raise ConfigError(
             f"{path}: no such file (a checkpoint needs config.json)"
         ) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (invalid UTF-8 at byte {e.start}); a "
+            "checkpoint's config.json is JSON"
+        ) from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config
+    validate_json(raw, source=os.fspath(path))
+    return raw
+
+
+# The fields this package and KerasHub's converter read, as JSON schemas: a
+# size is a positive integer (a string, a negative or zero size is refused
+# here, not deep inside the planner or KerasHub).
+_SIZE = {"type": "integer", "minimum": 1}
+_SIZE_OR_NULL = {"type": ["integer", "null"], "minimum": 1}
+_COUNT = {"type": "integer", "minimum": 0}
+_COUNT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
+_LAYER_TYPES = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"enum": ["sliding_attention", "full_attention"]},
+}
+TEXT_SCHEMA = {
+    "type": "object",
+    "required": [
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "head_dim",
+        "layer_types",
+    ],
+    "properties": {
+        "hidden_size": _SIZE,
+        "num_hidden_layers": _SIZE,
+        "intermediate_size": _SIZE,
+        "head_dim": _SIZE,
+        "num_attention_heads": _SIZE,
+        "num_key_value_heads": _SIZE,
+        "vocab_size": _SIZE,
+        "layer_types": _LAYER_TYPES,
+        "global_head_dim": _SIZE_OR_NULL,
+        "num_global_key_value_heads": _SIZE_OR_NULL,
+        "vocab_size_per_layer_input": _SIZE_OR_NULL,
+        "hidden_size_per_layer_input": _COUNT_OR_NULL,
+        "num_kv_shared_layers": _COUNT_OR_NULL,
+        "sliding_window": _COUNT,
+        "num_experts": _SIZE_OR_NULL,
+        "top_k_experts": _SIZE_OR_NULL,
+        "moe_intermediate_size": _SIZE_OR_NULL,
+        "per_layer_config": {"type": ["object", "null"]},
+        "rope_parameters": {"type": ["object", "null"]},
+    },
+}
+_KERAS_SIZES = (
+    "vocabulary_size",
+    "num_layers",
+    "num_query_heads",
+    "num_key_value_heads",
+    "hidden_dim",
+    "intermediate_dim",
+    "head_dim",
+)
+KERAS_SCHEMA = {  # a KerasHub preset's {"class_name": ..., "config": kwargs}
+    "type": "object",
+    "required": ["config"],
+    "properties": {
+        "class_name": {"type": "string"},
+        "config": {
+            "type": "object",
+            "required": list(_KERAS_SIZES),
+            "properties": {
+                **dict.fromkeys(_KERAS_SIZES, _SIZE),
+                "global_head_dim": _SIZE_OR_NULL,
+                "num_global_key_value_heads": _SIZE_OR_NULL,
+                "layer_types": {"anyOf": [_LAYER_TYPES, {"type": "null"}]},
+            },
+        },
+    },
+}
+_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "object": "a JSON object",
+    "array": "a list",
+}
+
+
+def _expected(schema: dict) -> str:
+    """What a schema asks for, in words: "an integer >= 1 or null"."""
+    if "enum" in schema:
+        return "one of " + ", ".join(map(repr, schema["enum"]))
+    if "anyOf" in schema:
+        return " or ".join(_expected(s) for s in schema["anyOf"])
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    text = " or ".join(_WORDS.get(t, t) for t in types if t != "null")
+    if "minimum" in schema:
+        text += f" >= {schema['minimum']}"
+    if "minItems" in schema:
+        text = "a non-empty list"
+    return text + (" or null" if "null" in types else "")
+
+
+def _problem(error, prefix: str) -> str:
+    """One phrase for a jsonschema error: "num_attention_heads must be ..., got 0"."""
+    where = prefix
+    for part in error.absolute_path:
+        where += (
+            f"[{part}]" if isinstance(part, int) else f"{'.' if where else ''}{part}"
+        )
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return (
+            f"{where + ': ' if where else ''}{', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing"
+        )
+    shown = repr(error.instance)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"{where or 'the file'} must be {_expected(error.schema)}, got {shown}"
+
+
+def validate_json(raw, source: str = CONFIG_FILE) -> None:
+    """Checks the fields of a config.json (either format) that the package reads.
+
+    Raises:
+        ConfigError: one line naming `source`, the field and what it must be,
+            e.g. `ckpt/config.json: num_attention_heads must be an integer >= 1,
+            got 0; is it a Gemma 4 checkpoint's config.json?`
+
+    Example:
+
+        >>> validate_json({"hidden_size": 8})
+        Traceback (most recent call last):
+        gemma4_keras.model.hf_config.ConfigError: config.json: num_hidden_layers, intermediate_size, head_dim, layer_types are missing; is it a Gemma 4 checkpoint's config.json?
+    """
+    import jsonschema  # the package's JSON-schema library (also eval metrics)
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    keras = "class_name" in raw and "config" in raw
+    if keras:
+        schema, part, prefix = KERAS_SCHEMA, raw, ""
+    elif "text_config" in raw:
+        schema, part, prefix = TEXT_SCHEMA, raw["text_config"], "text_config"
+    else:
+        schema, part, prefix = TEXT_SCHEMA, raw, ""
+    if not isinstance(part, dict):
+        raise ConfigError(f"{source}: text_config must be a JSON object, got {part!r}")
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(part),
+        key=lambda e: (e.validator != "required", list(map(str, e.absolute_path))),
+    )
+    problem = (
+        _problem(errors[0], prefix) if errors else _consistency(part, keras, prefix)
+    )
+    if problem:
+        raise ConfigError(
+            f"{source}: {problem}; is it a Gemma 4 checkpoint's config.json?"
+        )
+
+
+def _consistency(text: dict, keras: bool, prefix: str) -> str | None:
+    """What the schema cannot say: one layer type per layer, shared layers <= layers."""
+    if keras:
+        return None
+    dot = f"{prefix}." if prefix else ""
+    layers, types = text["num_hidden_layers"], text["layer_types"]
+    if len(types) != layers:
+        return (
+            f"{dot}layer_types lists {len(types)} layers, {dot}num_hidden_layers "
+            f"is {layers}"
+        )
+    shared = text.get("num_kv_shared_layers") or 0
+    if shared > layers:
+        return f"{dot}num_kv_shared_layers={shared} is more than the {layers} layers"
+    return None
 
 
 def text_config(config: dict) -> dict:
@@ -261,4 +434,5 @@ __all__ = [
     "read_config",
     "read_raw",
     "text_config",
+    "validate_json",
 ]

@@ -10,7 +10,6 @@ Downloads use KerasHub's own credentials: `KAGGLE_USERNAME` / `KAGGLE_KEY`
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import jax
@@ -93,14 +92,16 @@ def _check_directory(path: str) -> str:
             "model.safetensors, tokenizer.json) or a KerasHub preset (metadata.json, ...)"
         )
     if "config.json" in files:
-        try:
-            with open(os.path.join(path, "config.json")) as f:
-                json.load(f)
-        except json.JSONDecodeError as e:
-            raise PresetError(
-                f"{os.path.join(path, 'config.json')}: not valid JSON ({e})"
-            ) from e
+        _read_checked(os.path.join(path, "config.json"))
     return path
+
+
+def _read_checked(path: str) -> dict:
+    """A config.json, validated (`hf_config.validate_json`); PresetError naming it."""
+    try:
+        return hf_config.read_raw(path)
+    except hf_config.ConfigError as e:
+        raise PresetError(str(e)) from e
 
 
 def chat_template(config, preset: str):
@@ -131,7 +132,8 @@ def read_config_json(preset: str) -> dict:
 
     Raises:
       PresetError: naming the preset and the credentials it needs when
-        the file cannot be fetched.
+        the file cannot be fetched, or the file and field when it is not a
+        Gemma 4 config (`hf_config.validate_json`).
     """
     local = str(preset).strip()
     if not local.startswith("tiny") and os.path.isdir(local):
@@ -141,7 +143,7 @@ def read_config_json(preset: str) -> dict:
     if os.path.isdir(resolved):
         return _read_local_config(resolved)
     try:
-        return hub.load_preset_json(resolved)
+        raw = hub.load_preset_json(resolved)
     except Exception as e:  # network, auth and missing-file errors alike
         how = (
             "set HF_TOKEN (and accept the model's terms on huggingface.co)"
@@ -154,6 +156,11 @@ def read_config_json(preset: str) -> dict:
             f"({type(e).__name__}: {e}); {how}, or point the preset at a local "
             "directory holding config.json"
         ) from e
+    try:
+        hf_config.validate_json(raw, source=f"{preset} config.json")
+    except hf_config.ConfigError as e:
+        raise PresetError(str(e)) from e
+    return raw
 
 
 def _read_local_config(directory: str) -> dict:
@@ -165,11 +172,7 @@ def _read_local_config(directory: str) -> dict:
             "directory holds a Hugging Face checkpoint or a KerasHub preset (to "
             "plan, config.json alone is enough)"
         )
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise PresetError(f"{path}: not valid JSON ({e})") from e
+    return _read_checked(path)
 
 
 def compute_dtype(model_cfg) -> str:

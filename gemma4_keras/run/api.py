@@ -34,7 +34,7 @@ from gemma4_keras.export import commands as export_lib
 from gemma4_keras.export import peft
 from gemma4_keras.model import plan as plan_lib
 from gemma4_keras.model import presets
-from gemma4_keras.run import distributed, train
+from gemma4_keras.run import distributed, identity, train
 
 # --- config -----------------------------------------------------------------
 
@@ -290,10 +290,22 @@ def compile_model(model, config, data: TrainingData) -> None:
 def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
     """`gemma4-keras evaluate`: base vs fine-tuned on the run's held-out split.
 
-    Writes `eval_report.md`/`.json` and plots to `out_dir` (default
-    `workdir/eval`), prints the metrics table and returns the summary.
+    `config` must be the run's (`eval.*` and the data fields that choose the
+    examples may differ). Writes `eval_report.md`/`.json` and plots to
+    `out_dir`, a new directory; by default to `workdir/eval`, or, for other
+    data or another split, to a new `workdir/eval-<data>-<hash>` (said on
+    stderr; the run's report is kept). Prints the metrics table and returns
+    the summary.
+
+    Raises:
+      WorkdirError: `config` is not the run's.
+      DataError: the held-out examples hold examples the run trained on.
+      OutputError: `out_dir` would replace files it did not write.
     """
-    return evaluate_lib.evaluate_workdir(config, workdir, out_dir)
+    evaluate_lib.check_adapter(workdir)
+    identity.check_config(config, workdir, "evaluate")
+    out = identity.report_dir(config, workdir, out_dir)
+    return evaluate_lib.evaluate_workdir(config, workdir, out)
 
 
 def _conversations(prompts) -> list[list[dict]]:
@@ -376,6 +388,9 @@ def _pad_to_data_parallel(conversations: list, batch_size: int) -> list:
 def export(config, workdir: str, fmt: str, out: str, **options) -> str:
     """`gemma4-keras export`: a finished run as `peft`, `hf`, `keras` or `gguf`.
 
+    `config` must be the run's (`identity.check_config`); `out` a new or
+    empty directory.
+
     `options` are `export.commands.export`'s: `gguf_type` (f16, q8_0, ...),
     `shard_size`, `layout`, `dtype`, `base_model`, `force`. Returns `out`.
 
@@ -383,4 +398,5 @@ def export(config, workdir: str, fmt: str, out: str, **options) -> str:
       >>> export(config, "runs/tiny", "peft", "runs/tiny/export/peft")
       'runs/tiny/export/peft'
     """
+    identity.check_config(config, workdir, "export")
     return export_lib.export(config, workdir, fmt, out, **options)

@@ -19,7 +19,7 @@ from absl import logging
 
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
-from gemma4_keras.run import distributed
+from gemma4_keras.run import distributed, stopping
 
 
 def warmup_steps(train_cfg, total: int) -> int:
@@ -193,21 +193,39 @@ class NanGuard(keras.callbacks.Callback):
 
 
 class PreemptionGuard(keras.callbacks.Callback):
-    """On SIGTERM, finishes the current optimiser step, then stops (and saves)."""
+    """On SIGTERM / SIGINT, finishes the optimiser step, then stops (and saves).
+
+    A second signal stops at once (`stopping.Stopped`: the run resumes from
+    its last checkpoint). Outside `fit` (start-up, evaluation) `run.stopping`
+    handles the same signals; this guard takes them over for the training
+    loop only.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         super().__init__()
         self.requested = False
-        self._previous = None
+        self.signal: str | None = None  # the name of the signal that stopped it
+        self._previous = {}
 
     def on_train_begin(self, logs=None):
+        self._previous = {}
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
         except ValueError:  # not the main thread
-            self._previous = None
+            pass
 
     def _handle(self, signum, frame):
+        if self.requested:  # asked twice: do not wait for the step to end
+            stopping.stop_now(signum, frame, "training")
+            return
         self.requested = True
+        self.signal = signal.Signals(signum).name
+        stopping.say(
+            f"{self.signal}: stopping after this step (send it again to stop now)"
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         # Every process stops at the same step, or the others would wait in
@@ -217,8 +235,9 @@ class PreemptionGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 class OverfitAlarm(keras.callbacks.Callback):

@@ -7,24 +7,37 @@ complete, so a killed process leaves the previous checkpoint intact.
 (preset, adapter shapes); a mismatch stops with a message naming the path.
 
 Orbax does not verify the bytes it reads back (a flipped bit restores as a
-wrong value), so each step also holds `checksums.json`: the sha256 of every
-saved array. A restore recomputes them; a step that fails to read or to
-match is reported by path and array, moved aside to `corrupt-<step>`, and
-the run falls back to the newest good step.
+wrong value), so each step also records the sha256 of every saved array, in
+the step's own metadata (Orbax's `custom_metadata`), written before Orbax
+renames the step into place: a step and its checksums commit together. A
+restore recomputes them; a step that fails to read or to match is reported
+by path and array, moved aside to `corrupt-<step>`, and the run falls back
+to the newest good step. A step without checksums was never committed by
+this package (a kill between an older version's commit and its separate
+`checksums.json`): it is moved aside to `uncommitted-<step>`, said on
+stderr, and never restored unverified.
+
+Before each save the free space is checked against the state's bytes, so a
+full disk stops with one line (`disk.DiskFullError`) instead of a failed
+Orbax write; a write that fails anyway leaves no temporary step behind.
 
 Multi-host: the state is saved as the global `jax.Array`s the variables
 hold, with Orbax's multi-process save (each process writes the shards it
 owns; nothing is gathered to one host), and restored into the shardings of
 the restoring run's variables, so a run resumes under another number of
 processes or another mesh. Process 0 alone writes `meta.json` and the
-checksums; each process verifies the arrays it holds whole.
+checksums (Orbax writes step metadata on its primary host); each process
+verifies the arrays it holds whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -33,12 +46,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gemma4_keras import atomic
-from gemma4_keras.run import distributed
+from gemma4_keras import atomic, disk
+from gemma4_keras.run import distributed, stopping
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not belong to this run or cannot be read."""
+
+
+class UncommittedError(CheckpointError):
+    """A step without checksums: its save never completed as this package commits."""
 
 
 def _key(path: str) -> str:
@@ -60,7 +77,10 @@ def seed_state(model) -> dict[str, jax.Array]:
     return {"dropout_seed": model.dropout_seed.state.value}
 
 
-CHECKSUMS = "checksums.json"
+CHECKSUMS = (
+    "checksums.json"  # where earlier builds wrote a step's checksums (read only)
+)
+SUMS_KEY = "sha256"  # the step's custom_metadata key holding {"group/key": sha256}
 
 
 def array_sha256(value) -> str:
@@ -81,6 +101,15 @@ def held_value(value) -> np.ndarray | None:
         return np.asarray(value)
     except RuntimeError:  # spans shards held only by other processes
         return None
+
+
+# Orbax's own files beside the arrays (metadata, sharding, manifest).
+_SLACK = 1 << 20
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of a checkpoint state's arrays (what a save writes, before compression)."""
+    return sum(int(v.nbytes) for arrays in state.values() for v in arrays.values())
 
 
 def state_checksums(state: dict) -> dict[str, str]:
@@ -126,24 +155,53 @@ class AdapterCheckpointer:
         }
 
     def save(self, step: int, model) -> None:
+        """Saves step `step` with its checksums, committed together by Orbax.
+
+        A SIGTERM / SIGINT that arrives meanwhile takes effect when the save
+        has ended (`stopping.deferred`): a step is written whole or not at all.
+
+        Raises:
+            disk.DiskFullError: the state does not fit on the disk (nothing
+                is written).
+        """
+        with stopping.deferred("the checkpoint is saved"):
+            self._save(step, model)
+
+    def _save(self, step: int, model) -> None:
         if hasattr(model, "jax_state_sync"):
             model.jax_state_sync()
-        self._write_meta()
         state = self._state(model)
-        self.manager.save(step, args=ocp.args.StandardSave(state))
-        self.manager.wait_until_finished()
-        # Written after Orbax finalised the step: a kill in between leaves a
-        # step without checksums, restored unverified (as older runs' steps).
+        disk.require(
+            self.directory, state_bytes(state) + _SLACK, f"checkpoint step {step}"
+        )
+        self._write_meta()
         sums = state_checksums(state)
-        if distributed.is_writer():
-            atomic.write_json(
-                os.path.join(self.step_dir(step), CHECKSUMS),
-                sums,
-                indent=1,
-                sort_keys=True,
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.StandardSave(state),
+                custom_metadata={SUMS_KEY: sums},
             )
+            self.manager.wait_until_finished()
+        except BaseException:
+            # Orbax's writers may run on after an error: let them end first
+            # (a step they commit is whole, with its checksums), then remove
+            # what did not commit.
+            with contextlib.suppress(Exception):
+                self.manager.wait_until_finished()
+            self._remove_temporary(step)
+            raise
         distributed.barrier("gemma4_keras:checkpoint_saved")
         logging.info("saved checkpoint step %d to %s", step, self.directory)
+
+    def _remove_temporary(self, step: int) -> None:
+        """Removes what a failed save of `step` left (Orbax keeps it until a restart)."""
+        if not distributed.is_writer():
+            return
+        for path in glob.glob(
+            glob.escape(self.step_dir(step)) + ".orbax-checkpoint-tmp*"
+        ):
+            shutil.rmtree(path, ignore_errors=True)
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -183,11 +241,12 @@ class AdapterCheckpointer:
         """Restores the newest good checkpoint into `model`; returns its step.
 
         Returns 0 when there is none. A corrupt newer step is moved aside to
-        `corrupt-<step>` (kept for inspection) and named in a warning.
+        `corrupt-<step>`, one without checksums to `uncommitted-<step>` (kept
+        for inspection), each named in a warning.
 
         Raises:
-            CheckpointError: when steps exist but none reads back intact;
-                nothing is moved then.
+            CheckpointError: when steps exist but none reads back intact and
+                some are corrupt; nothing is moved then.
         """
         self.check_meta()
         steps = sorted(self.manager.all_steps(), reverse=True)
@@ -195,12 +254,12 @@ class AdapterCheckpointer:
             return 0
         model.optimizer.build(model.trainable_variables)
         target = self._state(model)
-        bad: list[tuple[int, str]] = []
+        bad: list[tuple[int, CheckpointError]] = []
         for step in steps:
             try:
                 restored = self._restore_verified(step, target)
             except CheckpointError as e:
-                bad.append((step, str(e)))
+                bad.append((step, e))
                 continue
             self._set_aside(bad, step)
             _assign(
@@ -211,14 +270,47 @@ class AdapterCheckpointer:
             model.dropout_seed.state.assign(restored["rng"]["dropout_seed"])
             logging.info("restored checkpoint step %d from %s", step, self.directory)
             return int(step)
+        if all(isinstance(e, UncommittedError) for _, e in bad):
+            self._set_aside(bad, 0)  # none was ever committed: a new run
+            return 0
         raise CheckpointError(
             f"no checkpoint in {self.directory} reads back intact: "
-            + "; ".join(reason for _, reason in bad)
+            + "; ".join(str(e) for _, e in bad)
             + ". Delete the directory to train from the start, or use a new --workdir"
         )
 
+    def checksums(self, step: int) -> dict[str, str] | None:
+        """The sha256 of step `step`'s arrays as saved; None if it has none.
+
+        Raises:
+            CheckpointError: the step's metadata or checksums are unreadable.
+        """
+        path = self.step_dir(step)
+        try:
+            custom = self.manager.metadata(step).custom_metadata or {}
+        except Exception as e:  # orbax raises many kinds; name the path
+            raise CheckpointError(
+                f"{path}: unreadable step metadata ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
+        if SUMS_KEY in custom:
+            return dict(custom[SUMS_KEY])
+        legacy = os.path.join(path, CHECKSUMS)
+        if not os.path.exists(legacy):
+            return None
+        try:
+            with open(legacy) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{legacy}: unreadable ({e})") from e
+
     def _restore_verified(self, step: int, target: dict) -> dict:
         path = self.step_dir(step)
+        expected = self.checksums(step)
+        if expected is None:
+            raise UncommittedError(
+                f"{path} has no checksums (its save was cut off before they were "
+                "written), so it cannot be verified"
+            )
         try:
             restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # orbax raises many kinds; name the path
@@ -227,35 +319,28 @@ class AdapterCheckpointer:
                 f"{path} is corrupt or from another version ({type(e).__name__}: "
                 f"{first})"
             ) from e
-        sums_path = os.path.join(path, CHECKSUMS)
-        if not os.path.exists(sums_path):
-            logging.warning("%s has no %s: restored unverified", path, CHECKSUMS)
-            return restored
-        try:
-            with open(sums_path) as f:
-                expected = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{sums_path}: unreadable ({e})") from e
         got = state_checksums(restored)
         for key in sorted(expected):
             if key in got and got[key] != expected[key]:
                 raise CheckpointError(
-                    f"{path} is corrupt: array {key} does not match its sha256 in "
-                    f"{sums_path} (a file under {path}/default changed on disk)"
+                    f"{path} is corrupt: array {key} does not match its sha256 "
+                    f"saved with it (a file under {path}/default changed on disk)"
                 )
         return restored
 
-    def _set_aside(self, bad: list[tuple[int, str]], good: int) -> None:
-        """Moves corrupt steps newer than `good` to corrupt-<step>, saying so."""
-        for step, reason in bad:
-            aside = os.path.join(self.directory, f"corrupt-{step}")
+    def _set_aside(self, bad: list[tuple[int, CheckpointError]], good: int) -> None:
+        """Moves bad steps newer than `good` to corrupt-<step> / uncommitted-<step>."""
+        for step, error in bad:
+            kind = "uncommitted" if isinstance(error, UncommittedError) else "corrupt"
+            aside = os.path.join(self.directory, f"{kind}-{step}")
             if os.path.exists(aside):
                 aside = f"{aside}-{os.getpid()}"
             if distributed.is_writer():
                 os.replace(self.step_dir(step), aside)
+            instead = f"step {good}" if good else "the start"
             message = (
-                f"checkpoint step {step}: {reason}. Resuming from step {good} "
-                f"instead; the corrupt step is kept in {aside}"
+                f"checkpoint step {step}: {error}. Resuming from {instead} "
+                f"instead; the {kind} step is kept in {aside}"
             )
             logging.warning("%s", message)
             print(f"warning: {message}", file=sys.stderr, flush=True)
