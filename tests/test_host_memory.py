@@ -10,7 +10,8 @@ from gemma4_keras import host_memory
 
 glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or host_memory._malloc_trim() is None,
-    reason="malloc_trim is glibc's (Linux); elsewhere release() is a no-op",
+    reason="malloc_trim exists only in glibc (Linux); on macOS and Windows "
+    "release() does nothing, so there is no freed heap to measure",
 )
 
 
