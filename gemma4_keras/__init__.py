@@ -15,6 +15,15 @@ One run, as `gemma4-keras train` does it (resumes when rerun)::
     g4.generate(config, "Hi!", adapter="runs/e4b/adapter")
     g4.export(config, "runs/e4b", "gguf", "out/gguf")
 
+Tool calls (records with OpenAI-style `tools`, `tool_calls`, `tool` messages
+train as Gemma serves them; the eval report scores the calls)::
+
+    def weather(city: str) -> dict:
+        "Current weather in a city."
+        return {"temp": -2}
+
+    g4.chat(config, "Weather in Oslo?", tools=[weather], adapter="runs/e4b/adapter")
+
 Bring your own `fit`::
 
     model, tokenizer, preset = g4.load_training_model(config)
@@ -59,6 +68,8 @@ _PUBLIC: dict[str, str] = {
     "evaluate": _API,
     "generate": _API,
     "export": _API,
+    # Agents: one model turn with Python functions as tools.
+    "chat": _API,
 }
 
 __all__ = ["BackendError", "__version__", *_PUBLIC]

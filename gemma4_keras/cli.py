@@ -51,7 +51,9 @@ flags.DEFINE_string("workdir", None, "Directory of the run (created; rerun to re
 flags.DEFINE_string("out", None, "Output directory (data split, export, eval report).")
 flags.DEFINE_multi_string("prompt", [], "generate: a user message (repeatable).")
 flags.DEFINE_string(
-    "prompts_file", None, "generate: JSONL of {'messages': [...]} or plain lines."
+    "prompts_file",
+    None,
+    "generate: JSONL of {'messages': [...], 'tools'?: [...]} or plain lines.",
 )
 flags.DEFINE_string(
     "adapter",
@@ -305,7 +307,7 @@ def _generate(config, args) -> int:
 
     if FLAGS.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be > 0")
-    conversations = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    prompts = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     adapter = FLAGS.adapter
     if adapter is None and FLAGS.workdir:
         from gemma4_keras.run import identity  # lazy: see module doc
@@ -313,16 +315,31 @@ def _generate(config, args) -> int:
         identity.check_config(config, FLAGS.workdir, "generate")
         adapter = os.path.join(FLAGS.workdir, "adapter")
     answers = generate.generate_answers(
-        config, conversations, adapter=adapter, max_new_tokens=FLAGS.max_new_tokens
+        config,
+        [p.messages for p in prompts],
+        adapter=adapter,
+        max_new_tokens=FLAGS.max_new_tokens,
+        tools=[p.tools for p in prompts],
     )
-    for messages, answer in zip(conversations, answers):
-        print(
-            json.dumps(
-                {"prompt": messages[-1]["content"], "answer": answer},
-                ensure_ascii=False,
-            )
-        )
+    for prompt, answer in zip(prompts, answers):
+        print(json.dumps(_answer_line(prompt.messages, answer), ensure_ascii=False))
     return 0
+
+
+def _answer_line(messages: list[dict], answer: str) -> dict:
+    """`{"prompt": last user message, "answer", "tool_calls"?}` of one prompt.
+
+    `tool_call_error` says why calls in the answer do not parse.
+    """
+    from gemma4_keras.eval import generate  # lazy: see module doc
+
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    line = {"prompt": users[-1] if users else "", "answer": answer}
+    parsed = generate.parse_answer(answer)
+    for key in ("tool_calls", "tool_call_error"):
+        if key in parsed:
+            line[key] = parsed[key]
+    return line
 
 
 @command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")

@@ -23,7 +23,7 @@ def test_one_config_per_size_and_method():
     expected = {
         f"{s}_{m}" for s in config_lib.SIZES if s != "tiny" for m in config_lib.METHODS
     }
-    assert expected | {"tiny"} == names
+    assert expected | {"tiny", "tiny_tools"} == names  # + the tool-call example
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)

@@ -1,7 +1,8 @@
 """The Gemma 4 chat format, string level, against the official templates.
 
 Oracle: `tests/data/gemma4_chat_golden.json`, copied from
-`shared/gemma4_chat_golden.json`: 22 renderings (11 conversations x the
+`shared/gemma4_chat_golden.json`: 36 renderings (18 conversations, 7 of them
+with tools, x the
 "small" E2B/E4B and "large" 26B-A4B/31B templates) of the official
 instruction-tuned `chat_template.jinja` files (2026-07-09 revision), rendered
 with jinja2 `trim_blocks` + `lstrip_blocks` as transformers does, with
@@ -13,7 +14,7 @@ import pathlib
 
 import pytest
 
-from gemma4_keras.data import chat, generation_prompt, render_conversation
+from gemma4_keras.data import chat, generation_prompt, records, render_conversation
 from gemma4_keras.data.template import render_official
 from gemma4_keras.testing import tiny
 
@@ -32,7 +33,8 @@ CODER = [
 
 
 def test_golden_file_covers_both_templates_of_every_conversation():
-    assert len(GOLDEN) == 22
+    assert len(GOLDEN) == 36
+    assert sum("tools" in c for c in GOLDEN) == 14
     for case in GOLDEN:
         assert tuple(case["sizes"]) == SIZES[case["template"]]
     names = {c["case"] for c in GOLDEN}
@@ -46,8 +48,9 @@ def test_golden_file_covers_both_templates_of_every_conversation():
 @pytest.mark.parametrize("case", GOLDEN, ids=IDS)
 def test_package_rendering_equals_the_official_one(case):
     got = render_conversation(
-        case["messages"],
+        records.normalise_messages(case["messages"]),
         template=case["template"],
+        tools=records.normalise_tools(case.get("tools")),
         add_generation_prompt=case["add_generation_prompt"],
         enable_thinking=case["enable_thinking"],
     )
@@ -60,6 +63,7 @@ def test_tiny_checkpoint_template_reproduces_the_official_one(case):
     got = render_official(
         tiny.chat_template_jinja(case["template"]),
         case["messages"],
+        tools=case.get("tools"),
         add_generation_prompt=case["add_generation_prompt"],
         enable_thinking=case["enable_thinking"],
     )
@@ -73,18 +77,22 @@ def test_tiny_checkpoint_template_reproduces_the_official_one(case):
 )
 def test_untrained_prefix_equals_the_official_generation_prompt(case):
     """Train/serve: what precedes a trained turn IS the official prompt of its size."""
-    messages = case["messages"] + [{"role": "model", "content": "Answer"}]
+    messages = records.normalise_messages(case["messages"])
+    messages.append({"role": "model", "content": "Answer"})
     turn = len(messages) - 1
     pieces = chat.training_pieces(
         messages,
         turn,
         template=case["template"],
+        tools=records.normalise_tools(case.get("tools")),
         enable_thinking=case["enable_thinking"],
     )
     untrained = "".join(t for t, trained in pieces if not trained)
     trained = "".join(t for t, trained in pieces if trained)
     assert untrained == case["expected"]  # equality, not a prefix relation
-    assert trained == "Answer<turn|>"
+    # After tool results with thinking on, the prompt opened a thought.
+    opened = case["enable_thinking"] and chat.after_results(messages[:turn])
+    assert trained == ("<channel|>" if opened else "") + "Answer<turn|>"
 
 
 @pytest.mark.parametrize("template", chat.TEMPLATES)

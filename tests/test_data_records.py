@@ -163,7 +163,7 @@ BAD_RECORDS = [
     ),
     (
         json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
-        "message 0: unknown role 'bot' (expected one of: user, model, assistant, system, developer)",
+        "message 0: unknown role 'bot' (expected one of: user, model, assistant, system, developer, tool)",
     ),
     (
         json.dumps(
@@ -235,7 +235,7 @@ def test_error_message_format_from_the_api_contract(tmp_path):
     path = _write(tmp_path, "train.jsonl", [json.dumps(record) + "\n"])
     with pytest.raises(
         DataError,
-        match=r"train.jsonl:1: message 1: unknown role 'bot' \(expected one of: user, model, assistant, system, developer\)$",
+        match=r"train.jsonl:1: message 1: unknown role 'bot' \(expected one of: user, model, assistant, system, developer, tool\)$",
     ):
         load_conversations(_cfg(path))
 

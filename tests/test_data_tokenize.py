@@ -14,6 +14,7 @@ from gemma4_keras.data import (
     Conversation,
     DataError,
     as_chat_tokenizer,
+    chat,
     encode_conversation,
     encode_conversations,
     generation_prompt,
@@ -269,12 +270,7 @@ def test_bad_options_and_boundary_check(tokenizer):
         )
 
     # A tokenizer that merges across the mask boundary is caught, not hidden.
-    special = {
-        t: i
-        for i, t in enumerate(
-            ["<bos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
-        )
-    }
+    special = {t: i for i, t in enumerate(chat.CONTROL_TOKENS)}
     merging = ChatTokenizer(lambda texts: [[len(t)] for t in texts], special)
     with pytest.raises(
         DataError, match="conv:2: the loss boundary inside 'model\\\\nPositive'"

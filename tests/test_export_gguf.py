@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import oracles
@@ -17,8 +18,10 @@ from export_fixtures import (
     trained_model,
     variant_preset,
 )
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load_file
 
+from gemma4_keras.data import chat, records
 from gemma4_keras.export import commands, hf
 from gemma4_keras.export.hf import ExportError
 from gemma4_keras.model.lora import LoraSpec
@@ -332,3 +335,61 @@ def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):
     assert rel_err(got, want) < 1e-3
     base = scores(model_path=os.path.join(base_dir, "model-f32.gguf"))
     assert rel_err(base, want) > 1e-2
+
+
+# ----------------------------------------------------------------------------
+# The chat template travels with the export.
+
+TOOL_CASES = [
+    c
+    for c in json.loads(
+        (pathlib.Path(__file__).parent / "data" / "gemma4_chat_golden.json").read_text()
+    )["cases"]
+    if c.get("tools") and c["template"] == "large"
+]
+
+
+@pytest.fixture(scope="module")
+def templated(tmp_path_factory):
+    """A merged f32 GGUF of a run on a (large) base that ships chat_template.jinja."""
+    preset = variant_preset(chat_template="large")
+    spec = LoraSpec(rank=2, alpha=4.0)
+    root = tmp_path_factory.mktemp("gguf_template")
+    workdir = factor_workdir(str(root), preset, spec, random_factors(preset, spec))
+    out = commands.export(
+        config_for(preset), workdir, "gguf", str(root / "gguf"), gguf_type="f32"
+    )
+    return preset, gguf.GGUFReader(os.path.join(out, "model-f32.gguf"))
+
+
+@pytest.mark.parametrize("case", TOOL_CASES, ids=[c["case"] for c in TOOL_CASES])
+def test_gguf_chat_template_renders_tool_conversations_like_the_package(
+    templated, case
+):
+    """`tokenizer.chat_template` is the base's file and renders as chat.py does.
+
+    Rendered with jinja2 as transformers renders it; llama.cpp's own jinja
+    engine is not exercised here (llama.cpp is an optional install).
+    """
+    preset, reader = templated
+    template = _field(reader, "tokenizer.chat_template")
+    with open(os.path.join(preset, "chat_template.jinja"), encoding="utf-8") as f:
+        assert template == f.read()
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    flags = {k: case[k] for k in ("add_generation_prompt", "enable_thinking")}
+    got = env.from_string(template).render(
+        messages=case["messages"],
+        tools=case["tools"],
+        bos_token="<bos>",
+        eos_token="<eos>",
+        **flags,
+    )
+    want = chat.render_conversation(
+        records.normalise_messages(case["messages"]),
+        template="large",
+        tools=records.normalise_tools(case["tools"]),
+        **flags,
+    )
+    assert got == want == case["expected"]

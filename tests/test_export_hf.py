@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import oracles
@@ -9,15 +10,19 @@ import pytest
 from export_fixtures import (
     TOKENS,
     config_for,
+    factor_workdir,
     fake_workdir,
     keras_logits,
+    random_factors,
     rel_err,
     trained_model,
     variant_preset,
 )
 from safetensors.numpy import load_file
 
+from gemma4_keras.data import chat, records
 from gemma4_keras.export import commands, hf
+from gemma4_keras.model.lora import LoraSpec
 
 torch = oracles.need("torch")
 transformers = oracles.need("transformers")
@@ -164,3 +169,36 @@ def test_multimodal_base(tmp_path):
     assert all(k.startswith("model.language_model.") for k in keys)
     got = _hf_logits(out, transformers.Gemma4ForConditionalGeneration)
     assert rel_err(got, keras_logits(model)) < TOL
+
+
+def test_merged_export_ships_the_chat_template(tmp_path):
+    """The base's chat_template.jinja is copied; transformers renders tools with it.
+
+    `apply_chat_template` of the exported directory (what a serving stack
+    reads) equals `chat.render_conversation` on every tool case of the
+    golden file, raw OpenAI messages and all.
+    """
+    preset = variant_preset(chat_template="small")
+    spec = LoraSpec(rank=2, alpha=4.0)
+    workdir = factor_workdir(str(tmp_path), preset, spec, random_factors(preset, spec))
+    out = commands.export(config_for(preset), workdir, "hf", str(tmp_path / "hf"))
+    with open(os.path.join(preset, "chat_template.jinja"), "rb") as f:
+        base = f.read()
+    with open(os.path.join(out, "chat_template.jinja"), "rb") as f:
+        assert f.read() == base
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    golden = json.loads(
+        (pathlib.Path(__file__).parent / "data" / "gemma4_chat_golden.json").read_text()
+    )["cases"]
+    for case in [c for c in golden if c.get("tools") and c["template"] == "small"]:
+        flags = {k: case[k] for k in ("add_generation_prompt", "enable_thinking")}
+        got = tokenizer.apply_chat_template(
+            case["messages"], tools=case["tools"], tokenize=False, **flags
+        )
+        want = chat.render_conversation(
+            records.normalise_messages(case["messages"]),
+            template="small",
+            tools=records.normalise_tools(case["tools"]),
+            **flags,
+        )
+        assert got == want == case["expected"], case["case"]

@@ -37,6 +37,7 @@ PUBLIC = [
     "evaluate",
     "generate",
     "export",
+    "chat",
 ]
 
 
@@ -143,7 +144,7 @@ def test_configs_tiny_is_the_embedded_default_of_config_lib():
 def test_embedded_is_refused_for_a_real_size():
     from gemma4_keras.config_lib import ConfigError
 
-    with pytest.raises(ConfigError, match="tiny model's default run"):
+    with pytest.raises(ConfigError, match="'embedded' is a run of the tiny model"):
         gemma4_keras.get_config("e4b", "lora", "embedded")
 
 

@@ -25,6 +25,8 @@ from gemma4_keras.data.records import (
     Message,
     Problem,
     load_conversations,
+    normalise_messages,
+    normalise_tools,
     validate_messages,
 )
 
@@ -34,6 +36,9 @@ from gemma4_keras.data.chat import (  # isort: skip
     render_conversation,
     strip_thinking,
 )
+
+# Gemma's tool syntax: calls written and parsed back.
+from gemma4_keras.data.tool_format import ToolFormatError, format_call, parse_calls  # isort: skip
 
 # Which official chat template (small / large), and the guard against the
 # checkpoint's own `chat_template.jinja`.
@@ -80,6 +85,7 @@ __all__ = [
     "PreparedData",
     "Problem",
     "TemplateError",
+    "ToolFormatError",
     "as_chat_tokenizer",
     "build_dataset",
     "check",
@@ -89,8 +95,12 @@ __all__ = [
     "encode_conversations",
     "format_report",
     "generation_prompt",
+    "format_call",
     "load_conversations",
+    "normalise_messages",
+    "normalise_tools",
     "pack_examples",
+    "parse_calls",
     "prepare",
     "quality_report",
     "render_conversation",

@@ -13,24 +13,38 @@ the checkpoint's own `chat_template.jinja` (`data/template.py`), never guessed
 here. The rules both templates share:
 
 - `<bos>` once, then a system turn when the first message is `system` /
-  `developer` or thinking is on (`<|think|>\n` at its top);
+  `developer`, thinking is on (`<|think|>\n` at its top) or tools are
+  declared (one `<|tool>declaration:...<tool|>` each, `tool_format.py`);
 - every other message is `<|turn>{role}\n{content}<turn|>\n`, `assistant`
   renders as `model`; user/system text is trimmed; model text has its
-  `<|channel>...<channel|>` thoughts stripped, then is trimmed;
+  `<|channel>...<channel|>` thoughts stripped, then is trimmed; a model
+  message's own thought (`thinking`) is written as
+  `<|channel>thought\n...\n<channel|>` when it comes after the last user
+  message;
+- tool use is ONE model turn: calls `<|tool_call>call:NAME{...}<tool_call|>`,
+  then `<|tool_response>` (the model's stop), the runtime's results
+  `response:NAME{...}<tool_response|>`, and the same turn goes on with the
+  next model message;
 - the generation prompt is `<|turn>model\n`, followed (large template,
-  thinking off) by the empty thought block.
+  thinking off) by the empty thought block; after tool results it adds
+  nothing, or `<|channel>thought\n` with thinking on.
 
-Oracle: `tests/data/gemma4_chat_golden.json`, 22 renderings of the official
-templates (tests/test_data_chat.py).
+Oracle: `tests/data/gemma4_chat_golden.json`, 36 renderings of the official
+templates, 14 with tools (tests/test_data_chat.py).
 
 The train/serve rule: a history model turn is rendered without any thought
 block, but the large template's serving prompt prefills the empty one.
-`training_pieces` therefore builds each trained turn as
-`generation_prompt(history) + answer + <turn|>`, so the model is trained on
-exactly the prefix serving shows for its size.
+`training_pieces` therefore builds each trained model message as
+`generation_prompt(history) + what the model writes`, so the model is trained
+on exactly the prefix serving shows for its size, at the start of a turn and
+after each round of tool results. What the model writes, so what carries
+loss: the thought (thinking on), the calls, the `<|tool_response>` that ends
+them, the answer and `<turn|>`; never declarations, user text or results.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+from gemma4_keras.data import tool_format
 
 BOS = "<bos>"
 EOS = "<eos>"
@@ -43,7 +57,14 @@ THINK = "<|think|>"
 
 # Control tokens this module emits; content may not contain them (the
 # tokenizer would read them as structure, not text).
-CONTROL_TOKENS = (BOS, TURN_OPEN, TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE, THINK)
+CONTROL_TOKENS = (
+    BOS,
+    TURN_OPEN,
+    TURN_CLOSE,
+    CHANNEL_OPEN,
+    CHANNEL_CLOSE,
+    THINK,
+) + tool_format.TOOL_TOKENS
 FORBIDDEN_IN_CONTENT = CONTROL_TOKENS + (EOS, PAD)
 # Gemma 2/3 markers: plain text to Gemma 4, a sign of mis-formatted data.
 LEGACY_MARKERS = ("<start_of_turn>", "<end_of_turn>")
@@ -109,63 +130,165 @@ def check_template(template: str) -> str:
     return template
 
 
-def _role(message: dict) -> str:
-    role = message["role"]
-    return "model" if role == "assistant" else role
+def _role(message: Mapping) -> str:
+    return ROLE_ALIASES.get(message["role"], message["role"])
 
 
-def _content(message: dict) -> str:
-    content = message["content"]
+def _text(message: Mapping) -> str:
+    content = message.get("content") or ""
     if _role(message) == "model":
         return strip_thinking(content)
     return content.strip()
 
 
-def _system_pieces(messages: Sequence[dict], enable_thinking: bool) -> list[Piece]:
-    has_system = bool(messages) and messages[0]["role"] in ("system", "developer")
-    if not (enable_thinking or has_system):
+def split_controls(text: str, trainable: bool) -> list[Piece]:
+    """`text` as pieces, each control token (`CONTROL_TOKENS`) a piece of its own.
+
+    Example:
+        >>> split_controls('a<|"|>b', False)
+        [('a', False), ('<|"|>', False), ('b', False)]
+    """
+    pieces: list[Piece] = []
+    start = 0
+    i = text.find("<", start)
+    while i >= 0:
+        token = next((t for t in CONTROL_TOKENS if text.startswith(t, i)), None)
+        if token is None:
+            i = text.find("<", i + 1)
+            continue
+        if i > start:
+            pieces.append((text[start:i], trainable))
+        pieces.append((token, trainable))
+        start = i + len(token)
+        i = text.find("<", start)
+    if start < len(text):
+        pieces.append((text[start:], trainable))
+    return pieces
+
+
+def _system_pieces(
+    messages: Sequence[Mapping], tools: Sequence[Mapping] | None, enable_thinking: bool
+) -> list[Piece]:
+    has_system = bool(messages) and _role(messages[0]) == "system"
+    if not (enable_thinking or tools or has_system):
         return []
     pieces: list[Piece] = [(TURN_OPEN, False), ("system\n", False)]
     if enable_thinking:
         pieces += [(THINK, False), ("\n", False)]
     if has_system:
-        pieces.append((messages[0]["content"].strip(), False))
+        pieces.append((_text(messages[0]), False))
+    for tool in tools or ():
+        text = tool_format.format_declaration(tool)
+        pieces += [(tool_format.TOOL_OPEN, False)]
+        pieces += split_controls(text, False) + [(tool_format.TOOL_CLOSE, False)]
     pieces += [(TURN_CLOSE, False), ("\n", False)]
     return pieces
 
 
+def _thought_pieces(thinking: str, trainable: bool, opened: bool) -> list[Piece]:
+    """`<|channel>thought\\n...\\n<channel|>`; `opened`: the prompt wrote its start."""
+    if opened:
+        body = [(thinking + "\n", trainable)] if thinking else []
+        return body + [(CHANNEL_CLOSE, trainable)]
+    return [
+        (CHANNEL_OPEN, trainable),
+        ("thought\n" + thinking + "\n", trainable),
+        (CHANNEL_CLOSE, trainable),
+    ]
+
+
+def _call_pieces(calls: Sequence[Mapping], trainable: bool) -> list[Piece]:
+    pieces: list[Piece] = []
+    for call in calls:
+        pieces += split_controls(tool_format.format_call(call), trainable)
+    return pieces
+
+
+def _response_pieces(
+    responses: Sequence[Mapping], first_trainable: bool
+) -> list[Piece]:
+    """Response blocks; only the first `<|tool_response>` is the model's (its stop)."""
+    pieces: list[Piece] = []
+    for response in responses:
+        pieces += split_controls(tool_format.format_response(response), False)
+    if pieces and first_trainable:
+        pieces[0] = (pieces[0][0], True)
+    return pieces
+
+
+def _last_user(messages: Sequence[Mapping]) -> int:
+    users = [i for i, m in enumerate(messages) if _role(m) == "user"]
+    return users[-1] if users else -1
+
+
 def prompt_pieces(
-    messages: Sequence[dict],
+    messages: Sequence[Mapping],
     *,
     template: str,
+    tools: Sequence[Mapping] | None = None,
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
 ) -> list[Piece]:
-    """The template's output as pieces, none of them trainable."""
+    """The template's output as pieces, none of them trainable.
+
+    Messages are in the package's form (`records.normalise_messages`):
+    `tool` messages already folded into the `tool_responses` of the model
+    message whose calls they answer. A model message renders as: thought
+    (only after the last user message), calls, response blocks, text, then
+    `<|tool_response>` when it called without results (the model's stop),
+    nothing when the next model message continues the same turn after
+    results, or `<turn|>\\n`.
+    """
     check_template(template)
     pieces: list[Piece] = [(BOS, False)]
-    pieces += _system_pieces(messages, enable_thinking)
-    has_system = bool(messages) and messages[0]["role"] in ("system", "developer")
-    for message in messages[1 if has_system else 0 :]:
-        pieces += [
-            (TURN_OPEN, False),
-            (_role(message) + "\n", False),
-            (_content(message), False),
-            (TURN_CLOSE, False),
-            ("\n", False),
-        ]
+    pieces += _system_pieces(messages, tools, enable_thinking)
+    start = 1 if messages and _role(messages[0]) == "system" else 0
+    loop = list(messages[start:])
+    last_user = _last_user(loop)
+    prev_role, after = None, None  # after: "call" | "response" | None
+    for i, message in enumerate(loop):
+        role, after = _role(message), None
+        if not (role == "model" and prev_role == "model"):
+            pieces += [(TURN_OPEN, False), (role + "\n", False)]
+        thinking = message.get("thinking") or ""
+        if role == "model" and thinking and i > last_user:
+            pieces += _thought_pieces(thinking, False, opened=False)
+        calls = message.get("tool_calls") or []
+        responses = message.get("tool_responses") or []
+        if calls:
+            pieces += _call_pieces(calls, False)
+            after = "call"
+        if responses:
+            pieces += _response_pieces(responses, False)
+            after = "response"
+        text = _text(message)
+        pieces += split_controls(text, False)
+        following = _role(loop[i + 1]) if i + 1 < len(loop) else None
+        continues = role == "model" and following == "model"
+        continues = continues and (not calls or bool(responses))
+        if after == "call":
+            pieces.append((tool_format.RESPONSE_OPEN, False))
+        elif continues:
+            pass
+        elif not (responses and not text and following is None):
+            pieces += [(TURN_CLOSE, False), ("\n", False)]
+        prev_role = role
     if add_generation_prompt:
-        pieces += [(TURN_OPEN, False), ("model\n", False)]
-        if template == "large" and not enable_thinking:
+        if after is None:
+            pieces += [(TURN_OPEN, False), ("model\n", False)]
+            if template == "large" and not enable_thinking:
+                pieces += [(CHANNEL_OPEN, False), ("thought\n", False)]
+                pieces += [(CHANNEL_CLOSE, False)]
+        elif after == "response" and enable_thinking:
             pieces += [(CHANNEL_OPEN, False), ("thought\n", False)]
-            pieces += [(CHANNEL_CLOSE, False)]
     return [p for p in pieces if p[0]]
 
 
 def render_conversation(
-    messages: Sequence[dict],
+    messages: Sequence[Mapping],
     *,
     template: str,
+    tools: Sequence[Mapping] | None = None,
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
 ) -> str:
@@ -173,11 +296,18 @@ def render_conversation(
 
     Args:
         messages: dicts with `role` (user, model, assistant, system,
-            developer) and `content` (str). A system/developer message is
-            only honoured in first position, as in the template.
+            developer) and `content` (str); a model message may also have
+            `thinking`, `tool_calls` ([{"name", "arguments"}]) and
+            `tool_responses` ([{"name", "response"}]): the package's form,
+            which `records.normalise_messages` makes of OpenAI-style
+            messages. A system/developer message is only honoured first.
         template: "small" (E2B, E4B) or "large" (26B-A4B, 31B) official
             template; they differ only in the thinking-off generation prompt.
-        add_generation_prompt: append the prompt for the next model turn.
+        tools: OpenAI-style tool declarations (`{"type": "function",
+            "function": {"name", "description", "parameters"}}`), written
+            into the system turn.
+        add_generation_prompt: append the prompt for the next model turn (or,
+            after tool results, for the rest of the same turn).
         enable_thinking: thinking mode (`<|think|>` in the system turn, no
             empty thought block in the generation prompt).
 
@@ -193,6 +323,7 @@ def render_conversation(
     pieces = prompt_pieces(
         messages,
         template=template,
+        tools=tools,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=enable_thinking,
     )
@@ -200,9 +331,18 @@ def render_conversation(
 
 
 def generation_prompt(
-    messages: Sequence[dict], *, template: str, enable_thinking: bool = False
+    messages: Sequence[Mapping],
+    *,
+    template: str,
+    tools: Sequence[Mapping] | None = None,
+    enable_thinking: bool = False,
 ) -> str:
-    """What serving shows the model of `template` before its next model turn.
+    """What serving shows the model of `template` before it writes.
+
+    After a user message that is the start of a model turn; after tool
+    results (the last message a model message with `tool_responses`) it is
+    the rendered results themselves, plus `<|channel>thought\\n` with
+    thinking on.
 
     Example:
         >>> generation_prompt([{"role": "user", "content": "Hi"}], template="small")
@@ -213,17 +353,29 @@ def generation_prompt(
     return render_conversation(
         messages,
         template=template,
+        tools=tools,
         add_generation_prompt=True,
         enable_thinking=enable_thinking,
     )
 
 
-def target_pieces(message: dict, *, enable_thinking: bool = False) -> list[Piece]:
-    """The trained part of a model turn: [thought block +] answer + `<turn|>`.
+def after_results(messages: Sequence[Mapping]) -> bool:
+    """Whether the next model output continues a turn after tool results."""
+    return bool(messages) and bool(messages[-1].get("tool_responses"))
 
-    The thought (`message["thinking"]`) is trained only with thinking on:
-    with thinking off the model is not asked to think (the large template
-    even prefills an empty thought block), so it never writes one.
+
+def target_pieces(
+    message: Mapping, *, enable_thinking: bool = False, after_response: bool = False
+) -> list[Piece]:
+    """What the model writes for one model message, all trainable.
+
+    [thought] + calls + text, then `<|tool_response>` when it calls (its
+    stop: the results come from the runtime) or `<turn|>`. The thought is
+    trained only with thinking on: with thinking off the model is not asked
+    to think (the large template even prefills an empty thought block).
+    With thinking on after tool results the prompt already opened the
+    thought (`<|channel>thought\\n`), so it is closed, empty when the message
+    has none.
 
     Example:
         >>> target_pieces({"role": "model", "content": "42", "thinking": "6*7"},
@@ -232,24 +384,30 @@ def target_pieces(message: dict, *, enable_thinking: bool = False) -> list[Piece
     """
     pieces: list[Piece] = []
     thinking = (message.get("thinking") or "").strip()
-    if enable_thinking and thinking:
-        pieces += [(CHANNEL_OPEN, True), ("thought\n" + thinking + "\n", True)]
-        pieces.append((CHANNEL_CLOSE, True))
-    pieces += [(_content(message), True), (TURN_CLOSE, True)]
-    return pieces
+    if enable_thinking and (thinking or after_response):
+        pieces += _thought_pieces(thinking, True, opened=after_response)
+    calls = message.get("tool_calls") or []
+    pieces += _call_pieces(calls, True)
+    text = _text(message)
+    if text:
+        pieces += split_controls(text, True)
+    end = tool_format.RESPONSE_OPEN if calls else TURN_CLOSE
+    return pieces + [(end, True)]
 
 
 def training_pieces(
-    messages: Sequence[dict],
+    messages: Sequence[Mapping],
     turn: int,
     *,
     template: str,
+    tools: Sequence[Mapping] | None = None,
     enable_thinking: bool = False,
 ) -> list[Piece]:
-    """Pieces of one training sequence whose trained turn is `messages[turn]`.
+    """Pieces of one training sequence whose trained output is `messages[turn]`.
 
     The sequence is `generation_prompt(messages[:turn]) + target`, so its
-    untrained part is, character for character, what serving presents.
+    untrained part is, character for character, what serving presents: the
+    start of a model turn, or a turn so far with its tool results.
 
     Example (thinking off; T = trainable):
         template  generation_prompt(history)                                                answer  <turn|>
@@ -265,7 +423,41 @@ def training_pieces(
     pieces = prompt_pieces(
         history,
         template=template,
+        tools=tools,
         add_generation_prompt=True,
         enable_thinking=enable_thinking,
     )
-    return pieces + target_pieces(messages[turn], enable_thinking=enable_thinking)
+    return pieces + target_pieces(
+        messages[turn],
+        enable_thinking=enable_thinking,
+        after_response=after_results(history),
+    )
+
+
+def template_messages(messages: Sequence[Mapping]) -> list[dict]:
+    """The package's messages in the shape the official template reads.
+
+    Model messages become `assistant` (the template continues a turn only
+    after an `assistant` message), `thinking` becomes `reasoning_content`,
+    calls get the OpenAI `{"function": {"name", "arguments"}}` shape, results
+    stay as Gemma's native `tool_responses`.
+    """
+    out = []
+    for message in messages:
+        role = _role(message)
+        shaped: dict = {"role": "assistant" if role == "model" else role}
+        shaped["content"] = message.get("content") or ""
+        if message.get("thinking"):
+            shaped["reasoning_content"] = message["thinking"]
+        if message.get("tool_calls"):
+            shaped["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in message["tool_calls"]
+            ]
+        if message.get("tool_responses"):
+            shaped["tool_responses"] = [dict(r) for r in message["tool_responses"]]
+        out.append(shaped)
+    return out

@@ -10,6 +10,7 @@ data steps never guess the chat template.
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 from gemma4_keras import atomic, outputs
@@ -53,18 +54,54 @@ def _encode_kwargs(settings: DataSettings) -> dict:
     }
 
 
+def _source_order(problem: Problem) -> tuple:
+    # "file:12" / "file[3]" / "tfds:name:split[3]": by file, then record number.
+    match = re.search(r"^(.*?)[:\[](\d+)\]?$", problem.source)
+    return (match.group(1), int(match.group(2))) if match else (problem.source, 0)
+
+
+def load_checked(settings: DataSettings) -> tuple[list[Conversation], dict]:
+    """`records.load_conversations`, then every tool call checked against its declarations.
+
+    A conversation with a call its `tools` refuse (`quality.call_problems`)
+    is a bad record like any other: with data.on_error=raise every problem
+    of the file (bad records and bad calls, in file order) stops the run
+    here, before anything is encoded; with skip it is left out and listed
+    in the read statistics (`tool_call_errors` counts those records).
+
+    Raises:
+        DataError: with on_error=raise, listing every problem as file:line.
+    """
+    collect = settings.on_error == "raise"  # read on to list the calls' problems too
+    skip = dataclasses.replace(settings, on_error="skip") if collect else settings
+    conversations, read_stats = records.load_conversations(skip)
+    kept, call_problems = quality.check_tool_calls(conversations)
+    problems = [Problem(**p) for p in read_stats["skipped_records"]] + call_problems
+    problems.sort(key=_source_order)
+    if collect and problems:
+        raise DataError(problems)
+    bad = len(conversations) - len(kept)
+    read_stats.update(
+        valid=len(kept),
+        skipped=read_stats["skipped"] + bad,
+        skipped_records=[dataclasses.asdict(p) for p in problems],
+        tool_call_errors=bad,
+    )
+    return kept, read_stats
+
+
 def read_and_split(settings: DataSettings) -> tuple[list, list, dict, dict | None]:
     """(train, holdout, read stats, dedupe stats) of the data, as a run splits it.
 
     No encoding: `data render`, `data split` and `evaluate`'s check against
     a run's training examples read the split without a tokenizer.
     """
-    conversations, read_stats = records.load_conversations(settings)
+    conversations, read_stats = load_checked(settings)
     dedupe_stats = None
     if settings.dedupe:
         conversations, dedupe_stats = quality.dedupe(conversations)
     if settings.eval_path:
-        holdout, holdout_stats = records.load_conversations(
+        holdout, holdout_stats = load_checked(
             dataclasses.replace(settings, path=settings.eval_path)
         )
         read_stats["eval"] = holdout_stats
@@ -177,12 +214,10 @@ def write_json(path: str, obj: Any) -> None:
 def _write_jsonl(path: str, conversations: list[Conversation]) -> None:
     with atomic.atomic_open(path) as f:
         for c in conversations:
-            f.write(
-                json.dumps(
-                    {"messages": c.messages, "source": c.source}, ensure_ascii=False
-                )
-                + "\n"
-            )
+            record = {"messages": c.messages, "source": c.source}
+            if c.tools:  # the declarations travel with their conversation
+                record["tools"] = c.tools
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def split(data_cfg: Any, out_dir: str) -> dict:

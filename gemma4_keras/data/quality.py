@@ -1,16 +1,20 @@
-"""Duplicates, the holdout split and the data quality report."""
+"""Duplicates, the holdout split, tool-call checks and the data quality report."""
 
 import collections
+import functools
 import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jsonschema
 import numpy as np
+from referencing.exceptions import Unresolvable  # jsonschema's $ref resolver
 
 from gemma4_keras.data.chat import LEGACY_MARKERS
-from gemma4_keras.data.records import Conversation
+from gemma4_keras.data.records import Conversation, Problem
 
 PERCENTILES = (50, 90, 95, 99)
 MAX_LISTED = 50
@@ -29,13 +33,23 @@ def normalise_text(text: str) -> str:
     return _SPACE.sub(" ", _NON_WORD.sub(" ", text)).strip()
 
 
+def _turn_key(message: Mapping, fix) -> list:
+    turn = [message["role"], fix(message["content"]), fix(message.get("thinking", ""))]
+    # Call ids are arbitrary labels: two conversations that differ only in
+    # them are duplicates. Arguments and results are compared exactly.
+    calls = [[c["name"], c["arguments"]] for c in message.get("tool_calls") or ()]
+    responses = [
+        [r["name"], r["response"]] for r in message.get("tool_responses") or ()
+    ]
+    return turn + [calls, responses] if calls or responses else turn
+
+
 def _key(conversation: Conversation, normalise: bool) -> str:
     fix = normalise_text if normalise else (lambda s: s)
-    turns = [
-        (m["role"], fix(m["content"]), fix(m.get("thinking", "")))
-        for m in conversation.messages
-    ]
-    return json.dumps(turns, ensure_ascii=False)
+    turns = [_turn_key(m, fix) for m in conversation.messages]
+    # Without tools the key is what it always was, so splits stay put.
+    key = {"tools": conversation.tools, "turns": turns} if conversation.tools else turns
+    return json.dumps(key, ensure_ascii=False, sort_keys=True)
 
 
 def dedupe(conversations: Sequence[Conversation]) -> tuple[list[Conversation], dict]:
@@ -104,7 +118,12 @@ def label_stats(
     words, 40 characters) and there are at most 50 distinct values, fewer
     than half the number of conversations.
     """
-    answers = [c.messages[-1]["content"] for c in conversations]
+    # A conversation ending in tool calls has no final answer to count.
+    answers = [
+        c.messages[-1]["content"]
+        for c in conversations
+        if not c.messages[-1].get("tool_calls")
+    ]
     if len(answers) < 4 or any(len(a) > 40 or len(a.split()) > 4 for a in answers):
         return None
     counts = collections.Counter(answers)
@@ -144,8 +163,230 @@ def token_stats(encoded: Sequence, max_length: int | None = None) -> dict | None
     return stats
 
 
+# --------------------------------------------------------------------------
+# Tool calls
+# --------------------------------------------------------------------------
+
+
+def _nullable(schema: Any) -> Any:
+    """Reads Gemma's / OpenAPI's `nullable: true` as JSON schema's `null` type.
+
+    The chat template writes `nullable` (`tool_format.format_parameters`), so
+    data written for it passes None there; jsonschema knows only type lists
+    (and ignores the `nullable` keyword itself).
+
+    Example:
+        >>> _nullable({"type": "string", "nullable": True})
+        {'type': ['string', 'null'], 'nullable': True}
+    """
+    if isinstance(schema, list):
+        return [_nullable(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: _nullable(v) for k, v in schema.items()}
+    if out.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if out.get("nullable") is True and isinstance(out.get("enum"), list):
+        out["enum"] = out["enum"] + [None]
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(parameters: str) -> Any:
+    schema = _nullable(json.loads(parameters))
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def _declared(conversation: Conversation) -> dict[str, dict | None]:
+    """{function name: its parameters schema, or None when it declares none}."""
+    return {
+        t["function"]["name"]: t["function"].get("parameters")
+        for t in conversation.tools
+    }
+
+
+def call_problems(conversation: Conversation) -> list[Problem]:
+    """Every call of a conversation with tools that its declarations refuse.
+
+    A call must name a declared function, and its arguments must validate
+    against that function's `parameters` (a JSON schema, checked with
+    jsonschema; `nullable: true` allows None); a function declaring no
+    parameters takes any arguments. Messages are counted as in
+    `Conversation.messages` (`tool` messages folded into the model message
+    whose calls they answer). Conversations without tools are not checked.
+
+    Example:
+        >>> tools = [{"type": "function", "function": {"name": "ping",
+        ...     "parameters": {"type": "object", "required": ["host"]}}}]
+        >>> c = Conversation([{"role": "user", "content": "Up?"}, {"role": "model",
+        ...     "content": "", "tool_calls": [{"name": "ping", "arguments": {}}]}],
+        ...     "f.jsonl:3", tools=tools)
+        >>> print(call_problems(c)[0])
+        f.jsonl:3: message 1, tool_calls[0] (ping): 'host' is a required property
+    """
+    if not conversation.tools:
+        return []
+    declared, problems = _declared(conversation), []
+    for i, message in enumerate(conversation.messages):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            ident = f", id {call['id']}" if call.get("id") else ""
+            where = f"message {i}, tool_calls[{j}] ({call['name']}{ident})"
+            for reason in _call_reasons(call, declared):
+                problems.append(Problem(conversation.source, f"{where}: {reason}"))
+    return problems
+
+
+def _call_reasons(call: Mapping, declared: Mapping) -> list[str]:
+    if call["name"] not in declared:
+        names = ", ".join(sorted(declared))
+        return [f"calls an undeclared function (the record declares: {names})"]
+    parameters = declared[call["name"]]
+    if parameters is None:
+        return []
+    validator = _validator(json.dumps(parameters, sort_keys=True))
+    try:
+        errors = list(validator.iter_errors(call["arguments"]))
+    except Unresolvable as e:  # a `$ref` to nowhere (remote ones are not fetched)
+        return [f"its declared parameters cannot be resolved ({e})"]
+    errors.sort(key=lambda e: e.json_path)
+    return [
+        e.message + ("" if e.json_path == "$" else f" (at arguments{e.json_path[1:]})")
+        for e in errors
+    ]
+
+
+def check_tool_calls(
+    conversations: Sequence[Conversation],
+) -> tuple[list[Conversation], list[Problem]]:
+    """(conversations whose calls all validate, the problems of the others).
+
+    Example:
+        >>> check_tool_calls([Conversation([{"role": "user", "content": "Hi"},
+        ...     {"role": "model", "content": "Hello"}], "f.jsonl:1")])[1]
+        []
+    """
+    kept, problems = [], []
+    for conversation in conversations:
+        found = call_problems(conversation)
+        problems += found
+        if not found:
+            kept.append(conversation)
+    return kept, problems
+
+
+def _listed(records: list[dict], count: int | None = None) -> dict:
+    return {
+        "count": len(records) if count is None else count,
+        "records": records[:MAX_LISTED],
+    }
+
+
+def _results_check(source: str, index: int, message: Mapping) -> tuple[list, list]:
+    """(results that answer no call, calls that get no result) of one model message.
+
+    Results are matched to calls by function name; a `tool` message naming
+    no call (nor a call id) has the name "unknown", which answers nothing.
+    """
+    calls = collections.Counter(c["name"] for c in message.get("tool_calls") or ())
+    results = collections.Counter(r["name"] for r in message["tool_responses"])
+    stray = [
+        {
+            "source": source,
+            "detail": f"message {index}: a result of {name!r} "
+            f"answers no call (calls: {', '.join(sorted(calls)) or 'none'})",
+        }
+        for name in sorted(results)
+        if name not in calls
+    ]
+    missing = [
+        {
+            "source": source,
+            "detail": f"message {index}: {n} call(s) of {name!r} get no result",
+            "calls": n,
+        }
+        for name, n in sorted((calls - results).items())
+    ]
+    return stray, missing
+
+
+def _result_problems(conversations: Sequence[Conversation]) -> dict:
+    stray, missing = [], []
+    for conv in conversations:
+        found = [
+            _results_check(conv.source, i, m)
+            for i, m in enumerate(conv.messages)
+            if m.get("tool_responses")
+        ]
+        stray += [r for f in found for r in f[0]][:1]  # one line a conversation
+        missing += [r for f in found for r in f[1]]
+    return {
+        "stray_results": _listed(stray),
+        "calls_without_result": _listed(missing, sum(m["calls"] for m in missing)),
+    }
+
+
+def tool_stats(conversations: Sequence[Conversation]) -> dict | None:
+    """Tool use in the data, or None when no conversation declares or calls a tool.
+
+    Returns:
+        {"with_tools": conversations declaring tools, "calls", "calls_mean" /
+        "calls_max" (per conversation with tools), "used" ({function:
+        calls}), "parallel_call_turns" (model messages with several calls),
+        "ending_with_calls" (conversations ending in calls without results:
+        they train the calls alone), and, each as {"count", "records":
+        [{"source", "detail"}]}: "undeclared" (conversations calling tools
+        they declare none of), "stray_results" (conversations with a result
+        that answers no call of its message), "calls_without_result"
+        (calls of a message with results that get none; count = calls)}.
+
+    Example:
+        >>> tool_stats([Conversation([{"role": "user", "content": "Hi"},
+        ...     {"role": "model", "content": "Hello"}])]) is None
+        True
+    """
+    calls_of = [
+        [c for m in conv.messages for c in m.get("tool_calls") or ()]
+        for conv in conversations
+    ]
+    if not any(calls_of) and not any(c.tools for c in conversations):
+        return None
+    declaring = [len(calls) for c, calls in zip(conversations, calls_of) if c.tools]
+    used = collections.Counter(c["name"] for calls in calls_of for c in calls)
+    undeclared = [
+        {"source": c.source, "detail": "calls tools but declares none"}
+        for c, calls in zip(conversations, calls_of)
+        if calls and not c.tools
+    ]
+    last = [c.messages[-1] for c in conversations]
+    return {
+        "with_tools": len(declaring),
+        "calls": sum(used.values()),
+        "calls_mean": round(float(np.mean(declaring)), 3) if declaring else 0.0,
+        "calls_max": max(declaring, default=0),
+        "used": dict(used.most_common()),
+        "parallel_call_turns": sum(
+            len(m.get("tool_calls") or ()) > 1
+            for c in conversations
+            for m in c.messages
+        ),
+        "ending_with_calls": sum(
+            bool(m.get("tool_calls")) and not m.get("tool_responses") for m in last
+        ),
+        "undeclared": _listed(undeclared),
+        **_result_problems(conversations),
+    }
+
+
+def _model_turns(messages: Sequence[Mapping]) -> int:
+    """Model turns: model messages after tool results continue the same turn."""
+    return sum(
+        m["role"] == "model" and (i == 0 or messages[i - 1]["role"] != "model")
+        for i, m in enumerate(messages)
+    )
+
+
 def _conversation_stats(conversations: Sequence[Conversation]) -> dict:
-    turns = [sum(m["role"] == "model" for m in c.messages) for c in conversations]
+    turns = [_model_turns(c.messages) for c in conversations]
     legacy = [
         c.source
         for c in conversations
@@ -192,6 +433,7 @@ def quality_report(
         "duplicates": dedupe_stats,
         "conversations": _conversation_stats(conversations),
         "labels": label_stats(conversations, imbalance_ratio),
+        "tools": tool_stats(conversations),
         "tokens": token_stats(encoded or [], max_length),
         "truncation": encode_stats,
         "split": split,
@@ -226,11 +468,26 @@ def _warnings(report: dict) -> list[str]:
         )
     if trunc.get("history_cut"):
         warnings.append(f"{trunc['history_cut']} examples had their oldest history cut")
+    warnings += _tool_warnings(report.get("tools"))
     if report["conversations"]["legacy_markers"]:
         warnings.append(
             "Gemma 2/3 markers (<start_of_turn>) in the text; Gemma 4 uses <|turn>"
         )
     return warnings
+
+
+def _tool_warnings(tools: dict | None) -> list[str]:
+    if not tools:
+        return []
+    texts = {
+        "undeclared": "conversation(s) call tools they do not declare (add `tools`)",
+        "stray_results": "conversation(s) have a tool result that answers no call "
+        "(check tool_call_id / name)",
+        "calls_without_result": "tool call(s) get no result in a turn with results",
+    }
+    return [
+        f"{tools[k]['count']} {text}" for k, text in texts.items() if tools[k]["count"]
+    ]
 
 
 def format_report(report: dict) -> str:
@@ -245,6 +502,8 @@ def format_report(report: dict) -> str:
     row("records read", read.get("records", 0))
     row("valid", read.get("valid", 0))
     row("skipped (bad)", read.get("skipped", 0))
+    if read.get("tool_call_errors"):
+        row("  of them: bad tool calls", read["tool_call_errors"])
     for p in read.get("skipped_records", [])[:MAX_LISTED]:
         lines.append(f"    {p['source']}: {p['reason']}")
     dup = report.get("duplicates")
@@ -266,6 +525,7 @@ def format_report(report: dict) -> str:
             "split train / holdout",
             f"{s.get('train')} / {s.get('holdout')} (fraction {s.get('fraction')}, seed {s.get('seed')})",
         )
+    lines += _format_tools(report.get("tools"))
     if report.get("labels"):
         labels = report["labels"]
         row("labels", ", ".join(f"{k!r}: {v}" for k, v in labels["counts"].items()))
@@ -296,3 +556,28 @@ def format_report(report: dict) -> str:
     for warning in report.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
+
+
+def _format_tools(tools: dict | None) -> list[str]:
+    """The report's tool rows (see `tool_stats`); none without tool use."""
+    if not tools:
+        return []
+    used = ", ".join(f"{name}: {n}" for name, n in tools["used"].items()) or "none"
+    lines = [
+        f"  {'conversations with tools':<28} {tools['with_tools']}",
+        f"  {'calls per conversation':<28} mean {tools['calls_mean']:g}, max "
+        f"{tools['calls_max']} ({tools['calls']} calls, {tools['parallel_call_turns']} "
+        f"parallel-call turns, {tools['ending_with_calls']} ending in calls)",
+        f"  {'tools used (calls)':<28} {used}",
+    ]
+    for key, name in (
+        ("undeclared", "calls without declarations"),
+        ("stray_results", "results answering no call"),
+        ("calls_without_result", "calls without result"),
+    ):
+        if tools[key]["count"]:
+            lines.append(f"  {name:<28} {tools[key]['count']}")
+            lines += [
+                f"    {r['source']}: {r['detail']}" for r in tools[key]["records"]
+            ]
+    return lines

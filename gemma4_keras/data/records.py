@@ -29,14 +29,18 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from gemma4_keras.data import chat
+import jsonschema
+
+from gemma4_keras.data import chat, tool_format
 from gemma4_keras.settings import DataSettings
 
-ROLES = ("user", "model", "assistant", "system", "developer")
+ROLES = ("user", "model", "assistant", "system", "developer", "tool")
 FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "csv", "tfds")
 MAX_LISTED_PROBLEMS = 20
 
-Message = dict  # {"role": "system"|"user"|"model", "content": str, "thinking"?: str}
+# {"role": "system"|"user"|"model", "content": str, "thinking"?: str,
+#  "tool_calls"?: [{"name", "arguments", "id"?}], "tool_responses"?: [{"name", "response"}]}
+Message = dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +92,14 @@ class Conversation:
             thoughts moved to `thinking`; ends with a model turn.
         source: where it came from, e.g. "data/train.jsonl:17".
         meta: optional extras (e.g. the TFDS label name).
+        tools: the record's tool declarations (`normalise_tools`), written
+            into the system turn.
     """
 
     messages: list[Message]
     source: str = ""
     meta: dict = dataclasses.field(default_factory=dict)
+    tools: list[dict] = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------
@@ -115,25 +122,108 @@ def _text_content(content: Any, role: str, index: int) -> str:
     )
 
 
+def _check_text(text: str, where: str, *, thoughts_allowed: bool = False) -> None:
+    for token in chat.FORBIDDEN_IN_CONTENT:
+        allowed = thoughts_allowed and token in (chat.CHANNEL_OPEN, chat.CHANNEL_CLOSE)
+        if token in text and not allowed:
+            raise ValueError(f"{where} contains the control token {token!r}")
+
+
+def _check_json_value(value: Any, where: str) -> None:
+    try:
+        tool_format.check_value(value, where)
+    except tool_format.ToolFormatError as e:
+        raise ValueError(str(e)) from e
+    text = json.dumps(value, ensure_ascii=False)
+    for token in chat.FORBIDDEN_IN_CONTENT:
+        if token in text:
+            raise ValueError(f"{where}: contains the control token {token!r}")
+
+
+def _arguments(raw: Any, where: str) -> dict:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{where}: arguments are not valid JSON ({e.msg} at column {e.colno})"
+            ) from e
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"{where}: arguments must be a JSON object, got {type(raw).__name__}"
+        )
+    _check_json_value(dict(raw), f"{where}.arguments")
+    return dict(raw)
+
+
+def _tool_calls(raw: Any, index: int) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"message {index}: tool_calls must be a non-empty list")
+    calls = []
+    for j, item in enumerate(raw):
+        where = f"message {index}: tool_calls[{j}]"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where} is not an object")
+        function = item.get("function", item)  # OpenAI nests it; also accept flat
+        if not isinstance(function, Mapping) or "name" not in function:
+            raise ValueError(f"{where}: missing function.name")
+        try:
+            name = tool_format.check_name(function["name"], where)
+        except tool_format.ToolFormatError as e:
+            raise ValueError(str(e)) from e
+        call = {"name": name, "arguments": _arguments(function.get("arguments"), where)}
+        if item.get("id") is not None:
+            call["id"] = str(item["id"])
+        calls.append(call)
+    return calls
+
+
+def _native_responses(raw: Any, index: int) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"message {index}: tool_responses must be a non-empty list")
+    out = []
+    for j, item in enumerate(raw):
+        where = f"message {index}: tool_responses[{j}]"
+        if not isinstance(item, Mapping) or "response" not in item:
+            raise ValueError(f"{where}: expected {{'name': ..., 'response': ...}}")
+        response = item["response"]
+        _check_json_value(response, f"{where}.response")
+        out.append({"name": str(item.get("name") or "unknown"), "response": response})
+    return out
+
+
+def _tool_result(raw: Mapping, index: int) -> Any:
+    """The result a `tool` message carries: text, text parts, or a JSON value."""
+    if "content" not in raw:
+        raise ValueError(f"message {index} (tool): missing field 'content'")
+    content = raw["content"]
+    if isinstance(content, list) and all(isinstance(c, Mapping) for c in content):
+        content = _text_content(content, "tool", index)
+    _check_json_value(content, f"message {index} (tool)")
+    return content
+
+
 def _normalise_message(raw: Any, index: int) -> Message:
     if not isinstance(raw, Mapping):
         raise ValueError(f"message {index} is not an object with role and content")
-    for key in ("role", "content"):
-        if key not in raw:
-            raise ValueError(f"message {index}: missing field '{key}'")
+    if "role" not in raw:
+        raise ValueError(f"message {index}: missing field 'role'")
     role = raw["role"]
     if not isinstance(role, str) or role not in chat.ROLE_ALIASES:
         raise ValueError(
             f"message {index}: unknown role {role!r} (expected one of: {', '.join(ROLES)})"
         )
     role = chat.ROLE_ALIASES[role]
-    content = _text_content(raw["content"], role, index)
-    for token in chat.FORBIDDEN_IN_CONTENT:
-        allowed = role == "model" and token in (chat.CHANNEL_OPEN, chat.CHANNEL_CLOSE)
-        if token in content and not allowed:
-            raise ValueError(
-                f"message {index} ({role}): content contains the control token {token!r}"
-            )
+    acts = role == "model" and (raw.get("tool_calls") or raw.get("tool_responses"))
+    if "content" not in raw and not acts:
+        raise ValueError(f"message {index}: missing field 'content'")
+    content = raw.get("content")
+    content = "" if content is None and acts else _text_content(content, role, index)
+    _check_text(
+        content, f"message {index} ({role}): content", thoughts_allowed=role == "model"
+    )
     message: Message = {"role": role, "content": content.strip()}
     if role == "model":
         embedded, message["content"] = chat.extract_thinking(content)
@@ -141,19 +231,113 @@ def _normalise_message(raw: Any, index: int) -> Message:
             raw.get("thinking") or raw.get("reasoning_content") or raw.get("reasoning")
         )
         thinking = "\n".join(t for t in (str(thinking or "").strip(), embedded) if t)
+        _check_text(thinking, f"message {index} ({role}): reasoning")
         if thinking:
             message["thinking"] = thinking
-    if not message["content"]:
+        if raw.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(raw["tool_calls"], index)
+        if raw.get("tool_responses"):
+            message["tool_responses"] = _native_responses(raw["tool_responses"], index)
+    if not message["content"] and not acts:
         raise ValueError(f"message {index} ({role}): empty content")
     return message
+
+
+def _fold_tool_message(raw: Mapping, index: int, target: Message | None) -> None:
+    """Adds a `tool` message's result to the model message whose calls it answers."""
+    if target is None or not target.get("tool_calls") or target.get("_native"):
+        raise ValueError(
+            f"message {index} (tool): follows no assistant message with tool_calls "
+            "(a tool result answers the calls of the assistant message just before it)"
+        )
+    result = _tool_result(raw, index)
+    names = {c.get("id"): c["name"] for c in target["tool_calls"] if c.get("id")}
+    call_id = raw.get("tool_call_id")
+    name = names.get(str(call_id)) if call_id is not None else None
+    name = name or raw.get("name") or "unknown"
+    target.setdefault("tool_responses", []).append(
+        {"name": str(name), "response": result}
+    )
+
+
+def normalise_messages(raw_messages: Any) -> list[Message]:
+    """OpenAI- or Gemma-style messages in the package's form, shape checks only.
+
+    Roles become system/user/model; text is trimmed and checked for control
+    tokens; a thought (`reasoning_content`, `reasoning`, `thinking`, or a
+    `<|channel>` block in the text) moves to `thinking`; `tool_calls` become
+    `[{"name", "arguments", "id"?}]` (arguments given as a JSON string are
+    parsed); each run of `tool` messages folds into the `tool_responses` of
+    the model message whose calls it answers (named by `tool_call_id`, else
+    by `name`), as the official template renders them. Text a model message
+    writes after its tool results becomes a model message of its own (the
+    template renders it after the results), joined to the next model
+    message when that one only answers.
+
+    Raises:
+        ValueError: "message N: ..." for the first bad message.
+
+    Example:
+        >>> normalise_messages([
+        ...     {"role": "user", "content": "Hi"},
+        ...     {"role": "assistant", "tool_calls": [{"id": "1", "function": {
+        ...         "name": "ping", "arguments": '{"host": "a"}'}}]},
+        ...     {"role": "tool", "tool_call_id": "1", "content": "up"}])[1]
+        {'role': 'model', 'content': '', 'tool_calls': [{'name': 'ping', 'arguments': {'host': 'a'}, 'id': '1'}], 'tool_responses': [{'name': 'ping', 'response': 'up'}]}
+    """
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise ValueError("'messages' must be a non-empty list")
+    messages: list[Message] = []
+    for i, raw in enumerate(raw_messages):
+        if isinstance(raw, Mapping) and raw.get("role") == "tool":
+            previous = messages[-1] if messages else None
+            _fold_tool_message(
+                raw, i, previous if previous and previous["role"] == "model" else None
+            )
+            continue
+        message = _normalise_message(raw, i)
+        if message.get("tool_responses"):
+            message["_native"] = True
+        message["_index"] = i
+        messages.append(message)
+    return _split_answers_after_results(messages)
+
+
+def _split_answers_after_results(messages: list[Message]) -> list[Message]:
+    out: list[Message] = []
+    for k, message in enumerate(messages):
+        message.pop("_native", None)
+        index = message.pop("_index")
+        if not (message.get("tool_responses") and message["content"]):
+            out.append(message)
+            continue
+        answer = {"role": "model", "content": message["content"]}
+        message["content"] = ""
+        out.append(message)
+        following = messages[k + 1] if k + 1 < len(messages) else None
+        if following is not None and following["role"] == "model":
+            if following.get("thinking") or following.get("tool_calls"):
+                raise ValueError(
+                    f"message {index}: text after its tool results, then a further "
+                    "thought or tool call in the next assistant message: the "
+                    "official template writes these out of order; move the text "
+                    "into the next assistant message"
+                )
+            following["content"] = answer["content"] + following["content"]
+            continue
+        out.append(answer)
+    return out
 
 
 def validate_messages(raw_messages: Any) -> list[Message]:
     """Normalises and checks one conversation; raises ValueError with the reason.
 
-    Rules: a non-empty list; known roles; non-empty content; an optional
-    system message first; then user and model alternating, starting with
-    user and ending with model.
+    Rules: a non-empty list; known roles; non-empty content (a model message
+    may instead call tools); an optional system message first; then user
+    and model turns alternating, starting with user and ending with model. A
+    model turn is one model message, or several when each but the last
+    called tools and got their results (`tool` messages); calls without
+    results only end a conversation.
 
     Example:
         >>> validate_messages([{"role": "developer", "content": " Be brief "},
@@ -161,18 +345,31 @@ def validate_messages(raw_messages: Any) -> list[Message]:
         ...                    {"role": "assistant", "content": "Hello"}])
         [{'role': 'system', 'content': 'Be brief'}, {'role': 'user', 'content': 'Hi'}, {'role': 'model', 'content': 'Hello'}]
     """
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise ValueError("'messages' must be a non-empty list")
-    messages = [_normalise_message(m, i) for i, m in enumerate(raw_messages)]
+    messages = normalise_messages(raw_messages)
     start = 1 if messages[0]["role"] == "system" else 0
+    expected = "user"
     for i, message in enumerate(messages[start:], start):
-        expected = "user" if (i - start) % 2 == 0 else "model"
-        if message["role"] == "system":
+        role = message["role"]
+        if role == "system":
             raise ValueError(f"message {i}: a system message is only allowed first")
-        if message["role"] != expected:
+        previous = messages[i - 1] if i > start else None
+        continuing = (
+            role == "model"
+            and previous is not None
+            and previous["role"] == "model"
+            and previous.get("tool_responses")
+        )
+        if role != expected and not continuing:
             raise ValueError(
-                f"message {i}: turns must alternate user/model; expected {expected}, got {message['role']}"
+                f"message {i}: turns must alternate user/model; expected {expected}, got {role}"
             )
+        if message.get("tool_calls") and not message.get("tool_responses"):
+            if i != len(messages) - 1:
+                raise ValueError(
+                    f"message {i}: its tool calls get no results (no `tool` message "
+                    "follows it); add them, or end the conversation there"
+                )
+        expected = "model" if role == "user" else "user"
     if messages[-1]["role"] != "model":
         raise ValueError(
             "conversation does not end with a model turn (nothing to train on)"
@@ -408,6 +605,53 @@ def iter_records(
 # --------------------------------------------------------------------------
 
 
+def normalise_tools(raw: Any) -> list[dict]:
+    """OpenAI-style tool declarations, checked; raises ValueError naming the tool.
+
+    Each is `{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}` (a bare `{"name", ...}` is wrapped); `parameters` must
+    be a JSON schema (checked with jsonschema), names unique.
+
+    Example:
+        >>> normalise_tools([{"name": "ping", "parameters": {"type": "object"}}])
+        [{'type': 'function', 'function': {'name': 'ping', 'parameters': {'type': 'object'}}}]
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError("'tools' must be a list of function declarations")
+    tools, seen = [], set()
+    for j, item in enumerate(raw):
+        where = f"tools[{j}]"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where} is not an object")
+        function = item.get("function", item)
+        if not isinstance(function, Mapping):
+            raise ValueError(f"{where}: 'function' must be an object")
+        try:
+            name = tool_format.check_name(function.get("name"), where)
+        except tool_format.ToolFormatError as e:
+            raise ValueError(str(e)) from e
+        if name in seen:
+            raise ValueError(f"{where}: function {name!r} is declared twice")
+        seen.add(name)
+        params = function.get("parameters")
+        if params is not None:
+            if not isinstance(params, Mapping):
+                raise ValueError(
+                    f"{where} ({name}): parameters must be a JSON schema object"
+                )
+            try:
+                jsonschema.validators.validator_for(params).check_schema(params)
+            except jsonschema.SchemaError as e:
+                raise ValueError(
+                    f"{where} ({name}): parameters are not a valid JSON schema ({e.message})"
+                ) from e
+        _check_text(json.dumps(function, ensure_ascii=False), f"{where} ({name})")
+        tools.append({"type": "function", "function": dict(function)})
+    return tools
+
+
 def record_to_conversation(
     record: Mapping, source: str, fmt: str, fields: Mapping, system_prompt: str = ""
 ) -> Conversation:
@@ -416,9 +660,10 @@ def record_to_conversation(
         fmt = detect_format(record, fields)
     raw = RECORD_PARSERS[fmt](record, fields)
     messages = validate_messages(raw)
+    tools = normalise_tools(record.get("tools")) if fmt == "messages" else []
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt.strip()})
-    return Conversation(messages=messages, source=source)
+    return Conversation(messages=messages, source=source, tools=tools)
 
 
 def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:

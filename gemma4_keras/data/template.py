@@ -37,8 +37,8 @@ from gemma4_keras.data.records import Conversation, DataError, Problem
 
 CHOICES = ("auto",) + chat.TEMPLATES
 TEMPLATE_FILE = "chat_template.jinja"
-# Conversations the guard always renders; plus every one with a system turn
-# or a thought, the parts where templates differ most.
+# Conversations the guard always renders; plus every one with a system turn,
+# a thought or tools, the parts where templates differ most.
 CHECK_FIRST = 20
 _PROBE = [{"role": "user", "content": "probe"}]
 _CONTEXT = 30  # characters shown either side of a difference
@@ -149,13 +149,16 @@ def render_official(
     source: str,
     messages: Sequence[dict],
     *,
+    tools: Sequence[dict] | None = None,
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
     bos_token: str = chat.BOS,
 ) -> str:
     """Renders a jinja chat template the way transformers does (sandboxed, bounded).
 
-    A rendering past `MAX_ITEMS` loop items or `MAX_SECONDS` raises (the
+    `messages` go to the template as given (OpenAI-style, or the package's
+    own through `chat.template_messages`); `tools` are the declarations. A
+    rendering past `MAX_ITEMS` loop items or `MAX_SECONDS` raises (the
     callers name the template file).
 
     Example:
@@ -174,7 +177,8 @@ def render_official(
     )
     env.globals["raise_exception"] = raise_exception
     return env.from_string(source).render(
-        messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+        messages=list(messages),
+        tools=list(tools) if tools else None,
         add_generation_prompt=add_generation_prompt,
         enable_thinking=enable_thinking,
         bos_token=bos_token,
@@ -249,10 +253,13 @@ def resolve(
 def sample_for_check(
     conversations: Sequence[Conversation], first: int = CHECK_FIRST
 ) -> list[Conversation]:
-    """The first `first` conversations plus every one with a system turn or thought."""
+    """The first `first` conversations plus every one with a system turn, thought or tools."""
 
     def special(c: Conversation) -> bool:
-        return any(m["role"] == "system" or m.get("thinking") for m in c.messages)
+        return bool(c.tools) or any(
+            m["role"] == "system" or m.get("thinking") or m.get("tool_calls")
+            for m in c.messages
+        )
 
     return [c for i, c in enumerate(conversations) if i < first or special(c)]
 
@@ -300,9 +307,9 @@ def check_conversations(
     if template.official is None:
         return 0
     sample = sample_for_check(conversations)
-    kw = {"enable_thinking": enable_thinking}
     for c in sample:
         messages = c.messages
+        kw = {"enable_thinking": enable_thinking, "tools": c.tools}
         cuts = [t for t, m in enumerate(messages) if m["role"] == "model"]
         cases = [(messages, False, "the conversation")] + [
             (messages[:t], True, f"the generation prompt before message {t}")
@@ -311,7 +318,10 @@ def check_conversations(
         for part, gen, what in cases:
             try:
                 official = render_official(
-                    template.official, part, add_generation_prompt=gen, **kw
+                    template.official,
+                    chat.template_messages(part),
+                    add_generation_prompt=gen,
+                    **kw,
                 )
             except Exception as e:
                 raise TemplateError(

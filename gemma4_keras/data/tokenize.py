@@ -1,7 +1,8 @@
 """Token ids and loss masks for conversations, with exact turn boundaries.
 
-The rendered text is split at the control tokens (`<bos>`, `<|turn>`,
-`<turn|>`, `<|channel>`, `<channel|>`, `<|think|>`); those map straight to
+The rendered text is split at the control tokens (`chat.CONTROL_TOKENS`:
+`<bos>`, `<|turn>`, `<turn|>`, `<|channel>`, `<channel|>`, `<|think|>` and
+the tool tokens `<|tool>`, `<|tool_call>`, `<|tool_response>`, `<|"|>`, ...); those map straight to
 their ids and the text between them is encoded on its own. SentencePiece
 never merges across a user-defined token, so this gives the ids of the whole
 string (the tests check it against `Gemma4Tokenizer(full_text)`), while the
@@ -176,11 +177,21 @@ def as_chat_tokenizer(tokenizer: Any) -> ChatTokenizer:
 
 
 def _cut_history(messages: list, turn: int) -> tuple[list, int] | None:
-    """Drops the oldest user/model pair before `turn`; None when none is left."""
+    """Drops the oldest user message and its model turn before `turn`; None when none is left.
+
+    A model turn may span several model messages (tool calls and their
+    results): all of them go with their user message.
+    """
     start = 1 if messages[0]["role"] == "system" else 0
-    if turn - start < 2:
+    users = [i for i in range(start, turn) if messages[i]["role"] == "user"]
+    if len(users) < 2:
         return None
-    return messages[:start] + messages[start + 2 :], turn - 2
+    drop = users[1] - start
+    return messages[:start] + messages[users[1] :], turn - drop
+
+
+def _without_thoughts(messages: list) -> list:
+    return [{k: v for k, v in m.items() if k != "thinking"} for m in messages]
 
 
 def _encode_turn(
@@ -195,9 +206,16 @@ def _encode_turn(
     stats,
 ):
     messages, cuts = conversation.messages, 0
+    thought = bool(messages[turn].get("thinking"))
+    if not enable_thinking:  # serving never shows thoughts the model did not write
+        messages = _without_thoughts(messages)
     while True:
         pieces = chat.training_pieces(
-            messages, turn, template=template, enable_thinking=enable_thinking
+            messages,
+            turn,
+            template=template,
+            tools=conversation.tools,
+            enable_thinking=enable_thinking,
         )
         try:
             ids, mask = tok.encode_pieces(pieces)
@@ -212,7 +230,7 @@ def _encode_turn(
         (messages, turn), cuts = cut, cuts + 1
     if cuts:
         _count(stats, "history_cut", conversation.source, cuts)
-    if not enable_thinking and messages[turn].get("thinking"):
+    if not enable_thinking and thought:
         _count(stats, "thoughts_not_trained", conversation.source, 1)
     return EncodedExample(ids, mask, conversation.source)
 
@@ -269,7 +287,9 @@ def encode_conversation(
     Args:
         conversation: a validated Conversation.
         tokenizer: a KerasHub Gemma4Tokenizer or a ChatTokenizer.
-        train_on: "last_model_turn" or "all_model_turns".
+        train_on: "last_model_turn" (every model message after the last
+            user message: calls, and the answer after their results) or
+            "all_model_turns".
         max_length: the most token ids one example may have.
         truncation: "drop" drops an over-long example, "cut_history" removes
             the oldest user/model pairs (keeping the system prompt and the
@@ -298,8 +318,9 @@ def encode_conversation(
     turns = [i for i, m in enumerate(messages) if m["role"] in ("model", "assistant")]
     if not turns:
         raise DataError(Problem(conversation.source, "no model turn to train on"))
-    if train_on == "last_model_turn":
-        turns = turns[-1:]
+    if train_on == "last_model_turn":  # every model message after the last user one
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        turns = [t for t in turns if t > (users[-1] if users else -1)]
     kwargs = dict(
         max_length=max_length,
         truncation=truncation,
@@ -329,8 +350,11 @@ def encode_conversations(
         messages = conversation.messages
         texts.update(
             t
-            for t, _ in chat.training_pieces(
-                messages, len(messages) - 1, template=template, enable_thinking=thinking
+            for t, _ in chat.prompt_pieces(
+                messages,
+                template=template,
+                tools=conversation.tools,
+                enable_thinking=thinking,
             )
         )
         for message in messages:

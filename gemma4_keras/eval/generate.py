@@ -9,17 +9,35 @@ chat template variant of the tuned size (`presets.chat_template`) and
 already start with `<bos>`: they are tokenized without adding another start
 token. Decoding stops on the ids the -it `generation_config.json` lists:
 `<eos>`, `<turn|>` and `<|tool_response>`.
+
+Generated text keeps every chat control token (`chat.CONTROL_TOKENS`), so a
+tool call reads back with `tool_format.parse_calls`. `chat_loop` drives a
+conversation with Python functions as tools: generate, run the calls, go on
+in the same turn after their results, until an answer without calls.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 
-from gemma4_keras.data import as_chat_tokenizer, chat, generation_prompt
+from gemma4_keras.data import (
+    as_chat_tokenizer,
+    chat,
+    generation_prompt,
+    records,
+    tool_format,
+)
 from gemma4_keras.export import peft
 from gemma4_keras.model import decoding, hub, lora, presets
 
@@ -99,6 +117,56 @@ def batch_devices() -> int:
     return int(mesh.shape[list(mesh.axis_names).index(name)])
 
 
+def tools_per_conversation(tools, n: int) -> list:
+    """`tools` as one declaration list (or None) per conversation.
+
+    >>> tools_per_conversation(None, 2)
+    [None, None]
+    """
+    if tools is None:
+        return [None] * n
+    tools = list(tools)
+    if len(tools) != n or any(isinstance(t, Mapping) for t in tools):
+        raise PromptError(
+            f"tools: got {len(tools)} entries for {n} conversations; pass one list "
+            "of declarations (or None) per conversation"
+        )
+    return tools
+
+
+def _detokenize(tokenizer, ids: list[int]) -> str:
+    if not ids:
+        return ""
+    text = tokenizer.detokenize(np.asarray(ids, np.int32))
+    text = text.numpy() if hasattr(text, "numpy") else text
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+    """Generated ids as text, each chat control token spelled out.
+
+    A tokenizer may drop control tokens when it detokenizes; the tool syntax
+    needs them (`<|tool_call>`, `<|"|>`, ...), so they are mapped by id and
+    only the text runs between them are detokenized. Ids past the
+    tokenizer's vocabulary (a model's embedding may be padded past it) are
+    dropped: SentencePiece refuses them.
+
+    Example (ids of the tiny tokenizer):
+        ids   48            "call:f{x:"  52     "a"  52     "}"  49
+        text  <|tool_call>  call:f{x:    <|"|>  a    <|"|>  }    <tool_call|>
+    """
+    controls = {i: t for t, i in as_chat_tokenizer(tokenizer).special_ids.items()}
+    known = tokenizer.vocabulary_size()
+    parts, run = [], []
+    for i in map(int, ids):
+        if i in controls:
+            parts += [_detokenize(tokenizer, run), controls[i]]
+            run = []
+        elif 0 <= i < known:
+            run.append(i)
+    return "".join(parts) + _detokenize(tokenizer, run)
+
+
 class Generator:
     """Batched generation from chat messages, over any KerasHub `CausalLM`.
 
@@ -106,6 +174,9 @@ class Generator:
       >>> gen = Generator.from_model(model, tokenizer, template="small")
       >>> gen.generate([[{"role": "user", "content": "Hi"}]], max_new_tokens=16)
       ['Hello! How can I help?']
+      >>> gen.generate([[{"role": "user", "content": "Weather in Oslo?"}]],
+      ...              tools=[[weather_declaration]])
+      ['<|tool_call>call:weather{city:<|"|>Oslo<|"|>}<tool_call|>']
       >>> model.set_adapter(None)   # the same generator, now the base alone
     """
 
@@ -139,22 +210,45 @@ class Generator:
         lm.compile(sampler=sampler)
         return cls(lm, tokenizer, **kwargs)
 
-    def prompt_ids(self, messages_list) -> list[list[int]]:
-        texts = [
-            generation_prompt(
-                m, template=self.template, enable_thinking=self.enable_thinking
-            )
-            for m in messages_list
-        ]
+    def prompt_text(self, messages, tools=None) -> str:
+        """The serving prompt of one conversation (`data.generation_prompt`)."""
+        return generation_prompt(
+            messages,
+            template=self.template,
+            tools=tools,
+            enable_thinking=self.enable_thinking,
+        )
+
+    def prompt_ids(self, messages_list, tools=None) -> list[list[int]]:
+        tools = tools_per_conversation(tools, len(messages_list))
+        texts = [self.prompt_text(m, t) for m, t in zip(messages_list, tools)]
         return self.chat_tokenizer.encode_texts(texts)
 
     def generate(
-        self, messages_list, *, max_new_tokens: int = 64, batch_size: int = 8
+        self,
+        messages_list,
+        *,
+        tools=None,
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
     ) -> list[str]:
-        """Generates one model turn for each conversation (ending in a user turn)."""
+        """Generates what the model writes next in each conversation, up to its stop.
+
+        Args:
+          messages_list: conversations in the package's form
+            (`records.normalise_messages`), each ending in a user message (a
+            new model turn) or in a model message with `tool_responses` (the
+            same turn goes on after the results).
+          tools: None, or one list of OpenAI-style declarations (or None)
+            per conversation, written into its system turn.
+
+        Returns:
+          One text per conversation, control tokens spelled out (a call
+          reads back with `tool_format.parse_calls`); the stop token is cut.
+        """
         if max_new_tokens < 1:
             raise PromptError(f"max_new_tokens={max_new_tokens} must be > 0")
-        prompts = self.prompt_ids(messages_list)
+        prompts = self.prompt_ids(messages_list, tools)
         for i, p in enumerate(prompts):
             if self.max_length and len(p) + max_new_tokens > self.max_length:
                 raise PromptError(
@@ -182,15 +276,7 @@ class Generator:
         return out
 
     def _decode(self, ids: list[int]) -> str:
-        # A model's vocabulary may be padded past its tokenizer's (embedding
-        # rows no text maps to); SentencePiece refuses such ids: drop them.
-        known = self.tokenizer.vocabulary_size()
-        ids = [i for i in ids if 0 <= i < known]
-        if not ids:
-            return ""
-        text = self.tokenizer.detokenize(np.asarray(ids, np.int32))
-        text = text.numpy() if hasattr(text, "numpy") else text
-        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        return decode_ids(self.tokenizer, ids)
 
     def _generate_batch(
         self, prompts: list[list[int]], max_new_tokens: int, length: int | None = None
@@ -217,54 +303,98 @@ class Generator:
         return texts
 
 
-def read_prompts(prompts: list[str], prompts_file: str | None) -> list[list[dict]]:
-    """Conversations (ending in a user turn) from --prompt flags and/or a file.
+def check_prompt(
+    messages: Any, tools: Any = None, where: str = "prompt"
+) -> tuple[list[dict], list[dict]]:
+    """A prompt conversation in the package's form, and its tool declarations.
 
-    A prompts file holds one `{"messages": [...]}` object or one plain-text
-    user message per line.
+    Messages may be OpenAI-style (`records.normalise_messages`: assistant
+    `tool_calls`, `tool` results); the conversation must end in a user
+    message (a new model turn) or in tool results (the turn goes on).
+
+    Raises:
+      PromptError: `where` and what is wrong.
+
+    Example:
+      >>> check_prompt([{"role": "user", "content": " Hi "}])
+      ([{'role': 'user', 'content': 'Hi'}], [])
     """
+    if not isinstance(messages, list) or not messages:
+        raise PromptError(f"{where}: 'messages' must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, Mapping) or m.get("role") != "user":
+            continue
+        if isinstance(m.get("content"), str) and not m["content"].strip():
+            raise PromptError(f"{where}: empty user message")
+    try:
+        normalised = records.normalise_messages(messages)
+        declared = records.normalise_tools(tools)
+    except ValueError as e:
+        raise PromptError(f"{where}: {e}") from e
+    last = normalised[-1]
+    if last["role"] != "user" and not last.get("tool_responses"):
+        raise PromptError(
+            f"{where}: the conversation must end with a user turn, or with tool "
+            "results (`tool` messages after the assistant's tool_calls)"
+        )
+    return normalised, declared
 
-    out = [[{"role": "user", "content": p}] for p in prompts]
+
+def _read_prompt_lines(prompts_file: str) -> list[str]:
+    if not os.path.isfile(prompts_file):
+        raise PromptError(f"--prompts_file={prompts_file}: no such file")
+    try:
+        with open(prompts_file, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise PromptError(
+            f"--prompts_file={prompts_file}: invalid UTF-8 at byte {e.start}; "
+            "save it as UTF-8"
+        ) from e
+
+
+def _prompt(messages: Any, tools: Any, where: str) -> records.Conversation:
+    messages, tools = check_prompt(messages, tools, where)
+    return records.Conversation(messages=messages, source=where, tools=tools)
+
+
+def _prompt_line(line: str, where: str) -> records.Conversation:
+    if not line.startswith("{"):
+        return _prompt([{"role": "user", "content": line}], None, where)
+    try:
+        record = json.loads(line)
+        messages, tools = record["messages"], record.get("tools")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise PromptError(
+            f'{where}: expected {{"messages": [...], "tools"?: [...]}} ({e})'
+        ) from e
+    return _prompt(messages, tools, where)
+
+
+def read_prompts(
+    prompts: list[str], prompts_file: str | None
+) -> list[records.Conversation]:
+    """Prompt conversations from --prompt flags and/or a prompts file.
+
+    A prompts file holds per line one plain-text user message or one
+    `{"messages": [...], "tools": [...]}` object (OpenAI-style messages and
+    tool declarations, `tools` optional). Each conversation ends in a user
+    message or in tool results (`check_prompt`).
+
+    Example:
+      >>> [c.messages for c in read_prompts(["Hi"], None)]
+      [[{'role': 'user', 'content': 'Hi'}]]
+    """
+    out = [
+        _prompt([{"role": "user", "content": p}], None, f"prompt {i + 1}")
+        for i, p in enumerate(prompts)
+    ]
     if prompts_file:
-        if not os.path.isfile(prompts_file):
-            raise PromptError(f"--prompts_file={prompts_file}: no such file")
-        try:
-            with open(prompts_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise PromptError(
-                f"--prompts_file={prompts_file}: invalid UTF-8 at byte {e.start}; "
-                "save it as UTF-8"
-            ) from e
-        for n, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    messages = json.loads(line)["messages"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise PromptError(
-                        f'{prompts_file}:{n}: expected {{"messages": [...]}} ({e})'
-                    ) from e
-                out.append(messages)
-            else:
-                out.append([{"role": "user", "content": line}])
+        for n, line in enumerate(_read_prompt_lines(prompts_file), 1):
+            if line.strip():
+                out.append(_prompt_line(line.strip(), f"{prompts_file}:{n}"))
     if not out:
         raise PromptError("no prompt: give --prompt=... or --prompts_file=FILE")
-    for i, messages in enumerate(out):
-        where = f"prompt {i + 1}"
-        if not isinstance(messages, list) or not messages:
-            raise PromptError(f"{where}: 'messages' must be a non-empty list")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise PromptError(
-                    f"{where}: every message needs a role and a string content"
-                )
-            if not m["content"].strip() and m.get("role") == "user":
-                raise PromptError(f"{where}: empty user message")
-        if messages[-1].get("role") != "user":
-            raise PromptError(f"{where}: the conversation must end with a user turn")
     return out
 
 
@@ -291,15 +421,18 @@ def load_model(config, preset: str, adapter=None, source: str = "adapter"):
     return model
 
 
-def generate_answers(
-    config, conversations, *, adapter: str | None, max_new_tokens: int
-) -> list[str]:
-    """`gemma4-keras generate`: the base model, or base + a PEFT adapter.
+def load_generator(config, adapter: str | None = None) -> Generator:
+    """The model of `config`, with the PEFT adapter directory `adapter`, as a `Generator`.
 
-    Decodes with the training model (the base quantised as `config.quant`
-    says), never with a merged full-precision copy.
+    `adapter` None or "none" is the base alone. Decodes with the training
+    model (the base quantised as `config.quant` says), never with a merged
+    full-precision copy; the adapter is read before the slow model load.
+
+    Example:
+      >>> gen = load_generator(config, "runs/tiny/adapter")
+      >>> gen.generate([[{"role": "user", "content": "Hi"}]])
+      ['Hello!']
     """
-
     factors = None
     if adapter and adapter != "none":  # checked before the slow model load
         if not os.path.isdir(adapter):
@@ -311,15 +444,281 @@ def generate_answers(
     preset = presets.resolve_preset(config.model.preset)
     tokenizer = presets.load_tokenizer(preset)
     model = load_model(config, preset, factors, source=str(adapter))
-    gen = Generator.from_model(
+    return Generator.from_model(
         model,
         tokenizer,
         template=presets.chat_template(config, preset).variant,
         enable_thinking=bool(config.data.enable_thinking),
         max_length=context_length(preset),
     )
+
+
+def generate_answers(
+    config,
+    conversations,
+    *,
+    adapter: str | None,
+    max_new_tokens: int,
+    tools: Sequence | None = None,
+) -> list[str]:
+    """`gemma4-keras generate`: the base model, or base + a PEFT adapter.
+
+    `tools`: None, or one declaration list per conversation
+    (`Generator.generate`).
+    """
+    gen = load_generator(config, adapter)
     return gen.generate(
         conversations,
+        tools=tools,
         max_new_tokens=max_new_tokens,
         batch_size=int(config.eval.batch_size),
     )
+
+
+# --------------------------------------------------------------------------
+# Reading answers: thought, calls, text
+# --------------------------------------------------------------------------
+
+
+def parse_answer(text: str) -> dict:
+    """One generated text as a model message: `thinking`, `tool_calls`, `content`.
+
+    A thought whose opening the prompt wrote (after tool results, thinking
+    on) is read as a thought too. Malformed calls (e.g. cut by
+    max_new_tokens) leave the text as `content` and say why in
+    `tool_call_error`.
+
+    Example:
+      >>> parse_answer('<|tool_call>call:f{x:1}<tool_call|>')
+      {'role': 'model', 'content': '', 'tool_calls': [{'name': 'f', 'arguments': {'x': 1}}]}
+      >>> parse_answer("thought\\nhmm<channel|>It is 4.")
+      {'role': 'model', 'content': 'It is 4.', 'thinking': 'hmm'}
+    """
+    head = text.split(chat.CHANNEL_CLOSE, 1)[0]
+    if chat.CHANNEL_CLOSE in text and chat.CHANNEL_OPEN not in head:
+        text = chat.CHANNEL_OPEN + text  # the prompt opened this thought
+    thinking, rest = chat.extract_thinking(text)
+    message: dict = {"role": "model"}
+    try:
+        calls, message["content"] = tool_format.split_answer(rest)
+    except tool_format.ToolFormatError as e:
+        calls, message["content"] = [], rest
+        message["tool_call_error"] = str(e)
+    if thinking:
+        message["thinking"] = thinking
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def structured_answer(text: str) -> dict:
+    """`{"content", "tool_calls"}` of a generated text (+ `thinking`,
+    `tool_call_error` when there are), as `generate(..., tools=...)` returns.
+
+    >>> structured_answer("Hello")
+    {'content': 'Hello', 'tool_calls': []}
+    """
+    message = parse_answer(text)
+    out = {"content": message["content"], "tool_calls": message.get("tool_calls", [])}
+    for key in ("thinking", "tool_call_error"):
+        if key in message:
+            out[key] = message[key]
+    return out
+
+
+# --------------------------------------------------------------------------
+# Python functions as tools: declarations, calls, the chat loop
+# --------------------------------------------------------------------------
+
+_JSON_TYPES = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "array",
+    tuple: "array",
+    dict: "object",
+}
+_ARG_LINE = re.compile(r"^\s+(\w+)(?:\s*\(.*?\))?:\s*(.*\S)")
+
+
+def _schema_of(hint: Any) -> dict:
+    """The JSON schema type of a type hint; {} when there is none."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint, args = args[0], list(typing.get_args(args[0]))
+    kind = _JSON_TYPES.get(typing.get_origin(hint) or hint)
+    if kind is None:
+        return {}
+    schema = {"type": kind}
+    if kind == "array" and len(args) == 1 and _schema_of(args[0]):
+        schema["items"] = _schema_of(args[0])
+    return schema
+
+
+def _argument_docs(doc: str) -> dict[str, str]:
+    """{name: first line of its description} from a Google-style `Args:` section."""
+    docs, inside = {}, False
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            inside = True
+        elif inside and line.strip() and not line[0].isspace():
+            inside = False
+        elif inside and (match := _ARG_LINE.match(line)):
+            docs.setdefault(match.group(1), match.group(2))
+    return docs
+
+
+def _signature(function: Callable, name: str) -> tuple[inspect.Signature, dict]:
+    try:
+        return inspect.signature(function), typing.get_type_hints(function)
+    except (TypeError, ValueError, NameError) as e:
+        raise ValueError(
+            f"tools[{name!r}]: cannot read the signature of {function!r} ({e}); "
+            "pass declarations=[...] explicitly"
+        ) from e
+
+
+def function_declaration(function: Callable, name: str | None = None) -> dict:
+    """An OpenAI-style declaration of a Python function, from its signature.
+
+    Description: the docstring's first line; parameters: the signature's,
+    typed from their hints (str, int, float, bool, list, dict, optionally
+    `| None`; others get no type), described by a Google-style `Args:`
+    section; those without a default are required.
+
+    Example:
+      >>> def weather(city: str, days: int = 1) -> dict:
+      ...     \"\"\"Current weather in a city.
+      ...
+      ...     Args:
+      ...       city: the city's name.
+      ...     \"\"\"
+      >>> function_declaration(weather)["function"]
+      {'name': 'weather', 'description': 'Current weather in a city.', 'parameters': {'type': 'object', 'properties': {'city': {'type': 'string', 'description': "the city's name."}, 'days': {'type': 'integer'}}, 'required': ['city']}}
+    """
+    name = name or function.__name__
+    signature, hints = _signature(function, name)
+    doc = inspect.getdoc(function) or ""
+    described = _argument_docs(doc)
+    properties, required = {}, []
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        properties[param.name] = _schema_of(hints.get(param.name))
+        if param.name in described:
+            properties[param.name]["description"] = described[param.name]
+        if param.default is param.empty:
+            required.append(param.name)
+    parameters = {"type": "object", "properties": properties, "required": required}
+    function_part = {"name": name, "description": doc.split("\n", 1)[0].strip()}
+    return {"type": "function", "function": {**function_part, "parameters": parameters}}
+
+
+def tool_functions(tools: Any) -> dict[str, Callable]:
+    """`{name: function}` of a mapping or a list of Python functions.
+
+    >>> list(tool_functions([len]))
+    ['len']
+    """
+    if tools is None:
+        return {}
+    pairs = tools.items() if isinstance(tools, Mapping) else [(None, f) for f in tools]
+    out = {}
+    for name, function in pairs:
+        if not callable(function):
+            raise ValueError(f"tools[{name!r}] is {function!r}, not a function")
+        out[name or function.__name__] = function
+    return out
+
+
+def declare(functions: Mapping[str, Callable], declarations: Any = None) -> list[dict]:
+    """Checked declarations: `declarations` if given, else built from `functions`."""
+    if declarations is None:
+        declarations = [function_declaration(f, n) for n, f in functions.items()]
+    try:
+        return records.normalise_tools(list(declarations))
+    except ValueError as e:
+        raise PromptError(f"tools: {e}") from e
+
+
+def _is_json(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return False
+
+
+def run_tool(functions: Mapping[str, Callable], call: Mapping) -> dict:
+    """Runs one parsed call; its `{"name", "response"}` for the conversation.
+
+    An unknown function or an exception becomes the result `{"error": ...}`
+    (the model reads it, as a runtime would show it); a result that is not a
+    JSON value is written as its `str`.
+
+    Example:
+      >>> run_tool({"add": lambda a, b: a + b}, {"name": "add", "arguments": {"a": 1, "b": 2}})
+      {'name': 'add', 'response': 3}
+      >>> run_tool({}, {"name": "nope", "arguments": {}})
+      {'name': 'nope', 'response': {'error': "unknown function 'nope'"}}
+    """
+    name = call["name"]
+    function = functions.get(name)
+    if function is None:
+        return {"name": name, "response": {"error": f"unknown function {name!r}"}}
+    try:
+        result = function(**call.get("arguments", {}))
+    except Exception as e:  # any failure of the tool is the model's to read
+        result = {"error": str(e) or type(e).__name__}
+    return {"name": name, "response": result if _is_json(result) else str(result)}
+
+
+def chat_loop(
+    gen: Generator,
+    messages: list[dict],
+    *,
+    functions: Mapping[str, Callable],
+    declarations: list[dict],
+    max_steps: int = 5,
+    max_new_tokens: int = 64,
+) -> list[dict]:
+    """Generates, runs the model's calls, goes on after their results.
+
+    Each generation that calls tools becomes a model message with
+    `tool_calls` and the results in `tool_responses` (text beside the calls
+    is dropped: the template has no place for it before the results), and
+    the same turn goes on from `generation_prompt` after them. Stops at an
+    answer without calls, or after `max_steps` generations (the last
+    message then holds calls and results: pass the history back to go on).
+
+    Args:
+      gen: a `Generator` (its template and thinking mode).
+      messages: the conversation so far, in the package's form, ending in a
+        user message or in tool results (`check_prompt`).
+      functions: `{name: Python function}` the calls run.
+      declarations: the tools the model is shown.
+
+    Returns:
+      The new model messages; the last one the answer.
+    """
+    if max_steps < 1:
+        raise PromptError(f"max_steps={max_steps} must be >= 1")
+    history, new = list(messages), []
+    for _ in range(max_steps):
+        text = gen.generate(
+            [history], tools=[declarations], max_new_tokens=max_new_tokens
+        )[0]
+        message = parse_answer(text)
+        new.append(message)
+        history.append(message)
+        if not message.get("tool_calls"):
+            break
+        message["content"] = ""
+        calls = message["tool_calls"]
+        message["tool_responses"] = [run_tool(functions, c) for c in calls]
+    return new

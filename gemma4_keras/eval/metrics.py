@@ -3,8 +3,9 @@
 Pure Python (plus sacrebleu, rouge-score and jsonschema); no keras or jax
 import, so the metrics can be used and tested without a model.
 
-Four task types are supported, chosen in the config or inferred from the
-references with `infer_task_type`:
+Five task types are supported, chosen in the config or inferred from the
+references with `infer_task_type` (text) or from references that are call
+lists (`tool_call`):
 
 | task type        | metrics                                                 |
 |------------------|---------------------------------------------------------|
@@ -12,6 +13,8 @@ references with `infer_task_type`:
 | `generation`     | bleu (0-100), rouge1 / rouge2 / rougeL F-measure (0-1)   |
 | `extraction`     | exact_match, token_f1 (SQuAD-style, 0-1)                |
 | `instruction`    | json_parse_rate, schema_compliance, regex_compliance    |
+| `tool_call`      | exact_call_match, parse_rate, function_name_accuracy,   |
+|                  | argument_precision / _recall, schema_valid_rate          |
 
 Example:
 
@@ -27,10 +30,11 @@ import collections
 import json
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gemma4_keras.config_lib import TASK_TYPES
+from gemma4_keras.data import tool_format
 
 # Column name used in the confusion matrix for predictions outside the label
 # set. Parenthesised so it cannot collide with a normalised label "other".
@@ -54,6 +58,7 @@ _TASK_OPTIONS = {
     "generation": frozenset(),
     "extraction": frozenset(),
     "instruction": frozenset({"json_schema", "regex"}),
+    "tool_call": frozenset({"tools"}),
 }
 
 _HEADLINES = {
@@ -61,6 +66,7 @@ _HEADLINES = {
     "generation": "rougeL",
     "extraction": "exact_match",
     "instruction": "json_parse_rate",
+    "tool_call": "exact_call_match",
 }
 
 
@@ -483,6 +489,203 @@ def instruction_metrics(
 
 
 # ----------------------------------------------------------------------------
+# Tool calls
+# ----------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with integral floats as ints, so 1 and 1.0 compare equal."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """A JSON value as one canonical string: keys sorted, 1.0 written as 1.
+
+    Two arguments are the same when their canonical JSON is; `True` stays
+    `true`, not 1.
+
+    Example:
+        >>> canonical_json({"b": 1.0, "a": [2, "x", True]})
+        '{"a":[2,"x",true],"b":1}'
+    """
+    return json.dumps(
+        _canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def _call_counts(calls: Sequence[Mapping]) -> collections.Counter:
+    return collections.Counter(
+        (call["name"], canonical_json(call.get("arguments") or {})) for call in calls
+    )
+
+
+def _argument_counts(calls: Sequence[Mapping]) -> collections.Counter:
+    """Multiset of (call name, argument key, canonical value) triples."""
+    return collections.Counter(
+        (call["name"], key, canonical_json(value))
+        for call in calls
+        for key, value in (call.get("arguments") or {}).items()
+    )
+
+
+def _parsed_calls(text: str) -> list[dict] | None:
+    """The calls in a generated text; None when a call block is malformed."""
+    try:
+        return tool_format.parse_calls(text)
+    except tool_format.ToolFormatError:
+        return None
+
+
+def _check_calls(
+    references: Sequence[Sequence[Mapping]], predictions: Sequence[str]
+) -> tuple[list[list[Mapping]], list[str]]:
+    """Validates call-list references against aligned, non-empty predictions."""
+    predictions = _check_strings("predictions", predictions)
+    checked = []
+    for index, reference in enumerate(references):
+        calls = [] if isinstance(reference, str) else list(reference)
+        if isinstance(reference, str) or not all(
+            isinstance(c, Mapping) and isinstance(c.get("name"), str) for c in calls
+        ):
+            raise TypeError(
+                f"references[{index}] is {reference!r}; tool_call references are "
+                "lists of calls [{'name': ..., 'arguments': {...}}]"
+            )
+        checked.append(calls)
+    if len(checked) != len(predictions):
+        raise ValueError(
+            f"Got {len(checked)} references but {len(predictions)} predictions; "
+            "they must be aligned one to one."
+        )
+    if not checked:
+        raise ValueError("No examples: references and predictions are empty.")
+    return checked, predictions
+
+
+def _ratio(hits: int, total: int, other_total: int) -> float:
+    # 0/0 (no argument on this side) is perfect only when the other side has
+    # none either: predicting no argument where some were due scores 0.
+    return hits / total if total else float(other_total == 0)
+
+
+def _argument_scores(
+    references: list[list[Mapping]], predicted: list[list[dict]]
+) -> dict[str, float]:
+    hits = n_predicted = n_reference = 0
+    for reference, calls in zip(references, predicted):
+        wanted, got = _argument_counts(reference), _argument_counts(calls)
+        hits += sum((wanted & got).values())
+        n_predicted += sum(got.values())
+        n_reference += sum(wanted.values())
+    return {
+        "argument_precision": _ratio(hits, n_predicted, n_reference),
+        "argument_recall": _ratio(hits, n_reference, n_predicted),
+    }
+
+
+def _tool_validators(tools: Sequence[Mapping]) -> dict[str, Any]:
+    """{function name: jsonschema validator of its `parameters`}."""
+    validators = {}
+    for tool in tools or ():
+        function = tool.get("function", tool)
+        schema = function.get("parameters") or {"type": "object"}
+        validators[function["name"]] = _schema_validator(schema)
+    return validators
+
+
+def _schema_valid_rate(
+    predicted: list[list[dict]], tools: Sequence[Sequence[Mapping]]
+) -> float:
+    tools = list(tools)
+    if len(tools) != len(predicted):
+        raise ValueError(
+            f"Got {len(tools)} tool lists for {len(predicted)} examples; pass one "
+            "list of declarations per example."
+        )
+    valid = total = 0
+    for calls, declared in zip(predicted, tools):
+        validators = _tool_validators(declared)
+        for call in calls:
+            validator = validators.get(call["name"])
+            valid += validator is not None and validator.is_valid(call["arguments"])
+            total += 1
+    return _safe_div(valid, total)
+
+
+def tool_call_metrics(
+    references: Sequence[Sequence[Mapping]],
+    predictions: Sequence[str],
+    *,
+    tools: Sequence[Sequence[Mapping]] | None = None,
+) -> dict[str, float]:
+    """How well generated tool calls match the reference calls.
+
+    Predictions are generated texts; their calls are read with
+    `tool_format.parse_calls`. Calls compare as an order-free multiset of
+    (name, canonical JSON arguments), so parallel calls may come in any
+    order and 1 equals 1.0.
+
+    Args:
+        references: per example, the expected calls `[{"name",
+            "arguments"}]`.
+        predictions: the generated texts, aligned with `references`.
+        tools: optionally, per example, the OpenAI-style declarations the
+            model was shown; adds `schema_valid_rate`.
+
+    Returns:
+        `parse_rate`: predictions whose call blocks parse (no call at all
+        parses; it is simply wrong where calls were due). `exact_call_match`
+        and `function_name_accuracy`: predictions whose calls, or call names,
+        equal the reference's. `argument_precision` / `argument_recall`:
+        micro-averaged over (call name, key, value) triples (both 1.0 when
+        neither side has an argument). `schema_valid_rate`: predicted calls
+        that name a declared tool and whose arguments validate against its
+        `parameters` schema (0 when no call was predicted).
+
+    Raises:
+        ValueError / TypeError: on misaligned or empty inputs, references
+            that are not call lists, or an invalid `parameters` schema.
+
+    Example:
+        >>> ref = [[{"name": "weather", "arguments": {"city": "Oslo"}}]]
+        >>> pred = ['<|tool_call>call:weather{city:<|"|>Rome<|"|>}<tool_call|>']
+        >>> m = tool_call_metrics(ref, pred)
+        >>> m["parse_rate"], m["exact_call_match"], m["function_name_accuracy"]
+        (1.0, 0.0, 1.0)
+    """
+    references, predictions = _check_calls(references, predictions)
+    parsed = [_parsed_calls(text) for text in predictions]
+    predicted = [calls or [] for calls in parsed]
+    pairs = list(zip(references, parsed))
+    names = [
+        calls is not None
+        and collections.Counter(c["name"] for c in calls)
+        == collections.Counter(c["name"] for c in ref)
+        for ref, calls in pairs
+    ]
+    result = {
+        "parse_rate": _mean([float(calls is not None) for calls in parsed]),
+        "exact_call_match": _mean(
+            [
+                float(calls is not None and _call_counts(calls) == _call_counts(ref))
+                for ref, calls in pairs
+            ]
+        ),
+        "function_name_accuracy": _mean([float(ok) for ok in names]),
+        **_argument_scores(references, predicted),
+    }
+    if tools is not None:
+        result["schema_valid_rate"] = _schema_valid_rate(predicted, tools)
+    return result
+
+
+# ----------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------
 
@@ -495,6 +698,20 @@ def _check_task_type(task_type: str) -> None:
         )
 
 
+def _check_options(task_type: str, options: Mapping[str, Any]) -> None:
+    _check_task_type(task_type)
+    unknown = sorted(set(options) - _TASK_OPTIONS[task_type])
+    if unknown:
+        raise ValueError(
+            f"Options {unknown} do not apply to task type {task_type!r}; it takes "
+            f"{sorted(_TASK_OPTIONS[task_type]) or 'no options'}."
+        )
+
+
+def _are_call_lists(references: list[Any]) -> bool:
+    return bool(references) and all(isinstance(r, list | tuple) for r in references)
+
+
 def compute_metrics(
     task_type: str | None,
     references: Sequence[str],
@@ -504,11 +721,14 @@ def compute_metrics(
     """Computes the metrics of one task type.
 
     Args:
-        task_type: one of `TASK_TYPES`, or None to use `infer_task_type`.
-        references: the expected answers.
+        task_type: one of `TASK_TYPES`, or None to use `infer_task_type`
+            (`tool_call` when every reference is a list of calls).
+        references: the expected answers (for `tool_call`: per example, the
+            expected calls `[{"name", "arguments"}]`).
         predictions: the model's answers, aligned with `references`.
         **options: task-specific options: `labels` for classification,
-            `json_schema` and `regex` for instruction.
+            `json_schema` and `regex` for instruction, `tools` (declarations
+            per example) for tool_call.
 
     Returns:
         The task's metrics plus `task_type` and `num_examples`.
@@ -521,16 +741,15 @@ def compute_metrics(
         >>> compute_metrics("extraction", ["Paris"], ["paris."])
         {'exact_match': 1.0, 'token_f1': 1.0, 'task_type': 'extraction', 'num_examples': 1}
     """
+    references = list(references)
+    if task_type == "tool_call" or (task_type is None and _are_call_lists(references)):
+        _check_options("tool_call", options)
+        result = tool_call_metrics(references, predictions, **options)
+        return {**result, "task_type": "tool_call", "num_examples": len(predictions)}
     references, predictions = _check_pair(references, predictions)
     if task_type is None:
         task_type = infer_task_type(references)
-    _check_task_type(task_type)
-    unknown = sorted(set(options) - _TASK_OPTIONS[task_type])
-    if unknown:
-        raise ValueError(
-            f"Options {unknown} do not apply to task type {task_type!r}; it takes "
-            f"{sorted(_TASK_OPTIONS[task_type]) or 'no options'}."
-        )
+    _check_options(task_type, options)
     if task_type == "classification":
         result = classification_metrics(references, predictions, **options)
     elif task_type == "generation":
@@ -559,6 +778,8 @@ def headline_metric(task_type: str, metrics: dict[str, Any] | None = None) -> st
         'accuracy'
         >>> headline_metric("instruction", {"schema_compliance": 0.5})
         'schema_compliance'
+        >>> headline_metric("tool_call")
+        'exact_call_match'
     """
     _check_task_type(task_type)
     if task_type == "instruction" and metrics and "schema_compliance" in metrics:

@@ -12,6 +12,11 @@ model) into files a person can read and a program can parse:
 | `loss_curves.png`            | train / validation loss from the training log  |
 | `predictions.jsonl`          | prompt, reference, prediction_<model> per line |
 
+A model's metrics may hold further blocks, each a metrics dict with its own
+`task_type` (tool-use evaluation: `answer_after_tool`, `without_tool_calls`);
+the Markdown report gives each a table of its own and the JSON their deltas
+under `block_deltas`.
+
 Every file is written to a temporary name and moved into place with
 `os.replace`, so an interrupted run never leaves a half-written report.
 
@@ -183,6 +188,44 @@ def format_metrics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def metric_blocks(
+    results: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """The nested metrics blocks: {block: {model: metrics}}, in first-seen order.
+
+    A block is a value that is itself a metrics dict (it names a
+    `task_type`), e.g. the answers after tool results.
+
+    Example:
+        >>> metric_blocks({"tuned": {"task_type": "tool_call",
+        ...     "answer_after_tool": {"task_type": "extraction", "exact_match": 1.0}}})
+        {'answer_after_tool': {'tuned': {'task_type': 'extraction', 'exact_match': 1.0}}}
+    """
+    blocks: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for model, model_metrics in results.items():
+        for key, value in model_metrics.items():
+            if isinstance(value, Mapping) and "task_type" in value:
+                blocks.setdefault(key, {})[model] = value
+    return blocks
+
+
+def format_all_tables(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """`format_metrics_table`, then one table per metrics block (`metric_blocks`).
+
+    Without blocks it is `format_metrics_table(results)`.
+    """
+    parts = [format_metrics_table(results)]
+    for block, block_results in metric_blocks(results).items():
+        parts.append(f"{_block_title(block, block_results)}:")
+        parts.append(format_metrics_table(block_results))
+    return "\n\n".join(parts)
+
+
+def _block_title(block: str, block_results: Mapping[str, Mapping[str, Any]]) -> str:
+    task_types = sorted({str(m.get("task_type", "?")) for m in block_results.values()})
+    return f"{block} (task type: {', '.join(task_types)})"
+
+
 def _per_class_table(results: Mapping[str, Mapping[str, Any]]) -> str | None:
     """Per-class precision / recall / F1, one column group per model."""
     models = [name for name, m in results.items() if "per_class" in m]
@@ -221,6 +264,12 @@ def _render_markdown(
     per_class = _per_class_table(results)
     if per_class:
         parts += ["## Per-class scores", per_class]
+    for block, block_results in metric_blocks(results).items():
+        parts += [f"## {_block_title(block, block_results)}"]
+        parts += [format_metrics_table(block_results)]
+        block_per_class = _per_class_table(block_results)
+        if block_per_class:
+            parts += [block_per_class]
     if images:
         parts.append("## Plots")
         parts += [f"![{caption}]({file_name})" for caption, file_name in images.items()]
@@ -238,6 +287,10 @@ def _report_json(title: str, results: Mapping[str, Mapping[str, Any]]) -> str:
     report = {"title": title, "headline_metric": _headline(results), "models": results}
     if _has_delta(results):
         report["deltas"] = _deltas(results)
+        blocks = metric_blocks(results)
+        block_deltas = {b: _deltas(r) for b, r in blocks.items() if _has_delta(r)}
+        if block_deltas:
+            report["block_deltas"] = block_deltas
     return json.dumps(report, indent=2, default=_json_default) + "\n"
 
 

@@ -17,9 +17,10 @@ Bring your own `fit` (what `run` does, minus checkpoints, reports, resume):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -308,58 +309,164 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
     return evaluate_lib.evaluate_workdir(config, workdir, out)
 
 
-def _conversations(prompts) -> list[list[dict]]:
-    if isinstance(prompts, str):
+def _prompts(prompts, tools) -> tuple[list[list[dict]], list, bool]:
+    """(checked conversations, declarations per conversation, any tools?)."""
+    if isinstance(prompts, str | Mapping):
         prompts = [prompts]
-    return [
-        [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        for p in prompts
-    ]
+    conversations, declarations, structured = [], [], tools is not None
+    for i, p in enumerate(prompts):
+        own = p.get("tools") if isinstance(p, Mapping) else None
+        structured = structured or own is not None
+        if isinstance(p, str):
+            p = [{"role": "user", "content": p}]
+        elif isinstance(p, Mapping):
+            p = p.get("messages")
+        messages, declared = generate_lib.check_prompt(
+            list(p) if isinstance(p, Sequence) else p,
+            own if own is not None else tools,
+            f"prompts[{i}]",
+        )
+        conversations.append(messages)
+        declarations.append(declared)
+    return conversations, declarations, structured
+
+
+@contextlib.contextmanager
+def _adapter_dir(config, adapter) -> Iterator[str]:
+    """A PEFT adapter directory for `adapter` ("none" for the base).
+
+    A trained `Gemma4LoraModel` has its active adapter saved to a temporary
+    directory, removed on exit (load the model inside the block).
+    """
+    if adapter is None or isinstance(adapter, str):
+        yield adapter or "none"
+        return
+    with tempfile.TemporaryDirectory(prefix="gemma4-adapter-") as tmp:
+        peft.save_adapter(
+            adapter,
+            tmp,
+            base_model=export_lib.default_base_model(config),
+            overwrite=True,
+        )
+        yield tmp
+
+
+def _load_generator(config, adapter) -> generate_lib.Generator:
+    with _adapter_dir(config, adapter) as path:
+        return generate_lib.load_generator(config, path)
 
 
 def generate(
     config,
-    prompts: str | Sequence[str] | Sequence[Sequence[dict]],
+    prompts: str | Sequence[str] | Sequence[Sequence[dict]] | Sequence[Mapping],
     *,
     adapter=None,
     max_new_tokens: int | None = None,
-) -> list[str]:
-    """`gemma4-keras generate`: one model turn per prompt (greedy).
+    tools: Sequence[Mapping] | None = None,
+) -> list[str] | list[dict]:
+    """`gemma4-keras generate`: what the model writes next, per prompt (greedy).
 
     Args:
       config: the run config (`model.preset`, `data.template`, ...).
       prompts: a user message, a list of them, or chat conversations
-        (lists of `{"role", "content"}` dicts ending in a user turn).
+        (lists of OpenAI-style messages ending in a user turn or in `tool`
+        results), or `{"messages": [...], "tools": [...]}` objects.
       adapter: None for the base model, a PEFT adapter directory
         (`<workdir>/adapter`), or a trained `Gemma4LoraModel` (its active
         adapter is saved to a temporary directory first).
       max_new_tokens: default `config.eval.max_new_tokens`.
+      tools: OpenAI-style tool declarations shown with every prompt (a
+        prompt's own `tools` take precedence).
+
+    Returns:
+      One answer per prompt: its text; with tools (given here or by a
+      prompt), a dict `{"content": text outside the calls, "tool_calls":
+      [{"name", "arguments"}]}` (+ `thinking`, or `tool_call_error` for
+      calls that do not parse).
 
     Example:
       >>> generate(config, "Great soup.", adapter="runs/tiny/adapter")
       ['positive']
+      >>> generate(config, "Weather in Oslo?", adapter="runs/agent/adapter",
+      ...          tools=[{"type": "function", "function": {"name": "weather", ...}}])
+      [{'content': '', 'tool_calls': [{'name': 'weather', 'arguments': {'city': 'Oslo'}}]}]
     """
-    conversations = _conversations(prompts)
+    conversations, declarations, structured = _prompts(prompts, tools)
     if not conversations:
         raise generate_lib.PromptError("no prompt: give a message or a list of them")
     tokens = int(max_new_tokens or config.eval.max_new_tokens)
-    padded = _pad_to_data_parallel(conversations, int(config.eval.batch_size))
-    if adapter is None or isinstance(adapter, str):
-        answers = generate_lib.generate_answers(
-            config, padded, adapter=adapter or "none", max_new_tokens=tokens
-        )
-    else:
-        with tempfile.TemporaryDirectory(prefix="gemma4-adapter-") as tmp:
-            peft.save_adapter(
-                adapter,
-                tmp,
-                base_model=export_lib.default_base_model(config),
-                overwrite=True,
-            )
-            answers = generate_lib.generate_answers(
-                config, padded, adapter=tmp, max_new_tokens=tokens
-            )
-    return answers[: len(conversations)]
+    batch_size = int(config.eval.batch_size)
+    padded = _pad_to_data_parallel(list(zip(conversations, declarations)), batch_size)
+    gen = _load_generator(config, adapter)
+    answers = gen.generate(
+        [m for m, _ in padded],
+        tools=[t for _, t in padded] if structured else None,
+        max_new_tokens=tokens,
+        batch_size=batch_size,
+    )[: len(conversations)]
+    if not structured:
+        return answers
+    return [generate_lib.structured_answer(a) for a in answers]
+
+
+def chat(
+    config,
+    messages: str | Sequence[Mapping],
+    *,
+    tools: Mapping[str, Callable] | Sequence[Callable] | None = None,
+    declarations: Sequence[Mapping] | None = None,
+    adapter=None,
+    max_steps: int = 5,
+    max_new_tokens: int | None = None,
+) -> list[dict]:
+    """One model turn with Python functions as tools: generate, call, go on.
+
+    Loads the model once, then loops: generate; when the output calls tools,
+    run each function with the call's arguments (an exception or an unknown
+    name becomes the result `{"error": ...}`, a result that is not a JSON
+    value its `str`), add the results and let the model go on in the same
+    turn; stop at an answer without calls or after `max_steps` generations.
+
+    Args:
+      config: the run config (`model.preset`, `data.template`,
+        `data.enable_thinking`, ...).
+      messages: a user message, or a conversation (OpenAI-style or the
+        package's messages) ending in a user message or in tool results.
+      tools: `{name: function}` or a list of functions. Their declarations
+        come from the signatures (`eval.generate.function_declaration`:
+        the docstring's first line, parameters typed from their hints,
+        those without a default required) unless `declarations` are given.
+      declarations: OpenAI-style declarations to show instead.
+      adapter: as in `generate`.
+      max_steps: generations at most (>= 1).
+      max_new_tokens: per generation; default `config.eval.max_new_tokens`.
+
+    Returns:
+      The new messages in the package's form: model messages with
+      `tool_calls` and `tool_responses`, the last one the answer
+      (`{"role": "model", "content": ...}`).
+
+    Example:
+      >>> def weather(city: str) -> dict:
+      ...     \"\"\"Current weather in a city.\"\"\"
+      ...     return {"temp": -2}
+      >>> chat(config, "Weather in Oslo?", tools=[weather], adapter="runs/agent/adapter")
+      [{'role': 'model', 'content': '', 'tool_calls': [{'name': 'weather', 'arguments': {'city': 'Oslo'}}], 'tool_responses': [{'name': 'weather', 'response': {'temp': -2}}]}, {'role': 'model', 'content': 'It is -2 C in Oslo.'}]
+    """
+    functions = generate_lib.tool_functions(tools)
+    declared = generate_lib.declare(functions, declarations)
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    history, _ = generate_lib.check_prompt(list(messages), None, "messages")
+    gen = _load_generator(config, adapter)
+    return generate_lib.chat_loop(
+        gen,
+        history,
+        functions=functions,
+        declarations=declared,
+        max_steps=max_steps,
+        max_new_tokens=int(max_new_tokens or config.eval.max_new_tokens),
+    )
 
 
 def _pad_to_data_parallel(conversations: list, batch_size: int) -> list:

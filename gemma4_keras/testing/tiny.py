@@ -57,8 +57,11 @@ BOS): the chat template writes `<bos>`. `generation_config.json` stops on
 
 Chat template: the official `chat_template.jinja` files are not available
 offline, so `chat_template_jinja` writes one from the rules of
-`shared/GEMMA4.md` ("Chat format"); tests check that it reproduces the 22
-official renderings of `tests/data/gemma4_chat_golden.json`.
+`shared/GEMMA4.md` ("Chat format", "Tool calls in the chat format") and
+`data/tool_format.py`: plain turns, thoughts, tool declarations, calls and
+their results. Tests check that it reproduces the 36 official renderings of
+`tests/data/gemma4_chat_golden.json` and renders random tool conversations
+like `chat.render_conversation` (tests/test_tool_template.py).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ from safetensors.numpy import save_file
 from gemma4_keras.data import samples
 
 # Bump when the files written change, so stale caches are not reused.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 TINY_VOCAB_SIZE = 1024
 NUM_LAYERS = 4
 HIDDEN_SIZE = 64
@@ -614,45 +617,277 @@ def tokenizer_config() -> dict:
 # Chat template
 # --------------------------------------------------------------------------
 
-# Whitespace is controlled with `{%- -%}` / `{{- -}}` so the output does not
-# depend on trim_blocks / lstrip_blocks; the text is exactly the strings below.
-_CHAT_TEMPLATE = """{{- bos_token -}}
-{%- set ns = namespace(start=0) -%}
-{%- set has_system = messages | length > 0 and messages[0]['role'] in ['system', 'developer'] -%}
-{%- if enable_thinking or has_system -%}
-    {{- '<|turn>system\\n' -}}
-    {%- if enable_thinking -%}
-        {{- '<|think|>\\n' -}}
+# Written from the format rules of `shared/GEMMA4.md` and `data/tool_format.py`
+# (not from Google's file). Every tag trims the whitespace around it
+# (`{%- -%}`), so the output does not depend on trim_blocks / lstrip_blocks:
+# the text is exactly the strings below. Lookups are `x['key']`, never
+# `x.key`, which on a dict would find methods such as `items`. `@EMPTY_THOUGHT@`
+# is where the variants differ (`chat_template_jinja`).
+_CHAT_TEMPLATE = r"""{#- Gemma 4 chat template of the gemma4_keras tiny checkpoint -#}
+{%- set schema_keys = ['description', 'type', 'properties', 'required', 'nullable'] -%}
+{%- macro upper(v) -%}
+    {%- if v is defined and v is not none -%}{{- v | upper -}}{%- endif -%}
+{%- endmacro -%}
+{%- macro quoted(v) -%}{{- '<|"|>' ~ v ~ '<|"|>' -}}{%- endmacro -%}
+{%- macro text_of(content) -%}
+    {#- Text, or a list of {"type": "text", "text": ...} parts. -#}
+    {%- if content is string -%}{{- content -}}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for part in content -%}{{- part['text'] -}}{%- endfor -%}
     {%- endif -%}
+{%- endmacro -%}
+{%- macro value(v, quote_keys) -%}
+    {%- if v is none -%}{{- 'null' -}}
+    {%- elif v is string -%}{{- quoted(v) -}}
+    {%- elif v is boolean -%}{{- 'true' if v else 'false' -}}
+    {%- elif v is mapping -%}
+        {{- '{' -}}
+        {%- for key, item in v | dictsort -%}
+            {{- (quoted(key) if quote_keys else key) ~ ':' ~ value(item, quote_keys) -}}
+            {%- if not loop.last -%}{{- ',' -}}{%- endif -%}
+        {%- endfor -%}
+        {{- '}' -}}
+    {%- elif v is iterable -%}
+        {{- '[' -}}
+        {%- for item in v -%}
+            {{- value(item, quote_keys) -}}{%- if not loop.last -%}{{- ',' -}}{%- endif -%}
+        {%- endfor -%}
+        {{- ']' -}}
+    {%- else -%}{{- v -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro required(names) -%}
+    {{- 'required:[' -}}
+    {%- for name in names or [] -%}
+        {{- quoted(name) -}}{%- if not loop.last -%}{{- ',' -}}{%- endif -%}
+    {%- endfor -%}
+    {{- ']' -}}
+{%- endmacro -%}
+{%- macro schema_items(items) -%}
+    {#- The `items` schema of an array: its keys as they are, types upper-cased. -#}
+    {%- set out = namespace(parts=[]) -%}
+    {%- for key, v in items | dictsort if v is not none -%}
+        {%- if key == 'properties' -%}
+            {%- set part = 'properties:{' ~ (properties(v, false) if v is mapping else '') ~ '}' -%}
+        {%- elif key == 'required' -%}
+            {%- set part = required(v) -%}
+        {%- elif key == 'type' and v is string -%}
+            {%- set part = 'type:' ~ quoted(upper(v)) -%}
+        {%- elif key == 'type' -%}
+            {%- set kinds = namespace(parts=[]) -%}
+            {%- for kind in v -%}
+                {%- set kinds.parts = kinds.parts + [quoted(upper(kind))] -%}
+            {%- endfor -%}
+            {%- set part = 'type:[' ~ kinds.parts | join(',') ~ ']' -%}
+        {%- else -%}
+            {%- set part = key ~ ':' ~ value(v, true) -%}
+        {%- endif -%}
+        {%- set out.parts = out.parts + [part] -%}
+    {%- endfor -%}
+    {{- out.parts | join(',') -}}
+{%- endmacro -%}
+{%- macro property(v) -%}
+    {%- set v = v if v is mapping else {} -%}
+    {%- set kind = upper(v['type']) -%}
+    {%- set out = namespace(parts=[]) -%}
+    {%- if v['description'] -%}
+        {%- set out.parts = out.parts + ['description:' ~ quoted(v['description'])] -%}
+    {%- endif -%}
+    {%- if kind == 'STRING' and v['enum'] -%}
+        {%- set out.parts = out.parts + ['enum:' ~ value(v['enum'], true)] -%}
+    {%- elif kind == 'ARRAY' and v['items'] is mapping and v['items'] -%}
+        {%- set out.parts = out.parts + ['items:{' ~ schema_items(v['items']) ~ '}'] -%}
+    {%- endif -%}
+    {%- if v['nullable'] -%}
+        {%- set out.parts = out.parts + ['nullable:true'] -%}
+    {%- endif -%}
+    {%- if kind == 'OBJECT' -%}
+        {#- An object schema without `properties` is read as the property list itself. -#}
+        {%- if v['properties'] is mapping -%}
+            {%- set inner = properties(v['properties'], false) -%}
+        {%- else -%}
+            {%- set inner = properties(v, true) -%}
+        {%- endif -%}
+        {%- set out.parts = out.parts + ['properties:{' ~ inner ~ '}'] -%}
+        {%- if v['required'] -%}
+            {%- set out.parts = out.parts + [required(v['required'])] -%}
+        {%- endif -%}
+    {%- endif -%}
+    {{- (out.parts + ['type:' ~ quoted(kind)]) | join(',') -}}
+{%- endmacro -%}
+{%- macro properties(props, skip_schema_keys) -%}
+    {%- set out = namespace(parts=[]) -%}
+    {%- for key, v in props | dictsort -%}
+        {%- if not (skip_schema_keys and key in schema_keys) -%}
+            {%- set out.parts = out.parts + [key ~ ':{' ~ property(v) ~ '}'] -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {{- out.parts | join(',') -}}
+{%- endmacro -%}
+{%- macro declaration(tool) -%}
+    {%- set function = tool['function'] if tool['function'] is defined else tool -%}
+    {{- '<|tool>declaration:' ~ function['name'] ~ '{description:' -}}
+    {{- quoted(function['description'] or '') -}}
+    {%- set params = function['parameters'] -%}
+    {%- if params -%}
+        {{- ',parameters:{' -}}
+        {%- if params['properties'] -%}
+            {{- 'properties:{' ~ properties(params['properties'], false) ~ '},' -}}
+        {%- endif -%}
+        {%- if params['required'] -%}{{- required(params['required']) ~ ',' -}}{%- endif -%}
+        {%- if params['type'] -%}
+            {{- 'type:' ~ quoted(upper(params['type'])) ~ '}' -}}
+        {%- endif -%}
+    {%- endif -%}
+    {%- if 'response' in function -%}
+        {%- set response = function['response'] or {} -%}
+        {{- ',response:{' -}}
+        {%- if response['description'] -%}
+            {{- 'description:' ~ quoted(response['description']) ~ ',' -}}
+        {%- endif -%}
+        {%- if upper(response['type']) == 'OBJECT' -%}
+            {{- 'type:' ~ quoted('OBJECT') ~ '}' -}}
+        {%- endif -%}
+    {%- endif -%}
+    {{- '}<tool|>' -}}
+{%- endmacro -%}
+{%- macro call(item) -%}
+    {%- set function = item['function'] if item['function'] is defined else item -%}
+    {%- set arguments = function['arguments'] -%}
+    {%- if arguments is string -%}
+        {{- raise_exception('tool call arguments must be a mapping, not a JSON string') -}}
+    {%- endif -%}
+    {{- '<|tool_call>call:' ~ function['name'] ~ '{' -}}
+    {%- for key, v in (arguments or {}) | dictsort -%}
+        {{- key ~ ':' ~ value(v, false) -}}{%- if not loop.last -%}{{- ',' -}}{%- endif -%}
+    {%- endfor -%}
+    {{- '}<tool_call|>' -}}
+{%- endmacro -%}
+{%- macro response(name, result) -%}
+    {#- A mapping result key by key, anything else as `value`. -#}
+    {{- '<|tool_response>response:' ~ name ~ '{' -}}
+    {%- if result is mapping -%}
+        {%- for key, v in result | dictsort -%}
+            {{- key ~ ':' ~ value(v, false) -}}{%- if not loop.last -%}{{- ',' -}}{%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{- 'value:' ~ value(result, false) -}}
+    {%- endif -%}
+    {{- '}<tool_response|>' -}}
+{%- endmacro -%}
+{%- macro tool_message(message, calls) -%}
+    {#- A `tool` message answers the call its `tool_call_id` names, else its `name`. -#}
+    {%- set found = namespace(name=none) -%}
+    {%- set call_id = message['tool_call_id'] -%}
+    {%- for item in calls -%}
+        {%- if call_id is defined and call_id is not none and item['id'] is defined
+              and item['id'] is not none and item['id'] | string
+              and item['id'] | string == call_id | string -%}
+            {%- set found.name = (item['function'] if item['function'] is defined else item)['name'] -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- set result = message['content'] -%}
+    {%- if result is iterable and result is not string and result is not mapping
+          and result | reject('mapping') | list | length == 0 -%}
+        {%- set result = text_of(result) -%}
+    {%- endif -%}
+    {{- response(found.name or message['name'] or 'unknown', result) -}}
+{%- endmacro -%}
+{%- macro model_text(content) -%}
+    {#- Thoughts `<|channel>...<channel|>` are never shown in the history. -#}
+    {%- set text = namespace(kept='') -%}
+    {%- for part in text_of(content).split('<channel|>') -%}
+        {%- set text.kept = text.kept + part.split('<|channel>')[0] -%}
+    {%- endfor -%}
+    {{- text.kept -}}
+{%- endmacro -%}
+{%- set roles = {'assistant': 'model', 'developer': 'system'} -%}
+{%- set ns = namespace(start=0, last_user=-1, prev='', after='') -%}
+{{- bos_token -}}
+{%- set has_system = messages | length > 0 and messages[0]['role'] in ['system', 'developer'] -%}
+{%- if enable_thinking or has_system or tools -%}
+    {{- '<|turn>system\n' -}}
+    {%- if enable_thinking -%}{{- '<|think|>\n' -}}{%- endif -%}
     {%- if has_system -%}
-        {{- messages[0]['content'] | trim -}}
+        {{- text_of(messages[0]['content']) | trim -}}
         {%- set ns.start = 1 -%}
     {%- endif -%}
-    {{- '<turn|>\\n' -}}
+    {%- for tool in tools or [] -%}{{- declaration(tool) -}}{%- endfor -%}
+    {{- '<turn|>\n' -}}
 {%- endif -%}
-{%- for message in messages[ns.start:] -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {%- set content = message['content'] -%}
-    {%- if role == 'model' -%}
-        {%- set text = namespace(kept='') -%}
-        {%- for part in content.split('<channel|>') -%}
-            {%- set text.kept = text.kept + part.split('<|channel>')[0] -%}
-        {%- endfor -%}
-        {%- set content = text.kept -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{#- `tool` messages are rendered with the model message whose calls they answer. -#}
+{%- for i in range(ns.start, messages | length) if messages[i]['role'] != 'tool' -%}
+    {%- set message = messages[i] -%}
+    {%- set role = roles.get(message['role'], message['role']) -%}
+    {#- Tool use is one model turn: a model message after one opens no new turn. -#}
+    {%- if not (role == 'model' and ns.prev == 'model') -%}
+        {{- '<|turn>' ~ role ~ '\n' -}}
     {%- endif -%}
-    {{- '<|turn>' + role + '\\n' + (content | trim) + '<turn|>\\n' -}}
+    {%- set calls = (message['tool_calls'] or []) if role == 'model' else [] -%}
+    {%- set turn = namespace(responses=false, following=none, close=false) -%}
+    {%- if role == 'model' -%}
+        {#- Only the thoughts of the turn being answered are shown. -#}
+        {%- set thought = message['reasoning_content'] or message['reasoning'] -%}
+        {%- if thought and i > ns.last_user -%}
+            {{- '<|channel>thought\n' ~ thought ~ '\n<channel|>' -}}
+        {%- endif -%}
+        {%- for item in calls -%}{{- call(item) -}}{%- endfor -%}
+        {%- for item in message['tool_responses'] or [] -%}
+            {{- response(item['name'] or 'unknown', item['response']) -}}
+            {%- set turn.responses = true -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {#- The `tool` messages right after a model message are its results. -#}
+    {%- for later in messages[i + 1:] -%}
+        {%- if later['role'] != 'tool' -%}
+            {%- set turn.following = roles.get(later['role'], later['role']) -%}
+            {%- break -%}
+        {%- endif -%}
+        {{- tool_message(later, calls) -}}
+        {%- set turn.responses = true -%}
+    {%- endfor -%}
+    {%- set content = model_text(message['content']) if role == 'model'
+                      else text_of(message['content']) -%}
+    {%- set text = (content | trim) -%}
+    {{- text -}}
+    {%- if calls and not turn.responses -%}
+        {#- The model stops at `<|tool_response>`; the runtime writes the results. -#}
+        {{- '<|tool_response>' -}}
+        {%- set ns.after = 'call' -%}
+    {%- else -%}
+        {%- set ns.after = 'response' if turn.responses and not text else '' -%}
+        {#- A model message after this one goes on with the same turn; results
+            that end the conversation leave it open for the model to go on. -#}
+        {%- set continues = role == 'model' and turn.following == 'model' -%}
+        {%- set turn.close = not continues
+                             and not (ns.after == 'response' and turn.following is none) -%}
+    {%- endif -%}
+    {%- set ns.prev = role -%}
+    {{- '' if not turn.close else '<turn|>\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-    {{- '<|turn>model\\n' -}}
-"""
-_LARGE_SUFFIX = """    {%- if not enable_thinking -%}
-        {{- '<|channel>thought\\n<channel|>' -}}
+    {%- if ns.after == '' -%}
+        {{- '<|turn>model\n' -}}
+        {%- if @EMPTY_THOUGHT@ and not enable_thinking -%}
+            {{- '<|channel>thought\n<channel|>' -}}
+        {%- endif -%}
+    {%- elif ns.after == 'response' and enable_thinking -%}
+        {{- '<|channel>thought\n' -}}
     {%- endif -%}
+{%- endif -%}
 """
 
 
 def chat_template_jinja(variant: str) -> str:
     """A `chat_template.jinja` that renders like the official `variant` one.
+
+    It renders plain turns, thoughts, tool declarations, calls (OpenAI
+    `tool_calls`), their results (`tool` messages or Gemma's native
+    `tool_responses`) and both generation prompts, as
+    `chat.render_conversation` does (tests/test_tool_template.py).
 
     Args:
         variant: "small" (E2B-it, E4B-it: the thinking-off generation prompt
@@ -666,8 +901,7 @@ def chat_template_jinja(variant: str) -> str:
     """
     if variant not in ("small", "large"):
         raise ValueError(f"chat template variant {variant!r}: use small or large")
-    suffix = _LARGE_SUFFIX if variant == "large" else ""
-    return _CHAT_TEMPLATE + suffix + "{%- endif -%}\n"
+    return _CHAT_TEMPLATE.replace("@EMPTY_THOUGHT@", str(variant == "large").lower())
 
 
 # --------------------------------------------------------------------------
