@@ -116,18 +116,18 @@ METHODS: dict[str, dict] = {
 }
 
 
+def _resource(name: str) -> str:
+    return str(importlib.resources.files("gemma4_keras") / "resources" / name)
+
+
 def default_dataset_path() -> str:
     """Path of the sentiment dataset that ships with the package."""
-    return str(
-        importlib.resources.files("gemma4_keras") / "resources" / "sentiment.jsonl"
-    )
+    return _resource("sentiment.jsonl")
 
 
 def tools_dataset_path() -> str:
     """Path of the tool-call dataset that ships with the package (`:tools`)."""
-    return str(
-        importlib.resources.files("gemma4_keras") / "resources" / "support_tools.jsonl"
-    )
+    return _resource("support_tools.jsonl")
 
 
 def get_config(

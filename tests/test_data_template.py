@@ -171,7 +171,8 @@ def test_guard_stops_on_a_template_the_package_does_not_render(tmp_path):
     d = tiny.write_tiny_checkpoint(tmp_path / "ckpt", chat_template="small")
     official = (d / "chat_template.jinja").read_text()
     edited = official.replace(
-        "'<turn|>\\n' -}}\n{%- endfor", "'<turn|>\\n\\n' -}}\n{%- endfor"
+        "'<turn|>\\n' -}}{%- endif -%}\n{%- endfor",
+        "'<turn|>\\n\\n' -}}{%- endif -%}\n{%- endfor",
     )
     assert edited != official
     (d / "chat_template.jinja").write_text(edited)

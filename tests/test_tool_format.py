@@ -12,29 +12,10 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tool_strategies import NAMES, VALUES
 
 from gemma4_keras.data import chat, records, tool_format
 
-NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,11}", fullmatch=True)
-TEXT = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="<"), max_size=12
-) | st.sampled_from(
-    ['a "quoted" word', "it's", "ünïcødé ✓", "x<y", "{a:b}", "[1,2]", ""]
-)
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(10**12), 10**12)
-    | st.floats(allow_nan=False, allow_infinity=False, width=64)
-    | TEXT
-)
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(NAMES, inner, max_size=3)
-    ),
-    max_leaves=8,
-)
 CALLS = st.builds(
     lambda name, args: {"name": name, "arguments": args},
     NAMES,

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tool_strategies import NAMES, TEXT, VALUES
 
 from gemma4_keras.data import chat, records
 from gemma4_keras.testing import tiny
@@ -90,29 +91,9 @@ def test_json_string_arguments_are_refused_like_the_official_template():
 # Random tool conversations
 # --------------------------------------------------------------------------
 
-NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,9}", fullmatch=True)
-TEXT = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="<"), max_size=12
-) | st.sampled_from(
-    ['a "quoted" word', "it's", "ünïcødé ✓", "x<y", "{a:b}", "[1,2]", "", "  pad  "]
-)
 SAY = TEXT.map(lambda t: "say " + t)  # never empty once trimmed
 WORDS = st.lists(st.sampled_from(["look", "it", "up", "Ünï", '"q"']), min_size=1)
 THOUGHT = WORDS.map(" ".join)  # trimmed, as records keeps thoughts
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(10**12), 10**12)
-    | st.floats(allow_nan=False, allow_infinity=False, width=64)
-    | TEXT
-)
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(NAMES, inner, max_size=3)
-    ),
-    max_leaves=8,
-)
 LEAF_SCHEMAS = (
     st.just({"type": "string"})
     | st.lists(TEXT, min_size=1, max_size=3).map(

@@ -1,18 +1,15 @@
 """Duplicates, the holdout split, tool-call checks and the data quality report."""
 
 import collections
-import functools
 import hashlib
 import json
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import jsonschema
 import numpy as np
-from referencing.exceptions import Unresolvable  # jsonschema's $ref resolver
 
+from gemma4_keras.data import tool_format
 from gemma4_keras.data.chat import LEGACY_MARKERS
 from gemma4_keras.data.records import Conversation, Problem
 
@@ -168,43 +165,6 @@ def token_stats(encoded: Sequence, max_length: int | None = None) -> dict | None
 # --------------------------------------------------------------------------
 
 
-def _nullable(schema: Any) -> Any:
-    """Reads Gemma's / OpenAPI's `nullable: true` as JSON schema's `null` type.
-
-    The chat template writes `nullable` (`tool_format.format_parameters`), so
-    data written for it passes None there; jsonschema knows only type lists
-    (and ignores the `nullable` keyword itself).
-
-    Example:
-        >>> _nullable({"type": "string", "nullable": True})
-        {'type': ['string', 'null'], 'nullable': True}
-    """
-    if isinstance(schema, list):
-        return [_nullable(s) for s in schema]
-    if not isinstance(schema, Mapping):
-        return schema
-    out = {k: _nullable(v) for k, v in schema.items()}
-    if out.get("nullable") is True and isinstance(out.get("type"), str):
-        out["type"] = [out["type"], "null"]
-    if out.get("nullable") is True and isinstance(out.get("enum"), list):
-        out["enum"] = out["enum"] + [None]
-    return out
-
-
-@functools.lru_cache(maxsize=256)
-def _validator(parameters: str) -> Any:
-    schema = _nullable(json.loads(parameters))
-    return jsonschema.validators.validator_for(schema)(schema)
-
-
-def _declared(conversation: Conversation) -> dict[str, dict | None]:
-    """{function name: its parameters schema, or None when it declares none}."""
-    return {
-        t["function"]["name"]: t["function"].get("parameters")
-        for t in conversation.tools
-    }
-
-
 def call_problems(conversation: Conversation) -> list[Problem]:
     """Every call of a conversation with tools that its declarations refuse.
 
@@ -226,33 +186,14 @@ def call_problems(conversation: Conversation) -> list[Problem]:
     """
     if not conversation.tools:
         return []
-    declared, problems = _declared(conversation), []
+    declared, problems = tool_format.declared_parameters(conversation.tools), []
     for i, message in enumerate(conversation.messages):
         for j, call in enumerate(message.get("tool_calls") or ()):
             ident = f", id {call['id']}" if call.get("id") else ""
             where = f"message {i}, tool_calls[{j}] ({call['name']}{ident})"
-            for reason in _call_reasons(call, declared):
+            for reason in tool_format.call_errors(call, declared):
                 problems.append(Problem(conversation.source, f"{where}: {reason}"))
     return problems
-
-
-def _call_reasons(call: Mapping, declared: Mapping) -> list[str]:
-    if call["name"] not in declared:
-        names = ", ".join(sorted(declared))
-        return [f"calls an undeclared function (the record declares: {names})"]
-    parameters = declared[call["name"]]
-    if parameters is None:
-        return []
-    validator = _validator(json.dumps(parameters, sort_keys=True))
-    try:
-        errors = list(validator.iter_errors(call["arguments"]))
-    except Unresolvable as e:  # a `$ref` to nowhere (remote ones are not fetched)
-        return [f"its declared parameters cannot be resolved ({e})"]
-    errors.sort(key=lambda e: e.json_path)
-    return [
-        e.message + ("" if e.json_path == "$" else f" (at arguments{e.json_path[1:]})")
-        for e in errors
-    ]
 
 
 def check_tool_calls(

@@ -130,10 +130,7 @@ def _check_text(text: str, where: str, *, thoughts_allowed: bool = False) -> Non
 
 
 def _check_json_value(value: Any, where: str) -> None:
-    try:
-        tool_format.check_value(value, where)
-    except tool_format.ToolFormatError as e:
-        raise ValueError(str(e)) from e
+    tool_format.check_value(value, where)  # its ToolFormatError is a ValueError
     text = json.dumps(value, ensure_ascii=False)
     for token in chat.FORBIDDEN_IN_CONTENT:
         if token in text:
@@ -169,10 +166,7 @@ def _tool_calls(raw: Any, index: int) -> list[dict]:
         function = item.get("function", item)  # OpenAI nests it; also accept flat
         if not isinstance(function, Mapping) or "name" not in function:
             raise ValueError(f"{where}: missing function.name")
-        try:
-            name = tool_format.check_name(function["name"], where)
-        except tool_format.ToolFormatError as e:
-            raise ValueError(str(e)) from e
+        name = tool_format.check_name(function["name"], where)
         call = {"name": name, "arguments": _arguments(function.get("arguments"), where)}
         if item.get("id") is not None:
             call["id"] = str(item["id"])
@@ -628,10 +622,7 @@ def normalise_tools(raw: Any) -> list[dict]:
         function = item.get("function", item)
         if not isinstance(function, Mapping):
             raise ValueError(f"{where}: 'function' must be an object")
-        try:
-            name = tool_format.check_name(function.get("name"), where)
-        except tool_format.ToolFormatError as e:
-            raise ValueError(str(e)) from e
+        name = tool_format.check_name(function.get("name"), where)
         if name in seen:
             raise ValueError(f"{where}: function {name!r} is declared twice")
         seen.add(name)

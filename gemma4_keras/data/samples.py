@@ -162,6 +162,16 @@ def generate_sentiment_examples(
     return examples
 
 
+def _jsonl_text(examples: list[dict]) -> str:
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
+
+
+def _write(path: str | pathlib.Path, text: str) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def sentiment_jsonl_text(
     num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = DEFAULT_SEED
 ) -> str:
@@ -173,9 +183,7 @@ def sentiment_jsonl_text(
     >>> text == SENTIMENT_PATH.read_text(encoding="utf-8")
     True
     """
-    examples = generate_sentiment_examples(num_examples, seed)
-    lines = [json.dumps(e, ensure_ascii=False) for e in examples]
-    return "\n".join(lines) + "\n"
+    return _jsonl_text(generate_sentiment_examples(num_examples, seed))
 
 
 def write_sentiment_jsonl(
@@ -190,9 +198,7 @@ def write_sentiment_jsonl(
     >>> write_sentiment_jsonl("/tmp/sentiment.jsonl")
     PosixPath('/tmp/sentiment.jsonl')
     """
-    path = pathlib.Path(path)
-    path.write_text(sentiment_jsonl_text(num_examples, seed), encoding="utf-8")
-    return path
+    return _write(path, sentiment_jsonl_text(num_examples, seed))
 
 
 def load_sentiment_examples(path: str | pathlib.Path = SENTIMENT_PATH) -> list[dict]:
@@ -581,9 +587,7 @@ def support_tools_jsonl_text(
     >>> text == SUPPORT_TOOLS_PATH.read_text(encoding="utf-8")
     True
     """
-    examples = generate_support_tools_examples(num_examples, seed)
-    lines = [json.dumps(e, ensure_ascii=False) for e in examples]
-    return "\n".join(lines) + "\n"
+    return _jsonl_text(generate_support_tools_examples(num_examples, seed))
 
 
 def write_support_tools_jsonl(
@@ -598,9 +602,7 @@ def write_support_tools_jsonl(
     >>> write_support_tools_jsonl("/tmp/support_tools.jsonl")
     PosixPath('/tmp/support_tools.jsonl')
     """
-    path = pathlib.Path(path)
-    path.write_text(support_tools_jsonl_text(num_examples, seed), encoding="utf-8")
-    return path
+    return _write(path, support_tools_jsonl_text(num_examples, seed))
 
 
 if __name__ == "__main__":

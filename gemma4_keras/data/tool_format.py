@@ -18,10 +18,15 @@ schema types. `format_*` write what the templates write, byte for byte (tests:
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import jsonschema
+from referencing.exceptions import Unresolvable  # jsonschema's $ref resolver
 
 QUOTE = '<|"|>'
 TOOL_OPEN, TOOL_CLOSE = "<|tool>", "<tool|>"
@@ -308,35 +313,34 @@ class _Reader:
         value, self.pos = self.text[self.pos : end], end + len(QUOTE)
         return value
 
-    def mapping(self) -> dict:
-        self.expect("{")
-        out: dict = {}
-        if self.text.startswith("}", self.pos):
+    def _items(self, opening: str, closing: str, read_item) -> None:
+        """Reads `opening item,item,... closing`, calling `read_item` for each."""
+        self.expect(opening)
+        if self.text.startswith(closing, self.pos):
             self.pos += 1
-            return out
+            return
         while True:
+            read_item()
+            if not self.text.startswith(",", self.pos):
+                self.expect(closing)
+                return
+            self.pos += 1
+
+    def mapping(self) -> dict:
+        out: dict = {}
+
+        def entry() -> None:
             key = self.key()
             self.expect(":")
             out[key] = self.value()
-            if self.text.startswith(",", self.pos):
-                self.pos += 1
-                continue
-            self.expect("}")
-            return out
+
+        self._items("{", "}", entry)
+        return out
 
     def sequence(self) -> list:
-        self.expect("[")
         out: list = []
-        if self.text.startswith("]", self.pos):
-            self.pos += 1
-            return out
-        while True:
-            out.append(self.value())
-            if self.text.startswith(",", self.pos):
-                self.pos += 1
-                continue
-            self.expect("]")
-            return out
+        self._items("[", "]", lambda: out.append(self.value()))
+        return out
 
     def value(self) -> Any:
         text, pos = self.text, self.pos
@@ -408,5 +412,74 @@ def split_answer(text: str) -> tuple[list[dict], str]:
     return calls, rest.strip()
 
 
-def declared_names(tools: Sequence[Mapping] | None) -> list[str]:
-    return [t["function"]["name"] for t in tools or ()]
+# --------------------------------------------------------------------------
+# Calls against their declarations
+# --------------------------------------------------------------------------
+
+
+def _nullable(schema: Any) -> Any:
+    """Reads Gemma's / OpenAPI's `nullable: true` as JSON schema's `null` type.
+
+    The chat template writes `nullable` (`format_parameters`), so data
+    written for it passes None there; jsonschema knows only type lists (and
+    ignores the `nullable` keyword itself).
+
+    Example:
+        >>> _nullable({"type": "string", "nullable": True})
+        {'type': ['string', 'null'], 'nullable': True}
+    """
+    if isinstance(schema, list):
+        return [_nullable(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: _nullable(v) for k, v in schema.items()}
+    if out.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if out.get("nullable") is True and isinstance(out.get("enum"), list):
+        out["enum"] = out["enum"] + [None]
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(parameters: str) -> Any:
+    schema = _nullable(json.loads(parameters))
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def declared_parameters(tools: Sequence[Mapping] | None) -> dict[str, Any]:
+    """{function name: its `parameters` schema, or None when it declares none}."""
+    out = {}
+    for tool in tools or ():
+        function = tool.get("function", tool)
+        out[function["name"]] = function.get("parameters")
+    return out
+
+
+def call_errors(call: Mapping, declared: Mapping[str, Any]) -> list[str]:
+    """Why `declared` (`declared_parameters`) refuses a call; [] when it accepts it.
+
+    The call must name a declared function and its arguments validate
+    against that function's `parameters` (jsonschema; `nullable: true`
+    allows None); a function declaring no parameters takes any arguments.
+
+    Example:
+        >>> call_errors({"name": "ping", "arguments": {}},
+        ...             {"ping": {"type": "object", "required": ["host"]}})
+        ["'host' is a required property"]
+    """
+    if call["name"] not in declared:
+        names = ", ".join(sorted(declared))
+        return [f"calls an undeclared function (the record declares: {names})"]
+    parameters = declared[call["name"]]
+    if parameters is None:
+        return []
+    validator = _validator(json.dumps(parameters, sort_keys=True))
+    try:
+        errors = list(validator.iter_errors(call["arguments"]))
+    except Unresolvable as e:  # a `$ref` to nowhere (remote ones are not fetched)
+        return [f"its declared parameters cannot be resolved ({e})"]
+    errors.sort(key=lambda e: e.json_path)
+    return [
+        e.message + ("" if e.json_path == "$" else f" (at arguments{e.json_path[1:]})")
+        for e in errors
+    ]

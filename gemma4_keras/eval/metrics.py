@@ -118,14 +118,18 @@ def _check_pair(
     """Validates that references and predictions are aligned, non-empty strings."""
     references = _check_strings("references", references)
     predictions = _check_strings("predictions", predictions)
-    if len(references) != len(predictions):
+    _check_aligned(len(references), len(predictions))
+    return references, predictions
+
+
+def _check_aligned(n_references: int, n_predictions: int) -> None:
+    if n_references != n_predictions:
         raise ValueError(
-            f"Got {len(references)} references but {len(predictions)} "
+            f"Got {n_references} references but {n_predictions} "
             "predictions; they must be aligned one to one."
         )
-    if not references:
+    if not n_references:
         raise ValueError("No examples: references and predictions are empty.")
-    return references, predictions
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -558,13 +562,7 @@ def _check_calls(
                 "lists of calls [{'name': ..., 'arguments': {...}}]"
             )
         checked.append(calls)
-    if len(checked) != len(predictions):
-        raise ValueError(
-            f"Got {len(checked)} references but {len(predictions)} predictions; "
-            "they must be aligned one to one."
-        )
-    if not checked:
-        raise ValueError("No examples: references and predictions are empty.")
+    _check_aligned(len(checked), len(predictions))
     return checked, predictions
 
 
@@ -589,16 +587,6 @@ def _argument_scores(
     }
 
 
-def _tool_validators(tools: Sequence[Mapping]) -> dict[str, Any]:
-    """{function name: jsonschema validator of its `parameters`}."""
-    validators = {}
-    for tool in tools or ():
-        function = tool.get("function", tool)
-        schema = function.get("parameters") or {"type": "object"}
-        validators[function["name"]] = _schema_validator(schema)
-    return validators
-
-
 def _schema_valid_rate(
     predicted: list[list[dict]], tools: Sequence[Sequence[Mapping]]
 ) -> float:
@@ -610,10 +598,9 @@ def _schema_valid_rate(
         )
     valid = total = 0
     for calls, declared in zip(predicted, tools):
-        validators = _tool_validators(declared)
+        parameters = tool_format.declared_parameters(declared)
         for call in calls:
-            validator = validators.get(call["name"])
-            valid += validator is not None and validator.is_valid(call["arguments"])
+            valid += not tool_format.call_errors(call, parameters)
             total += 1
     return _safe_div(valid, total)
 

@@ -82,7 +82,7 @@ from safetensors.numpy import save_file
 from gemma4_keras.data import samples
 
 # Bump when the files written change, so stale caches are not reused.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 TINY_VOCAB_SIZE = 1024
 NUM_LAYERS = 4
 HIDDEN_SIZE = 64
@@ -866,7 +866,7 @@ _CHAT_TEMPLATE = r"""{#- Gemma 4 chat template of the gemma4_keras tiny checkpoi
                              and not (ns.after == 'response' and turn.following is none) -%}
     {%- endif -%}
     {%- set ns.prev = role -%}
-    {{- '' if not turn.close else '<turn|>\n' -}}
+    {%- if turn.close -%}{{- '<turn|>\n' -}}{%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {%- if ns.after == '' -%}
