@@ -197,7 +197,7 @@ def run_ours(args, ckpt: pathlib.Path, nf4: bool) -> dict:
     import numpy as np
 
     from gemma4_keras.model import presets
-    from gemma4_keras.run import train
+    from gemma4_keras.training import train
 
     config = _ours_config(args, ckpt, nf4)
     start = time.perf_counter()

@@ -31,8 +31,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma4_keras.run import api  # noqa: E402
 from gemma4_keras.testing import full_size, tiny  # noqa: E402
+from gemma4_keras.training import api  # noqa: E402
 
 
 def mid_checkpoint(path: str, dim: int, layers: int) -> str:

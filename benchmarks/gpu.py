@@ -159,7 +159,7 @@ def run_ours(args, method: str) -> dict:
     import jax
 
     from gemma4_keras import config_lib
-    from gemma4_keras.run import train
+    from gemma4_keras.training import train
 
     quant = "nf4" if method == "qlora" else "none"
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ def adapter_workdir(root: str, preset: str, rank: int) -> str:
     """A finished run's workdir holding a random adapter on every linear layer."""
     import numpy as np
 
-    from gemma4_keras.export import peft
+    from gemma4_keras.exporters import peft
     from gemma4_keras.model import hub, presets
     from gemma4_keras.model.lora import LoraSpec
 
@@ -75,7 +75,7 @@ def main() -> None:
 
     import ml_collections
 
-    from gemma4_keras.export import commands, hf_stream
+    from gemma4_keras.exporters import commands, hf_stream
     from gemma4_keras.testing import full_size, tiny
 
     if args.size == "tiny":  # a smoke run of this script

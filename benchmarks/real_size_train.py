@@ -99,7 +99,7 @@ def load(config, preset: str):
 def compile_step(model, config):
     import jax
 
-    from gemma4_keras.run import train
+    from gemma4_keras.training import train
 
     plan = train.Plan(config.train.max_steps, 1, config.train.max_steps, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))

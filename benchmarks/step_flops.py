@@ -73,7 +73,7 @@ def compiled_step(args, ckpt, nf4: bool):
     import numpy as np
 
     from gemma4_keras.model import presets
-    from gemma4_keras.run import train
+    from gemma4_keras.training import train
 
     config = compare._ours_config(args, ckpt, nf4)
     config.train.loss_chunk_size = args.batch * args.seq

@@ -36,7 +36,6 @@ Bring your own `fit`::
 
 import importlib
 import sys
-import types
 
 from gemma4_keras._backend import BackendError, ensure_jax_backend
 
@@ -44,7 +43,7 @@ ensure_jax_backend()
 
 __version__ = "0.1.0"
 
-_API = "gemma4_keras.run.api"  # where every public function below lives
+_API = "gemma4_keras.training.api"  # where every public function below lives
 
 # Public names, by section -> the module that defines them (resolved lazily).
 _PUBLIC: dict[str, str] = {
@@ -90,21 +89,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """Keeps `gemma4_keras.run` / `.export` the public functions.
-
-    Python sets a package attribute to each subpackage it imports, so the
-    first `import gemma4_keras.run.train` would replace the public `run`
-    with the `gemma4_keras/run/` package. `from gemma4_keras.run import x`
-    is unaffected; `import gemma4_keras.run.x as y` is not supported.
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _PUBLIC and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

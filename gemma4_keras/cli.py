@@ -41,7 +41,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import gemma4_keras  # noqa: E402,F401  (selects the JAX backend first)
 from gemma4_keras import _quiet, disk  # noqa: E402
-from gemma4_keras.run import stopping  # noqa: E402  (light: no JAX)
+from gemma4_keras.training import stopping  # noqa: E402  (light: no JAX)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -176,10 +176,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gemma4_keras import config_lib, outputs  # lazy: see module doc
     from gemma4_keras.data import DataError  # lazy: see module doc
     from gemma4_keras.eval import generate, report  # lazy: see module doc
-    from gemma4_keras.export.hf import ExportError  # lazy: see module doc
-    from gemma4_keras.export.peft import AdapterFormatError  # lazy: see module doc
+    from gemma4_keras.exporters.hf import ExportError  # lazy: see module doc
+    from gemma4_keras.exporters.peft import AdapterFormatError  # lazy: see module doc
     from gemma4_keras.model import presets, safetensors_io  # lazy: see module doc
-    from gemma4_keras.run import checkpointing, train  # lazy: see module doc
+    from gemma4_keras.training import checkpointing, train  # lazy: see module doc
     from gemma4_keras.workdir_lock import WorkdirLockedError  # lazy: see module doc
 
     return (
@@ -240,7 +240,7 @@ def _start_jax() -> None:
     The order matters: JAX refuses `jax.distributed.initialize()` once
     anything has queried its devices, which starting the libraries does.
     """
-    from gemma4_keras.run import distributed  # lazy: see module doc
+    from gemma4_keras.training import distributed  # lazy: see module doc
 
     distributed.initialize()
     _quiet.start_libraries()
@@ -265,13 +265,13 @@ def log_environment(config) -> None:
 
 @command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
 def _train(config, args) -> int:
-    from gemma4_keras.run import train  # lazy: see module doc
+    from gemma4_keras.training import train  # lazy: see module doc
 
     workdir = _require(FLAGS.workdir, "workdir")
     state = train.run(config, workdir)
     status = state.get("status")
     if status in train.COMPLETE:  # a finished run is not evaluated again
-        from gemma4_keras.run import identity  # lazy: see module doc
+        from gemma4_keras.training import identity  # lazy: see module doc
 
         note = identity.unapplied_eval_changes(config, workdir)
         if note:
@@ -292,7 +292,7 @@ def _train(config, args) -> int:
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
 def _evaluate(config, args) -> int:
-    from gemma4_keras.run import api  # lazy: see module doc
+    from gemma4_keras.training import api  # lazy: see module doc
 
     if FLAGS.merged:
         config.eval.merged = True
@@ -310,7 +310,7 @@ def _generate(config, args) -> int:
     prompts = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     adapter = FLAGS.adapter
     if adapter is None and FLAGS.workdir:
-        from gemma4_keras.run import identity  # lazy: see module doc
+        from gemma4_keras.training import identity  # lazy: see module doc
 
         identity.check_config(config, FLAGS.workdir, "generate")
         adapter = os.path.join(FLAGS.workdir, "adapter")
@@ -344,7 +344,7 @@ def _answer_line(messages: list[dict], answer: str) -> dict:
 
 @command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")
 def _export(config, args) -> int:
-    from gemma4_keras.run.api import export  # lazy: see module doc
+    from gemma4_keras.training.api import export  # lazy: see module doc
 
     if not FLAGS.format:
         raise UsageError("--format=peft|hf|keras|gguf|gguf-lora is required")

@@ -8,7 +8,7 @@ import os
 import ml_collections
 import numpy as np
 
-from gemma4_keras.export import peft
+from gemma4_keras.exporters import peft
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing.tiny import tiny_checkpoint

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from gemma4_keras.run import callbacks as cb
+from gemma4_keras.training import callbacks as cb
 
 
 def _model():

@@ -13,8 +13,8 @@ import gemma4_keras
 from gemma4_keras import cli, config_lib
 from gemma4_keras.data import chat, records, tool_format
 from gemma4_keras.eval import generate
-from gemma4_keras.run import api
 from gemma4_keras.testing import tiny
+from gemma4_keras.training import api
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 WEATHER = {

@@ -176,7 +176,7 @@ def test_foreign_checkpoint_meta_is_named(runs, tmp_path):
     import json
     import shutil
 
-    from gemma4_keras.run import checkpointing
+    from gemma4_keras.training import checkpointing
 
     _, killed, _, _ = runs
     ckdir = str(tmp_path / "checkpoints")

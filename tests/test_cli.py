@@ -261,7 +261,7 @@ def test_export_needs_a_format(trained, tmp_path, capsys):
 )
 def test_export_records_the_hf_id_of_the_base(preset, expected):
     from gemma4_keras import config_lib
-    from gemma4_keras.export.commands import default_base_model
+    from gemma4_keras.exporters.commands import default_base_model
 
     config = config_lib.get_config("e4b", "lora")
     config.model.preset = preset

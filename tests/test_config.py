@@ -144,7 +144,7 @@ def test_data_settings_drop_empty_fields_and_default_path():
 def test_resume_check_tolerates_fields_added_later_but_not_changes(tmp_path):
     import json
 
-    from gemma4_keras.run import train
+    from gemma4_keras.training import train
 
     config = config_lib.get_config("tiny", "lora")
     stored = json.loads(config.to_json_best_effort())

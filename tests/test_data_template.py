@@ -17,8 +17,8 @@ from gemma4_keras.data import template as template_lib
 from gemma4_keras.data.records import Conversation, validate_messages
 from gemma4_keras.data.render import decode_with_spans
 from gemma4_keras.model import presets
-from gemma4_keras.run import train
 from gemma4_keras.testing import tiny
+from gemma4_keras.training import train
 
 CONFIGS = sorted(
     glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))

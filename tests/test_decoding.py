@@ -240,7 +240,7 @@ def test_switching_adapters_switches_the_compiled_decoder():
 def test_no_backbone_is_loaded_after_training_starts(tmp_path, monkeypatch):
     """Samples and evaluation decode with the training model itself."""
     from gemma4_keras import config_lib  # the run's modules, for this test only
-    from gemma4_keras.run import train  # the run's modules, for this test only
+    from gemma4_keras.training import train  # the run's modules, for this test only
 
     c = config_lib.get_config("tiny", "lora", "runlocal")
     c.train.sample_every = 1

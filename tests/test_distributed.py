@@ -11,15 +11,15 @@ import textwrap
 import pytest
 
 from gemma4_keras import config_lib
-from gemma4_keras.run import distributed
+from gemma4_keras.training import distributed
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import gemma4_keras
     import jax, keras, keras_hub
     from gemma4_keras import config_lib
-    from gemma4_keras.run import distributed
-    from gemma4_keras.run import train
+    from gemma4_keras.training import distributed
+    from gemma4_keras.training import train
     from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
     from gemma4_keras.model.lora import LoraSpec
     from gemma4_keras.testing.tiny import tiny_checkpoint

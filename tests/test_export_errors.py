@@ -7,8 +7,8 @@ import shutil
 import pytest
 from export_fixtures import config_for, fake_workdir, trained_model, variant_preset
 
-from gemma4_keras.export import commands, hf
-from gemma4_keras.export.hf import ExportError
+from gemma4_keras.exporters import commands, hf
+from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.outputs import OutputError
 
 

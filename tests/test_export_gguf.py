@@ -22,8 +22,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load_file
 
 from gemma4_keras.data import chat, records
-from gemma4_keras.export import commands, hf
-from gemma4_keras.export.hf import ExportError
+from gemma4_keras.exporters import commands, hf
+from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model.lora import LoraSpec
 
 gguf = oracles.need("gguf")

@@ -21,7 +21,7 @@ from export_fixtures import (
 from safetensors.numpy import load_file
 
 from gemma4_keras.data import chat, records
-from gemma4_keras.export import commands, hf
+from gemma4_keras.exporters import commands, hf
 from gemma4_keras.model.lora import LoraSpec
 
 torch = oracles.need("torch")

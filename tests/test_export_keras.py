@@ -16,7 +16,7 @@ from export_fixtures import (
     variant_preset,
 )
 
-from gemma4_keras.export import commands
+from gemma4_keras.exporters import commands
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from export_fixtures import factor_workdir, random_factors
 
-from gemma4_keras.export import hf_stream
+from gemma4_keras.exporters import hf_stream
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny
 
@@ -49,7 +49,7 @@ def status(key):
     return int(line.split()[1]) * 1024
 jobs = json.loads(sys.argv[1])
 import ml_collections
-from gemma4_keras.export import commands, hf
+from gemma4_keras.exporters import commands, hf
 figures = []
 for job in jobs:
     with open("/proc/self/clear_refs", "w") as f:

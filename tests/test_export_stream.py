@@ -26,8 +26,8 @@ from export_fixtures import (
 )
 from safetensors.numpy import load_file
 
-from gemma4_keras.export import commands, hf_stream
-from gemma4_keras.export.hf import ExportError
+from gemma4_keras.exporters import commands, hf_stream
+from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model import presets
 from gemma4_keras.model.lora import LoraSpec
 

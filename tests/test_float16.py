@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from gemma4_keras.model import decoding, gemma4_lora_model, layers, lora, presets
-from gemma4_keras.run import callbacks as cb
-from gemma4_keras.run import checkpointing, train
 from gemma4_keras.testing import tiny
+from gemma4_keras.training import callbacks as cb
+from gemma4_keras.training import checkpointing, train
 
 SEQ = 24
 

@@ -7,9 +7,9 @@ Layers, lowest first (a module may import its own layer and those below):
     data      data/          dataset reading, chat rendering, tokenizing, packing
     testing   testing/       checkpoints the package writes itself (the tiny preset)
     model     model/         KerasHub bridge, layers, LoRA, NF4, loss, presets, plan
-    export    export/        PEFT, Hugging Face, GGUF and KerasHub formats
+    exporters exporters/     PEFT, Hugging Face, GGUF and KerasHub formats
     eval      eval/          generation, metrics, evaluation, report, review page
-    run       run/           the training run
+    training  training/      the training run and the API (`training/api.py`)
     cli       cli            the command line
 
 A function-level import needs a reason on its line (an optional or heavy
@@ -22,7 +22,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gemma4_keras"
-LAYERS = ["base", "data", "testing", "model", "export", "eval", "run", "cli"]
+LAYERS = ["base", "data", "testing", "model", "exporters", "eval", "training", "cli"]
 BASE = (
     "_backend",
     "_quiet",
@@ -123,7 +123,7 @@ def test_no_upward_imports(path):
 
 def test_an_upward_import_is_detected():
     path = PACKAGE / "model" / "hub.py"
-    assert upward_imports(path, "from gemma4_keras.run import train\n")
+    assert upward_imports(path, "from gemma4_keras.training import train\n")
     assert upward_imports(path, "def f():\n    from gemma4_keras.eval import metrics\n")
     assert not upward_imports(path, "from gemma4_keras.data import chat\n")
 

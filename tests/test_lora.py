@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gemma4_keras import config_lib
-from gemma4_keras.export import peft as peft_lib
+from gemma4_keras.exporters import peft as peft_lib
 from gemma4_keras.model import gemma4_lora_model, hub, lora
 from gemma4_keras.testing import tiny
 

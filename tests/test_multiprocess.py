@@ -32,7 +32,7 @@ from safetensors.numpy import load_file
 from gemma4_keras import config_lib
 from gemma4_keras.data import pipeline
 from gemma4_keras.data.tokenize import EncodedExample
-from gemma4_keras.run import distributed
+from gemma4_keras.training import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -52,12 +52,12 @@ OVERRIDES = {  # what every run here shares (mode and method aside)
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     import gemma4_keras
-    from gemma4_keras.run import distributed
+    from gemma4_keras.training import distributed
     distributed.initialize()  # first: before anything starts JAX
 
     from absl import logging
     from gemma4_keras import config_lib
-    from gemma4_keras.run import checkpointing, train
+    from gemma4_keras.training import checkpointing, train
 
     logging.set_verbosity(logging.INFO)  # the test reads "restored checkpoint step"
 

@@ -23,7 +23,7 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras.export import peft as peft_lib
+from gemma4_keras.exporters import peft as peft_lib
 from gemma4_keras.model import gemma4_lora_model
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny

@@ -672,7 +672,7 @@ def test_disk_full_and_permission_errors_are_one_line(
 ):
     # As root the tests cannot make a read-only or full disk; the OS reports
     # them as these OSErrors, raised here where the run first writes.
-    from gemma4_keras.run import train
+    from gemma4_keras.training import train
 
     def fail(*args, **kwargs):
         raise error

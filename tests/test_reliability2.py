@@ -47,8 +47,8 @@ from test_reliability import (
 )
 
 from gemma4_keras import cli, workdir_lock
-from gemma4_keras.export import gguf as gguf_lib
-from gemma4_keras.export import peft
+from gemma4_keras.exporters import gguf as gguf_lib
+from gemma4_keras.exporters import peft
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from gemma4_keras import config_lib
-from gemma4_keras.export import commands
-from gemma4_keras.run import callbacks as cb
-from gemma4_keras.run import checkpointing, train
+from gemma4_keras.exporters import commands
+from gemma4_keras.training import callbacks as cb
+from gemma4_keras.training import checkpointing, train
 
 
 def closed_form(step: int, peak: float, total: int, warmup: int, decay: str) -> float:

@@ -161,7 +161,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from gemma4_keras import config_lib
     from gemma4_keras.model import plan, presets
-    from gemma4_keras.run import distributed
+    from gemma4_keras.training import distributed
 
     out, ckpt = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.devices()

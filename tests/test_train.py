@@ -14,7 +14,7 @@ import pytest
 from gemma4_keras import config_lib
 from gemma4_keras.model import presets
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
-from gemma4_keras.run import train
+from gemma4_keras.training import train
 
 
 def _config(**train_overrides):

@@ -28,7 +28,7 @@ from gemma4_keras import config_lib, data, outputs, workdir_lock
 from gemma4_keras.data import chat, tool_format
 from gemma4_keras.eval import metrics, report
 from gemma4_keras.eval.generate import Generator, load_model, parse_answer
-from gemma4_keras.export import peft
+from gemma4_keras.exporters import peft
 from gemma4_keras.model import decoding, lora, presets
 
 TOOL_BLOCK = "tool_call"

@@ -38,7 +38,7 @@ from gemma4_keras.data import (
     records,
     tool_format,
 )
-from gemma4_keras.export import peft
+from gemma4_keras.exporters import peft
 from gemma4_keras.model import decoding, hub, lora, presets
 
 EOS_ID = 1

@@ -19,7 +19,7 @@ from absl import logging
 
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
-from gemma4_keras.run import distributed, stopping
+from gemma4_keras.training import distributed, stopping
 
 
 def warmup_steps(train_cfg, total: int) -> int:

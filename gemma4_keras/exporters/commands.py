@@ -33,11 +33,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from gemma4_keras import config_lib, disk, outputs, workdir_lock
-from gemma4_keras.export import gguf as gguf_lib
-from gemma4_keras.export import hf, hf_stream, keras_preset, peft
-from gemma4_keras.export import manifest as manifest_lib
-from gemma4_keras.export.hf import ExportError, parse_size
-from gemma4_keras.export.peft import umask_permissions
+from gemma4_keras.exporters import gguf as gguf_lib
+from gemma4_keras.exporters import hf, hf_stream, keras_preset, peft
+from gemma4_keras.exporters import manifest as manifest_lib
+from gemma4_keras.exporters.hf import ExportError, parse_size
+from gemma4_keras.exporters.peft import umask_permissions
 from gemma4_keras.model import hub, lora, presets
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 

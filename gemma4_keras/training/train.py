@@ -50,12 +50,12 @@ from absl import logging
 
 from gemma4_keras import atomic, config_lib, data, host_memory, workdir_lock
 from gemma4_keras.eval import evaluate
-from gemma4_keras.export import peft
+from gemma4_keras.exporters import peft
 from gemma4_keras.model import plan as plan_lib
 from gemma4_keras.model import presets
 from gemma4_keras.model.layers import float16_islands
-from gemma4_keras.run import callbacks as cb
-from gemma4_keras.run import checkpointing, distributed, stopping
+from gemma4_keras.training import callbacks as cb
+from gemma4_keras.training import checkpointing, distributed, stopping
 
 
 class WorkdirError(RuntimeError):

@@ -37,8 +37,8 @@ from gemma4_keras.data import commands as data_commands
 from gemma4_keras.data import quality
 from gemma4_keras.data.records import Conversation, DataError
 from gemma4_keras.eval import report
-from gemma4_keras.run import train
 from gemma4_keras.settings import DataSettings
+from gemma4_keras.training import train
 
 # data.* fields that choose which examples are read and held out.
 SELECTION_FIELDS = (

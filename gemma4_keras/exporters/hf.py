@@ -50,8 +50,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemma4_keras.export import hf_stream
-from gemma4_keras.export.hf_stream import ExportError
+from gemma4_keras.exporters import hf_stream
+from gemma4_keras.exporters.hf_stream import ExportError
 from gemma4_keras.model import lora, stream_load
 from gemma4_keras.model.lora import Factors, LoraSpec
 from gemma4_keras.model.spec import ATTN_TARGETS, module_name

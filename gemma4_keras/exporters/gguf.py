@@ -37,8 +37,8 @@ import re
 
 import numpy as np
 
-from gemma4_keras.export import hf, hf_stream
-from gemma4_keras.export.hf_stream import ExportError
+from gemma4_keras.exporters import hf, hf_stream
+from gemma4_keras.exporters.hf_stream import ExportError
 from gemma4_keras.model import hub, lora
 from gemma4_keras.model.spec import module_name
 

@@ -31,11 +31,11 @@ from gemma4_keras import data as data_lib
 from gemma4_keras.data import render as render_lib
 from gemma4_keras.eval import evaluate as evaluate_lib
 from gemma4_keras.eval import generate as generate_lib
-from gemma4_keras.export import commands as export_lib
-from gemma4_keras.export import peft
+from gemma4_keras.exporters import commands as export_lib
+from gemma4_keras.exporters import peft
 from gemma4_keras.model import plan as plan_lib
 from gemma4_keras.model import presets
-from gemma4_keras.run import distributed, identity, train
+from gemma4_keras.training import distributed, identity, train
 
 # --- config -----------------------------------------------------------------
 

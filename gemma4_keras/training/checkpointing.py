@@ -47,7 +47,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from gemma4_keras import atomic, disk
-from gemma4_keras.run import distributed, stopping
+from gemma4_keras.training import distributed, stopping
 
 
 class CheckpointError(RuntimeError):
