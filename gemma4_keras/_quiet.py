@@ -89,6 +89,6 @@ def start_libraries() -> None:
             with contextlib.suppress(RuntimeError):  # devices already in use
                 tf.config.set_visible_devices([], "GPU")
         import jax  # after the environment variables above are set
-        import keras_hub  # noqa: F401
+        import keras_hub  # noqa: F401  (its start-up chatter lands in this filter)
 
         jax.devices()

@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from gemma4_keras.data import DataError, load_conversations
-from gemma4_keras.data.tfds_reader import parse_tfds_path
+from gemma4_keras.data.records import parse_tfds_path
 
 CHATS = [
     {

@@ -38,6 +38,9 @@ from gemma4_keras.data import tool_format
 
 # Column name used in the confusion matrix for predictions outside the label
 # set. Parenthesised so it cannot collide with a normalised label "other".
+# The two models a report compares (keys of its results, labels of its rows).
+BASE, FINETUNED = "base", "finetuned"
+
 OTHER_LABEL = "(other)"
 
 # Thresholds of the inference rule in `infer_task_type`.

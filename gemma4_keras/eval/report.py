@@ -45,6 +45,7 @@ from typing import Any
 
 from gemma4_keras import atomic
 from gemma4_keras.eval import metrics as metrics_lib
+from gemma4_keras.eval import review
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ReportError(ValueError):
     """An input of the report (the training log) that cannot be read."""
 
 
-BASE, FINETUNED = "base", "finetuned"
+BASE, FINETUNED = metrics_lib.BASE, metrics_lib.FINETUNED
 
 # Scalar rows that describe the evaluation rather than score the model; a
 # difference between models there is not an improvement.
@@ -615,6 +616,4 @@ def output_names(models: Sequence[str]) -> list[str]:
 
 def _human_review_section(out: pathlib.Path) -> str | None:
     """The "## Human review" section when `out` holds human_review.jsonl."""
-    from gemma4_keras.eval import review  # review builds on this module
-
     return review.report_section(out)

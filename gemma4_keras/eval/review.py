@@ -49,8 +49,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gemma4_keras import atomic
 from gemma4_keras.eval import metrics as metrics_lib
-from gemma4_keras.eval import report
 
 _LOG = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ ORDER_FILE = "review_order.json"
 REPORT_MD = "eval_report.md"
 SECTION_TITLE = "## Human review"
 
-BASE, FINETUNED = report.BASE, report.FINETUNED
+BASE, FINETUNED = metrics_lib.BASE, metrics_lib.FINETUNED
 TIE, BOTH_BAD = "tie", "both_bad"
 CHOICES = ("A", "B", TIE, BOTH_BAD)  # what the reviewer sees
 _VERDICTS = (FINETUNED, BASE, TIE, BOTH_BAD)  # what the log and summary count
@@ -226,7 +226,7 @@ def load_order(
     for item_id in missing:
         order[item_id] = rng.choice((BASE, FINETUNED))
     if missing:
-        report._write_text(path, json.dumps(order, indent=1) + "\n")
+        atomic.write_text(path, json.dumps(order, indent=1) + "\n")
     return order
 
 
@@ -761,7 +761,8 @@ def update_report(eval_dir: str | os.PathLike, section: str) -> pathlib.Path | N
     text = path.read_text(encoding="utf-8")
     pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.M | re.S)
     text = pattern.sub("", text).rstrip("\n")
-    return report._write_text(path, f"{text}\n\n{section}")
+    atomic.write_text(path, f"{text}\n\n{section}")
+    return path
 
 
 def summary_command(workdir: str | os.PathLike) -> str:
