@@ -220,3 +220,19 @@ def test_a_function_level_cycle_is_a_cycle(tmp_path):
     a = "def f():\n    from gemma4_keras.data import chat  # optional here\n"
     names = [n for n, _, top in imports(PACKAGE / "data" / "records.py", a)]
     assert names == ["gemma4_keras.data.chat"]
+
+
+_PATH_NAMED = re.compile(r"(?<![\w./-])((?:[a-z_]+/)+[a-z_0-9]+\.py)\b")
+
+
+def test_every_module_path_the_package_names_exists():
+    # A docstring or comment naming `export/hf.py` after the module moved
+    # sends the reader nowhere.
+    root = PACKAGE.parent
+    stale = [
+        f"{module_name(p)}: {m}"
+        for p in MODULES
+        for m in _PATH_NAMED.findall(p.read_text())
+        if not (PACKAGE / m).exists() and not (root / m).exists()
+    ]
+    assert stale == [], "\n".join(stale)

@@ -1,6 +1,6 @@
 """Which axis of each training-model variable goes on the mesh's `model` axis.
 
-The one table of layouts, by variable path, for `run/distributed.py` (which
+The one table of layouts, by variable path, for `training/distributed.py` (which
 places the variables) and `plan` (which counts the bytes each device holds),
 so the two cannot drift apart. A rule names one dimension of the variable;
 that dimension is split over the `model` axis, every other one is
