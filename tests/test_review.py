@@ -216,6 +216,7 @@ def test_api_serves_page_state_and_logs_judgements(eval_dir):
             "b",
             "choice",
             "comment",
+            "revision",
         }
         order = server.app.order
         a_model = order[first["id"]]
@@ -644,3 +645,104 @@ def test_browser_renders_hostile_text_as_text(tmp_path, browser):
         )
         assert injected == 0
         assert browser.execute_script("return window.__pwned === undefined")
+
+
+# ----------------------------------------------------------------------------
+# A stale tab, blank answers, the real workdir, a stopped server
+# ----------------------------------------------------------------------------
+
+
+def test_a_stale_judgement_is_refused_with_409(eval_dir):
+    with serving(eval_dir) as (url, _):
+        _, state, _ = request(url + "/api/state")
+        first = state["items"][0]
+        assert first["revision"] == 0
+        body = {"item": first["id"], "choice": "A", "seen": 0}
+        status, saved, _ = request(url + "/api/judgement", body)
+        assert status == 200 and saved["revision"] == 1
+        # A second tab that loaded before that judgement still holds seen=0.
+        stale = {"item": first["id"], "choice": "B", "seen": 0}
+        status, refused, _ = request(url + "/api/judgement", stale)
+        assert status == 409 and refused["stale"] is True
+        assert "item 1 was judged elsewhere" in refused["error"]
+        assert "reload the page" in refused["error"]
+        # The tab that made the judgement may change it (it knows revision 1).
+        again = {"item": first["id"], "choice": "tie", "seen": 1}
+        assert request(url + "/api/judgement", again)[0] == 200
+        # A script that sends no `seen` is not checked.
+        assert (
+            request(url + "/api/judgement", {"item": first["id"], "choice": "B"})[0]
+            == 200
+        )
+    assert [line["choice"] for line in judgements(eval_dir)] == ["A", "tie", "B"]
+
+
+@pytest.mark.parametrize("seen", ["0", True, 1.5])
+def test_seen_must_be_an_integer(eval_dir, seen):
+    app = review.ReviewApp(eval_dir)
+    with pytest.raises(review.ReviewError, match="must be the item's revision"):
+        app.judge({"item": app.items[0].id, "choice": "A", "seen": seen})
+
+
+def test_state_names_the_real_workdir(eval_dir):
+    assert review.ReviewApp(eval_dir).state()["workdir"] == str(eval_dir.parent)
+
+
+def _text(driver, element_id):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text
+
+
+def test_browser_second_tab_cannot_overwrite(eval_dir, browser):
+    with serving(eval_dir) as (url, _):
+        browser.get(url + "/")
+        wait_for_progress(browser, "Item 1 of 6 · 0 judged")
+        first_tab = browser.current_window_handle
+        browser.switch_to.new_window("tab")
+        browser.get(url + "/")
+        wait_for_progress(browser, "Item 1 of 6 · 0 judged")
+        press(browser, "a")  # the second tab judges item 1
+        wait_for_progress(browser, "Item 2 of 6 · 1 judged")
+        browser.switch_to.window(first_tab)
+        press(browser, "b")  # the first tab still shows item 1 unjudged
+        status = _text(browser, "status")
+        assert status.startswith("Not saved: item 1 was judged elsewhere"), status
+        assert _text(browser, "progress").startswith("Item 1 of 6 · 0 judged")
+    assert [line["choice"] for line in judgements(eval_dir)] == ["A"]
+
+
+def test_browser_shows_blank_answers_and_the_workdir(tmp_path, browser):
+    rows = [
+        {
+            "prompt": "Say nothing.",
+            "reference": "ok",
+            "prediction_base": "  \n",
+            "prediction_finetuned": "",
+        }
+    ]
+    eval_dir = write_eval_dir(tmp_path / "my run" / "eval", rows)
+    with serving(eval_dir) as (url, _):
+        browser.get(url + "/")
+        wait_for_progress(browser, "Item 1 of 1")
+        answers = {_text(browser, "answer-a"), _text(browser, "answer-b")}
+        assert answers == {"(empty answer)", "(only whitespace: 2 spaces, 1 newline)"}
+        press(browser, "x")
+        wait_for_progress(browser, "All 1 judged")
+        command = _text(browser, "summary-command")
+        assert command == f"gemma4-keras review --workdir='{eval_dir.parent}' --summary"
+
+
+def test_browser_explains_a_stopped_server(eval_dir, browser):
+    with serving(eval_dir) as (url, _):
+        browser.get(url + "/")
+        wait_for_progress(browser, "Item 1 of 6")
+    # The server is gone; the page is still open.
+    press(browser, "a")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 15).until(lambda d: _text(d, "status"), "no status")
+    status = _text(browser, "status")
+    assert "the review server is not answering" in status, status
+    assert f"gemma4-keras review --workdir={eval_dir.parent}" in status
+    assert "Failed to fetch" not in status

@@ -18,7 +18,10 @@ Files, all inside `RUN/eval/` (the server writes nowhere else):
 A judgement line records the item, what the reviewer saw (`choice`: A, B,
 tie, both_bad), which model was A and B, and the `verdict` in model terms
 (`finetuned`, `base`, `tie`, `both_bad`). An item judged again gets a new
-line; the last line of an item is the one that counts. Item ids hash the
+line; the last line of an item is the one that counts. The page sends with
+each judgement how many lines its item had when the page showed it: a tab
+left open while another tab (or reviewer) judged the item is refused (HTTP
+409) and told to reload, so it never silently overwrites that judgement. Item ids hash the
 prompt, reference and both answers, so judgements of an earlier evaluation
 (other answers) no longer count after `evaluate` is rerun.
 
@@ -253,6 +256,17 @@ def read_judgements(path: str | os.PathLike) -> list[dict]:
     return judgements
 
 
+def revisions(
+    judgements: Sequence[Mapping[str, Any]], items: Sequence[Item]
+) -> dict[str, int]:
+    """{item id: how many judgements it has had}, 0 for items never judged."""
+    counts = dict.fromkeys((item.id for item in items), 0)
+    for record in judgements:
+        if record["item"] in counts and record.get("verdict") in _VERDICTS:
+            counts[record["item"]] += 1
+    return counts
+
+
 def latest_judgements(
     judgements: Sequence[Mapping[str, Any]], items: Sequence[Item]
 ) -> dict[str, Mapping[str, Any]]:
@@ -329,6 +343,10 @@ def host_allowed(host_header: str | None, port: int, allow_remote: bool) -> bool
     return host_header in {f"{name}:{port}" for name in _LOCAL_NAMES}
 
 
+class StaleJudgement(ReviewError):
+    """A judgement made on a page that did not show the item's latest state."""
+
+
 class ReviewApp:
     """The review state behind the server: items, order, the log."""
 
@@ -343,7 +361,9 @@ class ReviewApp:
     def state(self) -> dict:
         """The page's data: items (answers as A/B), earlier choices, resume point."""
         with self._lock:
-            latest = latest_judgements(read_judgements(self.log_path), self.items)
+            log = read_judgements(self.log_path)
+        latest = latest_judgements(log, self.items)
+        revision = revisions(log, self.items)
         rows = []
         for item in self.items:
             a_model = self.order[item.id]
@@ -362,18 +382,26 @@ class ReviewApp:
                     "b": b,
                     "choice": _choice(done["verdict"], a_model) if done else None,
                     "comment": done.get("comment", "") if done else "",
+                    "revision": revision[item.id],
                 }
             )
         resume = next((i for i, row in enumerate(rows) if not row["choice"]), len(rows))
-        return {"items": rows, "resume": resume, "max_comment": MAX_COMMENT}
+        return {
+            "items": rows,
+            "resume": resume,
+            "max_comment": MAX_COMMENT,
+            "workdir": str(self.eval_dir.parent),
+        }
 
     def judge(self, payload: Any) -> dict:
         """Validates and logs one judgement; raises ReviewError (HTTP 400)."""
         if not isinstance(payload, dict):
             raise ReviewError('the body must be a JSON object {"item", "choice"}')
-        unknown = sorted(set(payload) - {"item", "choice", "comment"})
+        unknown = sorted(set(payload) - {"item", "choice", "comment", "seen"})
         if unknown:
-            raise ReviewError(f"unknown fields {unknown}; send item, choice, comment")
+            raise ReviewError(
+                f"unknown fields {unknown}; send item, choice, comment, seen"
+            )
         item_id = payload.get("item")
         item = self.by_id.get(item_id) if isinstance(item_id, str) else None
         if item is None:
@@ -386,6 +414,9 @@ class ReviewApp:
             raise ReviewError(
                 f"comment must be a string of <= {MAX_COMMENT} characters"
             )
+        seen = payload.get("seen")
+        if seen is not None and (isinstance(seen, bool) or not isinstance(seen, int)):
+            raise ReviewError(f"seen {seen!r} must be the item's revision (an integer)")
         a_model = self.order[item.id]
         record = {
             "item": item.id,
@@ -398,9 +429,21 @@ class ReviewApp:
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         with self._lock:
+            now = revisions(read_judgements(self.log_path), [item])[item.id]
+            if seen is not None and seen != now:
+                raise StaleJudgement(
+                    f"item {item.index + 1} was judged elsewhere (another tab or "
+                    "reviewer) since this page showed it; reload the page to see "
+                    "that judgement, then judge again if you disagree"
+                )
             append_judgement(self.log_path, record)
-            judged = len(latest_judgements(read_judgements(self.log_path), self.items))
-        return {"saved": item.id, "judged": judged, "total": len(self.items)}
+            log = read_judgements(self.log_path)
+        return {
+            "saved": item.id,
+            "revision": now + 1,
+            "judged": len(latest_judgements(log, self.items)),
+            "total": len(self.items),
+        }
 
 
 def _static(name: str) -> bytes:
@@ -470,6 +513,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             payload = json.loads(self.rfile.read(int(length)).decode("utf-8"))
             self._send_json(200, self.server.app.judge(payload))
+        except StaleJudgement as e:
+            self._send_json(409, {"error": str(e), "stale": True})
         except (ValueError, ReviewError) as e:  # JSONDecodeError is a ValueError
             self._send_json(400, {"error": str(e)})
 

@@ -7,6 +7,38 @@
   let items = [];
   let pos = 0;
   let busy = false;
+  let workdir = "RUN";
+
+  // A shell word for the workdir (quoted when it holds spaces or quotes).
+  const shellWord = (text) =>
+    /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, "'\\''")}'`;
+  const command = (flags) => `gemma4-keras review --workdir=${shellWord(workdir)}${flags}`;
+
+  // What a failed fetch means to the reviewer: the server is gone.
+  const UNREACHABLE =
+    "the review server is not answering (it was stopped, or the connection dropped)";
+
+  // Answers made only of whitespace would be an empty box: say what is there.
+  function showText(element, text) {
+    const blank = text.trim() === "";
+    element.classList.toggle("blank", blank);
+    if (!blank) {
+      element.textContent = text;
+      return;
+    }
+    const counts = { " ": 0, "\n": 0, "\t": 0 };
+    let other = 0;
+    for (const ch of text) {
+      if (ch in counts) counts[ch] += 1;
+      else other += 1;
+    }
+    const parts = [];
+    if (counts[" "]) parts.push(`${counts[" "]} space${counts[" "] > 1 ? "s" : ""}`);
+    if (counts["\n"]) parts.push(`${counts["\n"]} newline${counts["\n"] > 1 ? "s" : ""}`);
+    if (counts["\t"]) parts.push(`${counts["\t"]} tab${counts["\t"] > 1 ? "s" : ""}`);
+    if (other) parts.push(`${other} other blank character${other > 1 ? "s" : ""}`);
+    element.textContent = text === "" ? "(empty answer)" : `(only whitespace: ${parts.join(", ")})`;
+  }
 
   const judged = () => items.filter((item) => item.choice).length;
 
@@ -33,13 +65,14 @@
       : `Item ${pos + 1} of ${total} \u00b7 ${judged()} judged`;
     $("review").hidden = done;
     $("done").hidden = !done;
+    $("summary-command").textContent = command(" --summary");
     if (done) return;
     const item = items[pos];
     $("prompt").textContent = item.prompt;
     $("reference-box").hidden = item.reference === null || item.reference === "";
     $("reference").textContent = item.reference || "";
-    $("answer-a").textContent = item.a;
-    $("answer-b").textContent = item.b;
+    showText($("answer-a"), item.a);
+    showText($("answer-b"), item.b);
     $("comment").value = item.comment || "";
     for (const button of document.querySelectorAll("[data-choice]")) {
       button.setAttribute("aria-pressed", String(button.dataset.choice === item.choice));
@@ -56,17 +89,20 @@
       const response = await fetch("api/judgement", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ item: item.id, choice, comment }),
+        body: JSON.stringify({ item: item.id, choice, comment, seen: item.revision }),
       });
       const body = await response.json();
       if (!response.ok) throw new Error(body.error || response.statusText);
       item.choice = choice;
       item.comment = comment.trim();
+      item.revision = body.revision;
       setStatus(`Saved item ${pos + 1}.`, false);
       pos = nextOpen(pos);
       render();
     } catch (error) {
-      setStatus(`Not saved: ${error.message}`, true);
+      // fetch rejects with a TypeError ("Failed to fetch") when nothing answers.
+      const why = error instanceof TypeError ? `${UNREACHABLE}; restart it with ${command("")} and reload this page` : error.message;
+      setStatus(`Not saved: ${why}`, true);
     } finally {
       busy = false;
     }
@@ -108,10 +144,12 @@
     .then((state) => {
       items = state.items;
       pos = state.resume;
+      workdir = state.workdir;
       $("comment").maxLength = state.max_comment;
       render();
     })
     .catch((error) => {
-      $("progress").textContent = `Could not load the review: ${error.message}`;
+      const why = error instanceof TypeError ? `${UNREACHABLE}; start it with gemma4-keras review --workdir=RUN and reload this page` : error.message;
+      $("progress").textContent = `Could not load the review: ${why}`;
     });
 })();
