@@ -181,7 +181,7 @@ def _ours_config(args, ckpt: pathlib.Path, nf4: bool):
     config.data.max_length = args.seq
     config.train.batch_size = args.batch
     config.train.grad_accum = 1
-    config.train.remat = bool(args.remat)
+    config.model.remat = bool(args.remat)
     config.train.max_steps = args.steps
     config.train.max_grad_norm = 0.0  # PEFT and KerasHub clip nothing either
     config.lora.rank = args.rank
@@ -201,9 +201,7 @@ def run_ours(args, ckpt: pathlib.Path, nf4: bool) -> dict:
 
     config = _ours_config(args, ckpt, nf4)
     start = time.perf_counter()
-    model = presets.build_training_model(
-        str(ckpt), config.model, config.lora, config.quant, config.train
-    )
+    model = presets.build_training_model(str(ckpt), presets.ModelSettings.of(config))
     plan = train.Plan(args.steps, 1, args.steps, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)

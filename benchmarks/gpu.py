@@ -7,9 +7,9 @@ Run (on a machine with a GPU or TPU):
 
 The model has the released E4B dimensions (`testing.full_size.released_config`)
 and seeded random bfloat16 weights, built in memory through the same fill
-functions as the checkpoint loader (`model.stream_load.fill_globals` /
-`fill_block`) from a random source instead of safetensors: no checkpoint is
-written. LoRA r16 (alpha 32) on all seven projections, bfloat16 compute,
+function as the checkpoint loader (`model.layers.fill_model`, a loop over
+`model/schema.py`) from a random source instead of safetensors: no checkpoint
+is written. LoRA r16 (alpha 32) on all seven projections, bfloat16 compute,
 `remat` on, the run's AdamW (`train.compile_model`), the train step `fit`
 runs (`jax.jit(model.train_step)`, donated state). Per method it reports:
 
@@ -62,11 +62,12 @@ PEAK_TFLOPS = {
 
 
 class RandomSource:
-    """Stands in for `stream_load._Source`: seeded random tensors, any shape.
+    """Stands in for `stream_load.SafetensorsSource`: seeded random tensors.
 
     Values come from one pool of normal samples (tiled), scaled to
     `initializer_range`, so a multi-billion-parameter model is built in
-    seconds; norms get ones (as `from_config` would), so activations stay sane.
+    seconds; norms and the layer scalar get ones (as `from_config` would),
+    so activations stay sane.
     """
 
     def __init__(self, dtype: str, seed: int = 0, std: float = 0.02):
@@ -78,24 +79,30 @@ class RandomSource:
         rng = np.random.default_rng(seed)
         self.pool = (rng.standard_normal(1 << 22) * std).astype(np.float32)
 
-    def get(self, name: str, shape: tuple[int, ...]):
+    def _get(self, name: str, shape: tuple[int, ...], ones: bool):
         np = self.np
-        if name.endswith("norm.weight") or "layernorm" in name or "scalar" in name:
+        if ones:
             return np.ones(shape, self.dtype)
         size = int(np.prod(shape))
         offset = hash(name) % len(self.pool)
         flat = np.resize(np.roll(self.pool, offset), size)
         return flat.reshape(shape).astype(self.dtype)
 
-    def rows(self, name: str, shape: tuple[int, ...], block: int = 16384):
-        """`get` as blocks of rows, as `_Source.rows` yields the big tables."""
+    def value(self, row, spec, layer):
+        block = None if layer is None else spec.blocks[layer]
+        ones = row.float32 or row.hf_layout == "scalar"
+        return self._get(row.hf_name(layer), tuple(row.shape(spec, block)), ones)
+
+    def blocks(self, row, spec, layer, block: int = 16384):
+        """`value` as blocks of rows, as the safetensors source yields tables."""
+        shape = tuple(row.shape(spec, None if layer is None else spec.blocks[layer]))
+        if len(shape) < 2:
+            yield self.value(row, spec, layer)
+            return
         for start in range(0, shape[0], block):
             n = min(block, shape[0] - start)
-            yield self.get(f"{name}[{start}:]", (n, *shape[1:]))
-
-    def linear(self, name: str, shape_in_out: tuple[int, int]):
-        din, dout = shape_in_out
-        return self.get(name, (dout, din)).T
+            name = f"{row.hf_name(layer)}[{start}:]"
+            yield self._get(name, (n, *shape[1:]), row.float32)
 
 
 def hf_config(size: str) -> dict:
@@ -109,7 +116,7 @@ def hf_config(size: str) -> dict:
 
 def build_model(args, quant: str):
     """The training model at `args.size`, random weights, no checkpoint."""
-    from gemma4_keras.model import presets, stream_load
+    from gemma4_keras.model import layers, presets, stream_load
     from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
     from gemma4_keras.model.lora import LoraSpec
 
@@ -123,9 +130,7 @@ def build_model(args, quant: str):
             dtype=args.dtype,
         )
         src = RandomSource(model.variable_dtype, args.seed)
-        stream_load.fill_globals(model, src, config)
-        for blk in model.blocks:
-            stream_load.fill_block(blk, src, quant, True, 64)
+        layers.fill_model(model, src, quant=quant, double_quant=True, block_size=64)
         model.finish_loading(LoraSpec(rank=args.rank, alpha=2.0 * args.rank))
     return model
 

@@ -69,7 +69,7 @@ def main() -> None:
         error = np.abs(ours - w)
         print(
             f"double_quant={double_quant!s:5}  "
-            f"bytes/param={quant.nf4_bytes_per_param(q):.5f} "
+            f"bytes/param={sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(q)) / q.size:.5f} "
             f"(compiled args {resident / w.size:.5f})  "
             f"max|err|={error.max():.4f}  mean|err|={error.mean():.4f}  "
             f"quantise {quantise_s:.1f}s  "

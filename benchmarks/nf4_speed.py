@@ -48,7 +48,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma4_keras.model import quant  # noqa: E402
+from gemma4_keras.model import (
+    quant,  # noqa: E402
+    xla_workarounds,  # noqa: E402
+)
 
 SHAPES = ((2048, 512), (512, 2048))
 
@@ -165,7 +168,7 @@ def reference_tie_to(tree, anchor, integers=False):
     return jax.tree_util.tree_map(tie, tree)
 
 
-TIES = {"reference-tie": reference_tie_to, "package-tie": quant.tie_to}
+TIES = {"reference-tie": reference_tie_to, "package-tie": xla_workarounds.tie_to}
 
 
 # --- timing -------------------------------------------------------------------
@@ -200,7 +203,7 @@ def matmul_fwd_bwd(dequantize, tie):
 
     def bwd(q, g):
         w = dequantize(tie(q, g, integers=True), g.dtype)
-        return g @ w, jax.tree_util.tree_map(quant.no_cotangent, q)
+        return g @ w, jax.tree_util.tree_map(xla_workarounds.no_cotangent, q)
 
     mm.defvjp(fwd, bwd)
     return jax.jit(jax.grad(lambda h, q: _loss(mm(_norm(h), q))))

@@ -58,7 +58,7 @@ def build_config(args, preset: str):
     config.data.max_length = args.seq
     config.train.batch_size = args.batch
     config.train.grad_accum = 1
-    config.train.remat = True
+    config.model.remat = True
     config.train.max_steps = args.steps
     config.lora.rank = args.rank
     config.lora.alpha = 2.0 * args.rank
@@ -87,9 +87,7 @@ def load(config, preset: str):
 
     reset_peak()
     start = time.time()
-    model = presets.build_training_model(
-        preset, config.model, config.lora, config.quant, config.train
-    )
+    model = presets.build_training_model(preset, presets.ModelSettings.of(config))
     return model, {
         "seconds": round(time.time() - start, 1),
         "peak_rss_gib": peak_rss() / GIB,

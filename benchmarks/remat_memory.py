@@ -1,4 +1,4 @@
-"""Temp memory of the compiled LoRA train step with and without `train.remat`.
+"""Temp memory of the compiled LoRA train step with and without `model.remat`.
 
 Run:
     python benchmarks/remat_memory.py                  # 8 layers, d=512, seq 1024

@@ -76,10 +76,8 @@ def compiled_step(args, ckpt, nf4: bool):
     from gemma4_keras.training import train
 
     config = compare._ours_config(args, ckpt, nf4)
-    config.train.loss_chunk_size = args.batch * args.seq
-    model = presets.build_training_model(
-        str(ckpt), config.model, config.lora, config.quant, config.train
-    )
+    config.model.loss_chunk_size = args.batch * args.seq
+    model = presets.build_training_model(str(ckpt), presets.ModelSettings.of(config))
     plan = train.Plan(args.steps, 1, args.steps, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)

@@ -11,13 +11,18 @@
 
 Every command but `review` takes `--config=<file>.py[:arg]` with `--config.<field>=<value>`
 overrides (the config is locked: a misspelt field is an error) and most take
-`--workdir`. Adding a command is one function decorated with `@command`.
-A test calls `main(["gemma4-keras", "train", ...])`, which returns the exit
-code instead of exiting.
+`--workdir`. Each command turns its flags into arguments of the function of
+`training/api.py` that a notebook calls (`gemma4_keras.run`, `.evaluate`,
+...): this module holds no behaviour of its own. Adding a command is one
+function decorated with `@command`. A test calls `main(["gemma4-keras",
+"train", ...])`, which returns the exit code instead of exiting.
 
-Imports inside the commands are lazy on purpose: `--help` and `review` start
-without loading TensorFlow, JAX or KerasHub, and each command loads only its
-own stack.
+From the package this module imports `training.api`, and two light start-up
+helpers: `_quiet` (the libraries' import chatter) and `training.stopping`
+(SIGTERM / SIGINT handlers, installed before the seconds-long import of
+the libraries, so a signal then is recorded instead of killing the run).
+`training.api` is imported after flag parsing (`_api`): `--help` and a bad
+flag answer at once.
 """
 
 from __future__ import annotations
@@ -30,17 +35,15 @@ from collections.abc import Callable
 # TensorFlow (pulled in by KerasHub's tokenizers) logs INFO lines at import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import ast
-import contextlib
-import errno
-import re
-import traceback
+import ast  # noqa: E402
+import contextlib  # noqa: E402
+import re  # noqa: E402
+import traceback  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import gemma4_keras  # noqa: E402,F401  (selects the JAX backend first)
-from gemma4_keras import _quiet, disk  # noqa: E402
+from gemma4_keras import _quiet  # noqa: E402  (light: selects the JAX backend first)
 from gemma4_keras.training import stopping  # noqa: E402  (light: no JAX)
 
 FLAGS = flags.FLAGS
@@ -142,15 +145,15 @@ flags.DEFINE_bool("verbose", False, "On an error, print the full Python tracebac
 EXIT_PREEMPTED = 3
 
 COMMANDS: dict[str, tuple[Callable, str]] = {}
-# Commands that use no model (config optional, TensorFlow/JAX never started).
+# Commands that need no config and start no accelerator (JAX is not started).
 WITHOUT_MODEL: set[str] = set()
 
 
 def command(name: str, help_text: str, model: bool = True):
     """Registers `fn(config, args)` as `gemma4-keras <name>`.
 
-    `model=False`: the command needs no config and no ML library, so it
-    starts in a fraction of a second (`fn` may get `config=None`).
+    `model=False`: the command needs no config and starts no accelerator
+    (`fn` may get `config=None`).
     """
 
     def register(fn):
@@ -172,56 +175,12 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemma4_keras import config_lib, outputs  # lazy: see module doc
-    from gemma4_keras.data import DataError  # lazy: see module doc
-    from gemma4_keras.eval import generate, report  # lazy: see module doc
-    from gemma4_keras.exporters.hf import ExportError  # lazy: see module doc
-    from gemma4_keras.exporters.peft import AdapterFormatError  # lazy: see module doc
-    from gemma4_keras.model import presets, safetensors_io  # lazy: see module doc
-    from gemma4_keras.training import checkpointing, train  # lazy: see module doc
-    from gemma4_keras.workdir_lock import WorkdirLockedError  # lazy: see module doc
+def _api():
+    """`training.api`, imported with the libraries' start-up chatter filtered."""
+    with _quiet.filtered_stderr():
+        from gemma4_keras.training import api  # noqa: PLC0415  (heavy: Keras, JAX, KerasHub; see the module doc)
 
-    return (
-        config_lib.ConfigError,
-        presets.PresetError,
-        DataError,
-        checkpointing.CheckpointError,
-        safetensors_io.CheckpointError,
-        train.WorkdirError,
-        WorkdirLockedError,
-        AdapterFormatError,
-        ExportError,
-        generate.PromptError,
-        outputs.OutputError,
-        report.ReportError,
-        OSError,  # missing files, permissions (_os_error), a full disk (disk.py)
-    )
-
-
-def _os_error(e: OSError) -> str:
-    """One line for an OSError: the file, what went wrong and what to do."""
-
-    where = f"{e.filename}: " if e.filename else ""
-    what = e.strerror or str(e)
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{where}{what}; check the permissions of the file and its directory (or pick another --workdir / --out)"
-    return f"{where}{what}" if where else str(e)
-
-
-def _one_line(e: BaseException) -> str:
-    from gemma4_keras.data import DataError  # lazy: see module doc
-
-    full = disk.full_error(e)  # however the library words it: path, need, free
-    if full is not None:
-        if not full.filename:  # the library did not say where: the command's output
-            full.filename = FLAGS.out or FLAGS.workdir
-        return str(full)
-    if isinstance(e, OSError) and not type(e).__module__.startswith("gemma4_keras"):
-        return _os_error(e)
-    if isinstance(e, DataError):  # already "file:line: problem" lines, by design
-        return str(e)
-    return " ".join(str(e).split())
+    return api
 
 
 def _require(value, flag: str) -> str:
@@ -234,121 +193,49 @@ class UsageError(ValueError):
     """A missing or wrong command-line flag."""
 
 
-def _start_jax() -> None:
-    """Joins a multi-host run, then starts the libraries (and JAX's backend).
-
-    The order matters: JAX refuses `jax.distributed.initialize()` once
-    anything has queried its devices, which starting the libraries does.
-    """
-    from gemma4_keras.training import distributed  # lazy: see module doc
-
-    distributed.initialize()
-    _quiet.start_libraries()
-
-
-def log_environment(config) -> None:
-    import jax  # lazy: see module doc
-    import keras  # lazy: see module doc
-    import keras_hub  # lazy: see module doc
-
-    logging.info(
-        "gemma4_keras %s, keras %s, keras_hub %s, jax %s",
-        gemma4_keras.__version__,
-        keras.__version__,
-        keras_hub.__version__,
-        jax.__version__,
-    )
-    logging.info("devices: %s", jax.devices())
-    if config is not None:
-        logging.info("config:\n%s", config)
-
-
 @command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
 def _train(config, args) -> int:
-    from gemma4_keras.training import train  # lazy: see module doc
-
-    workdir = _require(FLAGS.workdir, "workdir")
-    state = train.run(config, workdir)
-    status = state.get("status")
-    if status in train.COMPLETE:  # a finished run is not evaluated again
-        from gemma4_keras.training import identity  # lazy: see module doc
-
-        note = identity.unapplied_eval_changes(config, workdir)
-        if note:
-            print(f"gemma4-keras train: {note}", file=sys.stderr)
-    if status == "preempted":
-        print(f"gemma4-keras train: {stopping.message(state)}", file=sys.stderr)
+    api, workdir = _api(), _require(FLAGS.workdir, "workdir")
+    state = api.run(config, workdir)
+    note = api.run_note(config, workdir, state)
+    if note:
+        print(f"gemma4-keras train: {note}", file=sys.stderr)
+    if state.get("status") == "preempted":
         return EXIT_PREEMPTED
-    if status == "diverged":
-        print(
-            f"gemma4-keras train: error: the loss became NaN/inf at step "
-            f"{state.get('step')}; the last good checkpoint is kept in "
-            f"{workdir}/checkpoints. Lower --config.train.learning_rate and use a "
-            "new --workdir",
-            file=sys.stderr,
-        )
-    return 0 if status in train.COMPLETE else 1
+    return 0 if state.get("status") in api.COMPLETE else 1
 
 
 @command("evaluate", "base vs fine-tuned metrics on the held-out split of a run")
 def _evaluate(config, args) -> int:
-    from gemma4_keras.training import api  # lazy: see module doc
-
     if FLAGS.merged:
         config.eval.merged = True
-    summary = api.evaluate(config, _require(FLAGS.workdir, "workdir"), FLAGS.out)
+    summary = _api().evaluate(config, _require(FLAGS.workdir, "workdir"), FLAGS.out)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 @command("generate", "answer prompts with the base model or an adapter")
 def _generate(config, args) -> int:
-    from gemma4_keras.eval import generate  # lazy: see module doc
-
     if FLAGS.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} must be > 0")
-    prompts = generate.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
-    adapter = FLAGS.adapter
-    if adapter is None and FLAGS.workdir:
-        from gemma4_keras.training import identity  # lazy: see module doc
-
-        identity.check_config(config, FLAGS.workdir, "generate")
-        adapter = os.path.join(FLAGS.workdir, "adapter")
-    answers = generate.generate_answers(
+    api = _api()
+    lines = api.answer_lines(
         config,
-        [p.messages for p in prompts],
-        adapter=adapter,
+        api.read_prompts(FLAGS.prompt, FLAGS.prompts_file),
+        workdir=FLAGS.workdir,
+        adapter=FLAGS.adapter,
         max_new_tokens=FLAGS.max_new_tokens,
-        tools=[p.tools for p in prompts],
     )
-    for prompt, answer in zip(prompts, answers):
-        print(json.dumps(_answer_line(prompt.messages, answer), ensure_ascii=False))
+    for line in lines:
+        print(json.dumps(line, ensure_ascii=False))
     return 0
-
-
-def _answer_line(messages: list[dict], answer: str) -> dict:
-    """`{"prompt": last user message, "answer", "tool_calls"?}` of one prompt.
-
-    `tool_call_error` says why calls in the answer do not parse.
-    """
-    from gemma4_keras.eval import generate  # lazy: see module doc
-
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    line = {"prompt": users[-1] if users else "", "answer": answer}
-    parsed = generate.parse_answer(answer)
-    for key in ("tool_calls", "tool_call_error"):
-        if key in parsed:
-            line[key] = parsed[key]
-    return line
 
 
 @command("export", "write the adapter (peft) or a merged model (hf, keras, gguf)")
 def _export(config, args) -> int:
-    from gemma4_keras.training.api import export  # lazy: see module doc
-
     if not FLAGS.format:
         raise UsageError("--format=peft|hf|keras|gguf|gguf-lora is required")
-    path = export(
+    path = _api().export(
         config,
         _require(FLAGS.workdir, "workdir"),
         FLAGS.format,
@@ -370,85 +257,46 @@ def _export(config, args) -> int:
     model=False,
 )
 def _review(config, args) -> int:
-    from gemma4_keras.eval import review  # lazy: see module doc
-
     workdir = _require(FLAGS.workdir, "workdir")
-    try:
-        if FLAGS.summary:
-            print(review.summary_command(workdir))
-            return 0
-        return review.serve(workdir, host=FLAGS.host, port=FLAGS.port)
-    except review.ReviewError as e:
-        print(f"gemma4-keras review: error: {e}", file=sys.stderr)
-        return 1
+    result = _api().review(
+        workdir, summary=FLAGS.summary, host=FLAGS.host, port=FLAGS.port
+    )
+    if FLAGS.summary:
+        print(result)
+        return 0
+    return result
 
 
 @command("plan", "estimate memory and speed of a run before starting it")
 def _plan(config, args) -> int:
-    from gemma4_keras import outputs  # lazy: see module doc
-    from gemma4_keras.model import plan  # lazy: see module doc
-
-    if FLAGS.out:
-        outputs.check(FLAGS.out, ["plan.json"], inputs=outputs.run_inputs(config))
-    estimate = plan.plan(
+    api = _api()
+    estimate = api.plan(
         config,
         tflops=FLAGS.tflops,
         mfu=FLAGS.mfu,
         devices=FLAGS.devices,
         accelerator_name=FLAGS.accelerator,
+        out=FLAGS.out,
     )
-    print(plan.format_plan(estimate))
-    if FLAGS.out:
-        outputs.write_json(FLAGS.out, "plan.json", estimate)
+    print(api.format_plan(estimate))
     return 0
 
 
 @command("data", "check | stats | split | render the configured dataset")
 def _data(config, args) -> int:
-    from gemma4_keras import data  # lazy: see module doc
-
     verb = args[0] if args else ""
     if verb not in ("check", "stats", "split", "render"):
         raise UsageError("gemma4-keras data needs one of: check, stats, split, render")
-    from gemma4_keras import config_lib, outputs  # lazy: see module doc
-    from gemma4_keras.model import presets  # lazy: see module doc
-
-    if verb in ("check", "stats") and FLAGS.out:
-        names = [f"data_{verb}.json"]
-        outputs.check(FLAGS.out, names, inputs=outputs.run_inputs(config))
-    if verb == "split":  # no rendering: the chat template does not matter
-        settings = config_lib.data_settings(config.data)
-        result = data.split(settings, _require(FLAGS.out, "out"))
-        print(json.dumps(result, indent=2))
-        return 0
     if verb == "render" and FLAGS.limit < 0:
         raise UsageError(f"--limit={FLAGS.limit} must be >= 0 (0 = all examples)")
-    preset = presets.resolve_preset(config.model.preset)
-    template = presets.chat_template(config, preset)
-    logging.info("chat template: %s (from %s)", template.variant, template.source)
-    settings = config_lib.data_settings(config.data, template.variant)
-    if verb == "render":
-        from gemma4_keras.data import render  # lazy: see module doc
-
-        tokenizer = presets.load_tokenizer(preset)
-        render.render(settings, tokenizer, template, limit=FLAGS.limit, out=FLAGS.out)
-        return 0
-    result = getattr(data, verb)(settings, _tokenizer(config))
-    print(data.format_report(result))
-    if FLAGS.out:
-        outputs.write_json(FLAGS.out, f"data_{verb}.json", result)
+    api = _api()
+    if verb == "split":
+        print(json.dumps(api.split(config, _require(FLAGS.out, "out")), indent=2))
+    elif verb == "render":
+        api.render(config, limit=FLAGS.limit, out=FLAGS.out or "-")
+    else:  # check, stats: the report is printed
+        getattr(api, verb)(config, out=FLAGS.out)
     return 0
-
-
-def _tokenizer(config):
-    from gemma4_keras.model import presets  # lazy: see module doc
-
-    preset = presets.resolve_preset(config.model.preset)  # a misspelt name stops
-    try:
-        return presets.load_tokenizer(preset)
-    except presets.PresetError as e:  # a download needs credentials / network
-        logging.warning("no tokenizer (%s): token statistics are skipped", e)
-        return None
 
 
 def _quiet_libraries(record) -> bool:
@@ -515,17 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    with_model = name not in WITHOUT_MODEL
     signals = contextlib.ExitStack()
+    api = None
     try:
-        if name == "train":  # SIGTERM / SIGINT at any phase: exit 3 (run/stopping.py)
+        if name == "train":  # SIGTERM / SIGINT at any phase: exit 3 (stopping.py)
             signals.enter_context(stopping.on_signals())
         config = _CONFIG.value
-        if with_model:
-            if config is None:
-                raise UsageError("--config=configs/<file>.py is required")
-            _start_jax()
-            log_environment(config)
+        if name not in WITHOUT_MODEL and config is None:
+            raise UsageError("--config=configs/<file>.py is required")
+        api = _api()
+        if name not in WITHOUT_MODEL:
+            api.start(config)
         fn, _ = COMMANDS[name]
         return fn(config, positional)
     except stopping.Stopped as stop:  # before the run held its workdir
@@ -535,23 +383,19 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
         return 2
-    except _user_errors() as e:
+    except Exception as e:
+        line = api.error_line(e, FLAGS.out or FLAGS.workdir) if api else None
+        if line is None and FLAGS.verbose:
+            raise
         if FLAGS.verbose:
             traceback.print_exc()
-        print(f"gemma4-keras {name}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        if FLAGS.verbose:
-            raise
-        if disk.full_error(e) is not None:  # a full disk, in a library's words
-            print(f"gemma4-keras {name}: error: {_one_line(e)}", file=sys.stderr)
-            return 1
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(
-            f"gemma4-keras {name}: error: unexpected {type(e).__name__}: {first} "
-            "(rerun with --verbose for the traceback, and please report it)",
-            file=sys.stderr,
-        )
+        if line is None:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            line = (
+                f"unexpected {type(e).__name__}: {first} "
+                "(rerun with --verbose for the traceback, and please report it)"
+            )
+        print(f"gemma4-keras {name}: error: {line}", file=sys.stderr)
         return 1
     finally:
         signals.close()

@@ -185,6 +185,8 @@ def get_config(
     # only chunk + window keys), else dense | dense | chunked | fused.
     c.model.attention = "auto"
     c.model.attention_chunk_size = 512  # queries per chunk [tokens]
+    c.model.remat = facts.remat  # rematerialise each decoder block
+    c.model.loss_chunk_size = 1024  # tokens per chunk of the vocab projection
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16
@@ -217,8 +219,6 @@ def get_config(
     c.train.schedule = "cosine"  # cosine | constant
     c.train.weight_decay = 0.0
     c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
-    c.train.remat = facts.remat  # rematerialise each decoder block
-    c.train.loss_chunk_size = 1024  # tokens per chunk of the vocab projection
     c.train.seed = 0
     # Stop before loading when `plan`'s host-memory estimate exceeds the
     # machine's available memory; False = try anyway.
@@ -481,7 +481,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "train.max_steps",
             "must be > 0, or -1 (= epochs x data)",
         ),
-        (c.train.loss_chunk_size > 0, "train.loss_chunk_size", "must be > 0"),
+        (c.model.loss_chunk_size > 0, "model.loss_chunk_size", "must be > 0"),
         (c.train.log_every > 0, "train.log_every", "must be > 0"),
         (c.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = each epoch)"),
         (c.eval.batch_size > 0, "eval.batch_size", "must be > 0"),

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from gemma4_keras.exporters import peft
+from gemma4_keras.model import schema
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing.tiny import tiny_checkpoint
@@ -60,6 +61,36 @@ def keras_logits(model, tokens: np.ndarray = TOKENS) -> np.ndarray:
         "segment_ids": np.ones_like(tokens),
     }
     return np.asarray(model.logits(model(batch)), np.float32)
+
+
+def _held(model, row, layer) -> np.ndarray:
+    """A schema row's tensor as the model holds it (ours), float32, dequantised."""
+    if layer is None:
+        return np.asarray(model.globals[row.name].value, np.float32)
+    blk = model.blocks[layer]
+    if row.kind == "projection":
+        return np.asarray(blk.proj[row.name].weight("float32"))
+    held = (blk.norms if row.kind == "norm" else blk.extra)[row.name]
+    if hasattr(held, "dequantize"):  # an NF4 expert bank
+        return np.asarray(held.dequantize("float32"))
+    return np.asarray(held.value, np.float32)
+
+
+def merged_tensors(model, prefix: str = "model.") -> dict[str, np.ndarray]:
+    """HF tensors (float32) of a `Gemma4LoraModel`, its active adapter merged:
+    the Keras model's own weights, row by row of the schema, plus each site's
+    `LoraAdapter.delta_weight()` (the oracle of the streamed merge)."""
+    adapters = model.adapters() if model.active_adapter else {}
+    out = {}
+    for name, (_, parts) in schema.hf_tensors(model.spec).items():
+        values = []
+        for row, layer in parts:
+            value = _held(model, row, layer)
+            if (layer, row.name) in adapters:
+                value = value + adapters[(layer, row.name)].delta_weight()
+            values.append((row, value))
+        out[prefix + name] = np.ascontiguousarray(schema.hf_value(values), np.float32)
+    return out
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,7 @@ def _feed(alarm, history):
     for epoch, (loss, val) in enumerate(history):
         for v in alarm.model.trainable_variables:
             v.assign(np.full(v.shape, float(epoch + 1), "float32"))
-        alarm.on_epoch_end(epoch, {"loss": loss, "val_loss": val})
+        alarm.on_step_end(epoch + 1, {"loss": loss, "val_loss": val})
         if alarm.model.stop_training:
             return epoch + 1
     return None

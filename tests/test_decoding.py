@@ -16,24 +16,15 @@ import numpy as np
 import pytest
 
 from gemma4_keras.model import decoding, gemma4_lora_model, hub, lora
-from gemma4_keras.testing import tiny
+from gemma4_keras.testing import tiny, variants
 
-VARIANTS = {
-    "default": {},
-    "ple": {"ple": True},
-    "kv_shared": {"ple": True, "kv_shared_layers": 2},
-    "moe": {"moe": True},
-    "k_eq_v": {"k_eq_v": True},
-    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},
-}
+# `backbone` is a fresh one: tests merge adapters into it.
+from gemma4_keras.testing.variants import load_backbone as backbone
+
+VARIANTS = variants.select(*variants.FEATURES)
 WINDOW = 16  # the tiny checkpoints' sliding window
 LENGTHS = (10, 20)  # one prompt inside the window, one longer than it
 BUFFER = 40  # generation runs past the window for both rows
-
-
-def backbone(variant: str):
-    path = tiny.tiny_checkpoint(**VARIANTS[variant])
-    return keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
 
 
 def randomize(model, name: str, seed: int, std: float = 0.3) -> None:
@@ -46,7 +37,7 @@ def randomize(model, name: str, seed: int, std: float = 0.3) -> None:
 @functools.cache
 def model(variant: str, quant: str = "none"):
     m = gemma4_lora_model.Gemma4LoraModel.from_backbone(
-        backbone(variant), lora.LoraSpec(rank=4), quant=quant, dtype="float32"
+        variants.backbone(variant), lora.LoraSpec(rank=4), quant=quant, dtype="float32"
     )
     randomize(m, "default", seed=1)
     return m
@@ -89,7 +80,7 @@ def ours_greedy(m, inputs, stop=None, sampler=None):
 def test_greedy_equals_keras_hub_with_merged_adapter(variant):
     m = model(variant)
     merged = backbone(variant)
-    assert hub.merge_into_backbone(m, merged) > 0
+    assert hub.apply_deltas(merged, lora.model_deltas(m)) > 0
     inputs = prompts()
     want = keras_hub_greedy(merged, inputs)["token_ids"]
     got = ours_greedy(m, inputs)["token_ids"]
@@ -184,7 +175,7 @@ def test_stops_once_every_row_has_a_stop_id():
 
 def _merged(variant):
     bb = backbone(variant)
-    hub.merge_into_backbone(model(variant), bb)
+    hub.apply_deltas(bb, lora.model_deltas(model(variant)))
     return bb
 
 
@@ -229,7 +220,7 @@ def test_switching_adapters_switches_the_compiled_decoder():
     for name, got in (("default", a), ("b", b), (None, base)):
         bb = backbone("kv_shared")
         if name is not None:
-            hub.merge_into_backbone(m, bb, name)
+            hub.apply_deltas(bb, lora.model_deltas(m, name))
         np.testing.assert_array_equal(got, keras_hub_greedy(bb, inputs)["token_ids"])
     # The base ran through a compiled adapter function with B held at 0, and
     # got the adapter's weights back.

@@ -13,6 +13,7 @@ from export_fixtures import (
     factor_workdir,
     fake_workdir,
     keras_logits,
+    merged_tensors,
     random_factors,
     rel_err,
     trained_model,
@@ -22,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load_file
 
 from gemma4_keras.data import chat, records
-from gemma4_keras.exporters import commands, hf
+from gemma4_keras.exporters import commands
 from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model.lora import LoraSpec
 
@@ -94,7 +95,7 @@ def test_tensor_names_types_and_values(q8):
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
-    merged = hf.merged_state_dict(model)
+    merged = merged_tensors(model)
     want = merged["model.layers.1.self_attn.q_proj.weight"]
     got = _tensor(reader, "blk.1.attn_q.weight")
     assert got.shape == want.shape
@@ -146,7 +147,7 @@ def test_moe_f16_with_separate_scales(tmp_path_factory):
         "blk.0.ffn_gate_inp.weight",
     } <= names
     assert _field(reader, "gemma4.expert_count") == 4
-    merged = hf.merged_state_dict(model)
+    merged = merged_tensors(model)
     p = "model.layers.0."
     for name, key in (
         ("blk.0.ffn_down_exps.weight", "experts.down_proj"),

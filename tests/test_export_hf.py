@@ -13,6 +13,7 @@ from export_fixtures import (
     factor_workdir,
     fake_workdir,
     keras_logits,
+    merged_tensors,
     random_factors,
     rel_err,
     trained_model,
@@ -21,20 +22,14 @@ from export_fixtures import (
 from safetensors.numpy import load_file
 
 from gemma4_keras.data import chat, records
-from gemma4_keras.exporters import commands, hf
+from gemma4_keras.exporters import commands
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.testing import variants
 
 torch = oracles.need("torch")
 transformers = oracles.need("transformers")
 
-VARIANTS = {
-    "default": {},
-    "ple": {"ple": True},
-    "kv_shared_ple": {"ple": True, "kv_shared_layers": 2},
-    "moe": {"moe": True},
-    "k_eq_v": {"k_eq_v": True},  # 26B-A4B / 31B: no v_proj on full layers
-    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},  # E2B
-}
+VARIANTS = variants.select(*variants.FEATURES)
 # config.json fields that decide which tensors exist and their shapes; the
 # export must write them as the base has them.
 ARCH_FIELDS = (
@@ -129,7 +124,7 @@ def test_files_and_manifest(exported):
 def test_bit_for_bit_equal_to_the_in_memory_merge(exported):
     """The streamed export equals the old in-memory path (Keras model merged)."""
     name, _, model, out = exported
-    want = hf.merged_state_dict(model)  # float32, as the base
+    want = merged_tensors(model)  # float32, as the base
     got = load_file(os.path.join(out, "model.safetensors"))
     assert set(got) == set(want)
     for key, value in want.items():

@@ -77,7 +77,7 @@ def test_preset_files_and_manifest(exported):
 
 
 def test_merged_kernels_are_base_plus_delta(exported):
-    from gemma4_keras.model import hub
+    from gemma4_keras.model import hub, schema
 
     model, out = exported
     merged = keras_hub.models.Gemma4Backbone.from_preset(out, dtype="float32")
@@ -85,14 +85,10 @@ def test_merged_kernels_are_base_plus_delta(exported):
         variant_preset(ple=True, kv_shared_layers=2), dtype="float32"
     )
     for (layer, target), adapter in model.adapters().items():
-        path, layout = hub.KERAS_KERNELS[target]
-        got = np.asarray(
-            hub._get(merged.get_layer(f"decoder_block_{layer}"), path).kernel
-        )
-        was = np.asarray(
-            hub._get(base.get_layer(f"decoder_block_{layer}"), path).kernel
-        )
-        delta = hub.twod_to_keras(adapter.delta_weight(), layout, was.shape)
+        row = schema.row(target)
+        got = np.asarray(hub.variable(merged, row, layer))
+        was = np.asarray(hub.variable(base, row, layer))
+        delta = hub.twod_to_keras(adapter.delta_weight(), row.keras_layout, was.shape)
         np.testing.assert_allclose(
             got, was + delta, rtol=0, atol=1e-6, err_msg=f"{layer} {target}"
         )

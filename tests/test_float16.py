@@ -10,22 +10,16 @@ import types
 import jax
 import jax.numpy as jnp
 import keras
-import keras_hub
 import ml_collections
 import numpy as np
 import pytest
 
 from gemma4_keras.model import decoding, gemma4_lora_model, layers, lora, presets
-from gemma4_keras.testing import tiny
+from gemma4_keras.testing.variants import backbone
 from gemma4_keras.training import callbacks as cb
 from gemma4_keras.training import checkpointing, train
 
 SEQ = 24
-
-
-@functools.cache
-def backbone():
-    return keras_hub.models.Gemma4Backbone.from_preset(str(tiny.tiny_checkpoint()))
 
 
 @functools.cache
@@ -185,8 +179,8 @@ def test_decoding_with_cache_matches_the_full_pass():
     ids = jnp.asarray(b["token_ids"][:1])
     full = np.asarray(m({k: v[:1] for k, v in b.items()}))
     cache = decoding.empty_cache(m, 1, SEQ)
-    h1, cache = decoding.forward_with_cache(m, ids[:, :16], cache, 0)
-    h2, _ = decoding.forward_with_cache(m, ids[:, 16:], cache, 16)
+    h1, cache = m(decoding.model_inputs(ids[:, :16], 0), cache=cache, cache_index=0)
+    h2, _ = m(decoding.model_inputs(ids[:, 16:], 16), cache=cache, cache_index=16)
     steps = np.concatenate([np.asarray(h1), np.asarray(h2)], axis=1)
     assert np.isfinite(steps).all()
     # The cache holds K/V in float16; the full pass keeps them float32.

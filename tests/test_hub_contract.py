@@ -11,18 +11,11 @@ this file says whether the reader still matches.
 import keras_hub
 import pytest
 
-from gemma4_keras.model import hub
+from gemma4_keras.model import hub, schema
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
-from gemma4_keras.testing import tiny
+from gemma4_keras.testing import tiny, variants
 
-VARIANTS = [
-    {},
-    {"ple": True},
-    {"ple": True, "kv_shared_layers": 2},
-    {"moe": True},
-    {"k_eq_v": True},
-    {"kv_shared_layers": 2, "double_wide_mlp": True},
-]
+VARIANTS = list(variants.select(*variants.FEATURES).values())
 
 
 def _block(backbone, i: int) -> BlockSpec:
@@ -60,6 +53,9 @@ def live_spec(backbone) -> ModelSpec:
         top_k=int(backbone.num_experts_per_token or 0),
         expert_dim=int(backbone.expert_intermediate_dim or 0),
         blocks=tuple(_block(backbone, i) for i in range(backbone.num_layers)),
+        ple_vocab_size=int(backbone.get_layer("per_layer_token_embedding").input_dim)
+        if backbone.hidden_size_per_layer_input
+        else 0,
     )
 
 
@@ -69,6 +65,28 @@ def test_config_reader_matches_the_built_layers(variant, layout):
     path = tiny.tiny_checkpoint(layout=layout, **variant)
     backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
     assert hub.spec_from_config(backbone.get_config()) == live_spec(backbone)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v) or "base")
+def test_schema_rows_are_the_backbone_variables(variant):
+    """Each schema row names a KerasHub variable of the row's shape, and the
+    backbone holds no text-decoder weight the schema lacks."""
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(
+        str(tiny.tiny_checkpoint(**variant)), dtype="float32"
+    )
+    spec = hub.spec_from_config(backbone.get_config())
+    read = set()
+    for row, layer in schema.rows(spec):
+        block = None if layer is None else spec.blocks[layer]
+        value = hub.backbone_value(backbone, row, layer)
+        assert value.shape == tuple(row.shape(spec, block)), row.keras_path(layer)
+        read.add(id(hub.variable(backbone, row, layer)))
+    unread = [
+        v.path
+        for v in backbone.weights
+        if id(v) not in read and "seed" not in v.path and "rotary" not in v.path
+    ]
+    assert unread == []
 
 
 def test_a_changed_attribute_is_detected():

@@ -5,6 +5,9 @@ Layers, lowest first (a module may import its own layer and those below):
     base      gemma4_keras (package root), _backend, _quiet, atomic, config_lib, disk,
               host_memory, settings, outputs, workdir_lock, resources (data files)
     data      data/          dataset reading, chat rendering, tokenizing, packing
+    schema    model/spec.py, model/schema.py: the architecture's facts and its
+              tensor table (plain numpy and dataclasses), which the
+              checkpoint writers below the model loop over
     testing   testing/       checkpoints the package writes itself (the tiny preset)
     model     model/         KerasHub bridge, layers, LoRA, NF4, loss, presets, plan
     exporters exporters/     PEFT, Hugging Face, GGUF and KerasHub formats
@@ -23,7 +26,17 @@ import re
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gemma4_keras"
-LAYERS = ["base", "data", "testing", "model", "exporters", "eval", "training", "cli"]
+LAYERS = [
+    "base",
+    "data",
+    "schema",
+    "testing",
+    "model",
+    "exporters",
+    "eval",
+    "training",
+    "cli",
+]
 BASE = (
     "_backend",
     "_quiet",
@@ -38,10 +51,15 @@ BASE = (
 )
 
 
+SCHEMA = ("gemma4_keras.model.spec", "gemma4_keras.model.schema")
+
+
 def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] in BASE:
         return "base"
+    if module in SCHEMA:
+        return "schema"
     return parts[1]
 
 

@@ -11,24 +11,12 @@ import numpy as np
 import oracles
 import pytest
 
-from gemma4_keras.model import gemma4_lora_model, lora, loss
-from gemma4_keras.testing import tiny
+from gemma4_keras.model import gemma4_lora_model, lora
+from gemma4_keras.testing import tiny, variants
+from gemma4_keras.testing.variants import backbone
 
 SEQ = 24  # longer than the tiny sliding window (16)
-VARIANTS = {
-    "default": {},
-    "ple": {"ple": True},
-    "kv_shared": {"ple": True, "kv_shared_layers": 2},
-    "moe": {"moe": True},
-    "k_eq_v": {"k_eq_v": True},  # 26B-A4B / 31B global attention
-    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},  # E2B
-}
-
-
-@functools.cache
-def backbone(variant: str):
-    path = tiny.tiny_checkpoint(**VARIANTS[variant])
-    return keras_hub.models.Gemma4Backbone.from_preset(str(path))
+VARIANTS = variants.select(*variants.FEATURES)
 
 
 @functools.cache
@@ -133,15 +121,7 @@ def test_packed_row_equals_examples_alone(variant):
 def _loss_and_grads(m, data):
     def loss_fn(tv, ntv):
         hidden, _ = m.stateless_call(tv, ntv, data, training=True)
-        total, count = loss.chunked_cross_entropy(
-            hidden,
-            m.globals["embedding"].value,
-            data["target_ids"],
-            data["loss_weights"],
-            soft_cap=m.spec.final_soft_cap,
-            chunk_size=16,
-        )
-        return total / count
+        return m.compute_loss(x=data, y_pred=hidden)
 
     tv = [v.value for v in m.trainable_variables]
     ntv = [v.value for v in m.non_trainable_variables]
@@ -160,6 +140,7 @@ def test_remat_same_outputs_and_gradients():
         **inputs(ids),
         "target_ids": np.roll(ids, -1, axis=1),
         "loss_weights": np.ones(ids.shape, np.float32),
+        "loss_norm": np.array([ids.size], np.float32),
     }
     np.testing.assert_array_equal(np.asarray(plain(data)), np.asarray(remat(data)))
     loss_p, grads_p = _loss_and_grads(plain, data)

@@ -36,19 +36,12 @@ from test_reliability import (
     error_line,
     run_cli,
     snapshot,
-    train_tiny_run,
 )
 
 from gemma4_keras import config_lib
 from gemma4_keras.data.commands import read_and_split
 from gemma4_keras.settings import DataSettings
 from gemma4_keras.testing import tiny
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """The shared tiny run (see test_reliability.train_tiny_run)."""
-    return train_tiny_run(tmp_path_factory.mktemp("outputs"))
 
 
 def _sample(path: pathlib.Path) -> pathlib.Path:

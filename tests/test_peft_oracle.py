@@ -26,7 +26,7 @@ import pytest
 from gemma4_keras.exporters import peft as peft_lib
 from gemma4_keras.model import gemma4_lora_model
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.testing import tiny
+from gemma4_keras.testing import tiny, variants
 
 # Every test here compares with PEFT on transformers: without them the module
 # is skipped (or, under --require-oracles, the session never starts).
@@ -39,12 +39,10 @@ EFFECT_TOL = 1e-3
 SEQ = 24  # longer than the tiny sliding window (16)
 
 VARIANTS = {
-    "causal_lm": dict(layout="causal_lm"),
-    "conditional_generation": dict(layout="conditional_generation"),
-    "kv_shared": dict(ple=True, kv_shared_layers=2),
-    "moe": dict(moe=True),
-    "k_eq_v": dict(k_eq_v=True),  # 26B-A4B / 31B: no v_proj on full layers
-    "double_wide_mlp": dict(kv_shared_layers=2, double_wide_mlp=True),  # E2B
+    "causal_lm": variants.VARIANTS["default"],
+    **variants.select(
+        "conditional_generation", "kv_shared", "moe", "k_eq_v", "double_wide_mlp"
+    ),
 }
 
 

@@ -25,18 +25,13 @@ from gemma4_keras.model import hub, plan, presets
 from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.testing import tiny
+from gemma4_keras.testing import tiny, variants
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
-VARIANTS = [
-    {},
-    {"ple": True},
-    {"kv_shared_layers": 2},
-    {"moe": True},
-    {"ple": True, "kv_shared_layers": 2, "moe": True},
-    {"layout": "conditional_generation"},
-]
+VARIANTS = list(
+    variants.select("default", "ple", "kv_shared_without_ple", "moe", "all").values()
+) + [variants.VARIANTS["conditional_generation"]]
 QUANTS = [
     ("none", False),
     ("nf4", False),

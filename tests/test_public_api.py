@@ -175,9 +175,13 @@ def test_plan_validates_and_formats():
 # --- bring your own fit -----------------------------------------------------
 
 
-# ~85 s on 2 CPU cores: loads the tiny model twice (fit, then generate).
+# ~85 s on 2 CPU cores: loads the tiny model twice (fit, then the saved
+# adapter's generate, the oracle of generating with the model in hand).
 @pytest.mark.slow
-def test_bring_your_own_fit_trains_and_generates():
+def test_bring_your_own_fit_trains_and_generates(tmp_path, monkeypatch):
+    from gemma4_keras.exporters import peft
+    from gemma4_keras.model import presets
+
     g4 = gemma4_keras
     config = g4.get_config("tiny", "lora", "runlocal", {"lora.dropout": 0.0})
     model, tokenizer, preset = g4.load_training_model(config)
@@ -192,10 +196,20 @@ def test_bring_your_own_fit_trains_and_generates():
     )
     assert math.isfinite(history.history["loss"][-1])
     assert int(model.optimizer.iterations.numpy()) == 2
-    answers = g4.generate(
-        config, ["Great soup.", "Cold fries."], adapter=model, max_new_tokens=2
-    )
+    prompts = ["Great soup.", "Cold fries."]
+    saved = str(tmp_path / "adapter")
+    peft.save_adapter(model, saved, base_model=preset)
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("generate(adapter=model) built a second model")
+
+    with monkeypatch.context() as m:  # the model in hand decodes: no new base
+        m.setattr(presets, "build_training_model", no_second_model)
+        m.setattr(presets, "load_backbone", no_second_model)
+        answers = g4.generate(config, prompts, adapter=model, max_new_tokens=2)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # The same answers as the saved adapter on a freshly loaded base.
+    assert answers == g4.generate(config, prompts, adapter=saved, max_new_tokens=2)
 
 
 def test_generate_refuses_no_prompt():

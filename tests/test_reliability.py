@@ -13,8 +13,8 @@ Each numbered defect of the issue has a test here, named after it:
  10 late validation        test_user_error_is_one_line (config rows)
 
 Most cases call `cli.main` in-process (fast); the lock and signals need real
-processes. One tiny run (4 steps, checkpoints at 2 and 4) is shared by the
-module; tests that change a workdir work on a copy.
+processes. The session's tiny run (`finished` in conftest.py: 4 steps,
+checkpoints at 2 and 4) is shared; tests that change a workdir work on a copy.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from gemma4_keras.data import records
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = f"--config={ROOT}/configs/tiny.py:runlocal"
-STEPS = ("--config.train.max_steps=4", "--config.checkpoint.every_steps=2")
 
 
 def run_cli(*args: str) -> int:
@@ -66,27 +65,6 @@ def snapshot(directory) -> dict[str, bytes]:
             path = os.path.join(d, f)
             out[os.path.relpath(path, directory)] = pathlib.Path(path).read_bytes()
     return out
-
-
-def train_tiny_run(base: pathlib.Path) -> dict:
-    """A finished 4-step tiny run in `base`, on its own copy of the sample data.
-
-    Returns {"workdir", "data", "args"}: `args` is the train command without
-    `--workdir` (its flags are the run's config).
-    """
-    data = base / "data" / "train.jsonl"
-    data.parent.mkdir()
-    shutil.copy(config_lib.default_dataset_path(), data)
-    workdir = base / "run"
-    args = ("train", TINY, *STEPS, f"--config.data.path={data}")
-    assert run_cli(*args, f"--workdir={workdir}") == 0
-    return {"workdir": workdir, "data": data, "args": args}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 4-step tiny run on its own copy of the sample data."""
-    return train_tiny_run(tmp_path_factory.mktemp("reliability"))
 
 
 def copy_run(finished, tmp_path, *, resume: bool = False) -> pathlib.Path:
@@ -126,6 +104,7 @@ def _wait(predicate, proc, timeout=240.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # two training processes: ~30 s alone, ~1 min beside a worker
 def test_two_train_processes_one_runs_the_other_stops(tmp_path):
     workdir = tmp_path / "w"
     log_a = open(tmp_path / "a.log", "wb")
@@ -253,6 +232,7 @@ def _flip_bytes(step_dir: pathlib.Path) -> None:
         f.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # retrains steps 3-4: ~25 s alone, ~1 min beside a worker
 def test_flipped_bytes_fall_back_to_the_previous_step(finished, tmp_path, capsys):
     work = copy_run(finished, tmp_path, resume=True)
     _flip_bytes(work / "checkpoints" / "4")
@@ -562,7 +542,7 @@ def _cases(tmp: pathlib.Path, run: dict) -> list[tuple[str, tuple, str]]:
         ("eval_tokens", (*train, "--config.eval.max_new_tokens=-3"), "eval.max_new_tokens"),
         ("eval_task", (*train, "--config.eval.task_type=poetry"), "eval.task_type"),
         ("eval_examples", (*train, "--config.eval.max_examples=0"), "eval.max_examples"),
-        ("loss_chunk", (*train, "--config.train.loss_chunk_size=0"), "train.loss_chunk_size"),
+        ("loss_chunk", (*train, "--config.model.loss_chunk_size=0"), "model.loss_chunk_size"),
         ("size", (*train, "--config.size=e9b"), "--config.size='e9b'"),
         ("method", (*train, "--config.method=dora"), "--config.method='dora'"),
         ("max_steps", (*train, "--config.train.max_steps=0"), "train.max_steps"),

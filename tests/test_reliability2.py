@@ -43,7 +43,6 @@ from test_reliability import (
     copy_run,
     error_line,
     run_cli,
-    train_tiny_run,
 )
 
 from gemma4_keras import cli, workdir_lock
@@ -51,12 +50,6 @@ from gemma4_keras.exporters import gguf as gguf_lib
 from gemma4_keras.exporters import peft
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """The shared tiny run (see test_reliability.train_tiny_run)."""
-    return train_tiny_run(tmp_path_factory.mktemp("reliability2"))
 
 
 def _sha256(path) -> str:
@@ -82,6 +75,7 @@ def _drop_checksums(step_dir: pathlib.Path) -> None:
     (step_dir / "checksums.json").unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # retrains steps 3-4: ~25 s alone, ~1 min beside a worker
 def test_step_without_checksums_is_set_aside(finished, tmp_path, capsys):
     work = copy_run(finished, tmp_path, resume=True)
     _drop_checksums(work / "checkpoints" / "4")
@@ -269,6 +263,7 @@ sys.exit(cli.main(["gemma4-keras", "train", *sys.argv[1:]]))
 """
 
 
+@pytest.mark.slow  # a training subprocess: ~30 s alone, ~1 min beside a worker
 def test_full_disk_inside_orbax_is_one_line_no_traceback(finished, tmp_path):
     work = copy_run(finished, tmp_path, resume=True)
     shutil.rmtree(work / "checkpoints" / "4")  # resumes at 2, saves step 4

@@ -19,14 +19,13 @@ import subprocess
 import sys
 import textwrap
 
-import keras_hub
 import numpy as np
 import pytest
 
 from gemma4_keras.model import hub, plan, sharding
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.testing import full_size, tiny
+from gemma4_keras.testing import full_size, tiny, variants
 
 QUANTS = [
     ("none", False),
@@ -93,8 +92,7 @@ def _kind(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def backbone():
-    path = tiny.tiny_checkpoint(ple=True, kv_shared_layers=2, moe=True)
-    return keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
+    return variants.backbone("all")
 
 
 # int8 is left out: its variables are int4's less two (and Keras' int8
@@ -182,7 +180,7 @@ SCRIPT = textwrap.dedent("""
         c.distribution.mode, c.distribution.model_parallel = mode, 4
         c.lora.dropout = 0.0
         dist = distributed.setup(c.distribution, b)
-        model, _, _ = presets.load_training_model(c.model, c.lora, c.quant, c.train)
+        model, _, _ = presets.load_training_model(c)
         x = dict(batch)
         if dist is not None:
             for k, v in batch.items():
@@ -225,7 +223,7 @@ SCRIPT = textwrap.dedent("""
     rows, p = layout(model), plan.plan(c, devices=8)
     # Keras' int4 Dense kernels and scales, placed by the same rules.
     c.quant.mode = "int4"
-    int4 = presets.load_training_model(c.model, c.lora, c.quant, c.train)[0]
+    int4 = presets.load_training_model(c)[0]
     json.dump({"vars": rows, "plan": p["per_device"], "mesh": p["mesh"],
                "int4": layout(int4), "int4_plan": plan.plan(c, devices=8)["per_device"],
                "losses": [one_loss, mesh_loss], "grad_err": grad_err,

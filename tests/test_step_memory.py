@@ -8,7 +8,7 @@ last CSE). At E2B's size that was 16 GiB of temporaries for a step that
 needs about 2. These tests compile the training step of a small NF4 model
 at two depths: the temporaries must not grow by a layer's float kernels per
 layer (they grew by about three before `quant.nf4_matmul` and
-`gemma4_lora_model.remat_block`).
+`xla_workarounds.remat`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_keras.model import loss, presets, quant, stream_load
+from gemma4_keras.model import presets, quant, stream_load, xla_workarounds
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import full_size, tiny
 
@@ -41,19 +41,15 @@ def _compiled_loss_step(model, ids, chunk_size: int, training: bool):
         "token_ids": ids,
         "positions": np.arange(seq, dtype=np.int32)[None],
         "segment_ids": np.ones((1, seq), np.int32),
+        "target_ids": np.roll(ids, -1, axis=1),
+        "loss_weights": np.ones(ids.shape, np.float32),
+        "loss_norm": np.array([seq], np.float32),
     }
+    model.loss_chunk_size = chunk_size
 
     def loss_fn(tv, ntv):
         hidden, _ = model.stateless_call(tv, ntv, data, training=training)
-        total, count = loss.chunked_cross_entropy(
-            hidden,
-            model.globals["embedding"].value,
-            np.roll(ids, -1, axis=1),
-            np.ones(ids.shape, np.float32),
-            soft_cap=model.spec.final_soft_cap,
-            chunk_size=chunk_size,
-        )
-        return total / count
+        return model.compute_loss(x=data, y_pred=hidden)
 
     tv = [v.value for v in model.trainable_variables]
     ntv = [v.value for v in model.non_trainable_variables]
@@ -110,11 +106,13 @@ def test_nf4_matmul_equals_the_dequantised_matmul_with_gradients():
 def test_tie_to_keeps_values_and_the_dependency():
     leaves = {"f": jnp.arange(4.0), "i": jnp.arange(4, dtype=jnp.uint8)}
     anchor = jnp.ones((2, 3))
-    tied = jax.jit(lambda t, a: quant.tie_to(t, a, integers=True))(leaves, anchor)
+    tied = jax.jit(lambda t, a: xla_workarounds.tie_to(t, a, integers=True))(
+        leaves, anchor
+    )
     np.testing.assert_array_equal(np.asarray(tied["f"]), np.arange(4.0))
     np.testing.assert_array_equal(np.asarray(tied["i"]), np.arange(4))
     hlo = (
-        jax.jit(lambda t, a: quant.tie_to(t, a)["f"] * 2)
+        jax.jit(lambda t, a: xla_workarounds.tie_to(t, a)["f"] * 2)
         .lower(leaves, anchor)
         .compile()
         .as_text()
@@ -131,7 +129,7 @@ def test_tie_to_computes_its_zero_once_outside_the_tied_leaf():
     # dequantised kernel (issue 17).
     def fn(leaf, a):
         anchor = jnp.tanh(a) * 3.0 + a * a
-        return quant.tie_to({"f": leaf}, anchor)["f"] * 2
+        return xla_workarounds.tie_to({"f": leaf}, anchor)["f"] * 2
 
     hlo = jax.jit(fn).lower(jnp.zeros(4096), jnp.ones((64, 64))).compile().as_text()
     entry = hlo[hlo.index("ENTRY") :]

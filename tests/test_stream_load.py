@@ -18,19 +18,17 @@ import oracles
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gemma4_keras.model import hf_config, hub, presets, stream_load
+from gemma4_keras.model import hf_config, hub, layers, presets, stream_load
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.testing import full_size, tiny
+from gemma4_keras.testing import full_size, tiny, variants
 
 VARIANTS = {
-    "default": {},
-    "ple": {"ple": True},
-    "kv_shared": {"ple": True, "kv_shared_layers": 2},
-    "moe": {"moe": True},
-    "k_eq_v": {"k_eq_v": True},
-    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},
-    "conditional_generation": {"layout": "conditional_generation", "moe": True},
+    **variants.select(*variants.FEATURES),
+    "conditional_generation": {
+        **variants.VARIANTS["conditional_generation"],
+        "moe": True,
+    },
 }
 # name -> (compute dtype, quant, double_quant)
 MODES = {
@@ -195,9 +193,7 @@ def test_presets_stop_with_a_preset_error(editable):
 
     cfg = config_lib.get_config("tiny", "lora")
     with pytest.raises(presets.PresetError, match="model.norm.weight"):
-        presets.build_training_model(
-            str(editable), cfg.model, cfg.lora, cfg.quant, cfg.train
-        )
+        presets.build_training_model(str(editable), presets.ModelSettings.of(cfg))
 
 
 def test_presets_stream_hf_directories_without_keras_hub_backbone(monkeypatch):
@@ -209,9 +205,7 @@ def test_presets_stream_hf_directories_without_keras_hub_backbone(monkeypatch):
     monkeypatch.setattr(presets, "load_backbone", refuse)
     cfg = config_lib.get_config("tiny", "lora")
     path = str(tiny.tiny_checkpoint())
-    model = presets.build_training_model(
-        path, cfg.model, cfg.lora, cfg.quant, cfg.train
-    )
+    model = presets.build_training_model(path, presets.ModelSettings.of(cfg))
     assert model.spec.num_layers == tiny.NUM_LAYERS
 
 
@@ -377,7 +371,7 @@ def test_hf_presets_are_streamed_from_the_downloaded_snapshot(monkeypatch):
     monkeypatch.setattr(presets, "load_backbone", None)  # never reached
     cfg = config_lib.get_config("tiny", "lora")
     model = presets.build_training_model(
-        "hf://google/gemma-4-E2B-it", cfg.model, cfg.lora, cfg.quant, cfg.train
+        "hf://google/gemma-4-E2B-it", presets.ModelSettings.of(cfg)
     )
     assert asked == ["google/gemma-4-E2B-it"] and model.spec.num_layers == 4
 
@@ -388,7 +382,7 @@ def test_hf_presets_offline_stop_with_a_preset_error():
     cfg = config_lib.get_config("tiny", "lora")
     with pytest.raises(presets.PresetError, match="could not load its weights"):
         presets.build_training_model(
-            "hf://google/no-such-gemma", cfg.model, cfg.lora, cfg.quant, cfg.train
+            "hf://google/no-such-gemma", presets.ModelSettings.of(cfg)
         )
 
 
@@ -408,16 +402,16 @@ def test_globals_are_filled_in_place_from_blocks_of_rows(dtype, monkeypatch):
     rng = np.random.default_rng(0)
     table = rng.normal(size=(tiny.TINY_VOCAB_SIZE, tiny.HIDDEN_SIZE)).astype(np.float32)
     blocks = np.array_split(table, 5)
-    real_put, pointers = stream_load._put_rows, []
+    real_put, pointers = layers._put_rows, []
 
     def put(buffer, rows, first):
         pointers.append(buffer.unsafe_buffer_pointer())
         return real_put(buffer, rows, first)
 
-    monkeypatch.setattr(stream_load, "_put_rows", put)
+    monkeypatch.setattr(layers, "_put_rows", put)
     with presets.on_host():
         model = Gemma4LoraModel(stream_load.model_spec(config), dtype=dtype)
-        stream_load._add_global(model, "embedding", table.shape, iter(blocks))
+        model.add_global("embedding", table.shape, iter(blocks))
     var = model.globals["embedding"]
     assert var.dtype == dtype and var.path.endswith("embedding")
     want = table.astype(np.asarray(var.value).dtype)

@@ -12,25 +12,14 @@ import oracles
 import pytest
 
 from gemma4_keras.data import samples
-from gemma4_keras.testing import tiny
+from gemma4_keras.testing import tiny, variants
 
 # float32 logits of the two frameworks agree to ~1e-5 relative on this model;
 # 1e-4 is the cross-framework floor DESIGN.md promises users.
 LOGIT_RTOL = 1e-4
 SEQ_LEN = 40  # > sliding_window (16), so the window is exercised.
 
-VARIANTS = {
-    "default": {},
-    "ple": {"ple": True},
-    "kv_shared": {"kv_shared_layers": 2},
-    "moe": {"moe": True},
-    "all": {"ple": True, "kv_shared_layers": 2, "moe": True},
-    "conditional_generation": {"layout": "conditional_generation"},
-    # 26B-A4B / 31B attention: no v_proj on full layers, fewer global KV heads.
-    "k_eq_v": {"k_eq_v": True},
-    # E2B MLP: KV-shared layers are twice as wide.
-    "double_wide_mlp": {"kv_shared_layers": 2, "double_wide_mlp": True},
-}
+VARIANTS = variants.VARIANTS  # every variant: each must load in both frameworks
 
 CHAT_TEXTS = [
     "<bos><|turn>user\nClassify: 'great food'<turn|>\n<|turn>model\n"
@@ -293,7 +282,7 @@ def test_transformers_kv_sharing_without_ple_default_forward(checkpoints, transf
     import torch
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        checkpoints["kv_shared"], dtype=torch.float32
+        checkpoints["kv_shared_without_ple"], dtype=torch.float32
     ).eval()
     ids = torch.arange(4, 4 + SEQ_LEN)[None]
     with torch.no_grad():
@@ -390,3 +379,18 @@ def test_tokenizer_adds_no_bos_and_generation_stops_like_the_it_checkpoints(
     assert hf_tok("<bos>hi")["input_ids"].count(tiny.BOS_ID) == 1
     assert generate.stop_ids(keras_tok) == tiny.STOP_IDS
     assert not (path / "chat_template.jinja").exists()  # sizes decide by default
+
+
+@pytest.mark.parametrize("name", sorted(variants.VARIANTS))
+def test_the_writer_spec_gives_the_tensors_keras_hub_reads(name):
+    """The writer's tensor list (`tiny.model_spec` + the schema) is the one
+    the loader derives from the same config through KerasHub's converter."""
+    from gemma4_keras.model import hub, schema
+
+    config = tiny.tiny_hf_config(**variants.VARIANTS[name])
+    theirs = hub.spec_from_config(hub.backbone_kwargs(config))
+
+    def tensors(spec):
+        return {n: shape for n, (shape, _) in schema.hf_tensors(spec).items()}
+
+    assert tensors(tiny.model_spec(config)) == tensors(theirs)

@@ -29,9 +29,7 @@ def _config(**train_overrides):
 def setup(tmp_path_factory):
     """(model, initial adapter weights, 4 single-example batches, config)."""
     c = _config()
-    model, tokenizer, preset = presets.load_training_model(
-        c.model, c.lora, c.quant, c.train
-    )
+    model, tokenizer, preset = presets.load_training_model(c)
     prepared = train.prepare_data(c.data, tokenizer, presets.chat_template(c, preset))
     stream, _ = train.build_batches(prepared.train_examples, c.data, c.train)
     rows = [stream.batch(i) for i in range(2)]  # 2 batches of 2 rows
@@ -133,7 +131,7 @@ def test_float32_on_cpu_by_default():
 def test_bfloat16_computes_in_bf16_with_float32_adapters_and_optimizer(setup):
     c = _config()
     c.model.dtype = "bfloat16"
-    model, _, _ = presets.load_training_model(c.model, c.lora, c.quant, c.train)
+    model, _, _ = presets.load_training_model(c)
     assert isinstance(model, Gemma4LoraModel)
     assert model.compute_dtype == "bfloat16"
     frozen = [v for v in model.non_trainable_variables if "embedding" in v.path]

@@ -3,8 +3,9 @@
 Why numpy and not tf.data: a fine-tuning set fits in memory once tokenized;
 packing is Python either way; a pure function of (seed, step) gives exact
 resumption at any step in O(1) without replaying earlier batches, with no TF
-runtime threads competing with JAX for the host. `BatchStream` is an
-iterable of dicts, which `keras.Model.fit` accepts (with `steps_per_epoch`).
+runtime threads competing with JAX for the host. `BatchStream.batch(step)`
+is a dict of arrays; the training loop (`training/train.py`) asks for the
+steps it runs.
 
 Rows are grouped once (packing is deterministic); each epoch shuffles the
 rows with `np.random.default_rng([seed, epoch])`. Batch k is rows
@@ -21,7 +22,7 @@ normaliser is the global one without exchanging data.
     process 1       process_rows=[2, 3] -> rows 9, 0
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,8 +48,6 @@ class BatchStream:
         shuffle: bool = True,
         seed: int = 0,
         drop_remainder: bool = True,
-        start_step: int = 0,
-        num_epochs: int | None = None,
         process_rows: Sequence[int] | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
@@ -63,12 +62,7 @@ class BatchStream:
             )
         self.examples, self.rows = examples, list(rows)
         self.seq_len, self.batch_size, self.steps_per_epoch = seq_len, batch_size, n
-        self.shuffle, self.seed, self.start_step, self.num_epochs = (
-            shuffle,
-            seed,
-            start_step,
-            num_epochs,
-        )
+        self.shuffle, self.seed = shuffle, seed
         self._perm_epoch, self._perm = -1, None
         self.process_rows = None
         if process_rows is not None:
@@ -143,20 +137,6 @@ class BatchStream:
         rows = [self.rows[r] if r < len(self.rows) else empty for r in picked]
         return packing_lib.materialise(rows, self.examples, self.seq_len)
 
-    def __len__(self) -> int:
-        if self.num_epochs is None:
-            raise TypeError("an endless BatchStream has no length; use steps_per_epoch")
-        return self.num_epochs * self.steps_per_epoch - self.start_step
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        step = self.start_step
-        end = (
-            None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
-        )
-        while end is None or step < end:
-            yield self.batch(step)
-            step += 1
-
 
 def build_dataset(
     examples: Sequence[EncodedExample],
@@ -167,8 +147,6 @@ def build_dataset(
     shuffle: bool = True,
     seed: int = 0,
     drop_remainder: bool = True,
-    start_step: int = 0,
-    num_epochs: int | None = None,
     process_rows: Sequence[int] | None = None,
 ) -> BatchStream:
     """Batches for training, packed or one example per row.
@@ -182,13 +160,11 @@ def build_dataset(
         seed: shuffle seed.
         drop_remainder: drop the last partial batch of each epoch (else pad
             it with empty rows).
-        start_step: first global step to yield (resume).
-        num_epochs: stop after this many epochs; None repeats forever.
         process_rows: the rows of each batch this process feeds (multi-host,
-            `run.distributed.process_rows`); None = all.
+            `training.distributed.process_rows`); None = all.
 
     Returns:
-        A BatchStream (iterable of batch dicts, `steps_per_epoch`, `batch(k)`).
+        A BatchStream (`batch(k)` for any global step k, `steps_per_epoch`).
     """
     lengths = packing_lib.input_lengths(examples, seq_len)
     if packing:
@@ -203,7 +179,5 @@ def build_dataset(
         shuffle=shuffle,
         seed=seed,
         drop_remainder=drop_remainder,
-        start_step=start_step,
-        num_epochs=num_epochs,
         process_rows=process_rows,
     )

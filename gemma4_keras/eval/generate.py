@@ -3,12 +3,11 @@
 `Generator.from_model` decodes with the `Gemma4LoraModel` that trained (float
 or NF4 base, adapter on, off or switched) through its KV-cached KerasHub
 `CausalLM` (`model.decoding`): no second copy of the base is loaded.
-`Generator.from_backbone` wraps KerasHub's own `Gemma4CausalLM`, for checking
-exported presets. Prompts are rendered by `data.generation_prompt` with the
-chat template variant of the tuned size (`presets.chat_template`) and
-already start with `<bos>`: they are tokenized without adding another start
-token. Decoding stops on the ids the -it `generation_config.json` lists:
-`<eos>`, `<turn|>` and `<|tool_response>`.
+Prompts are rendered by `data.generation_prompt` with the chat template
+variant of the tuned size (`presets.chat_template`) and already start with
+`<bos>`: they are tokenized without adding another start token. Decoding
+stops on the ids the -it `generation_config.json` lists: `<eos>`, `<turn|>`
+and `<|tool_response>`.
 
 Generated text keeps every chat control token (`chat.CONTROL_TOKENS`), so a
 tool call reads back with `tool_format.parse_calls`. `chat_loop` drives a
@@ -39,7 +38,7 @@ from gemma4_keras.data import (
     tool_format,
 )
 from gemma4_keras.exporters import peft
-from gemma4_keras.model import decoding, hub, lora, presets
+from gemma4_keras.model import decoding, lora, presets
 
 EOS_ID = 1
 END_OF_TURN_ID = 106  # <turn|>
@@ -201,13 +200,6 @@ class Generator:
     def from_model(cls, model, tokenizer, *, sampler: str = "greedy", **kwargs):
         """Decodes with a `Gemma4LoraModel` (its active adapter, its base)."""
         lm = decoding.Gemma4LoraCausalLM(model, sampler=sampler)
-        return cls(lm, tokenizer, **kwargs)
-
-    @classmethod
-    def from_backbone(cls, backbone, tokenizer, *, sampler: str = "greedy", **kwargs):
-        """Decodes with KerasHub's `Gemma4CausalLM` (e.g. an exported preset)."""
-        lm = hub.causal_lm(backbone)
-        lm.compile(sampler=sampler)
         return cls(lm, tokenizer, **kwargs)
 
     def prompt_text(self, messages, tools=None) -> str:
@@ -409,9 +401,7 @@ def load_model(config, preset: str, adapter=None, source: str = "adapter"):
     Example:
       >>> model = load_model(config, preset, peft.read_adapter("run/adapter"))
     """
-    model = presets.build_training_model(
-        preset, config.model, config.lora, config.quant, config.train
-    )
+    model = presets.build_training_model(preset, presets.ModelSettings.of(config))
     model.unload_adapter("default")  # the config's fresh, untrained adapter
     if adapter is not None:
         try:
@@ -450,28 +440,6 @@ def load_generator(config, adapter: str | None = None) -> Generator:
         template=presets.chat_template(config, preset).variant,
         enable_thinking=bool(config.data.enable_thinking),
         max_length=context_length(preset),
-    )
-
-
-def generate_answers(
-    config,
-    conversations,
-    *,
-    adapter: str | None,
-    max_new_tokens: int,
-    tools: Sequence | None = None,
-) -> list[str]:
-    """`gemma4-keras generate`: the base model, or base + a PEFT adapter.
-
-    `tools`: None, or one declaration list per conversation
-    (`Generator.generate`).
-    """
-    gen = load_generator(config, adapter)
-    return gen.generate(
-        conversations,
-        tools=tools,
-        max_new_tokens=max_new_tokens,
-        batch_size=int(config.eval.batch_size),
     )
 
 

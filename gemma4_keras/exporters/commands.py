@@ -6,12 +6,14 @@
     export(config, "runs/x", "gguf", "out/gguf")       merged GGUF (llama.cpp)
     export(config, "runs/x", "gguf-lora", "out/lora")  adapter as GGUF (llama.cpp, Ollama)
 
-No export holds a full-precision copy of the base. `peft` and `gguf-lora`
-read no base weights at all: the adapter is checked against the model spec
-read from the base's config.json alone. `hf` and `gguf` stream the base's
-safetensors tensor by tensor (a local HF directory; a KerasHub-preset or
-remote base falls back to loading the model for `hf`). `keras` loads the
-base once, in the output dtype. Merged exports keep the base's dtype unless
+`peft` and `gguf-lora` read no base weights at all: the adapter is checked
+against the model spec read from the base's config.json alone. `hf` and
+`gguf` write tensor by tensor from a local HF directory's safetensors
+(`hf://` bases are downloaded first), holding one tensor at a time. Two
+exports hold the base in memory: `keras` (KerasHub saves a built backbone,
+in the output dtype) and `hf` from a base that has no safetensors (a
+KerasHub preset name or kaggle://), whose float32 backbone KerasHub loads
+before the writer reads it tensor by tensor. Merged exports keep the base's dtype unless
 `dtype` says otherwise; the manifest records both.
 
 Every export is written into a temporary directory beside `out` and renamed
@@ -39,7 +41,6 @@ from gemma4_keras.exporters import manifest as manifest_lib
 from gemma4_keras.exporters.hf import ExportError, parse_size
 from gemma4_keras.exporters.peft import umask_permissions
 from gemma4_keras.model import hub, lora, presets
-from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
 # vLLM's accepted `--max-lora-rank` values (its LoRA config checks membership).
@@ -231,23 +232,6 @@ def staging(out: str):
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_merged_inputs(preset: str, adapter_dir: str):
-    """(backbone float32, Gemma4LoraModel with the adapter active).
-
-    Only for `--format=hf` from a base that is not a local HF directory
-    (KerasHub preset name, hf://, kaggle://): there is no safetensors file to
-    stream, so the merged model is built in memory (float32).
-    """
-
-    backbone = presets.load_backbone(preset, "float32")
-    model = Gemma4LoraModel.from_backbone(backbone, dtype="float32")
-    try:
-        peft.load_adapter(model, adapter_dir)
-    except peft.AdapterFormatError as e:
-        raise _mismatch(adapter_dir, preset, e) from e
-    return backbone, model
 
 
 def _mismatch(adapter_dir: str, preset: str, e: Exception) -> ExportError:
@@ -551,23 +535,16 @@ def _write(tmp: str, job: dict) -> list[str]:
 
 
 def _write_hf(tmp: str, job: dict) -> list[str]:
+    common = dict(dtype=job["dtype"], shard_size=job["shard_size"])
     if job["base_dir"]:
         return hf.write_hf_streamed(
-            job["base_dir"],
-            tmp,
-            job["lora_spec"],
-            job["factors"],
-            dtype=job["dtype"],
-            shard_size=job["shard_size"],
+            job["base_dir"], tmp, job["lora_spec"], job["factors"], **common
         )
-    backbone, model = load_merged_inputs(job["preset"], job["adapter_dir"])
-    files = hf.write_hf(
-        model,
-        backbone,
-        tmp,
-        layout=job["layout"],
-        dtype=job["dtype"],
-        shard_size=job["shard_size"],
+    # No safetensors to stream: KerasHub loads the base (float32, so the merge
+    # rounds once) and the writer reads its tensors one by one.
+    backbone = presets.load_backbone(job["preset"], "float32")
+    files = hf.write_hf_streamed(
+        backbone, tmp, job["lora_spec"], job["factors"], layout=job["layout"], **common
     )
     return files + _tokenizer_model_from_keras(job["preset"], tmp)
 

@@ -31,6 +31,7 @@ MoE and PLE exports are not yet checked against llama.cpp; see docs/deploy.md.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import numpy as np
 
 from gemma4_keras.exporters import hf, hf_stream
 from gemma4_keras.exporters.hf_stream import ExportError
-from gemma4_keras.model import hub, lora
+from gemma4_keras.model import hub, lora, schema
 from gemma4_keras.model.spec import module_name
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -73,33 +74,31 @@ def check_type(gguf_type: str) -> None:
     _import_gguf()
 
 
-_REDUNDANT_KV = re.compile(
-    r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.weight$"
-)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def text_tensors(hf_names, layout: str, spec) -> dict[str, str]:
     """{`model.*` text-decoder name: base tensor name} of what llama.cpp loads.
 
-    Vision/audio tensors are left out (llama.cpp reads towers from a separate
-    mmproj file), and so are the K/V tensors that some checkpoints keep for
+    The schema's tensors of `spec` (`schema.hf_tensors`): vision/audio
+    tensors are left out (llama.cpp reads towers from a separate mmproj
+    file), and so are the K/V tensors that some checkpoints keep for
     KV-shared layers: llama.cpp's graph has no such tensors and refuses a
     file with more tensors than it loads.
     """
     prefix = hf.PREFIXES[layout]
-    out = {}
-    for name in hf_names:
-        if not name.startswith(prefix):
-            continue
-        key = "model." + name[len(prefix) :]
-        m = _REDUNDANT_KV.match(key)
-        if m and not spec.has_projection(
-            int(m[1]), "k_proj" if m[2] == "k_norm" else m[2]
-        ):
-            continue
-        out[key] = name
-    return out
+    return {
+        "model." + name: prefix + name
+        for name in schema.hf_tensors(spec)
+        if prefix + name in hf_names
+    }
+
+
+# Rows llama.cpp loads as tensors of their own that gguf's map has no name for.
+_SEPARATE_SCALES = {
+    "router_scale": "ffn_gate_inp.scale",
+    "expert_scale": "ffn_down_exps.scale",
+}
 
 
 def gguf_name(key: str, names) -> str:
@@ -111,16 +110,15 @@ def gguf_name(key: str, names) -> str:
     the expert output) as separate tensors.
     """
     m = _LAYER.search(key)
-    if key.endswith("router.scale"):
-        return f"blk.{m[1]}.ffn_gate_inp.scale"
-    if key.endswith("router.per_expert_scale"):
-        return f"blk.{m[1]}.ffn_down_exps.scale"
+    for row, gguf_suffix in _SEPARATE_SCALES.items():
+        if m and key == "model." + schema.row(row).hf_name(int(m[1])):
+            return f"blk.{m[1]}.{gguf_suffix}"
     name = names.get_name(key, try_suffixes=(".weight", ".bias"))
     if name is None:
-        gguf = _import_gguf()
         raise ExportError(
-            f"no GGUF name for tensor {key!r} in gguf {gguf.__version__}'s "
-            "GEMMA4 map; upgrade the gguf package"
+            f"no GGUF name for tensor {key!r} in gguf "
+            f"{importlib.metadata.version('gguf')}'s GEMMA4 map; upgrade the gguf "
+            "package"
         )
     # llama.cpp loads every tensor as `<name>.weight`; HF's expert banks and
     # layer_scalar carry no suffix, so the map returns the bare name.

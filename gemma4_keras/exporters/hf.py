@@ -1,60 +1,56 @@
-"""Merged Gemma 4 text decoder as a Hugging Face checkpoint.
+"""Merged Gemma 4 text decoder as a Hugging Face checkpoint: `write_hf_streamed`.
 
-Two writers:
+One writer, tensor by tensor, from either base:
 
-* `write_hf_streamed` (every base that is a local HF directory): reads the
-  base's safetensors tensor by tensor (`hf_stream`), adds `scale * B @ A`
-  (in float32) only where an adapter sits, casts to the output dtype (default:
-  the base's own) and writes shards as they fill. The result carries exactly
-  the base's tensor names (vision/audio towers and the redundant K/V tensors
-  some checkpoints keep for KV-shared layers included) and the base's own
-  `config.json` with only `dtype` changed. Peak host memory: one adapted
-  tensor in float32 plus its delta (tensors without an adapter are copied in
-  row blocks of at most 64 MiB), whatever the model size.
-* `write_hf` (a KerasHub preset or a remote base, which has no safetensors to
-  stream): the in-memory path below; it holds the merged model in float32.
+* a local HF directory: its safetensors are read one tensor at a time
+  (`hf_stream`); the result carries exactly the base's tensor names
+  (vision/audio towers and the redundant K/V tensors some checkpoints keep
+  for KV-shared layers included) and the base's own `config.json` with only
+  `dtype` changed;
+* a KerasHub `Gemma4Backbone` (a KerasHub preset or remote base, which has
+  no safetensors): the text decoder's tensors are the rows of
+  `model/schema.py`, read off the backbone one at a time, under the
+  `layout`'s prefix, with a `config.json` derived from the backbone
+  (`text_config`, `model_config`).
 
-`write_hf` writes what `transformers.AutoModelForCausalLM.from_pretrained(dir)` loads:
+Each tensor gets `scale * B @ A` (in float32) only where an adapter sits, is
+cast to the output dtype (default: the base's own) and written into the
+shard being filled: peak host memory is one adapted tensor in float32 plus
+its delta (tensors without an adapter are copied in row blocks of at most
+64 MiB), whatever the model size. What it writes,
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` loads:
 
-    config.json                       Gemma4ForCausalLM, model_type gemma4_text
+    config.json                       the base's, or Gemma4ForCausalLM
     model.safetensors                 or model-0000i-of-0000N.safetensors +
                                       model.safetensors.index.json when sharded
     tokenizer.json, tokenizer_config.json, ...   copied from the base directory
 
-Weights are `W + scale * (A @ B)` for every adapter site, stored as HF
-`nn.Linear` weights (out, in). The name mapping is the inverse of KerasHub's
-`convert_gemma4.py` reader (and so of `weights.copy_from_backbone`): KV-shared
-layers get no k/v projections, MoE layers get `experts.gate_up_proj`
-(E, 2 * I, H) = [gate; up] along axis 1 and `experts.down_proj` (E, H, I),
-`layer_scalar` is stored with shape (1,) like HF's buffer.
-
-Layouts (`layout=`):
+Layouts (`layout=`, a backbone base only):
   * `"causal_lm"` (default): text-only `Gemma4ForCausalLM`, keys `model.*`.
   * `"conditional_generation"`: `Gemma4ForConditionalGeneration` key layout,
     text weights under `model.language_model.*`, config nested under
-    `text_config`, the way the released (multimodal) checkpoints are laid
-    out. No vision or audio tower is written (this package trains the text
-    decoder only), so the config carries no `vision_config`/`audio_config`:
-    the result is a text-only model in the multimodal key layout, for tools
-    that expect those names.
+    `text_config`. No vision or audio tower is written, so the config
+    carries no `vision_config`/`audio_config`: a text-only model in the
+    multimodal key layout, for tools that expect those names.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
-import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 from gemma4_keras.exporters import hf_stream
 from gemma4_keras.exporters.hf_stream import ExportError
-from gemma4_keras.model import lora, stream_load
+from gemma4_keras.model import hub, layers, lora, schema
 from gemma4_keras.model.lora import Factors, LoraSpec
-from gemma4_keras.model.spec import ATTN_TARGETS, module_name
+from gemma4_keras.model.spec import module_name
 
 # Files a Hugging Face model directory carries for its tokenizer / generation.
 TOKENIZER_FILES = (
@@ -70,74 +66,6 @@ LAYOUTS = ("causal_lm", "conditional_generation")
 PREFIXES = {"causal_lm": "model.", "conditional_generation": "model.language_model."}
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SHARD_SIZE = 5 * 1024**3
-
-# Our norm / extra names -> HF names under `layers.N.`: the loader's tables.
-_NORMS = stream_load.HF_NORMS
-_EXTRAS = stream_load.HF_EXTRAS
-
-
-def _np(var) -> np.ndarray:
-    if hasattr(var, "dequantize"):  # an NF4 holder (QLoRA base)
-        return np.asarray(var.dequantize("float32"), np.float32)
-    return np.asarray(var.value if hasattr(var, "value") else var, np.float32)
-
-
-def merged_state_dict(
-    model, layout: str = "causal_lm", name: str | None = None
-) -> dict[str, np.ndarray]:
-    """HF tensors (float32) of `model` with adapter `name` merged in.
-
-    Args:
-        model: a `Gemma4LoraModel`.
-        layout: `"causal_lm"` or `"conditional_generation"` (key prefix).
-        name: adapter to merge (default: the active one; none = base weights).
-
-    Returns:
-        {HF key: array}, e.g. `model.layers.0.self_attn.q_proj.weight` (out, in).
-    """
-    if layout not in LAYOUTS:
-        raise ExportError(f"layout={layout!r}: expected one of {LAYOUTS}")
-    p, g, spec = PREFIXES[layout], model.globals, model.spec
-    out = {
-        f"{p}embed_tokens.weight": _np(g["embedding"]),
-        f"{p}norm.weight": _np(g["final_norm"]),
-    }
-    if spec.ple_dim:
-        out[f"{p}embed_tokens_per_layer.weight"] = _np(g["ple_embedding"])
-        out[f"{p}per_layer_model_projection.weight"] = _np(g["ple_projection"]).T
-        out[f"{p}per_layer_projection_norm.weight"] = _np(g["ple_norm"])
-    adapters = model.adapters(name) if (name or model.active_adapter) else {}
-    for blk in model.blocks:
-        out.update(_block_tensors(blk, f"{p}layers.{blk.bspec.index}.", adapters))
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
-
-
-def _block_tensors(blk, prefix: str, adapters: dict) -> dict[str, np.ndarray]:
-
-    i = blk.bspec.index
-    out = {prefix + _NORMS[n]: _np(v) for n, v in blk.norms.items()}
-    for target, linear in blk.proj.items():
-        kernel = np.asarray(linear.weight("float32"), np.float32)
-        if (i, target) in adapters:
-            kernel = kernel + adapters[(i, target)].delta_weight()
-        group = "self_attn" if target in ATTN_TARGETS else "mlp"
-        out[f"{prefix}{group}.{target}.weight"] = kernel.T
-    out[prefix + "layer_scalar"] = _np(blk.extra["layer_scalar"]).reshape(1)
-    for n, (hf_name, transpose) in _EXTRAS.items():
-        if n in blk.extra:
-            v = _np(blk.extra[n])
-            out[prefix + hf_name] = v.T if transpose else v
-    if "experts_gate" in blk.extra:
-        # KerasHub banks: gate/up (E, H, I), down (E, I, H). HF: gate_up
-        # (E, 2I, H) with gate first, as convert_gemma4.py slices it; down (E, H, I).
-        gate, up = _np(blk.extra["experts_gate"]), _np(blk.extra["experts_up"])
-        out[prefix + "experts.gate_up_proj"] = np.concatenate(
-            [gate.transpose(0, 2, 1), up.transpose(0, 2, 1)], axis=1
-        )
-        out[prefix + "experts.down_proj"] = _np(blk.extra["experts_down"]).transpose(
-            0, 2, 1
-        )
-    return out
 
 
 def text_config(
@@ -275,55 +203,6 @@ def parse_size(size) -> int:
     return int(float(m[1]) * 1024 ** {"": 0, "K": 1, "M": 2, "G": 3}[unit])
 
 
-def _cast(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r}: expected one of {DTYPES}")
-    if dtype == "bfloat16":
-        return {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
-    return {k: v.astype(dtype) for k, v in tensors.items()}
-
-
-def save_safetensors(
-    tensors: dict[str, np.ndarray], directory: str, shard_size=DEFAULT_SHARD_SIZE
-) -> list[str]:
-    """Writes `model.safetensors`, or shards + index when over `shard_size`.
-
-    Returns the file names written.
-    """
-
-    limit = parse_size(shard_size)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    used = 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].nbytes
-        if shards[-1] and used + nbytes > limit:
-            shards.append({})
-            used = 0
-        shards[-1][key] = tensors[key]
-        used += nbytes
-    meta = {"format": "pt"}  # transformers refuses safetensors without it
-    if len(shards) == 1:
-        save_file(
-            shards[0], os.path.join(directory, "model.safetensors"), metadata=meta
-        )
-        return ["model.safetensors"]
-    names = [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        for i in range(len(shards))
-    ]
-    weight_map = {}
-    for fname, shard in zip(names, shards, strict=True):
-        save_file(shard, os.path.join(directory, fname), metadata=meta)
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {
-        "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-    return [*names, "model.safetensors.index.json"]
-
-
 def copy_tokenizer_files(base_dir: str | None, directory: str) -> list[str]:
     """Copies the tokenizer / generation files of a local HF base directory.
 
@@ -358,42 +237,6 @@ def read_base_config(base_dir: str | None) -> dict | None:
     with open(path) as f:
         cfg = json.load(f)
     return cfg if str(cfg.get("model_type", "")).startswith("gemma4") else None
-
-
-def write_hf(
-    model,
-    backbone,
-    directory: str,
-    *,
-    base_dir: str | None = None,
-    layout: str = "causal_lm",
-    dtype: str = "float32",
-    shard_size=DEFAULT_SHARD_SIZE,
-) -> list[str]:
-    """Writes the merged HF checkpoint into an existing empty `directory`.
-
-    Args:
-        model: `Gemma4LoraModel` whose active adapter is merged.
-        backbone: the KerasHub backbone the model was built from (config).
-        directory: output directory (must exist).
-        base_dir: local base preset directory (config.json / tokenizer source).
-        layout: `"causal_lm"` or `"conditional_generation"`.
-        dtype: `float32`, `bfloat16` or `float16` for the stored weights.
-        shard_size: bytes or a size string; larger checkpoints are sharded.
-
-    Returns:
-        The file names written.
-
-    Example:
-      >>> write_hf(model, backbone, "out/hf", base_dir="/ckpt/gemma-4-E4B-it")
-    """
-    base_config = read_base_config(base_dir)
-    text = text_config(backbone, model.spec, base_config, dtype)
-    tensors = _cast(merged_state_dict(model, layout), dtype)
-    files = save_safetensors(tensors, directory, shard_size)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(model_config(text, layout, base_config), f, indent=2, sort_keys=True)
-    return [*files, "config.json", *copy_tokenizer_files(base_dir, directory)]
 
 
 # ----------------------------------------------------------------------------
@@ -479,24 +322,76 @@ def merge_tensor(
     return base.astype(out)
 
 
+class _Tensor(NamedTuple):
+    """One tensor of a base: stored dtype, HF shape, and how to read it."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+    blocks: Callable[[], Iterable[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _checkpoint_tensors(base_dir: str) -> dict[str, _Tensor]:
+    """Every tensor of an HF checkpoint, as it is (towers included)."""
+    refs = hf_stream.tensor_refs(base_dir)
+    return {
+        name: _Tensor(
+            ref.dtype,
+            ref.shape,
+            functools.partial(hf_stream.read_tensor, ref),
+            functools.partial(hf_stream.read_blocks, ref),
+        )
+        for name, ref in refs.items()
+    }
+
+
+def _backbone_tensors(backbone, spec, layout: str) -> dict[str, _Tensor]:
+    """The text decoder's HF tensors (`schema.hf_tensors`) read off a backbone."""
+
+    def read(parts):
+        values = [
+            (row, hub.backbone_value(backbone, row, layer)) for row, layer in parts
+        ]
+        return np.ascontiguousarray(schema.hf_value(values))
+
+    out = {}
+    for name, (shape, parts) in schema.hf_tensors(spec).items():
+        row, layer = parts[0]
+        dtype = np.dtype(layers.np_dtype(hub.variable(backbone, row, layer).dtype))
+        reader = functools.partial(read, parts)
+        out[PREFIXES[layout] + name] = _Tensor(
+            dtype, tuple(shape), reader, lambda r=reader: [r()]
+        )
+    return out
+
+
 def write_hf_streamed(
-    base_dir: str,
+    base,
     directory: str,
     lora_spec: LoraSpec,
     factors: Factors,
     *,
     dtype: str | None = None,
     shard_size=DEFAULT_SHARD_SIZE,
+    layout: str = "causal_lm",
 ) -> list[str]:
-    """Writes the merged checkpoint of a local HF base, tensor by tensor.
+    """Writes the merged checkpoint of a base, tensor by tensor.
 
     Args:
-        base_dir: the base's HF directory (config.json + safetensors).
+        base: the base's local HF directory (config.json + safetensors), or
+            a KerasHub `Gemma4Backbone` (a KerasHub preset or remote base:
+            the schema's rows are read off it one by one).
         directory: an existing empty output directory.
         lora_spec, factors: the adapter (`peft.read_adapter`), already
             validated against the base's spec.
         dtype: stored dtype of every float tensor; None = the base's own.
         shard_size: bytes or a size string; shards are written as they fill.
+        layout: a backbone's key layout (`causal_lm`, `conditional_generation`);
+            an HF base keeps its own.
 
     Returns:
         The file names written.
@@ -505,29 +400,41 @@ def write_hf_streamed(
       >>> spec, factors = peft.read_adapter("runs/x/adapter")
       >>> write_hf_streamed("/ckpt/gemma-4-E4B-it", "out/hf", spec, factors)
     """
-    base_config = read_base_config(base_dir)
-    if base_config is None:
-        raise ExportError(f"{base_dir}/config.json: not a Gemma 4 HF config")
-    refs = hf_stream.tensor_refs(base_dir)
-    dtype = dtype or hf_stream.stored_dtype(refs)
+    if isinstance(base, str | os.PathLike):
+        base_dir, base_config = str(base), read_base_config(str(base))
+        if base_config is None:
+            raise ExportError(f"{base_dir}/config.json: not a Gemma 4 HF config")
+        layout, tensors = base_layout(base_config), _checkpoint_tensors(base_dir)
+    else:
+        if layout not in LAYOUTS:
+            raise ExportError(f"layout={layout!r}: expected one of {LAYOUTS}")
+        base_dir, base_config = None, None
+        spec = hub.spec_from_config(base.get_config())
+        tensors = _backbone_tensors(base, spec, layout)
+    floats = hf_stream.DTYPE_NAMES.values()
+    if dtype is None:
+        dtype = hf_stream.stored_dtype(tensors)
     check_dtype(dtype)
     out = hf_stream.DTYPE_NAMES[dtype]
-    sites = _sites_by_tensor(base_layout(base_config), factors)
-    _check_sites(refs, sites, base_dir, factors)
-
-    def out_dtype(ref):
-        return out if ref.dtype in hf_stream.DTYPE_NAMES.values() else ref.dtype
+    sites = _sites_by_tensor(layout, factors)
+    _check_sites(tensors, sites, base_dir or "the backbone", factors)
 
     def produce(name: str):
-        site = sites.get(name)
+        site, tensor = sites.get(name), tensors[name]
         if site is None:  # passes through: cast block by block
-            blocks = hf_stream.read_blocks(refs[name])
+            blocks = tensor.blocks()
             return (merge_tensor(b, lora_spec, factors, None, out) for b in blocks)
-        base = hf_stream.read_tensor(refs[name])
-        return merge_tensor(base, lora_spec, factors, site, out)
+        return merge_tensor(tensor.read(), lora_spec, factors, site, out)
 
-    entries = [(n, out_dtype(refs[n]), refs[n].shape) for n in sorted(refs)]
+    entries = [
+        (n, out if t.dtype in floats else t.dtype, t.shape)
+        for n, t in sorted(tensors.items())
+    ]
     files = hf_stream.write_sharded(directory, entries, produce, parse_size(shard_size))
+    if base_config is not None:
+        config = exported_config(base_config, dtype)
+    else:
+        config = model_config(text_config(base, spec, None, dtype), layout)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(exported_config(base_config, dtype), f, indent=2)
+        json.dump(config, f, indent=2, sort_keys=base_config is None)
     return [*files, "config.json", *copy_tokenizer_files(base_dir, directory)]

@@ -35,7 +35,7 @@ from safetensors.numpy import load_file, save_file
 from gemma4_keras import atomic, config_lib, disk
 from gemma4_keras.model import lora
 from gemma4_keras.model.lora import Factors, LoraSpec
-from gemma4_keras.model.spec import module_name
+from gemma4_keras.model.spec import MODULE_GROUPS, module_name
 
 PREFIXES = {
     "causal_lm": "base_model.model.model.layers",
@@ -43,7 +43,7 @@ PREFIXES = {
 }
 _KEY = re.compile(
     r"^base_model\.model\.model\.(?:language_model\.)?layers\.(\d+)\."
-    r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    rf"({'|'.join(MODULE_GROUPS)})\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
 
 
@@ -84,7 +84,7 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
         target_modules: list[str] | str = (
             r".*language_model\.layers\."
             + layer_re
-            + r"\.(self_attn|mlp)\.("
+            + rf"\.({'|'.join(MODULE_GROUPS)})\.("
             + "|".join(targets)
             + ")"
         )

@@ -21,6 +21,9 @@ within each row's packed segment (`segment_ids`, 0 = padding), and within
               heads do not qualify), else chunked when T > chunk_size, else
               dense.
 
+Decoding attends over a KV cache instead (`write_cache`, `cache_mask`,
+`dot_attention`; `Gemma4LoraModel.call(..., cache=...)`).
+
 `tests/test_attention.py` checks chunked and fused against dense, outputs
 and gradients, on packed rows with padding, sliding and global layers.
 `benchmarks/attention_memory.py` measures one 31B-width layer at 8k tokens.
@@ -55,6 +58,36 @@ def _mask(q_seg, k_seg, q_idx, k_idx, window: int | None) -> jax.Array:
         allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)
     same = q_seg[:, :, None] == k_seg[:, None, :]
     return allowed[None] & same & (k_seg[:, None, :] > 0)
+
+
+def cache_mask(positions, key_valid, window: int | None) -> jax.Array:
+    """[B, t, T] mask of queries at `positions` [B, t] over a T-position cache.
+
+    Causal, within `window` positions on sliding layers, and only keys that
+    `key_valid` [B, T] marks (prompt padding is not attended to).
+
+    >>> cache_mask(jnp.array([[2]]), jnp.ones((1, 4), bool), 2).astype(int)
+    Array([[[0, 1, 1, 0]]], dtype=int32)
+    """
+    kpos = jnp.arange(key_valid.shape[1], dtype=positions.dtype)[None, None, :]
+    q = positions[:, :, None]
+    mask = kpos <= q
+    if window is not None:
+        mask = mask & (q - kpos < window)
+    return mask & key_valid[:, None, :]
+
+
+def write_cache(buf, new, index, update_mask=None):
+    """Writes `new` [B, t, ...] at `index` of the cache entry `buf` [B, T, ...].
+
+    Where `update_mask` [B, t] is False the buffer keeps what it holds (a
+    prompt token that the prefill wrote already).
+    """
+    new = new.astype(buf.dtype)
+    if update_mask is not None:
+        old = jax.lax.dynamic_slice_in_dim(buf, index, new.shape[1], axis=1)
+        new = jnp.where(update_mask[:, :, None, None], new, old)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
 
 
 def dot_attention(q, k, v, mask, soft_cap):

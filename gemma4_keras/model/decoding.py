@@ -2,7 +2,8 @@
 
 `Gemma4LoraCausalLM` wraps a `Gemma4LoraModel` (sharing its variables: no
 second copy of the base) and implements what `keras_hub.models.CausalLM`
-asks of a task: `call_with_cache`, `_build_cache` and `generate_step`.
+asks of a task: `call_with_cache`, `_build_cache` and `generate_step`, all
+through the model's own forward pass (`Gemma4LoraModel.call(..., cache=)`).
 KerasHub's own `generate()` then compiles the whole decode (prefill, then a
 `while_loop` of single-token steps) and its samplers pick the tokens
 (`compile(sampler="greedy" | "top_k" | "top_p" | "random" | a Sampler)`).
@@ -44,11 +45,9 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
-import keras
 
 from gemma4_keras.model import hub
-from gemma4_keras.model.attention import dot_attention
-from gemma4_keras.model.layers import rms_norm
+from gemma4_keras.model.xla_workarounds import weights_read_per_step
 
 # eos_token_id of the Gemma 4 -it generation_config.json: <eos>, <turn|>,
 # <|tool_response>.
@@ -69,87 +68,20 @@ def empty_cache(model, batch: int, length: int) -> Cache:
     return tuple(out)
 
 
-def cache_length(cache: Cache) -> int:
-    return next(c[0].shape[1] for c in cache if c is not None)
-
-
-def write_cache(buf, new, index, update_mask=None):
-    """Writes `new` [B, t, ...] at `index` of `buf` [B, T, ...].
-
-    Where `update_mask` [B, t] is False the buffer keeps what it holds (a
-    prompt token that the prefill wrote already).
-    """
-    new = new.astype(buf.dtype)
-    if update_mask is not None:
-        old = jax.lax.dynamic_slice_in_dim(buf, index, new.shape[1], axis=1)
-        new = jnp.where(update_mask[:, :, None, None], new, old)
-    return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
-
-
-def decode_mask(positions, key_valid, window: int | None) -> jax.Array:
-    """[B, t, T] mask of queries at `positions` [B, t] over a T-position cache.
-
-    Causal, within `window` positions on sliding layers, and only keys that
-    `key_valid` [B, T] marks (prompt padding is not attended to).
-
-    >>> decode_mask(jnp.array([[2]]), jnp.ones((1, 4), bool), 2).astype(int)
-    Array([[[0, 1, 1, 0]]], dtype=int32)
-    """
-    kpos = jnp.arange(key_valid.shape[1], dtype=positions.dtype)[None, None, :]
-    q = positions[:, :, None]
-    mask = kpos <= q
-    if window is not None:
-        mask = mask & (q - kpos < window)
-    return mask & key_valid[:, None, :]
-
-
-def forward_with_cache(
-    model, token_ids, cache: Cache, index, padding_mask=None, update_mask=None
-):
-    """The training model's forward pass over `token_ids` at `index` of a cache.
-
-    Args:
-      model: a `Gemma4LoraModel` (its active adapter applies).
-      token_ids: [B, t] tokens at positions index..index+t-1.
-      cache: from `empty_cache` or a previous call.
-      index: scalar position of `token_ids[:, 0]`.
-      padding_mask: [B, t], False where these tokens are padding (their keys
-        are then never attended to); None = all valid.
-      update_mask: [B, t], False where the cache keeps its entry.
-
-    Returns:
-      (final hidden states [B, t, D], updated cache).
-    """
+def model_inputs(token_ids, index, padding_mask=None) -> dict:
+    """The model's inputs for tokens at positions `index`.. (padding: segment 0)."""
     bsz, t = token_ids.shape
-    index = jnp.asarray(index, jnp.int32)
-    positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (bsz, t))
-    key_valid = jnp.ones((bsz, cache_length(cache)), bool)
-    if padding_mask is not None:
-        key_valid = jax.lax.dynamic_update_slice_in_dim(
-            key_valid, padding_mask.astype(bool), index, axis=1
-        )
-    x, ple = model.embed(token_ids)
-    masks, new_cache = {}, list(cache)
-    for blk in model.blocks:
-        b = blk.bspec
-        if b.sliding_window not in masks:
-            masks[b.sliding_window] = decode_mask(
-                positions, key_valid, b.sliding_window
-            )
-        q, kv = blk.attention_inputs(x, positions, None)
-        if kv is None:
-            k, v = new_cache[b.kv_source]
-        else:
-            k, v = (
-                write_cache(c, n, index, update_mask)
-                for c, n in zip(cache[b.index], kv)
-            )
-            new_cache[b.index] = (k, v)
-        att = dot_attention(q, k, v, masks[b.sliding_window], b.attn_soft_cap)
-        ple_i = None if ple is None else ple[:, :, b.index]
-        x = blk.attention_output(x, att, ple_i, None)
-    hidden = rms_norm(x, model.globals["final_norm"].value, model.spec.eps)
-    return hidden, tuple(new_cache)
+    positions = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+    segments = (
+        jnp.ones((bsz, t), jnp.int32)
+        if padding_mask is None
+        else jnp.asarray(padding_mask).astype(jnp.int32)
+    )
+    return {
+        "token_ids": token_ids,
+        "positions": jnp.broadcast_to(positions, (bsz, t)),
+        "segment_ids": segments,
+    }
 
 
 def stop_padding_mask(token_ids, padding_mask, stop_token_ids):
@@ -229,20 +161,9 @@ class Gemma4LoraCausalLM(hub.CausalLM):
 
     def call(self, inputs):
         """Soft-capped logits of a full (uncached) forward pass, right-padded rows."""
-        ids = inputs["token_ids"]
-        mask = inputs.get("padding_mask")
-        mask = (
-            jnp.ones(ids.shape, jnp.int32)
-            if mask is None
-            else jnp.asarray(mask).astype(jnp.int32)
-        )
-        positions = jnp.broadcast_to(
-            jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape
-        )
         model = self.backbone
-        return model.logits(
-            model({"token_ids": ids, "positions": positions, "segment_ids": mask})
-        )
+        ids = inputs["token_ids"]
+        return model.logits(model(model_inputs(ids, 0, inputs.get("padding_mask"))))
 
     def call_with_cache(
         self,
@@ -253,20 +174,24 @@ class Gemma4LoraCausalLM(hub.CausalLM):
         cache_update_mask=None,
     ):
         """(logits [B, t, V], hidden [B, t, D], cache) for tokens at `cache_update_index`."""
-        hidden, cache = forward_with_cache(
-            self.backbone,
-            token_ids,
-            cache,
-            cache_update_index,
-            padding_mask,
-            cache_update_mask,
+        hidden, cache = self._forward(
+            token_ids, cache, cache_update_index, padding_mask, cache_update_mask
         )
         return self.backbone.logits(hidden), hidden, cache
+
+    def _forward(self, token_ids, cache, index, padding_mask=None, update_mask=None):
+        """(hidden, cache): the model's forward pass at `index` of the cache."""
+        return self.backbone(
+            model_inputs(token_ids, index, padding_mask),
+            cache=cache,
+            cache_index=jnp.asarray(index, jnp.int32),
+            cache_update_mask=update_mask,
+        )
 
     def _build_cache(self, token_ids, padding_mask):
         """Prefill: the whole right-padded buffer in one pass. Returns (hidden, cache)."""
         cache = empty_cache(self.backbone, token_ids.shape[0], token_ids.shape[1])
-        return forward_with_cache(self.backbone, token_ids, cache, 0, padding_mask)
+        return self._forward(token_ids, cache, 0, padding_mask)
 
     def generate_step(self, inputs, stop_token_ids=None):
         """One batch: prefill, then the sampler's loop from the shortest prompt on.
@@ -336,23 +261,6 @@ class Gemma4LoraCausalLM(hub.CausalLM):
 
 
 @contextlib.contextmanager
-def weights_read_per_step(model, anchor):
-    """Makes every weight of `model` depend on the loop-varying `anchor`.
-
-    Inside a decode loop the weights do not change, and XLA's loop-invariant
-    code motion would hoist whatever is computed from them alone out of the
-    loop: the dequantised NF4 kernels of every layer, i.e. a full-precision
-    copy of the base held for the whole generation. An optimization barrier
-    that also takes `anchor` keeps each dequantisation inside the step, one
-    layer at a time, as in training.
-    """
-    variables = model.trainable_variables + model.non_trainable_variables
-    values, _ = jax.lax.optimization_barrier(([v.value for v in variables], anchor))
-    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-        yield
-
-
-@contextlib.contextmanager
 def base_through_adapter(model, name: str):
     """Activates adapter `name` with its B factors at zero; restores both after.
 
@@ -376,5 +284,5 @@ __all__ = [
     "STOP_IDS",
     "base_precision",
     "empty_cache",
-    "forward_with_cache",
+    "model_inputs",
 ]

@@ -1,8 +1,8 @@
 """`Gemma4LoraModel`: the Gemma 4 text decoder as a training model.
 
 KerasHub's `Gemma4Backbone` is what loads presets and what generates; this
-model holds the same text weights (copied out by the KerasHub bridge,
-`hub.copy_from_backbone`) in `layers.DecoderBlock`s, with LoRA adapters as a
+model holds the same text weights (the rows of `model/schema.py`, filled by
+`layers.fill_model`) in `layers.DecoderBlock`s, with LoRA adapters as a
 separate branch. Its output is the final hidden state, for the chunked loss
 (the [batch, seq, 262144] logits never exist), and each decoder block can be
 rematerialised.
@@ -10,6 +10,7 @@ rematerialised.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -17,17 +18,18 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from gemma4_keras.model import attention, hub, loss
+from gemma4_keras.model import attention, hub, loss, xla_workarounds
 from gemma4_keras.model.layers import (
     DecoderBlock,
+    fill_model,
     float16_islands,
-    frozen,
+    frozen_rows,
     np_dtype,
     rms_norm,
     storage_dtype,
 )
 from gemma4_keras.model.lora import LoraAdapter, LoraSpec
-from gemma4_keras.model.quant import no_cotangent, tie_to
+from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import ModelSpec
 
 PLE_TABLE = "ple_embedding"
@@ -74,7 +76,9 @@ class Gemma4LoraModel(keras.Model):
 
     `call` takes a batch dict (`token_ids`, `positions`, `segment_ids`) and
     returns the final hidden states [B, T, D]; `compute_loss` turns them into
-    the masked, chunked cross-entropy against the tied embedding.
+    the masked, chunked cross-entropy against the tied embedding. The same
+    pass decodes with a KV cache (`call(..., cache=...)`; the sampler and
+    KerasHub's `CausalLM` glue are in `model/decoding.py`).
 
     Example:
       >>> backbone = keras_hub.models.Gemma4Backbone.from_preset(path)
@@ -123,7 +127,11 @@ class Gemma4LoraModel(keras.Model):
         moe_dispatch: str = "dense",
         ple_on_host: bool = False,
     ) -> Gemma4LoraModel:
-        """Copies the text weights out of a KerasHub `Gemma4Backbone`."""
+        """The training model of a KerasHub `Gemma4Backbone`'s text weights.
+
+        Read row by row (`layers.fill_model` over `hub.BackboneSource`), as
+        `stream_load` reads a checkpoint's safetensors.
+        """
         spec = hub.spec_from_config(backbone.get_config())
         model = cls(
             spec,
@@ -133,9 +141,9 @@ class Gemma4LoraModel(keras.Model):
             name="gemma4_lora_model",
             dtype=dtype or backbone.dtype_policy.name,
         )
-        hub.copy_from_backbone(
+        fill_model(
             model,
-            backbone,
+            hub.BackboneSource(backbone),
             quant=quant,
             double_quant=double_quant,
             block_size=block_size,
@@ -173,12 +181,25 @@ class Gemma4LoraModel(keras.Model):
             blk.attention = implementation
             blk.attention_chunk_size = int(chunk_size)
 
-    def add_global(self, name: str, value, dtype=None) -> None:
-        dtype = dtype or self.variable_dtype
+    def add_global(self, name: str, shape, blocks, dtype=None) -> None:
+        """Holds model-level tensor `name`, given as consecutive blocks of rows.
+
+        Kept in `storage_dtype(source dtype, dtype or the variable dtype)`,
+        frozen; the PLE table stays in host memory under `ple_on_host`.
+        """
+        blocks = iter(blocks)
+        first = next(blocks)
+        storage = storage_dtype(first.dtype, dtype or self.variable_dtype)
+        blocks = itertools.chain([first], blocks)
         if name == PLE_TABLE and self.ple_on_host:
-            self.globals[name] = HostTable(value, dtype)
+            table = aligned_empty(tuple(shape), np_dtype(storage))
+            start = 0
+            for b in blocks:
+                table[start : start + len(b)] = b
+                start += len(b)
+            self.globals[name] = HostTable(table, storage)  # stays in host memory
         else:
-            self.globals[name] = frozen(self, name, value, dtype)
+            self.globals[name] = frozen_rows(self, name, shape, blocks, storage)
 
     def add_adapter(self, name: str, lora: LoraSpec, activate: bool = True) -> None:
         """Creates adapter `name` (zero effect until trained or loaded)."""
@@ -244,22 +265,77 @@ class Gemma4LoraModel(keras.Model):
 
     # --- forward ------------------------------------------------------------
 
-    def call(self, inputs, training=False):
+    def call(
+        self, inputs, training=False, cache=None, cache_index=0, cache_update_mask=None
+    ):
+        """Final hidden states [B, t, D]; with a `cache`, (hidden, updated cache).
+
+        Args:
+          inputs: `token_ids`, `positions` and `segment_ids` [B, t] (0 =
+            padding). Without a cache, whole packed rows: each token attends
+            within its segment. With one, the tokens at cache positions
+            `cache_index`.. of every row: their keys and values are written
+            there, and each attends over the cache (causally, within its
+            layer's window); keys written with segment id 0 (prompt padding)
+            are never attended to.
+          training: LoRA dropout on.
+          cache: None, or one (k, v) [B, T, kv_heads, head_dim] per layer
+            that owns K/V and None for KV-shared layers
+            (`decoding.empty_cache`).
+          cache_index: the cache position of `token_ids[:, 0]`.
+          cache_update_mask: [B, t], False where the cache keeps its entry.
+        """
         token_ids = inputs["token_ids"]
         positions = inputs["positions"]
         segment_ids = inputs["segment_ids"]
         x, ple = self.embed(token_ids)
-        kv_cache: dict[int, tuple] = {}
         base_key = self.dropout_seed.next() if training else None
+        if cache is not None:
+            masks = self._cache_masks(positions, segment_ids, cache, cache_index)
+        # (k, v) each layer attended over: what KV-shared layers read (the
+        # training pass's handover) and, with a cache, the updated cache.
+        kv: dict[int, tuple] = {}
         for blk in self.blocks:
             b = blk.bspec
             keys = self._dropout_keys(base_key, blk)
-            shared = kv_cache.get(b.kv_source) if not b.has_kv else None
+            shared = None if b.has_kv else kv[b.kv_source]
             ple_i = None if ple is None else ple[:, :, b.index]
-            args = (x, positions, segment_ids, ple_i, shared, keys)
-            x, kv = remat_block(blk, *args) if self.remat else blk.forward(*args)
-            kv_cache[b.index] = kv
-        return rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
+            if cache is not None:
+                x, kv[b.index] = _cached_block(
+                    blk, x, positions, ple_i, shared, keys, cache[b.index],
+                    cache_index, cache_update_mask, masks[b.sliding_window],
+                )  # fmt: skip
+            elif self.remat:
+                x, kv[b.index] = xla_workarounds.remat(
+                    blk,
+                    lambda x, ple, shared, pos, seg, keys, blk=blk: blk.forward(
+                        x, pos, seg, ple, shared, keys
+                    ),
+                    (x, ple_i, shared),
+                    (positions, segment_ids, keys),
+                )
+            else:
+                x, kv[b.index] = blk.forward(
+                    x, positions, segment_ids, ple_i, shared, keys
+                )
+        hidden = rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
+        if cache is None:
+            return hidden
+        return hidden, tuple(
+            kv[b.index] if b.has_kv else None for b in self.spec.blocks
+        )
+
+    def _cache_masks(self, positions, segment_ids, cache, index) -> dict:
+        """{window: [B, t, T] mask} of queries at `positions` over the cache."""
+        length = next(c[0].shape[1] for c in cache if c is not None)
+        key_valid = jax.lax.dynamic_update_slice_in_dim(
+            jnp.ones((positions.shape[0], length), bool),
+            segment_ids > 0,
+            jnp.asarray(index, jnp.int32),
+            axis=1,
+        )
+        windows = {b.sliding_window for b in self.spec.blocks}
+        return {w: attention.cache_mask(positions, key_valid, w) for w in windows}
 
     def embed(self, token_ids) -> tuple[jax.Array, jax.Array | None]:
         """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None)."""
@@ -321,79 +397,30 @@ class Gemma4LoraModel(keras.Model):
         return total / x["loss_norm"][0]
 
 
-def remat_block(
-    blk: DecoderBlock, x, positions, segment_ids, ple_input, shared_kv, keys
+def _cached_block(
+    blk: DecoderBlock,
+    x,
+    positions,
+    ple_input,
+    shared_kv,
+    keys,
+    cache,
+    index,
+    update_mask,
+    mask,
 ):
-    """`blk.forward(...)`, recomputed in the backward pass instead of stored.
+    """One block over tokens at cache `index`: (x, the layer's updated (k, v)).
 
-    `jax.checkpoint` keeps its recomputation apart from the forward pass with
-    optimization barriers; XLA:CPU removes those before its last CSE, which
-    then merges the two and keeps every layer's activations (and dequantised
-    NF4 kernels) alive until the backward pass: a step that needs 2 GiB held
-    16 GiB of temporaries at E2B's size. Here the backward pass recomputes
-    the block from inputs tied to the incoming gradient (`quant.tie_to`), so
-    the recomputation cannot run before that layer's backward pass nor be
-    merged with the forward pass, on any backend. The block's weights go in
-    as explicit arguments (a `jax.custom_vjp` must not close over traced
-    values); frozen ones get no gradient.
+    A layer that owns K/V writes this step's into its `cache` entry and
+    attends over the whole entry; a KV-shared one over `shared_kv`, its
+    source layer's updated entry.
     """
-    trainable = blk.trainable_variables
-    frozen_vars = blk.non_trainable_variables
-
-    def forward(
-        x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys
-    ):
-        values = list(zip(trainable, t_values)) + list(zip(frozen_vars, f_values))
-        with keras.StatelessScope(state_mapping=values):
-            return blk.forward(x, positions, segment_ids, ple_input, shared_kv, keys)
-
-    @jax.custom_vjp
-    def block(
-        x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys
-    ):
-        # Dropout masks come from fixed keys: make them wait for x too.
-        keys = tie_to(keys, x, integers=True)
-        return forward(
-            x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys
+    q, new = blk.attention_inputs(x, positions, keys)
+    if new is None:
+        k, v = shared_kv
+    else:
+        k, v = (
+            attention.write_cache(c, n, index, update_mask) for c, n in zip(cache, new)
         )
-
-    def block_fwd(*args):
-        return block(*args), args
-
-    def block_bwd(args, g):
-        x, ple_input, shared_kv, t_values, f_values, positions, segment_ids, keys = args
-        anchor = jax.tree_util.tree_leaves(g)[0]
-        x, ple_input, shared_kv = tie_to((x, ple_input, shared_kv), anchor)
-        positions, segment_ids, keys = tie_to(
-            (positions, segment_ids, keys), anchor, integers=True
-        )
-
-        def differentiable(x, ple_input, shared_kv, t_values):
-            return forward(
-                x,
-                ple_input,
-                shared_kv,
-                t_values,
-                f_values,
-                positions,
-                segment_ids,
-                keys,
-            )
-
-        _, vjp = jax.vjp(differentiable, x, ple_input, shared_kv, t_values)
-        nondiff = jax.tree_util.tree_map(
-            no_cotangent, (f_values, positions, segment_ids, keys)
-        )
-        return (*vjp(g), *nondiff)
-
-    block.defvjp(block_fwd, block_bwd)
-    return block(
-        x,
-        ple_input,
-        shared_kv,
-        [v.value for v in trainable],
-        [v.value for v in frozen_vars],
-        positions,
-        segment_ids,
-        keys,
-    )
+    att = attention.dot_attention(q, k, v, mask, blk.bspec.attn_soft_cap)
+    return blk.attention_output(x, att, ple_input, keys), (k, v)

@@ -13,8 +13,8 @@ Everything that depends on how KerasHub spells things lives here:
   and `spec_from_config`, the one reader of a backbone config into a
   `ModelSpec`. `tests/test_hub_contract.py` checks it against the attributes
   of live KerasHub layers for every tiny variant;
-* weights: the attribute paths of norms, kernels and MoE banks on a
-  `Gemma4TextDecoderBlock` (`copy_from_backbone`, `apply_deltas`).
+* weights: a schema row's KerasHub variable (`variable`, `backbone_value`:
+  the paths themselves are `model/schema.py`'s) and `apply_deltas`.
 
 Kernels are exchanged as 2-D (in, out) matrices, the transpose of the Hugging
 Face `nn.Linear` weight. `keras_hub.src` is imported only here, and only where
@@ -29,7 +29,7 @@ from __future__ import annotations
 import keras_hub
 import numpy as np
 
-from gemma4_keras.model import hf_config, lora
+from gemma4_keras.model import hf_config, schema
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
 
 
@@ -224,57 +224,14 @@ def spec_from_config(kw: dict) -> ModelSpec:
         top_k=int(kw.get("num_experts_per_token", 8) or 0),
         expert_dim=int(kw.get("expert_intermediate_dim") or 0),
         blocks=tuple(blocks),
+        ple_vocab_size=int(kw.get("vocab_size_per_layer_input") or 0)
+        if kw.get("hidden_size_per_layer_input")
+        else 0,
     )
 
 
 # ----------------------------------------------------------------------------
 # Weights: attribute paths on a KerasHub decoder block.
-
-# our name -> attribute path on a KerasHub decoder block
-_NORMS = {
-    "pre_attn": "pre_attention_norm.scale",
-    "post_attn": "post_attention_norm.scale",
-    "pre_ffw": "pre_ffw_norm.scale",
-    "post_ffw": "post_ffw_norm.scale",
-    "q_norm": "attention.query_norm.scale",
-}
-_KV_NORMS = {"k_norm": "attention.key_norm.scale"}
-_MOE_NORMS = {
-    "post_ffw_dense": "post_ffw_norm_dense.scale",
-    "pre_ffw_moe": "pre_ffw_norm_moe.scale",
-    "post_ffw_moe": "post_ffw_norm_moe_path.scale",
-}
-_PLE_NORMS = {"post_ple": "post_per_layer_input_norm.scale"}
-_PLE_EXTRA = {
-    "ple_gate": "per_layer_input_gate.kernel",
-    "ple_up": "per_layer_up_proj.kernel",
-}
-_MOE_EXTRA = {
-    "router_scale": "moe_router.per_dim_scale",
-    "router_proj": "moe_router.proj.kernel",
-    "expert_scale": "moe_expert_bank.per_expert_scale",
-}
-_MOE_BANKS = {
-    "experts_gate": "moe_expert_bank.gate_proj",
-    "experts_up": "moe_expert_bank.up_proj",
-    "experts_down": "moe_expert_bank.down_proj",
-}
-# HF projection -> (KerasHub attribute, kernel layout)
-KERAS_KERNELS = {
-    "q_proj": ("attention.query_dense", "heads_in"),
-    "k_proj": ("attention.key_dense", "heads_in"),
-    "v_proj": ("attention.value_dense", "heads_in"),
-    "o_proj": ("attention.output_dense", "heads_out"),
-    "gate_proj": ("gating_ffw", "plain"),
-    "up_proj": ("gating_ffw_2", "plain"),
-    "down_proj": ("ffw_linear", "plain"),
-}
-
-
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _np(var) -> np.ndarray:
@@ -308,65 +265,40 @@ def twod_to_keras(
     return matrix
 
 
-def copy_from_backbone(
-    model, backbone, *, quant: str, double_quant: bool, block_size: int
-) -> None:
-    """Fills `model` (a Gemma4LoraModel) with the backbone's text weights."""
-    spec = model.spec
-    model.add_global("embedding", _np(backbone.get_layer("token_embedding").embeddings))
-    model.add_global(
-        "final_norm", _np(backbone.get_layer("final_normalization").scale), "float32"
-    )
-    if spec.ple_dim:
-        model.add_global(
-            "ple_embedding",
-            _np(backbone.get_layer("per_layer_token_embedding").embeddings),
-        )
-        model.add_global(
-            "ple_projection",
-            _np(backbone.get_layer("per_layer_model_projection").kernel),
-        )
-        model.add_global(
-            "ple_norm",
-            _np(backbone.get_layer("per_layer_projection_norm").scale),
-            "float32",
-        )
-    for blk in model.blocks:
-        src = backbone.get_layer(f"decoder_block_{blk.bspec.index}")
-        _copy_block(
-            blk,
-            src,
-            spec,
-            quant=quant,
-            double_quant=double_quant,
-            block_size=block_size,
-        )
+def variable(backbone, row: schema.Row, layer: int | None = None):
+    """The KerasHub variable of a schema row (`backbone.get_layer` + attributes)."""
+    layer_name, _, path = row.keras_path(layer).partition(".")
+    obj = backbone.get_layer(layer_name)
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(
+                f"{row.keras_path(layer)}: the backbone has no such variable "
+                f"(row {row.name!r} of model/schema.py)"
+            )
+    return obj
 
 
-def _copy_block(blk, src, spec, *, quant, double_quant, block_size) -> None:
-    i = blk.bspec.index
-    norms = dict(_NORMS)
-    if blk.bspec.has_kv:
-        norms.update(_KV_NORMS)
-    if spec.moe:
-        norms.update(_MOE_NORMS)
-    if spec.ple_dim:
-        norms.update(_PLE_NORMS)
-    for name, path in norms.items():
-        blk.add_norm(name, _np(_get(src, path)))
-    for target, (path, layout) in KERAS_KERNELS.items():
-        if spec.has_projection(i, target):
-            kernel = keras_to_2d(_np(_get(src, path).kernel), layout)
-            blk.add_projection(target, kernel, quant, double_quant, block_size)
-    blk.add_extra("layer_scalar", _np(src.layer_scalar))
-    if spec.ple_dim:
-        for name, path in _PLE_EXTRA.items():
-            blk.add_extra(name, _np(_get(src, path)))
-    if spec.moe:
-        for name, path in _MOE_EXTRA.items():
-            blk.add_extra(name, _np(_get(src, path)))
-        for name, path in _MOE_BANKS.items():
-            blk.add_bank(name, _np(_get(src, path)), quant, double_quant, block_size)
+def backbone_value(backbone, row: schema.Row, layer: int | None = None) -> np.ndarray:
+    """A row's value as we hold it (kernels (in, out)), read off a backbone."""
+    return keras_to_2d(_np(variable(backbone, row, layer)), row.keras_layout)
+
+
+class BackboneSource:
+    """Schema rows read off a KerasHub `Gemma4Backbone` (any preset it loads).
+
+    Values keep the backbone's dtype; the model stores each as
+    `layers.storage_dtype` says, as the safetensors source does.
+    """
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+    def value(self, row: schema.Row, spec, layer: int | None) -> np.ndarray:
+        return backbone_value(self.backbone, row, layer)
+
+    def blocks(self, row: schema.Row, spec, layer: int | None):
+        yield self.value(row, spec, layer)
 
 
 def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
@@ -376,12 +308,14 @@ def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
     bfloat16 backbone are rounded once.
     """
     for (layer, target), delta in deltas.items():
-        path, layout = KERAS_KERNELS[target]
-        block = backbone.get_layer(f"decoder_block_{layer}")
-        dense = _get(block, path)
-        if dense is None:
-            raise ValueError(f"layer {layer} has no {target} (KV-shared layer?)")
-        var = dense.kernel
+        row = schema.row(target)
+        layout = row.keras_layout
+        try:
+            var = variable(backbone, row, layer)
+        except ValueError:
+            raise ValueError(
+                f"layer {layer} has no {target} (KV-shared layer?)"
+            ) from None
         if tuple(var.shape) != tuple(
             twod_to_keras(delta, layout, tuple(var.shape)).shape
         ) or delta.size != int(np.prod(var.shape)):
@@ -392,10 +326,3 @@ def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
         d = twod_to_keras(delta, layout, tuple(var.shape))
         var.assign((_np(var).astype(np.float32) + sign * d).astype(_np(var).dtype))
     return len(deltas)
-
-
-def merge_into_backbone(
-    model, backbone, name: str | None = None, sign: float = 1.0
-) -> int:
-    """Adds adapter `name` of a Gemma4LoraModel into a KerasHub backbone."""
-    return apply_deltas(backbone, lora.model_deltas(model, name), sign)

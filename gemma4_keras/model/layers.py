@@ -16,15 +16,20 @@ against transformers.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import keras
 import ml_dtypes
 import numpy as np
 
+from gemma4_keras import host_memory
 from gemma4_keras.model import attention as attention_lib
 from gemma4_keras.model import quant as quant_lib
+from gemma4_keras.model import schema
 from gemma4_keras.model.lora import LoraAdapter
+from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
 
 # ----------------------------------------------------------------------------
@@ -121,6 +126,95 @@ def frozen(layer: keras.layers.Layer, name: str, value, dtype) -> keras.Variable
     )
     var.assign(arr.astype(np_dtype(dtype), copy=False))
     return var
+
+
+def cast(arr: np.ndarray, dtype) -> np.ndarray:
+    """`arr` in `dtype` (itself if it is already), into a fresh aligned array."""
+    target = np_dtype(dtype)
+    if arr.dtype == target:
+        return arr
+    out = aligned_empty(arr.shape, target)
+    np.copyto(out, arr, casting="unsafe")  # the same rounding as `astype`
+    return out
+
+
+# Made by XLA, so the buffer can be donated (eager `jnp.zeros` could not).
+_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(buffer: jax.Array, rows: jax.Array, first) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, first, axis=0)
+
+
+def _owned_array(shape: tuple[int, ...], dtype, blocks) -> jax.Array:
+    """A JAX array of `shape`, filled from consecutive blocks of rows.
+
+    XLA owns its buffer. A JAX array that adopts a numpy buffer
+    (`jax.device_put(x, may_alias=True)`) cannot be donated: the first
+    train step (Keras donates the whole state) then copied every such
+    frozen table, and E2B held its tables twice. Filling a donated buffer
+    in place keeps the peak at the table plus one block.
+    """
+    buffer = _zeros(shape, dtype)
+    first = 0
+    for rows in blocks:
+        buffer = _put_rows(buffer, rows, first)
+        first += len(rows)
+    return buffer
+
+
+def frozen_rows(layer: keras.layers.Layer, name: str, shape, blocks, storage):
+    """A non-trainable `storage` variable of `shape` from blocks of rows, no copies.
+
+    Creating a variable with zeros and assigning a numpy array makes JAX
+    copy it (through a staging buffer): E2B's 4.7 GB per-layer-embedding
+    table was alive three times at once (14.7 GB peak RSS). Here it is
+    created from an array filled block by block (`_owned_array`): the table
+    plus one block of rows. Under `presets.on_host()` that is host memory.
+    """
+    pending = [_owned_array(tuple(shape), storage, (cast(b, storage) for b in blocks))]
+    return layer.add_weight(
+        name=name,
+        shape=tuple(shape),
+        dtype=storage,
+        # Hands the array over once: a closure holding it would keep a second
+        # copy alive once Keras lays the variable out on a mesh.
+        initializer=lambda shape, dtype: pending.pop(),
+        trainable=False,
+    )
+
+
+def fill_model(
+    model, source, *, quant: str = "none", double_quant: bool = False, block_size=64
+) -> None:
+    """Fills an empty `Gemma4LoraModel` with every schema row of its spec.
+
+    `source` gives each row's value as we hold it: `stream_load`'s
+    `SafetensorsSource` (an HF checkpoint, tensor by tensor) or
+    `hub.BackboneSource` (a KerasHub backbone, any preset KerasHub loads).
+    Globals first (`model.add_global`, tables in blocks of rows), then block
+    by block, each tensor stored (maybe quantised under `quant`) and dropped
+    before the next is read.
+
+    Example:
+
+        fill_model(model, hub.BackboneSource(backbone), quant="nf4")
+    """
+    spec = model.spec
+    for row in schema.global_rows(spec):
+        dtype = "float32" if row.float32 else None
+        blocks = source.blocks(row, spec, None)
+        model.add_global(row.name, row.shape(spec, None), blocks, dtype)
+    for blk in model.blocks:
+        for row in schema.block_rows(spec, blk.bspec.index):
+            value = source.value(row, spec, blk.bspec.index)
+            blk.add(row, value, quant, double_quant, block_size)
+            del value
+    # The blocks read and quantised are freed; the compiles to come free
+    # more (see host_memory).
+    host_memory.release()
+    host_memory.release_after_compiles()
 
 
 def np_dtype(dtype) -> np.dtype:
@@ -223,17 +317,32 @@ class DecoderBlock(keras.layers.Layer):
         self.attention = "auto"
         self.attention_chunk_size = 512
 
-    def add_norm(self, name: str, value) -> None:
-        self.norms[name] = frozen(self, name, value, "float32")
-
-    def add_extra(self, name: str, value) -> None:
-        self.extra[name] = frozen(self, name, value, self.variable_dtype)
-
-    def add_bank(
-        self, name: str, value, quant: str, double_quant: bool, block_size: int
+    def add(
+        self,
+        row: schema.Row,
+        value,
+        quant: str = "none",
+        double_quant: bool = False,
+        block_size: int = 64,
     ) -> None:
-        """A raw MoE expert bank, frozen; NF4 under QLoRA."""
-        if quant == "nf4":
+        """Holds the tensor of a schema row, frozen (`model/schema.py`).
+
+        Projections become `FrozenLinear`s in `proj` (NF4 / int8 / int4 under
+        `quant`); norm scales go into `norms` (float32); the rest into
+        `extra`, MoE expert banks as NF4 under QLoRA.
+        """
+        name = row.name
+        if row.kind == "projection":
+            self.proj[name] = FrozenLinear(
+                value,
+                quant=quant,
+                double_quant=double_quant,
+                block_size=block_size,
+                # Unique names give unique variable paths (layout maps, logs).
+                dtype=self.dtype_policy,
+                name=f"{self.name}_{name}",
+            )
+        elif row.kind == "bank" and quant == "nf4":
             self.extra[name] = quant_lib.NF4Kernel.from_array(
                 np.asarray(value),
                 block_size=block_size,
@@ -242,20 +351,9 @@ class DecoderBlock(keras.layers.Layer):
                 name=f"{self.name}_{name}",
             )
         else:
-            self.add_extra(name, value)
-
-    def add_projection(
-        self, target: str, kernel, quant: str, double_quant: bool, block_size: int
-    ) -> None:
-        self.proj[target] = FrozenLinear(
-            kernel,
-            quant=quant,
-            double_quant=double_quant,
-            block_size=block_size,
-            # Unique names give unique variable paths (layout maps, logs).
-            dtype=self.dtype_policy,
-            name=f"{self.name}_{target}",
-        )
+            dtype = "float32" if row.float32 else self.variable_dtype
+            held = self.norms if row.kind == "norm" else self.extra
+            held[name] = frozen(self, name, value, dtype)
 
     def linear(self, target: str, x: jax.Array, keys: dict | None) -> jax.Array:
         if float16_islands(self.compute_dtype):

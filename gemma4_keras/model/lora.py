@@ -4,20 +4,19 @@
 which projections get one; `Gemma4LoraModel` adds, activates and unloads
 them. An adapter outside a model is a `LoraSpec` plus its factors,
 `{(layer, target): (a, b)}` with `a` (in, r) and `b` (r, out): what training
-resume, PEFT import and export (`export/peft.py` owns only that file format)
-and generation exchange.
+resume, PEFT import and export (`exporters/peft.py` owns only that file
+format) and generation exchange.
 
 A merged site computes `x @ (W + scale * A @ B)` in one matmul: the adapter's
 logits without the adapter branch (serving, export of a full model). Float
-bases are merged in place and can be unmerged; quantised bases (NF4, Keras
-int8/int4) cannot hold a float delta, so `merged_kernels` returns the
-dequantised, merged float matrices instead, for whoever writes the full
-model out.
+bases are merged in place (a model built to be merged,
+`evaluate.merged_model`); quantised bases (NF4, Keras int8/int4) cannot hold
+a float delta, so `merged_kernels` returns the dequantised, merged float
+matrices instead, for whoever writes the full model out.
 
 Example:
   >>> merge_adapter(model)            # active adapter folded into the base
   >>> hidden = model(batch)           # same logits, no adapter branch
-  >>> unmerge_adapter(model)          # base back (to float32 rounding)
 """
 
 from __future__ import annotations
@@ -158,23 +157,6 @@ def _float_kernel(model, layer: int, target: str):
     return proj.dense.kernel
 
 
-def _add_deltas(model, name: str, sign: float) -> int:
-    adapters = model.adapters(name)
-    kernels = {
-        site: _float_kernel(model, *site) for site in adapters
-    }  # check all first
-    for site, adapter in adapters.items():
-        var = kernels[site]
-        dtype = np.asarray(var.value).dtype
-        # Add in float32, round once to the kernel's dtype.
-        w = (
-            np.asarray(var.value, np.float32)
-            + np.float32(sign) * adapter.delta_weight()
-        )
-        var.assign(w.astype(dtype))
-    return len(adapters)
-
-
 def merge_adapter(model, name: str | None = None) -> int:
     """Folds adapter `name` (default: the active one) into the float base kernels.
 
@@ -197,32 +179,20 @@ def merge_adapter(model, name: str | None = None) -> int:
     merged = getattr(model, "_merged_adapter", None)
     if merged is not None:
         raise config_lib.ConfigError(
-            f"adapter {merged!r} is merged already; unmerge_adapter(model) first"
+            f"adapter {merged!r} is merged already; merge into a freshly loaded model"
         )
-    changed = _add_deltas(model, name, +1.0)
+    adapters = model.adapters(name)
+    kernels = {site: _float_kernel(model, *site) for site in adapters}  # all first
+    for site, adapter in adapters.items():
+        var = kernels[site]
+        dtype = np.asarray(var.value).dtype
+        # Add in float32, round once to the kernel's dtype.
+        var.assign(
+            (np.asarray(var.value, np.float32) + adapter.delta_weight()).astype(dtype)
+        )
     model._merged_adapter = name
     model.set_adapter(None)
-    return changed
-
-
-def unmerge_adapter(model, name: str | None = None) -> int:
-    """Subtracts the merged adapter again and re-activates its branch.
-
-    The base comes back to float32 rounding (`(W + d) - d` may differ from
-    `W` in the last bit; `tests/test_lora.py` measures it).
-
-    Returns:
-        The number of kernels changed.
-    """
-    merged = getattr(model, "_merged_adapter", None)
-    if merged is None or (name is not None and name != merged):
-        raise config_lib.ConfigError(
-            f"adapter {name or merged!r} is not merged (merged: {merged!r})"
-        )
-    changed = _add_deltas(model, merged, -1.0)
-    model._merged_adapter = None
-    model.set_adapter(merged)
-    return changed
+    return len(adapters)
 
 
 def merged_kernels(model, name: str | None = None) -> dict[tuple[int, str], np.ndarray]:

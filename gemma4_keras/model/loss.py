@@ -7,24 +7,21 @@ of the naive loss keeps several arrays of that size alive. The loss here walks
 the flattened tokens in chunks and has a hand-written gradient, so the
 compiled train step only ever holds one chunk's `[chunk, vocab]` logits:
 
-* frozen embedding (the LoRA case, the default): the forward pass of the
-  gradient, per chunk, forms the logits -> soft-cap -> float32 logsumexp and,
-  while the chunk's logits exist, `d_logits = (softmax - onehot) * weight *
-  (1 - tanh^2)` and `d_hidden = d_logits @ embedding` for a unit cotangent.
-  It saves that `[tokens, dim]` d_hidden and the per-token loss; the backward
-  pass only scales them by the incoming cotangent. Two matmuls per chunk.
-* `embedding_grad=True`: the forward pass saves the per-token logsumexp and
-  loss; the backward pass recomputes each chunk's logits and forms d_hidden
-  and `d_embedding += d_logits.T @ hidden`. Three matmuls per chunk (four with
-  the embedding's), the price of not storing the logits.
+The embedding is frozen (LoRA, QLoRA): the forward pass of the gradient, per
+chunk, forms the logits -> soft-cap -> float32 logsumexp and, while the
+chunk's logits exist, `d_logits = (softmax - onehot) * weight * (1 - tanh^2)`
+and `d_hidden = d_logits @ embedding` for a unit cotangent. It saves that
+`[tokens, dim]` d_hidden and the per-token loss; the backward pass only
+scales them by the incoming cotangent. Two matmuls per chunk.
 
 Without differentiation (evaluation) only the logsumexp pass runs.
 
-Both return the *sum* of weighted token losses and the sum of weights, so the
+It returns the *sum* of weighted token losses and the sum of weights, so the
 caller divides by a global token count; that keeps gradient accumulation over
 micro-batches exact.
 
-This module depends on JAX only.
+This module depends on JAX only (and on `xla_workarounds` for the two places
+where XLA:CPU must be told which [chunk, vocab] blocks to share).
 """
 
 import functools
@@ -32,7 +29,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["chunked_cross_entropy", "full_cross_entropy", "token_logprobs"]
+from gemma4_keras.model import xla_workarounds
+
+__all__ = ["chunked_cross_entropy", "full_cross_entropy"]
 
 # Below this cap the soft-capped logits lie in [-cap, cap], so shifting the
 # exponent by `cap` instead of the row maximum can neither overflow nor push
@@ -158,31 +157,22 @@ def _d_logits(
     raw: jax.Array,
     t: jax.Array,
     scale: jax.Array,
-    lse: jax.Array | None,
     soft_cap: float | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(d_logits, lse, nll) of one chunk from its raw logits, all float32.
 
     `d_logits = (softmax - onehot) * scale * (1 - tanh^2)` is the gradient of
-    `sum(scale * nll)` w.r.t. the raw logits. With `lse=None` the logsumexp is
-    computed here, otherwise the given (saved) one is used.
+    `sum(scale * nll)` w.r.t. the raw logits.
     """
     vocab = raw.shape[-1]
     cap = soft_cap
-    if lse is None and soft_cap is not None and soft_cap <= _MAX_CAP_FOR_CONSTANT_SHIFT:
+    if soft_cap is not None and soft_cap <= _MAX_CAP_FOR_CONSTANT_SHIFT:
         return _d_logits_from_exp(raw, t, scale, soft_cap)
-    if lse is None:
-        lse = _logsumexp(_soft_cap(raw, soft_cap)[0], soft_cap)
-        if soft_cap is not None:
-            # Passing the logits and the cap through a barrier keeps XLA from
-            # sharing the soft-cap (and its broadcast constants) between the
-            # logsumexp pass and the d_logits pass: shared, each is a
-            # [chunk, vocab] temporary of its own (three blocks alive on
-            # XLA:CPU); recomputed, each pass is one loop over the logits and
-            # d_logits overwrites them (one block, as before).
-            raw, lse, cap = jax.lax.optimization_barrier(
-                (raw, lse, jnp.float32(soft_cap))
-            )
+    lse = _logsumexp(_soft_cap(raw, soft_cap)[0], soft_cap)
+    if soft_cap is not None:
+        raw, lse, cap = xla_workarounds.recompute_apart(
+            (raw, lse, jnp.float32(soft_cap))
+        )
     logits, tanh = _soft_cap(raw, cap)
     probs = jnp.exp(logits - lse[:, None])
     target_raw = jnp.take_along_axis(raw, t[:, None], axis=-1)[:, 0]
@@ -211,9 +201,7 @@ def _d_logits_from_exp(
     """
     vocab = raw.shape[-1]
     ex = jnp.exp(cap * jnp.tanh(raw / cap) - cap)
-    # Materialised once (in the raw logits' buffer): its readers must not
-    # each recompute it from `raw`, which would keep both blocks alive.
-    ex = jax.lax.optimization_barrier(ex)
+    ex = xla_workarounds.materialise(ex)
     sums = ex @ jnp.ones((vocab,), jnp.float32)
     lse = cap + jnp.log(sums)
     target_ex = jnp.take_along_axis(ex, t[:, None], axis=-1)[:, 0]
@@ -224,36 +212,28 @@ def _d_logits_from_exp(
     return d_logits * (1.0 - tanh * tanh), lse, nll
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_loss_sum(
     h_chunks: jax.Array,
     embedding: jax.Array,
     t_chunks: jax.Array,
     w_chunks: jax.Array,
     soft_cap: float | None,
-    embedding_grad: bool,
 ) -> jax.Array:
     """Sum of weights * nll over [num_chunks, chunk] tokens (float32 scalar)."""
     _, nll = _scan_forward(h_chunks, embedding, t_chunks, soft_cap)
     return jnp.sum(w_chunks * nll)
 
 
-def _chunked_loss_sum_fwd(h_chunks, embedding, t_chunks, w_chunks, soft_cap, grad_e):
-    if grad_e:
-        # The embedding's gradient needs g * d_logits.T @ h per chunk; it is
-        # formed in the backward pass, which recomputes the logits.
-        lse, nll = _scan_forward(h_chunks, embedding, t_chunks, soft_cap)
-        loss = jnp.sum(w_chunks * nll)
-        return loss, (h_chunks, embedding, t_chunks, w_chunks, lse, nll)
-
-    # Frozen embedding: the loss needs only d(hidden), which is linear in the
-    # incoming cotangent g. So it is formed here, while each chunk's logits
-    # exist anyway, for g = 1; the backward pass just scales it. That saves
-    # recomputing the [chunk, vocab] logits (a third of the loss's matmuls).
+def _chunked_loss_sum_fwd(h_chunks, embedding, t_chunks, w_chunks, soft_cap):
+    # d(hidden) is linear in the incoming cotangent g. So it is formed here,
+    # while each chunk's logits exist anyway, for g = 1; the backward pass
+    # just scales it. That saves recomputing the [chunk, vocab] logits (a
+    # third of the loss's matmuls).
     def body(_, xs):
         h, t, w = xs
         raw = _logits(h, embedding)
-        d_logits, _, nll = _d_logits(raw, t, w, None, soft_cap)
+        d_logits, _, nll = _d_logits(raw, t, w, soft_cap)
         return None, (nll, _times_embedding(d_logits, embedding, h.dtype))
 
     _, (nll, d_h_unit) = jax.lax.scan(body, None, (h_chunks, t_chunks, w_chunks))
@@ -266,37 +246,14 @@ def _chunked_loss_sum_fwd(h_chunks, embedding, t_chunks, w_chunks, soft_cap, gra
     return loss, (d_h_unit, embedding, nll, w_chunks, h_dtype)
 
 
-def _chunked_loss_sum_bwd(soft_cap, embedding_grad, residuals, g):
-    if not embedding_grad:
-        d_h_unit, embedding, nll, w_chunks, h_dtype = residuals
-        d_h = (g * d_h_unit).astype(h_dtype.dtype)
-        # The tied embedding is frozen under LoRA; a zero cotangent that no
-        # one reads is removed by XLA, so this costs nothing in the train step.
-        d_embedding = jnp.zeros_like(embedding)
-        # d(loss)/d(weight) is the token's nll, saved anyway: exact for free.
-        return d_h, d_embedding, None, (g * nll).astype(w_chunks.dtype)
-
-    h_chunks, embedding, t_chunks, w_chunks, lse, nll = residuals
-
-    def body(d_embedding, xs):
-        h, t, w, lse_c = xs
-        raw = _logits(h, embedding)
-        d_logits, _, _ = _d_logits(raw, t, w * g, lse_c, soft_cap)
-        d_logits = d_logits.astype(h.dtype)
-        d_h = jnp.einsum(
-            "nv,vd->nd", d_logits, embedding, preferred_element_type=jnp.float32
-        ).astype(h.dtype)
-        d_embedding = d_embedding + jnp.einsum(
-            "nv,nd->vd", d_logits, h, preferred_element_type=jnp.float32
-        )
-        return d_embedding, d_h
-
-    init = jnp.zeros(embedding.shape, jnp.float32)
-    d_embedding, d_h = jax.lax.scan(body, init, (h_chunks, t_chunks, w_chunks, lse))
-    d_embedding = d_embedding.astype(embedding.dtype)
-    # Targets are integers: None.
-    d_w = (g * nll).astype(w_chunks.dtype)
-    return d_h, d_embedding, None, d_w
+def _chunked_loss_sum_bwd(soft_cap, residuals, g):
+    d_h_unit, embedding, nll, w_chunks, h_dtype = residuals
+    d_h = (g * d_h_unit).astype(h_dtype.dtype)
+    # The tied embedding is frozen; a zero cotangent that no one reads is
+    # removed by XLA, so this costs nothing in the train step.
+    d_embedding = jnp.zeros_like(embedding)
+    # d(loss)/d(weight) is the token's nll, saved anyway: exact for free.
+    return d_h, d_embedding, None, (g * nll).astype(w_chunks.dtype)
 
 
 _chunked_loss_sum.defvjp(_chunked_loss_sum_fwd, _chunked_loss_sum_bwd)
@@ -307,10 +264,10 @@ def _to_chunks(
     targets: jax.Array,
     weights: jax.Array,
     chunk_size: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Flattens tokens and pads them with weight 0 to whole chunks.
 
-    Returns ([n, c, dim] hidden, [n, c] targets, [n, c] float32 weights, tokens).
+    Returns ([n, c, dim] hidden, [n, c] targets, [n, c] float32 weights).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
@@ -328,7 +285,7 @@ def _to_chunks(
         t = jnp.pad(t, (0, pad))
         w = jnp.pad(w, (0, pad))
     n = padded // chunk
-    return h.reshape(n, chunk, dim), t.reshape(n, chunk), w.reshape(n, chunk), tokens
+    return h.reshape(n, chunk, dim), t.reshape(n, chunk), w.reshape(n, chunk)
 
 
 def chunked_cross_entropy(
@@ -339,16 +296,14 @@ def chunked_cross_entropy(
     *,
     soft_cap: float | None = 30.0,
     chunk_size: int = 1024,
-    embedding_grad: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Weighted token cross-entropy from hidden states, without full logits.
 
     The logits are `soft_cap * tanh(hidden @ embedding.T / soft_cap)`. They
     are computed `chunk_size` tokens at a time, so `[batch, seq, vocab]`
-    logits never exist. With the embedding frozen (the default), the gradient
-    w.r.t. `hidden` is formed in the same pass as the loss, while each chunk's
-    logits exist; with `embedding_grad=True` the backward pass recomputes
-    them. The matmuls run in `hidden.dtype` with float32 accumulation; the
+    logits never exist. The embedding is frozen (its zero gradient is removed
+    by XLA); the gradient w.r.t. `hidden` is formed in the same pass as the
+    loss, while each chunk's logits exist. The matmuls run in `hidden.dtype` with float32 accumulation; the
     soft-cap, softmax and logsumexp run in float32.
 
     Args:
@@ -362,9 +317,6 @@ def chunked_cross_entropy(
       chunk_size: tokens per chunk (static). Peak temp memory grows with
         `chunk_size * vocab`; the flattened token count is padded up to a
         multiple of it with weight-0 tokens.
-      embedding_grad: whether to compute the embedding gradient (static). The
-        tied embedding is frozen under LoRA, so by default its gradient is
-        returned as zeros, which XLA removes from the compiled step.
 
     Returns:
       `(loss_sum, weight_sum)`, float32 scalars: the sum over tokens of
@@ -386,12 +338,10 @@ def chunked_cross_entropy(
       3.4657
     """
     _check_inputs(hidden, embedding, targets, weights)
-    if embedding_grad:  # a trained embedding: its gradient in hidden's dtype
-        embedding = embedding.astype(hidden.dtype)
     if embedding.dtype != hidden.dtype:
         chunk_size = min(chunk_size, SPLIT_CHUNK)
-    h, t, w, _ = _to_chunks(hidden, targets, weights, chunk_size)
-    loss_sum = _chunked_loss_sum(h, embedding, t, w, soft_cap, bool(embedding_grad))
+    h, t, w = _to_chunks(hidden, targets, weights, chunk_size)
+    loss_sum = _chunked_loss_sum(h, embedding, t, w, soft_cap)
     return loss_sum, jnp.sum(weights.astype(jnp.float32))
 
 
@@ -431,42 +381,3 @@ def full_cross_entropy(
     )[..., 0]
     weights = weights.astype(jnp.float32)
     return -jnp.sum(weights * target_log_probs), jnp.sum(weights)
-
-
-def token_logprobs(
-    hidden: jax.Array,
-    embedding: jax.Array,
-    targets: jax.Array,
-    *,
-    soft_cap: float | None = 30.0,
-    chunk_size: int = 1024,
-) -> jax.Array:
-    """Per-token log-probability of `targets`, chunked, with no gradient.
-
-    For evaluation (perplexity, scoring answer options) without building
-    `[batch, seq, vocab]` logits.
-
-    Args:
-      hidden: `[batch, seq, dim]` final hidden states.
-      embedding: `[vocab, dim]` tied token embedding.
-      targets: `[batch, seq]` integer token ids to score.
-      soft_cap: final logit soft-cap; None for plain logits.
-      chunk_size: tokens per chunk (static).
-
-    Returns:
-      `[batch, seq]` float32 `log p(targets | hidden)`.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> logp = token_logprobs(
-      ...     jnp.zeros((1, 3, 4)), jnp.ones((10, 4)), jnp.array([[1, 2, 3]]))
-      >>> logp.shape
-      (1, 3)
-    """
-    weights = jnp.ones(targets.shape, jnp.float32)
-    _check_inputs(hidden, embedding, targets, weights)
-    hidden = jax.lax.stop_gradient(hidden)
-    embedding = jax.lax.stop_gradient(embedding)
-    h, t, _, tokens = _to_chunks(hidden, targets, weights, chunk_size)
-    _, nll = _scan_forward(h, embedding, t, soft_cap)
-    return -nll.reshape(-1)[:tokens].reshape(targets.shape)

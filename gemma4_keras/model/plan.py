@@ -7,7 +7,7 @@ loaded, no model is built), derives the same per-block facts as
     parameters      embedding, PLE, attention, MLP, MoE experts, norms   [count]
     base            frozen weights as `quant.mode` stores them           [bytes]
     adapters        LoRA params + grads (+ accumulators) + AdamW m, v    [bytes]
-    activations     per micro-batch, with and without `train.remat`      [bytes]
+    activations     per micro-batch, with and without `model.remat`      [bytes]
     loss temp       one chunk of the chunked loss                        [bytes]
     flops           per optimiser step                                   [FLOP]
     time            per step at `tflops` x `mfu`                         [s]
@@ -33,6 +33,7 @@ whatever preset is named.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -40,10 +41,10 @@ import jax
 import numpy as np
 
 from gemma4_keras import config_lib
-from gemma4_keras.model import hub, presets, quant, sharding
+from gemma4_keras.model import hub, presets, quant, schema, sharding
 from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.model.spec import ATTN_TARGETS, MLP_TARGETS, BlockSpec, ModelSpec
+from gemma4_keras.model.spec import BlockSpec, ModelSpec
 
 GIB = 1024**3
 KERAS_INT4_BLOCK = 128  # input rows per int4 scale (Int4QuantizationConfig default)
@@ -62,18 +63,27 @@ _ATTN_BOOL = 2  # boolean [B, heads, T, T] masks kept by the `where`s
 # Parameter counts and bytes.
 
 
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def _tensors(spec: ModelSpec, ple_vocab: int | None):
+    """(row, layer, our shape) of every tensor of the model (`model/schema.py`)."""
+    if ple_vocab is not None:
+        spec = dataclasses.replace(spec, ple_vocab_size=int(ple_vocab))
+    for row, layer in schema.rows(spec):
+        yield row, layer, row.shape(spec, None if layer is None else spec.blocks[layer])
+
+
 def _projections(spec: ModelSpec) -> list[tuple[int, int]]:
     """(in, out) of every frozen projection kernel the training model holds."""
-    return [
-        spec.projection_shape(b.index, t)
-        for b in spec.blocks
-        for t in ATTN_TARGETS + MLP_TARGETS
-        if spec.has_projection(b.index, t)
-    ]
+    return [tuple(sh) for r, _, sh in _tensors(spec, None) if r.kind == "projection"]
 
 
-def param_counts(spec: ModelSpec, ple_vocab: int) -> dict[str, int]:
+def param_counts(spec: ModelSpec, ple_vocab: int | None = None) -> dict[str, int]:
     """Parameters of the text decoder as `Gemma4LoraModel` holds them [count].
+
+    The schema's tensors (`model/schema.py`), summed by their `group`:
 
     embedding  V*D (tied with the LM head)
     ple        V_ple*L*P + D*L*P + L*(D*P + P*D)   (PLE table, projection, gate/up)
@@ -84,29 +94,9 @@ def param_counts(spec: ModelSpec, ple_vocab: int) -> dict[str, int]:
     norms      D + P + sum_l (4D + h_l [+ h_l own k] [+ 3D moe] [+ D ple] + 1)
                (RMSNorm scales and the per-layer scalar)
     """
-    d, p, e, i = spec.hidden_dim, spec.ple_dim, spec.num_experts, spec.expert_dim
-    n = spec.num_layers
-    attn = mlp = 0
-    for b in spec.blocks:
-        for t in ATTN_TARGETS + MLP_TARGETS:
-            if spec.has_projection(b.index, t):
-                din, dout = spec.projection_shape(b.index, t)
-                if t in ATTN_TARGETS:
-                    attn += din * dout
-                else:
-                    mlp += din * dout
-    norms = d + (p if p else 0)
-    for b in spec.blocks:
-        norms += 4 * d + b.head_dim + (b.head_dim if b.has_kv else 0) + 1
-        norms += (3 * d if spec.moe else 0) + (d if p else 0)
-    counts = {
-        "embedding": spec.vocab_size * d,
-        "ple": (ple_vocab * n * p + d * n * p + n * 2 * d * p) if p else 0,
-        "attention": attn,
-        "mlp": mlp,
-        "moe": n * (3 * e * d * i + d * e + d + e) if spec.moe else 0,
-        "norms": norms,
-    }
+    counts = dict.fromkeys(("embedding", "ple", "attention", "mlp", "moe", "norms"), 0)
+    for row, _, shape in _tensors(spec, ple_vocab):
+        counts[row.group] = counts.get(row.group, 0) + _numel(shape)
     counts["total"] = sum(counts.values())
     return counts
 
@@ -138,8 +128,10 @@ def _kernel_bytes(din: int, dout: int, q: dict, s: int) -> int:
     return din * dout * s
 
 
-def base_bytes(spec: ModelSpec, ple_vocab: int, q: dict, s: int) -> dict[str, int]:
-    """Resident bytes of the frozen base [bytes].
+def base_bytes(
+    spec: ModelSpec, ple_vocab: int | None, q: dict, s: int
+) -> dict[str, int]:
+    """Resident bytes of the frozen base [bytes], over the schema's tensors.
 
     projections  per kernel: compute dtype (s B/weight), or NF4 (`nf4_bytes`),
                  int8 (in*out + 4*out), int4 (in*ceil(out/2) + 5*G*out + 4*in,
@@ -149,20 +141,18 @@ def base_bytes(spec: ModelSpec, ple_vocab: int, q: dict, s: int) -> dict[str, in
     embedding    embedding, PLE table/projection/gate/up, router, scales: s B
     norms        RMSNorm scales in float32 (4 B); the layer scalar in s B
     """
-    c = param_counts(spec, ple_vocab)
-    proj = sum(_kernel_bytes(a, b, q, s) for a, b in _projections(spec))
-    e, d, i, n = spec.num_experts, spec.hidden_dim, spec.expert_dim, spec.num_layers
-    experts = 0
-    if spec.moe:
-        per = nf4_bytes(d * i, q["block_size"], q["double_quant"])
-        experts = 3 * n * (e * per if q["mode"] == "nf4" else e * d * i * s)
-    moe_small = n * (d * e + d + e) if spec.moe else 0
-    out = {
-        "projections": proj,
-        "experts": experts,
-        "embedding": (c["embedding"] + c["ple"] + moe_small) * s,
-        "norms": (c["norms"] - n) * 4 + n * s,
-    }
+    out = dict.fromkeys(("projections", "experts", "embedding", "norms"), 0)
+    for row, _, shape in _tensors(spec, ple_vocab):
+        n = _numel(shape)
+        if row.kind == "projection":
+            out["projections"] += _kernel_bytes(*shape, q, s)
+        elif row.kind == "bank":
+            per = nf4_bytes(n // shape[0], q["block_size"], q["double_quant"])
+            out["experts"] += shape[0] * per if q["mode"] == "nf4" else n * s
+        elif row.float32:
+            out["norms"] += 4 * n
+        else:
+            out["norms" if row.group == "norms" else "embedding"] += n * s
     out["total"] = sum(out.values())
     return out
 
@@ -413,75 +403,45 @@ def _projection_variables(
     return [(f"{name}/kernel", (din, dout), s)]
 
 
-def _block_variables(
-    spec: ModelSpec, b: BlockSpec, q: dict, s: int
+def _row_variables(
+    row: schema.Row, layer: int | None, shape, q: dict, s: int
 ) -> list[tuple[str, tuple[int, ...], int]]:
-    """Frozen variables of decoder block `b` (layers.DecoderBlock)."""
-    d, p, e, i = spec.hidden_dim, spec.ple_dim, spec.num_experts, spec.expert_dim
-    pre = f"block_{b.index}"
-    out = [(f"{pre}/norm_{k}", (d,), 4) for k in range(4)]
-    out.append((f"{pre}/q_norm", (b.head_dim,), 4))
-    if b.has_kv:
-        out.append((f"{pre}/k_norm", (b.head_dim,), 4))
-    if spec.moe:
-        out += [(f"{pre}/moe_norm_{k}", (d,), 4) for k in range(3)]
-    if p:
-        out.append((f"{pre}/post_ple", (d,), 4))
-    for t in ATTN_TARGETS + MLP_TARGETS:
-        if spec.has_projection(b.index, t):
-            din, dout = spec.projection_shape(b.index, t)
-            out += _projection_variables(b.index, t, din, dout, q, s)
-    out.append((f"{pre}/layer_scalar", (), s))
-    if p:
-        out += [(f"{pre}/ple_gate", (d, p), s), (f"{pre}/ple_up", (p, d), s)]
-    if spec.moe:
-        out += [
-            (f"{pre}/router_scale", (d,), s),
-            (f"{pre}/router_proj", (d, e), s),
-            (f"{pre}/expert_scale", (e,), s),
+    """Variables holding one schema row (`layers.DecoderBlock.add`)."""
+    if layer is None:
+        return [(f"gemma4_lora_model/{row.name}", shape, 4 if row.float32 else s)]
+    if row.kind == "projection":
+        return _projection_variables(layer, row.name, *shape, q, s)
+    if row.kind == "bank" and q["mode"] == "nf4":
+        leaves = quant.nf4_leaf_specs(
+            shape, q["block_size"], q["double_quant"], batch_dims=1
+        )
+        return [
+            (f"block_{layer}_{row.name}/{leaf}", ls, np.dtype(dt).itemsize)
+            for leaf, (ls, dt) in leaves.items()
         ]
-        for name, shape in (
-            ("gate", (e, d, i)),
-            ("up", (e, d, i)),
-            ("down", (e, i, d)),
-        ):
-            if q["mode"] != "nf4":  # Keras int8/int4 quantise Dense kernels only
-                out.append((f"{pre}/experts_{name}", shape, s))
-                continue
-            leaves = quant.nf4_leaf_specs(
-                shape, q["block_size"], q["double_quant"], batch_dims=1
-            )
-            out += [
-                (f"{pre}_experts_{name}/{leaf}", ls, np.dtype(dt).itemsize)
-                for leaf, (ls, dt) in leaves.items()
-            ]
-    return out
+    # Keras int8/int4 quantise Dense kernels only: banks stay in s B.
+    return [(f"block_{layer}/{row.name}", shape, 4 if row.float32 else s)]
 
 
 def training_variables(
-    spec: ModelSpec, ple_vocab: int, q: dict, s: int, lora: LoraSpec | None = None
+    spec: ModelSpec,
+    ple_vocab: int | None,
+    q: dict,
+    s: int,
+    lora: LoraSpec | None = None,
 ) -> list[tuple[str, tuple[int, ...], int]]:
     """`(path, shape, bytes per element)` of every variable of the training
-    model (frozen base, then adapter `default`), from the spec alone.
+    model (frozen base: the schema's rows, then adapter `default`), from the
+    spec alone.
 
     The paths are those `Gemma4LoraModel` gives its variables where the
-    layout rules (`sharding.LAYOUT_RULES`) look at them; norms and other
-    replicated variables get placeholder names. `tests/test_sharding.py`
-    checks the list against a built model (shapes, dtypes, split paths).
+    layout rules (`sharding.LAYOUT_RULES`) look at them.
+    `tests/test_sharding.py` checks the list against a built model (shapes,
+    dtypes, split paths).
     """
-    d, p, n = spec.hidden_dim, spec.ple_dim, spec.num_layers
-    out = [
-        ("gemma4_lora_model/embedding", (spec.vocab_size, d), s),
-        ("gemma4_lora_model/final_norm", (d,), 4),
-    ]
-    if p:
-        out += [
-            ("gemma4_lora_model/ple_embedding", (ple_vocab, n * p), s),
-            ("gemma4_lora_model/ple_projection", (d, n * p), s),
-            ("gemma4_lora_model/ple_norm", (p,), 4),
-        ]
-    for b in spec.blocks:
-        out += _block_variables(spec, b, q, s)
+    out = []
+    for row, layer, shape in _tensors(spec, ple_vocab):
+        out += _row_variables(row, layer, tuple(shape), q, s)
     for layer, t in lora.sites(spec) if lora is not None else ():
         din, dout = spec.projection_shape(layer, t)
         name = f"lora_default_layers_{layer}_{t}"
@@ -636,7 +596,7 @@ XLA_CPU_BYTES = int(2.0 * GIB)
 # Loading beyond the finished model: read buffers, quantisation temporaries,
 # the in-place fill of the tables [bytes].
 LOAD_BYTES = int(1.0 * GIB)
-# A streamed HF export holds one tensor at a time (`export/hf_stream.py`):
+# A streamed HF export holds one tensor at a time (`exporters/hf_stream.py`):
 # the largest merged kernel, read, merged in float32 and written [copies].
 EXPORT_IN_FLIGHT = 4
 
@@ -757,7 +717,7 @@ def plan(
         int(config.data.max_length),
         int(t.grad_accum),
     )
-    chunk = int(t.loss_chunk_size)
+    chunk = int(config.model.loss_chunk_size)
     quant = {
         "mode": config.quant.mode,
         "double_quant": bool(config.quant.double_quant),
@@ -769,7 +729,7 @@ def plan(
     base = base_bytes(spec, ple_vocab, quant, st)
     adapters = adapter_bytes(n_adapter, accum)
     loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
-    act_used = act["remat_peak"] if t.remat else act["no_remat_saved"]
+    act_used = act["remat_peak"] if config.model.remat else act["no_remat_saved"]
     tokens = batch * accum * seq
     flops = step_flops(spec, lora, tokens, seq, attn_chunk)
     sec = flops["total"] / (tflops * 1e12 * mfu)
@@ -784,7 +744,7 @@ def plan(
     mesh = device_mesh(config.distribution, int(devices))
     dev = per_device_bytes(
         spec, ple_vocab, lora, quant, s, mesh, batch=batch, seq=seq,
-        grad_accum=accum, chunk=chunk, remat=bool(t.remat), attn_chunk=attn_chunk,
+        grad_accum=accum, chunk=chunk, remat=bool(config.model.remat), attn_chunk=attn_chunk,
         storage=st,
     )  # fmt: skip
     host_table = ple_host_bytes(config, spec, ple_vocab, st, mesh)
@@ -815,7 +775,7 @@ def plan(
             "batch_size": batch,
             "grad_accum": accum,
             "max_length": seq,
-            "remat": bool(t.remat),
+            "remat": bool(config.model.remat),
             "tflops": tflops,
             "mfu": mfu,
         },
@@ -860,10 +820,10 @@ def _why_not(dev: dict, run: dict) -> str:
     fixes = {
         "base": "more --config.distribution.model_parallel (mode=model)"
         + ("" if run["quant"]["mode"] == "nf4" else " or --config.quant.mode=nf4"),
-        "activations": ("" if run["remat"] else "--config.train.remat=True, ")
+        "activations": ("" if run["remat"] else "--config.model.remat=True, ")
         + "a smaller --config.data.max_length or --config.train.batch_size "
         "(raise grad_accum to keep the batch)",
-        "loss_temp": "a smaller --config.train.loss_chunk_size",
+        "loss_temp": "a smaller --config.model.loss_chunk_size",
         "adapter_state": "a smaller --config.lora.rank",
         "adapters": "a smaller --config.lora.rank",
     }

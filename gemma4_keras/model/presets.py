@@ -21,6 +21,7 @@ from gemma4_keras.model import hf_config, hub, stream_load
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.hub import PresetError
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.settings import ModelSettings
 from gemma4_keras.testing.tiny import tiny_checkpoint
 
 HF_FILES = ("config.json", "tokenizer.json")
@@ -279,28 +280,29 @@ def ple_on_host(model_cfg) -> bool:
     return setting == "on"
 
 
-def build_training_model(preset: str, model_cfg, lora_cfg, quant_cfg, train_cfg):
+def build_training_model(preset: str, model_settings: ModelSettings):
     """The trainable model for a resolved preset: (quantised) base + adapters.
 
-    Hugging Face checkpoints (a local directory, hf://) are read tensor by
-    tensor and quantised as they arrive (`stream_load`): the host never holds
-    the full-precision model. KerasHub presets (names, kaggle://, KerasHub
-    directories) still load a whole KerasHub backbone first.
+    `model_settings` is `ModelSettings.of(config)`. Hugging Face checkpoints
+    (a local directory, hf://) are read tensor by tensor and quantised as
+    they arrive (`stream_load`): the host never holds the full-precision
+    model. KerasHub presets (names, kaggle://, KerasHub directories) still
+    load a whole KerasHub backbone first.
     """
-    dtype = compute_dtype(model_cfg)
+    s = model_settings
+    dtype = compute_dtype(s)
     options = dict(
-        quant=quant_cfg.mode,
-        double_quant=bool(quant_cfg.double_quant),
-        block_size=int(quant_cfg.block_size),
-        remat=bool(train_cfg.remat),
-        loss_chunk_size=int(train_cfg.loss_chunk_size),
+        quant=s.quant,
+        double_quant=s.double_quant,
+        block_size=s.block_size,
+        remat=s.remat,
+        loss_chunk_size=s.loss_chunk_size,
         dtype=dtype,
-        moe_dispatch=str(model_cfg.moe_dispatch),
-        ple_on_host=ple_on_host(model_cfg),
+        moe_dispatch=s.moe_dispatch,
+        ple_on_host=ple_on_host(s),
     )
-    lora = LoraSpec.from_config(lora_cfg)
-    model = _load_model(preset, dtype, lora, options)
-    model.set_attention(str(model_cfg.attention), int(model_cfg.attention_chunk_size))
+    model = _load_model(preset, dtype, LoraSpec.from_config(s.lora), options)
+    model.set_attention(s.attention, s.attention_chunk_size)
     return model
 
 
@@ -323,15 +325,16 @@ def _load_model(preset: str, dtype, lora, options: dict):
     return Gemma4LoraModel.from_backbone(backbone, lora, **options)
 
 
-def load_training_model(model_cfg, lora_cfg, quant_cfg, train_cfg):
+def load_training_model(config):
     """Resolves `model.preset` and builds the model. Returns (model, tokenizer, preset)."""
-    preset = resolve_preset(model_cfg.preset)
+    preset = resolve_preset(config.model.preset)
     tokenizer = load_tokenizer(preset)
-    model = build_training_model(preset, model_cfg, lora_cfg, quant_cfg, train_cfg)
+    model = build_training_model(preset, ModelSettings.of(config))
     return model, tokenizer, preset
 
 
 __all__ = [
+    "ModelSettings",
     "PresetError",
     "chat_template",
     "compute_dtype",

@@ -38,7 +38,6 @@ Example:
     w = np.random.default_rng(0).standard_normal((256, 512)).astype("float32")
     q = nf4_quantize(w, double_quant=True)
     w_hat = jax.jit(nf4_dequantize)(q)          # (256, 512) float32
-    nf4_bytes_per_param(q)                      # 0.5159...
 """
 
 from __future__ import annotations
@@ -54,20 +53,18 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from gemma4_keras.model.xla_workarounds import no_cotangent, tie_to
+
 __all__ = [
     "DYNAMIC_8BIT_CODEBOOK",
     "NF4_CODEBOOK",
     "NF4Kernel",
     "NF4Weight",
-    "nf4_bytes_per_param",
     "nf4_dequantize",
     "nf4_leaf_specs",
     "nf4_matmul",
     "nf4_quantize",
     "nf4_quantize_experts",
-    "nf4_take",
-    "no_cotangent",
-    "tie_to",
 ]
 
 # The 16 NormalFloat levels (QLoRA, Dettmers et al. 2023), as float32, exactly
@@ -437,8 +434,8 @@ def nf4_quantize_experts(
     tensor, because:
 
     * an expert's bytes are a slice of every leaf, so a router can gather
-      just the selected experts (`nf4_take`) and dequantise only those, and
-      an expert-parallel mesh can shard every leaf on axis 0;
+      just the selected experts and dequantise only those, and an
+      expert-parallel mesh can shard every leaf on axis 0;
     * one expert's statistics never depend on another's: the result equals
       bitsandbytes' `quantize_4bit(bank[e])` for each expert `e`.
 
@@ -461,7 +458,7 @@ def nf4_quantize_experts(
         bank = np.random.default_rng(0).standard_normal((4, 64, 96), "float32")
         q = nf4_quantize_experts(bank, double_quant=True)
         q.packed.shape                        # (4, 3072)
-        nf4_dequantize(nf4_take(q, [2])).shape  # (1, 64, 96)
+        nf4_dequantize(q).shape               # (4, 64, 96)
     """
     _check_block_size(block_size)
     arr = np.asarray(w)
@@ -491,32 +488,6 @@ def nf4_quantize_experts(
         dtype=per_expert[0].dtype,
         batch_dims=1,
     )
-
-
-def nf4_take(q: NF4Weight, indices: Any) -> NF4Weight:
-    """Selects experts from a per-expert bank (`batch_dims=1`), jit-able.
-
-    Args:
-        q: a bank from `nf4_quantize_experts`.
-        indices: 1-D integer array of expert ids (traced or static); its
-            length must be static.
-
-    Returns:
-        An `NF4Weight` holding only those experts, in that order.
-
-    Example:
-
-        sub = nf4_take(q, jnp.array([3, 0]))
-        nf4_dequantize(sub).shape      # (2, d, f)
-    """
-    if q.batch_dims != 1:
-        raise ValueError(
-            f"nf4_take needs a per-expert bank (batch_dims=1), got "
-            f"batch_dims={q.batch_dims}; build it with nf4_quantize_experts."
-        )
-    indices = jnp.asarray(indices)
-    taken = jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, indices, axis=0), q)
-    return dataclasses.replace(taken, shape=(indices.shape[0], *q.shape[1:]))
 
 
 # --------------------------------------------------------------------------
@@ -598,47 +569,6 @@ def nf4_dequantize(q: NF4Weight, dtype: Any = "float32") -> jax.Array:
     return flat.astype(dtype).reshape(q.shape)
 
 
-def tie_to(tree: Any, anchor: jax.Array, integers: bool = False) -> Any:
-    """`tree` with its float (and, if asked, integer) leaves made to depend on
-    `anchor`; values unchanged.
-
-    `leaf + 0 * max(anchor[:2])` is a data dependency XLA keeps (it does not
-    fold a float multiply by zero), unlike an optimization barrier, which
-    XLA:CPU removes before its last CSE and its scheduler. A computation that
-    reads only weights (a dequantisation, a dropout mask from a fixed key) is
-    then neither scheduled before `anchor` exists nor merged with a copy of
-    itself computed from another anchor (a rematerialisation). The zero is
-    NaN if one of the first two elements of `anchor` is infinite or NaN.
-
-    Example:
-
-        w = nf4_dequantize(tie_to(q, x))   # not computed before x exists
-    """
-    # A reduction, not `anchor[0]`: XLA fuses the slice of an element into
-    # each tied leaf's consumer together with the whole elementwise chain that
-    # produces `anchor` (an RMS norm, a gradient's sum of terms) and evaluates
-    # it once per output element; a reduction over two elements is not fused
-    # there, so the scalar is computed once. Issue 17: in a QLoRA step this
-    # made the dequantisations 2-3x slower (docs/performance.md, section 3).
-    first = jnp.max(jnp.ravel(anchor)[:2])
-    zero = first.astype(jnp.float32) * jnp.float32(0)
-
-    def tie(leaf):
-        if jnp.issubdtype(leaf.dtype, jnp.floating) or (
-            integers and jnp.issubdtype(leaf.dtype, jnp.integer)
-        ):
-            return leaf + zero.astype(leaf.dtype)
-        return leaf
-
-    return jax.tree_util.tree_map(tie, tree)
-
-
-def no_cotangent(leaf: jax.Array) -> Any:
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-        return jnp.zeros_like(leaf)
-    return np.zeros(jnp.shape(leaf), jax.dtypes.float0)
-
-
 @jax.custom_vjp
 def nf4_matmul(x: jax.Array, q: NF4Weight) -> jax.Array:
     """`x @ nf4_dequantize(q, x.dtype).T`, one layer's kernel alive at a time.
@@ -669,25 +599,6 @@ def _nf4_matmul_bwd(q, g):
 
 
 nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
-
-
-def nf4_bytes_per_param(q: NF4Weight) -> float:
-    """Resident bytes per represented weight: all leaves' bytes over the count.
-
-    The codebooks (16 and 256 float32, shared by every tensor) are not
-    counted. Block-64 NF4 is 0.5625 bytes/weight; with double quantisation
-    0.5 + 1/64 + 4/(64*256), about 0.5159, plus padding on small tensors.
-
-    Example:
-
-        nf4_bytes_per_param(nf4_quantize(np.zeros((4096, 4096), "float32")))
-        # 0.5625
-    """
-    leaves = jax.tree_util.tree_leaves(q)
-    total = sum(
-        int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize for leaf in leaves
-    )
-    return total / q.size
 
 
 # --------------------------------------------------------------------------

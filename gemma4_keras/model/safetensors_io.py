@@ -1,7 +1,7 @@
 """Single tensors of a safetensors checkpoint, read with plain file I/O.
 
 The one reader of checkpoint files, for the streaming loader
-(`stream_load`) and the streaming exports (`export/hf_stream.py`):
+(`stream_load`) and the streaming exports (`exporters/hf_stream.py`):
 
     refs = tensor_refs("/ckpt/gemma-4-E4B-it")       # headers only, no data
     w = read_tensor(refs["model.language_model.norm.weight"])

@@ -15,9 +15,13 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 
-def module_name(layer: int, target: str) -> str:
+# Hugging Face's module of each projection group.
+MODULE_GROUPS = {"self_attn": ATTN_TARGETS, "mlp": MLP_TARGETS}
+
+
+def module_name(layer: int | str, target: str) -> str:
     """Hugging Face's module path of a projection: `layers.3.self_attn.q_proj`."""
-    group = "self_attn" if target in ATTN_TARGETS else "mlp"
+    group = next(g for g, targets in MODULE_GROUPS.items() if target in targets)
     return f"layers.{layer}.{group}.{target}"
 
 
@@ -58,10 +62,15 @@ class ModelSpec:
     top_k: int
     expert_dim: int
     blocks: tuple[BlockSpec, ...]
+    ple_vocab_size: int = 0  # rows of the PLE table, 0 = vocab_size
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def ple_vocab(self) -> int:
+        return self.ple_vocab_size or self.vocab_size
 
     def projection_shape(self, layer: int, target: str) -> tuple[int, int]:
         """(in_features, out_features) of an HF projection in `layer`."""

@@ -11,11 +11,10 @@ tensor in flight.
 
 The result equals, variable for variable and bit for bit, what
 `Gemma4LoraModel.from_backbone(Gemma4Backbone.from_preset(dir, dtype=d))`
-builds (`tests/test_stream_load.py`). The name and layout mapping is
-KerasHub's `convert_gemma4.py` (the reader) and `hub.copy_from_backbone`
-(what the training model is filled with): every HF `nn.Linear` weight
-(out, in) becomes the (in, out) kernel `hub.keras_to_2d` would give, i.e. its
-transpose.
+builds (`tests/test_stream_load.py`): both are `layers.fill_model` over the
+rows of `model/schema.py`, which names each tensor the HF way and the
+KerasHub way (KerasHub's `convert_gemma4.py` is the model); this module is
+the safetensors source (`SafetensorsSource`), `hub.BackboneSource` the other.
 
 Usage:
 
@@ -27,48 +26,20 @@ Usage:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
 import os
 from collections.abc import Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gemma4_keras import host_memory
-from gemma4_keras.model import hf_config, hub, safetensors_io
-from gemma4_keras.model.gemma4_lora_model import PLE_TABLE, Gemma4LoraModel, HostTable
-from gemma4_keras.model.layers import np_dtype, storage_dtype
+from gemma4_keras.model import hf_config, hub, safetensors_io, schema
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
+from gemma4_keras.model.layers import cast, fill_model, storage_dtype
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.model.safetensors_io import CheckpointError, aligned_empty
-from gemma4_keras.model.spec import ATTN_TARGETS, ModelSpec
+from gemma4_keras.model.safetensors_io import CheckpointError
+from gemma4_keras.model.spec import ModelSpec
 
 _FLOATS = {safetensors_io.DTYPES[k] for k in ("F64", "F32", "F16", "BF16")}
-
-# our norm name -> HF name under `layers.N.` (KerasHub: convert_gemma4.py)
-HF_NORMS = {
-    "pre_attn": "input_layernorm.weight",
-    "post_attn": "post_attention_layernorm.weight",
-    "pre_ffw": "pre_feedforward_layernorm.weight",
-    "post_ffw": "post_feedforward_layernorm.weight",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "post_ffw_dense": "post_feedforward_layernorm_1.weight",
-    "pre_ffw_moe": "pre_feedforward_layernorm_2.weight",
-    "post_ffw_moe": "post_feedforward_layernorm_2.weight",
-    "post_ple": "post_per_layer_input_norm.weight",
-}
-# our extra name -> (HF name under `layers.N.`, is an nn.Linear weight)
-HF_EXTRAS = {
-    "ple_gate": ("per_layer_input_gate.weight", True),
-    "ple_up": ("per_layer_projection.weight", True),
-    "router_scale": ("router.scale", False),
-    "router_proj": ("router.proj.weight", True),
-    "expert_scale": ("router.per_expert_scale", False),
-}
 
 
 # ----------------------------------------------------------------------------
@@ -160,10 +131,11 @@ def text_prefix(config: dict, reader: CheckpointReader) -> str:
         candidates = ("model.", "language_model.", "")
     else:
         candidates = ("model.language_model.", "language_model.")
+    embedding = schema.row("embedding").hf
     for prefix in candidates:
-        if f"{prefix}embed_tokens.weight" in reader:
+        if prefix + embedding in reader:
             return prefix
-    tried = ", ".join(f"{p}embed_tokens.weight" for p in candidates)
+    tried = ", ".join(p + embedding for p in candidates)
     raise CheckpointError(
         f"{reader.directory}: no text decoder embedding found (tried {tried})"
     )
@@ -173,236 +145,74 @@ def text_prefix(config: dict, reader: CheckpointReader) -> str:
 # Filling the model.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """Reads HF tensors of one checkpoint in their storage dtype.
+class SafetensorsSource:
+    """Schema rows read from a checkpoint's HF tensors, in their storage dtype.
 
     Each tensor is cast to `layers.storage_dtype(its dtype, compute dtype)`:
     a float32 checkpoint under bfloat16 compute is rounded where KerasHub's
     backbone would round it; a bfloat16 checkpoint stays bfloat16 under
-    float32 compute (the step upcasts per use).
+    float32 compute (the step upcasts per use). `progress` advances by the
+    bytes read.
     """
 
-    reader: CheckpointReader
-    prefix: str
-    dtype: str  # the compute dtype
-    progress: tqdm.tqdm | None = None  # advanced by the bytes read
+    def __init__(
+        self, reader: CheckpointReader, prefix: str, dtype: str, progress=None
+    ):
+        self.reader, self.prefix, self.dtype = reader, prefix, dtype
+        self.progress = progress
+        self._fused: tuple[str, np.ndarray] | None = None  # the last fused tensor
 
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _hf(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         arr = self.reader.read(self.prefix + name, shape)
         self._advance(arr.nbytes)
-        return _cast(arr, storage_dtype(arr.dtype, self.dtype))
+        return cast(arr, storage_dtype(arr.dtype, self.dtype))
 
-    def rows(self, name: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
-        """`get`, as blocks of rows (a multi-GB table is never read whole)."""
-        for block in self.reader.blocks(self.prefix + name, shape):
+    def value(self, row: schema.Row, spec: ModelSpec, layer: int | None) -> np.ndarray:
+        """The row's value as we hold it (a transposed view for `nn.Linear`s)."""
+        block = None if layer is None else spec.blocks[layer]
+        name, shape = row.hf_name(layer), row.hf_shape(spec, block)
+        if row.fused is None:
+            return row.to_ours(self._hf(name, shape))
+        # The parts of one HF tensor come one after the other: read it once.
+        if self._fused is None or self._fused[0] != name:
+            self._fused = None
+            self._fused = (name, self._hf(name, shape))
+        value = row.to_ours(self._fused[1])
+        if row.fused[0] == row.fused[1] - 1:
+            self._fused = None
+        return value
+
+    def blocks(self, row: schema.Row, spec: ModelSpec, layer: int | None):
+        """`value` as blocks of rows: a multi-GB table is never read whole."""
+        if row.hf_layout != "same":
+            yield self.value(row, spec, layer)
+            return
+        shape = row.hf_shape(spec, None if layer is None else spec.blocks[layer])
+        for block in self.reader.blocks(self.prefix + row.hf_name(layer), shape):
             self._advance(block.nbytes)
-            yield _cast(block, storage_dtype(block.dtype, self.dtype))
+            yield cast(block, storage_dtype(block.dtype, self.dtype))
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None:
             self.progress.update(nbytes)
 
-    def linear(self, name: str, shape_in_out: tuple[int, int]) -> np.ndarray:
-        """An HF (out, in) weight as the (in, out) kernel (a transposed view)."""
-        din, dout = shape_in_out
-        return self.get(name, (dout, din)).T
 
-
-def _cast(arr: np.ndarray, dtype: str) -> np.ndarray:
-    target = np_dtype(dtype)
-    if arr.dtype == target:
-        return arr
-    out = aligned_empty(arr.shape, target)
-    np.copyto(out, arr, casting="unsafe")  # the same rounding as `astype`
-    return out
-
-
-# Made by XLA, so the buffer can be donated (eager `jnp.zeros` could not).
-_zeros = jax.jit(jnp.zeros, static_argnums=(0, 1))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_rows(buffer: jax.Array, rows: jax.Array, first) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, first, axis=0)
-
-
-def _owned_array(shape: tuple[int, ...], dtype, blocks) -> jax.Array:
-    """A JAX array of `shape`, filled from consecutive blocks of rows.
-
-    XLA owns its buffer. A JAX array that adopts a numpy buffer
-    (`jax.device_put(x, may_alias=True)`) cannot be donated: the first
-    train step (Keras donates the whole state) then copied every such
-    frozen table, and E2B held its tables twice. Filling a donated buffer
-    in place keeps the peak at the table plus one block.
-    """
-    buffer = _zeros(shape, dtype)
-    first = 0
-    for rows in blocks:
-        buffer = _put_rows(buffer, rows, first)
-        first += len(rows)
-    return buffer
-
-
-def _add_global(model: Gemma4LoraModel, name: str, shape, blocks, dtype=None) -> None:
-    """`model.add_global` of a tensor given as blocks of rows, without copies.
-
-    `add_global` creates the variable with zeros, then assigns a numpy
-    array, which JAX copies (through a staging buffer): E2B's 4.7 GB
-    per-layer-embedding table was alive three times at once (14.7 GB peak
-    RSS). Here the variable is created from an array filled block by block
-    (`_owned_array`): the table plus one block of rows. Same name, dtype and
-    value as `add_global`.
-    """
-    blocks = iter(blocks)
-    first = next(blocks)
-    storage = storage_dtype(first.dtype, dtype or model.variable_dtype)
-    blocks = (_cast(b, storage) for b in itertools.chain([first], blocks))
-    if name == PLE_TABLE and model.ple_on_host:
-        table = aligned_empty(tuple(shape), np_dtype(storage))
-        start = 0
-        for b in blocks:
-            table[start : start + len(b)] = b
-            start += len(b)
-        model.globals[name] = HostTable(table, storage)  # stays in host memory
-        return
-    # Under `presets.on_host()` the default device is the CPU.
-    pending = [_owned_array(tuple(shape), storage, blocks)]
-    model.globals[name] = model.add_weight(
-        name=name,
-        shape=tuple(shape),
-        dtype=storage,
-        # Hands the array over once: a closure holding it would keep a second
-        # copy alive once Keras lays the variable out on a mesh.
-        initializer=lambda shape, dtype: pending.pop(),
-        trainable=False,
-    )
-
-
-def fill_globals(model: Gemma4LoraModel, src: _Source, config: dict) -> None:
-    """Embedding, final norm and the PLE tables, in `hub.copy_from_backbone`'s order."""
-    spec, d = model.spec, model.spec.hidden_dim
-    shape = (spec.vocab_size, d)
-    _add_global(model, "embedding", shape, src.rows("embed_tokens.weight", shape))
-    _add_global(model, "final_norm", (d,), [src.get("norm.weight", (d,))], "float32")
-    if spec.ple_dim:
-        text = hf_config.text_config(config)
-        width = spec.num_layers * spec.ple_dim
-        vocab = int(text.get("vocab_size_per_layer_input") or spec.vocab_size)
-        shape = (vocab, width)
-        table = src.rows("embed_tokens_per_layer.weight", shape)
-        _add_global(model, "ple_embedding", shape, table)
-        projection = src.linear("per_layer_model_projection.weight", (d, width))
-        _add_global(model, "ple_projection", (d, width), [projection])
-        norm = src.get("per_layer_projection_norm.weight", (spec.ple_dim,))
-        _add_global(model, "ple_norm", (spec.ple_dim,), [norm], "float32")
-
-
-def _norm_shapes(spec: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
-    """Our norm name -> shape, in the order `hub._copy_block` adds them."""
-    b, d = spec.blocks[layer], (spec.hidden_dim,)
-    shapes = {
-        "pre_attn": d,
-        "post_attn": d,
-        "pre_ffw": d,
-        "post_ffw": d,
-        "q_norm": (b.head_dim,),
-    }
-    if b.has_kv:
-        shapes["k_norm"] = (b.head_dim,)
-    if spec.moe:
-        shapes.update(post_ffw_dense=d, pre_ffw_moe=d, post_ffw_moe=d)
-    if spec.ple_dim:
-        shapes["post_ple"] = d
-    return shapes
-
-
-def _extra_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Our extra name -> Keras shape ((in, out) for linear weights), PLE then MoE."""
-    d, p, e = spec.hidden_dim, spec.ple_dim, spec.num_experts
-    shapes = {}
-    if p:
-        shapes.update(ple_gate=(d, p), ple_up=(p, d))
-    if spec.moe:
-        shapes.update(router_scale=(d,), router_proj=(d, e), expert_scale=(e,))
-    return shapes
-
-
-def fill_block(blk, src: _Source, quant: str, double_quant: bool, block_size: int):
-    """One decoder block's norms, projections, extras and expert banks."""
-    spec, i = blk.spec, blk.bspec.index
-    layer = f"layers.{i}."
-    for name, shape in _norm_shapes(spec, i).items():
-        blk.add_norm(name, src.get(layer + HF_NORMS[name], shape))
-    for target in hub.KERAS_KERNELS:
-        if spec.has_projection(i, target):
-            group = "self_attn" if target in ATTN_TARGETS else "mlp"
-            kernel = src.linear(
-                f"{layer}{group}.{target}.weight", spec.projection_shape(i, target)
-            )
-            blk.add_projection(target, kernel, quant, double_quant, block_size)
-    blk.add_extra("layer_scalar", src.get(layer + "layer_scalar", (1,)).reshape(()))
-    for name, shape in _extra_shapes(spec).items():
-        hf_name, is_linear = HF_EXTRAS[name]
-        if is_linear:
-            value = src.linear(layer + hf_name, shape)
-        else:
-            value = src.get(layer + hf_name, shape)
-        blk.add_extra(name, value)
-    if spec.moe:
-        _fill_banks(blk, src, layer, quant, double_quant, block_size)
-
-
-def _fill_banks(blk, src: _Source, layer: str, quant, double_quant, block_size):
-    """HF `experts.gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) ->
-    KerasHub banks gate / up (E, H, I) and down (E, I, H)."""
-    spec = blk.spec
-    e, d, m = spec.num_experts, spec.hidden_dim, spec.expert_dim
-    gate_up = src.get(layer + "experts.gate_up_proj", (e, 2 * m, d))
-    for name, part in (
-        ("experts_gate", gate_up[:, :m]),
-        ("experts_up", gate_up[:, m:]),
-    ):
-        blk.add_bank(name, part.transpose(0, 2, 1), quant, double_quant, block_size)
-    del gate_up
-    down = src.get(layer + "experts.down_proj", (e, d, m))
-    blk.add_bank(
-        "experts_down", down.transpose(0, 2, 1), quant, double_quant, block_size
-    )
-
-
-def fill_model(
-    model: Gemma4LoraModel,
-    directory: str | os.PathLike,
-    config: dict,
-    *,
-    quant: str = "none",
-    double_quant: bool = False,
-    block_size: int = 64,
+def fill_from_checkpoint(
+    model: Gemma4LoraModel, directory: str | os.PathLike, config: dict, **options
 ) -> None:
-    """Fills an empty `Gemma4LoraModel` from `directory`'s safetensors.
-
-    The streaming counterpart of `hub.copy_from_backbone`: same variables,
-    same order, same values.
-    """
+    """`fill_model` from `directory`'s safetensors, with a progress bar."""
     reader = CheckpointReader(directory)
     prefix = text_prefix(config, reader)
     total = sum(reader.nbytes(n) for n in reader.names() if n.startswith(prefix))
     # On a terminal only (`disable=None`): E2B/E4B take minutes to load.
     what = f"loading {os.path.basename(os.path.normpath(directory))}"
-    if quant != "none":
-        what += f" ({quant})"
+    if options.get("quant", "none") != "none":
+        what += f" ({options['quant']})"
     with tqdm.tqdm(
         total=total, desc=what, unit="B", unit_scale=True, disable=None, leave=False
     ) as progress:
-        src = _Source(reader, prefix, model.variable_dtype, progress)
-        fill_globals(model, src, config)
-        for blk in model.blocks:
-            fill_block(blk, src, quant, double_quant, block_size)
-    # The blocks read and quantised are freed; the compiles to come free
-    # more (see host_memory).
-    host_memory.release()
-    host_memory.release_after_compiles()
+        source = SafetensorsSource(reader, prefix, model.variable_dtype, progress)
+        fill_model(model, source, **options)
 
 
 def local_checkpoint(preset: str) -> str | None:
@@ -468,7 +278,7 @@ def stream_training_model(
         name="gemma4_lora_model",
         dtype=dtype,
     )
-    fill_model(
+    fill_from_checkpoint(
         model,
         directory,
         config,
@@ -482,6 +292,8 @@ def stream_training_model(
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
+    "SafetensorsSource",
+    "fill_from_checkpoint",
     "fill_model",
     "stream_training_model",
     "local_checkpoint",

@@ -31,6 +31,7 @@ The benchmark entry point is `benchmarks/load_memory.py`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
+from gemma4_keras.model import schema
 from gemma4_keras.testing import tiny
 
 SIZES = ("e2b", "e4b", "26b_a4b", "31b")
@@ -214,17 +216,20 @@ def weight_specs(
 
 
 def _shared_kv_specs(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    text = tiny._text_of(config)
+    """The schema's K/V rows of the KV-shared layers, as if they owned K/V."""
+    spec = tiny.model_spec(config)
+    owning = dataclasses.replace(
+        spec,
+        blocks=tuple(dataclasses.replace(b, kv_source=None) for b in spec.blocks),
+    )
     prefix = "model.language_model." if "text_config" in config else "model."
-    n, shared = text["num_hidden_layers"], text["num_kv_shared_layers"]
-    h, out = text["hidden_size"], {}
-    for i in range(n - shared, n):
-        hd, kv = tiny._layer_head_dim(text, i), tiny._layer_kv_heads(text, i)
-        layer = f"{prefix}layers.{i}.self_attn."
-        out[layer + "k_proj.weight"] = ((kv * hd, h), "matrix")
-        if not tiny._is_k_eq_v(text, i):
-            out[layer + "v_proj.weight"] = ((kv * hd, h), "matrix")
-        out[layer + "k_norm.weight"] = ((hd,), "norm")
+    out = {}
+    for b in spec.blocks:
+        have = {r.name for r in schema.block_rows(spec, b.index)}
+        for row in schema.block_rows(owning, b.index):
+            if row.name not in have:
+                shape = row.hf_shape(owning, owning.blocks[b.index])
+                out[prefix + row.hf_name(b.index)] = (shape, tiny.init_kind(row, shape))
     return out
 
 

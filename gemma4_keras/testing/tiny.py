@@ -80,6 +80,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gemma4_keras.data import samples
+from gemma4_keras.model import schema
+from gemma4_keras.model.spec import BlockSpec, ModelSpec
 
 # Bump when the files written change, so stale caches are not reused.
 FORMAT_VERSION = 6
@@ -324,51 +326,61 @@ def _layer_ffn_dim(text: dict, i: int) -> int:
     return text["intermediate_size"] * (2 if wide else 1)
 
 
-def _layer_shapes(text: dict, i: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """HF weight names (relative to `layers.i.`) -> (shape, init kind)."""
-    h, hd = text["hidden_size"], _layer_head_dim(text, i)
-    q, kv = text["num_attention_heads"], _layer_kv_heads(text, i)
-    ffn = _layer_ffn_dim(text, i)
-    shapes = {
-        "input_layernorm.weight": ((h,), "norm"),
-        "post_attention_layernorm.weight": ((h,), "norm"),
-        "pre_feedforward_layernorm.weight": ((h,), "norm"),
-        "post_feedforward_layernorm.weight": ((h,), "norm"),
-        "layer_scalar": ((1,), "scalar"),
-        "self_attn.q_proj.weight": ((q * hd, h), "matrix"),
-        "self_attn.q_norm.weight": ((hd,), "norm"),
-        "self_attn.o_proj.weight": ((h, q * hd), "matrix"),
-        "mlp.gate_proj.weight": ((ffn, h), "matrix"),
-        "mlp.up_proj.weight": ((ffn, h), "matrix"),
-        "mlp.down_proj.weight": ((h, ffn), "matrix"),
-    }
-    # KV-shared layers own no K/V projections (like E2B / E4B checkpoints);
-    # k_eq_v full layers own no V projection (like 26B-A4B / 31B).
-    if not _is_kv_shared(text, i):
-        shapes["self_attn.k_proj.weight"] = ((kv * hd, h), "matrix")
-        if not _is_k_eq_v(text, i):
-            shapes["self_attn.v_proj.weight"] = ((kv * hd, h), "matrix")
-        shapes["self_attn.k_norm.weight"] = ((hd,), "norm")
-    if text["hidden_size_per_layer_input"]:
-        p = text["hidden_size_per_layer_input"]
-        shapes["per_layer_input_gate.weight"] = ((p, h), "matrix")
-        shapes["per_layer_projection.weight"] = ((h, p), "matrix")
-        shapes["post_per_layer_input_norm.weight"] = ((h,), "norm")
-    if text["enable_moe_block"]:
-        e, m = text["num_experts"], text["moe_intermediate_size"]
-        shapes["router.proj.weight"] = ((e, h), "matrix")
-        shapes["router.scale"] = ((h,), "norm")
-        shapes["router.per_expert_scale"] = ((e,), "norm")
-        shapes["experts.gate_up_proj"] = ((e, 2 * m, h), "matrix")
-        shapes["experts.down_proj"] = ((e, h, m), "matrix")
-        shapes["post_feedforward_layernorm_1.weight"] = ((h,), "norm")
-        shapes["post_feedforward_layernorm_2.weight"] = ((h,), "norm")
-        shapes["pre_feedforward_layernorm_2.weight"] = ((h,), "norm")
-    return shapes
+def model_spec(config: dict) -> ModelSpec:
+    """The `ModelSpec` facts that decide a checkpoint's tensors (names, shapes).
+
+    Read from the HF config as transformers builds the model; the attention
+    and RoPE settings, which no tensor shape depends on, are left neutral.
+    `tests/test_tiny.py` checks it against `hub.spec_from_config`.
+    """
+    text = _text_of(config)
+    n = text["num_hidden_layers"]
+    blocks = tuple(
+        BlockSpec(
+            index=i,
+            is_global=text["layer_types"][i] == "full_attention",
+            head_dim=_layer_head_dim(text, i),
+            num_heads=text["num_attention_heads"],
+            num_kv_heads=_layer_kv_heads(text, i),
+            sliding_window=None,
+            rope_wavelength=10_000.0,
+            rope_scaling=1.0,
+            rotary_dim=_layer_head_dim(text, i),
+            kv_source=0 if _is_kv_shared(text, i) else None,
+            k_eq_v=_is_k_eq_v(text, i),
+            ffn_dim=_layer_ffn_dim(text, i),
+            attn_soft_cap=None,
+        )
+        for i in range(n)
+    )
+    return ModelSpec(
+        vocab_size=text["vocab_size"],
+        hidden_dim=text["hidden_size"],
+        eps=text.get("rms_norm_eps", 1e-6),
+        final_soft_cap=None,
+        ple_dim=text.get("hidden_size_per_layer_input") or 0,
+        moe=bool(text.get("enable_moe_block")),
+        num_experts=text.get("num_experts") or 0,
+        top_k=text.get("top_k_experts") or 0,
+        expert_dim=text.get("moe_intermediate_size") or 0,
+        blocks=blocks,
+        ple_vocab_size=text.get("vocab_size_per_layer_input") or 0,
+    )
+
+
+def init_kind(row: schema.Row, hf_shape: tuple[int, ...]) -> str:
+    """How a tensor is drawn: norm, scalar, embedding or matrix."""
+    if row.hf_layout == "scalar":
+        return "scalar"
+    if len(hf_shape) == 1:
+        return "norm"
+    if row.kind == "global" and row.hf_layout == "same":
+        return "embedding"
+    return "matrix"
 
 
 def weight_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """All checkpoint tensor names -> (shape, init kind) for a tiny config.
+    """All checkpoint tensor names -> (shape, init kind): the schema's rows.
 
     Example:
 
@@ -376,26 +388,11 @@ def weight_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     >>> shapes["model.layers.1.self_attn.q_proj.weight"][0]
     (128, 64)
     """
-    text = _text_of(config)
     prefix = "model.language_model." if "text_config" in config else "model."
-    h, v = text["hidden_size"], text["vocab_size"]
-    shapes = {
-        "embed_tokens.weight": ((v, h), "embedding"),
-        "norm.weight": ((h,), "norm"),
+    return {
+        prefix + name: (shape, init_kind(parts[0][0], shape))
+        for name, (shape, parts) in schema.hf_tensors(model_spec(config)).items()
     }
-    if text["hidden_size_per_layer_input"]:
-        lp = text["num_hidden_layers"] * text["hidden_size_per_layer_input"]
-        vp = text["vocab_size_per_layer_input"]
-        shapes["embed_tokens_per_layer.weight"] = ((vp, lp), "embedding")
-        shapes["per_layer_model_projection.weight"] = ((lp, h), "matrix")
-        shapes["per_layer_projection_norm.weight"] = (
-            (text["hidden_size_per_layer_input"],),
-            "norm",
-        )
-    for i in range(text["num_hidden_layers"]):
-        for name, spec in _layer_shapes(text, i).items():
-            shapes[f"layers.{i}.{name}"] = spec
-    return {prefix + name: spec for name, spec in shapes.items()}
 
 
 def _init_tensor(seed: int, name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:

@@ -1,9 +1,10 @@
 """The public API's implementation (`import gemma4_keras` re-exports it by name).
 
 Each function takes a whole run config (`get_config`) and delegates to the
-builders the CLI uses, so a notebook and `gemma4-keras <command>` do the same
-thing. The package root resolves these names on first use, so
-`import gemma4_keras` stays light.
+builders of the package. `gemma4-keras <command>` (`cli.py`) is a thin shell
+over this module: it parses flags into a config and calls the function a
+notebook calls, so both doors do the same thing. The package root resolves
+these names on first use, so `import gemma4_keras` stays light.
 
 Bring your own `fit` (what `run` does, minus checkpoints, reports, resume):
 
@@ -13,29 +14,116 @@ Bring your own `fit` (what `run` does, minus checkpoints, reports, resume):
     compile_model(model, config, data)
     model.fit(data.batches, steps_per_epoch=data.steps_per_epoch, epochs=data.epochs,
               shuffle=False)  # the batches are shuffled by train.seed
+
+The package's callbacks (`training.callbacks`: progress, NaN guard,
+overfitting alarm, ...; `checkpointing.CheckpointCallback`) number
+optimiser steps by the optimiser's count, so in this `fit` they act at the
+same steps as in `run`, whatever an epoch is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import tempfile
+import errno
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import keras
+import keras_hub
 import ml_collections
+from absl import logging
 
-from gemma4_keras import config_lib
+from gemma4_keras import __version__, _quiet, config_lib, disk, outputs
 from gemma4_keras import data as data_lib
 from gemma4_keras.data import render as render_lib
 from gemma4_keras.eval import evaluate as evaluate_lib
 from gemma4_keras.eval import generate as generate_lib
+from gemma4_keras.eval import report as report_lib
+from gemma4_keras.eval import review as review_lib
 from gemma4_keras.exporters import commands as export_lib
 from gemma4_keras.exporters import peft
 from gemma4_keras.model import plan as plan_lib
-from gemma4_keras.model import presets
-from gemma4_keras.training import distributed, identity, train
+from gemma4_keras.model import presets, safetensors_io
+from gemma4_keras.training import checkpointing, distributed, identity, stopping, train
+from gemma4_keras.workdir_lock import WorkdirLockedError
+
+# --- errors and start-up ------------------------------------------------------
+
+# Errors that mean "the input or the machine is wrong", not "the package is":
+# the CLI prints them as one line (`error_line`) and exits 1.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    config_lib.ConfigError,
+    presets.PresetError,
+    data_lib.DataError,
+    checkpointing.CheckpointError,
+    safetensors_io.CheckpointError,
+    train.WorkdirError,
+    WorkdirLockedError,
+    peft.AdapterFormatError,
+    export_lib.ExportError,
+    generate_lib.PromptError,
+    outputs.OutputError,
+    report_lib.ReportError,
+    review_lib.ReviewError,
+    OSError,  # missing files, permissions, a full disk (disk.py)
+)
+COMPLETE = train.COMPLETE  # run statuses with an adapter and a report
+
+
+def error_line(e: BaseException, where: str | None = None) -> str | None:
+    """One line for a user error (file, line or flag, and what to do), or None.
+
+    None: `e` is not a user error (a bug: show its traceback). `where` is the
+    command's output directory, named when a full disk's error does not say.
+
+    >>> error_line(config_lib.ConfigError("--config.lora.rank=0: must be > 0"))
+    '--config.lora.rank=0: must be > 0'
+    """
+    full = disk.full_error(e)  # however the library words it: path, need, free
+    if full is not None:
+        if not full.filename:  # the library did not say where: the output
+            full.filename = where
+        return str(full)
+    if not isinstance(e, USER_ERRORS):
+        return None
+    if isinstance(e, OSError) and not type(e).__module__.startswith("gemma4_keras"):
+        return _os_error(e)
+    if isinstance(e, data_lib.DataError):  # "file:line: problem" lines, by design
+        return str(e)
+    return " ".join(str(e).split())
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: the file, what went wrong and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{what}; check the permissions of the file and its directory (or pick another --workdir / --out)"
+    return f"{where}{what}" if where else str(e)
+
+
+def start(config=None) -> None:
+    """Joins a multi-host run, starts the libraries, logs versions and devices.
+
+    The order matters: JAX refuses `jax.distributed.initialize()` once
+    anything has queried its devices, which starting the libraries does.
+    `config`, when given, is logged too.
+    """
+    distributed.initialize()
+    _quiet.start_libraries()
+    logging.info(
+        "gemma4_keras %s, keras %s, keras_hub %s, jax %s",
+        __version__,
+        keras.__version__,
+        keras_hub.__version__,
+        jax.__version__,
+    )
+    logging.info("devices: %s", jax.devices())
+    if config is not None:
+        logging.info("config:\n%s", config)
+
 
 # --- config -----------------------------------------------------------------
 
@@ -102,17 +190,38 @@ def _set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> Non
 # --- data -------------------------------------------------------------------
 
 
-def _data_context(config, with_tokenizer: bool = True):
-    """(settings with the resolved chat template, tokenizer, template)."""
-    preset = presets.resolve_preset(config.model.preset)
+def _data_setup(config) -> tuple[data_lib.DataSettings, Any, Any]:
+    """(data settings with the resolved chat template, tokenizer, template)."""
+    preset = presets.resolve_preset(config.model.preset)  # a misspelt name stops
     template = presets.chat_template(config, preset)
+    logging.info("chat template: %s (from %s)", template.variant, template.source)
     settings = config_lib.data_settings(config.data, template.variant)
-    tokenizer = presets.load_tokenizer(preset) if with_tokenizer else None
-    return settings, tokenizer, template
+    return settings, preset, template
 
 
-def check(config) -> dict:
+def _report(verb: str, config, out: str | None) -> dict:
+    """`data check | stats`: the report, printed and written to `out`."""
+    if out:  # before any work: never over the data, never over another file
+        outputs.check(out, [f"data_{verb}.json"], inputs=outputs.run_inputs(config))
+    settings, preset, _ = _data_setup(config)
+    try:
+        tokenizer = presets.load_tokenizer(preset)
+    except presets.PresetError as e:  # a download needs credentials / network
+        logging.warning("no tokenizer (%s): token statistics are skipped", e)
+        tokenizer = None
+    report = getattr(data_lib, verb)(settings, tokenizer)
+    print(data_lib.format_report(report), flush=True)
+    if out:
+        outputs.write_json(out, f"data_{verb}.json", report)
+    return report
+
+
+def check(config, out: str | None = None) -> dict:
     """`gemma4-keras data check`: prints the quality report and returns it.
+
+    Without a tokenizer (a preset that needs credentials or network) the
+    token statistics are skipped, with a warning. `out`: a directory to
+    write `data_check.json` to.
 
     Raises:
       DataError: every bad record as `file:line: problem` (with
@@ -123,27 +232,35 @@ def check(config) -> dict:
       >>> report["read"]["valid"] > 0
       True
     """
-    settings, tokenizer, _ = _data_context(config)
-    report = data_lib.check(settings, tokenizer)
-    print(data_lib.format_report(report), flush=True)
-    return report
+    return _report("check", config, out)
 
 
-def stats(config) -> dict:
+def stats(config, out: str | None = None) -> dict:
     """`gemma4-keras data stats`: the report; bad records are listed, not fatal."""
-    settings, tokenizer, _ = _data_context(config)
-    report = data_lib.stats(settings, tokenizer)
-    print(data_lib.format_report(report), flush=True)
-    return report
+    return _report("stats", config, out)
 
 
-def render(config, limit: int = 3, show: bool = True) -> list[dict]:
+def split(config, out: str) -> dict:
+    """`gemma4-keras data split`: writes train.jsonl, holdout.jsonl, report.json.
+
+    No rendering, so the chat template does not matter. Returns
+    `{"train": path, "holdout": path, "report": path}`.
+    """
+    return data_lib.split(config_lib.data_settings(config.data), out)
+
+
+def render(
+    config, limit: int = 3, show: bool = True, out: str | None = None
+) -> list[dict]:
     """`gemma4-keras data render`: exactly what is trained, for `limit` examples.
 
     Returns one record per training example: `text` (special tokens spelled
     out), `trained` (the `[start, end)` character spans carrying loss),
     `generation_prompt` and `template`. With `show`, prints each text with
     the trained spans in bold green (ANSI; notebooks show the colour).
+    `limit=0` renders every example. With `out`, writes the records as JSON
+    lines instead, to that new file or, for `"-"`, to stdout (`show` is then
+    ignored and `[]` returned), as the CLI does.
 
     Example:
       >>> records = render(get_config("tiny", "lora"), limit=1, show=False)
@@ -152,7 +269,12 @@ def render(config, limit: int = 3, show: bool = True) -> list[dict]:
     """
     if limit < 0:
         raise config_lib.ConfigError(f"limit={limit} must be >= 0 (0 = all examples)")
-    settings, tokenizer, template = _data_context(config)
+    settings, preset, template = _data_setup(config)
+    tokenizer = presets.load_tokenizer(preset)
+    if out:
+        target = None if out == "-" else out
+        render_lib.render(settings, tokenizer, template, limit=limit, out=target)
+        return []
     records = list(
         render_lib.render_records(settings, tokenizer, template, limit=limit)
     )
@@ -173,23 +295,30 @@ def plan(
     *,
     devices: int | None = None,
     accelerator_name: str | None = None,
+    out: str | None = None,
 ) -> dict:
     """`gemma4-keras plan`: memory per device and time per step, no weights loaded.
 
     `devices` and `config.distribution` give the mesh; `accelerator_name`
     (`t4`, `2xt4`, `v5e-8`, ...; `plan_lib.ACCELERATORS`) the device to fit.
+    `out`: a directory to write `plan.json` to.
 
     Example:
       >>> print(format_plan(plan(get_config("tiny", "qlora"), tflops=65)))  # doctest: +SKIP
     """
     config_lib.validate(config)
-    return plan_lib.plan(
+    if out:  # before any work: never over another file
+        outputs.check(out, ["plan.json"], inputs=outputs.run_inputs(config))
+    estimate = plan_lib.plan(
         config,
         tflops=tflops,
         mfu=mfu,
         devices=devices,
         accelerator_name=accelerator_name,
     )
+    if out:
+        outputs.write_json(out, "plan.json", estimate)
+    return estimate
 
 
 format_plan = plan_lib.format_plan
@@ -214,6 +343,26 @@ def run(config, workdir: str) -> dict:
     return train.run(config, workdir)
 
 
+def run_note(config, workdir: str, state: dict) -> str | None:
+    """The line to show about how `run` ended, or None (finished, nothing to add).
+
+    A finished run rerun with other `eval.*` fields says they were not
+    applied; a preempted one how to resume; a diverged one what to change.
+    """
+    status = state.get("status")
+    if status in COMPLETE:  # a finished run is not evaluated again
+        return identity.unapplied_eval_changes(config, workdir)
+    if status == "preempted":
+        return stopping.message(state)
+    if status == "diverged":
+        return (
+            f"error: the loss became NaN/inf at step {state.get('step')}; the last "
+            f"good checkpoint is kept in {workdir}/checkpoints. Lower "
+            "--config.train.learning_rate and use a new --workdir"
+        )
+    return None
+
+
 # --- bring your own fit -----------------------------------------------------
 
 
@@ -228,9 +377,7 @@ def load_training_model(config):
     distributed.initialize()  # first: JAX refuses to join once started
     config_lib.validate(config)
     distributed.setup(config.distribution, int(config.train.batch_size))
-    return presets.load_training_model(
-        config.model, config.lora, config.quant, config.train
-    )
+    return presets.load_training_model(config)
 
 
 @dataclasses.dataclass
@@ -331,29 +478,40 @@ def _prompts(prompts, tools) -> tuple[list[list[dict]], list, bool]:
     return conversations, declarations, structured
 
 
-@contextlib.contextmanager
-def _adapter_dir(config, adapter) -> Iterator[str]:
-    """A PEFT adapter directory for `adapter` ("none" for the base).
+def _generator(config, adapter) -> generate_lib.Generator:
+    """A `Generator` for `adapter` (see `generate`).
 
-    A trained `Gemma4LoraModel` has its active adapter saved to a temporary
-    directory, removed on exit (load the model inside the block).
+    A trained `Gemma4LoraModel` decodes as it is (its active adapter, its own
+    base): no second base is built.
     """
     if adapter is None or isinstance(adapter, str):
-        yield adapter or "none"
-        return
-    with tempfile.TemporaryDirectory(prefix="gemma4-adapter-") as tmp:
-        peft.save_adapter(
-            adapter,
-            tmp,
-            base_model=export_lib.default_base_model(config),
-            overwrite=True,
-        )
-        yield tmp
+        return generate_lib.load_generator(config, adapter or "none")
+    preset = presets.resolve_preset(config.model.preset)
+    return generate_lib.Generator.from_model(
+        adapter,
+        presets.load_tokenizer(preset),
+        template=presets.chat_template(config, preset).variant,
+        enable_thinking=bool(config.data.enable_thinking),
+        max_length=generate_lib.context_length(preset),
+    )
 
 
-def _load_generator(config, adapter) -> generate_lib.Generator:
-    with _adapter_dir(config, adapter) as path:
-        return generate_lib.load_generator(config, path)
+def _answers(config, conversations, tools, adapter, max_new_tokens) -> list[str]:
+    """The texts the model writes next, one per checked conversation (greedy).
+
+    `tools`: None, or one declaration list per conversation.
+    """
+    if not conversations:
+        raise generate_lib.PromptError("no prompt: give a message or a list of them")
+    batch_size = int(config.eval.batch_size)
+    rows = _pad_to_data_parallel(list(range(len(conversations))), batch_size)
+    gen = _generator(config, adapter)
+    return gen.generate(
+        [conversations[i] for i in rows],
+        tools=None if tools is None else [tools[i] for i in rows],
+        max_new_tokens=int(max_new_tokens or config.eval.max_new_tokens),
+        batch_size=batch_size,
+    )[: len(conversations)]
 
 
 def generate(
@@ -372,8 +530,8 @@ def generate(
         (lists of OpenAI-style messages ending in a user turn or in `tool`
         results), or `{"messages": [...], "tools": [...]}` objects.
       adapter: None for the base model, a PEFT adapter directory
-        (`<workdir>/adapter`), or a trained `Gemma4LoraModel` (its active
-        adapter is saved to a temporary directory first).
+        (`<workdir>/adapter`), or a trained `Gemma4LoraModel` (decoded as
+        it is, with its active adapter: no second base is built).
       max_new_tokens: default `config.eval.max_new_tokens`.
       tools: OpenAI-style tool declarations shown with every prompt (a
         prompt's own `tools` take precedence).
@@ -392,21 +550,58 @@ def generate(
       [{'content': '', 'tool_calls': [{'name': 'weather', 'arguments': {'city': 'Oslo'}}]}]
     """
     conversations, declarations, structured = _prompts(prompts, tools)
-    if not conversations:
-        raise generate_lib.PromptError("no prompt: give a message or a list of them")
-    tokens = int(max_new_tokens or config.eval.max_new_tokens)
-    batch_size = int(config.eval.batch_size)
-    padded = _pad_to_data_parallel(list(zip(conversations, declarations)), batch_size)
-    gen = _load_generator(config, adapter)
-    answers = gen.generate(
-        [m for m, _ in padded],
-        tools=[t for _, t in padded] if structured else None,
-        max_new_tokens=tokens,
-        batch_size=batch_size,
-    )[: len(conversations)]
+    answers = _answers(
+        config,
+        conversations,
+        declarations if structured else None,
+        adapter,
+        max_new_tokens,
+    )
     if not structured:
         return answers
     return [generate_lib.structured_answer(a) for a in answers]
+
+
+read_prompts = generate_lib.read_prompts  # --prompt flags and a prompts file
+
+
+def answer_lines(
+    config,
+    conversations: Sequence[data_lib.Conversation],
+    *,
+    workdir: str | None = None,
+    adapter: str | None = None,
+    max_new_tokens: int | None = None,
+) -> list[dict]:
+    """`gemma4-keras generate`: one JSON-ready line per conversation.
+
+    `{"prompt": last user message, "answer": the text, "tool_calls"?}`
+    (`tool_call_error` says why calls in the answer do not parse).
+    `conversations` are `read_prompts`'s. With `workdir` and no `adapter`,
+    the run's adapter answers (`config` must be the run's); `adapter` as in
+    `generate` otherwise.
+    """
+    if adapter is None and workdir:
+        identity.check_config(config, workdir, "generate")
+        adapter = os.path.join(workdir, "adapter")
+    texts = _answers(
+        config,
+        [c.messages for c in conversations],
+        [c.tools for c in conversations],
+        adapter,
+        max_new_tokens,
+    )
+    return [_answer_line(c.messages, t) for c, t in zip(conversations, texts)]
+
+
+def _answer_line(messages: list[dict], answer: str) -> dict:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    line = {"prompt": users[-1] if users else "", "answer": answer}
+    parsed = generate_lib.parse_answer(answer)
+    for key in ("tool_calls", "tool_call_error"):
+        if key in parsed:
+            line[key] = parsed[key]
+    return line
 
 
 def chat(
@@ -458,7 +653,7 @@ def chat(
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     history, _ = generate_lib.check_prompt(list(messages), None, "messages")
-    gen = _load_generator(config, adapter)
+    gen = _generator(config, adapter)
     return generate_lib.chat_loop(
         gen,
         history,
@@ -507,3 +702,27 @@ def export(config, workdir: str, fmt: str, out: str, **options) -> str:
     """
     identity.check_config(config, workdir, "export")
     return export_lib.export(config, workdir, fmt, out, **options)
+
+
+# --- human review -------------------------------------------------------------
+
+
+def review(
+    workdir: str,
+    *,
+    summary: bool = False,
+    host: str | None = None,
+    port: int = 0,
+) -> int | str:
+    """`gemma4-keras review`: the blind review page of a run's eval, or its summary.
+
+    Serves the page (base vs fine-tuned answers, unlabelled) on `host:port`
+    until Ctrl-C and returns 0; with `summary`, returns the summary text
+    (and adds it to `eval_report.md`) instead.
+
+    Raises:
+      ReviewError: the run has no evaluation to review, or its files are bad.
+    """
+    if summary:
+        return review_lib.summary_command(workdir)
+    return review_lib.serve(workdir, host=host, port=port)

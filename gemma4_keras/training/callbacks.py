@@ -1,9 +1,14 @@
 """Small Keras callbacks for a fine-tuning run, and its learning-rate schedule.
 
-One Keras "epoch" of `Gemma4LoraModel.fit` in this package is one optimiser
-step (grad_accum micro-batches), so `epoch + 1` below is the number of
-optimiser steps done; callbacks act at exact step boundaries and a run can
-resume at any step.
+The callbacks act once per optimiser step, numbered by the optimiser's own
+count (`StepCallback`), whatever a Keras "epoch" is: in `run` one epoch is
+one optimiser step (so a run stops and resumes at any step); in a notebook's
+own `fit` (`training_data`'s `steps_per_epoch`, `epochs`) it is a pass over
+the data. Both give the same step numbers:
+
+    model.fit(data.batches, steps_per_epoch=data.steps_per_epoch,
+              epochs=data.epochs, callbacks=[Progress(data.plan.total_steps,
+              data.plan.tokens_per_step, every=10), NanGuard()])
 """
 
 from __future__ import annotations
@@ -20,6 +25,71 @@ from absl import logging
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
 from gemma4_keras.training import distributed, stopping
+
+
+class StepCallback(keras.callbacks.Callback):
+    """A callback that acts after each optimiser step: `on_step_end(step, logs)`.
+
+    `step` is the optimiser's step count once the step is applied (1-based):
+    `optimizer.iterations` when `fit` starts (restored with a checkpoint),
+    plus the updates since, counted in micro-batches
+    (`gradient_accumulation_steps` of them per update). It is counted, not
+    read each batch: under JAX, Keras syncs the model's variables only at
+    epoch ends. `first_step`, when set, replaces the optimiser's count at
+    the start (`run` sets its checkpoint's step: under float16 loss scaling
+    the optimiser does not count the updates it skipped).
+
+    A step that ends an epoch is dispatched at the epoch's end, with its
+    logs (`val_loss` when Keras validated); any other at its last
+    micro-batch, with Keras's batch logs (`loss`: the running mean of the
+    epoch so far) and the model's variables synced first.
+    """
+
+    first_step: int | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        optimizer = self.model.optimizer
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # loss scaling
+        self._accum = int(getattr(inner, "gradient_accumulation_steps", None) or 1)
+        self._first = (
+            optimizer_step(self.model) if self.first_step is None else self.first_step
+        )
+        self._micro = self._epoch_micro = 0
+        self._done = self._first  # the last step dispatched
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch_micro = self._micro
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._micro = self._epoch_micro + batch + 1
+        if batch + 1 == (self.params or {}).get("steps"):
+            return  # the epoch ends here: on_epoch_end dispatches, with its logs
+        if self._step() > self._done:
+            sync = getattr(self.model, "jax_state_sync", None)
+            if sync is not None:  # the variables of this step, not the epoch's start
+                sync()
+            self._dispatch(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._step() > self._done:
+            self._dispatch(logs)
+
+    def _step(self) -> int:
+        return self._first + self._micro // self._accum
+
+    def _dispatch(self, logs) -> None:
+        self._done = self._step()
+        self.on_step_end(self._done, logs if logs is not None else {})
+
+    def on_step_end(self, step: int, logs: dict) -> None:
+        """Called once optimiser step `step` (1-based) is applied."""
+
+
+def optimizer_step(model) -> int:
+    """The optimiser updates applied to `model` (Keras counts accumulated ones once)."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 def warmup_steps(train_cfg, total: int) -> int:
@@ -102,24 +172,23 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-class LearningRateLogger(keras.callbacks.Callback):
+class LearningRateLogger(StepCallback):
     """Logs `learning_rate`: the rate of the optimiser step just applied.
 
     Read from `schedule` at the optimiser's own step count (restored with the
-    checkpoint on resume), so the log shows what the update used.
+    checkpoint on resume), so the log shows what the update used. Put it
+    first: the callbacks after it log its value.
     """
 
     def __init__(self, schedule: WarmupDecay):
         super().__init__()
         self.schedule = schedule
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            logs["learning_rate"] = self.schedule.rate(done - 1)
+    def on_step_end(self, step, logs):
+        logs["learning_rate"] = self.schedule.rate(step - 1)
 
 
-class Progress(keras.callbacks.Callback):
+class Progress(StepCallback):
     """Logs loss, tokens/s and ETA every `every` optimiser steps.
 
     `counts` maps optimiser step -> real (non-padding) tokens of that step, as
@@ -144,7 +213,8 @@ class Progress(keras.callbacks.Callback):
         self.start, self.counts = start, counts
         self._t0 = None
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
@@ -154,15 +224,13 @@ class Progress(keras.callbacks.Callback):
             return (step - self.start) * self.tokens_per_step
         return sum(self.counts.get(s, 0) for s in range(self.start, step))
 
-    def on_epoch_end(self, epoch, logs=None):
-        step = epoch + 1
+    def on_step_end(self, step, logs):
         if step % self.every and step != self.total:
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         steps_per_s = (step - self.start) / elapsed
         eta = (self.total - step) / max(steps_per_s, 1e-9)
         tok_s = self.tokens_done(step) / elapsed
-        logs = logs or {}
         extra = "".join(f" {k}={logs[k]:.4f}" for k in ("val_loss",) if k in logs)
         line = (
             f"step {step}/{self.total} loss={logs.get('loss', float('nan')):.4f}{extra} "
@@ -177,22 +245,22 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class NanGuard(keras.callbacks.Callback):
+class NanGuard(StepCallback):
     """Stops at the first non-finite loss; the last checkpoint stays the good one."""
 
     def __init__(self):
         super().__init__()
         self.bad_step: int | None = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        loss = (logs or {}).get("loss")
+    def on_step_end(self, step, logs):
+        loss = logs.get("loss")
         if loss is not None and not np.isfinite(loss):
-            self.bad_step = epoch + 1
+            self.bad_step = step
             self.model.stop_training = True
-            logging.error("non-finite loss %s at step %d: stopping", loss, epoch + 1)
+            logging.error("non-finite loss %s at step %d: stopping", loss, step)
 
 
-class PreemptionGuard(keras.callbacks.Callback):
+class PreemptionGuard(StepCallback):
     """On SIGTERM / SIGINT, finishes the optimiser step, then stops (and saves).
 
     A second signal stops at once (`stopping.Stopped`: the run resumes from
@@ -210,6 +278,7 @@ class PreemptionGuard(keras.callbacks.Callback):
         self._previous = {}
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self._previous = {}
         try:
             for s in self.SIGNALS:
@@ -227,7 +296,7 @@ class PreemptionGuard(keras.callbacks.Callback):
             f"{self.signal}: stopping after this step (send it again to stop now)"
         )
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_step_end(self, step, logs):
         # Every process stops at the same step, or the others would wait in
         # the next step's collectives for it: a SIGTERM to any stops all.
         self.requested = distributed.any_process(self.requested)
@@ -240,7 +309,7 @@ class PreemptionGuard(keras.callbacks.Callback):
         self._previous = {}
 
 
-class OverfitAlarm(keras.callbacks.Callback):
+class OverfitAlarm(StepCallback):
     """Warns (or stops) when validation loss stops improving while training loss falls.
 
     At each evaluation (an epoch whose logs hold `val_loss`), the evaluation
@@ -268,15 +337,14 @@ class OverfitAlarm(keras.callbacks.Callback):
         self.stopped_step: int | None = None
         self._last_train: float | None = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+    def on_step_end(self, step, logs):
         if "val_loss" not in logs or "loss" not in logs:
             return
         val, loss = float(logs["val_loss"]), float(logs["loss"])
         falling = self._last_train is not None and loss < self._last_train
         self._last_train = loss
         if val < self.best_val:
-            self.best_val, self.best_step, self.suspect = val, epoch + 1, 0
+            self.best_val, self.best_step, self.suspect = val, step, 0
             if self.action == "stop":
                 self.best_weights = [
                     np.array(v.value) for v in self.model.trainable_variables
@@ -285,7 +353,7 @@ class OverfitAlarm(keras.callbacks.Callback):
         self.suspect = self.suspect + 1 if falling else 0
         if self.suspect < self.patience:
             return
-        self.alarm_step = self.alarm_step or epoch + 1  # the first alarm
+        self.alarm_step = self.alarm_step or step  # the first alarm
         logging.warning(
             "overfitting? val_loss %.4f has not improved on %.4f (step %d) for %d "
             "evaluations while training loss fell to %.4f",
@@ -297,7 +365,7 @@ class OverfitAlarm(keras.callbacks.Callback):
         )
         if self.action == "stop":
             self._restore_best()
-            self.stopped_step = epoch + 1
+            self.stopped_step = step
             self.model.stop_training = True
 
     def _restore_best(self) -> None:
@@ -312,7 +380,7 @@ class OverfitAlarm(keras.callbacks.Callback):
         )
 
 
-class SampleGenerations(keras.callbacks.Callback):
+class SampleGenerations(StepCallback):
     """Every `every` optimiser steps, generates for a few held-out prompts.
 
     Appends one JSON line per prompt to `path`:
@@ -344,8 +412,7 @@ class SampleGenerations(keras.callbacks.Callback):
         self.enable_thinking = enable_thinking
         self._generator = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        step = epoch + 1
+    def on_step_end(self, step, logs):
         if self.every <= 0 or step % self.every or not self.conversations:
             return
 

@@ -41,13 +41,12 @@ import shutil
 import sys
 
 import jax
-import keras
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from gemma4_keras import atomic, disk
-from gemma4_keras.training import distributed, stopping
+from gemma4_keras.training import callbacks, distributed, stopping
 
 
 class CheckpointError(RuntimeError):
@@ -362,7 +361,7 @@ def _assign(variables, values: dict, key_fn, where: str) -> None:
         v.assign(value)
 
 
-class CheckpointCallback(keras.callbacks.Callback):
+class CheckpointCallback(callbacks.StepCallback):
     """Saves every `every` optimiser steps, at the last step, and when stopping."""
 
     def __init__(self, checkpointer: AdapterCheckpointer, every: int, total: int):
@@ -370,9 +369,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.checkpointer, self.every, self.total = checkpointer, every, total
         self.last_saved: int | None = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        step = epoch + 1
-        loss = (logs or {}).get("loss")
+    def on_step_end(self, step, logs):
+        loss = logs.get("loss")
         if loss is not None and not np.isfinite(loss):
             return  # never overwrite a good checkpoint with a diverged state
         if step % self.every == 0 or step == self.total or self.model.stop_training:

@@ -140,9 +140,7 @@ def _run_locked(config, workdir: str) -> dict:
 
     stopping.phase("model loading")
     check_host_memory(config)
-    model = presets.build_training_model(
-        preset, config.model, config.lora, config.quant, config.train
-    )
+    model = presets.build_training_model(preset, presets.ModelSettings.of(config))
     schedule = build_schedule(config.train, plan)
     compile_model(model, config.train, schedule)
     ckpt = build_checkpointer(config, workdir, model, preset)
@@ -300,6 +298,13 @@ _RESUMABLE = (
 )
 
 
+# Fields an older version kept elsewhere: old name -> new name.
+_MOVED = {
+    "train.remat": "model.remat",
+    "train.loss_chunk_size": "model.loss_chunk_size",
+}
+
+
 def check_config(config, workdir: str) -> None:
     """Raises WorkdirError when workdir/config.json holds another run's config."""
     path = os.path.join(workdir, "config.json")
@@ -311,6 +316,7 @@ def check_config(config, workdir: str) -> None:
             old = _flat(json.load(f))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise WorkdirError(f"{path}: unreadable ({e}); pick a new --workdir") from e
+    old = {_MOVED.get(k, k): v for k, v in old.items()}  # a run of an older version
     new = _flat(new)
     # A field this version added is absent from an older run's config: that
     # is no mismatch while the field keeps its default.
@@ -643,6 +649,9 @@ def build_callbacks(
             ckpt, int(config.checkpoint.every_steps), total
         )
     )
+    for c in cbs:  # under float16 loss scaling the optimiser may count fewer
+        if isinstance(c, cb.StepCallback):
+            c.first_step = start
     return cbs
 
 
@@ -711,16 +720,16 @@ def csv_logger(workdir: str, start: int) -> keras.callbacks.CSVLogger:
     return StepCSVLogger(path, append=start > 0)
 
 
-class StepCSVLogger(keras.callbacks.CSVLogger):
-    """CSVLogger with a `step` column (optimiser steps done, 1-based).
+class StepCSVLogger(cb.StepCallback, keras.callbacks.CSVLogger):
+    """CSVLogger with a row per optimiser step and a `step` column (1-based).
 
-    Keras' `epoch` column counts from 0 and, here, is an optimiser step; the
-    report plots against `step`.
+    Its `epoch` column is `step - 1` (the 0-based optimiser step, as Keras
+    numbers epochs in `run`); the report plots against `step`.
     """
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = {k: v for k, v in (logs or {}).items() if k != "val_learning_rate"}
-        super().on_epoch_end(epoch, {"step": epoch + 1, **logs})
+    def on_step_end(self, step, logs):
+        logs = {k: v for k, v in logs.items() if k != "val_learning_rate"}
+        keras.callbacks.CSVLogger.on_epoch_end(self, step - 1, {"step": step, **logs})
 
 
 def fit(
@@ -739,9 +748,10 @@ def fit(
         plan.grad_accum,
     )
     # One Keras "epoch" is one optimiser step (grad_accum micro-batches), not a
-    # pass over the data: Keras calls epoch-end callbacks only, and exactly, at
-    # these boundaries, which is where checkpoints, validation, alarms and the
-    # CSV log must act and where a run stops and resumes (initial_epoch=start).
+    # pass over the data: validation (validation_freq) runs at these
+    # boundaries, and a run stops and resumes at any step (initial_epoch=start).
+    # The callbacks count optimiser steps themselves (`cb.StepCallback`), so
+    # they act the same in a user's own `fit`.
     micro_batches_per_keras_epoch = plan.grad_accum
     model.fit(
         step_batches(stream, plan, start, plan.token_counts),
