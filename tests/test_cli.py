@@ -149,18 +149,10 @@ def test_data_check_reports_planted_problems(tmp_path, capsys):
     assert "bad.jsonl:2" in out and "bad.jsonl:4" in out and "bad.jsonl:5" in out
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("cli") / "run"
-    config = f"--config={CONFIGS}/tiny.py:runlocal"
-    assert run_cli("train", config, f"--workdir={workdir}") == 0
-    return config, workdir
-
-
-def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
-    config, workdir = trained
+def test_evaluate_generate_export_on_a_finished_run(finished, tmp_path, capsys):
+    config, workdir = finished["args"][1:], finished["workdir"]
     assert (
-        run_cli("evaluate", config, f"--workdir={workdir}", f"--out={tmp_path}/eval")
+        run_cli("evaluate", *config, f"--workdir={workdir}", f"--out={tmp_path}/eval")
         == 0
     )
     assert (tmp_path / "eval" / "eval_report.json").exists()
@@ -171,7 +163,7 @@ def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
     assert (
         run_cli(
             "generate",
-            config,
+            *config,
             f"--workdir={workdir}",
             "--prompt=Is 'great soup' positive?",
             "--max_new_tokens=3",
@@ -186,7 +178,7 @@ def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
     out = tmp_path / "peft"
     assert (
         run_cli(
-            "export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
+            "export", *config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
         )
         == 0
     )
@@ -196,7 +188,7 @@ def test_evaluate_generate_export_on_a_finished_run(trained, tmp_path, capsys):
     # Exports never overwrite: a second export to the same place is refused.
     assert (
         run_cli(
-            "export", config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
+            "export", *config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
         )
         == 1
     )
@@ -224,13 +216,15 @@ def _eval_file(tmp_path: pathlib.Path, n: int = 3) -> pathlib.Path:
     return path
 
 
-def test_evaluate_takes_data_eval_path_from_the_command_line(trained, tmp_path, capsys):
-    config, workdir = trained
+def test_evaluate_takes_data_eval_path_from_the_command_line(
+    finished, tmp_path, capsys
+):
+    config, workdir = finished["args"][1:], finished["workdir"]
     eval_file = _eval_file(tmp_path)
     capsys.readouterr()
     code = run_cli(
         "evaluate",
-        config,
+        *config,
         f"--workdir={workdir}",
         f"--config.data.eval_path={eval_file}",
         f"--out={tmp_path}/eval",
@@ -254,9 +248,11 @@ def test_data_split_takes_data_eval_path_from_the_command_line(tmp_path, capsys)
     assert sources == [f"{eval_file}:{i}" for i in (1, 2, 3)]
 
 
-def test_export_needs_a_format(trained, tmp_path, capsys):
-    config, workdir = trained
-    assert run_cli("export", config, f"--workdir={workdir}", f"--out={tmp_path}/x") == 2
+def test_export_needs_a_format(finished, tmp_path, capsys):
+    config, workdir = finished["args"][1:], finished["workdir"]
+    assert (
+        run_cli("export", *config, f"--workdir={workdir}", f"--out={tmp_path}/x") == 2
+    )
     assert "--format" in one_error_line(capsys)
 
 
@@ -314,14 +310,14 @@ def test_plan_rejects_a_bad_mfu(capsys):
     assert "--mfu" in one_error_line(capsys)
 
 
-def test_evaluate_merged_adds_the_merged_model(trained, tmp_path, capsys):
+def test_evaluate_merged_adds_the_merged_model(finished, tmp_path, capsys):
     """--merged evaluates the adapter folded into the float base as well; on a
     float base that is the same function, so greedy answers agree."""
-    config, workdir = trained
+    config, workdir = finished["args"][1:], finished["workdir"]
     capsys.readouterr()
     code = run_cli(
         "evaluate",
-        config,
+        *config,
         f"--workdir={workdir}",
         "--merged",
         "--config.eval.max_examples=6",
