@@ -202,7 +202,7 @@ def run_ours(args, ckpt: pathlib.Path, nf4: bool) -> dict:
     config = _ours_config(args, ckpt, nf4)
     start = time.perf_counter()
     model = presets.build_training_model(str(ckpt), presets.ModelSettings.of(config))
-    plan = train.Plan(args.steps, 1, args.steps, 0)
+    plan = train.Plan(args.steps, 1, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)
     load_s = time.perf_counter() - start

@@ -171,7 +171,7 @@ def run_ours(args, method: str) -> dict:
     model = build_model(args, quant)
     train_cfg = config_lib.get_config(args.size, method).train
     train_cfg.grad_accum = 1
-    plan = train.Plan(args.steps, 1, args.steps, 0)
+    plan = train.Plan(args.steps, 1, 0)
     train.compile_model(model, train_cfg, train.build_schedule(train_cfg, plan))
     model.optimizer.build(model.trainable_variables)
     build_s = time.perf_counter() - t0

@@ -99,7 +99,7 @@ def compile_step(model, config):
 
     from gemma4_keras.training import train
 
-    plan = train.Plan(config.train.max_steps, 1, config.train.max_steps, 0)
+    plan = train.Plan(config.train.max_steps, 1, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)
     state = (

@@ -78,7 +78,7 @@ def compiled_step(args, ckpt, nf4: bool):
     config = compare._ours_config(args, ckpt, nf4)
     config.model.loss_chunk_size = args.batch * args.seq
     model = presets.build_training_model(str(ckpt), presets.ModelSettings.of(config))
-    plan = train.Plan(args.steps, 1, args.steps, 0)
+    plan = train.Plan(args.steps, 1, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)
     state = (

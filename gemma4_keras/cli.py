@@ -139,7 +139,9 @@ flags.DEFINE_bool(
     "evaluate: also evaluate the merged model (the adapter folded into the "
     "unquantised base, as merged exports serve it); = --config.eval.merged=true.",
 )
-flags.DEFINE_bool("verbose", False, "On an error, print the full Python traceback too.")
+flags.DEFINE_bool(
+    "verbose", False, "Log the resolved config; on an error, the Python traceback too."
+)
 
 # Exit codes: 0 done, 1 failed, 2 usage error, 3 preempted (rerun to resume).
 EXIT_PREEMPTED = 3
@@ -172,6 +174,39 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "gemma4-keras <command> --help: the command's flags"]
+    return "\n".join(lines)
+
+
+# The config fields most runs set, per command (`--config.<field>=<value>`).
+COMMON_FIELDS = {
+    "train": "model.preset data.path lora.rank train.epochs train.learning_rate "
+    "train.batch_size train.grad_accum quant.mode eval.max_examples",
+    "evaluate": "data.eval_path eval.max_examples eval.compare_base",
+    "generate": "eval.max_new_tokens data.enable_thinking",
+    "data": "data.path data.format data.fields data.max_length",
+    "plan": "model.preset quant.mode train.batch_size data.max_length",
+}
+
+
+def command_help(name: str) -> str:
+    """`gemma4-keras <name> --help`: what it does, its flags, common fields."""
+    _, text = COMMANDS[name]
+    config = "" if name in WITHOUT_MODEL else " --config=configs/<file>.py"
+    lines = [f"usage: gemma4-keras {name}{config} [flags]", "", text, "", "flags:"]
+    for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+        # absl writes an enum's choices first: "<a|b>: export: ...".
+        help_text = flag.help.split(">: ", 1)[-1]
+        head, sep, _ = help_text.partition(":")
+        # "export hf: ..." belongs to export; a help without a command prefix to all.
+        prefixed = sep and head.split()[0] in COMMANDS
+        if flag.name == "config" and name in WITHOUT_MODEL:
+            continue
+        if not prefixed or head.split()[0] == name:
+            lines.append(f"  --{flag.name}: {flag.help}")  # choices included
+    if name in COMMON_FIELDS:
+        lines += ["", "config fields most runs set (--config.<field>=<value>):"]
+        lines += [f"  {field}" for field in COMMON_FIELDS[name].split()]
     return "\n".join(lines)
 
 
@@ -320,10 +355,16 @@ def _quiet_libraries(record) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; returns the exit code (0 ok, 1 failed, 2 usage, 3 preempted)."""
     argv = list(sys.argv if argv is None else argv)
+    if len(argv) >= 2 and argv[1] in ("--help", "-h", "help"):
+        print(usage())
+        return 0
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(usage(), file=sys.stderr)
         return 2
     name, rest = argv[1], argv[2:]
+    if {"--help", "-h", "--helpfull"} & set(rest):
+        print(command_help(name))
+        return 0
     saved_argv = sys.argv
     spec = None
     # ml_collections reads `--config.x=y` overrides from sys.argv itself.
@@ -373,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--config=configs/<file>.py is required")
         api = _api()
         if name not in WITHOUT_MODEL:
-            api.start(config)
+            # The resolved config: in the workdir (config.json) and with --verbose.
+            api.start(config if FLAGS.verbose else None)
         fn, _ = COMMANDS[name]
         return fn(config, positional)
     except stopping.Stopped as stop:  # before the run held its workdir

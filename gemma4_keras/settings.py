@@ -1,8 +1,4 @@
-"""The data and model fields, typed and frozen.
-
-`ModelSettings` (end of the module) is what building the training model
-reads (`presets.build_training_model(preset, ModelSettings.of(config))`);
-its defaults are `config_lib.get_config`'s.
+"""The data fields, typed and frozen, with their one set of defaults.
 
 `DataSettings` is what every data step reads: `load_conversations`,
 `prepare`, `stats`, `check`, `split` and `render.render_records`.
@@ -17,7 +13,8 @@ exists for every field here and a default is written down once.
 
 A run resolves its config with `config_lib.data_settings(config.data,
 template)` (the shipped sample for an empty path, the chat template
-resolved to small or large).
+resolved to small or large). The model's settings are
+`presets.ModelSettings` (they hold a `lora.LoraSpec`).
 """
 
 from __future__ import annotations
@@ -93,76 +90,3 @@ class DataSettings:
                 "gemma4_keras.data.DataSettings (and --config.data.<field>)"
             )
         return cls(**{k: v for k, v in data_cfg.items() if v is not None})
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSettings:
-    """`config.lora`, typed (`lora.LoraSpec.from_config` reads these fields)."""
-
-    rank: int
-    alpha: float
-    dropout: float
-    targets: str | tuple[str, ...]  # comma-separated HF module names, or all-linear
-    layers: str | tuple[int, ...]  # comma-separated decoder layer indices; "" = all
-    rslora: bool
-    seed: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSettings:
-    """What building the training model reads: `config.model`, `.quant`, `.lora`.
-
-    The defaults and their meaning are `config_lib.get_config`'s; build one
-    with `ModelSettings.of(config)` (a run config) and hand it to
-    `presets.build_training_model(preset, settings)`:
-
-        settings = ModelSettings.of(config)
-        settings = dataclasses.replace(settings, remat=False, quant="none")
-    """
-
-    preset: str  # KerasHub preset name, hf://org/repo, a local dir, or tiny
-    dtype: str  # auto | float32 | bfloat16 | float16 (`presets.compute_dtype`)
-    quant: str  # quant.mode: none | nf4 | int8 | int4
-    double_quant: bool
-    block_size: int  # NF4 block
-    lora: LoraSettings
-    remat: bool  # rematerialise each decoder block
-    loss_chunk_size: int  # tokens per chunk of the vocab projection
-    moe_dispatch: str  # dense | ragged
-    ple_on_host: str  # auto | on | off (`presets.ple_on_host`)
-    attention: str  # auto | dense | chunked | fused
-    attention_chunk_size: int  # queries per chunk [tokens]
-
-    @classmethod
-    def of(cls, config: Any) -> ModelSettings:
-        """The model settings of a run config (`get_config`'s ConfigDict)."""
-        if isinstance(config, cls):
-            return config
-        lora = config.lora
-        return cls(
-            preset=str(config.model.preset),
-            dtype=str(config.model.dtype),
-            quant=str(config.quant.mode),
-            double_quant=bool(config.quant.double_quant),
-            block_size=int(config.quant.block_size),
-            lora=LoraSettings(
-                rank=int(lora.rank),
-                alpha=float(lora.alpha),
-                dropout=float(lora.dropout),
-                targets=_frozen(lora.targets),
-                layers=_frozen(lora.layers),
-                rslora=bool(lora.rslora),
-                seed=int(lora.seed),
-            ),
-            remat=bool(config.model.remat),
-            loss_chunk_size=int(config.model.loss_chunk_size),
-            moe_dispatch=str(config.model.moe_dispatch),
-            ple_on_host=str(config.model.ple_on_host),
-            attention=str(config.model.attention),
-            attention_chunk_size=int(config.model.attention_chunk_size),
-        )
-
-
-def _frozen(value: Any) -> Any:
-    """A config list as a tuple (hashable); a string as it is."""
-    return value if isinstance(value, str) else tuple(value)

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 
+import oracles
 import pytest
 
 from gemma4_keras import cli
@@ -274,6 +275,29 @@ def test_export_records_the_hf_id_of_the_base(preset, expected):
     assert default_base_model(config) == expected
 
 
+def test_a_peft_export_of_a_local_base_opens_with_auto_peft(
+    finished, tmp_path, monkeypatch
+):
+    """The adapter names its base by absolute path (not `tiny`): PEFT opens it
+    from any directory, as `AutoPeftModelForCausalLM.from_pretrained(dir)`."""
+    peft = oracles.need("peft")
+    config, workdir = finished["args"][1:], finished["workdir"]
+    out = tmp_path / "peft"
+    assert (
+        run_cli(
+            "export", *config, f"--workdir={workdir}", "--format=peft", f"--out={out}"
+        )
+        == 0
+    )
+    base = json.loads((out / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    assert os.path.isabs(base) and os.path.isfile(os.path.join(base, "config.json"))
+    monkeypatch.chdir(tmp_path)  # not where the run was started
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert sum("lora_A" in name for name, _ in model.named_parameters()) > 0
+
+
 def test_bad_data_stops_before_the_model_loads_and_writes_nothing(tmp_path, capsys):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, ')
@@ -393,3 +417,30 @@ def test_the_import_check_sees_function_level_imports(tmp_path):
         "def f():\n    from gemma4_keras.model import presets\n"
     )
     assert _package_imports(source) - CLI_MAY_IMPORT == {"gemma4_keras.model.presets"}
+
+
+def test_every_command_has_its_own_help(capsys):
+    assert cli.main(["gemma4-keras", "--help"]) == 0
+    assert "<command> --help" in capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert run_cli(name, "--help") == 0, name
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: gemma4-keras {name}"), out
+        assert "--verbose" in out and "--workdir" in out
+    run_cli("export", "--help")
+    out = capsys.readouterr().out
+    assert "--gguf_type" in out and "--prompt" not in out
+    run_cli("train", "--help")
+    out = capsys.readouterr().out
+    assert "--gguf_type" not in out and "data.path" in out
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_resolved_config_is_logged_only_with_verbose(verbose, monkeypatch):
+    from gemma4_keras.training import api
+
+    started = []
+    monkeypatch.setattr(api, "start", started.append)
+    args = ["--verbose"] if verbose else []
+    assert run_cli("plan", f"--config={CONFIGS}/tiny.py", *args) == 0
+    assert (started[0] is not None) == verbose

@@ -5,9 +5,9 @@ Layers, lowest first (a module may import its own layer and those below):
     base      gemma4_keras (package root), _backend, _quiet, atomic, config_lib, disk,
               host_memory, settings, outputs, workdir_lock, resources (data files)
     data      data/          dataset reading, chat rendering, tokenizing, packing
-    schema    model/spec.py, model/schema.py: the architecture's facts and its
-              tensor table (plain numpy and dataclasses), which the
-              checkpoint writers below the model loop over
+    schema    model/spec.py, schema.py, hf_config.py, hub.py: the architecture's
+              facts, its tensor table and the readers of its configs (HF's,
+              KerasHub's), which the checkpoint writers below the model use
     testing   testing/       checkpoints the package writes itself (the tiny preset)
     model     model/         KerasHub bridge, layers, LoRA, NF4, loss, presets, plan
     exporters exporters/     PEFT, Hugging Face, GGUF and KerasHub formats
@@ -51,7 +51,9 @@ BASE = (
 )
 
 
-SCHEMA = ("gemma4_keras.model.spec", "gemma4_keras.model.schema")
+SCHEMA = tuple(
+    f"gemma4_keras.model.{m}" for m in ("spec", "schema", "hf_config", "hub")
+)
 
 
 def layer_of(module: str) -> str:

@@ -216,3 +216,70 @@ def test_readme_badges_and_notebooks_name_one_repository():
     for path in NOTEBOOKS:
         link = f"https://colab.research.google.com/github/{repo}/blob/main/colab/{path.name})"
         assert link in readme, f"README has no Open-in-Colab badge for {path.name}"
+
+
+# ----------------------------------------------------------------------------
+# Cells that decide what a user's runtime is asked for, run on their own.
+
+
+def _cell(name: str, marker: str) -> str:
+    """The source of the code cell of colab/`name` that contains `marker`."""
+    nb = nbformat.read(ROOT / "colab" / name, as_version=4)
+    (source,) = [
+        c.source for c in nb.cells if c.cell_type == "code" and marker in c.source
+    ]
+    return source
+
+
+class _Login:
+    """A stand-in hub module that records whether it was asked to log in."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def login(self):
+        self.calls += 1
+
+
+@pytest.mark.parametrize(
+    "preset, hf_logins, kaggle_logins",
+    [("hf://google/gemma-4-E4B-it", 1, 0), ("gemma4_instruct_4b", 0, 1)],
+)
+def test_t4_notebook_logs_in_only_where_the_weights_come_from(
+    preset, hf_logins, kaggle_logins, monkeypatch
+):
+    hf, kaggle = _Login(), _Login()
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hf)
+    monkeypatch.setitem(sys.modules, "kagglehub", kaggle)
+    monkeypatch.setitem(sys.modules, "google", None)  # not on Colab
+    for name in ("HF_TOKEN", "KAGGLE_KEY", "KAGGLE_USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    source = _cell("e4b_qlora_t4.ipynb", "kagglehub.login()")
+    exec(source, {"SMOKE": False, "PRESET": preset})
+    assert (hf.calls, kaggle.calls) == (hf_logins, kaggle_logins)
+
+
+def test_e2b_notebook_stops_before_a_load_the_host_cannot_hold():
+    source = _cell("e2b_lora.ipynb", "MemAvailable")
+
+    class Config:
+        class model:
+            preset = "gemma4_instruct_2b"
+
+    huge = {"params": {"total": 2**50}, "host_ple_table_bytes": 0}
+    with pytest.raises(MemoryError, match="hf://google/gemma-4-E2B-it"):
+        exec(source, {"config": Config, "plan": huge})
+    small = {"params": {"total": 1000}, "host_ple_table_bytes": 0}
+    exec(source, {"config": Config, "plan": small})  # fits: no error
+
+
+def test_tpu_notebook_builds_its_mesh_from_the_devices_it_has():
+    # This process has one CPU device: a single-chip runtime needs no mesh
+    # (the smoke run checks the 8-device 4 x 2 mesh).
+    source = _cell("tpu.ipynb", "model_parallel")
+    source = source.replace("print(g4.format_plan", "(g4.format_plan")
+    scope = {"SMOKE": True, "DATA_PATH": ""}
+    exec(source, scope)
+    config = scope["config"]
+    assert scope["devices"] == 1 and config.distribution.mode == "auto"
+    assert config.train.batch_size == 1

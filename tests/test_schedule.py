@@ -107,9 +107,7 @@ def test_applied_updates_follow_the_schedule_with_gradient_accumulation():
     c = config_lib.get_config("tiny", "lora", "runlocal")
     c.train.update(learning_rate=1e-3, weight_decay=0.0, warmup_steps=2)
     c.train.grad_accum = 3
-    plan = train.Plan(
-        total_steps=6, grad_accum=3, batches_per_epoch=1, tokens_per_step=0
-    )
+    plan = train.Plan(total_steps=6, grad_accum=3, tokens_per_step=0)
     schedule = train.build_schedule(c.train, plan)
     model = _Linear()
     train.compile_model(model, c.train, schedule)

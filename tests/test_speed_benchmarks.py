@@ -4,6 +4,7 @@ import importlib.util
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
@@ -49,11 +50,19 @@ def test_gpu_dry_run_counts_the_same_flops_whatever_the_loss_chunk(gpu):
 
 
 def test_gpu_random_source_is_seeded_and_shaped(gpu):
+    from gemma4_keras.model import schema
+    from gemma4_keras.testing import tiny
+
+    spec = tiny.model_spec(tiny.tiny_hf_config())
     src = gpu.RandomSource("float32", seed=1)
-    a = src.linear("layers.0.mlp.up_proj.weight", (8, 16))
-    assert a.shape == (8, 16)
-    assert (src.linear("layers.0.mlp.up_proj.weight", (8, 16)) == a).all()
-    assert (src.get("layers.0.input_layernorm.weight", (8,)) == 1).all()
+    up, norm = schema.row("up_proj"), schema.row("pre_attn")
+    a = src.value(up, spec, 0)
+    assert a.shape == up.shape(spec, spec.blocks[0]) and a.std() > 0
+    assert (src.value(up, spec, 0) == a).all()
+    assert (src.value(norm, spec, 0) == 1).all()
+    table = schema.row("embedding")
+    rows = np.concatenate(list(src.blocks(table, spec, None, block=100)))
+    assert rows.shape == table.shape(spec, None)
 
 
 def test_compare_checkpoint_has_the_requested_pattern(compare):

@@ -67,7 +67,6 @@ def _one_step(model, initial, batches, accum, lr=0.5):
     plan = train.Plan(
         total_steps=1,
         grad_accum=accum,
-        batches_per_epoch=len(batches),
         tokens_per_step=0,
     )
     model.fit(
@@ -138,7 +137,7 @@ def test_bfloat16_computes_in_bf16_with_float32_adapters_and_optimizer(setup):
     assert frozen and all(v.dtype == "bfloat16" for v in frozen)
     assert model.trainable_variables
     assert {v.dtype for v in model.trainable_variables} == {"float32"}
-    plan = train.Plan(1, 1, 1, 0)
+    plan = train.Plan(1, 1, 0)
     train.compile_model(model, c.train, train.build_schedule(c.train, plan))
     _, _, singles, _ = setup
     hidden = model(singles[0])

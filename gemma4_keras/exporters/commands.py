@@ -484,7 +484,7 @@ def default_base_model(config) -> str:
     """The HF repo id of a KerasHub preset name (what vLLM and PEFT look up).
 
     `gemma4_instruct_4b` -> `google/gemma-4-E4B-it`; `hf://org/repo` -> `org/repo`;
-    anything else (a local directory) is recorded as given.
+    a local directory (`tiny` too) -> its absolute path.
     """
 
     preset = str(config.model.preset)
@@ -495,7 +495,11 @@ def default_base_model(config) -> str:
             return size.hf_id
         if preset == size.base_preset and size.hf_id:
             return size.hf_id.removesuffix("-it")
-    return preset
+    # A directory (the tiny preset's included) as a path transformers opens
+    # from anywhere: `AutoPeftModelForCausalLM.from_pretrained(adapter)`.
+    if preset == "tiny" or preset.startswith("tiny:"):
+        return os.path.abspath(presets.resolve_preset(preset))
+    return os.path.abspath(preset) if os.path.isdir(preset) else preset
 
 
 def _write(tmp: str, job: dict) -> list[str]:

@@ -53,7 +53,8 @@ def _import_gguf():
         import gguf  # optional extra [gguf]
     except ImportError as e:
         raise ExportError(
-            "--format=gguf needs the gguf package: pip install 'gemma4-keras[gguf]'"
+            "--format=gguf and --format=gguf-lora need the gguf package: "
+            "pip install 'gemma4-keras[gguf]'"
         ) from e
     return gguf
 

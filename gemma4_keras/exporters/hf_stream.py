@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+import tqdm
 
 from gemma4_keras.model.safetensors_io import (
     CODES,
@@ -167,9 +168,30 @@ def write_sharded(
     Returns:
         The file names written, relative to `directory`.
     """
-    by_name = {e[0]: e for e in entries}
     sizes = [(n, int(np.prod(s, dtype=np.int64)) * d.itemsize) for n, d, s in entries]
     shards = plan_shards(sizes, limit)
+    # On a terminal only (`disable=None`): a merged E4B takes minutes to write.
+    bar = tqdm.tqdm(
+        total=sum(s for _, s in sizes),
+        desc=f"writing {os.path.basename(os.path.normpath(directory))}",
+        unit="B",
+        unit_scale=True,
+        disable=None,
+        leave=False,
+    )
+    planned = dict(sizes)
+
+    def produce_counted(name: str):
+        value = produce(name)
+        bar.update(planned[name])
+        return value
+
+    with bar:
+        return _write_shards(directory, entries, produce_counted, shards, sizes)
+
+
+def _write_shards(directory, entries, produce, shards, sizes) -> list[str]:
+    by_name = {e[0]: e for e in entries}
     if len(shards) == 1:
         write_safetensors(os.path.join(directory, SINGLE), entries, produce)
         return [SINGLE]

@@ -10,6 +10,7 @@ Downloads use KerasHub's own credentials: `KAGGLE_USERNAME` / `KAGGLE_KEY`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import jax
@@ -21,7 +22,6 @@ from gemma4_keras.model import hf_config, hub, stream_load
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.hub import PresetError
 from gemma4_keras.model.lora import LoraSpec
-from gemma4_keras.settings import ModelSettings
 from gemma4_keras.testing.tiny import tiny_checkpoint
 
 HF_FILES = ("config.json", "tokenizer.json")
@@ -280,6 +280,53 @@ def ple_on_host(model_cfg) -> bool:
     return setting == "on"
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """What building the training model reads: `config.model`, `.quant`, `.lora`.
+
+    The defaults and their meaning are `config_lib.get_config`'s; build one
+    with `ModelSettings.of(config)` (a run config) and hand it to
+    `build_training_model(preset, settings)`:
+
+        settings = ModelSettings.of(config)
+        settings = dataclasses.replace(settings, remat=False, quant="none")
+    """
+
+    preset: str  # KerasHub preset name, hf://org/repo, a local dir, or tiny
+    dtype: str  # auto | float32 | bfloat16 | float16 (`compute_dtype`)
+    quant: str  # quant.mode: none | nf4 | int8 | int4
+    double_quant: bool
+    block_size: int  # NF4 block
+    lora: LoraSpec
+    remat: bool  # rematerialise each decoder block
+    loss_chunk_size: int  # tokens per chunk of the vocab projection
+    moe_dispatch: str  # dense | ragged
+    ple_on_host: str  # auto | on | off (`ple_on_host`)
+    attention: str  # auto | dense | chunked | fused
+    attention_chunk_size: int  # queries per chunk [tokens]
+
+    @classmethod
+    def of(cls, config) -> ModelSettings:
+        """The model settings of a run config (`get_config`'s ConfigDict)."""
+        if isinstance(config, cls):
+            return config
+        m, q = config.model, config.quant
+        return cls(
+            preset=str(m.preset),
+            dtype=str(m.dtype),
+            quant=str(q.mode),
+            double_quant=bool(q.double_quant),
+            block_size=int(q.block_size),
+            lora=LoraSpec.from_config(config.lora),
+            remat=bool(m.remat),
+            loss_chunk_size=int(m.loss_chunk_size),
+            moe_dispatch=str(m.moe_dispatch),
+            ple_on_host=str(m.ple_on_host),
+            attention=str(m.attention),
+            attention_chunk_size=int(m.attention_chunk_size),
+        )
+
+
 def build_training_model(preset: str, model_settings: ModelSettings):
     """The trainable model for a resolved preset: (quantised) base + adapters.
 
@@ -301,7 +348,7 @@ def build_training_model(preset: str, model_settings: ModelSettings):
         moe_dispatch=s.moe_dispatch,
         ple_on_host=ple_on_host(s),
     )
-    model = _load_model(preset, dtype, LoraSpec.from_config(s.lora), options)
+    model = _load_model(preset, dtype, s.lora, options)
     model.set_attention(s.attention, s.attention_chunk_size)
     return model
 

@@ -67,6 +67,7 @@ like `chat.render_conversation` (tests/test_tool_template.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,8 +81,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gemma4_keras.data import samples
-from gemma4_keras.model import schema
-from gemma4_keras.model.spec import BlockSpec, ModelSpec
+from gemma4_keras.model import hub, schema
+from gemma4_keras.model.spec import ModelSpec
 
 # Bump when the files written change, so stale caches are not reused.
 FORMAT_VERSION = 6
@@ -292,80 +293,12 @@ def _text_of(config: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
-def _layer_head_dim(text: dict, i: int) -> int:
-    if text["layer_types"][i] == "full_attention":
-        return text["global_head_dim"]
-    return text["head_dim"]
-
-
-def _is_kv_shared(text: dict, i: int) -> bool:
-    return i >= text["num_hidden_layers"] - text["num_kv_shared_layers"]
-
-
-def _is_k_eq_v(text: dict, i: int) -> bool:
-    """Whether layer i computes V with the K projection (no `v_proj`).
-
-    transformers' `Gemma4TextAttention`: `attention_k_eq_v and not
-    is_sliding`, and `per_layer_config[i].num_key_value_heads` is
-    `num_global_key_value_heads` on full layers when `attention_k_eq_v`.
-    """
-    return bool(text["attention_k_eq_v"]) and (
-        text["layer_types"][i] == "full_attention"
-    )
-
-
-def _layer_kv_heads(text: dict, i: int) -> int:
-    if _is_k_eq_v(text, i) and text["num_global_key_value_heads"] is not None:
-        return text["num_global_key_value_heads"]
-    return text["num_key_value_heads"]
-
-
-def _layer_ffn_dim(text: dict, i: int) -> int:
-    """`intermediate_size`, doubled on KV-shared layers with a double-wide MLP."""
-    wide = text["use_double_wide_mlp"] and _is_kv_shared(text, i)
-    return text["intermediate_size"] * (2 if wide else 1)
-
-
 def model_spec(config: dict) -> ModelSpec:
-    """The `ModelSpec` facts that decide a checkpoint's tensors (names, shapes).
-
-    Read from the HF config as transformers builds the model; the attention
-    and RoPE settings, which no tensor shape depends on, are left neutral.
-    `tests/test_tiny.py` checks it against `hub.spec_from_config`.
-    """
-    text = _text_of(config)
-    n = text["num_hidden_layers"]
-    blocks = tuple(
-        BlockSpec(
-            index=i,
-            is_global=text["layer_types"][i] == "full_attention",
-            head_dim=_layer_head_dim(text, i),
-            num_heads=text["num_attention_heads"],
-            num_kv_heads=_layer_kv_heads(text, i),
-            sliding_window=None,
-            rope_wavelength=10_000.0,
-            rope_scaling=1.0,
-            rotary_dim=_layer_head_dim(text, i),
-            kv_source=0 if _is_kv_shared(text, i) else None,
-            k_eq_v=_is_k_eq_v(text, i),
-            ffn_dim=_layer_ffn_dim(text, i),
-            attn_soft_cap=None,
-        )
-        for i in range(n)
-    )
-    return ModelSpec(
-        vocab_size=text["vocab_size"],
-        hidden_dim=text["hidden_size"],
-        eps=text.get("rms_norm_eps", 1e-6),
-        final_soft_cap=None,
-        ple_dim=text.get("hidden_size_per_layer_input") or 0,
-        moe=bool(text.get("enable_moe_block")),
-        num_experts=text.get("num_experts") or 0,
-        top_k=text.get("top_k_experts") or 0,
-        expert_dim=text.get("moe_intermediate_size") or 0,
-        blocks=blocks,
-        ple_vocab_size=text.get("vocab_size_per_layer_input") or 0,
-    )
+    """The `ModelSpec` of an HF config: the one reader's (`hub.spec_from_config`,
+    through KerasHub's own config converter), with the PLE table's rows."""
+    spec = hub.spec_from_config(hub.backbone_kwargs(config))
+    rows = _text_of(config).get("vocab_size_per_layer_input") or 0
+    return dataclasses.replace(spec, ple_vocab_size=rows)
 
 
 def init_kind(row: schema.Row, hf_shape: tuple[int, ...]) -> str:

@@ -6,16 +6,8 @@ over this module: it parses flags into a config and calls the function a
 notebook calls, so both doors do the same thing. The package root resolves
 these names on first use, so `import gemma4_keras` stays light.
 
-Bring your own `fit` (what `run` does, minus checkpoints, reports, resume):
-
-    config = get_config("tiny", "lora", "runlocal")
-    model, tokenizer, preset = load_training_model(config)
-    data = training_data(config, tokenizer, preset)
-    compile_model(model, config, data)
-    model.fit(data.batches, steps_per_epoch=data.steps_per_epoch, epochs=data.epochs,
-              shuffle=False)  # the batches are shuffled by train.seed
-
-The package's callbacks (`training.callbacks`: progress, NaN guard,
+Bring your own `fit` (the recipe is in the package's docstring): the
+package's callbacks (`training.callbacks`: progress, NaN guard,
 overfitting alarm, ...; `checkpointing.CheckpointCallback`) number
 optimiser steps by the optimiser's count, so in this `fit` they act at the
 same steps as in `run`, whatever an epoch is.

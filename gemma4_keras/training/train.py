@@ -72,7 +72,6 @@ class Plan:
 
     total_steps: int
     grad_accum: int
-    batches_per_epoch: int
     tokens_per_step: int  # padded: batch x max_length x grad_accum
     # optimiser step -> real (non-padding) tokens, filled by step_batches
     token_counts: dict = dataclasses.field(default_factory=dict)
@@ -508,7 +507,7 @@ def build_batches(examples, data_cfg, train_cfg):
         else per_epoch * int(train_cfg.epochs)
     )
     tokens = batch * int(data_cfg.max_length) * accum
-    return stream, Plan(total, accum, stream.steps_per_epoch, tokens)
+    return stream, Plan(total, accum, tokens)
 
 
 def step_batches(stream, plan: Plan, start_step: int, counts: dict | None = None):
