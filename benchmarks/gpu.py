@@ -116,14 +116,14 @@ def hf_config(size: str) -> dict:
 
 def build_model(args, quant: str):
     """The training model at `args.size`, random weights, no checkpoint."""
-    from gemma4_keras.model import layers, presets, stream_load
+    from gemma4_keras.model import hub, layers, presets
     from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
     from gemma4_keras.model.lora import LoraSpec
 
     config = hf_config(args.size)
     with presets.on_host():
         model = Gemma4LoraModel(
-            stream_load.model_spec(config),
+            hub.model_spec(config),
             remat=True,
             loss_chunk_size=args.chunk,
             name="gemma4_lora_model",

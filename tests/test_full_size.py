@@ -15,7 +15,7 @@ import oracles
 import pytest
 from safetensors import safe_open
 
-from gemma4_keras.model import hf_config, stream_load
+from gemma4_keras.model import hf_config, hub, safetensors_io
 from gemma4_keras.testing import full_size, tiny
 
 
@@ -108,13 +108,8 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_a_tensor_above_the_shard_limit_gets_a_shard_of_its_own():
-    specs = {
-        "a": ((10,), "m"),
-        "big": ((100,), "m"),
-        "b": ((10,), "m"),
-        "c": ((10,), "m"),
-    }
-    assert full_size.plan_shards(specs, 50) == [["a"], ["big"], ["b", "c"]]
+    sizes = [("a", 20), ("big", 200), ("b", 20), ("c", 20)]  # bfloat16 bytes
+    assert safetensors_io.plan_shards(sizes, 50) == [["a"], ["big"], ["b", "c"]]
 
 
 # --- the released sizes, without writing a weight ------------------------------
@@ -161,7 +156,7 @@ def test_e2b_parameters_and_bytes():
 def test_config_only_directory_gives_the_spec(size, tmp_path):
     path = full_size.write_full_size(tmp_path, size, weights=False)
     assert not list(path.glob("*.safetensors"))
-    spec = stream_load.model_spec(hf_config.read_config(path))
+    spec = hub.model_spec(hf_config.read_config(path))
     text = full_size.released_config(size)["text_config"]
     assert spec.num_layers == text["num_hidden_layers"]
     assert [b.is_global for b in spec.blocks] == [

@@ -5,7 +5,8 @@ Layers, lowest first (a module may import its own layer and those below):
     base      gemma4_keras (package root), _backend, _quiet, atomic, config_lib, disk,
               host_memory, settings, outputs, workdir_lock, resources (data files)
     data      data/          dataset reading, chat rendering, tokenizing, packing
-    schema    model/spec.py, schema.py, hf_config.py, hub.py: the architecture's
+    schema    model/spec.py, schema.py, hf_config.py, hub.py, safetensors_io.py: the
+              architecture's
               facts, its tensor table and the readers of its configs (HF's,
               KerasHub's), which the checkpoint writers below the model use
     testing   testing/       checkpoints the package writes itself (the tiny preset)
@@ -52,7 +53,8 @@ BASE = (
 
 
 SCHEMA = tuple(
-    f"gemma4_keras.model.{m}" for m in ("spec", "schema", "hf_config", "hub")
+    f"gemma4_keras.model.{m}"
+    for m in ("spec", "schema", "hf_config", "hub", "safetensors_io")
 )
 
 

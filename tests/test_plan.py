@@ -70,20 +70,17 @@ def test_spec_and_counts_match_the_real_model(variant):
     kw, spec = _arch(path)
     backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
     assert spec == live_spec(backbone)
-    ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     model = _model(backbone, LORA)
     frozen = sum(
         int(np.prod(v.shape))
         for v in model.non_trainable_variables
         if "seed" not in v.path
     )
-    assert plan.param_counts(spec, ple_vocab)["total"] == frozen
+    assert plan.param_counts(spec)["total"] == frozen
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert plan.adapter_params(spec, LORA) == trainable
     q = {"mode": "none", "double_quant": False, "block_size": 64}
-    assert plan.base_bytes(spec, ple_vocab, q, 4)["total"] == _bytes(
-        model.non_trainable_variables
-    )
+    assert plan.base_bytes(spec, q, 4)["total"] == _bytes(model.non_trainable_variables)
 
 
 @pytest.mark.parametrize("mode,dq", QUANTS[1:])
@@ -94,7 +91,7 @@ def test_quantised_base_bytes_match_the_real_model(mode, dq):
     backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
     model = _model(backbone, LORA, mode, dq)
     q = {"mode": mode, "double_quant": dq, "block_size": 64}
-    estimate = plan.base_bytes(spec, int(kw["vocab_size_per_layer_input"]), q, 4)
+    estimate = plan.base_bytes(spec, q, 4)
     assert estimate["total"] == _bytes(model.non_trainable_variables)
 
 

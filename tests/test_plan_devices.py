@@ -59,7 +59,7 @@ def test_31b_on_two_t4_halves_every_split_array(tmp_path, capsys):
     q = p["run"]["quant"]
     kept = [
         math.prod(shape) * size
-        for path, shape, size in plan.training_variables(spec, spec.vocab_size, q, 2)
+        for path, shape, size in plan.training_variables(spec, q, 2)
         if sharding.model_dim(path, shape, 2) is None
     ]
     assert 2 * dev["base"] - whole == sum(kept) < whole / 1000
@@ -128,6 +128,6 @@ def test_large_sizes_counted_abstractly(size):
     shapes = jax.eval_shape(build)  # traced: no weight is allocated
     built = sum(math.prod(s.shape) for s in shapes)
     spec = hub.spec_from_config(kw)
-    assert plan.param_counts(spec, spec.vocab_size)["total"] == built
+    assert plan.param_counts(spec)["total"] == built
     assert full_size.parameter_count(config, shared_kv_weights=False) == built
     assert round(built / 1e8) == round(PUBLISHED[size] / 1e8)

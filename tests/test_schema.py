@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from gemma4_keras.exporters import commands, gguf, hf, peft
 from gemma4_keras.exporters.hf_stream import ExportError
-from gemma4_keras.model import plan, schema, stream_load
+from gemma4_keras.model import hub, plan, schema, stream_load
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny
 
@@ -45,7 +45,7 @@ def made_up(tmp_path_factory):
         spec = LoraSpec(rank=2, alpha=4.0)
         workdir = factor_workdir(str(root), base, spec, random_factors(base, spec))
         q = {"mode": "nf4", "double_quant": True, "block_size": 64}
-        listed = plan.training_variables(model.spec, None, q, 4)
+        listed = plan.training_variables(model.spec, q, 4)
         counts = plan.param_counts(model.spec)
         exports = {}
         for fmt in ("hf", "peft", "gguf-lora"):
@@ -160,7 +160,7 @@ def test_a_spelled_name_is_found():
 def test_hf_shapes_match_a_tiny_checkpoint():
     """Every schema row of the `all` variant names a tensor of the checkpoint."""
     config = tiny.tiny_hf_config(ple=True, kv_shared_layers=2, moe=True, k_eq_v=True)
-    spec = tiny.model_spec(config)
+    spec = hub.model_spec(config)
     want = {
         k.removeprefix("model."): v[0] for k, v in tiny.weight_shapes(config).items()
     }
@@ -171,7 +171,7 @@ def test_hf_shapes_match_a_tiny_checkpoint():
 def test_exporters_read_the_schema(monkeypatch):
     """GGUF keeps exactly the schema's tensors of the spec (no redundant K/V)."""
     config = tiny.tiny_hf_config(kv_shared_layers=2)
-    spec = tiny.model_spec(config)
+    spec = hub.model_spec(config)
     names = [f"model.{n}" for n in schema.hf_tensors(spec)]
     redundant = "model.layers.3.self_attn.k_proj.weight"
     assert set(gguf.text_tensors([*names, redundant], "causal_lm", spec)) == set(names)

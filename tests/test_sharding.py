@@ -64,17 +64,16 @@ def test_rules_split_the_named_dimension_when_it_divides():
 
 def _released(size):
     kw = hub.backbone_kwargs(full_size.released_config(size))
-    spec = hub.spec_from_config(kw)
-    return spec, int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
+    return hub.spec_from_config(kw)
 
 
 @pytest.mark.parametrize("size", full_size.SIZES)
 def test_no_array_over_1_mib_is_replicated_at_released_widths(size):
-    spec, ple_vocab = _released(size)
+    spec = _released(size)
     lora = LoraSpec(rank=16)
     for mode, dq in QUANTS:
         q = {"mode": mode, "double_quant": dq, "block_size": 64}
-        variables = plan.training_variables(spec, ple_vocab, q, 2, lora)
+        variables = plan.training_variables(spec, q, 2, lora)
         for model_size in (2, 4, 8):
             replicated = [
                 (path, shape)
@@ -119,10 +118,7 @@ def test_plan_lists_the_variables_of_the_built_model(backbone, mode, dq):
     )
     q = {"mode": mode, "double_quant": dq, "block_size": 64}
     listed = sorted(
-        (_kind(p), tuple(s), i)
-        for p, s, i in plan.training_variables(
-            spec, int(kw["vocab_size_per_layer_input"] or spec.vocab_size), q, 4, lora
-        )
+        (_kind(p), tuple(s), i) for p, s, i in plan.training_variables(spec, q, 4, lora)
     )
     assert listed == real
 

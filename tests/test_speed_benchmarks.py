@@ -50,10 +50,10 @@ def test_gpu_dry_run_counts_the_same_flops_whatever_the_loss_chunk(gpu):
 
 
 def test_gpu_random_source_is_seeded_and_shaped(gpu):
-    from gemma4_keras.model import schema
+    from gemma4_keras.model import hub, schema
     from gemma4_keras.testing import tiny
 
-    spec = tiny.model_spec(tiny.tiny_hf_config())
+    spec = hub.model_spec(tiny.tiny_hf_config())
     src = gpu.RandomSource("float32", seed=1)
     up, norm = schema.row("up_proj"), schema.row("pre_attn")
     a = src.value(up, spec, 0)

@@ -248,9 +248,9 @@ def test_normalised_config_equals_the_released_layout(resaved):
     assert "per_layer_config" not in text
     for key in ("global_head_dim", "num_global_key_value_heads", "head_dim"):
         assert text[key] == original[key]
-    assert stream_load.model_spec(
-        hf_config.read_config(path)
-    ) == stream_load.model_spec(hf_config.read_config(source))
+    assert hub.model_spec(hf_config.read_config(path)) == hub.model_spec(
+        hf_config.read_config(source)
+    )
 
 
 def test_resaved_checkpoint_streams_to_the_same_model(resaved):
@@ -410,7 +410,7 @@ def test_globals_are_filled_in_place_from_blocks_of_rows(dtype, monkeypatch):
 
     monkeypatch.setattr(layers, "_put_rows", put)
     with presets.on_host():
-        model = Gemma4LoraModel(stream_load.model_spec(config), dtype=dtype)
+        model = Gemma4LoraModel(hub.model_spec(config), dtype=dtype)
         model.add_global("embedding", table.shape, iter(blocks))
     var = model.globals["embedding"]
     assert var.dtype == dtype and var.path.endswith("embedding")

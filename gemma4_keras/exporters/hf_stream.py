@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -28,6 +28,7 @@ from gemma4_keras.model.safetensors_io import (
     DTYPES,
     CheckpointError,
     TensorRef,
+    plan_shards,
     read_blocks,
     read_tensor,
     shard_files,
@@ -76,22 +77,6 @@ def stored_dtype(refs: dict[str, TensorRef]) -> str:
         )
     top = max(weight, key=weight.get)
     return next(k for k, v in DTYPE_NAMES.items() if v == top)
-
-
-def plan_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[str]]:
-    """Tensor names per shard, in the given order, each shard <= `limit` bytes.
-
-    A tensor larger than `limit` gets a shard of its own.
-    """
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, nbytes in sizes:
-        if shards[-1] and used + nbytes > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += nbytes
-    return shards
 
 
 def _header_bytes(entries: list[tuple[str, np.dtype, tuple[int, ...]]], meta: dict):

@@ -142,6 +142,16 @@ def _kv_sources(kw: dict, is_global: list[bool]) -> dict[int, int]:
     return out
 
 
+def model_spec(config_json: dict) -> ModelSpec:
+    """The `ModelSpec` of a config.json (HF or KerasHub), without building anything.
+
+    Example:
+
+        spec = model_spec(hf_config.read_config(directory))
+    """
+    return spec_from_config(backbone_kwargs(config_json))
+
+
 def spec_from_config(kw: dict) -> ModelSpec:
     """The `ModelSpec` a backbone built from `kw` would give, without building it.
 

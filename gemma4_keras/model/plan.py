@@ -33,7 +33,6 @@ whatever preset is named.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -67,20 +66,18 @@ def _numel(shape) -> int:
     return math.prod(shape)
 
 
-def _tensors(spec: ModelSpec, ple_vocab: int | None):
+def _tensors(spec: ModelSpec):
     """(row, layer, our shape) of every tensor of the model (`model/schema.py`)."""
-    if ple_vocab is not None:
-        spec = dataclasses.replace(spec, ple_vocab_size=int(ple_vocab))
     for row, layer in schema.rows(spec):
         yield row, layer, row.shape(spec, None if layer is None else spec.blocks[layer])
 
 
 def _projections(spec: ModelSpec) -> list[tuple[int, int]]:
     """(in, out) of every frozen projection kernel the training model holds."""
-    return [tuple(sh) for r, _, sh in _tensors(spec, None) if r.kind == "projection"]
+    return [tuple(sh) for r, _, sh in _tensors(spec) if r.kind == "projection"]
 
 
-def param_counts(spec: ModelSpec, ple_vocab: int | None = None) -> dict[str, int]:
+def param_counts(spec: ModelSpec) -> dict[str, int]:
     """Parameters of the text decoder as `Gemma4LoraModel` holds them [count].
 
     The schema's tensors (`model/schema.py`), summed by their `group`:
@@ -95,7 +92,7 @@ def param_counts(spec: ModelSpec, ple_vocab: int | None = None) -> dict[str, int
                (RMSNorm scales and the per-layer scalar)
     """
     counts = dict.fromkeys(("embedding", "ple", "attention", "mlp", "moe", "norms"), 0)
-    for row, _, shape in _tensors(spec, ple_vocab):
+    for row, _, shape in _tensors(spec):
         counts[row.group] = counts.get(row.group, 0) + _numel(shape)
     counts["total"] = sum(counts.values())
     return counts
@@ -128,9 +125,7 @@ def _kernel_bytes(din: int, dout: int, q: dict, s: int) -> int:
     return din * dout * s
 
 
-def base_bytes(
-    spec: ModelSpec, ple_vocab: int | None, q: dict, s: int
-) -> dict[str, int]:
+def base_bytes(spec: ModelSpec, q: dict, s: int) -> dict[str, int]:
     """Resident bytes of the frozen base [bytes], over the schema's tensors.
 
     projections  per kernel: compute dtype (s B/weight), or NF4 (`nf4_bytes`),
@@ -142,7 +137,7 @@ def base_bytes(
     norms        RMSNorm scales in float32 (4 B); the layer scalar in s B
     """
     out = dict.fromkeys(("projections", "experts", "embedding", "norms"), 0)
-    for row, _, shape in _tensors(spec, ple_vocab):
+    for row, _, shape in _tensors(spec):
         n = _numel(shape)
         if row.kind == "projection":
             out["projections"] += _kernel_bytes(*shape, q, s)
@@ -425,7 +420,6 @@ def _row_variables(
 
 def training_variables(
     spec: ModelSpec,
-    ple_vocab: int | None,
     q: dict,
     s: int,
     lora: LoraSpec | None = None,
@@ -440,7 +434,7 @@ def training_variables(
     dtypes, split paths).
     """
     out = []
-    for row, layer, shape in _tensors(spec, ple_vocab):
+    for row, layer, shape in _tensors(spec):
         out += _row_variables(row, layer, tuple(shape), q, s)
     for layer, t in lora.sites(spec) if lora is not None else ():
         din, dout = spec.projection_shape(layer, t)
@@ -507,7 +501,6 @@ def device_mesh(dist_cfg, devices: int) -> dict[str, int | str]:
 
 def per_device_bytes(
     spec: ModelSpec,
-    ple_vocab: int,
     lora: LoraSpec,
     q: dict,
     s: int,
@@ -540,9 +533,9 @@ def per_device_bytes(
             f"{mesh['data']} data-parallel devices"
         )
     st = storage or s
-    variables = training_variables(spec, ple_vocab, q, st)
+    variables = training_variables(spec, q, st)
     base = sharding.per_device_bytes(variables, mesh["model"])
-    adapter_vars = training_variables(spec, ple_vocab, q, st, lora)[len(variables) :]
+    adapter_vars = training_variables(spec, q, st, lora)[len(variables) :]
     adapters = sharding.per_device_bytes(adapter_vars, mesh["model"])
     state = adapters * (3 + (grad_accum > 1))  # grads (+ accumulators) + m, v
     b_dev = batch // mesh["data"]
@@ -558,7 +551,7 @@ def per_device_bytes(
     return out
 
 
-def ple_host_bytes(config, spec: ModelSpec, ple_vocab: int, s: int, mesh: dict) -> int:
+def ple_host_bytes(config, spec: ModelSpec, s: int, mesh: dict) -> int:
     """Bytes of the per-layer-embedding table kept in host memory [bytes].
 
     `model.ple_on_host`: `on`, or `auto` on one device (plan is for the
@@ -568,7 +561,7 @@ def ple_host_bytes(config, spec: ModelSpec, ple_vocab: int, s: int, mesh: dict) 
     one_device = mesh["data"] * mesh["model"] == 1
     if not spec.ple_dim or setting == "off" or not one_device:
         return 0
-    return ple_vocab * spec.num_layers * spec.ple_dim * s
+    return spec.ple_vocab * spec.num_layers * spec.ple_dim * s
 
 
 def checkpoint_dtype(raw_config: dict) -> str | None:
@@ -701,7 +694,6 @@ def plan(
     raw = presets.read_config_json(config.model.preset)
     kw = hub.backbone_kwargs(raw)
     spec = hub.spec_from_config(kw)
-    ple_vocab = int(kw.get("vocab_size_per_layer_input") or spec.vocab_size)
     lora = LoraSpec.from_config(config.lora)
     target = accelerator(accelerator_name) if accelerator_name else None
     dtype = presets.compute_dtype(config.model)
@@ -726,7 +718,7 @@ def plan(
     n_adapter = adapter_params(spec, lora)
     attn_chunk = attention_chunk(config.model)
     act = activation_bytes(spec, lora, batch, seq, s, attn_chunk)
-    base = base_bytes(spec, ple_vocab, quant, st)
+    base = base_bytes(spec, quant, st)
     adapters = adapter_bytes(n_adapter, accum)
     loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
     act_used = act["remat_peak"] if config.model.remat else act["no_remat_saved"]
@@ -743,11 +735,11 @@ def plan(
         )
     mesh = device_mesh(config.distribution, int(devices))
     dev = per_device_bytes(
-        spec, ple_vocab, lora, quant, s, mesh, batch=batch, seq=seq,
+        spec, lora, quant, s, mesh, batch=batch, seq=seq,
         grad_accum=accum, chunk=chunk, remat=bool(config.model.remat), attn_chunk=attn_chunk,
         storage=st,
     )  # fmt: skip
-    host_table = ple_host_bytes(config, spec, ple_vocab, st, mesh)
+    host_table = ple_host_bytes(config, spec, st, mesh)
     if host_table:  # `model.ple_on_host`: in host memory, off the device
         base = {**base, "embedding": base["embedding"] - host_table}
         base["total"] -= host_table
@@ -779,7 +771,7 @@ def plan(
             "tflops": tflops,
             "mfu": mfu,
         },
-        "params": param_counts(spec, ple_vocab),
+        "params": param_counts(spec),
         "base_bytes": base,
         "host_ple_table_bytes": host_table,
         "host_bytes": host,

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -189,3 +189,19 @@ def read_blocks(ref: TensorRef, max_bytes: int = 64 * 1024**2) -> Iterator[np.nd
                     f"(row {first + got // max(row_bytes, 1)} of {rows})"
                 )
             yield block
+
+
+def plan_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Tensor names per shard, in the given order, each shard <= `limit` bytes.
+
+    A tensor larger than `limit` gets a shard of its own.
+    """
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards

@@ -111,16 +111,6 @@ class CheckpointReader:
 # The architecture, from config.json alone.
 
 
-def model_spec(config: dict) -> ModelSpec:
-    """The `ModelSpec` of a (normalised) HF config, without building anything.
-
-    Example:
-
-        spec = model_spec(hf_config.read_config(directory))
-    """
-    return hub.spec_from_config(hub.backbone_kwargs(config))
-
-
 def text_prefix(config: dict, reader: CheckpointReader) -> str:
     """Where the text decoder's tensors live, e.g. `model.language_model.`.
 
@@ -271,7 +261,7 @@ def stream_training_model(
     """
     config = hf_config.read_config(directory)
     model = Gemma4LoraModel(
-        model_spec(config),
+        hub.model_spec(config),
         remat=remat,
         loss_chunk_size=loss_chunk_size,
         ple_on_host=ple_on_host,
@@ -297,6 +287,5 @@ __all__ = [
     "fill_model",
     "stream_training_model",
     "local_checkpoint",
-    "model_spec",
     "text_prefix",
 ]

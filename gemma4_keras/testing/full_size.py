@@ -44,7 +44,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from gemma4_keras.model import schema
+from gemma4_keras.model import hub, safetensors_io, schema
 from gemma4_keras.testing import tiny
 
 SIZES = ("e2b", "e4b", "26b_a4b", "31b")
@@ -217,7 +217,7 @@ def weight_specs(
 
 def _shared_kv_specs(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """The schema's K/V rows of the KV-shared layers, as if they owned K/V."""
-    spec = tiny.model_spec(config)
+    spec = hub.model_spec(config)
     owning = dataclasses.replace(
         spec,
         blocks=tuple(dataclasses.replace(b, kv_source=None) for b in spec.blocks),
@@ -286,22 +286,6 @@ def _pieces(seed: int, name: str, shape: tuple[int, ...], kind: str):
 # Writing safetensors shard by shard.
 
 
-def plan_shards(
-    specs: dict[str, tuple[tuple[int, ...], str]], max_shard_bytes: int
-) -> list[list[str]]:
-    """Tensor names per shard, in order; a tensor larger than the limit alone."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, (shape, _) in specs.items():
-        nbytes = 2 * math.prod(shape)
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def _header(names: list[str], specs: dict) -> bytes:
     """A safetensors header (padded to 8 bytes with spaces, as the format asks)."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -342,7 +326,8 @@ def write_weights(
     """Writes `model-0000i-of-0000N.safetensors` and the index; returns the files."""
     path = pathlib.Path(path)
     specs = weight_specs(config, shared_kv_weights)
-    shards = plan_shards(specs, max_shard_bytes)
+    sizes = [(name, 2 * math.prod(shape)) for name, (shape, _) in specs.items()]
+    shards = safetensors_io.plan_shards(sizes, max_shard_bytes)
     files = [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         for i in range(len(shards))
@@ -450,7 +435,6 @@ __all__ = [
     "cache_dir",
     "full_size_checkpoint",
     "parameter_count",
-    "plan_shards",
     "released_config",
     "weight_specs",
     "write_checkpoint",

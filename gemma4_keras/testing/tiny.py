@@ -67,7 +67,6 @@ like `chat.render_conversation` (tests/test_tool_template.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -82,7 +81,6 @@ from safetensors.numpy import save_file
 
 from gemma4_keras.data import samples
 from gemma4_keras.model import hub, schema
-from gemma4_keras.model.spec import ModelSpec
 
 # Bump when the files written change, so stale caches are not reused.
 FORMAT_VERSION = 6
@@ -293,14 +291,6 @@ def _text_of(config: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
-def model_spec(config: dict) -> ModelSpec:
-    """The `ModelSpec` of an HF config: the one reader's (`hub.spec_from_config`,
-    through KerasHub's own config converter), with the PLE table's rows."""
-    spec = hub.spec_from_config(hub.backbone_kwargs(config))
-    rows = _text_of(config).get("vocab_size_per_layer_input") or 0
-    return dataclasses.replace(spec, ple_vocab_size=rows)
-
-
 def init_kind(row: schema.Row, hf_shape: tuple[int, ...]) -> str:
     """How a tensor is drawn: norm, scalar, embedding or matrix."""
     if row.hf_layout == "scalar":
@@ -324,7 +314,7 @@ def weight_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     prefix = "model.language_model." if "text_config" in config else "model."
     return {
         prefix + name: (shape, init_kind(parts[0][0], shape))
-        for name, (shape, parts) in schema.hf_tensors(model_spec(config)).items()
+        for name, (shape, parts) in schema.hf_tensors(hub.model_spec(config)).items()
     }
 
 
