@@ -497,9 +497,11 @@ def default_base_model(config) -> str:
             return size.hf_id.removesuffix("-it")
     # A directory (the tiny preset's included) as a path transformers opens
     # from anywhere: `AutoPeftModelForCausalLM.from_pretrained(adapter)`.
-    if preset == "tiny" or preset.startswith("tiny:"):
-        return os.path.abspath(presets.resolve_preset(preset))
-    return os.path.abspath(preset) if os.path.isdir(preset) else preset
+    try:
+        resolved = presets.resolve_preset(preset)
+    except presets.PresetError:
+        return preset  # recorded as given; the export itself names the problem
+    return os.path.abspath(resolved) if os.path.isdir(resolved) else preset
 
 
 def _write(tmp: str, job: dict) -> list[str]:
