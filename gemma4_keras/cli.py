@@ -17,12 +17,10 @@ overrides (the config is locked: a misspelt field is an error) and most take
 function decorated with `@command`. A test calls `main(["gemma4-keras",
 "train", ...])`, which returns the exit code instead of exiting.
 
-From the package this module imports `training.api`, and two light start-up
-helpers: `_quiet` (the libraries' import chatter) and `training.stopping`
-(SIGTERM / SIGINT handlers, installed before the seconds-long import of
-the libraries, so a signal then is recorded instead of killing the run).
-`training.api` is imported after flag parsing (`_api`): `--help` and a bad
-flag answer at once.
+From the package this module imports `training.api` only, after flag
+parsing (`_api`): `--help` and a bad flag answer at once. `train` holds a
+SIGTERM / SIGINT that comes during that seconds-long import and hands it
+to `api.run`, which records it (exit 3) instead of the process dying.
 """
 
 from __future__ import annotations
@@ -38,13 +36,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import ast  # noqa: E402
 import contextlib  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import traceback  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-from gemma4_keras import _quiet  # noqa: E402  (light: selects the JAX backend first)
-from gemma4_keras.training import stopping  # noqa: E402  (light: no JAX)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -211,11 +207,34 @@ def command_help(name: str) -> str:
 
 
 def _api():
-    """`training.api`, imported with the libraries' start-up chatter filtered."""
-    with _quiet.filtered_stderr():
-        from gemma4_keras.training import api  # noqa: PLC0415  (heavy: Keras, JAX, KerasHub; see the module doc)
+    """`training.api` (it imports Keras, JAX and KerasHub: seconds)."""
+    from gemma4_keras.training import api  # noqa: PLC0415  (heavy: Keras, JAX, KerasHub; after flag parsing, see the module doc)
 
     return api
+
+
+_held_signals: list[int] = []  # SIGTERM / SIGINT during the import, for api.run
+
+
+@contextlib.contextmanager
+def _holding_signals():
+    """Keeps SIGTERM / SIGINT in `_held_signals` while the body runs.
+
+    A second one ends the process at once (nothing is written yet).
+    """
+
+    def hold(signum, frame):
+        if _held_signals:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _held_signals.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _require(value, flag: str) -> str:
@@ -231,7 +250,7 @@ class UsageError(ValueError):
 @command("train", "fine-tune with LoRA / QLoRA (rerun to resume)")
 def _train(config, args) -> int:
     api, workdir = _api(), _require(FLAGS.workdir, "workdir")
-    state = api.run(config, workdir)
+    state = api.run(config, workdir, held_signals=_held_signals)
     note = api.run_note(config, workdir, state)
     if note:
         print(f"gemma4-keras train: {note}", file=sys.stderr)
@@ -404,24 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    signals = contextlib.ExitStack()
     api = None
+    _held_signals.clear()
     try:
-        if name == "train":  # SIGTERM / SIGINT at any phase: exit 3 (stopping.py)
-            signals.enter_context(stopping.on_signals())
         config = _CONFIG.value
         if name not in WITHOUT_MODEL and config is None:
             raise UsageError("--config=configs/<file>.py is required")
-        api = _api()
-        if name not in WITHOUT_MODEL:
-            # The resolved config: in the workdir (config.json) and with --verbose.
-            api.start(config if FLAGS.verbose else None)
-        fn, _ = COMMANDS[name]
-        return fn(config, positional)
-    except stopping.Stopped as stop:  # before the run held its workdir
-        state = {"signal": stop.signal, "phase": stop.phase}
-        print(f"gemma4-keras {name}: {stopping.message(state)}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        # train: SIGTERM / SIGINT at any phase exit 3 (training/stopping.py)
+        with _holding_signals() if name == "train" else contextlib.nullcontext():
+            api = _api()
+            if name not in WITHOUT_MODEL:
+                # The resolved config: in the workdir (config.json) and with --verbose.
+                api.start(config if FLAGS.verbose else None)
+            fn, _ = COMMANDS[name]
+            return fn(config, positional)
     except UsageError as e:
         print(f"gemma4-keras {name}: error: {e}", file=sys.stderr)
         return 2
@@ -439,8 +454,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"gemma4-keras {name}: error: {line}", file=sys.stderr)
         return 1
-    finally:
-        signals.close()
 
 
 def _bad_flag(e: BaseException) -> str:

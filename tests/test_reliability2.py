@@ -48,6 +48,7 @@ from test_reliability import (
 from gemma4_keras import cli, workdir_lock
 from gemma4_keras.exporters import gguf as gguf_lib
 from gemma4_keras.exporters import peft
+from gemma4_keras.training import stopping
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
 
@@ -427,3 +428,19 @@ def test_export_and_evaluate_a_read_only_finished_run(
         if os.path.isfile(p)
     }
     assert after == before
+
+
+def test_signals_held_before_the_handlers_count_as_start_up_signals(capfd):
+    # The CLI holds a signal that comes while the libraries import; one is
+    # deferred until the run holds its workdir, a second stops at once.
+    with pytest.raises(stopping.Stopped) as stop:
+        with stopping.on_signals([signal.SIGTERM]):
+            stopping.phase("data preparation")  # not yet recorded: deferred
+            stopping.started()
+    assert (stop.value.signal, stop.value.phase) == ("SIGTERM", "start-up")
+    assert "SIGTERM: stopping once the run has started" in capfd.readouterr().err
+    entered = False
+    with pytest.raises(stopping.Stopped):
+        with stopping.on_signals([signal.SIGTERM, signal.SIGINT]):
+            entered = True
+    assert not entered

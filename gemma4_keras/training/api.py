@@ -21,25 +21,37 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
-import keras
-import keras_hub
-import ml_collections
-from absl import logging
+from gemma4_keras import _quiet
 
-from gemma4_keras import __version__, _quiet, config_lib, disk, outputs
-from gemma4_keras import data as data_lib
-from gemma4_keras.data import render as render_lib
-from gemma4_keras.eval import evaluate as evaluate_lib
-from gemma4_keras.eval import generate as generate_lib
-from gemma4_keras.eval import report as report_lib
-from gemma4_keras.eval import review as review_lib
-from gemma4_keras.exporters import commands as export_lib
-from gemma4_keras.exporters import peft
-from gemma4_keras.model import plan as plan_lib
-from gemma4_keras.model import presets, safetensors_io
-from gemma4_keras.training import checkpointing, distributed, identity, stopping, train
-from gemma4_keras.workdir_lock import WorkdirLockedError
+# TensorFlow (which KerasHub imports for its tokenizers) prints start-up
+# lines no user can act on: every entry to the API (the CLI, a notebook's
+# first `g4.run`) imports the libraries with them filtered.
+with _quiet.filtered_stderr():
+    import jax
+    import keras
+    import keras_hub
+    import ml_collections
+    from absl import logging
+
+    from gemma4_keras import __version__, config_lib, disk, outputs
+    from gemma4_keras import data as data_lib
+    from gemma4_keras.data import render as render_lib
+    from gemma4_keras.eval import evaluate as evaluate_lib
+    from gemma4_keras.eval import generate as generate_lib
+    from gemma4_keras.eval import report as report_lib
+    from gemma4_keras.eval import review as review_lib
+    from gemma4_keras.exporters import commands as export_lib
+    from gemma4_keras.exporters import peft
+    from gemma4_keras.model import plan as plan_lib
+    from gemma4_keras.model import presets, safetensors_io
+    from gemma4_keras.training import (
+        checkpointing,
+        distributed,
+        identity,
+        stopping,
+        train,
+    )
+    from gemma4_keras.workdir_lock import WorkdirLockedError
 
 # --- errors and start-up ------------------------------------------------------
 
@@ -316,7 +328,7 @@ def plan(
 format_plan = plan_lib.format_plan
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, held_signals: Sequence[int] = ()) -> dict:
     """`gemma4-keras train`: train, evaluate, export the adapter; rerun resumes.
 
     Returns run_state.json's content: `status` (finished, stopped_overfitting,
@@ -328,11 +340,20 @@ def run(config, workdir: str) -> dict:
       >>> state["status"]
       'finished'
 
+    SIGTERM / SIGINT (a preemption, Ctrl-C; called from the main thread)
+    stop the run at the end of the current step, checkpointed, and `run`
+    returns status "preempted" (`training/stopping.py`); `held_signals`:
+    ones that came before the call (the CLI's start-up).
+
     Multi-host: run the same call on every process (see `run.distributed`);
     it joins them before anything starts JAX.
     """
     distributed.initialize()  # first: JAX refuses to join once started
-    return train.run(config, workdir)
+    try:
+        with stopping.on_signals(held_signals):
+            return train.run(config, workdir)
+    except stopping.Stopped as stop:  # a second signal before the run held its workdir
+        return {"status": "preempted", "signal": stop.signal, "phase": stop.phase}
 
 
 def run_note(config, workdir: str, state: dict) -> str | None:

@@ -11,7 +11,7 @@ optimiser step and stops there (the step is checkpointed). Everywhere else
 (`step`: the newest checkpoint) and the CLI prints one line and exits 3. A
 rerun of the same command resumes from that checkpoint.
 
-    with stopping.on_signals():      # the CLI, around the whole command
+    with stopping.on_signals():      # api.run, around the whole run
         ...
         stopping.started()           # train.run, once it holds the workdir
         stopping.phase("data preparation")
@@ -21,7 +21,8 @@ workdir (only then may it write `run_state.json`), and a checkpoint save
 (`deferred()`: a step is written whole or not at all). The first signal
 there stops the run when the stretch ends; a second one stops it at once.
 
-Light on purpose (no JAX): the CLI installs it before the libraries start.
+`training.api.run` installs the handlers (for the CLI and a user's script
+alike).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import gc
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -145,8 +146,12 @@ def _raise(signum, frame):
 
 
 @contextlib.contextmanager
-def on_signals() -> Iterator[None]:
-    """SIGTERM / SIGINT stop the `with` block (main thread only); see the module doc."""
+def on_signals(held: Sequence[int] = ()) -> Iterator[None]:
+    """SIGTERM / SIGINT stop the `with` block (main thread only); see the module doc.
+
+    `held`: signals that came before the block (the CLI holds those that
+    arrive while the libraries import), handled as if they came at its start.
+    """
     global _until, _pending
     phase("start-up")
     _until, _pending = _START_UP, None
@@ -155,6 +160,8 @@ def on_signals() -> Iterator[None]:
         for s in SIGNALS:
             previous[s] = signal.signal(s, _raise)
     try:
+        for signum in held:
+            stop_now(signum, None)
         yield
     finally:
         for s, handler in previous.items():
