@@ -86,10 +86,10 @@ def _real_module(name: str) -> str:
 
 
 def _top_level(tree: ast.Module) -> set[int]:
-    """ids of module-level nodes (inside a module-level if/try too)."""
+    """ids of module-level nodes (inside a module-level if/try/with too)."""
     top = set()
     for node in tree.body:
-        if isinstance(node, ast.If | ast.Try):
+        if isinstance(node, ast.If | ast.Try | ast.With):
             top |= {id(n) for n in ast.walk(node)}
         top.add(id(node))
     return top
