@@ -75,14 +75,15 @@ def main() -> None:
 
     import ml_collections
 
-    from gemma4_keras.exporters import commands, hf_stream
+    from gemma4_keras.exporters import commands
+    from gemma4_keras.model import safetensors_io
     from gemma4_keras.testing import full_size, tiny
 
     if args.size == "tiny":  # a smoke run of this script
         preset = str(tiny.tiny_checkpoint(layout="conditional_generation"))
     else:
         preset = str(full_size.full_size_checkpoint(args.size))
-    refs = hf_stream.tensor_refs(preset)
+    refs = safetensors_io.tensor_refs(preset)
     largest = max(r.nbytes for r in refs.values())
     result = {
         "size": args.size,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from gemma4_keras.settings import RECORD_FIELDS, DataSettings
+from gemma4_keras.settings import DataSettings
 
 LORA_TARGETS = (
     "q_proj",
@@ -34,7 +34,6 @@ LORA_TARGETS = (
     "down_proj",
 )
 QUANT_MODES = ("none", "nf4", "int8", "int4")
-DATA_FIELDS = RECORD_FIELDS  # keys `data.fields` may rename
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # data.template: auto = the checkpoint's chat_template.jinja, else the size table.
 TEMPLATE_CHOICES = ("auto", "small", "large")
@@ -413,67 +412,59 @@ def lora_layers(value: str | Sequence[str]) -> list[int] | None:
         ) from e
 
 
+# Fields with a fixed set of values: "--config.<field>=<v> must be one of ...".
+CHOICES = {
+    "size": SIZES,
+    "method": METHODS,
+    "quant.mode": QUANT_MODES,
+    "data.template": TEMPLATE_CHOICES,  # small: E2B/E4B, large: 26B-A4B/31B
+    "data.on_error": ("raise", "skip"),
+    "data.train_on": ("last_model_turn", "all_model_turns"),
+    "data.truncation": ("drop", "cut_history"),
+    "train.schedule": ("cosine", "constant"),
+    "train.overfit_action": ("warn", "stop"),
+    "eval.task_type": ("", *TASK_TYPES),  # "": inferred from the data
+    "distribution.mode": ("auto", "none", "data", "model"),
+    "model.moe_dispatch": ("dense", "ragged"),
+    "model.attention": ("auto", "dense", "chunked", "fused"),
+    "model.ple_on_host": ("auto", "on", "off"),
+    "model.dtype": DTYPES,
+}
+# Counts and sizes that must be > 0.
+POSITIVE = (
+    "lora.rank lora.alpha quant.block_size train.batch_size train.grad_accum "
+    "train.epochs train.learning_rate train.log_every model.loss_chunk_size "
+    "model.attention_chunk_size eval.batch_size eval.max_new_tokens "
+    "checkpoint.every_steps checkpoint.max_to_keep"
+).split()
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first field whose value is unusable."""
     checks = [
-        (c.size in SIZES, "size", f"must be one of {', '.join(SIZES)}"),
-        (c.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
-        (c.lora.rank > 0, "lora.rank", "must be > 0"),
-        (c.lora.alpha > 0, "lora.alpha", "must be > 0"),
-        (0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
         (
-            c.quant.mode in QUANT_MODES,
-            "quant.mode",
-            f"must be one of {', '.join(QUANT_MODES)}",
-        ),
-        (c.quant.block_size > 0, "quant.block_size", "must be > 0"),
+            _value(c, f) in allowed,
+            f,
+            f"must be one of {', '.join(map(_shown, allowed))}",
+        )
+        for f, allowed in CHOICES.items()
+    ]
+    checks += [(_value(c, f) > 0, f, "must be > 0") for f in POSITIVE]
+    checks += [
+        (0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
         (
             0 < c.data.holdout_fraction <= 0.5,
             "data.holdout_fraction",
             "must be in (0, 0.5]",
         ),
         (c.data.max_length > 1, "data.max_length", "must be > 1"),
-        (
-            c.data.template in TEMPLATE_CHOICES,
-            "data.template",
-            "must be auto, small (E2B/E4B) or large (26B-A4B/31B)",
-        ),
-        (
-            c.data.on_error in ("raise", "skip"),
-            "data.on_error",
-            "must be raise or skip",
-        ),
-        (
-            c.data.train_on in ("last_model_turn", "all_model_turns"),
-            "data.train_on",
-            "must be last_model_turn or all_model_turns",
-        ),
-        (
-            c.data.truncation in ("drop", "cut_history"),
-            "data.truncation",
-            "must be drop or cut_history",
-        ),
-        (c.train.batch_size > 0, "train.batch_size", "must be > 0"),
-        (c.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
-        (c.train.epochs > 0, "train.epochs", "must be > 0"),
-        (c.train.learning_rate > 0, "train.learning_rate", "must be > 0"),
         (0 <= c.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
-        (
-            c.train.schedule in ("cosine", "constant"),
-            "train.schedule",
-            "must be cosine or constant",
-        ),
         (c.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0"),
         (
             c.train.overfit_patience >= 0,
             "train.overfit_patience",
             "must be >= 0 (0 = off)",
-        ),
-        (
-            c.train.overfit_action in ("warn", "stop"),
-            "train.overfit_action",
-            "must be warn or stop",
         ),
         (c.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)"),
         (
@@ -481,54 +472,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "train.max_steps",
             "must be > 0, or -1 (= epochs x data)",
         ),
-        (c.model.loss_chunk_size > 0, "model.loss_chunk_size", "must be > 0"),
-        (c.train.log_every > 0, "train.log_every", "must be > 0"),
         (c.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = each epoch)"),
-        (c.eval.batch_size > 0, "eval.batch_size", "must be > 0"),
-        (c.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0"),
         (
             c.eval.max_examples > 0 or c.eval.max_examples == -1,
             "eval.max_examples",
             "must be > 0, or -1 (= all)",
         ),
         (
-            c.eval.task_type in ("", *TASK_TYPES),
-            "eval.task_type",
-            f"must be empty (infer) or one of {', '.join(TASK_TYPES)}",
-        ),
-        (c.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0"),
-        (c.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0"),
-        (
-            c.distribution.mode in ("auto", "none", "data", "model"),
-            "distribution.mode",
-            "must be one of auto, none, data, model",
-        ),
-        (
             c.distribution.model_parallel >= 1,
             "distribution.model_parallel",
             "must be >= 1",
         ),
-        (
-            c.model.moe_dispatch in ("dense", "ragged"),
-            "model.moe_dispatch",
-            "must be dense or ragged",
-        ),
-        (
-            c.model.attention in ("auto", "dense", "chunked", "fused"),
-            "model.attention",
-            "must be auto, dense, chunked or fused",
-        ),
-        (
-            c.model.attention_chunk_size > 0,
-            "model.attention_chunk_size",
-            "must be > 0",
-        ),
-        (
-            c.model.ple_on_host in ("auto", "on", "off"),
-            "model.ple_on_host",
-            "must be auto, on or off",
-        ),
-        (c.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
         (
             bool(str(c.model.preset).strip()),
             "model.preset",
@@ -540,6 +494,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"--config.{field}={_value(c, field)!r} {rule}")
     lora_targets(c.lora.targets)
     lora_layers(c.lora.layers)
+
+
+def _shown(choice: str) -> str:
+    return choice or '""'
 
 
 def _value(c: ml_collections.ConfigDict, dotted: str):

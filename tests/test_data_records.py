@@ -286,9 +286,9 @@ def test_validate_messages_keeps_thinking_field():
 
 
 def test_empty_field_mapping_means_the_fields_own_name():
-    from gemma4_keras import config_lib
+    from gemma4_keras import settings
 
-    fields = ml_collections.ConfigDict({k: "" for k in config_lib.DATA_FIELDS})
+    fields = ml_collections.ConfigDict({k: "" for k in settings.RECORD_FIELDS})
     for name in ("messages", "prompt_completion", "alpaca"):
         conversations, _ = load_conversations(
             _cfg(f"{DATA}/{name}.jsonl", fields=fields)

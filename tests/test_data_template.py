@@ -63,7 +63,8 @@ def test_explicit_field_overrides_and_unknown_values_are_errors():
     c = config_lib.get_config("e4b", "lora")
     c.data.template = "medium"
     with pytest.raises(
-        config_lib.ConfigError, match=r"--config.data.template='medium' must be auto"
+        config_lib.ConfigError,
+        match=r"--config.data.template='medium' must be one of auto, small, large",
     ):
         config_lib.validate(c)
 

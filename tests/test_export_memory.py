@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from export_fixtures import factor_workdir, random_factors
 
-from gemma4_keras.exporters import hf_stream
+from gemma4_keras.model import safetensors_io
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny
 
@@ -96,7 +96,7 @@ def mid(tmp_path_factory):
     base = str(tiny.write_checkpoint(root / "base", _config(), seed=0))
     spec = LoraSpec(rank=16, alpha=32.0)
     workdir = factor_workdir(str(root), base, spec, random_factors(base, spec))
-    refs = hf_stream.tensor_refs(base)
+    refs = safetensors_io.tensor_refs(base)
     sizes = {
         "model": sum(r.nbytes for r in refs.values()),
         "tensor": max(r.nbytes for r in refs.values()),
@@ -183,11 +183,14 @@ def test_streamed_hf_equals_in_memory_bit_for_bit(mid, streamed):
     sizes = mid[3]
     (old,) = _run(mid, ("in-memory", {}, "in_memory"))
     assert old["growth"] > sizes["model"]  # it holds (more than) the model
-    got = hf_stream.tensor_refs(streamed["hf"]["out"])
-    want = hf_stream.tensor_refs(old["out"])
+    got = safetensors_io.tensor_refs(streamed["hf"]["out"])
+    want = safetensors_io.tensor_refs(old["out"])
     assert set(got) == set(want)
     for name in sorted(want):
-        a, b = hf_stream.read_tensor(got[name]), hf_stream.read_tensor(want[name])
+        a, b = (
+            safetensors_io.read_tensor(got[name]),
+            safetensors_io.read_tensor(want[name]),
+        )
         assert a.dtype == b.dtype, name
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
 

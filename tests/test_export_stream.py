@@ -26,9 +26,9 @@ from export_fixtures import (
 )
 from safetensors.numpy import load_file
 
-from gemma4_keras.exporters import commands, hf_stream
+from gemma4_keras.exporters import commands
 from gemma4_keras.exporters.hf import ExportError
-from gemma4_keras.model import presets
+from gemma4_keras.model import presets, safetensors_io
 from gemma4_keras.model.lora import LoraSpec
 
 torch = oracles.need("torch")
@@ -53,8 +53,8 @@ def _logits(model) -> np.ndarray:
 
 
 def _all_tensors(directory) -> dict[str, np.ndarray]:
-    refs = hf_stream.tensor_refs(directory)
-    return {n: hf_stream.read_tensor(r) for n, r in refs.items()}
+    refs = safetensors_io.tensor_refs(directory)
+    return {n: safetensors_io.read_tensor(r) for n, r in refs.items()}
 
 
 def _json(path):
@@ -79,7 +79,7 @@ def peft_merged(tf_run):
     merged = peft_lib.PeftModel.from_pretrained(
         model, os.path.join(workdir, "adapter")
     ).merge_and_unload()
-    names = set(hf_stream.tensor_refs(base))
+    names = set(safetensors_io.tensor_refs(base))
     state = {k: v.numpy() for k, v in merged.state_dict().items() if k in names}
     assert set(state) == names  # (state_dict adds the tied lm_head.weight)
     return state
@@ -98,7 +98,7 @@ def test_default_dtype_is_the_base_dtype_and_config_is_the_base_own(
     manifest = _json(os.path.join(out, "export_manifest.json"))
     assert manifest["dtype"] == manifest["base_dtype"] == "bfloat16"
     tensors = _all_tensors(out)
-    assert set(tensors) == set(hf_stream.tensor_refs(base))
+    assert set(tensors) == set(safetensors_io.tensor_refs(base))
     assert {t.dtype for t in tensors.values()} == {np.dtype(ml_dtypes.bfloat16)}
     model, info = _load(out, dtype=torch.bfloat16)
     assert not any(info.values()), info
@@ -191,7 +191,7 @@ def test_peft_reads_no_base_weights(multimodal, monkeypatch):
         raise AssertionError("--format=peft read base weights")
 
     monkeypatch.setattr(presets, "load_backbone", no_weights)
-    monkeypatch.setattr(hf_stream, "read_tensor", no_weights)
+    monkeypatch.setattr(safetensors_io, "read_tensor", no_weights)
     out = commands.export(config_for(base), workdir, "peft", str(root / "peft"))
     cfg = _json(os.path.join(out, "adapter_config.json"))
     assert cfg["use_rslora"] is True and cfg["modules_to_save"] is None
@@ -309,7 +309,7 @@ def test_only_adapted_tensors_are_read_whole(tmp_path, monkeypatch):
     factors = random_factors(base, spec)
     workdir = factor_workdir(str(tmp_path), base, spec, factors)
     whole, blocks = [], []
-    read_tensor, read_blocks = hf_stream.read_tensor, hf_stream.read_blocks
+    read_tensor, read_blocks = safetensors_io.read_tensor, safetensors_io.read_blocks
 
     def spy_tensor(ref):
         whole.append(ref.name)
@@ -319,13 +319,13 @@ def test_only_adapted_tensors_are_read_whole(tmp_path, monkeypatch):
         blocks.append(ref.name)
         return read_blocks(ref, max_bytes=4096)  # many blocks per tensor
 
-    monkeypatch.setattr(hf_stream, "read_tensor", spy_tensor)
-    monkeypatch.setattr(hf_stream, "read_blocks", spy_blocks)
+    monkeypatch.setattr(safetensors_io, "read_tensor", spy_tensor)
+    monkeypatch.setattr(safetensors_io, "read_blocks", spy_blocks)
     out = commands.export(config_for(base), workdir, "hf", str(tmp_path / "hf"))
     sites = {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4)}
     sites |= {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)}
     assert set(whole) == sites
-    assert set(blocks) == set(hf_stream.tensor_refs(base)) - sites
+    assert set(blocks) == set(safetensors_io.tensor_refs(base)) - sites
     got = load_file(os.path.join(out, "model.safetensors"))
     want = load_file(os.path.join(base, "model.safetensors"))
     for name in blocks:
@@ -333,24 +333,28 @@ def test_only_adapted_tensors_are_read_whole(tmp_path, monkeypatch):
 
 
 def test_read_blocks_and_truncation(tmp_path):
-    ref = hf_stream.tensor_refs(variant_preset())["model.embed_tokens.weight"]
-    parts = list(hf_stream.read_blocks(ref, max_bytes=10_000))
+    ref = safetensors_io.tensor_refs(variant_preset())["model.embed_tokens.weight"]
+    parts = list(safetensors_io.read_blocks(ref, max_bytes=10_000))
     assert len(parts) > 10 and all(p.nbytes <= 10_000 for p in parts)
-    np.testing.assert_array_equal(np.concatenate(parts), hf_stream.read_tensor(ref))
+    np.testing.assert_array_equal(
+        np.concatenate(parts), safetensors_io.read_tensor(ref)
+    )
     short = tmp_path / "short.safetensors"
     with open(ref.path, "rb") as f:
         short.write_bytes(f.read(ref.start + ref.nbytes // 2))
-    cut = hf_stream.TensorRef(
+    cut = safetensors_io.TensorRef(
         ref.name, str(short), ref.dtype, ref.shape, ref.start, ref.nbytes
     )
     with pytest.raises(
-        hf_stream.CheckpointError, match=r"model\.embed_tokens\.weight' is truncated"
+        safetensors_io.CheckpointError,
+        match=r"model\.embed_tokens\.weight' is truncated",
     ):
-        hf_stream.read_tensor(cut)
+        safetensors_io.read_tensor(cut)
     with pytest.raises(
-        hf_stream.CheckpointError, match=r"model\.embed_tokens\.weight' is truncated"
+        safetensors_io.CheckpointError,
+        match=r"model\.embed_tokens\.weight' is truncated",
     ):
-        list(hf_stream.read_blocks(cut, max_bytes=10_000))
+        list(safetensors_io.read_blocks(cut, max_bytes=10_000))
 
 
 def test_keras_export_keeps_a_bfloat16_base_in_bfloat16(tf_run, peft_merged, tmp_path):

@@ -17,7 +17,7 @@ from export_fixtures import factor_workdir, merged_tensors, random_factors
 from safetensors.numpy import load_file
 
 from gemma4_keras.exporters import commands, gguf, hf, peft
-from gemma4_keras.exporters.hf_stream import ExportError
+from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model import hub, plan, schema, stream_load
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import tiny

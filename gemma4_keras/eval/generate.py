@@ -40,9 +40,6 @@ from gemma4_keras.data import (
 from gemma4_keras.exporters import peft
 from gemma4_keras.model import decoding, lora, presets
 
-EOS_ID = 1
-END_OF_TURN_ID = 106  # <turn|>
-TOOL_RESPONSE_ID = 50  # <|tool_response>: a tool call waits for its result
 # generation_config.json of the Gemma 4 -it checkpoints: eos_token_id [1, 106, 50].
 STOP_IDS = decoding.STOP_IDS
 STOP_TOKENS = ("<eos>", "<turn|>", "<|tool_response>")

@@ -36,11 +36,11 @@ from safetensors.numpy import load_file
 
 from gemma4_keras import config_lib, disk, outputs, workdir_lock
 from gemma4_keras.exporters import gguf as gguf_lib
-from gemma4_keras.exporters import hf, hf_stream, keras_preset, peft
+from gemma4_keras.exporters import hf, keras_preset, peft
 from gemma4_keras.exporters import manifest as manifest_lib
 from gemma4_keras.exporters.hf import ExportError, parse_size
 from gemma4_keras.exporters.peft import umask_permissions
-from gemma4_keras.model import hub, lora, presets
+from gemma4_keras.model import hub, lora, presets, safetensors_io
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
 # vLLM's accepted `--max-lora-rank` values (its LoRA config checks membership).
@@ -168,8 +168,8 @@ def export_bytes(job: dict) -> int | None:
     if fmt == "gguf":
         per = _GGUF_BYTES.get(job["gguf_type"], 4.0)
     else:
-        per = float(hf_stream.DTYPE_NAMES[job["dtype"]].itemsize)
-    refs = hf_stream.tensor_refs(base_dir)
+        per = float(hf.DTYPE_NAMES[job["dtype"]].itemsize)
+    refs = safetensors_io.tensor_refs(base_dir)
     weights = sum(int(np.prod(r.shape, dtype=np.int64)) for r in refs.values()) * per
     others = sum(
         e.stat().st_size
@@ -263,8 +263,8 @@ def hf_base_dir(preset: str) -> str | None:
     if hf.read_base_config(preset) is None:
         return None
     try:
-        hf_stream.shard_files(preset)
-    except hf_stream.CheckpointError:
+        safetensors_io.shard_files(preset)
+    except safetensors_io.CheckpointError:
         return None
     return preset
 
@@ -299,14 +299,14 @@ def base_dtype(preset: str, config_json: dict) -> str:
     """
     base_dir = hf_base_dir(preset)
     if base_dir:
-        return hf_stream.stored_dtype(hf_stream.tensor_refs(base_dir))
+        return hf.stored_dtype(safetensors_io.tensor_refs(base_dir))
     kw = config_json.get("config", {}) if "class_name" in config_json else {}
     text = config_json.get("text_config", config_json)
     for value in (kw.get("dtype"), text.get("dtype"), text.get("torch_dtype")):
         if isinstance(value, dict):  # a Keras DTypePolicy config
             value = value.get("config", {}).get("name")
         name = {"bf16": "bfloat16", "mixed_bfloat16": "bfloat16"}.get(value, value)
-        if name in hf.DTYPES:
+        if name in hf.DTYPE_NAMES:
             return name
     return "float32"
 

@@ -38,9 +38,9 @@ import re
 
 import numpy as np
 
-from gemma4_keras.exporters import hf, hf_stream
-from gemma4_keras.exporters.hf_stream import ExportError
-from gemma4_keras.model import hub, lora, schema
+from gemma4_keras.exporters import hf
+from gemma4_keras.exporters.hf import ExportError
+from gemma4_keras.model import hub, lora, safetensors_io, schema
 from gemma4_keras.model.spec import module_name
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -318,7 +318,7 @@ def _encoded_blocks(gguf, ref, gguf_type: str):
     f32/f16/bf16 convert element-wise and q8_0 quantises blocks of 32 along
     the last axis, so encoding row blocks gives the bytes of the whole.
     """
-    for block in hf_stream.read_blocks(ref):
+    for block in safetensors_io.read_blocks(ref):
         if len(ref.shape) < 2:  # 1-D stays f32 (`_encoding`)
             yield block.astype(np.float32)
             continue
@@ -360,7 +360,7 @@ def write_gguf(
 ) -> list[str]:
     """Writes `model-<type>.gguf` (merged weights) into `directory`, streamed.
 
-    The base's safetensors are read tensor by tensor (`hf_stream`); each
+    The base's safetensors are read tensor by tensor (`model/safetensors_io.py`); each
     tensor is merged with its adapter delta in float32 (`hf.merge_tensor`),
     encoded and appended: the GGUF header lists every tensor first (shapes and
     types are known from the base's headers), then `GGUFWriter.write_tensor_data`
@@ -390,7 +390,7 @@ def write_gguf(
     if base_config is None:
         raise ExportError(f"{base_dir}/config.json: not a Gemma 4 HF config")
     spec = hub.spec_from_config(hub.backbone_kwargs(base_config))
-    refs = hf_stream.tensor_refs(base_dir)
+    refs = safetensors_io.tensor_refs(base_dir)
     sites = hf._sites_by_tensor(hf.base_layout(base_config), factors)
     hf._check_sites(refs, sites, base_dir, factors)
     plan = _plan(refs, base_config, spec, gguf_type, gguf)
@@ -416,7 +416,7 @@ def write_gguf(
         if base is None:
             value = rope_freqs(spec)
         else:
-            raw_value = hf_stream.read_tensor(refs[base])
+            raw_value = safetensors_io.read_tensor(refs[base])
             value = hf.merge_tensor(
                 raw_value, lora_spec, factors, sites[base], np.dtype(np.float32)
             )

@@ -3,7 +3,7 @@
 One writer, tensor by tensor, from either base:
 
 * a local HF directory: its safetensors are read one tensor at a time
-  (`hf_stream`); the result carries exactly the base's tensor names
+  (`model/safetensors_io.py`); the result carries exactly the base's tensor names
   (vision/audio towers and the redundant K/V tensors some checkpoints keep
   for KV-shared layers included) and the base's own `config.json` with only
   `dtype` changed;
@@ -44,11 +44,10 @@ import shutil
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
-from gemma4_keras.exporters import hf_stream
-from gemma4_keras.exporters.hf_stream import ExportError
-from gemma4_keras.model import hub, layers, lora, schema
+from gemma4_keras.model import hub, layers, lora, safetensors_io, schema
 from gemma4_keras.model.lora import Factors, LoraSpec
 from gemma4_keras.model.spec import module_name
 
@@ -64,18 +63,42 @@ TOKENIZER_FILES = (
 )
 LAYOUTS = ("causal_lm", "conditional_generation")
 PREFIXES = {"causal_lm": "model.", "conditional_generation": "model.language_model."}
-DTYPES = ("float32", "bfloat16", "float16")
+# `--dtype` names <-> numpy dtypes of stored float weights.
+DTYPE_NAMES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 
 
-def text_config(
-    backbone, model_spec, base_config: dict | None = None, dtype: str = "float32"
-) -> dict:
+class ExportError(ValueError):
+    """An export that cannot be written as asked (one line: file, tensor or flag)."""
+
+
+def stored_dtype(refs: dict) -> str:
+    """The float dtype holding most of a checkpoint's bytes: `bfloat16`, ...
+
+    This is what "the base's own dtype" means for `--dtype`'s default.
+    """
+    weight: dict[np.dtype, int] = {}
+    for ref in refs.values():
+        if ref.dtype in DTYPE_NAMES.values():
+            weight[ref.dtype] = weight.get(ref.dtype, 0) + ref.nbytes
+    if not weight:
+        raise ExportError(
+            "the base checkpoint holds no float32/bfloat16/float16 tensor"
+        )
+    top = max(weight, key=weight.get)
+    return next(k for k, v in DTYPE_NAMES.items() if v == top)
+
+
+def text_config(backbone, model_spec, dtype: str = "float32") -> dict:
     """A `Gemma4TextConfig` dict (model_type gemma4_text) for the text decoder.
 
-    Derived from the KerasHub backbone's config (so it also works for a
-    KerasHub-preset base); fields it cannot know (token ids, max positions,
-    initializer range) come from the base `config.json` when there is one.
+    Derived from the KerasHub backbone's config, for a base with no
+    `config.json` (a KerasHub preset); fields it cannot know (token ids, max
+    positions, initializer range) are Gemma 4's.
     """
     c = backbone.get_config()
     if (
@@ -129,16 +152,13 @@ def text_config(
         "num_kv_shared_layers": c.get("num_kv_shared_layers", 0),
         "use_double_wide_mlp": c.get("use_double_wide_mlp", False),
         "enable_moe_block": bool(c.get("enable_moe_block")),
-        "num_experts": c.get("num_experts") if c.get("enable_moe_block") else None,
-        "top_k_experts": c.get("num_experts_per_token")
-        if c.get("enable_moe_block")
-        else None,
-        "moe_intermediate_size": c.get("expert_intermediate_dim")
-        if c.get("enable_moe_block")
-        else None,
         "dtype": dtype,
     }
-    # Gemma 4 defaults (special ids as in GEMMA4.md) when the base has no config.json.
+    if c.get("enable_moe_block"):
+        derived["num_experts"] = c["num_experts"]
+        derived["top_k_experts"] = c["num_experts_per_token"]
+        derived["moe_intermediate_size"] = c["expert_intermediate_dim"]
+    # Gemma 4's (special ids as in GEMMA4.md).
     defaults = {
         "pad_token_id": 0,
         "eos_token_id": 1,
@@ -149,39 +169,15 @@ def text_config(
     # A key the backbone does not set (e.g. `global_head_dim` when it equals
     # `head_dim`) is left out, not written as null: transformers 5.24
     # refuses `"head_dim": null` (StrictDataclassFieldValidationError).
-    derived = {k: v for k, v in derived.items() if v is not None}
-    base_text = dict((base_config or {}).get("text_config", base_config or {}))
-    keep = {
-        k: v
-        for k, v in base_text.items()
-        if k not in derived
-        and not k.startswith("_")
-        and k not in ("per_layer_config", "transformers_version")
-    }
-    return {**defaults, **keep, **derived}
+    return {**defaults, **{k: v for k, v in derived.items() if v is not None}}
 
 
-def model_config(text: dict, layout: str, base_config: dict | None = None) -> dict:
+def model_config(text: dict, layout: str) -> dict:
     """The config.json of `layout` around a text config."""
     if layout == "causal_lm":
         return text
-    top = {
-        k: v
-        for k, v in (base_config or {}).items()
-        if k
-        not in (
-            "text_config",
-            "vision_config",
-            "audio_config",
-            "architectures",
-            "model_type",
-            "transformers_version",
-        )
-        and not k.startswith("_")
-    }
     inner = {k: v for k, v in text.items() if k != "architectures"}
     return {
-        **top,
         "architectures": ["Gemma4ForConditionalGeneration"],
         "model_type": "gemma4",
         "text_config": inner,
@@ -277,8 +273,10 @@ def exported_config(base_config: dict, dtype: str) -> dict:
 
 
 def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ExportError(
+            f"--dtype={dtype!r}: expected one of {', '.join(DTYPE_NAMES)}"
+        )
 
 
 def _sites_by_tensor(layout: str, factors: Factors) -> dict[str, tuple[int, str]]:
@@ -337,13 +335,13 @@ class _Tensor(NamedTuple):
 
 def _checkpoint_tensors(base_dir: str) -> dict[str, _Tensor]:
     """Every tensor of an HF checkpoint, as it is (towers included)."""
-    refs = hf_stream.tensor_refs(base_dir)
+    refs = safetensors_io.tensor_refs(base_dir)
     return {
         name: _Tensor(
             ref.dtype,
             ref.shape,
-            functools.partial(hf_stream.read_tensor, ref),
-            functools.partial(hf_stream.read_blocks, ref),
+            functools.partial(safetensors_io.read_tensor, ref),
+            functools.partial(safetensors_io.read_blocks, ref),
         )
         for name, ref in refs.items()
     }
@@ -411,11 +409,11 @@ def write_hf_streamed(
         base_dir, base_config = None, None
         spec = hub.spec_from_config(base.get_config())
         tensors = _backbone_tensors(base, spec, layout)
-    floats = hf_stream.DTYPE_NAMES.values()
+    floats = DTYPE_NAMES.values()
     if dtype is None:
-        dtype = hf_stream.stored_dtype(tensors)
+        dtype = stored_dtype(tensors)
     check_dtype(dtype)
-    out = hf_stream.DTYPE_NAMES[dtype]
+    out = DTYPE_NAMES[dtype]
     sites = _sites_by_tensor(layout, factors)
     _check_sites(tensors, sites, base_dir or "the backbone", factors)
 
@@ -430,11 +428,13 @@ def write_hf_streamed(
         (n, out if t.dtype in floats else t.dtype, t.shape)
         for n, t in sorted(tensors.items())
     ]
-    files = hf_stream.write_sharded(directory, entries, produce, parse_size(shard_size))
+    files = safetensors_io.write_sharded(
+        directory, entries, produce, parse_size(shard_size)
+    )
     if base_config is not None:
         config = exported_config(base_config, dtype)
     else:
-        config = model_config(text_config(base, spec, None, dtype), layout)
+        config = model_config(text_config(base, spec, dtype), layout)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=base_config is None)
     return [*files, "config.json", *copy_tokenizer_files(base_dir, directory)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,42 +114,54 @@ class Gemma4LoraModel(keras.Model):
     # --- construction -------------------------------------------------------
 
     @classmethod
-    def from_backbone(
+    def build(
         cls,
-        backbone,
+        spec: ModelSpec,
+        fill: Callable[..., None],
         lora: LoraSpec | None = None,
         *,
+        dtype: str,
         quant: str = "none",
         double_quant: bool = False,
         block_size: int = 64,
         remat: bool = False,
         loss_chunk_size: int = 1024,
-        dtype=None,
         moe_dispatch: str = "dense",
         ple_on_host: bool = False,
     ) -> Gemma4LoraModel:
-        """The training model of a KerasHub `Gemma4Backbone`'s text weights.
+        """The training model of `spec`, its frozen base loaded by `fill`.
 
-        Read row by row (`layers.fill_model` over `hub.BackboneSource`), as
-        `stream_load` reads a checkpoint's safetensors.
+        `fill(model, quant=, double_quant=, block_size=)` is `layers.fill_model`
+        over a source (`from_backbone`, `stream_load.stream_training_model`).
         """
-        spec = hub.spec_from_config(backbone.get_config())
         model = cls(
             spec,
             remat=remat,
             loss_chunk_size=loss_chunk_size,
             ple_on_host=ple_on_host,
             name="gemma4_lora_model",
-            dtype=dtype or backbone.dtype_policy.name,
+            dtype=dtype,
         )
-        fill_model(
-            model,
-            hub.BackboneSource(backbone),
-            quant=quant,
-            double_quant=double_quant,
-            block_size=block_size,
-        )
+        fill(model, quant=quant, double_quant=double_quant, block_size=block_size)
         return model.finish_loading(lora, moe_dispatch)
+
+    @classmethod
+    def from_backbone(
+        cls, backbone, lora: LoraSpec | None = None, *, dtype=None, **options
+    ) -> Gemma4LoraModel:
+        """The training model of a KerasHub `Gemma4Backbone`'s text weights.
+
+        Read row by row (`layers.fill_model` over `hub.BackboneSource`), as
+        `stream_load` reads a checkpoint's safetensors; `options` as `build`.
+        """
+        source = hub.BackboneSource(backbone)
+        return cls.build(
+            hub.spec_from_config(backbone.get_config()),
+            lambda model, **quant: fill_model(model, source, **quant),
+            lora,
+            dtype=dtype or backbone.dtype_policy.name,
+            **options,
+        )
 
     def finish_loading(
         self, lora: LoraSpec | None, moe_dispatch: str = "dense"

@@ -589,7 +589,7 @@ XLA_CPU_BYTES = int(2.0 * GIB)
 # Loading beyond the finished model: read buffers, quantisation temporaries,
 # the in-place fill of the tables [bytes].
 LOAD_BYTES = int(1.0 * GIB)
-# A streamed HF export holds one tensor at a time (`exporters/hf_stream.py`):
+# A streamed HF export holds one tensor at a time (`model/safetensors_io.py`):
 # the largest merged kernel, read, merged in float32 and written [copies].
 EXPORT_IN_FLIGHT = 4
 

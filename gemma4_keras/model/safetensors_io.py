@@ -1,7 +1,8 @@
-"""Single tensors of a safetensors checkpoint, read with plain file I/O.
+"""Single tensors of a safetensors checkpoint, read and written with plain file I/O.
 
 The one reader of checkpoint files, for the streaming loader
-(`stream_load`) and the streaming exports (`exporters/hf_stream.py`):
+(`stream_load`) and the streaming exports (`exporters/hf.py`), and the one
+writer (`write_sharded`: the merged HF export, the full-size checkpoints):
 
     refs = tensor_refs("/ckpt/gemma-4-E4B-it")       # headers only, no data
     w = read_tensor(refs["model.language_model.norm.weight"])
@@ -24,10 +25,11 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+import tqdm
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -205,3 +207,130 @@ def plan_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[str]]
         shards[-1].append(name)
         used += nbytes
     return shards
+
+
+# --- writing ------------------------------------------------------------------
+
+
+def _header_bytes(entries: list[tuple[str, np.dtype, tuple[int, ...]]], meta: dict):
+    header: dict = {"__metadata__": meta}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str,
+    entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    meta: dict | None = None,
+) -> int:
+    """Writes one safetensors file, asking `produce(name)` for each tensor in turn.
+
+    `entries` lists (name, dtype, shape) up front (the header comes first).
+    `produce` returns the tensor, or an iterator of row blocks whose
+    concatenation along axis 0 is the tensor (`read_blocks`); another dtype,
+    shape or byte count than planned is an error. Returns bytes of tensor
+    data written.
+    """
+    written = 0
+    with open(path, "wb") as f:
+        f.write(_header_bytes(entries, meta or {"format": "pt"}))
+        for name, dtype, shape in entries:
+            written += _write_tensor(f, name, dtype, tuple(shape), produce(name))
+    return written
+
+
+def _write_tensor(f, name, dtype, shape, produced) -> int:
+    """Writes one tensor (an array or an iterator of row blocks); its byte count."""
+    whole = isinstance(produced, np.ndarray)
+    blocks = [produced] if whole else produced
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    written = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block)
+        if block.dtype != dtype or (whole and tuple(block.shape) != shape):
+            raise CheckpointError(
+                f"tensor {name!r}: produced {block.dtype}{block.shape}, planned "
+                f"{dtype}{shape}"
+            )
+        f.write(memoryview(block.reshape(-1).view(np.uint8)))
+        written += block.nbytes
+        del block
+    if written != want:
+        raise CheckpointError(
+            f"tensor {name!r}: produced {written} bytes, planned {want}"
+        )
+    return written
+
+
+def write_sharded(
+    directory: str,
+    entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    limit: int,
+) -> list[str]:
+    """`model.safetensors`, or `model-0000i-of-0000N.safetensors` + index.
+
+    Shards are planned from `entries` (dtype x shape) and written one after
+    the other, each tensor produced when its turn comes. `format: pt` is in
+    every header (transformers refuses files without it).
+
+    Returns:
+        The file names written, relative to `directory`.
+    """
+    sizes = [(n, int(np.prod(s, dtype=np.int64)) * d.itemsize) for n, d, s in entries]
+    shards = plan_shards(sizes, limit)
+    # On a terminal only (`disable=None`): a merged E4B takes minutes to write.
+    bar = tqdm.tqdm(
+        total=sum(s for _, s in sizes),
+        desc=f"writing {os.path.basename(os.path.normpath(directory))}",
+        unit="B",
+        unit_scale=True,
+        disable=None,
+        leave=False,
+    )
+    planned = dict(sizes)
+
+    def produce_counted(name: str):
+        value = produce(name)
+        bar.update(planned[name])
+        return value
+
+    with bar:
+        return _write_shards(directory, entries, produce_counted, shards, sizes)
+
+
+def _write_shards(directory, entries, produce, shards, sizes) -> list[str]:
+    by_name = {e[0]: e for e in entries}
+    if len(shards) == 1:
+        write_safetensors(os.path.join(directory, SINGLE_FILE), entries, produce)
+        return [SINGLE_FILE]
+    names = [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        for i in range(len(shards))
+    ]
+    weight_map = {}
+    for fname, shard in zip(names, shards, strict=True):
+        path = os.path.join(directory, fname)
+        write_safetensors(path, [by_name[n] for n in shard], produce)
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {
+        "metadata": {
+            "total_parameters": sum(math.prod(e[2]) for e in entries),
+            "total_size": int(sum(s for _, s in sizes)),
+        },
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [*names, INDEX_FILE]

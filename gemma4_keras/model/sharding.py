@@ -56,7 +56,6 @@ from collections.abc import Iterable, Sequence
 from gemma4_keras import config_lib
 
 MODEL_AXIS = "model"
-BATCH_AXIS = "batch"
 NF4_PACKED_ALIGN = 32  # bytes: one 64-value block
 NF4_SCALE_ALIGN = 256  # entries: one double-quant group
 

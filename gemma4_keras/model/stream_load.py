@@ -234,17 +234,11 @@ def stream_training_model(
     lora: LoraSpec | None = None,
     *,
     dtype: str = "float32",
-    quant: str = "none",
-    double_quant: bool = False,
-    block_size: int = 64,
-    remat: bool = False,
-    loss_chunk_size: int = 1024,
-    moe_dispatch: str = "dense",
-    ple_on_host: bool = False,
+    **options,
 ) -> Gemma4LoraModel:
     """The training model of a local HF checkpoint, read tensor by tensor.
 
-    Arguments as `Gemma4LoraModel.from_backbone`; `dtype` is what
+    `options` as `Gemma4LoraModel.build`; `dtype` is what
     `Gemma4Backbone.from_preset(directory, dtype=...)` would have been given.
     Call it under `presets.on_host()` to keep the weights in host memory.
 
@@ -260,23 +254,13 @@ def stream_training_model(
                                         quant="nf4", double_quant=True)
     """
     config = hf_config.read_config(directory)
-    model = Gemma4LoraModel(
+    return Gemma4LoraModel.build(
         hub.model_spec(config),
-        remat=remat,
-        loss_chunk_size=loss_chunk_size,
-        ple_on_host=ple_on_host,
-        name="gemma4_lora_model",
+        lambda model, **quant: fill_from_checkpoint(model, directory, config, **quant),
+        lora,
         dtype=dtype,
+        **options,
     )
-    fill_from_checkpoint(
-        model,
-        directory,
-        config,
-        quant=quant,
-        double_quant=double_quant,
-        block_size=block_size,
-    )
-    return model.finish_loading(lora, moe_dispatch)
 
 
 __all__ = [

@@ -30,15 +30,12 @@ The benchmark entry point is `benchmarks/load_memory.py`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import shutil
-import struct
-import tempfile
 import zlib
 
 import ml_dtypes
@@ -112,45 +109,6 @@ _VARIANTS: dict[str, dict] = {
     ),
 }
 
-# `Gemma4TextConfig` defaults the converter leaves in place.
-_TEXT_DEFAULTS = dict(
-    model_type="gemma4_text",
-    vocab_size=262144,
-    vocab_size_per_layer_input=262144,
-    head_dim=256,
-    global_head_dim=512,
-    num_global_key_value_heads=None,
-    attention_k_eq_v=False,
-    use_bidirectional_attention=None,
-    num_kv_shared_layers=0,
-    use_double_wide_mlp=False,
-    enable_moe_block=False,
-    num_experts=None,
-    moe_intermediate_size=None,
-    top_k_experts=None,
-    sliding_window=512,
-    max_position_embeddings=131072,
-    hidden_activation="gelu_pytorch_tanh",
-    rms_norm_eps=1e-6,
-    final_logit_softcapping=30.0,
-    tie_word_embeddings=True,
-    attention_bias=False,
-    attention_dropout=0.0,
-    rope_parameters={
-        _SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
-        _FULL: {
-            "rope_type": "proportional",
-            "partial_rotary_factor": 0.25,
-            "rope_theta": 1000000.0,
-        },
-    },
-    pad_token_id=tiny.PAD_ID,
-    eos_token_id=tiny.EOS_ID,
-    bos_token_id=tiny.BOS_ID,
-    initializer_range=0.02,
-    dtype="bfloat16",
-)
-
 # `Gemma4Config` (multimodal wrapper) token ids of the released vocabulary.
 _MULTIMODAL_IDS = dict(
     boi_token_id=255999,
@@ -178,16 +136,8 @@ def released_config(size: str) -> dict:
     """
     if size not in _VARIANTS:
         raise ValueError(f"size={size!r}: expected one of {SIZES}")
-    text = json.loads(json.dumps({**_TEXT_DEFAULTS, **_VARIANTS[size]}))
-    return {
-        "architectures": ["Gemma4ForConditionalGeneration"],
-        "model_type": "gemma4",
-        "text_config": text,
-        **_MULTIMODAL_IDS,
-        "tie_word_embeddings": True,
-        "initializer_range": 0.02,
-        "dtype": "bfloat16",
-    }
+    text = json.loads(json.dumps({**tiny.TEXT_DEFAULTS, **_VARIANTS[size]}))
+    return tiny.conditional_generation(text, _MULTIMODAL_IDS)
 
 
 # ----------------------------------------------------------------------------
@@ -286,35 +236,6 @@ def _pieces(seed: int, name: str, shape: tuple[int, ...], kind: str):
 # Writing safetensors shard by shard.
 
 
-def _header(names: list[str], specs: dict) -> bytes:
-    """A safetensors header (padded to 8 bytes with spaces, as the format asks)."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        shape = specs[name][0]
-        nbytes = 2 * math.prod(shape)
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
-
-
-def write_shard(path: pathlib.Path, names: list[str], specs: dict, seed: int) -> None:
-    """Writes one safetensors file, tensor by tensor, piece by piece."""
-    header = _header(names, specs)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for name in names:
-            shape, kind = specs[name]
-            for piece in _pieces(seed, name, shape, kind):
-                f.write(piece.view(np.uint8))
-
-
 def write_weights(
     path: str | os.PathLike,
     config: dict,
@@ -323,30 +244,19 @@ def write_weights(
     shared_kv_weights: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[str]:
-    """Writes `model-0000i-of-0000N.safetensors` and the index; returns the files."""
-    path = pathlib.Path(path)
+    """Writes the safetensors shards and their index; returns the files.
+
+    Tensor by tensor, piece by piece (`safetensors_io.write_sharded`).
+    """
     specs = weight_specs(config, shared_kv_weights)
-    sizes = [(name, 2 * math.prod(shape)) for name, (shape, _) in specs.items()]
-    shards = safetensors_io.plan_shards(sizes, max_shard_bytes)
-    files = [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        for i in range(len(shards))
-    ]
-    for file, names in zip(files, shards, strict=True):
-        write_shard(path / file, names, specs, seed)
-    index = {
-        "metadata": {
-            "total_size": sum(2 * math.prod(s) for s, _ in specs.values()),
-            "total_parameters": sum(math.prod(s) for s, _ in specs.values()),
-        },
-        "weight_map": {
-            name: file
-            for file, names in zip(files, shards, strict=True)
-            for name in names
-        },
-    }
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return files
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    entries = [(name, bf16, shape) for name, (shape, _) in specs.items()]
+    return safetensors_io.write_sharded(
+        str(path),
+        entries,
+        lambda name: _pieces(seed, name, *specs[name]),
+        max_shard_bytes,
+    )
 
 
 def write_checkpoint(
@@ -411,23 +321,11 @@ def cache_dir(size: str) -> pathlib.Path:
 def full_size_checkpoint(size: str, *, seed: int = 0) -> pathlib.Path:
     """The cached random-weight checkpoint of `size`, written on first use.
 
-    Written into a temporary directory beside the cache entry and renamed
-    into place, so an interrupted write leaves no half checkpoint behind.
-    Never written inside the repository; delete the cache directory to free
-    the disk.
+    Never written inside the repository (`tiny.write_once`); delete the
+    cache directory to free the disk.
     """
     final = cache_dir(size) if seed == 0 else cache_dir(f"{size}-seed{seed}")
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write_full_size(tmp, size, seed=seed)
-        os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
-    return final
+    return tiny.write_once(final, lambda tmp: write_full_size(tmp, size, seed=seed))
 
 
 __all__ = [

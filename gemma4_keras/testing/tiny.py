@@ -103,6 +103,16 @@ GLOBAL_KV_HEADS = 2
 K_EQ_V_LOCAL_KV_HEADS = 4
 CACHE_ENV_VAR = "GEMMA4_KERAS_CACHE"
 LAYOUTS = ("causal_lm", "conditional_generation")
+# `Gemma4Config`'s multimodal token ids and the tokens they name.
+_MULTIMODAL_TOKENS = {
+    "image_token_id": "<|image|>",
+    "boi_token_id": "<|image>",
+    "eoi_token_id": "<image|>",
+    "audio_token_id": "<|audio|>",
+    "boa_token_id": "<|audio>",
+    "eoa_token_index": "<audio|>",
+    "video_token_id": "<|video|>",
+}
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 TURN_START_ID, TURN_END_ID = 105, 106
@@ -154,6 +164,47 @@ _SPACE = "▁"
 # --------------------------------------------------------------------------
 
 
+# `Gemma4TextConfig`'s defaults that transformers' convert_gemma4_weights.py
+# leaves in place (every size); the tiny model and `full_size` start from them.
+TEXT_DEFAULTS = dict(
+    model_type="gemma4_text",
+    vocab_size=262144,
+    vocab_size_per_layer_input=262144,
+    head_dim=256,
+    global_head_dim=512,
+    num_global_key_value_heads=None,
+    attention_k_eq_v=False,
+    use_bidirectional_attention=None,
+    num_kv_shared_layers=0,
+    use_double_wide_mlp=False,
+    enable_moe_block=False,
+    num_experts=None,
+    moe_intermediate_size=None,
+    top_k_experts=None,
+    sliding_window=512,
+    max_position_embeddings=131072,
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    attention_dropout=0.0,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1000000.0,
+        },
+    },
+    pad_token_id=PAD_ID,
+    eos_token_id=EOS_ID,
+    bos_token_id=BOS_ID,
+    initializer_range=0.02,
+    dtype="bfloat16",
+)
+
+
 def _text_config(
     ple: bool, kv_shared_layers: int, moe: bool, k_eq_v: bool, double_wide_mlp: bool
 ) -> dict:
@@ -169,8 +220,9 @@ def _text_config(
             "with kv_shared_layers=0 it changes nothing. Pass kv_shared_layers=1 or 2."
         )
     return {
-        "model_type": "gemma4_text",
+        **TEXT_DEFAULTS,
         "vocab_size": TINY_VOCAB_SIZE,
+        "vocab_size_per_layer_input": TINY_VOCAB_SIZE,
         "hidden_size": HIDDEN_SIZE,
         "intermediate_size": 128,
         "num_hidden_layers": NUM_LAYERS,
@@ -184,36 +236,29 @@ def _text_config(
         "global_head_dim": 32,
         "layer_types": list(LAYER_TYPES),
         "sliding_window": 16,
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {
-                "rope_type": "proportional",
-                "partial_rotary_factor": 0.25,
-                "rope_theta": 1000000.0,
-            },
-        },
-        "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": 1e-6,
-        "final_logit_softcapping": 30.0,
         "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
         "attention_k_eq_v": k_eq_v,
-        "use_bidirectional_attention": None,
         "hidden_size_per_layer_input": PLE_HIDDEN_SIZE if ple else 0,
-        "vocab_size_per_layer_input": TINY_VOCAB_SIZE,
         "num_kv_shared_layers": kv_shared_layers,
         "use_double_wide_mlp": double_wide_mlp,
         "enable_moe_block": moe,
         "num_experts": 4 if moe else None,
         "top_k_experts": 2 if moe else None,
         "moe_intermediate_size": 32 if moe else None,
-        "pad_token_id": PAD_ID,
-        "eos_token_id": EOS_ID,
-        "bos_token_id": BOS_ID,
-        "initializer_range": 0.02,
         "dtype": "float32",
+    }
+
+
+def conditional_generation(text: dict, multimodal_ids: dict) -> dict:
+    """The `Gemma4ForConditionalGeneration` config.json around `text` (no towers)."""
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        **multimodal_ids,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "dtype": text["dtype"],
     }
 
 
@@ -264,26 +309,9 @@ def tiny_hf_config(
     if layout == "causal_lm":
         return {"architectures": ["Gemma4ForCausalLM"], **text}
     if layout == "conditional_generation":
-        return {
-            "architectures": ["Gemma4ForConditionalGeneration"],
-            "model_type": "gemma4",
-            "text_config": text,
-            "image_token_id": SPECIAL_TOKENS["<|image|>"],
-            "boi_token_id": SPECIAL_TOKENS["<|image>"],
-            "eoi_token_id": SPECIAL_TOKENS["<image|>"],
-            "audio_token_id": SPECIAL_TOKENS["<|audio|>"],
-            "boa_token_id": SPECIAL_TOKENS["<|audio>"],
-            "eoa_token_index": SPECIAL_TOKENS["<audio|>"],
-            "video_token_id": SPECIAL_TOKENS["<|video|>"],
-            "tie_word_embeddings": True,
-            "dtype": "float32",
-        }
+        ids = {k: SPECIAL_TOKENS[t] for k, t in _MULTIMODAL_TOKENS.items()}
+        return conditional_generation(text, ids)
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}.")
-
-
-def _text_of(config: dict) -> dict:
-    """The text config inside either layout."""
-    return config.get("text_config", config)
 
 
 # --------------------------------------------------------------------------
@@ -999,12 +1027,23 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
     variant = {**defaults, **variant}
     key_variant = {k: v for k, v in variant.items() if v != defaults[k]}
     final = _cache_root() / _cache_key(seed, key_variant)
+    return write_once(
+        final, lambda tmp: write_tiny_checkpoint(tmp, seed=seed, **variant)
+    )
+
+
+def write_once(final: pathlib.Path, write) -> pathlib.Path:
+    """The cache entry `final`, written by `write(directory)` on first use.
+
+    Written into a temporary directory beside `final` and renamed into
+    place, so an interrupted write leaves no half checkpoint behind.
+    """
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        write_tiny_checkpoint(tmp, seed=seed, **variant)
+        write(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
