@@ -31,7 +31,7 @@ def pytest_addoption(parser):
         "--require-oracles",
         action="store_true",
         help="fail (instead of skipping tests) when torch, transformers, peft, "
-        "bitsandbytes or gguf is missing; CI sets it",
+        "bitsandbytes, gguf or xllamacpp (llama.cpp) is missing; CI sets it",
     )
 
 

@@ -63,6 +63,16 @@ def keras_logits(model, tokens: np.ndarray = TOKENS) -> np.ndarray:
     return np.asarray(model.logits(model(batch)), np.float32)
 
 
+def keras_greedy(model, tokens: list[int], n: int) -> list[int]:
+    """`n` greedy tokens of the Keras model after `tokens` (full recompute)."""
+    out = list(tokens)
+    for _ in range(n):
+        out.append(
+            int(keras_logits(model, np.asarray([out], np.int32))[0, -1].argmax())
+        )
+    return out[len(tokens) :]
+
+
 def _held(model, row, layer) -> np.ndarray:
     """A schema row's tensor as the model holds it (ours), float32, dequantised."""
     if layer is None:
@@ -203,3 +213,76 @@ def with_redundant_kv(source: str, path) -> str:
         tensors[name] = rng.normal(0, 0.1, shape).astype(np.float32)
     save_file(tensors, os.path.join(str(path), "model.safetensors"), {"format": "pt"})
     return str(path)
+
+
+# ----------------------------------------------------------------------------
+# llama.cpp: llama-server's own request handling, in process (xllamacpp).
+
+
+def llama_server(model_path: str, lora_path: str | None = None, n_ctx: int = 64):
+    """A `xllamacpp.Server`: llama-server's code (OpenAI-style JSON in and out).
+
+    `handle_completions` / `handle_chat_completions` take the body a user
+    POSTs to `/v1/completions` / `/v1/chat/completions`; the server also
+    listens on `listening_address` like `llama-server -m MODEL [--lora A]`.
+    """
+    import oracles
+
+    xllamacpp = oracles.need("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = model_path
+    if lora_path is not None:
+        params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(lora_path, 1.0)]
+    params.n_ctx = n_ctx
+    params.n_parallel = 1
+    params.verbosity = 0
+    params.cpuparams.n_threads = 1
+    params.cpuparams_batch.n_threads = 1
+    return xllamacpp.Server(params)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def llama_logprobs(
+    server, tokens: list[int], vocab: int, plain: int = 200
+) -> np.ndarray:
+    """[len(tokens), vocab] log-probabilities llama.cpp gives after each prefix.
+
+    One `/v1/completions` request per prefix with `n_probs` = the whole
+    vocabulary: llama-server reports the softmax of the raw logits (before
+    any sampler or bias), i.e. the logits up to a constant per row. A logit
+    bias of +100 (logits are soft-capped at 30) makes the one sampled token
+    `plain` (tiny vocabulary: "V"): llama-server reports no probabilities
+    after an end-of-generation token or one that ends inside a UTF-8
+    character, and these are what an untrained or corrupted model picks.
+    """
+    rows = np.full((len(tokens), vocab), -np.inf)
+    for k in range(1, len(tokens) + 1):
+        body = {
+            "prompt": tokens[:k],
+            "n_predict": 1,
+            "n_probs": vocab,
+            "temperature": 0,
+            "logit_bias": [[plain, 100]],
+        }
+        out = server.handle_completions(body)
+        for t in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]:
+            rows[k - 1, t["id"]] = t["logprob"]
+    return rows
+
+
+def llama_greedy(server, tokens: list[int], n: int) -> list[int]:
+    """`n` greedy token ids from llama-server's `/completion` (`return_tokens`)."""
+    import urllib.request
+
+    body = {"prompt": tokens, "n_predict": n, "temperature": 0, "return_tokens": True}
+    request = urllib.request.Request(
+        server.listening_address + "/completion",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.load(reply)["tokens"]

@@ -27,7 +27,7 @@ from typing import NoReturn
 import pytest
 
 # Importable names of the reference implementations (all in the `test` extra).
-ORACLES = ("torch", "transformers", "peft", "bitsandbytes", "gguf")
+ORACLES = ("torch", "transformers", "peft", "bitsandbytes", "gguf", "xllamacpp")
 INSTALL = 'pip install -e ".[test]"'
 # Set from `--require-oracles` by conftest.py (in every xdist worker too): a
 # missing oracle, or the browser of the review-page tests, fails instead.

@@ -12,7 +12,12 @@ from export_fixtures import (
     config_for,
     factor_workdir,
     fake_workdir,
+    keras_greedy,
     keras_logits,
+    llama_greedy,
+    llama_logprobs,
+    llama_server,
+    log_softmax,
     merged_tensors,
     random_factors,
     rel_err,
@@ -160,68 +165,93 @@ def test_moe_f16_with_separate_scales(tmp_path_factory):
         )
 
 
-def test_llama_cpp_logits_match_keras(tmp_path_factory):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp",
-        reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; compiles llama.cpp)",
+@pytest.fixture(scope="module")
+def templated_small(tmp_path_factory):
+    """A merged f32 GGUF of a trained model on a base shipping the small template."""
+    preset = variant_preset(chat_template="small")
+    root = str(tmp_path_factory.mktemp("gguf_small"))
+    model = trained_model(preset)
+    out = commands.export(
+        config_for(preset),
+        fake_workdir(root, model, preset),
+        "gguf",
+        os.path.join(root, "gguf"),
+        gguf_type="f32",
     )
+    return preset, model, out
+
+
+def _package_ids(preset: str, text: str) -> list[int]:
+    """The base's tokenizer.json on `text`, special tokens parsed, none added."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(os.path.join(preset, "tokenizer.json"))
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def test_llama_cpp_logits_match_keras(tmp_path_factory):
+    """llama-server's `/v1/completions` (xllamacpp) gives the Keras model's softmax.
+
+    After every prefix of TOKENS, the whole vocabulary's log-probabilities
+    (`n_probs`), i.e. the logits up to a constant per row, and the greedy token.
+    """
     _, model, out, reader = _export(tmp_path_factory, "f32")
     assert _field(reader, "gemma4.embedding_length_per_layer_input") == 0
     freqs = _tensor(reader, "rope_freqs.weight")
     assert freqs.shape == (16,) and (freqs[:4] == 1).all() and (freqs[4:] > 1e29).all()
-    llm = llama_cpp.Llama(
-        model_path=os.path.join(out, "model-f32.gguf"),
-        logits_all=True,
-        n_ctx=64,
-        verbose=False,
-    )
     tokens = [int(t) for t in np.asarray(TOKENS).reshape(-1)]
-    llm.eval(tokens)
-    got = np.array(llm.scores[: len(tokens)])
-    want = np.asarray(keras_logits(model, np.asarray(tokens)[None]))[0]
-    # ggml's CPU GELU goes through an f16 table, hence ~1e-3 rather than ~1e-6.
-    assert rel_err(got, want) < 5e-3
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    logits = np.asarray(keras_logits(model, np.asarray(tokens)[None]))[0]
+    server = llama_server(os.path.join(out, "model-f32.gguf"))
+    got = llama_logprobs(server, tokens, logits.shape[-1])
+    want = log_softmax(logits)
+    # ggml's CPU GELU goes through an f16 table: 9.6e-4 measured (max
+    # |difference| 0.031); one layer's ffn_gate scaled by 1.1 gives 1.3e-2.
+    assert rel_err(got, want) < 5e-3, rel_err(got, want)
+    assert np.abs(np.exp(got) - np.exp(want)).max() < 5e-3
+    assert (got.argmax(-1) == logits.argmax(-1)).all()
+    assert llama_greedy(server, tokens, 4) == keras_greedy(model, tokens, 4)
 
 
-def test_llama_cpp_tokenizes_a_rendered_prompt_with_one_bos(q8):
-    """One BOS the way llama.cpp serves a Gemma 4 GGUF.
+def test_llama_cpp_chat_completion_has_one_bos(templated_small):
+    """One BOS the way llama-server serves the export's chat template.
 
     The export says `add_bos_token` false, as the official tokenizer does
-    (the chat template emits `<bos>`). llama.cpp overrides that to true for
-    the gemma4 vocabulary ("workaround for Gemma 4" in llama-vocab.cpp), and
-    its chat path does not add a second one: llama-cpp-python's
-    `Jinja2ChatFormatter` reports `added_special`, so `create_chat_completion`
-    tokenizes the rendered prompt with `add_bos=False`. Plain text (no
-    template) gets its one BOS from llama.cpp.
+    (the template writes `<bos>`). llama.cpp overrides that to true for the
+    gemma4 vocabulary ("override 'tokenizer.ggml.add_bos_token' to 'true' for
+    Gemma4" in its log), and its chat path strips the template's leading
+    `<bos>` before tokenizing with BOS: one in all. Checked through
+    `/v1/chat/completions` as a user calls it: the prompt is the package's
+    token ids (count and next-token probabilities; a second BOS moves the
+    top log-probabilities by ~0.4).
     """
-    llama_cpp = pytest.importorskip(
-        "llama_cpp",
-        reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; compiles llama.cpp)",
-    )
-    from llama_cpp import llama_chat_format
-
     from gemma4_keras.data import generation_prompt
-    from gemma4_keras.testing import tiny
 
-    _, _, out, reader = q8
-    assert _field(reader, "tokenizer.ggml.add_bos_token") is False
-    llm = llama_cpp.Llama(
-        model_path=os.path.join(out, "model-q8_0.gguf"), n_ctx=64, verbose=False
-    )
-    messages = [{"role": "user", "content": "Hi"}]
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=tiny.chat_template_jinja("small"), eos_token="<eos>", bos_token="<bos>"
-    )
-    rendered = formatter(messages=messages)
-    assert rendered.prompt == generation_prompt(messages, template="small")
-    ids = llm.tokenize(
-        rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
-    )
-    assert ids[0] == 2 and ids.count(2) == 1, ids
-    assert ids.count(105) == 2 and ids.count(106) == 1, ids  # control tokens parsed
-    plain = llm.tokenize(b"Hi", add_bos=True, special=True)
-    assert plain[0] == 2 and plain.count(2) == 1, plain
+    preset, model, out = templated_small
+    messages = [{"role": "user", "content": "Hi there"}]
+    ids = _package_ids(preset, generation_prompt(messages, template="small"))
+    assert ids[0] == 2 and ids.count(2) == 1
+    one = log_softmax(keras_logits(model, np.asarray([ids], np.int32))[0, -1])
+    two = log_softmax(keras_logits(model, np.asarray([[2, *ids]], np.int32))[0, -1])
+    server = llama_server(os.path.join(out, "model-f32.gguf"), n_ctx=128)
+    body = {
+        "messages": messages,
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 20,
+        # The package renders thinking off; llama-server's default is on.
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    reply = server.handle_chat_completions(body)
+    assert reply["usage"]["prompt_tokens"] == len(ids), (reply["usage"], ids)
+    top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    top_ids = [t["id"] for t in top]
+    got = np.array([t["logprob"] for t in top])
+    assert np.abs(got - one[top_ids]).max() < 2e-2  # 2.9e-3 measured
+    assert np.abs(got - two[top_ids]).max() > 0.1  # 0.42 measured
+    # Plain text (no template) gets its one BOS from llama.cpp.
+    text = server.handle_completions({"prompt": "Hi", "n_predict": 1, "temperature": 0})
+    assert text["usage"]["prompt_tokens"] == len(_package_ids(preset, "Hi")) + 1
 
 
 def test_q4_k_m_needs_llama_cpp(tmp_path):
@@ -307,11 +337,7 @@ def test_gguf_lora_is_the_merged_delta(lora_run):
 
 
 def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp",
-        reason="llama.cpp check needs llama-cpp-python (pip install llama-cpp-python; "
-        "compiles llama.cpp); without it the GGUF adapter is checked with GGUFReader only",
-    )
+    """`llama-server -m base --lora adapter` answers as the merged GGUF does."""
     preset, spec, factors, root, lora_dir, merged_dir = lora_run
     zero = {s: (a, np.zeros_like(b)) for s, (a, b) in factors.items()}
     base_dir = commands.export(
@@ -323,19 +349,16 @@ def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):
     )
     tokens = [int(t) for t in np.asarray(TOKENS).reshape(-1)]
 
-    def scores(**kwargs):
-        llm = llama_cpp.Llama(logits_all=True, n_ctx=64, verbose=False, **kwargs)
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)])
+    def logprobs(model, lora=None):
+        server = llama_server(model, lora_path=lora)
+        return llama_logprobs(server, tokens, 1024)
 
-    want = scores(model_path=os.path.join(merged_dir, "model-f32.gguf"))
-    got = scores(
-        model_path=os.path.join(base_dir, "model-f32.gguf"),
-        lora_path=os.path.join(lora_dir, "adapter-f32.gguf"),
-    )
-    assert rel_err(got, want) < 1e-3
-    base = scores(model_path=os.path.join(base_dir, "model-f32.gguf"))
-    assert rel_err(base, want) > 1e-2
+    want = logprobs(os.path.join(merged_dir, "model-f32.gguf"))
+    base = os.path.join(base_dir, "model-f32.gguf")
+    got = logprobs(base, os.path.join(lora_dir, "adapter-f32.gguf"))
+    assert rel_err(got, want) < 1e-3, rel_err(got, want)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert rel_err(logprobs(base), want) > 1e-2  # the adapter is not a no-op
 
 
 # ----------------------------------------------------------------------------

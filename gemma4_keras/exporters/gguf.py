@@ -24,9 +24,11 @@ models (context/embedding/feed-forward lengths, head counts, key/value
 lengths for full and sliding layers, RoPE bases and dimensions,
 sliding-window pattern, shared KV layers, per-layer-input width, experts,
 final logit soft-cap) and llama.cpp's `gemma4` BPE vocabulary (tokens and
-merges) built from tokenizer.json. llama.cpp (llama-cpp-python 0.3.36) loads
-the tiny dense f32 export and matches its logits (tests/test_export_gguf.py);
-MoE and PLE exports are not yet checked against llama.cpp; see docs/deploy.md.
+merges) built from tokenizer.json. llama.cpp (llama-server's code, through
+xllamacpp) serves the tiny dense f32 export with the Keras model's
+log-probabilities, and a PLE base plus the GGUF adapter as the merged GGUF
+(tests/test_export_gguf.py); MoE exports are not yet checked against
+llama.cpp; see docs/deploy.md.
 """
 
 from __future__ import annotations
