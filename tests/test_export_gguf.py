@@ -287,7 +287,11 @@ def lora_run(tmp_path_factory):
 
 def test_gguf_lora_structure(lora_run):
     preset, spec, factors, _, lora_dir, _ = lora_run
-    assert set(os.listdir(lora_dir)) == {"adapter-f32.gguf", "export_manifest.json"}
+    assert set(os.listdir(lora_dir)) == {
+        "adapter-f32.gguf",
+        "base-f32.gguf",
+        "export_manifest.json",
+    }
     reader = gguf.GGUFReader(os.path.join(lora_dir, "adapter-f32.gguf"))
     assert _field(reader, "general.architecture") == "gemma4"
     assert _field(reader, "general.type") == "adapter"
@@ -336,17 +340,25 @@ def test_gguf_lora_is_the_merged_delta(lora_run):
     )
 
 
-def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):
-    """`llama-server -m base --lora adapter` answers as the merged GGUF does."""
+def test_gguf_lora_base_is_the_base(lora_run):
+    """The export's base-f32.gguf holds the base's tensors, no adapter merged."""
+    preset, _, _, _, lora_dir, _ = lora_run
+    reader = gguf.GGUFReader(os.path.join(lora_dir, "base-f32.gguf"))
+    assert _field(reader, "general.type") != "adapter"
+    assert _field(reader, "tokenizer.ggml.model") == "gemma4"
+    base = load_file(os.path.join(preset, "model.safetensors"))
+    for name, hf_name in (
+        ("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight"),
+        ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight"),
+        ("token_embd.weight", "model.embed_tokens.weight"),
+    ):
+        np.testing.assert_array_equal(_tensor(reader, name), base[hf_name])
+
+
+def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run):
+    """`llama-server -m base-f32.gguf --lora adapter-f32.gguf` (the gguf-lora
+    export, nothing else) answers as the merged GGUF does."""
     preset, spec, factors, root, lora_dir, merged_dir = lora_run
-    zero = {s: (a, np.zeros_like(b)) for s, (a, b) in factors.items()}
-    base_dir = commands.export(
-        config_for(preset),
-        factor_workdir(str(tmp_path), preset, spec, zero),
-        "gguf",
-        str(tmp_path / "base"),
-        gguf_type="f32",
-    )
     tokens = [int(t) for t in np.asarray(TOKENS).reshape(-1)]
 
     def logprobs(model, lora=None):
@@ -354,7 +366,7 @@ def test_llama_cpp_base_plus_gguf_lora_equals_merged(lora_run, tmp_path):
         return llama_logprobs(server, tokens, 1024)
 
     want = logprobs(os.path.join(merged_dir, "model-f32.gguf"))
-    base = os.path.join(base_dir, "model-f32.gguf")
+    base = os.path.join(lora_dir, "base-f32.gguf")
     got = logprobs(base, os.path.join(lora_dir, "adapter-f32.gguf"))
     assert rel_err(got, want) < 1e-3, rel_err(got, want)
     assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -48,14 +48,17 @@ def made_up(tmp_path_factory):
         listed = plan.training_variables(model.spec, q, 4)
         counts = plan.param_counts(model.spec)
         exports = {}
-        for fmt in ("hf", "peft", "gguf-lora"):
+        for fmt in ("hf", "peft"):
             out = str(root / fmt)
             cfg = commands.config_lib.get_config("tiny", "lora")
             cfg.model.preset = base
             commands.export(cfg, workdir, fmt, out)
             exports[fmt] = out
-        with pytest.raises(ExportError, match="made_up_layernorm"):
-            commands.export(cfg, workdir, "gguf", str(root / "gguf"))
+        # gguf's name map has no row for it: the GGUF formats (gguf-lora
+        # writes the base GGUF it applies to) say so, naming the tensor.
+        for fmt in ("gguf", "gguf-lora"):
+            with pytest.raises(ExportError, match="made_up_layernorm"):
+                commands.export(cfg, workdir, fmt, str(root / fmt))
         merged = merged_tensors(model)
     yield {
         "base": base,
@@ -93,7 +96,6 @@ def test_it_is_exported(made_up):
     np.testing.assert_array_equal(made_up["merged"][name], base[name])
     spec, factors = peft.read_adapter(made_up["exports"]["peft"])
     assert spec.rank == 2 and factors
-    assert os.listdir(made_up["exports"]["gguf-lora"])
 
 
 def test_it_is_planned(made_up):

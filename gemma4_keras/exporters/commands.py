@@ -5,10 +5,11 @@
     export(config, "runs/x", "keras", "out/keras")     merged KerasHub preset
     export(config, "runs/x", "gguf", "out/gguf")       merged GGUF (llama.cpp)
     export(config, "runs/x", "gguf-lora", "out/lora")  adapter as GGUF (llama.cpp, Ollama)
+                                                       and the base it applies to
 
-`peft` and `gguf-lora` read no base weights at all: the adapter is checked
-against the model spec read from the base's config.json alone. `hf` and
-`gguf` write tensor by tensor from a local HF directory's safetensors
+`peft` reads no base weights at all: the adapter is checked against the
+model spec read from the base's config.json alone. `hf`, `gguf` and the
+base GGUF of `gguf-lora` write tensor by tensor from a local HF directory's safetensors
 (`hf://` bases are downloaded first), holding one tensor at a time. Two
 exports hold the base in memory: `keras` (KerasHub saves a built backbone,
 in the output dtype) and `hf` from a base that has no safetensors (a
@@ -158,14 +159,17 @@ def export_bytes(job: dict) -> int | None:
     merged exports; None for a base that is not a local HF directory.
     """
     fmt, factors = job["fmt"], job["factors"]
+    adapter = 0
     if fmt in ("peft", "gguf-lora"):
         per = 4.0 if fmt == "peft" else _GGUF_BYTES.get(job["gguf_type"], 4.0)
         elements = peft.adapter_bytes(factors) // 4  # float32 factors
-        return int(elements * per) + _EXPORT_SLACK
+        adapter = int(elements * per) + _EXPORT_SLACK
+        if fmt == "peft":
+            return adapter
     base_dir = job["base_dir"]
     if not base_dir:
         return None
-    if fmt == "gguf":
+    if fmt in ("gguf", "gguf-lora"):
         per = _GGUF_BYTES.get(job["gguf_type"], 4.0)
     else:
         per = float(hf.DTYPE_NAMES[job["dtype"]].itemsize)
@@ -176,7 +180,7 @@ def export_bytes(job: dict) -> int | None:
         for e in os.scandir(base_dir)
         if e.is_file() and not e.name.endswith(".safetensors")
     )
-    return int(weights) + others + _EXPORT_SLACK
+    return adapter + int(weights) + others + _EXPORT_SLACK
 
 
 def _staging_prefix(out: str) -> str:
@@ -404,7 +408,7 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
     outputs.check(out, empty=True, inputs=outputs.run_inputs(config, workdir))
     base_model = base_model or default_base_model(config)
     preset = presets.resolve_preset(config.model.preset)
-    if fmt in ("hf", "gguf") and preset.startswith("hf://"):
+    if fmt in ("hf", "gguf", "gguf-lora") and preset.startswith("hf://"):
         preset = hf_snapshot(preset)  # stream from the local files
     config_json = presets.read_config_json(preset)
     model_spec = hub.spec_from_config(hub.backbone_kwargs(config_json))
@@ -521,8 +525,14 @@ def _write(tmp: str, job: dict) -> list[str]:
         return keras_preset.write_keras_preset(
             job["preset"], tmp, job["lora_spec"], job["factors"], job["dtype"]
         )
+    merged = dict(base_dir=job["base_dir"], preset=job["preset"])
+    merged.update(lora_spec=job["lora_spec"], gguf_type=job["gguf_type"])
     if fmt == "gguf-lora":
-        return gguf_lib.write_gguf_lora(
+        # llama.cpp serves an adapter on the base it was trained on, as GGUF
+        # (`llama-server -m base-f16.gguf --lora adapter-f16.gguf`): the same
+        # writer, no adapter merged.
+        base = gguf_lib.write_gguf(tmp, factors={}, stem="base", **merged)
+        return base + gguf_lib.write_gguf_lora(
             tmp,
             config_json=job["config_json"],
             preset=job["preset"],
@@ -530,14 +540,7 @@ def _write(tmp: str, job: dict) -> list[str]:
             factors=job["factors"],
             gguf_type=job["gguf_type"],
         )
-    return gguf_lib.write_gguf(
-        tmp,
-        base_dir=job["base_dir"],
-        preset=job["preset"],
-        lora_spec=job["lora_spec"],
-        factors=job["factors"],
-        gguf_type=job["gguf_type"],
-    )
+    return gguf_lib.write_gguf(tmp, factors=job["factors"], **merged)
 
 
 def _write_hf(tmp: str, job: dict) -> list[str]:

@@ -3,6 +3,7 @@
 Needs the optional extra: `pip install gemma4-keras[gguf]`.
 
     write_gguf(dir, base_dir=..., ...)        model-<type>.gguf: merged, streamed
+    write_gguf(dir, ..., factors={}, stem="base")  base-<type>.gguf: no adapter
     write_gguf_lora(dir, config_json=..., ...)  adapter-<type>.gguf: LoRA only
 
 The merged tensors are the base's text-decoder safetensors tensors with the
@@ -359,8 +360,9 @@ def write_gguf(
     lora_spec,
     factors,
     gguf_type: str = "f16",
+    stem: str = "model",
 ) -> list[str]:
-    """Writes `model-<type>.gguf` (merged weights) into `directory`, streamed.
+    """Writes `<stem>-<type>.gguf` (merged weights) into `directory`, streamed.
 
     The base's safetensors are read tensor by tensor (`model/safetensors_io.py`); each
     tensor is merged with its adapter delta in float32 (`hf.merge_tensor`),
@@ -376,6 +378,8 @@ def write_gguf(
         preset: the base preset (name and error messages).
         lora_spec, factors: the adapter (`peft.read_adapter`), validated.
         gguf_type: `f32`, `f16`, `bf16` or `q8_0`.
+        stem: the file name's start: `model` (merged), `base` (the base a
+            GGUF adapter applies to: `factors={}`).
 
     Returns:
         The file names written.
@@ -397,9 +401,10 @@ def write_gguf(
     hf._check_sites(refs, sites, base_dir, factors)
     plan = _plan(refs, base_config, spec, gguf_type, gguf)
 
-    fname = f"model-{gguf_type}.gguf"
+    fname = f"{stem}-{gguf_type}.gguf"
     writer = gguf.GGUFWriter(os.path.join(directory, fname), "gemma4")
-    writer.add_name(os.path.basename(os.path.normpath(str(preset))) + "-merged")
+    name = os.path.basename(os.path.normpath(str(preset)))
+    writer.add_name(name + "-merged" if factors else name)
     writer.add_file_type(_file_type(gguf, gguf_type))
     add_metadata(writer, base_config.get("text_config", base_config), spec)
     add_tokenizer(writer, tok, tok_cfg)
@@ -456,7 +461,8 @@ def write_gguf_lora(
     Example:
       >>> write_gguf_lora("out/lora", config_json=cfg, preset="...", lora_spec=spec,
       ...                 factors=factors)
-      # llama-cli -m base-f16.gguf --lora out/lora/adapter-f16.gguf
+      # llama-server -m out/lora/base-f16.gguf --lora out/lora/adapter-f16.gguf
+      # (the export writes the base too: write_gguf(..., factors={}, stem="base"))
     """
     check_type(gguf_type)
     gguf = _import_gguf()
