@@ -83,7 +83,7 @@ from gemma4_keras.data import samples
 from gemma4_keras.model import hub, schema
 
 # Bump when the files written change, so stale caches are not reused.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 TINY_VOCAB_SIZE = 1024
 NUM_LAYERS = 4
 HIDDEN_SIZE = 64
@@ -550,10 +550,15 @@ _CHAT_TEMPLATE = r"""{#- Gemma 4 chat template of the gemma4_keras tiny checkpoi
 {%- endmacro -%}
 {%- macro quoted(v) -%}{{- '<|"|>' ~ v ~ '<|"|>' -}}{%- endmacro -%}
 {%- macro text_of(content) -%}
-    {#- Text, or a list of {"type": "text", "text": ...} parts. -#}
+    {#- Text, or a list of parts: text, and image / audio as their placeholders. -#}
     {%- if content is string -%}{{- content -}}
     {%- elif content is iterable and content is not mapping -%}
-        {%- for part in content -%}{{- part['text'] -}}{%- endfor -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'image' -%}{{- '<|image|>' -}}
+            {%- elif part['type'] == 'audio' -%}{{- '<|audio|>' -}}
+            {%- else -%}{{- part['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
     {%- endif -%}
 {%- endmacro -%}
 {%- macro value(v, quote_keys) -%}
