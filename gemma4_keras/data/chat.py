@@ -25,6 +25,9 @@ here. The rules both templates share:
   then `<|tool_response>` (the model's stop), the runtime's results
   `response:NAME{...}<tool_response|>`, and the same turn goes on with the
   next model message;
+- an image or audio part of a user/system message is its placeholder
+  (`<|image|>`, `<|audio|>`) where the part stands (`media.py`; the
+  tokenizer expands it into the markers and soft tokens);
 - the generation prompt is `<|turn>model\n`, followed (large template,
   thinking off) by the empty thought block; after tool results it adds
   nothing, or `<|channel>thought\n` with thinking on.
@@ -44,7 +47,7 @@ them, the answer and `<turn|>`; never declarations, user text or results.
 
 from collections.abc import Mapping, Sequence
 
-from gemma4_keras.data import tool_format
+from gemma4_keras.data import media, tool_format
 
 BOS = "<bos>"
 EOS = "<eos>"
@@ -58,13 +61,17 @@ THINK = "<|think|>"
 # Control tokens this module emits; content may not contain them (the
 # tokenizer would read them as structure, not text).
 CONTROL_TOKENS = (
-    BOS,
-    TURN_OPEN,
-    TURN_CLOSE,
-    CHANNEL_OPEN,
-    CHANNEL_CLOSE,
-    THINK,
-) + tool_format.TOOL_TOKENS
+    (
+        BOS,
+        TURN_OPEN,
+        TURN_CLOSE,
+        CHANNEL_OPEN,
+        CHANNEL_CLOSE,
+        THINK,
+    )
+    + tool_format.TOOL_TOKENS
+    + media.TOKENS
+)
 FORBIDDEN_IN_CONTENT = CONTROL_TOKENS + (EOS, PAD)
 # Gemma 2/3 markers: plain text to Gemma 4, a sign of mis-formatted data.
 LEGACY_MARKERS = ("<start_of_turn>", "<end_of_turn>")
@@ -434,6 +441,25 @@ def training_pieces(
     )
 
 
+def _parts(content: str) -> list[dict]:
+    """Content with media placeholders as the list of parts a template reads.
+
+    Example:
+        >>> _parts("Name it: <|image|>")
+        [{'type': 'text', 'text': 'Name it: '}, {'type': 'image'}]
+    """
+    kinds = {token: kind for kind, token in media.PLACEHOLDER.items()}
+    parts: list[dict] = []
+    for text, _ in split_controls(content, False):
+        if text in kinds:
+            parts.append({"type": kinds[text]})
+        elif parts and parts[-1]["type"] == "text":
+            parts[-1]["text"] += text
+        else:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
 def template_messages(messages: Sequence[Mapping]) -> list[dict]:
     """The package's messages in the shape the official template reads.
 
@@ -447,6 +473,8 @@ def template_messages(messages: Sequence[Mapping]) -> list[dict]:
         role = _role(message)
         shaped: dict = {"role": "assistant" if role == "model" else role}
         shaped["content"] = message.get("content") or ""
+        if message.get("media"):
+            shaped["content"] = _parts(shaped["content"])
         if message.get("thinking"):
             shaped["reasoning_content"] = message["thinking"]
         if message.get("tool_calls"):

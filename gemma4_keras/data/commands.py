@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from gemma4_keras import atomic, outputs
-from gemma4_keras.data import chat, quality, records
+from gemma4_keras.data import chat, media, quality, records
 from gemma4_keras.data.records import Conversation, DataError, Problem
 from gemma4_keras.data.template import TemplateError
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversations
@@ -121,6 +121,25 @@ def _split_info(train: list, holdout: list, settings: DataSettings) -> dict:
     }
 
 
+def refuse_media(conversations: list[Conversation], what: str) -> None:
+    """Raises a DataError naming the first record with an image or audio part.
+
+    The data steps read, check, render and count media (`data check`,
+    `data render`, `data stats`, `data split`); the model does not take
+    them yet.
+    """
+    for c in conversations:
+        if any(m.get("media") for m in c.messages):
+            raise DataError(
+                Problem(
+                    c.source,
+                    f"has image/audio parts: {what} with images or audio is not "
+                    "supported yet (data check, data render, data stats and data "
+                    "split read them); remove the media parts or train on text",
+                )
+            )
+
+
 def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
     """Read, validate, dedupe, split, encode and report, as a run does.
 
@@ -134,6 +153,7 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
     """
     settings = DataSettings.of(data_cfg)
     train, holdout, read_stats, dedupe_stats = read_and_split(settings)
+    refuse_media(train + holdout, "training and evaluation")
     train_examples, encode_stats = encode_conversations(
         train, tokenizer, **_encode_kwargs(settings)
     )
@@ -211,10 +231,24 @@ def write_json(path: str, obj: Any) -> None:
     atomic.write_json(path, obj, ensure_ascii=False)
 
 
+def _record_message(message: dict) -> dict:
+    """A message as a record line: media as content parts, which read back."""
+    if not message.get("media"):
+        return message
+    out = {k: v for k, v in message.items() if k != "media"}
+    records = iter(message["media"])
+    out["content"] = [
+        media.as_part(next(records)) if part["type"] != "text" else part
+        for part in chat.template_messages([message])[0]["content"]
+    ]
+    return out
+
+
 def _write_jsonl(path: str, conversations: list[Conversation]) -> None:
     with atomic.atomic_open(path) as f:
         for c in conversations:
-            record = {"messages": c.messages, "source": c.source}
+            messages = [_record_message(m) for m in c.messages]
+            record = {"messages": messages, "source": c.source}
             if c.tools:  # the declarations travel with their conversation
                 record["tools"] = c.tools
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gemma4_keras.data import tool_format
+from gemma4_keras.data import media, tool_format
 from gemma4_keras.data.chat import LEGACY_MARKERS
 from gemma4_keras.data.records import Conversation, Problem
 
@@ -38,7 +38,10 @@ def _turn_key(message: Mapping, fix) -> list:
     responses = [
         [r["name"], r["response"]] for r in message.get("tool_responses") or ()
     ]
-    return turn + [calls, responses] if calls or responses else turn
+    turn = turn + [calls, responses] if calls or responses else turn
+    # The same text with other images is another example: media by content.
+    found = [[r["type"], r["sha256"]] for r in message.get("media") or ()]
+    return turn + [found] if found else turn
 
 
 def _key(conversation: Conversation, normalise: bool) -> str:
@@ -318,6 +321,49 @@ def tool_stats(conversations: Sequence[Conversation]) -> dict | None:
     }
 
 
+def media_stats(conversations: Sequence[Conversation]) -> dict | None:
+    """Images and audio clips per conversation and the soft tokens they take.
+
+    None when no conversation has any. `records` lists the first
+    conversations with media: {"source", "images", "audio", "soft_tokens"}.
+
+    Example (two records, one with two 300 x 500 images):
+        images 2, audio 0, image_soft_tokens 504 (252 each), with_media 1
+    """
+    rows = []
+    totals = collections.Counter()
+    for c in conversations:
+        found = media.media_of(c.messages)
+        if not found:
+            continue
+        counts = collections.Counter(r["type"] for r in found)
+        tokens = sum(int(r["soft_tokens"]) for r in found)
+        for r in found:
+            totals[r["type"] + "_soft_tokens"] += int(r["soft_tokens"])
+        totals.update(counts)
+        rows.append(
+            {
+                "source": c.source,
+                "images": counts[media.IMAGE],
+                "audio": counts[media.AUDIO],
+                "soft_tokens": tokens,
+            }
+        )
+    if not rows:
+        return None
+    return {
+        "with_media": len(rows),
+        "images": totals[media.IMAGE],
+        "audio": totals[media.AUDIO],
+        "image_soft_tokens": totals["image_soft_tokens"],
+        "audio_soft_tokens": totals["audio_soft_tokens"],
+        "max_images": max(r["images"] for r in rows),
+        "max_audio": max(r["audio"] for r in rows),
+        "max_soft_tokens": max(r["soft_tokens"] for r in rows),
+        "records": rows[:MAX_LISTED],
+    }
+
+
 def _model_turns(messages: Sequence[Mapping]) -> int:
     """Model turns: model messages after tool results continue the same turn."""
     return sum(
@@ -375,6 +421,7 @@ def quality_report(
         "conversations": _conversation_stats(conversations),
         "labels": label_stats(conversations, imbalance_ratio),
         "tools": tool_stats(conversations),
+        "media": media_stats(conversations),
         "tokens": token_stats(encoded or [], max_length),
         "truncation": encode_stats,
         "split": split,
@@ -467,6 +514,7 @@ def format_report(report: dict) -> str:
             f"{s.get('train')} / {s.get('holdout')} (fraction {s.get('fraction')}, seed {s.get('seed')})",
         )
     lines += _format_tools(report.get("tools"))
+    lines += _format_media(report.get("media"))
     if report.get("labels"):
         labels = report["labels"]
         row("labels", ", ".join(f"{k!r}: {v}" for k, v in labels["counts"].items()))
@@ -522,3 +570,22 @@ def _format_tools(tools: dict | None) -> list[str]:
                 f"    {r['source']}: {r['detail']}" for r in tools[key]["records"]
             ]
     return lines
+
+
+def _format_media(stats: dict | None) -> list[str]:
+    """The report's media rows (see `media_stats`); none without media."""
+    if not stats:
+        return []
+    lines = [
+        f"  {'conversations with media':<28} {stats['with_media']}",
+        f"  {'images / audio clips':<28} {stats['images']} / {stats['audio']} "
+        f"(at most {stats['max_images']} / {stats['max_audio']} per conversation)",
+        f"  {'soft tokens image / audio':<28} {stats['image_soft_tokens']} / "
+        f"{stats['audio_soft_tokens']} (at most {stats['max_soft_tokens']} per "
+        "conversation)",
+    ]
+    return lines + [
+        f"    {r['source']}: {r['images']} image(s), {r['audio']} audio, "
+        f"{r['soft_tokens']} soft tokens"
+        for r in stats["records"][:10]
+    ]

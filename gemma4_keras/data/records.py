@@ -32,7 +32,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 
-from gemma4_keras.data import chat, tool_format
+from gemma4_keras.data import chat, media, tool_format
 from gemma4_keras.settings import DataSettings
 
 ROLES = ("user", "model", "assistant", "system", "developer", "tool")
@@ -110,17 +110,64 @@ class Conversation:
 
 def _text_content(content: Any, role: str, index: int) -> str:
     """Returns message text; a list of {"type": "text"} parts is joined."""
+    return _content(content, role, index, None, media_allowed=False, check=False)[0]
+
+
+def _content(
+    content: Any,
+    role: str,
+    index: int,
+    base_dir: str | None,
+    *,
+    media_allowed: bool,
+    check: bool = True,
+) -> tuple[str, list[dict]]:
+    """(text, media records) of message content: a string or a list of parts.
+
+    Text parts are joined; each image/audio part becomes its placeholder
+    (`<|image|>`, `<|audio|>`) in the text and a record (`media.describe_part`,
+    which reads and checks the file; paths resolve against `base_dir`).
+    With `check`, text parts are checked for control tokens (thoughts are
+    allowed in model text).
+    """
     if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(c, Mapping) for c in content):
-        if any(c.get("type") != "text" for c in content):
+        return content, []
+    if not (isinstance(content, list) and all(isinstance(c, Mapping) for c in content)):
+        raise ValueError(
+            f"message {index} ({role}): content must be a string, got "
+            f"{type(content).__name__} (or a list of text, image and audio parts)"
+        )
+    texts, plain, found = [], [], []
+    for k, part in enumerate(content):
+        ptype = part.get("type")
+        where = f"message {index} ({role}) part {k}"
+        if ptype == "text":
+            texts.append(str(part.get("text", "")))
+            plain.append(texts[-1])
+            continue
+        if ptype not in media.PART_TYPES:
             raise ValueError(
-                f"message {index} ({role}): only text content is supported"
+                f"{where}: unknown part type {ptype!r} (expected one of "
+                f"{', '.join(media.PART_TYPES)})"
             )
-        return "".join(str(c.get("text", "")) for c in content)
-    raise ValueError(
-        f"message {index} ({role}): content must be a string, got {type(content).__name__}"
-    )
+        if not media_allowed:
+            raise ValueError(
+                f"{where}: a {ptype} part in a {role} message; images and audio go "
+                "in user or system messages"
+            )
+        try:
+            record = media.describe_part(part, base_dir)
+        except media.MediaError as e:
+            raise ValueError(f"{where}: {e}") from e
+        found.append(record)
+        texts.append(media.PLACEHOLDER[record["type"]])
+    if check:
+        _check_text(
+            "".join(plain),
+            f"message {index} ({role}): content",
+            thoughts_allowed=role == "model",
+        )
+    return "".join(texts), found
 
 
 def _check_text(text: str, where: str, *, thoughts_allowed: bool = False) -> None:
@@ -200,7 +247,7 @@ def _tool_result(raw: Mapping, index: int) -> Any:
     return content
 
 
-def _normalise_message(raw: Any, index: int) -> Message:
+def _normalise_message(raw: Any, index: int, base_dir: str | None = None) -> Message:
     if not isinstance(raw, Mapping):
         raise ValueError(f"message {index} is not an object with role and content")
     if "role" not in raw:
@@ -215,11 +262,23 @@ def _normalise_message(raw: Any, index: int) -> Message:
     if "content" not in raw and not acts:
         raise ValueError(f"message {index}: missing field 'content'")
     content = raw.get("content")
-    content = "" if content is None and acts else _text_content(content, role, index)
-    _check_text(
-        content, f"message {index} ({role}): content", thoughts_allowed=role == "model"
-    )
+    found: list[dict] = []
+    if content is None and acts:
+        content = ""
+    elif isinstance(content, str):
+        _check_text(
+            content,
+            f"message {index} ({role}): content",
+            thoughts_allowed=role == "model",
+        )
+    else:
+        media_allowed = role in ("user", "system")
+        content, found = _content(
+            content, role, index, base_dir, media_allowed=media_allowed
+        )
     message: Message = {"role": role, "content": content.strip()}
+    if found:
+        message["media"] = found
     if role == "model":
         embedded, message["content"] = chat.extract_thinking(content)
         thinking = (
@@ -255,7 +314,7 @@ def _fold_tool_message(raw: Mapping, index: int, target: Message | None) -> None
     )
 
 
-def normalise_messages(raw_messages: Any) -> list[Message]:
+def normalise_messages(raw_messages: Any, base_dir: str | None = None) -> list[Message]:
     """OpenAI- or Gemma-style messages in the package's form, shape checks only.
 
     Roles become system/user/model; text is trimmed and checked for control
@@ -268,6 +327,10 @@ def normalise_messages(raw_messages: Any) -> list[Message]:
     writes after its tool results becomes a model message of its own (the
     template renders it after the results), joined to the next model
     message when that one only answers.
+
+    Content may be a list of parts: text parts are joined, image and audio
+    parts become placeholders and `media` records (`media.py`; their paths
+    resolve against `base_dir`, default the working directory).
 
     Raises:
         ValueError: "message N: ..." for the first bad message.
@@ -290,7 +353,7 @@ def normalise_messages(raw_messages: Any) -> list[Message]:
                 raw, i, previous if previous and previous["role"] == "model" else None
             )
             continue
-        message = _normalise_message(raw, i)
+        message = _normalise_message(raw, i, base_dir)
         if message.get("tool_responses"):
             message["_native"] = True
         message["_index"] = i
@@ -324,7 +387,7 @@ def _split_answers_after_results(messages: list[Message]) -> list[Message]:
     return out
 
 
-def validate_messages(raw_messages: Any) -> list[Message]:
+def validate_messages(raw_messages: Any, base_dir: str | None = None) -> list[Message]:
     """Normalises and checks one conversation; raises ValueError with the reason.
 
     Rules: a non-empty list; known roles; non-empty content (a model message
@@ -340,7 +403,7 @@ def validate_messages(raw_messages: Any) -> list[Message]:
         ...                    {"role": "assistant", "content": "Hello"}])
         [{'role': 'system', 'content': 'Be brief'}, {'role': 'user', 'content': 'Hi'}, {'role': 'model', 'content': 'Hello'}]
     """
-    messages = normalise_messages(raw_messages)
+    messages = normalise_messages(raw_messages, base_dir)
     start = 1 if messages[0]["role"] == "system" else 0
     expected = "user"
     for i, message in enumerate(messages[start:], start):
@@ -641,13 +704,21 @@ def normalise_tools(raw: Any) -> list[dict]:
 
 
 def record_to_conversation(
-    record: Mapping, source: str, fmt: str, fields: Mapping, system_prompt: str = ""
+    record: Mapping,
+    source: str,
+    fmt: str,
+    fields: Mapping,
+    system_prompt: str = "",
+    base_dir: str | None = None,
 ) -> Conversation:
-    """Converts one raw record; raises ValueError with the reason."""
+    """Converts one raw record; raises ValueError with the reason.
+
+    Media paths resolve against `base_dir` (the data file's directory).
+    """
     if fmt in ("auto", "csv", "tfds"):
         fmt = detect_format(record, fields)
     raw = RECORD_PARSERS[fmt](record, fields)
-    messages = validate_messages(raw)
+    messages = validate_messages(raw, base_dir)
     tools = normalise_tools(record.get("tools")) if fmt == "messages" else []
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt.strip()})
@@ -682,6 +753,9 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
     if on_error not in ("raise", "skip"):
         raise DataError(f"data.on_error={on_error!r}: expected 'raise' or 'skip'")
     system_prompt = str(settings.system_prompt)
+    base_dir = (
+        None if path.startswith("tfds:") else os.path.dirname(os.path.abspath(path))
+    )
     conversations, problems, records = [], [], 0
     for source, record in iter_records(path, fmt, str(settings.tfds_data_dir)):
         records += 1
@@ -690,7 +764,9 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
             continue
         try:
             conversations.append(
-                record_to_conversation(record, source, fmt, fields, system_prompt)
+                record_to_conversation(
+                    record, source, fmt, fields, system_prompt, base_dir
+                )
             )
         except ValueError as e:
             problems.append(Problem(source, str(e)))

@@ -11,7 +11,9 @@ For each training example (the training split, in file order) one JSON line:
 the `[start, end)` character spans that carry loss, `generation_prompt` what
 serving shows before the last trained turn. Text and spans are decoded from
 the token ids and loss mask that training itself uses (`encode_conversation`),
-not re-rendered, so what is shown is what is trained.
+not re-rendered, so what is shown is what is trained. An image or audio
+clip shows as its begin marker, one placeholder and its end marker
+(`<|image><|image|><image|>`; its soft tokens are counted in `media`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from gemma4_keras import atomic, outputs
-from gemma4_keras.data import commands
+from gemma4_keras.data import commands, media
 from gemma4_keras.data import template as template_lib
 from gemma4_keras.data.tokenize import EncodedExample, encode_conversation
 from gemma4_keras.settings import DataSettings
@@ -82,19 +84,49 @@ def decode_with_spans(
     return text, spans
 
 
+def collapse_media(
+    token_ids: np.ndarray, loss_mask: np.ndarray, soft_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each run of one soft-token id shortened to a single token, for display.
+
+    Example (<|image|> = 108):
+        ids   2 107 108 108 108 109 9   ->   2 107 108 109 9
+    """
+    ids = np.asarray(token_ids)
+    keep = np.ones(len(ids), bool)
+    repeat = (ids[1:] == ids[:-1]) & np.isin(ids[1:], list(soft_ids))
+    keep[1:] = ~repeat
+    return ids[keep], np.asarray(loss_mask)[keep]
+
+
 def example_record(
-    example: EncodedExample, id_to_token: Any, template: str
+    example: EncodedExample,
+    id_to_token: Any,
+    template: str,
+    soft_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """The JSON record of one encoded example (see the module docstring)."""
-    text, spans = decode_with_spans(example.token_ids, example.loss_mask, id_to_token)
+    """The JSON record of one encoded example (see the module docstring).
+
+    An image or audio clip shows as `<|image><|image|><image|>` (begin
+    marker, one placeholder, end marker); `media` lists each with its soft
+    tokens (`soft_ids` are the placeholder ids whose runs are shortened).
+    """
+    ids, mask = collapse_media(example.token_ids, example.loss_mask, soft_ids)
+    text, spans = decode_with_spans(ids, mask, id_to_token)
     prompt = text[: spans[-1][0]] if spans else text
-    return {
+    record = {
         "source": example.source,
         "template": template,
         "text": text,
         "trained": spans,
         "generation_prompt": prompt,
     }
+    if example.media:
+        record["media"] = [
+            {"type": r["type"], "source": r["source"], "soft_tokens": r["soft_tokens"]}
+            for r in example.media
+        ]
+    return record
 
 
 def render_records(
@@ -126,10 +158,13 @@ def render_records(
         train, chat_template, enable_thinking=bool(settings.enable_thinking)
     )
     kwargs = commands._encode_kwargs(settings)
+    soft_ids = [int(tokenizer.token_to_id(t)) for t in media.PLACEHOLDER.values()]
     count = 0
     for conversation in train:
         for example in encode_conversation(conversation, tokenizer, **kwargs):
-            yield example_record(example, tokenizer.id_to_token, chat_template.variant)
+            yield example_record(
+                example, tokenizer.id_to_token, chat_template.variant, soft_ids
+            )
             count += 1
             if limit and count >= limit:
                 return

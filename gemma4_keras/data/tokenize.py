@@ -1,13 +1,16 @@
 """Token ids and loss masks for conversations, with exact turn boundaries.
 
 The rendered text is split at the control tokens (`chat.CONTROL_TOKENS`:
-`<bos>`, `<|turn>`, `<turn|>`, `<|channel>`, `<channel|>`, `<|think|>` and
-the tool tokens `<|tool>`, `<|tool_call>`, `<|tool_response>`, `<|"|>`, ...); those map straight to
+`<bos>`, `<|turn>`, `<turn|>`, `<|channel>`, `<channel|>`, `<|think|>`,
+the tool tokens `<|tool>`, `<|tool_call>`, `<|tool_response>`, `<|"|>`, ...
+and the media tokens `<|image|>`, `<|audio|>`, ...); those map straight to
 their ids and the text between them is encoded on its own. SentencePiece
 never merges across a user-defined token, so this gives the ids of the whole
 string (the tests check it against `Gemma4Tokenizer(full_text)`), while the
 loss mask falls exactly on piece boundaries. No BOS is added by the
-tokenizer: the rendered text carries its single `<bos>`.
+tokenizer: the rendered text carries its single `<bos>`. Each media
+placeholder is then expanded into its begin marker, soft tokens and end
+marker (`media.expand`), as the Hugging Face processor does, with no loss.
 
 Text is encoded with the SentencePiece model the KerasHub tokenizer holds
 (`tokenizer.proto`), batched, which is much faster than calling the TF op
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gemma4_keras.data import chat
+from gemma4_keras.data import chat, media
 from gemma4_keras.data.records import Conversation, DataError, Problem
 
 TRAIN_ON = ("last_model_turn", "all_model_turns")
@@ -35,13 +38,16 @@ class EncodedExample:
     Attributes:
         token_ids: int32 [length], the full sequence, starting with bos (2).
         loss_mask: bool [length], True on trained model-turn content and its
-            closing `<turn|>`.
+            closing `<turn|>` (never on media markers or soft tokens).
         source: where the conversation came from ("file.jsonl:17").
+        media: the media records (`media.py`) of the images and audio clips
+            in the sequence, in order; one per placeholder run.
     """
 
     token_ids: np.ndarray
     loss_mask: np.ndarray
     source: str = ""
+    media: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -217,8 +223,10 @@ def _encode_turn(
             tools=conversation.tools,
             enable_thinking=enable_thinking,
         )
+        records = media.media_of(messages[:turn])
         try:
             ids, mask = tok.encode_pieces(pieces)
+            ids, mask = media.expand(ids, mask, records, tok.special_ids)
         except ValueError as e:
             raise DataError(Problem(conversation.source, str(e))) from e
         if len(ids) <= max_length:
@@ -232,7 +240,7 @@ def _encode_turn(
         _count(stats, "history_cut", conversation.source, cuts)
     if not enable_thinking and thought:
         _count(stats, "thoughts_not_trained", conversation.source, 1)
-    return EncodedExample(ids, mask, conversation.source)
+    return EncodedExample(ids, mask, conversation.source, records)
 
 
 def _count(stats: dict | None, key: str, source: str, value: int) -> None:

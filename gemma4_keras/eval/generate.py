@@ -320,6 +320,11 @@ def check_prompt(
         declared = records.normalise_tools(tools)
     except ValueError as e:
         raise PromptError(f"{where}: {e}") from e
+    if any(m.get("media") for m in normalised):
+        raise PromptError(
+            f"{where}: image/audio parts: generating from images or audio is not "
+            "supported yet (text prompts are)"
+        )
     last = normalised[-1]
     if last["role"] != "user" and not last.get("tool_responses"):
         raise PromptError(

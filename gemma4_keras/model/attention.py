@@ -45,19 +45,45 @@ IMPLEMENTATIONS = ("auto", "dense", "chunked", "fused")
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, T] boolean mask: causal, same segment, not padding, in window."""
+def attention_mask(
+    segment_ids: jax.Array, window: int | None, blocks: jax.Array | None = None
+) -> jax.Array:
+    """[B, T, T] boolean mask: causal, same segment, not padding, in window.
+
+    `blocks` [B, T] (-1 = none) also lets tokens of one block see each
+    other both ways (an image's soft tokens, `vision_blocks`); the window
+    still bounds how far back a key may be.
+    """
     idx = jnp.arange(segment_ids.shape[1])
-    return _mask(segment_ids, segment_ids, idx, idx, window)
+    return _mask(segment_ids, segment_ids, idx, idx, window, blocks)
 
 
-def _mask(q_seg, k_seg, q_idx, k_idx, window: int | None) -> jax.Array:
+def _mask(q_seg, k_seg, q_idx, k_idx, window: int | None, blocks=None) -> jax.Array:
     """[B, Tq, Tk] mask of queries at token indices q_idx over keys at k_idx."""
-    allowed = k_idx[None, :] <= q_idx[:, None]
+    allowed = (k_idx[None, :] <= q_idx[:, None])[None]
+    if blocks is not None:  # transformers' OR(causal, blockwise), then the window
+        same_block = (blocks[:, :, None] == blocks[:, None, :]) & (
+            blocks[:, :, None] >= 0
+        )
+        allowed = allowed | same_block
     if window is not None:
-        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)
+        allowed = allowed & (q_idx[:, None] - k_idx[None, :] < window)[None]
     same = q_seg[:, :, None] == k_seg[:, None, :]
-    return allowed[None] & same & (k_seg[:, None, :] > 0)
+    return allowed & same & (k_seg[:, None, :] > 0)
+
+
+def vision_blocks(is_image: jax.Array) -> jax.Array:
+    """[B, T] id of the image each soft token belongs to (runs of `is_image`), else -1.
+
+    As transformers' `get_block_sequence_ids_for_mask`.
+
+    >>> vision_blocks(jnp.array([[0, 1, 1, 0, 1]], bool))
+    Array([[-1,  0,  0, -1,  1]], dtype=int32)
+    """
+    previous = jnp.pad(is_image[:, :-1], ((0, 0), (1, 0)))
+    starts = is_image & ~previous
+    ids = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+    return jnp.where(is_image, ids, -1)
 
 
 def cache_mask(positions, key_valid, window: int | None) -> jax.Array:
@@ -228,8 +254,16 @@ def attend(
     soft_cap: float | None,
     implementation: str = "auto",
     chunk_size: int = 512,
+    blocks=None,
 ):
-    """Attention of q [B, T, N, H] over k, v [B, T, K, H] -> [B, T, N * H]."""
+    """Attention of q [B, T, N, H] over k, v [B, T, K, H] -> [B, T, N * H].
+
+    With `blocks` (bidirectional image tokens, `attention_mask`) the dense
+    path runs: the chunked and fused ones assume no key after its query.
+    """
+    if blocks is not None:
+        mask = attention_mask(segment_ids, window, blocks)
+        return dot_attention(q, k, v, mask, soft_cap)
     chosen = resolve(implementation, q, soft_cap, chunk_size)
     if chosen == "fused":
         on_gpu = jax.default_backend() == "gpu"

@@ -34,6 +34,7 @@ from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import ModelSpec
 
 PLE_TABLE = "ple_embedding"
+MEDIA_INPUTS = ("pixel_values", "audio_features")
 
 
 class HostTable:
@@ -110,6 +111,9 @@ class Gemma4LoraModel(keras.Model):
         self.lora_specs: dict[str, LoraSpec] = {}
         self.active_adapter: str | None = None
         self.dropout_seed = keras.random.SeedGenerator(0, name="lora_dropout_seed")
+        # The frozen vision / audio towers (`attach_towers`); a plain object,
+        # so Keras does not track their weights as the decoder's.
+        self.towers: hub.Towers | None = None
 
     # --- construction -------------------------------------------------------
 
@@ -178,6 +182,14 @@ class Gemma4LoraModel(keras.Model):
         if lora is not None:
             self.add_adapter("default", lora)
         return self
+
+    def attach_towers(self, towers: hub.Towers) -> None:
+        """Reads images and audio with `towers` (`hub.load_towers`), frozen.
+
+        Their outputs replace the embeddings of the image / audio soft
+        tokens (`call`'s `pixel_values`, `audio_features` inputs).
+        """
+        self.towers = towers
 
     def set_attention(self, implementation: str = "auto", chunk_size: int = 512):
         """How every block computes attention (`model/attention.py`).
@@ -297,11 +309,22 @@ class Gemma4LoraModel(keras.Model):
             (`decoding.empty_cache`).
           cache_index: the cache position of `token_ids[:, 0]`.
           cache_update_mask: [B, t], False where the cache keeps its entry.
+
+        Images and audio (with `attach_towers`; no cache): `pixel_values`
+        [N, patches, 3 * patch**2] and `pixel_position_ids` [N, patches, 2]
+        (`data.media.image_features`, one row per image in token order),
+        `audio_features` [M, frames, 128] and `audio_mask` [M, frames]
+        (`data.media.audio_features`). Their soft tokens replace the
+        embeddings of the image / audio token ids, in order, as
+        transformers' `Gemma4Model.forward` does.
         """
         token_ids = inputs["token_ids"]
         positions = inputs["positions"]
         segment_ids = inputs["segment_ids"]
-        x, ple = self.embed(token_ids)
+        x, ple = self.embed(token_ids, inputs)
+        blocks = None
+        if self.towers is not None and self.spec.vision_bidirectional:
+            blocks = attention.vision_blocks(token_ids == self.towers.image_token_id)
         base_key = self.dropout_seed.next() if training else None
         if cache is not None:
             masks = self._cache_masks(positions, segment_ids, cache, cache_index)
@@ -321,15 +344,15 @@ class Gemma4LoraModel(keras.Model):
             elif self.remat:
                 x, kv[b.index] = xla_workarounds.remat(
                     blk,
-                    lambda x, ple, shared, pos, seg, keys, blk=blk: blk.forward(
-                        x, pos, seg, ple, shared, keys
+                    lambda x, ple, shared, pos, seg, keys, blocks, blk=blk: blk.forward(
+                        x, pos, seg, ple, shared, keys, blocks
                     ),
                     (x, ple_i, shared),
-                    (positions, segment_ids, keys),
+                    (positions, segment_ids, keys, blocks),
                 )
             else:
                 x, kv[b.index] = blk.forward(
-                    x, positions, segment_ids, ple_i, shared, keys
+                    x, positions, segment_ids, ple_i, shared, keys, blocks
                 )
         hidden = rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
         if cache is None:
@@ -350,14 +373,54 @@ class Gemma4LoraModel(keras.Model):
         windows = {b.sliding_window for b in self.spec.blocks}
         return {w: attention.cache_mask(positions, key_valid, w) for w in windows}
 
-    def embed(self, token_ids) -> tuple[jax.Array, jax.Array | None]:
-        """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None)."""
+    def embed(self, token_ids, media=None) -> tuple[jax.Array, jax.Array | None]:
+        """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None).
+
+        With towers attached, soft-token ids read as the pad id and their
+        embeddings are the towers' outputs for `media` (see `call`); the PLE
+        projection reads the merged embeddings, as transformers does.
+        """
         dtype = self.compute_dtype
         if float16_islands(dtype):  # the residual stream stays float32
             dtype = "float32"
-        x = jnp.take(self.globals["embedding"].value, token_ids, axis=0).astype(dtype)
-        ple = self._ple_inputs(token_ids, x) if self.spec.ple_dim else None
-        return x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype), ple
+        ids = token_ids
+        given = [k for k in MEDIA_INPUTS if media is not None and k in media]
+        if given and self.towers is None:
+            raise ValueError(
+                f"{', '.join(given)} given, but the model has no vision/audio "
+                "towers (attach_towers(hub.load_towers(checkpoint)))"
+            )
+        if self.towers is not None:
+            t = self.towers
+            soft = (token_ids == t.image_token_id) | (token_ids == t.audio_token_id)
+            ids = jnp.where(soft, t.pad_token_id, token_ids)
+        x = jnp.take(self.globals["embedding"].value, ids, axis=0).astype(dtype)
+        x = x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype)
+        if self.towers is not None and media is not None:
+            x = self._merge_media(token_ids, x, media)
+        ple = self._ple_inputs(ids, x) if self.spec.ple_dim else None
+        return x, ple
+
+    def _merge_media(self, token_ids, x, media):
+        """`x` with the towers' soft tokens at the image / audio token ids, in order."""
+        t = self.towers
+        if media.get("pixel_values") is not None:
+            if t.vision is None:
+                raise ValueError(
+                    "pixel_values given, but the model has no vision tower"
+                )
+            soft = t.image_soft_tokens(
+                media["pixel_values"], media["pixel_position_ids"]
+            )
+            x = _scatter(x, token_ids == t.image_token_id, soft)
+        if media.get("audio_features") is not None:
+            if t.audio is None:
+                raise ValueError(
+                    "audio_features given, but the model has no audio tower"
+                )
+            soft = t.audio_soft_tokens(media["audio_features"], media["audio_mask"])
+            x = _scatter(x, token_ids == t.audio_token_id, soft)
+        return x
 
     def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:
         if base_key is None:
@@ -370,7 +433,7 @@ class Gemma4LoraModel(keras.Model):
         return {t: jax.random.fold_in(key, i) for i, t in enumerate(names)}
 
     def _ple_inputs(self, token_ids, x):
-        """Per-layer inputs [B, T, L, P] as KerasHub computes them."""
+        """Per-layer inputs [B, T, L, P] as KerasHub computes them (`x` scaled)."""
         s, g = self.spec, self.globals
         p, n = s.ple_dim, s.num_layers
         table = g[PLE_TABLE]
@@ -379,8 +442,7 @@ class Gemma4LoraModel(keras.Model):
         else:
             emb = jnp.take(table.value, token_ids, axis=0).astype(x.dtype)
         emb = emb * jnp.asarray(p**0.5, x.dtype)
-        scaled = x * jnp.asarray(math.sqrt(s.hidden_dim), x.dtype)
-        proj = scaled @ g["ple_projection"].value.astype(x.dtype)
+        proj = x @ g["ple_projection"].value.astype(x.dtype)
         proj = proj * jnp.asarray(s.hidden_dim**-0.5, x.dtype)
         bsz, t = token_ids.shape
         proj = rms_norm(proj.reshape(bsz, t, n, p), g["ple_norm"].value, s.eps)
@@ -408,6 +470,23 @@ class Gemma4LoraModel(keras.Model):
         # by the number of micro-batches: Keras averages accumulated
         # gradients, so this gives the exact mean over the global batch.
         return total / x["loss_norm"][0]
+
+
+def _scatter(x, where, soft):
+    """`x` [B, T, D] with the valid rows of `soft`, in order, at `where` [B, T].
+
+    transformers' `masked_scatter`: the k-th marked token (row-major) takes
+    the k-th valid soft token.
+    """
+    values, valid = soft
+    order = jnp.nonzero(valid, size=valid.shape[0], fill_value=0)[0]
+    values = jnp.take(values, order, axis=0).astype(x.dtype)
+    flat = jnp.reshape(where, (-1,))
+    k = jnp.clip(jnp.cumsum(flat.astype(jnp.int32)) - 1, 0, values.shape[0] - 1)
+    merged = jnp.where(
+        flat[:, None], jnp.take(values, k, axis=0), x.reshape(-1, x.shape[-1])
+    )
+    return merged.reshape(x.shape)
 
 
 def _cached_block(

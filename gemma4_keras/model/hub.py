@@ -14,7 +14,10 @@ Everything that depends on how KerasHub spells things lives here:
   `ModelSpec`. `tests/test_hub_contract.py` checks it against the attributes
   of live KerasHub layers for every tiny variant;
 * weights: a schema row's KerasHub variable (`variable`, `backbone_value`:
-  the paths themselves are `model/schema.py`'s) and `apply_deltas`.
+  the paths themselves are `model/schema.py`'s) and `apply_deltas`;
+* the frozen vision and audio towers of a multimodal checkpoint
+  (`load_towers`): KerasHub's `Gemma4VisionEncoder` / `Gemma4AudioEncoder`
+  with their weights ported by KerasHub's own HF converter.
 
 Kernels are exchanged as 2-D (in, out) matrices, the transpose of the Hugging
 Face `nn.Linear` weight. `keras_hub.src` is imported only here, and only where
@@ -26,6 +29,10 @@ pyproject.toml: run `tests/test_hub_contract.py`, `tests/test_modeling.py` and
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
 import keras_hub
 import numpy as np
 
@@ -237,6 +244,7 @@ def spec_from_config(kw: dict) -> ModelSpec:
         ple_vocab_size=int(kw.get("vocab_size_per_layer_input") or 0)
         if kw.get("hidden_size_per_layer_input")
         else 0,
+        vision_bidirectional=bool(kw.get("use_vision_bidirectional_attention")),
     )
 
 
@@ -336,3 +344,105 @@ def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
         d = twod_to_keras(delta, layout, tuple(var.shape))
         var.assign((_np(var).astype(np.float32) + sign * d).astype(_np(var).dtype))
     return len(deltas)
+
+
+# ----------------------------------------------------------------------------
+# The vision and audio towers of a multimodal checkpoint.
+
+
+@dataclasses.dataclass
+class Towers:
+    """The frozen towers of a multimodal checkpoint and the ids they fill.
+
+    Attributes:
+        vision: a `keras_hub.models.Gemma4VisionEncoder` (patches -> soft
+            tokens in the text embedding space, its projection included), or
+            None.
+        audio: a `keras_hub.models.Gemma4AudioEncoder` (log-mel -> soft
+            tokens in the text embedding space), or None.
+        image_token_id, audio_token_id: the soft-token ids their outputs replace.
+        pad_token_id: what a soft token's id reads as for the embedding
+            tables (transformers' `Gemma4Model.forward`).
+    """
+
+    vision: Any
+    audio: Any
+    image_token_id: int
+    audio_token_id: int
+    pad_token_id: int = 0
+
+    def image_soft_tokens(self, pixel_values, position_ids):
+        """([N * S, D] soft tokens, [N * S] valid) of N images, S = patches / pool**2.
+
+        One tower call per image: KerasHub's pooling reads the pooled grid's
+        width off the widest image of a call. An image's valid soft tokens
+        are its first (real patches / pool**2), as transformers'
+        `Gemma4VisionPooler` keeps them.
+        """
+        pool = self.vision.pool_size**2
+        outs, valid = [], []
+        for i in range(pixel_values.shape[0]):
+            pos = jnp.asarray(position_ids[i], jnp.int32)
+            pixels = jnp.asarray(pixel_values[i])[None, None]
+            out = self.vision(
+                {"pixel_values": pixels, "pixel_position_ids": pos[None, None]}
+            )
+            out = jnp.reshape(out, (-1, out.shape[-1]))
+            real = jnp.sum(jnp.all(pos >= 0, axis=-1)) // pool
+            outs.append(out)
+            valid.append(jnp.arange(out.shape[0]) < real)
+        return jnp.concatenate(outs), jnp.concatenate(valid)
+
+    def audio_soft_tokens(self, features, mask):
+        """([M * T', D] soft tokens, [M * T'] valid) of M clips.
+
+        The tower's two stride-2 convolutions keep every 4th frame's mask.
+        """
+        out = self.audio(features, mask)
+        valid = jnp.asarray(mask, bool)[:, ::4][:, : out.shape[1]]
+        return jnp.reshape(out, (-1, out.shape[-1])), jnp.reshape(valid, (-1,))
+
+
+def load_towers(directory: str) -> Towers:
+    """The vision and audio towers of a local HF multimodal checkpoint, float32.
+
+    Built and filled by KerasHub's HF converter (`convert_gemma4.py`: its
+    `convert_backbone_config` builds the encoders, its tower converters
+    port the weights), without building the text decoder. Tests compare
+    them with transformers' towers (tests/test_media_model.py).
+
+    Raises:
+        PresetError: the checkpoint has neither tower.
+    """
+    # KerasHub has no public API that loads the towers alone.
+    from keras_hub.src.utils.transformers import (  # internal
+        convert_gemma4 as convert,
+    )
+    from keras_hub.src.utils.transformers.safetensor_utils import (  # internal
+        SafetensorLoader,
+    )
+
+    config = hf_config.read_config(directory)
+    if not (config.get("vision_config") or config.get("audio_config")):
+        raise PresetError(
+            f"{directory}: config.json has no vision_config or audio_config; "
+            "images and audio need a multimodal Gemma 4 checkpoint"
+        )
+    kw = convert.convert_backbone_config(config)
+    vision, audio = kw.get("vision_encoder"), kw.get("audio_encoder")
+    with SafetensorLoader(directory) as loader:
+        if vision is not None:
+            convert._convert_vision_encoder(vision, loader, config)
+        if audio is not None:
+            convert._convert_audio_encoder(audio, loader, config)
+    for tower in (vision, audio):
+        if tower is not None:
+            tower.trainable = False
+    text = hf_config.text_config(config)
+    return Towers(
+        vision=vision,
+        audio=audio,
+        image_token_id=int(config["image_token_id"]),
+        audio_token_id=int(config.get("audio_token_id") or -1),
+        pad_token_id=int(text.get("pad_token_id") or 0),
+    )

@@ -389,11 +389,19 @@ class DecoderBlock(keras.layers.Layer):
             f = jnp.clip(f, -FLOAT16_CLAMP, FLOAT16_CLAMP)
         return self.linear("down_proj", f, keys)
 
-    def forward(self, x, positions, segment_ids, ple_input, shared_kv, keys):
-        """One block over whole packed rows; returns (x, (k, v)) for KV sharing."""
+    def forward(
+        self, x, positions, segment_ids, ple_input, shared_kv, keys, blocks=None
+    ):
+        """One block over whole packed rows; returns (x, (k, v)) for KV sharing.
+
+        `blocks`: image soft tokens' ids (`attention.vision_blocks`), which
+        attend to each other both ways on sliding layers of a model whose
+        config says `use_bidirectional_attention: "vision"`.
+        """
         q, kv = self.attention_inputs(x, positions, keys)
         k, v = kv if kv is not None else shared_kv
         b = self.bspec
+        bidirectional = self.spec.vision_bidirectional and b.sliding_window is not None
         att = attention_lib.attend(
             q,
             k,
@@ -403,6 +411,7 @@ class DecoderBlock(keras.layers.Layer):
             b.attn_soft_cap,
             self.attention,
             self.attention_chunk_size,
+            blocks=blocks if bidirectional else None,
         )
         return self.attention_output(x, att, ple_input, keys), (k, v)
 

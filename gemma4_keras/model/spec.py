@@ -63,6 +63,9 @@ class ModelSpec:
     expert_dim: int
     blocks: tuple[BlockSpec, ...]
     ple_vocab_size: int = 0  # rows of the PLE table, 0 = vocab_size
+    # `use_bidirectional_attention: "vision"` (26B-A4B, 31B): on sliding
+    # layers the soft tokens of one image attend to each other both ways.
+    vision_bidirectional: bool = False
 
     @property
     def num_layers(self) -> int:

@@ -83,7 +83,7 @@ from gemma4_keras.data import samples
 from gemma4_keras.model import hub, schema
 
 # Bump when the files written change, so stale caches are not reused.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 TINY_VOCAB_SIZE = 1024
 NUM_LAYERS = 4
 HIDDEN_SIZE = 64
@@ -102,7 +102,7 @@ PLE_HIDDEN_SIZE = 8
 GLOBAL_KV_HEADS = 2
 K_EQ_V_LOCAL_KV_HEADS = 4
 CACHE_ENV_VAR = "GEMMA4_KERAS_CACHE"
-LAYOUTS = ("causal_lm", "conditional_generation")
+LAYOUTS = ("causal_lm", "conditional_generation", "multimodal")
 # `Gemma4Config`'s multimodal token ids and the tokens they name.
 _MULTIMODAL_TOKENS = {
     "image_token_id": "<|image|>",
@@ -112,6 +112,28 @@ _MULTIMODAL_TOKENS = {
     "boa_token_id": "<|audio>",
     "eoa_token_index": "<audio|>",
     "video_token_id": "<|video|>",
+}
+# The towers of the "multimodal" layout: `Gemma4VisionConfig` and
+# `Gemma4AudioConfig` fields (transformers' classes fill in the rest).
+VISION_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "position_embedding_size": 64,
+    "use_clipped_linears": True,
+}
+AUDIO_TOWER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    # transformers sizes the projection after the convolutions as
+    # (channels[0] // 4) * channels[1], which is the real (mel bins / 4) *
+    # channels[1] only when channels[0] is the 128 mel bins, as released.
+    "subsampling_conv_channels": [128, 4],
+    "output_proj_dims": 48,
 }
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -270,6 +292,7 @@ def tiny_hf_config(
     k_eq_v: bool = False,
     double_wide_mlp: bool = False,
     layout: str = "causal_lm",
+    vision_bidirectional: bool = False,
     **overrides,
 ) -> dict:
     """Returns the `config.json` dict of the tiny Gemma 4 model.
@@ -288,9 +311,14 @@ def tiny_hf_config(
         double_wide_mlp: like E2B: KV-shared layers have an MLP of twice
             `intermediate_size` (`use_double_wide_mlp=True`); needs
             `kv_shared_layers > 0`.
-        layout: `"causal_lm"` (`Gemma4ForCausalLM`, flat text config) or
+        layout: `"causal_lm"` (`Gemma4ForCausalLM`, flat text config),
             `"conditional_generation"` (`Gemma4ForConditionalGeneration`, text
-            config nested under `text_config`, no vision / audio tower).
+            config nested under `text_config`, no vision / audio tower) or
+            `"multimodal"` (the same with tiny vision and audio towers,
+            `tower_configs`; needs transformers).
+        vision_bidirectional: `use_bidirectional_attention: "vision"` (as
+            26B-A4B / 31B): an image's soft tokens attend to each other both
+            ways on sliding layers.
         **overrides: text-config fields to replace, e.g. `sliding_window=8`.
 
     Returns:
@@ -305,13 +333,87 @@ def tiny_hf_config(
     64
     """
     text = _text_config(ple, kv_shared_layers, moe, k_eq_v, double_wide_mlp)
+    if vision_bidirectional:
+        text["use_bidirectional_attention"] = "vision"
     text.update(overrides)
     if layout == "causal_lm":
         return {"architectures": ["Gemma4ForCausalLM"], **text}
+    if layout == "multimodal":
+        config = tiny_hf_config(
+            ple=ple,
+            kv_shared_layers=kv_shared_layers,
+            moe=moe,
+            k_eq_v=k_eq_v,
+            double_wide_mlp=double_wide_mlp,
+            layout="conditional_generation",
+            vision_bidirectional=vision_bidirectional,
+            **overrides,
+        )
+        return {**config, **tower_configs()}
     if layout == "conditional_generation":
         ids = {k: SPECIAL_TOKENS[t] for k, t in _MULTIMODAL_TOKENS.items()}
         return conditional_generation(text, ids)
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}.")
+
+
+def tower_configs() -> dict:
+    """`vision_config` and `audio_config` of the multimodal layout.
+
+    Written by transformers' own `Gemma4VisionConfig` / `Gemma4AudioConfig`
+    (`VISION_TOWER`, `AUDIO_TOWER` over their defaults), so every field a
+    reader looks for is there.
+    """
+    from transformers.models.gemma4 import (  # test-only layout: the towers' config is transformers'
+        configuration_gemma4 as hf,
+    )
+
+    def plain(config) -> dict:
+        d = config.to_dict()
+        for key in ("transformers_version", "architectures", "id2label", "label2id"):
+            d.pop(key, None)
+        return d
+
+    return {
+        "vision_config": plain(hf.Gemma4VisionConfig(**VISION_TOWER)),
+        "audio_config": plain(hf.Gemma4AudioConfig(**AUDIO_TOWER)),
+    }
+
+
+def tower_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tower tensor names -> (shape, init kind), as transformers' model names them.
+
+    The model is built on the meta device (no memory); every tensor outside
+    the language model is a tower's or a tower projection's.
+    """
+    import torch  # test-only layout: the towers' tensor names are transformers'
+    import transformers  # test-only layout: the towers' tensor names are transformers'
+
+    fields = {k: v for k, v in config.items() if k != "architectures"}
+    with torch.device("meta"):
+        model = transformers.Gemma4ForConditionalGeneration(
+            transformers.Gemma4Config(**fields)
+        )
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        if ".language_model." in name or name == "lm_head.weight":
+            continue
+        shapes[name] = (tuple(tensor.shape), _tower_kind(name, tensor.shape))
+    return shapes
+
+
+def _tower_kind(name: str, shape) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("input_min", "output_min"):
+        return "clip_min"
+    if leaf in ("input_max", "output_max"):
+        return "clip_max"
+    if leaf == "bias" or leaf == "per_dim_scale":
+        return "small"
+    if len(shape) == 1:
+        return "norm"
+    if leaf == "position_embedding_table":
+        return "small"
+    return "conv" if len(shape) > 2 else "matrix"
 
 
 # --------------------------------------------------------------------------
@@ -340,10 +442,13 @@ def weight_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     (128, 64)
     """
     prefix = "model.language_model." if "text_config" in config else "model."
-    return {
+    shapes = {
         prefix + name: (shape, init_kind(parts[0][0], shape))
         for name, (shape, parts) in schema.hf_tensors(hub.model_spec(config)).items()
     }
+    if config.get("vision_config") or config.get("audio_config"):
+        shapes.update(tower_shapes(config))
+    return shapes
 
 
 def _init_tensor(seed: int, name: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
@@ -353,6 +458,13 @@ def _init_tensor(seed: int, name: str, shape: tuple[int, ...], kind: str) -> np.
         values = 1.0 + 0.1 * rng.standard_normal(shape)
     elif kind == "scalar":
         values = rng.uniform(0.6, 1.0, shape)
+    elif kind in ("clip_min", "clip_max"):
+        # Bounds a tower's activations reach: clipping is exercised.
+        values = rng.uniform(1.0, 3.0, shape) * (-1 if kind == "clip_min" else 1)
+    elif kind == "small":
+        values = 0.1 * rng.standard_normal(shape)
+    elif kind == "conv":  # (out, in, *kernel): fan-in is all but the first axis
+        values = rng.standard_normal(shape) * (0.5 / np.sqrt(np.prod(shape[1:])))
     elif kind == "embedding":
         # Tied embeddings set the logit scale: |logit| <= |h| |e| with |h| ~
         # sqrt(d) after the final norm. Rows of norm ~4 let a fine-tuned model
@@ -362,7 +474,7 @@ def _init_tensor(seed: int, name: str, shape: tuple[int, ...], kind: str) -> np.
     else:
         # ~ 1/sqrt(fan_in) scaled down: keeps activations O(1) through 4 blocks.
         values = rng.standard_normal(shape) * (0.5 / np.sqrt(shape[-1]))
-    return values.astype(np.float32)
+    return np.asarray(values, np.float32)  # an array also for shape ()
 
 
 def tiny_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -578,10 +690,15 @@ _CHAT_TEMPLATE = r"""{#- Gemma 4 chat template of the gemma4_keras tiny checkpoi
 {%- endmacro -%}
 {%- macro quoted(v) -%}{{- '<|"|>' ~ v ~ '<|"|>' -}}{%- endmacro -%}
 {%- macro text_of(content) -%}
-    {#- Text, or a list of {"type": "text", "text": ...} parts. -#}
+    {#- Text, or a list of parts: text, and image / audio as their placeholders. -#}
     {%- if content is string -%}{{- content -}}
     {%- elif content is iterable and content is not mapping -%}
-        {%- for part in content -%}{{- part['text'] -}}{%- endfor -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'image' -%}{{- '<|image|>' -}}
+            {%- elif part['type'] == 'audio' -%}{{- '<|audio|>' -}}
+            {%- else -%}{{- part['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
     {%- endif -%}
 {%- endmacro -%}
 {%- macro value(v, quote_keys) -%}
@@ -871,6 +988,7 @@ def write_tiny_checkpoint(
     k_eq_v: bool = False,
     double_wide_mlp: bool = False,
     layout: str = "causal_lm",
+    vision_bidirectional: bool = False,
     chat_template: str | None = None,
 ) -> pathlib.Path:
     """Writes a tiny Gemma 4 checkpoint in Hugging Face format into `path`.
@@ -881,8 +999,8 @@ def write_tiny_checkpoint(
     Args:
         path: directory to write (created if missing; files are overwritten).
         seed: weight seed.
-        ple, kv_shared_layers, moe, k_eq_v, double_wide_mlp, layout: see
-            `tiny_hf_config`.
+        ple, kv_shared_layers, moe, k_eq_v, double_wide_mlp, layout,
+            vision_bidirectional: see `tiny_hf_config`.
         chat_template: "small" or "large" also writes `chat_template.jinja`
             (`chat_template_jinja`); None (default) writes none, so a run
             decides the template from its size.
@@ -903,6 +1021,7 @@ def write_tiny_checkpoint(
         k_eq_v=k_eq_v,
         double_wide_mlp=double_wide_mlp,
         layout=layout,
+        vision_bidirectional=vision_bidirectional,
     )
     path = write_checkpoint(path, config, seed=seed)
     if chat_template is not None:
@@ -994,7 +1113,8 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
     Args:
         seed: weight seed.
         **variant: `ple`, `kv_shared_layers`, `moe`, `k_eq_v`,
-            `double_wide_mlp`, `layout`, `chat_template` as in
+            `double_wide_mlp`, `layout`, `vision_bidirectional`,
+            `chat_template` as in
             `write_tiny_checkpoint`. Options
             left at their defaults are not part of the cache key, so adding
             an option keeps the keys of existing variants.
@@ -1017,6 +1137,7 @@ def tiny_checkpoint(*, seed: int = 0, **variant) -> pathlib.Path:
         "k_eq_v": False,
         "double_wide_mlp": False,
         "layout": "causal_lm",
+        "vision_bidirectional": False,
         "chat_template": None,
     }
     unknown = set(variant) - set(defaults)
