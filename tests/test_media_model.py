@@ -252,3 +252,66 @@ def test_bidirectional_image_attention_equals_transformers(tmp_path):
     for blk in models.ours.blocks:
         blk.spec = causal
     assert rel(models.logits(case), reference) > 10 * END_TO_END_TOL
+
+
+@pytest.mark.slow  # ~25 s more: a second transformers model wrapped by PEFT
+def test_peft_round_trip_on_the_multimodal_model(models, tmp_path):
+    """Our adapter in PEFT on transformers' multimodal model, image + audio in.
+
+    Keys under `base_model.model.model.language_model.layers...`; PEFT wraps
+    the decoder's projections and none of the towers'.
+    """
+    peft = oracles.need("peft")
+    from gemma4_keras.exporters import peft as peft_lib
+    from gemma4_keras.model.lora import LoraSpec
+
+    model = models.ours
+    model.add_adapter("media", LoraSpec(rank=4, alpha=5.0))
+    try:
+        rng = np.random.default_rng(7)
+        for a in model.adapters("media").values():
+            a.lora_a.assign(rng.normal(0, 0.2, a.lora_a.shape).astype(np.float32))
+            a.lora_b.assign(rng.normal(0, 0.2, a.lora_b.shape).astype(np.float32))
+        case = Case(models.directory, tmp_path, PARTS["image_audio"](tmp_path))
+        ours_end_to_end = models.logits(case)
+        # The adapter compared on transformers' own soft tokens (the towers'
+        # float32 difference, ~3e-6, grows through a random adapter to ~3e-4).
+        model.attach_towers(_Given(models.towers, *_hf_soft_tokens(models.hf, case)))
+        ours = models.logits(case)
+        model.set_adapter(None)
+        ours_base = models.logits(case)
+        path = peft_lib.save_adapter(
+            model,
+            str(tmp_path / "adapter"),
+            base_model=str(models.directory),
+            name="media",
+            layout="conditional_generation",
+        )
+    finally:
+        model.unload_adapter("media")
+        model.attach_towers(models.towers)
+    weights = peft_lib.read_adapter_files(path)[1]
+    assert all(
+        k.startswith("base_model.model.model.language_model.layers.") for k in weights
+    )
+    hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        models.directory, dtype=torch.float32
+    ).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, path).eval()
+    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped and all(".language_model.layers." in n for n in wrapped)
+    assert not any("tower" in n for n in wrapped)
+    with torch.no_grad():
+        theirs = peft_model(**case.hf_inputs).logits.numpy()
+        with peft_model.disable_adapter():
+            theirs_base = peft_model(**case.hf_inputs).logits.numpy()
+    effect = rel(ours - ours_base, theirs - theirs_base)
+    err = rel(ours, theirs)
+    end_to_end = rel(ours_end_to_end, theirs)
+    print(
+        f"PEFT on the multimodal model: logits {err:.2e}, adapter effect "
+        f"{effect:.2e}; with KerasHub's towers {end_to_end:.2e}"
+    )
+    assert np.abs(theirs - theirs_base).max() > 0.1  # the adapter does something
+    assert err < 1e-4 and effect < 1e-3
+    assert end_to_end < 1e-3
