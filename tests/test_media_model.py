@@ -61,6 +61,7 @@ class Case:
             conversation, tokenizer, max_length=10_000, template="small"
         )
         self.ids = example.token_ids[None].astype(np.int64)
+        self.mask = example.loss_mask[None]
         images = [r for r in example.media if r["type"] == media.IMAGE]
         clips = [r for r in example.media if r["type"] == media.AUDIO]
         self.hf_inputs = {"input_ids": torch.tensor(self.ids)}
@@ -252,3 +253,152 @@ def test_bidirectional_image_attention_equals_transformers(tmp_path):
     for blk in models.ours.blocks:
         blk.spec = causal
     assert rel(models.logits(case), reference) > 10 * END_TO_END_TOL
+
+
+@pytest.mark.slow  # ~25 s more: a second transformers model wrapped by PEFT
+def test_peft_round_trip_on_the_multimodal_model(models, tmp_path):
+    """Our adapter in PEFT on transformers' multimodal model, image + audio in.
+
+    Keys under `base_model.model.model.language_model.layers...`; PEFT wraps
+    the decoder's projections and none of the towers'.
+    """
+    peft = oracles.need("peft")
+    from gemma4_keras.exporters import peft as peft_lib
+    from gemma4_keras.model.lora import LoraSpec
+
+    model = models.ours
+    model.add_adapter("media", LoraSpec(rank=4, alpha=5.0))
+    try:
+        rng = np.random.default_rng(7)
+        for a in model.adapters("media").values():
+            a.lora_a.assign(rng.normal(0, 0.2, a.lora_a.shape).astype(np.float32))
+            a.lora_b.assign(rng.normal(0, 0.2, a.lora_b.shape).astype(np.float32))
+        case = Case(models.directory, tmp_path, PARTS["image_audio"](tmp_path))
+        ours_end_to_end = models.logits(case)
+        # The adapter compared on transformers' own soft tokens (the towers'
+        # float32 difference, ~3e-6, grows through a random adapter to ~3e-4).
+        model.attach_towers(_Given(models.towers, *_hf_soft_tokens(models.hf, case)))
+        ours = models.logits(case)
+        model.set_adapter(None)
+        ours_base = models.logits(case)
+        path = peft_lib.save_adapter(
+            model,
+            str(tmp_path / "adapter"),
+            base_model=str(models.directory),
+            name="media",
+            layout="conditional_generation",
+        )
+    finally:
+        model.unload_adapter("media")
+        model.attach_towers(models.towers)
+    weights = peft_lib.read_adapter_files(path)[1]
+    assert all(
+        k.startswith("base_model.model.model.language_model.layers.") for k in weights
+    )
+    hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        models.directory, dtype=torch.float32
+    ).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, path).eval()
+    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped and all(".language_model.layers." in n for n in wrapped)
+    assert not any("tower" in n for n in wrapped)
+    with torch.no_grad():
+        theirs = peft_model(**case.hf_inputs).logits.numpy()
+        with peft_model.disable_adapter():
+            theirs_base = peft_model(**case.hf_inputs).logits.numpy()
+    effect = rel(ours - ours_base, theirs - theirs_base)
+    err = rel(ours, theirs)
+    end_to_end = rel(ours_end_to_end, theirs)
+    print(
+        f"PEFT on the multimodal model: logits {err:.2e}, adapter effect "
+        f"{effect:.2e}; with KerasHub's towers {end_to_end:.2e}"
+    )
+    assert np.abs(theirs - theirs_base).max() > 0.1  # the adapter does something
+    assert err < 1e-4 and effect < 1e-3
+    assert end_to_end < 1e-3
+
+
+@pytest.mark.slow  # a jitted loss-and-gradient step and PEFT's backward (~60 s)
+def test_adapter_gradients_with_media_equal_peft(models, tmp_path):
+    """The training step's adapter gradients, an image and a clip in, equal PEFT's.
+
+    Ours: `stateless_call` + `compute_loss` under `jax.jit` (the towers run
+    inside the compiled step, frozen), loss on the answer only (the data
+    layer's mask). PEFT: the same adapter on transformers' multimodal model,
+    the same masked cross-entropy, `backward()`.
+    """
+    import jax
+
+    peft = oracles.need("peft")
+    from gemma4_keras.exporters import peft as peft_lib
+    from gemma4_keras.model.lora import LoraSpec
+
+    case = Case(models.directory, tmp_path, PARTS["image_audio"](tmp_path))
+    example_mask = np.asarray(case.mask, np.float32)
+    ids = case.ids
+    data = {
+        **case.ours,
+        "target_ids": np.roll(ids, -1, axis=1).astype(np.int32),
+        "loss_weights": np.roll(example_mask, -1, axis=1),
+        "loss_norm": np.array([np.roll(example_mask, -1, axis=1).sum()], np.float32),
+    }
+    model = models.ours
+    model.add_adapter("grad", LoraSpec(rank=4, alpha=5.0))
+    try:
+        rng = np.random.default_rng(11)
+        for a in model.adapters("grad").values():
+            a.lora_a.assign(rng.normal(0, 0.1, a.lora_a.shape).astype(np.float32))
+            a.lora_b.assign(rng.normal(0, 0.1, a.lora_b.shape).astype(np.float32))
+        path = peft_lib.save_adapter(
+            model,
+            str(tmp_path / "adapter"),
+            base_model=str(models.directory),
+            name="grad",
+            layout="conditional_generation",
+        )
+        sites = model.adapters("grad")
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        def loss_fn(tv, ntv):
+            hidden, _ = model.stateless_call(tv, ntv, data, training=False)
+            return model.compute_loss(x=data, y_pred=hidden)
+
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable, frozen)
+        by_path = {
+            v.path: np.asarray(g) for v, g in zip(model.trainable_variables, grads)
+        }
+        ours = {
+            site: (by_path[a.lora_a.path], by_path[a.lora_b.path])
+            for site, a in sites.items()
+        }
+    finally:
+        model.unload_adapter("grad")
+
+    hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        models.directory, dtype=torch.float32
+    ).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, path, is_trainable=True)
+    logits = peft_model(**case.hf_inputs).logits[0]
+    targets = torch.tensor(data["target_ids"][0], dtype=torch.long)
+    weights = torch.tensor(data["loss_weights"][0])
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+    theirs_loss = (nll * weights).sum() / weights.sum()
+    theirs_loss.backward()
+    worst = 0.0
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        parts = name.split(".")
+        site = (int(parts[parts.index("layers") + 1]), parts[-1])
+        grad_a = module.lora_A["default"].weight.grad.numpy().T  # ours: (in, r)
+        grad_b = module.lora_B["default"].weight.grad.numpy().T  # ours: (r, out)
+        ga, gb = ours.pop(site)
+        worst = max(worst, rel(ga, grad_a), rel(gb, grad_b))
+    assert not ours, f"sites PEFT did not train: {sorted(ours)}"
+    print(
+        f"loss {float(loss):.6f} vs PEFT {float(theirs_loss):.6f}; adapter "
+        f"gradients: worst relative difference {worst:.2e}"
+    )
+    assert abs(float(loss) - float(theirs_loss)) < 1e-4 * abs(float(theirs_loss))
+    assert worst < 1e-3
