@@ -62,12 +62,14 @@ def test_gguf_verify_passes(finished, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def package(finished):
-    """(model, prompts, plain) of the finished run, as --verify builds them."""
+    """(load_model, prompts, plain) of the finished run, as --verify builds them."""
     config = config_lib.get_config("tiny", "lora", "runlocal")
     config.train.max_steps = 4
     config.checkpoint.every_steps = 2
     config.data.path = str(finished["data"])
-    return evaluate.verify_inputs(config, str(finished["workdir"]), 16)
+    load, prompts, plain = evaluate.verify_inputs(config, str(finished["workdir"]), 16)
+    model = load()
+    return (lambda: model), prompts, plain
 
 
 def _scale_gate(value: np.ndarray) -> np.ndarray:

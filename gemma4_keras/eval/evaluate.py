@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from absl import logging
 
@@ -383,12 +384,12 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
 
 
 def verify_inputs(config, workdir: str, n: int) -> tuple:
-    """(model, prompts, plain) for `export --verify` (`exporters/verify.py`).
+    """(load_model, prompts, plain) for `export --verify` (`exporters/verify.py`).
 
-    The run's adapter on the unquantised base (what every export serves; set
-    `model.set_adapter(None)` for the base), the token ids of the first `n`
-    held-out prompts as `evaluate` renders them, and the id of a plain-text
-    token ("a").
+    `load_model()` builds the run's adapter on the unquantised base (what
+    every export serves; `model.set_adapter(None)` gives the base); prompts
+    are the token ids of the first `n` held-out prompts as `evaluate`
+    renders them; plain is the id of a plain-text token ("a").
     """
     adapter = check_adapter(workdir)
     unquantised = config.copy_and_resolve_references()
@@ -412,5 +413,9 @@ def verify_inputs(config, workdir: str, n: int) -> tuple:
     prompts = generator.prompt_ids(
         [e.prompt for e in examples], [e.tools for e in examples]
     )
-    model = load_model(unquantised, preset, peft.read_adapter(adapter), source=adapter)
-    return model, prompts, int(tokenizer.token_to_id("a"))
+    factors = peft.read_adapter(adapter)  # a bad adapter stops here, before any load
+
+    def load() -> Any:
+        return load_model(unquantised, preset, factors, source=adapter)
+
+    return load, prompts, int(tokenizer.token_to_id("a"))

@@ -1,6 +1,6 @@
 """`export --verify`: the written artifact, run in its own engine, against the package.
 
-    report = verify(out, "gguf", model, prompts)   # after commands.export
+    report = verify(out, "gguf", load_model, prompts, plain=a_id)  # after export
 
 Each format is loaded by the engine that serves it, in a subprocess (its
 imports, threads and memory stay out of this process): transformers for
@@ -36,6 +36,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -372,18 +374,20 @@ def table(rows: list[dict], skips: list[str]) -> str:
 def verify(
     out: str,
     fmt: str,
-    model,
+    load_model: Callable[[], Any],
     prompts: list[list[int]],
     *,
     max_new_tokens: int = 8,
     plain: int,
 ) -> dict:
-    """Runs export `out` (`fmt`) in its engine against `model` on `prompts`.
+    """Runs export `out` (`fmt`) in its engine against the package's model on `prompts`.
 
     Args:
         out: the export directory (`commands.export`'s result).
         fmt: its format.
-        model: the package's `Gemma4LoraModel` with the run's adapter active.
+        load_model: returns the package's `Gemma4LoraModel` with the run's
+            adapter active; called after the engine's process has ended, so
+            the two models are never in memory together.
         prompts: token ids of each prompt (the chat prompt, `<bos>` first).
         max_new_tokens: greedy tokens compared per prompt.
         plain: id of a plain-text token (llama.cpp scoring; see ENGINES).
@@ -396,6 +400,7 @@ def verify(
         VerifyError: the engine is missing or fails, or the export disagrees.
     """
     engine = run_engine(fmt, out, prompts, max_new_tokens, plain)
+    model = load_model()
     package = package_answers(model, prompts, max_new_tokens)
     active = model.active_adapter
     model.set_adapter(None)

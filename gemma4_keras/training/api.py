@@ -736,10 +736,10 @@ def export(
             raise verify_lib.VerifyError(reason)
     path = export_lib.export(config, workdir, fmt, out, **options)
     if verify:
-        model, prompts, plain = evaluate_lib.verify_inputs(
+        load_model, prompts, plain = evaluate_lib.verify_inputs(
             config, workdir, verify_prompts
         )
-        verify_lib.verify(path, fmt, model, prompts, plain=plain)
+        verify_lib.verify(path, fmt, load_model, prompts, plain=plain)
     return path
 
 
