@@ -115,6 +115,16 @@ flags.DEFINE_enum(
     "conditional_generation).",
 )
 flags.DEFINE_bool(
+    "verify",
+    False,
+    "export: then run the export in its engine (transformers, PEFT, KerasHub, "
+    "llama.cpp) against the package's model on held-out prompts; writes "
+    "verify.json / verify.md, exits 1 naming the format on a disagreement.",
+)
+flags.DEFINE_integer(
+    "verify_prompts", 16, "export --verify: held-out prompts compared (the first N)."
+)
+flags.DEFINE_bool(
     "summary", False, "review: print the human-review summary instead of serving."
 )
 flags.DEFINE_string(
@@ -300,6 +310,8 @@ def _export(config, args) -> int:
         dtype=FLAGS.dtype,
         base_model=FLAGS.base_model,
         force=FLAGS.force,
+        verify=FLAGS.verify,
+        verify_prompts=FLAGS.verify_prompts,
     )
     print(f"wrote {path}")
     return 0

@@ -27,10 +27,12 @@ from export_fixtures import (
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.numpy import load_file
 
+from gemma4_keras import config_lib
 from gemma4_keras.data import chat, records
 from gemma4_keras.exporters import commands
 from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.testing import tiny
 
 gguf = oracles.need("gguf")
 
@@ -165,19 +167,31 @@ def test_moe_f16_with_separate_scales(tmp_path_factory):
         )
 
 
-@pytest.fixture(scope="module")
-def templated_small(tmp_path_factory):
-    """A merged f32 GGUF of a trained model on a base shipping the small template."""
-    preset = variant_preset(chat_template="small")
-    root = str(tmp_path_factory.mktemp("gguf_small"))
+@pytest.fixture(scope="module", params=["base", "run"])
+def templated_small(request, tmp_path_factory):
+    """A merged f32 GGUF of a trained model whose chat template is the small one:
+    the base's chat_template.jinja ("base"), or, on a base that ships none,
+    the run's (the default tiny run's config: "run")."""
+    if request.param == "base":
+        preset = variant_preset(chat_template="small")
+        config = config_for(preset)
+    else:
+        preset = variant_preset()
+        config = config_lib.get_config("tiny", "lora", "runlocal")
+        config.model.preset = preset
+    root = str(tmp_path_factory.mktemp(f"gguf_small_{request.param}"))
     model = trained_model(preset)
     out = commands.export(
-        config_for(preset),
+        config,
         fake_workdir(root, model, preset),
         "gguf",
         os.path.join(root, "gguf"),
         gguf_type="f32",
     )
+    reader = gguf.GGUFReader(os.path.join(out, "model-f32.gguf"))
+    template = _field(reader, "tokenizer.chat_template")
+    # Without one llama-server would render ChatML for a chat request.
+    assert template == tiny.chat_template_jinja("small")
     return preset, model, out
 
 

@@ -92,3 +92,29 @@ def test_merged_kernels_are_base_plus_delta(exported):
         np.testing.assert_allclose(
             got, was + delta, rtol=0, atol=1e-6, err_msg=f"{layer} {target}"
         )
+
+
+def test_kerashub_generate_keeps_turn_end_as_docs_deploy_says(exported):
+    """KerasHub 0.32 (not the export): the stop token stays in the answer.
+
+    `Gemma4CausalLM.generate` stops at `<turn|>` but masks only what follows
+    it, and `generate_postprocess` strips the tokenizer's special tokens,
+    which do not include `<turn|>` (106) or `<|tool_response>` (50); its
+    preprocessor adds `<bos>` itself. docs/deploy.md ("KerasHub preset")
+    tells users to cut at `<turn|>` and to leave `<bos>` out; when KerasHub
+    changes, this fails and that text goes.
+    """
+    _, out = exported
+    lm = keras_hub.models.Gemma4CausalLM.from_preset(out)
+    tokenizer = lm.preprocessor.tokenizer
+    assert tokenizer.token_to_id("<turn|>") == 106
+    assert {1, 2} <= set(tokenizer.special_token_ids)
+    assert not {50, 106} & set(tokenizer.special_token_ids)
+    ids = np.array([[2, 105, 462, 370, 397, 106, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0]], bool)
+    text = lm.preprocessor.generate_postprocess(
+        {"token_ids": ids, "padding_mask": mask}
+    )
+    assert str(np.asarray(text).reshape(-1)[0]).endswith("a<turn|>")
+    x = lm.preprocessor.generate_preprocess(["<bos>Hi"], sequence_length=8)
+    assert np.asarray(x["token_ids"])[0, :2].tolist() == [2, 2]  # two BOS

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from absl import logging
 
@@ -380,3 +381,41 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
             template=template,
             train_log=train_log,
         )
+
+
+def verify_inputs(config, workdir: str, n: int) -> tuple:
+    """(load_model, prompts, plain) for `export --verify` (`exporters/verify.py`).
+
+    `load_model()` builds the run's adapter on the unquantised base (what
+    every export serves; `model.set_adapter(None)` gives the base); prompts
+    are the token ids of the first `n` held-out prompts as `evaluate`
+    renders them; plain is the id of a plain-text token ("a").
+    """
+    adapter = check_adapter(workdir)
+    unquantised = config.copy_and_resolve_references()
+    unquantised.quant.mode = "none"
+    preset = presets.resolve_preset(config.model.preset)
+    tokenizer = presets.load_tokenizer(preset)
+    template = presets.chat_template(config, preset).variant
+    settings = config_lib.data_settings(config.data, template)
+    examples = [held_out(c) for c in data.prepare(settings, tokenizer).holdout[:n]]
+    if not examples:
+        raise data.DataError(
+            f"{settings.path}: no held-out example to verify the export on; raise "
+            "data.holdout_fraction or set data.eval_path"
+        )
+    generator = Generator(
+        None,
+        tokenizer,
+        template=template,
+        enable_thinking=bool(config.data.enable_thinking),
+    )
+    prompts = generator.prompt_ids(
+        [e.prompt for e in examples], [e.tools for e in examples]
+    )
+    factors = peft.read_adapter(adapter)  # a bad adapter stops here, before any load
+
+    def load() -> Any:
+        return load_model(unquantised, preset, factors, source=adapter)
+
+    return load, prompts, int(tokenizer.token_to_id("a"))

@@ -35,13 +35,14 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from gemma4_keras import config_lib, disk, outputs, workdir_lock
+from gemma4_keras import config_lib, data, disk, outputs, workdir_lock
 from gemma4_keras.exporters import gguf as gguf_lib
 from gemma4_keras.exporters import hf, keras_preset, peft
 from gemma4_keras.exporters import manifest as manifest_lib
 from gemma4_keras.exporters.hf import ExportError, parse_size
 from gemma4_keras.exporters.peft import umask_permissions
 from gemma4_keras.model import hub, lora, presets, safetensors_io
+from gemma4_keras.testing import tiny
 
 FORMATS = ("peft", "hf", "keras", "gguf", "gguf-lora")
 # vLLM's accepted `--max-lora-rank` values (its LoRA config checks membership).
@@ -430,6 +431,7 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
         "dtype": _stored_dtype(fmt, options, preset, config_json),
         "shard_size": options["shard_size"],
         "gguf_type": options["gguf_type"],
+        "chat_template": _run_template(config, preset, fmt),
     }
     need = export_bytes(job)
     if need is not None:
@@ -450,6 +452,23 @@ def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str
         )
         manifest_lib.write_manifest(tmp, manifest)
     return out
+
+
+def _run_template(config, preset: str, fmt: str) -> str | None:
+    """GGUF: the run's chat template as jinja, for a base that ships none.
+
+    The package renders the run's data with its variant (`presets.chat_template`);
+    `tiny.chat_template_jinja` is that rendering as a template (checked
+    against the official renderings, tests/test_tool_template.py). A config
+    without the run's data settings (size, data.template) gives None.
+    """
+    if fmt not in ("gguf", "gguf-lora") or "data" not in config or "size" not in config:
+        return None
+    try:
+        variant = presets.chat_template(config, preset).variant
+    except data.TemplateError:  # undecidable here; the base's own, if any, is used
+        return None
+    return tiny.chat_template_jinja(variant)
 
 
 def _stored_dtype(fmt, options, preset, config_json) -> str:
@@ -527,6 +546,7 @@ def _write(tmp: str, job: dict) -> list[str]:
         )
     merged = dict(base_dir=job["base_dir"], preset=job["preset"])
     merged.update(lora_spec=job["lora_spec"], gguf_type=job["gguf_type"])
+    merged.update(chat_template=job["chat_template"])
     if fmt == "gguf-lora":
         # llama.cpp serves an adapter on the base it was trained on, as GGUF
         # (`llama-server -m base-f16.gguf --lora adapter-f16.gguf`): the same

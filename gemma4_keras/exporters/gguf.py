@@ -361,6 +361,7 @@ def write_gguf(
     factors,
     gguf_type: str = "f16",
     stem: str = "model",
+    chat_template: str | None = None,
 ) -> list[str]:
     """Writes `<stem>-<type>.gguf` (merged weights) into `directory`, streamed.
 
@@ -380,6 +381,8 @@ def write_gguf(
         gguf_type: `f32`, `f16`, `bf16` or `q8_0`.
         stem: the file name's start: `model` (merged), `base` (the base a
             GGUF adapter applies to: `factors={}`).
+        chat_template: `tokenizer.chat_template` when the base ships none
+            (without one llama-server falls back to ChatML for chat requests).
 
     Returns:
         The file names written.
@@ -392,6 +395,8 @@ def write_gguf(
     check_type(gguf_type)
     gguf = _import_gguf()
     tok, tok_cfg = _tokenizer_inputs(base_dir, preset)
+    if chat_template and not (tok_cfg or {}).get("chat_template"):
+        tok_cfg = {**(tok_cfg or {}), "chat_template": chat_template}
     base_config = hf.read_base_config(base_dir)
     if base_config is None:
         raise ExportError(f"{base_dir}/config.json: not a Gemma 4 HF config")

@@ -42,6 +42,7 @@ with _quiet.filtered_stderr():
     from gemma4_keras.eval import review as review_lib
     from gemma4_keras.exporters import commands as export_lib
     from gemma4_keras.exporters import peft
+    from gemma4_keras.exporters import verify as verify_lib
     from gemma4_keras.model import plan as plan_lib
     from gemma4_keras.model import presets, safetensors_io
     from gemma4_keras.training import (
@@ -700,21 +701,46 @@ def _pad_to_data_parallel(conversations: list, batch_size: int) -> list:
     return conversations + [conversations[-1]] * missing
 
 
-def export(config, workdir: str, fmt: str, out: str, **options) -> str:
-    """`gemma4-keras export`: a finished run as `peft`, `hf`, `keras` or `gguf`.
+def export(
+    config,
+    workdir: str,
+    fmt: str,
+    out: str,
+    *,
+    verify: bool = False,
+    verify_prompts: int = 16,
+    **options,
+) -> str:
+    """`gemma4-keras export`: a finished run as `peft`, `hf`, `keras`, `gguf`
+    or `gguf-lora`.
 
     `config` must be the run's (`identity.check_config`); `out` a new or
     empty directory.
 
     `options` are `export.commands.export`'s: `gguf_type` (f16, q8_0, ...),
-    `shard_size`, `layout`, `dtype`, `base_model`, `force`. Returns `out`.
+    `shard_size`, `layout`, `dtype`, `base_model`, `force`. With `verify`,
+    the written export then runs in its own engine (transformers, PEFT,
+    KerasHub, llama.cpp; `exporters/verify.py`) on `verify_prompts` held-out
+    prompts against the package's model; `verify.json` and `verify.md` go
+    into `out`, and a disagreement raises `VerifyError` naming the format.
+    Returns `out`.
 
     Example:
-      >>> export(config, "runs/tiny", "peft", "runs/tiny/export/peft")
+      >>> export(config, "runs/tiny", "peft", "runs/tiny/export/peft", verify=True)
       'runs/tiny/export/peft'
     """
     identity.check_config(config, workdir, "export")
-    return export_lib.export(config, workdir, fmt, out, **options)
+    if verify:  # a missing engine says so before the export is written
+        reason = verify_lib.missing_engine(fmt)
+        if reason:
+            raise verify_lib.VerifyError(reason)
+    path = export_lib.export(config, workdir, fmt, out, **options)
+    if verify:
+        load_model, prompts, plain = evaluate_lib.verify_inputs(
+            config, workdir, verify_prompts
+        )
+        verify_lib.verify(path, fmt, load_model, prompts, plain=plain)
+    return path
 
 
 # --- human review -------------------------------------------------------------
