@@ -40,6 +40,7 @@ import os
 import re
 
 import numpy as np
+import tqdm
 
 from gemma4_keras.exporters import hf
 from gemma4_keras.exporters.hf import ExportError
@@ -414,29 +415,43 @@ def write_gguf(
     add_metadata(writer, base_config.get("text_config", base_config), spec)
     add_tokenizer(writer, tok, tok_cfg)
     del tok
+    sizes = []
     for name, _, shape in plan:
         dtype, stored, raw = _encoding(gguf, shape, gguf_type)
-        nbytes = int(np.prod(stored, dtype=np.int64)) * dtype.itemsize
-        writer.add_tensor_info(name, stored, dtype, nbytes, raw_dtype=raw)
+        sizes.append(int(np.prod(stored, dtype=np.int64)) * dtype.itemsize)
+        writer.add_tensor_info(name, stored, dtype, sizes[-1], raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, base, _ in plan:
-        if base is not None and base not in sites:
-            _write_blocks(writer, _encoded_blocks(gguf, refs[base], gguf_type))
-            continue
-        if base is None:
-            value = rope_freqs(spec)
-        else:
-            raw_value = safetensors_io.read_tensor(refs[base])
-            value = hf.merge_tensor(
-                raw_value, lora_spec, factors, sites[base], np.dtype(np.float32)
-            )
-            del raw_value
-        data, _ = _encode(gguf, value, gguf_type)
-        del value
-        writer.write_tensor_data(data)
-        del data
+    # On a terminal only (`disable=None`): a merged E4B GGUF takes minutes.
+    with tqdm.tqdm(
+        total=sum(sizes),
+        desc=f"writing {fname}",
+        unit="B",
+        unit_scale=True,
+        disable=None,
+        leave=False,
+    ) as bar:
+        for (_, base, _), nbytes in zip(plan, sizes, strict=True):
+            if base is not None and base not in sites:
+                _write_blocks(writer, _encoded_blocks(gguf, refs[base], gguf_type))
+            else:  # computed (RoPE frequencies) or merged with the adapter
+                value = (
+                    rope_freqs(spec)
+                    if base is None
+                    else hf.merge_tensor(
+                        safetensors_io.read_tensor(refs[base]),
+                        lora_spec,
+                        factors,
+                        sites[base],
+                        np.dtype(np.float32),
+                    )
+                )
+                data, _ = _encode(gguf, value, gguf_type)
+                del value
+                writer.write_tensor_data(data)
+                del data
+            bar.update(nbytes)
     writer.close()
     return [fname]
 

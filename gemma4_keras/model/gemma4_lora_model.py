@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import tqdm
 
 from gemma4_keras.model import attention, hub, loss, xla_workarounds
 from gemma4_keras.model.layers import (
@@ -158,14 +159,22 @@ class Gemma4LoraModel(keras.Model):
         Read row by row (`layers.fill_model` over `hub.BackboneSource`), as
         `stream_load` reads a checkpoint's safetensors; `options` as `build`.
         """
-        source = hub.BackboneSource(backbone)
-        return cls.build(
-            hub.spec_from_config(backbone.get_config()),
-            lambda model, **quant: fill_model(model, source, **quant),
-            lora,
-            dtype=dtype or backbone.dtype_policy.name,
-            **options,
-        )
+        # On a terminal only (`disable=None`): quantising E4B takes minutes.
+        with tqdm.tqdm(
+            desc=f"loading {backbone.name}",
+            unit="B",
+            unit_scale=True,
+            disable=None,
+            leave=False,
+        ) as progress:
+            source = hub.BackboneSource(backbone, progress)
+            return cls.build(
+                hub.spec_from_config(backbone.get_config()),
+                lambda model, **quant: fill_model(model, source, **quant),
+                lora,
+                dtype=dtype or backbone.dtype_policy.name,
+                **options,
+            )
 
     def finish_loading(
         self, lora: LoraSpec | None, moe_dispatch: str = "dense"

@@ -306,14 +306,18 @@ class BackboneSource:
     """Schema rows read off a KerasHub `Gemma4Backbone` (any preset it loads).
 
     Values keep the backbone's dtype; the model stores each as
-    `layers.storage_dtype` says, as the safetensors source does.
+    `layers.storage_dtype` says, as the safetensors source does. `progress`
+    (a tqdm bar) advances by the bytes read.
     """
 
-    def __init__(self, backbone):
-        self.backbone = backbone
+    def __init__(self, backbone, progress=None):
+        self.backbone, self.progress = backbone, progress
 
     def value(self, row: schema.Row, spec, layer: int | None) -> np.ndarray:
-        return backbone_value(self.backbone, row, layer)
+        value = backbone_value(self.backbone, row, layer)
+        if self.progress is not None:
+            self.progress.update(value.nbytes)
+        return value
 
     def blocks(self, row: schema.Row, spec, layer: int | None):
         yield self.value(row, spec, layer)

@@ -15,6 +15,7 @@ import os
 
 import jax
 import keras
+from absl import logging
 
 from gemma4_keras import _quiet, config_lib
 from gemma4_keras.data import template
@@ -365,6 +366,8 @@ def _load_model(preset: str, dtype, lora, options: dict):
             return stream_load.stream_training_model(directory, lora, **options)
     except (stream_load.CheckpointError, hf_config.ConfigError, OSError) as e:
         raise _load_error(preset, "weights", e) from e
+    # KerasHub reads the whole backbone before the copy's progress bar starts.
+    logging.info("loading %s with KerasHub (the whole backbone, on the host)", preset)
     with on_host():
         backbone = load_backbone(preset, dtype)
     # The training model copies (maybe quantises) what it needs; the backbone
