@@ -119,4 +119,65 @@ def test_a_missing_engine_says_how_to_install_it(
 
 def test_vllm_is_skipped_with_the_reason():
     assert "vllm: skipped" in verify.vllm_skip()
-    assert set(commands.FORMATS) == set(verify.MODULES) == set(verify.INSTALL)
+    engines = {*commands.FORMATS, "vllm"}
+    assert engines == set(verify.MODULES) == set(verify.INSTALL)
+
+
+# A stand-in for vLLM's Python API (LLM.generate on token prompts, logprobs
+# per step, LoRARequest): what the vLLM engine script asks of it and how it
+# reads the answers. vLLM itself needs CUDA; on a GPU the real one runs.
+_FAKE_VLLM = {
+    "vllm/__init__.py": """
+import json, os
+from types import SimpleNamespace as NS
+LOG = os.environ["FAKE_VLLM_LOG"]
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+class LLM:
+    def __init__(self, **kw):
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"llm": kw}) + "\\n")
+
+    def generate(self, prompts, params, lora_request=None):
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"lora": lora_request and lora_request.path,
+                                "params": params.kw}) + "\\n")
+        top = {7: NS(logprob=-2.0), 5: NS(logprob=-0.5), 9: NS(logprob=-3.0)}
+        tokens = [5, 6, 106, 8] if lora_request else [5, 9]
+        return [NS(outputs=[NS(token_ids=tokens, logprobs=[top])]) for _ in prompts]
+""",
+    "vllm/inputs.py": "def TokensPrompt(prompt_token_ids):\n    return prompt_token_ids\n",
+    "vllm/lora/__init__.py": "",
+    "vllm/lora/request.py": (
+        "class LoRARequest:\n"
+        "    def __init__(self, name, id, path):\n"
+        "        self.name, self.id, self.path = name, id, path\n"
+    ),
+}
+
+
+def test_the_vllm_engine_serves_a_peft_export_as_a_lora_request(tmp_path, monkeypatch):
+    for name, text in _FAKE_VLLM.items():
+        (tmp_path / "fake" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fake" / name).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "log"))
+    monkeypatch.setitem(verify.MODULES, "vllm", ())  # the fake is not importable here
+    out = tmp_path / "peft"
+    out.mkdir()
+    config = {"base_model_name_or_path": "/bases/tiny", "r": 8}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    got = verify.run_engine("peft", str(out), [[2, 3], [2, 4, 4]], 4, 0, "vllm")
+    assert got["adapted"].greedy == [[5, 6], [5, 6]]  # cut at <turn|> (106)
+    assert got["base"].greedy == [[5, 9], [5, 9]]
+    np.testing.assert_array_equal(got["adapted"].top_ids, [[5, 7, 9]] * 2)
+    np.testing.assert_allclose(got["adapted"].first, [np.exp([-0.5, -2.0, -3.0])] * 2)
+    log = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    llm = log[0]["llm"]
+    assert llm["model"] == "/bases/tiny" and llm["enable_lora"] is True
+    assert llm["max_lora_rank"] == 8 and llm["dtype"] == "float32"
+    assert [entry["lora"] for entry in log[1:]] == [str(out), None]
+    assert log[1]["params"]["temperature"] == 0.0 and log[1]["params"]["logprobs"] == 20

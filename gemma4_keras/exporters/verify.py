@@ -6,8 +6,10 @@ Each format is loaded by the engine that serves it, in a subprocess (its
 imports, threads and memory stay out of this process): transformers for
 `hf`, transformers + PEFT for `peft`, KerasHub for `keras`, llama.cpp
 (llama-server's code through `xllamacpp`, the `llama` extra) for `gguf` and
-`gguf-lora` (its `base-*.gguf` with `--lora adapter-*.gguf`). vLLM runs only
-where it is installed with a CUDA device (else a skip line says why).
+`gguf-lora` (its `base-*.gguf` with `--lora adapter-*.gguf`), and vLLM for
+`hf` / `peft` (the adapter as a LoRA request on its base) where it is
+installed with a CUDA device (else a skip line says why; not yet run on a
+GPU).
 
 On each prompt (token ids; `export --verify` takes the run's held-out
 prompts) the engine and the package's own model (`Gemma4LoraModel`, the
@@ -55,6 +57,7 @@ INSTALL = {
     "keras": "pip install keras-hub (installed with gemma4-keras)",
     "gguf": "pip install 'gemma4-keras[llama]'",
     "gguf-lora": "pip install 'gemma4-keras[llama]'",
+    "vllm": "pip install vllm (on a CUDA machine)",
 }
 MODULES = {
     "hf": ("torch", "transformers"),
@@ -62,6 +65,7 @@ MODULES = {
     "keras": ("keras_hub",),
     "gguf": ("xllamacpp",),
     "gguf-lora": ("xllamacpp",),
+    "vllm": ("vllm",),
 }
 
 
@@ -243,10 +247,51 @@ json.dump(out, open(job["out"] + ".json", "w"))
 """,
 }
 ENGINES["gguf-lora"] = ENGINES["gguf"]
+# vLLM (CUDA only) serves `hf` as the model and `peft` as a LoRA request on
+# its base; scored like llama.cpp, by its top-`TOP_N` first-token logprobs.
+ENGINES["vllm"] = r"""
+import json, sys
+import numpy as np
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+job = json.load(open(sys.argv[1]))
+lora = job.get("lora")
+llm = LLM(model=job["path"], dtype="float32", enforce_eager=True, seed=0,
+          max_model_len=max(map(len, job["prompts"])) + job["max_new_tokens"] + 8,
+          enable_lora=bool(lora), max_lora_rank=job.get("rank") or 16,
+          gpu_memory_utilization=0.5)
+params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"],
+                        logprobs=job["top_n"], stop_token_ids=job["stop"])
+
+def answers(request, which):
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
+    greedy, ids, probs = [], [], []
+    for o in llm.generate(prompts, params, lora_request=request):
+        c = o.outputs[0]
+        tokens = list(c.token_ids)
+        cut = [i for i, t in enumerate(tokens) if t in job["stop"]]
+        greedy.append(tokens[: cut[0]] if cut else tokens)
+        top = sorted(c.logprobs[0].items(), key=lambda kv: -kv[1].logprob)
+        ids.append([t for t, _ in top[: job["top_n"]]])
+        probs.append([float(np.exp(v.logprob)) for _, v in top[: job["top_n"]]])
+    np.save(job["out"] + f"-{which}.npy", np.array([ids, probs]))
+    return greedy
+
+out = {"adapted": answers(LoRARequest("export", 1, lora) if lora else None, "adapted")}
+if lora:
+    out["base"] = answers(None, "base")
+json.dump(out, open(job["out"] + ".json", "w"))
+"""
 
 
-def _artifact(out: str, fmt: str) -> dict:
-    """{"path": what the engine opens, "lora": the GGUF adapter, if any}."""
+def _artifact(out: str, fmt: str, engine: str) -> dict:
+    """{"path": what the engine opens, "lora": the adapter, if any}."""
+    if engine == "vllm" and fmt == "peft":
+        with open(os.path.join(out, "adapter_config.json")) as f:
+            config = json.load(f)
+        base = config["base_model_name_or_path"]
+        return {"path": base, "lora": os.path.abspath(out), "rank": config["r"]}
     if fmt in ("gguf", "gguf-lora"):
         stem = "base" if fmt == "gguf-lora" else "model"
         found = sorted(glob.glob(os.path.join(out, f"{stem}-*.gguf")))
@@ -267,14 +312,20 @@ def missing_engine(fmt: str) -> str | None:
     return None
 
 
-def run_engine(fmt: str, out: str, prompts, max_new_tokens: int, plain: int):
-    """({"adapted": Answers, "base": Answers?}) of the export in its engine."""
-    reason = missing_engine(fmt)
+def run_engine(
+    fmt: str, out: str, prompts, max_new_tokens: int, plain: int, engine: str = ""
+):
+    """({"adapted": Answers, "base": Answers?}) of the export in its engine.
+
+    `engine`: "vllm" for `hf` / `peft` on vLLM; "" the format's own.
+    """
+    engine = engine or fmt
+    reason = missing_engine(engine)
     if reason:
         raise VerifyError(reason)
     with tempfile.TemporaryDirectory() as tmp:
         job = {
-            **_artifact(out, fmt),
+            **_artifact(out, fmt, engine),
             "prompts": [list(map(int, p)) for p in prompts],
             "max_new_tokens": max_new_tokens,
             "stop": list(decoding.STOP_IDS),
@@ -285,14 +336,14 @@ def run_engine(fmt: str, out: str, prompts, max_new_tokens: int, plain: int):
         with open(os.path.join(tmp, "job.json"), "w") as f:
             json.dump(job, f)
         proc = subprocess.run(
-            [sys.executable, "-c", ENGINES[fmt], os.path.join(tmp, "job.json")],
+            [sys.executable, "-c", ENGINES[engine], os.path.join(tmp, "job.json")],
             capture_output=True,
             text=True,
         )
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])[-2000:]
             raise VerifyError(
-                f"--format={fmt}: the export does not run in its engine "
+                f"--format={fmt}: the export does not run in {engine} "
                 f"(exit {proc.returncode}):\n{tail}"
             )
         with open(job["out"] + ".json") as f:
@@ -300,7 +351,7 @@ def run_engine(fmt: str, out: str, prompts, max_new_tokens: int, plain: int):
         result = {}
         for which, g in greedy.items():
             scores = np.load(job["out"] + f"-{which}.npy")
-            if fmt in ("gguf", "gguf-lora"):
+            if engine in ("gguf", "gguf-lora", "vllm"):
                 result[which] = Answers(g, scores[1], scores[0].astype(np.int64))
             else:
                 result[which] = Answers(g, scores)
@@ -352,7 +403,11 @@ def vllm_skip() -> str | None:
     """Why vLLM is not run here, or None (it is installed, with CUDA)."""
     if importlib.util.find_spec("vllm") is None:
         return "vllm: skipped (not installed; pip install vllm, on a CUDA machine)"
-    return "vllm: skipped (the vLLM engine is not part of --verify yet)"
+    import torch  # only where vLLM is installed: it needs a CUDA device
+
+    if not torch.cuda.is_available():
+        return "vllm: skipped (no CUDA device)"
+    return None
 
 
 def table(rows: list[dict], skips: list[str]) -> str:
@@ -409,7 +464,14 @@ def verify(
     finally:
         model.set_adapter(active)
     rows = [compare(fmt, engine, package, package_base)]
-    skips = [vllm_skip()] if fmt in ("hf", "peft") else []
+    skips = []
+    if fmt in ("hf", "peft"):
+        skip = vllm_skip()
+        if skip is None:
+            served = run_engine(fmt, out, prompts, max_new_tokens, plain, "vllm")
+            rows.append(compare(f"{fmt} (vllm)", served, package, package_base))
+        else:
+            skips.append(skip)
     report = {"rows": rows, "skips": skips, "thresholds": THRESHOLDS}
     with open(os.path.join(out, "verify.json"), "w") as f:
         json.dump(report, f, indent=2)
