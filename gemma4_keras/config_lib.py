@@ -172,9 +172,11 @@ def get_config(
     # No effect since float16 runs with float32 islands (docs/t4.md); kept so
     # configs and command lines that set it still load.
     c.model.allow_float16 = False
-    c.model.moe_dispatch = (
-        "dense"  # MoE experts: dense (every expert) | ragged (grouped)
-    )
+    # MoE experts (26B-A4B, model/moe.py): auto = routed, each expert on its
+    # own tokens only (jax.lax.ragged_dot on GPU/TPU for a float bank, else
+    # blocks of rows, one matmul per block) | ragged | blocks | dense (every
+    # expert on every token, KerasHub's dispatch: 16x the expert FLOPs).
+    c.model.moe_dispatch = "auto"
     # The per-layer-embedding table (E2B/E4B) in host memory, each step
     # fetching only its tokens' rows: auto = on for one GPU/TPU (saves
     # 4.4 / 5.3 GiB of device memory), off on CPU and on a mesh | on | off.
@@ -509,9 +511,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "must be >= 1",
         ),
         (
-            c.model.moe_dispatch in ("dense", "ragged"),
+            c.model.moe_dispatch in ("auto", "ragged", "blocks", "dense"),
             "model.moe_dispatch",
-            "must be dense or ragged",
+            "must be auto, ragged, blocks or dense",
         ),
         (
             c.model.attention in ("auto", "dense", "chunked", "fused"),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from gemma4_keras.model import attention, hub, loss, xla_workarounds
+from gemma4_keras.model import attention, hub, loss, moe, xla_workarounds
 from gemma4_keras.model.layers import (
     DecoderBlock,
     fill_model,
@@ -124,7 +124,7 @@ class Gemma4LoraModel(keras.Model):
         remat: bool = False,
         loss_chunk_size: int = 1024,
         dtype=None,
-        moe_dispatch: str = "dense",
+        moe_dispatch: str = "auto",
         ple_on_host: bool = False,
     ) -> Gemma4LoraModel:
         """The training model of a KerasHub `Gemma4Backbone`'s text weights.
@@ -151,7 +151,7 @@ class Gemma4LoraModel(keras.Model):
         return model.finish_loading(lora, moe_dispatch)
 
     def finish_loading(
-        self, lora: LoraSpec | None, moe_dispatch: str = "dense"
+        self, lora: LoraSpec | None, moe_dispatch: str = "auto"
     ) -> Gemma4LoraModel:
         """Marks a filled model built, sets MoE dispatch, adds adapter `default`.
 
@@ -160,6 +160,7 @@ class Gemma4LoraModel(keras.Model):
         jitted train step) run without an eager call.
         """
         self.built = True
+        moe.check_dispatch(moe_dispatch)
         for blk in self.blocks:
             blk.moe_dispatch = moe_dispatch
         if lora is not None:

@@ -239,7 +239,7 @@ def stream_training_model(
     block_size: int = 64,
     remat: bool = False,
     loss_chunk_size: int = 1024,
-    moe_dispatch: str = "dense",
+    moe_dispatch: str = "auto",
     ple_on_host: bool = False,
 ) -> Gemma4LoraModel:
     """The training model of a local HF checkpoint, read tensor by tensor.
