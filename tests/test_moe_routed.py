@@ -40,15 +40,17 @@ def test_block_size_and_layout():
     np.testing.assert_array_equal(block_expert, [0, 0, 2, 2])
 
 
-def test_auto_kernel():
-    bank = np.zeros((4, 64, 32), np.float32)
-    nf4 = quant_lib.nf4_quantize_experts(bank)
-    assert moe.kernel("auto", bank, "cpu") == "blocks"
-    assert moe.kernel("auto", bank, "gpu") == "ragged"
-    assert moe.kernel("auto", nf4, "tpu") == "blocks"  # dequantised per block
-    assert moe.kernel("dense", bank, "gpu") == "dense"
+def test_auto_kernel_and_rows():
+    assert moe.kernel("auto", False, "cpu") == "blocks"
+    assert moe.kernel("auto", False, "gpu") == "ragged"
+    assert moe.kernel("auto", True, "tpu") == "blocks"  # dequantised per block
+    assert moe.kernel("dense", False, "gpu") == "dense"
     with pytest.raises(ValueError, match="model.moe_dispatch='sparse'"):
-        moe.kernel("sparse", bank)
+        moe.kernel("sparse", False)
+    # The compiled step's row count is expert_rows' (what plan counts).
+    _, pos, rows = moe.block_layout(jnp.zeros(256 * 8, jnp.int32), 128, 8)
+    assert rows == moe.expert_rows(256, 8, 128, "blocks") == 2944
+    assert moe.expert_rows(256, 8, 128, "dense") == 256 * 128
 
 
 # --- the tiny MoE model -----------------------------------------------------

@@ -65,18 +65,37 @@ def check_dispatch(dispatch: str) -> None:
         )
 
 
-def kernel(dispatch: str, bank: Bank, backend: str | None = None) -> str:
-    """The kernel `dispatch` runs on `backend`: ragged | blocks | dense.
+def kernel(dispatch: str, nf4: bool, backend: str | None = None) -> str:
+    """The kernel `dispatch` runs on `backend` (default: JAX's) for a float
+    (`nf4=False`) or NF4 bank: ragged | blocks | dense.
 
-    >>> kernel("auto", float_bank, "gpu"), kernel("auto", nf4_bank, "gpu")
+    >>> kernel("auto", False, "gpu"), kernel("auto", True, "gpu")
     ('ragged', 'blocks')
     """
     check_dispatch(dispatch)
     if dispatch != "auto":
         return dispatch
     backend = backend or jax.default_backend()
-    nf4 = isinstance(bank, quant_lib.NF4Weight)
     return "ragged" if backend in ("gpu", "tpu") and not nf4 else "blocks"
+
+
+def expert_rows(tokens: int, top_k: int, num_experts: int, how: str) -> int:
+    """Rows each expert projection multiplies for `tokens` tokens (static).
+
+    dense: every expert on every token; ragged: one row per (token, slot);
+    blocks: those plus each group's padding to whole blocks (the bound the
+    compiled step is shaped for, `block_layout`).
+
+    >>> expert_rows(4096, 8, 128, "dense"), expert_rows(4096, 8, 128, "blocks")
+    (524288, 49024)
+    """
+    pairs = tokens * top_k
+    if how == "dense":
+        return tokens * num_experts
+    if how == "ragged":
+        return pairs
+    block = block_size(pairs, num_experts)
+    return -(-(pairs + num_experts * (block - 1)) // block) * block
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
@@ -114,7 +133,7 @@ def experts(
     `banks` holds `experts_gate` / `experts_up` (E, d, f) and `experts_down`
     (E, f, d), float arrays or per-expert NF4 (`quant.nf4_quantize_experts`).
     """
-    how = kernel(dispatch, banks["experts_gate"])
+    how = kernel(dispatch, isinstance(banks["experts_gate"], quant_lib.NF4Weight))
     expert_scale = jnp.asarray(expert_scale)
     if how == "dense":
         return dense(m, top_p, top_i, banks, expert_scale)
@@ -203,7 +222,7 @@ def block_layout(by_expert: jax.Array, num_experts: int, block: int):
         block_expert  0 0 2 2       (the fourth block is padding)
     """
     pairs = by_expert.shape[0]
-    n_blocks = -(-(pairs + num_experts * (block - 1)) // block)
+    n_blocks = -(-(pairs + num_experts * (block - 1)) // block)  # expert_rows
     sizes = jnp.bincount(by_expert, length=num_experts)
     padded = (sizes + block - 1) // block * block
     ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
