@@ -45,6 +45,7 @@ def test_auto_kernel_and_rows():
     assert moe.kernel("auto", False, "gpu") == "ragged"
     assert moe.kernel("auto", True, "tpu") == "blocks"  # dequantised per block
     assert moe.kernel("dense", False, "gpu") == "dense"
+    assert moe.kernel("auto", True, "cpu", distributed=True) == "dense"  # a mesh
     with pytest.raises(ValueError, match="model.moe_dispatch='sparse'"):
         moe.kernel("sparse", False)
     # The compiled step's row count is expert_rows' (what plan counts).

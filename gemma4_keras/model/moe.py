@@ -25,7 +25,8 @@ probability and the expert's `per_expert_scale`. Two ways to compute it
 `auto` (the default) is `ragged` on GPU / TPU for a float bank and
 `blocks` elsewhere: on CPU, and for an NF4 bank everywhere, whose experts
 are dequantised only where a block uses them (`ragged_dot` needs the whole
-bank in float).
+bank in float); under a Keras distribution (a mesh) it is still `dense`
+(see `kernel`).
 
 Example:
 
@@ -40,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import keras
 
 from gemma4_keras.model import quant as quant_lib
 from gemma4_keras.model.xla_workarounds import no_cotangent, tie_to
@@ -65,9 +67,17 @@ def check_dispatch(dispatch: str) -> None:
         )
 
 
-def kernel(dispatch: str, nf4: bool, backend: str | None = None) -> str:
+def kernel(
+    dispatch: str, nf4: bool, backend: str | None = None, distributed: bool = False
+) -> str:
     """The kernel `dispatch` runs on `backend` (default: JAX's) for a float
     (`nf4=False`) or NF4 bank: ragged | blocks | dense.
+
+    `distributed` (a Keras distribution is set: a data or model mesh): auto
+    is dense there. The routed kernels sort every token of the global batch
+    by expert and index expert-sharded banks by a traced expert, which
+    GSPMD turns into cross-device gathers (measured on a 2 x 4 mesh:
+    `tests/test_sharding.py`); routing per shard (`shard_map`) is to come.
 
     >>> kernel("auto", False, "gpu"), kernel("auto", True, "gpu")
     ('ragged', 'blocks')
@@ -75,6 +85,8 @@ def kernel(dispatch: str, nf4: bool, backend: str | None = None) -> str:
     check_dispatch(dispatch)
     if dispatch != "auto":
         return dispatch
+    if distributed:
+        return "dense"
     backend = backend or jax.default_backend()
     return "ragged" if backend in ("gpu", "tpu") and not nf4 else "blocks"
 
@@ -133,7 +145,10 @@ def experts(
     `banks` holds `experts_gate` / `experts_up` (E, d, f) and `experts_down`
     (E, f, d), float arrays or per-expert NF4 (`quant.nf4_quantize_experts`).
     """
-    how = kernel(dispatch, isinstance(banks["experts_gate"], quant_lib.NF4Weight))
+    nf4 = isinstance(banks["experts_gate"], quant_lib.NF4Weight)
+    how = kernel(
+        dispatch, nf4, distributed=keras.distribution.distribution() is not None
+    )
     expert_scale = jnp.asarray(expert_scale)
     if how == "dense":
         return dense(m, top_p, top_i, banks, expert_scale)

@@ -690,15 +690,16 @@ def fits(total: float, memory: float) -> bool:
 # The plan.
 
 
-def moe_kernel(config, spec: ModelSpec, target: tuple | None) -> str:
+def moe_kernel(config, target: tuple | None, devices: int) -> str:
     """The MoE kernel a run of `config` uses on the planned device (`target`,
-    an `accelerator()`; None: this machine): ragged | blocks | dense."""
+    an `accelerator()`; None: this machine) over `devices` devices (a mesh:
+    dense, `moe.kernel`): ragged | blocks | dense."""
     if target is None:
         backend = jax.default_backend()
     else:
         backend = "tpu" if target[0].startswith("v5") else "gpu"
     nf4 = config.quant.mode == "nf4"
-    return moe.kernel(str(config.model.moe_dispatch), nf4, backend)
+    return moe.kernel(str(config.model.moe_dispatch), nf4, backend, devices > 1)
 
 
 def plan(
@@ -765,7 +766,15 @@ def plan(
     }
     n_adapter = adapter_params(spec, lora)
     attn_chunk = attention_chunk(config.model)
-    how = moe_kernel(config, spec, target)
+    if devices is None:
+        devices = max(
+            target[3] if target else 1,
+            int(config.distribution.model_parallel)
+            if config.distribution.mode == "model"
+            else 1,
+        )
+    mesh = device_mesh(config.distribution, int(devices))
+    how = moe_kernel(config, target, mesh["devices"])
     act = activation_bytes(spec, lora, batch, seq, s, attn_chunk, how)
     base = base_bytes(spec, quant, st)
     adapters = adapter_bytes(n_adapter, accum)
@@ -775,14 +784,6 @@ def plan(
     flops = step_flops(spec, lora, tokens, seq, attn_chunk, how, batch * seq)
     sec = flops["total"] / (tflops * 1e12 * mfu)
     steps = optimizer_steps(config)
-    if devices is None:
-        devices = max(
-            target[3] if target else 1,
-            int(config.distribution.model_parallel)
-            if config.distribution.mode == "model"
-            else 1,
-        )
-    mesh = device_mesh(config.distribution, int(devices))
     dev = per_device_bytes(
         spec, lora, quant, s, mesh, batch=batch, seq=seq,
         grad_accum=accum, chunk=chunk, remat=bool(config.model.remat), attn_chunk=attn_chunk,
