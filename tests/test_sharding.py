@@ -176,7 +176,8 @@ SCRIPT = textwrap.dedent("""
         c.distribution.mode, c.distribution.model_parallel = mode, 4
         c.lora.dropout = 0.0
         # The dispatch `auto` runs on a mesh (model/moe.py), on both sides:
-        # one device would otherwise route, a different computation.
+        # one device would otherwise route (blocks), a different computation
+        # with other temporaries.
         c.model.moe_dispatch = "dense"
         dist = distributed.setup(c.distribution, b)
         model, _, _ = presets.load_training_model(c)

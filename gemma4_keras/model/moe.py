@@ -74,10 +74,12 @@ def kernel(
     (`nf4=False`) or NF4 bank: ragged | blocks | dense.
 
     `distributed` (a Keras distribution is set: a data or model mesh): auto
-    is dense there. The routed kernels sort every token of the global batch
-    by expert and index expert-sharded banks by a traced expert, which
-    GSPMD turns into cross-device gathers (measured on a 2 x 4 mesh:
-    `tests/test_sharding.py`); routing per shard (`shard_map`) is to come.
+    keeps the dense dispatch there. The routed kernels sort every token of
+    the global batch by expert and index expert-sharded banks with a traced
+    expert id, which GSPMD may turn into cross-device gathers; that is not
+    measured yet (the tiny 2 x 4 mesh of `tests/test_sharding.py` ran the
+    routed step at 3.03 MiB of temporaries per device, dense 3.25, too small
+    to tell). Routing per shard (`shard_map`) is to come.
 
     >>> kernel("auto", False, "gpu"), kernel("auto", True, "gpu")
     ('ragged', 'blocks')
