@@ -78,7 +78,7 @@ def kernel(
     the global batch by expert and index expert-sharded banks with a traced
     expert id, which GSPMD may turn into cross-device gathers; that is not
     measured yet (the tiny 2 x 4 mesh of `tests/test_sharding.py` ran the
-    routed step at 3.03 MiB of temporaries per device, dense 3.25, too small
+    routed step at 2.89 MiB of temporaries per device, dense 3.10, too small
     to tell). Routing per shard (`shard_map`) is to come.
 
     >>> kernel("auto", False, "gpu"), kernel("auto", True, "gpu")
