@@ -171,9 +171,11 @@ def get_config(
     # No effect since float16 runs with float32 islands (docs/t4.md); kept so
     # configs and command lines that set it still load.
     c.model.allow_float16 = False
-    c.model.moe_dispatch = (
-        "dense"  # MoE experts: dense (every expert) | ragged (grouped)
-    )
+    # MoE experts (26B-A4B, model/moe.py): auto = routed, each expert on its
+    # own tokens only (jax.lax.ragged_dot on GPU/TPU for a float bank, else
+    # blocks of rows, one matmul per block) | ragged | blocks | dense (every
+    # expert on every token, KerasHub's dispatch: 16x the expert FLOPs).
+    c.model.moe_dispatch = "auto"
     # The per-layer-embedding table (E2B/E4B) in host memory, each step
     # fetching only its tokens' rows: auto = on for one GPU/TPU (saves
     # 4.4 / 5.3 GiB of device memory), off on CPU and on a mesh | on | off.
@@ -425,7 +427,7 @@ CHOICES = {
     "train.overfit_action": ("warn", "stop"),
     "eval.task_type": ("", *TASK_TYPES),  # "": inferred from the data
     "distribution.mode": ("auto", "none", "data", "model"),
-    "model.moe_dispatch": ("dense", "ragged"),
+    "model.moe_dispatch": ("auto", "ragged", "blocks", "dense"),
     "model.attention": ("auto", "dense", "chunked", "fused"),
     "model.ple_on_host": ("auto", "on", "off"),
     "model.dtype": DTYPES,

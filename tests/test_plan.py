@@ -276,3 +276,33 @@ def test_plan_counts_frozen_weights_in_the_checkpoints_dtype(tmp_path):
     assert set(p["host_bytes"]) == {
         "load", "train", "evaluate", "export_peft", "export_hf"
     }  # fmt: skip
+
+
+def test_plan_models_routed_and_dense_moe(tmp_path):
+    """26B-A4B QLoRA at seq 4096: plan says which MoE kernel runs and counts
+    its expert rows: routed (blocks for NF4 banks; ragged_dot for float banks
+    on a GPU) about top_k / num_experts of dense."""
+    from gemma4_keras.testing import full_size
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(full_size.released_config("26b_a4b"))
+    )
+    c = config_lib.get_config("26b_a4b", "qlora")
+    c.model.preset, c.model.dtype = str(tmp_path), "bfloat16"
+    c.train.batch_size, c.data.max_length = 1, 4096
+    plans = {}
+    for dispatch in ("auto", "dense"):
+        c.model.moe_dispatch = dispatch
+        plans[dispatch] = plan.plan(c, accelerator_name="h100")
+    routed, dense = plans["auto"], plans["dense"]
+    assert routed["run"]["moe_kernel"] == "blocks"  # NF4: dequantised per block
+    assert dense["run"]["moe_kernel"] == "dense"
+    assert "moe_dispatch=auto (blocks experts)" in plan.format_plan(routed)
+    # 49,024 rows (32,768 routed + block padding) against 128 x 4096.
+    ratio = dense["flops_per_step"]["experts"] / routed["flops_per_step"]["experts"]
+    assert ratio == pytest.approx(128 * 4096 / 49024)
+    assert routed["flops_per_step"]["frozen"] == dense["flops_per_step"]["frozen"]
+    act = "remat_peak"
+    assert routed["activation_bytes"][act] < dense["activation_bytes"][act] / 2
+    c.quant.mode, c.model.moe_dispatch = "none", "auto"
+    assert plan.plan(c, accelerator_name="h100")["run"]["moe_kernel"] == "ragged"

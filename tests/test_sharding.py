@@ -175,6 +175,10 @@ SCRIPT = textwrap.dedent("""
         c.model.preset, c.model.dtype = ckpt, "float32"
         c.distribution.mode, c.distribution.model_parallel = mode, 4
         c.lora.dropout = 0.0
+        # The dispatch `auto` runs on a mesh (model/moe.py), on both sides:
+        # one device would otherwise route (blocks), a different computation
+        # with other temporaries.
+        c.model.moe_dispatch = "dense"
         dist = distributed.setup(c.distribution, b)
         model, _, _ = presets.load_training_model(c)
         x = dict(batch)

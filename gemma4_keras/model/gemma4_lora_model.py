@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tqdm
 
-from gemma4_keras.model import attention, hub, loss, xla_workarounds
+from gemma4_keras.model import attention, hub, loss, moe, xla_workarounds
 from gemma4_keras.model.layers import (
     DecoderBlock,
     fill_model,
@@ -131,7 +131,7 @@ class Gemma4LoraModel(keras.Model):
         block_size: int = 64,
         remat: bool = False,
         loss_chunk_size: int = 1024,
-        moe_dispatch: str = "dense",
+        moe_dispatch: str = "auto",
         ple_on_host: bool = False,
     ) -> Gemma4LoraModel:
         """The training model of `spec`, its frozen base loaded by `fill`.
@@ -177,7 +177,7 @@ class Gemma4LoraModel(keras.Model):
             )
 
     def finish_loading(
-        self, lora: LoraSpec | None, moe_dispatch: str = "dense"
+        self, lora: LoraSpec | None, moe_dispatch: str = "auto"
     ) -> Gemma4LoraModel:
         """Marks a filled model built, sets MoE dispatch, adds adapter `default`.
 
@@ -186,6 +186,7 @@ class Gemma4LoraModel(keras.Model):
         jitted train step) run without an eager call.
         """
         self.built = True
+        moe.check_dispatch(moe_dispatch)
         for blk in self.blocks:
             blk.moe_dispatch = moe_dispatch
         if lora is not None:

@@ -26,9 +26,10 @@ import numpy as np
 
 from gemma4_keras import host_memory
 from gemma4_keras.model import attention as attention_lib
+from gemma4_keras.model import moe, schema
 from gemma4_keras.model import quant as quant_lib
-from gemma4_keras.model import schema
 from gemma4_keras.model.lora import LoraAdapter
+from gemma4_keras.model.moe import gelu_tanh
 from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
 
@@ -64,10 +65,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, spec: BlockSpec) -> jax.Array
     y1 = r1 * cos - r2 * sin
     y2 = r2 * cos + r1 * sin
     return jnp.concatenate([y1, p1, y2, p2], axis=-1)
-
-
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
 
 
 # float16 compute ("float32 islands"): the largest magnitude the MLP's
@@ -312,7 +309,7 @@ class DecoderBlock(keras.layers.Layer):
         self.extra: dict[str, keras.Variable] = {}
         self.adapters: dict[str, dict[str, LoraAdapter]] = {}
         self.active_adapter: str | None = None
-        self.moe_dispatch = "dense"  # dense | ragged (see moe_ragged)
+        self.moe_dispatch = "auto"  # model.moe_dispatch (model/moe.py)
         # model.attention / model.attention_chunk_size (model/attention.py)
         self.attention = "auto"
         self.attention_chunk_size = 512
@@ -461,69 +458,29 @@ class DecoderBlock(keras.layers.Layer):
         return x * self.extra["layer_scalar"].value.astype(x.dtype)
 
     def _moe(self, x: jax.Array) -> jax.Array:
-        """The MoE path (router on raw x, experts on normed x), frozen."""
-        if self.moe_dispatch == "ragged":
-            return self.moe_ragged(x)
-        return self.moe_dense(x)
+        """The MoE path (router on raw x, experts on normed x), frozen.
 
-    def moe_ragged(self, x: jax.Array) -> jax.Array:
-        """MoE with tokens grouped by expert (`jax.lax.ragged_dot`).
-
-        Each expert multiplies only the tokens routed to it: k / num_experts
-        of the dense path's expert matmuls where the backend has a grouped
-        matmul (TPU, recent GPU XLA). XLA's CPU backend expands ragged_dot
-        into a dense product over every group, which costs more than the
-        dense path, so this is opt-in (`model.moe_dispatch=ragged`).
+        `moe_dispatch` picks routed (each expert on its own tokens) or dense
+        compute (`model/moe.py`).
         """
         s, e = self.spec, self.extra
         shape = x.shape
-        top_p, top_i = self._route(x.reshape(-1, shape[-1]))
-        m = rms_norm(x, self.norms["pre_ffw_moe"].value, s.eps).reshape(-1, shape[-1])
-        flat = top_i.reshape(-1)  # [T*k] expert of each (token, slot)
-        order = jnp.argsort(flat, stable=True)
-        token = order // s.top_k
-        sizes = jnp.bincount(flat, length=s.num_experts).astype(jnp.int32)
-        xs = m[token]
-        gate = jax.lax.ragged_dot(xs, self._bank("experts_gate", x.dtype), sizes)
-        up = jax.lax.ragged_dot(xs, self._bank("experts_up", x.dtype), sizes)
-        hid = gelu_tanh(gate.astype(jnp.float32)).astype(x.dtype) * up
-        out = jax.lax.ragged_dot(hid, self._bank("experts_down", x.dtype), sizes)
-        scale = e["expert_scale"].value.astype(x.dtype)[flat[order]]
-        weight = top_p.reshape(-1)[order] * scale
-        y = jnp.zeros_like(m).at[token].add(out * weight[:, None])
+        xf = x.reshape(-1, shape[-1])
+        top_p, top_i = moe.route(
+            rms_norm(xf, None, s.eps),
+            e["router_scale"].value,
+            e["router_proj"].value,
+            s.top_k,
+        )
+        m = rms_norm(xf, self.norms["pre_ffw_moe"].value, s.eps)
+        banks = {name: self._bank(name) for name in moe.BANKS}
+        scale = e["expert_scale"].value
+        y = moe.experts(m, top_p, top_i, banks, scale, self.moe_dispatch)
         return rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
 
-    def _route(self, xf: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Top-k expert probabilities (renormalised) and indices, [T, k] each."""
-        s, e = self.spec, self.extra
-        r = rms_norm(xf, None, s.eps) * jnp.asarray(xf.shape[-1] ** -0.5, xf.dtype)
-        r = r * e["router_scale"].value.astype(xf.dtype)
-        logits = (r @ e["router_proj"].value.astype(xf.dtype)).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, -1)
-        top_p, top_i = jax.lax.top_k(probs.astype(xf.dtype), s.top_k)
-        denom = jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
-        return top_p / denom, top_i
-
-    def moe_dense(self, x: jax.Array) -> jax.Array:
-        """KerasHub's dense MoE: every expert on every token, one batched einsum."""
-        s, e = self.spec, self.extra
-        shape = x.shape
-        top_p, top_i = self._route(x.reshape(-1, shape[-1]))
-        dispatch = jnp.sum(
-            jax.nn.one_hot(top_i, s.num_experts, dtype=top_p.dtype) * top_p[..., None],
-            axis=1,
-        )  # [T, E]
-        m = rms_norm(x, self.norms["pre_ffw_moe"].value, s.eps).reshape(-1, shape[-1])
-        gate = jnp.einsum("th,ehi->eti", m, self._bank("experts_gate", x.dtype))
-        up = jnp.einsum("th,ehi->eti", m, self._bank("experts_up", x.dtype))
-        hid = gelu_tanh(gate.astype(jnp.float32)).astype(x.dtype) * up
-        out = jnp.einsum("eti,eih->eth", hid, self._bank("experts_down", x.dtype))
-        out = out * e["expert_scale"].value.astype(x.dtype)[:, None, None]
-        out = jnp.sum(out * dispatch.T[:, :, None], axis=0).reshape(shape)
-        return rms_norm(out, self.norms["post_ffw_moe"].value, s.eps)
-
-    def _bank(self, name: str, dtype) -> jax.Array:
+    def _bank(self, name: str):
+        """An expert bank as stored: a float array or a per-expert NF4Weight."""
         holder = self.extra[name]
-        if hasattr(holder, "dequantize"):
-            return holder.dequantize(dtype)
-        return holder.value.astype(dtype)
+        if hasattr(holder, "quantized"):
+            return holder.quantized()
+        return holder.value

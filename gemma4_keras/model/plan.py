@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from gemma4_keras import config_lib
-from gemma4_keras.model import hub, presets, quant, schema, sharding
+from gemma4_keras.model import hub, moe, presets, quant, schema, sharding
 from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
@@ -212,6 +212,7 @@ def _block_internal_bytes(
     seq: int,
     s: int,
     attn_chunk: int | None = None,
+    moe_kernel: str = "dense",
 ) -> int:
     """Residuals one block keeps for its backward pass [bytes]."""
     d, n_tok = spec.hidden_dim, batch * seq
@@ -219,13 +220,31 @@ def _block_internal_bytes(
     if b.has_kv:
         per_tok += _RESID_KV * b.num_kv_heads * b.head_dim
     per_tok += sites * lora_rank  # x @ A per adapter
-    if spec.moe:  # every expert runs densely on every token: gate, up, hid, out
-        per_tok += spec.num_experts * (3 * spec.expert_dim + spec.hidden_dim) + 4 * d
+    if spec.moe:
+        per_tok += _moe_per_token(spec, n_tok, moe_kernel)
     if spec.ple_dim:
         per_tok += 2 * spec.ple_dim + 2 * d
     queries, keys = attention_block(b, seq, attn_chunk)
     attn = batch * b.num_heads * queries * keys * (_ATTN_F32 * 4 + _ATTN_BOOL)
     return n_tok * per_tok * s + attn
+
+
+def _moe_per_token(spec: ModelSpec, n_tok: int, moe_kernel: str) -> float:
+    """Values the MoE path keeps per token for the backward pass [count].
+
+    dense: gate, up, hid [I] and out [D] of every expert, E*(3*I + D);
+    routed (`moe.expert_rows` rows R): R/T*(3*I + 2*D) (gate, up, hid, the
+    grouped input and output) + 3*k*D (the gathered input, the output and
+    the weighted output of each (token, slot)); both + 4*D (norms, router).
+    XLA's count at 26B-A4B's widths, 4096 tokens, float32
+    (`benchmarks/moe_dispatch.py`, each further layer): routed 2.70 GiB,
+    this 2.62; dense 13.89 GiB, this 9.8.
+    """
+    d, i = spec.hidden_dim, spec.expert_dim
+    rows = moe.expert_rows(n_tok, spec.top_k, spec.num_experts, moe_kernel) / n_tok
+    if moe_kernel == "dense":
+        return rows * (3 * i + d) + 4 * d
+    return rows * (3 * i + 2 * d) + 3 * spec.top_k * d + 4 * d
 
 
 def activation_bytes(
@@ -235,12 +254,13 @@ def activation_bytes(
     seq: int,
     s: int,
     attn_chunk: int | None = None,
+    moe_kernel: str = "dense",
 ) -> dict[str, int]:
     """Activation memory of one micro-batch of `batch` x `seq` tokens [bytes].
 
     Without remat every block keeps its residuals for the backward pass, per
     block l and token: (6*D + 3*H*h_l + 2*kv*h_l [own K/V only] + 8*F_l
-    + r * sites_l [+ MoE E*(3*I + D) + 4*D] [+ PLE 2*P + 2*D]) * s bytes, plus
+    + r * sites_l [+ MoE `_moe_per_token`] [+ PLE 2*P + 2*D]) * s bytes, plus
     attention B*H*Tq*Tk*(4 float32 + 2 bool) bytes: the full square (Tq = Tk
     = T) when `attn_chunk` is None or T <= attn_chunk, else one chunk's block
     (`attention_block`; chunks are recomputed, so this bounds what a layer
@@ -259,7 +279,15 @@ def activation_bytes(
         sites[layer] = sites.get(layer, 0) + 1
     internals = [
         _block_internal_bytes(
-            spec, b, sites.get(b.index, 0), lora.rank, batch, seq, s, attn_chunk
+            spec,
+            b,
+            sites.get(b.index, 0),
+            lora.rank,
+            batch,
+            seq,
+            s,
+            attn_chunk,
+            moe_kernel,
         )
         for b in spec.blocks
     ]
@@ -300,12 +328,16 @@ def step_flops(
     tokens: int,
     seq: int,
     attn_chunk: int | None = None,
+    moe_kernel: str = "dense",
+    micro_tokens: int | None = None,
 ) -> dict[str, int]:
     """FLOPs of one optimiser step of `tokens` tokens in rows of `seq` [FLOP].
 
     frozen     4 * T * sum P   (forward + input gradient; no weight gradient).
-               P: own projections, all MoE experts (this implementation runs
-               every expert on every token), router, PLE projection/gate/up
+               P: own projections, MoE router, PLE projection/gate/up
+    experts    4 * R * 3 * D * I per MoE layer, R the rows its expert
+               projections multiply (`moe.expert_rows` per micro-batch of
+               `micro_tokens`, default T: T * E dense, about T * k routed)
     adapters   6 * T * r * sum_sites (in + out)
     attention  12 * T * keys * H * h_l per layer (QK^T and PV, forward and
                backward): keys = seq on the full square; chunked, 16 * T *
@@ -318,14 +350,18 @@ def step_flops(
     """
     d, n = spec.hidden_dim, spec.num_layers
     frozen_p = sum(a * b for a, b in _projections(spec))
+    experts = 0
     if spec.moe:
-        frozen_p += n * (
-            3 * spec.num_experts * d * spec.expert_dim + d * spec.num_experts
-        )
+        frozen_p += n * d * spec.num_experts
+        micro = micro_tokens or tokens
+        rows = moe.expert_rows(micro, spec.top_k, spec.num_experts, moe_kernel)
+        rows = rows * tokens // micro
+        experts = 4 * n * rows * 3 * d * spec.expert_dim
     if spec.ple_dim:
         frozen_p += d * n * spec.ple_dim + n * 2 * d * spec.ple_dim
     out = {
         "frozen": 4 * tokens * frozen_p,
+        "experts": experts,
         "adapters": 6 * tokens * adapter_params(spec, lora),
         "attention": sum(
             _attention_flops(b, tokens, seq, attn_chunk) for b in spec.blocks
@@ -513,6 +549,7 @@ def per_device_bytes(
     remat: bool,
     attn_chunk: int | None = None,
     storage: int | None = None,
+    moe_kernel: str = "dense",
 ) -> dict[str, int]:
     """Bytes one device of `mesh` holds during a step [bytes].
 
@@ -539,7 +576,7 @@ def per_device_bytes(
     adapters = sharding.per_device_bytes(adapter_vars, mesh["model"])
     state = adapters * (3 + (grad_accum > 1))  # grads (+ accumulators) + m, v
     b_dev = batch // mesh["data"]
-    act = activation_bytes(spec, lora, b_dev, seq, s, attn_chunk)
+    act = activation_bytes(spec, lora, b_dev, seq, s, attn_chunk, moe_kernel)
     out = {
         "base": base,
         "adapters": adapters,
@@ -653,6 +690,18 @@ def fits(total: float, memory: float) -> bool:
 # The plan.
 
 
+def moe_kernel(config, target: tuple | None, devices: int) -> str:
+    """The MoE kernel a run of `config` uses on the planned device (`target`,
+    an `accelerator()`; None: this machine) over `devices` devices (a mesh:
+    dense, `moe.kernel`): ragged | blocks | dense."""
+    if target is None:
+        backend = jax.default_backend()
+    else:
+        backend = "tpu" if target[0].startswith("v5") else "gpu"
+    nf4 = config.quant.mode == "nf4"
+    return moe.kernel(str(config.model.moe_dispatch), nf4, backend, devices > 1)
+
+
 def plan(
     config,
     tflops: float = 100.0,
@@ -717,15 +766,6 @@ def plan(
     }
     n_adapter = adapter_params(spec, lora)
     attn_chunk = attention_chunk(config.model)
-    act = activation_bytes(spec, lora, batch, seq, s, attn_chunk)
-    base = base_bytes(spec, quant, st)
-    adapters = adapter_bytes(n_adapter, accum)
-    loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
-    act_used = act["remat_peak"] if config.model.remat else act["no_remat_saved"]
-    tokens = batch * accum * seq
-    flops = step_flops(spec, lora, tokens, seq, attn_chunk)
-    sec = flops["total"] / (tflops * 1e12 * mfu)
-    steps = optimizer_steps(config)
     if devices is None:
         devices = max(
             target[3] if target else 1,
@@ -734,10 +774,20 @@ def plan(
             else 1,
         )
     mesh = device_mesh(config.distribution, int(devices))
+    how = moe_kernel(config, target, mesh["devices"])
+    act = activation_bytes(spec, lora, batch, seq, s, attn_chunk, how)
+    base = base_bytes(spec, quant, st)
+    adapters = adapter_bytes(n_adapter, accum)
+    loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
+    act_used = act["remat_peak"] if config.model.remat else act["no_remat_saved"]
+    tokens = batch * accum * seq
+    flops = step_flops(spec, lora, tokens, seq, attn_chunk, how, batch * seq)
+    sec = flops["total"] / (tflops * 1e12 * mfu)
+    steps = optimizer_steps(config)
     dev = per_device_bytes(
         spec, lora, quant, s, mesh, batch=batch, seq=seq,
         grad_accum=accum, chunk=chunk, remat=bool(config.model.remat), attn_chunk=attn_chunk,
-        storage=st,
+        storage=st, moe_kernel=how,
     )  # fmt: skip
     host_table = ple_host_bytes(config, spec, st, mesh)
     if host_table:  # `model.ple_on_host`: in host memory, off the device
@@ -768,6 +818,9 @@ def plan(
             "grad_accum": accum,
             "max_length": seq,
             "remat": bool(config.model.remat),
+            # model.moe_dispatch and the kernel it runs on the planned device
+            "moe_dispatch": str(config.model.moe_dispatch),
+            "moe_kernel": how if spec.moe else None,
             "tflops": tflops,
             "mfu": mfu,
         },
@@ -869,7 +922,12 @@ def format_plan(p: dict) -> str:
         f"moe={m['moe']}, ple={m['ple_dim']}, {m['dtype']}",
         f"run    quant={q['mode']}{' +dq' if q['double_quant'] and q['mode'] == 'nf4' else ''}, "
         f"rank {r['lora_rank']}, batch {r['batch_size']} x accum {r['grad_accum']} "
-        f"x {r['max_length']} tokens, remat={r['remat']}",
+        f"x {r['max_length']} tokens, remat={r['remat']}"
+        + (
+            f", moe_dispatch={r['moe_dispatch']} ({r['moe_kernel']} experts)"
+            if m["moe"]
+            else ""
+        ),
         "parameters [count]",
     ]
     lines += [f"  {k:22s} {v:>16,}" for k, v in p["params"].items()]

@@ -301,7 +301,7 @@ class ModelSettings:
     lora: LoraSpec
     remat: bool  # rematerialise each decoder block
     loss_chunk_size: int  # tokens per chunk of the vocab projection
-    moe_dispatch: str  # dense | ragged
+    moe_dispatch: str  # auto | ragged | blocks | dense (model/moe.py)
     ple_on_host: str  # auto | on | off (`ple_on_host`)
     attention: str  # auto | dense | chunked | fused
     attention_chunk_size: int  # queries per chunk [tokens]

@@ -61,6 +61,7 @@ __all__ = [
     "NF4Kernel",
     "NF4Weight",
     "nf4_dequantize",
+    "nf4_dequantize_expert",
     "nf4_leaf_specs",
     "nf4_matmul",
     "nf4_quantize",
@@ -567,6 +568,29 @@ def nf4_dequantize(q: NF4Weight, dtype: Any = "float32") -> jax.Array:
         batched = jax.tree_util.tree_unflatten(treedef, flat_leaves)
         flat = jax.vmap(lambda s: _dequantize_slice(s, slice_size))(batched)
     return flat.astype(dtype).reshape(q.shape)
+
+
+def nf4_dequantize_expert(q: NF4Weight, e: jax.Array, dtype: Any = "float32"):
+    """Expert `e` of a per-expert bank (`nf4_quantize_experts`), dequantised.
+
+    Only expert `e`'s codes and scales are read (a dynamic slice of each
+    leaf, `e` may be traced): `nf4_dequantize(q)[e]` without the rest of
+    the bank.
+
+    Example:
+
+        w3 = nf4_dequantize_expert(nf4_quantize_experts(bank), 3)  # bank[3]
+    """
+    if q.batch_dims != 1:
+        raise ValueError(
+            f"nf4_dequantize_expert needs a per-expert bank (batch_dims=1), got "
+            f"batch_dims={q.batch_dims}; quantise it with nf4_quantize_experts."
+        )
+    one = jax.tree_util.tree_map(
+        lambda leaf: jax.lax.dynamic_index_in_dim(leaf, e, keepdims=False), q
+    )
+    one = dataclasses.replace(one, shape=q.shape[1:], batch_dims=0)
+    return nf4_dequantize(one, dtype)
 
 
 @jax.custom_vjp

@@ -1,0 +1,313 @@
+"""The mixture-of-experts feed-forward of 26B-A4B: router and expert dispatch.
+
+A token's router picks `top_k` of `num_experts` experts (8 of 128); each
+expert is a gated MLP `down(gelu(x @ gate) * (x @ up))` of width
+`expert_dim`, its output weighted by the token's renormalised router
+probability and the expert's `per_expert_scale`. Two ways to compute it
+(`model.moe_dispatch`):
+
+* **routed** (default): the (token, slot) pairs are sorted by expert and each
+  expert multiplies only its own tokens, about `top_k / num_experts` of the
+  dense path's expert FLOPs (1/16 at 26B-A4B). Two kernels:
+  `ragged` is `jax.lax.ragged_dot` (a grouped matmul on GPU / TPU; XLA's
+  CPU backend expands it into a product with every expert);
+  `blocks` pads each expert's group to a multiple of a block of rows and
+  runs one matmul per block with that block's expert weights, gathered
+  (and, for an NF4 bank, dequantised) one block at a time: rows
+  `<= pairs + num_experts * (block - 1)`, FLOPs about
+  `(tokens * top_k + num_experts * block) * d * f` per projection.
+  Both are exact: no token is dropped, no capacity.
+* **dense**: KerasHub's dispatch, every expert on every token (one
+  `[experts, tokens, expert_dim]` activation per projection, the whole bank
+  dequantised); the reference the routed path is tested against
+  (`tests/test_moe_routed.py`).
+
+`auto` (the default) is `ragged` on GPU / TPU for a float bank and
+`blocks` elsewhere: on CPU, and for an NF4 bank everywhere, whose experts
+are dequantised only where a block uses them (`ragged_dot` needs the whole
+bank in float); under a Keras distribution (a mesh) it is still `dense`
+(see `kernel`).
+
+Example:
+
+    top_p, top_i = route(rms_norm(x), router_scale, router_proj, top_k=8)
+    y = experts(m, top_p, top_i, banks, expert_scale, dispatch="auto")
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from gemma4_keras.model import quant as quant_lib
+from gemma4_keras.model.xla_workarounds import no_cotangent, tie_to
+
+# model.moe_dispatch values; `kernel` resolves auto to one of the rest.
+DISPATCHES = ("auto", "ragged", "blocks", "dense")
+BANKS = ("experts_gate", "experts_up", "experts_down")
+# The largest block of the `blocks` kernel [rows]. Each block is one matmul;
+# its padding costs at most block - 1 rows per expert that gets a token.
+MAX_BLOCK = 128
+# XLA's `cost_analysis()` counts a loop's body once; a benchmark that wants
+# every block's FLOPs counted sets this to True (straight-line code: the
+# same values, a longer compile). Never set in training.
+UNROLL_BLOCKS = False
+
+Bank = Any  # a float (E, in, out) array or a per-expert `quant.NF4Weight`
+
+
+def check_dispatch(dispatch: str) -> None:
+    if dispatch not in DISPATCHES:
+        raise ValueError(
+            f"model.moe_dispatch={dispatch!r}: must be one of {', '.join(DISPATCHES)}"
+        )
+
+
+def kernel(
+    dispatch: str, nf4: bool, backend: str | None = None, distributed: bool = False
+) -> str:
+    """The kernel `dispatch` runs on `backend` (default: JAX's) for a float
+    (`nf4=False`) or NF4 bank: ragged | blocks | dense.
+
+    `distributed` (a Keras distribution is set: a data or model mesh): auto
+    keeps the dense dispatch there. The routed kernels sort every token of
+    the global batch by expert and index expert-sharded banks with a traced
+    expert id, which GSPMD may turn into cross-device gathers; that is not
+    measured yet (the tiny 2 x 4 mesh of `tests/test_sharding.py` ran the
+    routed step at 2.89 MiB of temporaries per device, dense 3.10, too small
+    to tell). Routing per shard (`shard_map`) is to come.
+
+    >>> kernel("auto", False, "gpu"), kernel("auto", True, "gpu")
+    ('ragged', 'blocks')
+    """
+    check_dispatch(dispatch)
+    if dispatch != "auto":
+        return dispatch
+    if distributed:
+        return "dense"
+    backend = backend or jax.default_backend()
+    return "ragged" if backend in ("gpu", "tpu") and not nf4 else "blocks"
+
+
+def expert_rows(tokens: int, top_k: int, num_experts: int, how: str) -> int:
+    """Rows each expert projection multiplies for `tokens` tokens (static).
+
+    dense: every expert on every token; ragged: one row per (token, slot);
+    blocks: those plus each group's padding to whole blocks (the bound the
+    compiled step is shaped for, `block_layout`).
+
+    >>> expert_rows(4096, 8, 128, "dense"), expert_rows(4096, 8, 128, "blocks")
+    (524288, 49024)
+    """
+    pairs = tokens * top_k
+    if how == "dense":
+        return tokens * num_experts
+    if how == "ragged":
+        return pairs
+    block = block_size(pairs, num_experts)
+    return -(-(pairs + num_experts * (block - 1)) // block) * block
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def route(
+    normed: jax.Array, router_scale: jax.Array, router_proj: jax.Array, top_k: int
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k expert probabilities (renormalised) and indices, [T, k] each.
+
+    `normed` is the block's input RMS-normed without a scale, [T, d]. Ties
+    go to the lower expert index (`jax.lax.top_k`), the same for every
+    dispatch.
+    """
+    dt = normed.dtype
+    r = normed * jnp.asarray(normed.shape[-1] ** -0.5, dt) * router_scale.astype(dt)
+    logits = (r @ router_proj.astype(dt)).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, -1)
+    top_p, top_i = jax.lax.top_k(probs.astype(dt), top_k)
+    denom = jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
+    return top_p / denom, top_i
+
+
+def experts(
+    m: jax.Array,
+    top_p: jax.Array,
+    top_i: jax.Array,
+    banks: dict[str, Bank],
+    expert_scale: jax.Array,
+    dispatch: str = "auto",
+) -> jax.Array:
+    """The experts' weighted sum for each token of `m` [T, d] (normed input).
+
+    `banks` holds `experts_gate` / `experts_up` (E, d, f) and `experts_down`
+    (E, f, d), float arrays or per-expert NF4 (`quant.nf4_quantize_experts`).
+    """
+    nf4 = isinstance(banks["experts_gate"], quant_lib.NF4Weight)
+    how = kernel(
+        dispatch, nf4, distributed=keras.distribution.distribution() is not None
+    )
+    expert_scale = jnp.asarray(expert_scale)
+    if how == "dense":
+        return dense(m, top_p, top_i, banks, expert_scale)
+    return routed(m, top_p, top_i, banks, expert_scale, how)
+
+
+def dense(m, top_p, top_i, banks, expert_scale) -> jax.Array:
+    """KerasHub's dense MoE: every expert on every token, one batched einsum."""
+    num_experts = expert_scale.shape[0]
+    dispatch = jnp.sum(
+        jax.nn.one_hot(top_i, num_experts, dtype=top_p.dtype) * top_p[..., None],
+        axis=1,
+    )  # [T, E]
+    gate = jnp.einsum("th,ehi->eti", m, whole_bank(banks["experts_gate"], m.dtype))
+    up = jnp.einsum("th,ehi->eti", m, whole_bank(banks["experts_up"], m.dtype))
+    hid = gelu_tanh(gate.astype(jnp.float32)).astype(m.dtype) * up
+    out = jnp.einsum("eti,eih->eth", hid, whole_bank(banks["experts_down"], m.dtype))
+    out = out * expert_scale.astype(m.dtype)[:, None, None]
+    return jnp.sum(out * dispatch.T[:, :, None], axis=0)
+
+
+def routed(m, top_p, top_i, banks, expert_scale, how: str = "blocks") -> jax.Array:
+    """Each expert on its own tokens only (`how`: ragged | blocks); exact."""
+    t, k = top_i.shape
+    num_experts = expert_scale.shape[0]
+    flat = top_i.reshape(-1)  # [T*k] expert of each (token, slot)
+    order = jnp.argsort(flat, stable=True)
+    by_expert = flat[order]
+    token = order // k
+    xs = m[token]  # [T*k, d], grouped by expert
+    if how == "ragged":
+        groups = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        place, unplace = (lambda h: h), (lambda h: h)
+    else:
+        block = block_size(t * k, num_experts)
+        groups, pos, rows = block_layout(by_expert, num_experts, block)
+
+        def place(h):
+            return (
+                jnp.zeros((rows, h.shape[-1]), h.dtype)
+                .at[pos]
+                .set(h, unique_indices=True)
+            )
+
+        def unplace(h):
+            return h[pos]
+
+    def mm(h, name):
+        return grouped_matmul(h, banks[name], groups, how)
+
+    xp = place(xs)
+    hid = gelu_tanh(mm(xp, "experts_gate").astype(jnp.float32)).astype(m.dtype)
+    out = unplace(mm(hid * mm(xp, "experts_up"), "experts_down"))
+    weight = top_p.reshape(-1)[order] * expert_scale.astype(m.dtype)[by_expert]
+    return jnp.zeros_like(m).at[token].add(out * weight[:, None])
+
+
+def block_size(pairs: int, num_experts: int) -> int:
+    """Rows per block of the `blocks` kernel for `pairs` (token, slot) pairs.
+
+    The largest power of two up to `pairs / (2 * num_experts)` (at most
+    `MAX_BLOCK`, at least 1), so the padding (`num_experts * block` rows at
+    most) stays within half the routed rows: expert FLOPs at most 1.5x the
+    active count. One token (decoding) gets blocks of one row, no padding.
+
+    >>> block_size(4096 * 8, 128), block_size(256 * 8, 128), block_size(8, 128)
+    (128, 8, 1)
+    """
+    block = 1
+    while block * 2 <= min(MAX_BLOCK, pairs / (2 * num_experts)):
+        block *= 2
+    return block
+
+
+def block_layout(by_expert: jax.Array, num_experts: int, block: int):
+    """Where each expert-sorted pair goes among blocks of `block` rows.
+
+    Each expert's group starts a new block and is padded to a multiple of
+    `block`; experts with no pair get no block. Returns (`block_expert`
+    [n_blocks], the expert of each block; `pos` [pairs], each pair's row;
+    `rows`, the static row count `n_blocks * block`). Blocks past the last
+    group are padding (zero rows) given the last expert.
+
+        by_expert     0 0 0 2 2     (block 2, 3 experts)
+        pos           0 1 2 4 5     rows 0..3 expert 0, 4..5 expert 2
+        block_expert  0 0 2 2       (the fourth block is padding)
+    """
+    pairs = by_expert.shape[0]
+    n_blocks = -(-(pairs + num_experts * (block - 1)) // block)  # expert_rows
+    sizes = jnp.bincount(by_expert, length=num_experts)
+    padded = (sizes + block - 1) // block * block
+    ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
+    starts, padded_starts = ends - sizes, padded_ends - padded
+    pos = padded_starts[by_expert] + jnp.arange(pairs) - starts[by_expert]
+    first_rows = jnp.arange(n_blocks) * block
+    block_expert = jnp.searchsorted(padded_ends, first_rows, side="right")
+    block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
+    return block_expert, pos, n_blocks * block
+
+
+def whole_bank(bank: Bank, dtype) -> jax.Array:
+    """The (E, in, out) bank in `dtype`, every expert (dequantised if NF4)."""
+    if isinstance(bank, quant_lib.NF4Weight):
+        return quant_lib.nf4_dequantize(bank, dtype)
+    return bank.astype(dtype)
+
+
+def expert_weight(bank: Bank, e: jax.Array, dtype) -> jax.Array:
+    """Expert `e`'s (in, out) matrix in `dtype`: only its slice is read (and
+    dequantised, for NF4)."""
+    if isinstance(bank, quant_lib.NF4Weight):
+        return quant_lib.nf4_dequantize_expert(bank, e, dtype)
+    return jax.lax.dynamic_index_in_dim(bank, e, keepdims=False).astype(dtype)
+
+
+def _grouped(x, bank, groups, how: str, transpose: bool) -> jax.Array:
+    """`x`'s rows times their group's expert matrix (transposed if asked)."""
+    if how == "ragged":
+        w = whole_bank(tie_to(bank, x, integers=True), x.dtype)
+        return jax.lax.ragged_dot(x, w.transpose(0, 2, 1) if transpose else w, groups)
+    n_blocks = groups.shape[0]
+    xb = x.reshape(n_blocks, x.shape[0] // n_blocks, x.shape[-1])
+
+    def one_block(_, inputs):
+        rows, e = inputs
+        w = expert_weight(bank, e, x.dtype)
+        return None, rows @ (w.T if transpose else w)
+
+    _, y = jax.lax.scan(one_block, None, (xb, groups), unroll=UNROLL_BLOCKS)
+    return y.reshape(x.shape[0], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def grouped_matmul(x: jax.Array, bank: Bank, groups: jax.Array, how: str):
+    """Rows of `x` times their expert's matrix of the frozen `bank`.
+
+    `how` = ragged: `groups` are the group sizes of the expert-sorted rows
+    (`jax.lax.ragged_dot`); blocks: `groups` is the expert of each block of
+    rows (`block_layout`). The bank gets no gradient; the backward pass
+    multiplies by each expert's transpose, reading (dequantising) the
+    experts again rather than keeping a float copy as a residual.
+    """
+    return _grouped(x, bank, groups, how, transpose=False)
+
+
+def _grouped_fwd(x, bank, groups, how):
+    return _grouped(x, bank, groups, how, transpose=False), (bank, groups)
+
+
+def _grouped_bwd(how, residuals, g):
+    bank, groups = residuals
+    dx = _grouped(g, bank, groups, how, transpose=True)
+    return (
+        dx,
+        jax.tree_util.tree_map(no_cotangent, bank),
+        no_cotangent(groups),
+    )
+
+
+grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)

@@ -1,0 +1,290 @@
+"""Routed MoE dispatch (`model/moe.py`) against the dense (KerasHub) one.
+
+Routed compute (ragged_dot, and the exact block-sparse kernel XLA:CPU runs)
+must equal every-expert-on-every-token compute to float32 precision: values,
+adapter gradients and input gradients, on the tiny MoE model and on one layer
+at 26B-A4B's widths (128 experts, d 2816, f 704, top 8), with router ties
+and experts that receive no token; with an NF4 bank too, whose routed step
+must never hold a dequantised bank.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma4_keras.model import gemma4_lora_model, lora, moe
+from gemma4_keras.model import quant as quant_lib
+from gemma4_keras.testing import variants
+
+KERNELS = ("ragged", "blocks")
+TOL = 1e-5  # float32, different summation orders only
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_block_size_and_layout():
+    assert moe.block_size(4096 * 8, 128) == 128  # seq 4096 at 26B-A4B
+    assert moe.block_size(256 * 8, 128) == 8
+    assert moe.block_size(8, 128) == 1  # one token (decoding): no padding
+    block_expert, pos, rows = moe.block_layout(jnp.array([0, 0, 0, 2, 2]), 3, 2)
+    assert rows == 8
+    np.testing.assert_array_equal(pos, [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(block_expert, [0, 0, 2, 2])
+
+
+def test_auto_kernel_and_rows():
+    assert moe.kernel("auto", False, "cpu") == "blocks"
+    assert moe.kernel("auto", False, "gpu") == "ragged"
+    assert moe.kernel("auto", True, "tpu") == "blocks"  # dequantised per block
+    assert moe.kernel("dense", False, "gpu") == "dense"
+    assert moe.kernel("auto", True, "cpu", distributed=True) == "dense"  # a mesh
+    with pytest.raises(ValueError, match="model.moe_dispatch='sparse'"):
+        moe.kernel("sparse", False)
+    # The compiled step's row count is expert_rows' (what plan counts).
+    _, pos, rows = moe.block_layout(jnp.zeros(256 * 8, jnp.int32), 128, 8)
+    assert rows == moe.expert_rows(256, 8, 128, "blocks") == 2944
+    assert moe.expert_rows(256, 8, 128, "dense") == 256 * 128
+
+
+# --- the tiny MoE model -----------------------------------------------------
+
+
+@functools.cache
+def tiny_model(quant: str = "none"):
+    m = gemma4_lora_model.Gemma4LoraModel.from_backbone(
+        variants.backbone("moe"), lora.LoraSpec(rank=4), quant=quant, dtype="float32"
+    )
+    r = np.random.default_rng(3)
+    for a in m.adapters().values():  # a non-zero adapter: gradients reach A too
+        a.lora_b.assign(r.normal(0, 0.05, a.lora_b.shape).astype(np.float32))
+    return m
+
+
+def batch():
+    ids = np.random.default_rng(0).integers(4, 1024, size=(2, 24))
+    ids[:, 0] = 2
+    return {
+        "token_ids": ids,
+        "positions": np.tile(np.arange(24), (2, 1)),
+        "segment_ids": np.ones((2, 24), np.int32),
+        "target_ids": np.roll(ids, -1, axis=1),
+        "loss_weights": np.ones(ids.shape, np.float32),
+        "loss_norm": np.array([ids.size], np.float32),
+    }
+
+
+def loss_and_grads(m, dispatch: str):
+    for blk in m.blocks:
+        blk.moe_dispatch = dispatch
+    data = batch()
+
+    def loss_fn(tv, ntv):
+        hidden, _ = m.stateless_call(tv, ntv, data, training=True)
+        return m.compute_loss(x=data, y_pred=hidden), hidden
+
+    tv = [v.value for v in m.trainable_variables]
+    ntv = [v.value for v in m.non_trainable_variables]
+    (loss, hidden), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(tv, ntv)
+    return float(loss), np.asarray(hidden), [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tiny_model_routed_equals_dense(kernel):
+    m = tiny_model()
+    loss_d, hidden_d, grads_d = loss_and_grads(m, "dense")
+    loss_r, hidden_r, grads_r = loss_and_grads(m, kernel)
+    worst = max(rel(gr, gd) for gr, gd in zip(grads_r, grads_d))
+    print(f"{kernel}: hidden {rel(hidden_r, hidden_d):.2e}, adapter grads {worst:.2e}")
+    assert len(grads_d) == len(m.adapters()) * 2
+    assert rel(hidden_r, hidden_d) < TOL
+    assert abs(loss_r - loss_d) <= TOL * abs(loss_d)
+    assert worst < TOL
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tiny_block_input_gradient(kernel):
+    blk = tiny_model().blocks[1]
+    x = np.random.default_rng(1).standard_normal((2, 24, 64)).astype("float32")
+    weights = np.linspace(-1, 1, 64, dtype="float32")
+
+    def total(dispatch):
+        def f(v):
+            blk.moe_dispatch = dispatch
+            return (blk._moe(v) * weights).sum()
+
+        return f
+
+    y_dense = np.asarray(jax.jit(total("dense"))(x))
+    y_routed = np.asarray(jax.jit(total(kernel))(x))
+    assert abs(y_routed - y_dense) <= TOL * abs(y_dense)
+    g_dense = jax.jit(jax.grad(total("dense")))(x)
+    g_routed = jax.jit(jax.grad(total(kernel)))(x)
+    assert rel(g_routed, g_dense) < TOL
+
+
+def test_tiny_nf4_routed_equals_dense():
+    m = tiny_model("nf4")
+    assert isinstance(m.blocks[0]._bank("experts_up"), quant_lib.NF4Weight)
+    loss_d, hidden_d, grads_d = loss_and_grads(m, "dense")
+    loss_r, hidden_r, grads_r = loss_and_grads(m, "auto")  # blocks, per expert
+    worst = max(rel(gr, gd) for gr, gd in zip(grads_r, grads_d))
+    print(f"nf4: hidden {rel(hidden_r, hidden_d):.2e}, adapter grads {worst:.2e}")
+    assert rel(hidden_r, hidden_d) < TOL
+    assert worst < TOL
+
+
+# --- one layer of experts, standalone ---------------------------------------
+
+
+def layer(e, d, f, seed=0, ties=False, nf4=False):
+    """Random float32 router and banks of one MoE layer.
+
+    `ties`: the router's columns come in identical triples (3j, 3j+1, 3j+2)
+    for the first `3 * (e // 4)` experts, the rest are zero: every token's
+    top-k ends inside a triple of exactly equal probabilities (top-k takes
+    the lower indices); the zero columns tie too, and the last of them get
+    no token (at most top-k of them are picked, the lowest first).
+    """
+    r = np.random.default_rng(seed)
+    router = r.standard_normal((d, e)).astype(np.float32)
+    if ties:
+        triples = e // 4
+        router[:, : 3 * triples] = np.repeat(router[:, :triples], 3, axis=1)
+        router[:, 3 * triples :] = 0.0
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shapes = {"experts_gate": (e, d, f), "experts_up": (e, d, f),
+              "experts_down": (e, f, d)}  # fmt: skip
+    # Made by JAX, not numpy: 3 GiB at 26B-A4B's widths, held once.
+    banks = {
+        name: jax.random.normal(key, shape) * shape[1] ** -0.5
+        for key, (name, shape) in zip(keys, shapes.items())
+    }
+    if nf4:
+        banks = {
+            k: quant_lib.nf4_quantize_experts(np.asarray(v)) for k, v in banks.items()
+        }
+    return {
+        "router_scale": r.uniform(0.5, 1.5, d).astype(np.float32),
+        "router_proj": router,
+        "expert_scale": r.uniform(0.5, 1.5, e).astype(np.float32),
+        "banks": banks,
+    }
+
+
+def moe_layer(x, params, top_k, dispatch):
+    normed = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+    top_p, top_i = moe.route(
+        normed, params["router_scale"], params["router_proj"], top_k
+    )
+    return moe.experts(
+        normed, top_p, top_i, params["banks"], params["expert_scale"], dispatch
+    )
+
+
+def compare(params, tokens, top_k, kernels, tol=TOL):
+    """Routed == dense: values and input gradients. The weights go in as
+    arguments (as in the train step), not as constants XLA would copy."""
+    d = params["router_proj"].shape[0]
+    x = np.random.default_rng(7).standard_normal((tokens, d)).astype(np.float32)
+    weights = np.random.default_rng(8).standard_normal(d).astype(np.float32)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(v, p, dispatch):
+        def total(v):
+            y = moe_layer(v, p, top_k, dispatch)
+            return (y * weights).sum(), y
+
+        (_, y), g = jax.value_and_grad(total, has_aux=True)(v)
+        return y, g
+
+    y_dense, g_dense = run(x, params, "dense")
+    for kernel in kernels:
+        y, g = run(x, params, kernel)
+        print(
+            f"{kernel}: values {rel(y, y_dense):.2e}, input grad {rel(g, g_dense):.2e}"
+        )
+        assert rel(y, y_dense) < tol
+        assert rel(g, g_dense) < tol
+    return x
+
+
+def expert_use(x, params, top_k):
+    """Tokens per expert, and how many tokens' top-k split a tied triple."""
+    normed = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+    _, top_i = moe.route(normed, params["router_scale"], params["router_proj"], top_k)
+    top_i = np.asarray(top_i)
+    used = np.bincount(top_i.ravel(), minlength=params["expert_scale"].shape[0])
+    split = sum(
+        any(0 < n < 3 for n in np.bincount(row // 3)) for row in top_i
+    )  # a triple partly chosen: its tie broken by index
+    return used, split
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_small_layer(ties):
+    params = layer(24, 128, 48, ties=ties)
+    x = compare(params, 40, 4, KERNELS)
+    used, split = expert_use(x, params, 4)
+    print(f"tokens per expert {used.tolist()}, tied top-4 splits {split}")
+    if ties:  # every top-4 splits a triple; the zero columns tie as well
+        # zero columns (18..23) tie at logit 0: at most 4 are picked, the
+        # lowest first, so experts 22 and 23 never get a token.
+        assert split == 40 and (used[22:] == 0).all()
+
+
+def test_small_layer_nf4():
+    params = layer(16, 128, 64, nf4=True)
+    compare(params, 40, 4, ("blocks", "ragged"))
+
+
+# Float32 weights at 26B-A4B's widths (128 experts, d 2816, f 704, top 8):
+# 3 GiB of banks and ~0.6 TFLOP of dense expert matmuls for values and
+# gradients of 128 tokens: too slow for the default suite.
+@pytest.mark.slow
+def test_real_width_layer_with_ties_and_idle_experts():
+    params = layer(128, 2816, 704, ties=True)
+    x = compare(params, 128, 8, ("blocks",))
+    used, split = expert_use(x, params, 8)
+    print(f"experts with no token {(used == 0).sum()}, tied top-8 splits {split}")
+    assert (used[104:] == 0).all() and (used > 0).sum() > 30
+    assert split == 128
+
+
+def test_nf4_routed_step_holds_no_dequantised_bank():
+    """The routed NF4 step dequantises one expert per block, in the backward
+    pass again: its temporaries do not grow with the number of experts and
+    stay below one float32 bank; the dense step's hold the three banks it
+    dequantises (measured when written, 64 tokens: routed 6.5 / 6.1 MiB at
+    32 / 64 experts, dense 62 / 124 MiB, one bank 16 / 32 MiB)."""
+    d, f, tokens = 512, 256, 64
+    x = jax.ShapeDtypeStruct((tokens, d), jnp.float32)
+
+    def temp(experts, dispatch):
+        params = layer(experts, d, f, nf4=True)
+        specs = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params
+        )
+
+        def loss(v, p):  # the bank is an argument, as in the train step
+            return moe_layer(v, p, 4, dispatch).sum()
+
+        compiled = jax.jit(jax.grad(loss)).lower(x, specs).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    for experts in (32, 64):
+        bank = experts * d * f * 4
+        routed, dense = temp(experts, "blocks"), temp(experts, "dense")
+        print(
+            f"{experts} experts: temp bytes routed {routed / 2**20:.2f} MiB, "
+            f"dense {dense / 2**20:.2f} MiB, one float32 bank {bank / 2**20:.2f} MiB"
+        )
+        assert routed < 8 * 2**20  # activations of 64 tokens only
+        assert dense > 3 * bank
