@@ -316,7 +316,11 @@ class Gemma4LoraModel(keras.Model):
         `audio_features` [M, frames, 128] and `audio_mask` [M, frames]
         (`data.media.audio_features`). Their soft tokens replace the
         embeddings of the image / audio token ids, in order, as
-        transformers' `Gemma4Model.forward` does.
+        transformers' `Gemma4Model.forward` does. Batches of the data
+        pipeline carry them per row, [B, images, ...] and [B, clips, ...]
+        (`data.packing`: empty slots give no soft token), read row-major.
+        The towers are frozen: their outputs pass `stop_gradient`, so the
+        backward pass never reaches (or recomputes) them.
         """
         token_ids = inputs["token_ids"]
         positions = inputs["positions"]
@@ -410,16 +414,20 @@ class Gemma4LoraModel(keras.Model):
                     "pixel_values given, but the model has no vision tower"
                 )
             soft = t.image_soft_tokens(
-                media["pixel_values"], media["pixel_position_ids"]
+                _per_item(media["pixel_values"], 3),
+                _per_item(media["pixel_position_ids"], 3),
             )
-            x = _scatter(x, token_ids == t.image_token_id, soft)
+            x = _scatter(x, token_ids == t.image_token_id, _frozen(soft))
         if media.get("audio_features") is not None:
             if t.audio is None:
                 raise ValueError(
                     "audio_features given, but the model has no audio tower"
                 )
-            soft = t.audio_soft_tokens(media["audio_features"], media["audio_mask"])
-            x = _scatter(x, token_ids == t.audio_token_id, soft)
+            soft = t.audio_soft_tokens(
+                _per_item(media["audio_features"], 3),
+                _per_item(media["audio_mask"], 2),
+            )
+            x = _scatter(x, token_ids == t.audio_token_id, _frozen(soft))
         return x
 
     def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:
@@ -470,6 +478,20 @@ class Gemma4LoraModel(keras.Model):
         # by the number of micro-batches: Keras averages accumulated
         # gradients, so this gives the exact mean over the global batch.
         return total / x["loss_norm"][0]
+
+
+def _per_item(a, rank: int):
+    """[N, ...] tower inputs of rank `rank` from per-row [B, K, ...] ones (row-major)."""
+    a = jnp.asarray(a)
+    if a.ndim == rank + 1:
+        a = jnp.reshape(a, (-1,) + a.shape[2:])
+    return a
+
+
+def _frozen(soft):
+    """The towers' (soft tokens, valid) with no gradient into the frozen towers."""
+    values, valid = soft
+    return jax.lax.stop_gradient(values), valid
 
 
 def _scatter(x, where, soft):

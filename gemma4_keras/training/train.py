@@ -49,6 +49,7 @@ import numpy as np
 from absl import logging
 
 from gemma4_keras import atomic, config_lib, data, host_memory, workdir_lock
+from gemma4_keras.data.commands import has_media
 from gemma4_keras.eval import evaluate
 from gemma4_keras.exporters import peft
 from gemma4_keras.model import plan as plan_lib
@@ -140,6 +141,8 @@ def _run_locked(config, workdir: str) -> dict:
     stopping.phase("model loading")
     check_host_memory(config)
     model = presets.build_training_model(preset, presets.ModelSettings.of(config))
+    if has_media(prepared.train + prepared.holdout):
+        presets.attach_towers(model, preset)  # frozen; batches carry their inputs
     schedule = build_schedule(config.train, plan)
     compile_model(model, config.train, schedule)
     ckpt = build_checkpointer(config, workdir, model, preset)
@@ -687,6 +690,14 @@ def sample_callback(
     every = int(config.train.sample_every)
     if every <= 0 or not prepared.holdout:
         return None
+    if has_media(prepared.holdout[:2]):
+        print(
+            "warning: no sample generations: generating from images or audio is "
+            "not built yet (the held-out prompts have media parts)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
     # Every process generates (one SPMD computation); process 0 writes.
     path = os.path.join(workdir, "samples.jsonl") if distributed.is_writer() else None
     return cb.SampleGenerations(
@@ -834,6 +845,15 @@ def evaluate_run(
 
     stopping.phase("evaluation")
     if not prepared.holdout:
+        return {}
+    if has_media(prepared.holdout):
+        print(
+            "warning: no eval report: generating from images or audio is not "
+            "built yet; the held-out examples gave the validation loss "
+            "(train_log.csv val_loss)",
+            file=sys.stderr,
+            flush=True,
+        )
         return {}
     # The model that trained, adapter off then on: no second backbone. Every
     # process generates (one SPMD computation); only process 0 keeps the report.
