@@ -73,6 +73,41 @@ def _colour_set(directory, name, per_colour, seed):
     return path
 
 
+def _tone(path, freq, n):
+    x = 0.5 * np.sin(2 * np.pi * freq * np.arange(n) / 16000)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes(np.round(x * 32767).astype("<i2").tobytes())
+    return path.name
+
+
+def _pitch_set(directory, name, per_label, seed):
+    """A JSONL of tones (0.4-0.9 s) answered `low` (~200 Hz) or `high` (~2 kHz)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k in range(per_label):
+        for label, freq in {"low": 200, "high": 2000}.items():
+            n = int(rng.integers(6000, 14000))
+            clip = _tone(directory / f"{name}_{label}_{k}.wav", freq, n)
+            parts = [
+                {"type": "audio", "path": clip},
+                {"type": "text", "text": "Pitch?"},
+            ]
+            lines.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": parts},
+                        {"role": "assistant", "content": label},
+                    ]
+                }
+            )
+    path = directory / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
 def _encode(path, tokenizer, max_length=10_000):
     conversations, _ = records.load_conversations({"path": str(path)})
     examples, _ = tokenize.encode_conversations(
@@ -165,17 +200,26 @@ def _hf_loss(checkpoint, examples):
         checkpoint, dtype=torch.float32
     ).eval()
     image_id = tiny.SPECIAL_TOKENS["<|image|>"]
+    audio_id = tiny.SPECIAL_TOKENS["<|audio|>"]
     total, count = 0.0, 0.0
     for e in examples:
-        pixels, positions = zip(*(media.image_features(m) for m in e.media))
         ids = torch.tensor(e.token_ids[None].astype(np.int64))
+        # transformers reads the image blocks off mm_token_type_ids (image 1, audio 3).
+        types = (ids == image_id).long() + 3 * (ids == audio_id).long()
+        inputs = {"input_ids": ids, "mm_token_type_ids": types}
+        images = [m for m in e.media if m["type"] == media.IMAGE]
+        clips = [m for m in e.media if m["type"] == media.AUDIO]
+        if images:
+            pixels, positions = zip(*(media.image_features(m) for m in images))
+            inputs["pixel_values"] = torch.tensor(np.stack(pixels))
+            inputs["image_position_ids"] = torch.tensor(np.stack(positions))
+        if clips:
+            (clip,) = clips  # one clip: transformers pads a batch of clips
+            features, mask = media.audio_features(clip)
+            inputs["input_features"] = torch.tensor(features[None])
+            inputs["input_features_mask"] = torch.tensor(mask[None])
         with torch.no_grad():
-            logits = hf(
-                input_ids=ids,
-                pixel_values=torch.tensor(np.stack(pixels)),
-                image_position_ids=torch.tensor(np.stack(positions)),
-                mm_token_type_ids=(ids == image_id).long(),
-            ).logits[0, :-1]
+            logits = hf(**inputs).logits[0, :-1]
         nll = -torch.log_softmax(logits.double(), -1)
         nll = nll.gather(-1, ids[0, 1:, None])[:, 0].numpy()
         weights = e.loss_mask[1:].astype(np.float64)
@@ -184,17 +228,26 @@ def _hf_loss(checkpoint, examples):
     return total / count
 
 
-@pytest.mark.slow  # a tiny multimodal run through the CLI (~40 s) + transformers
-def test_train_on_images_end_to_end(checkpoint, tmp_path):
-    """`gemma4-keras train` on colour squares: the loss falls (training and
-    held-out), and step 1's loss (the base: LoRA B starts at 0) equals
-    transformers' over the same examples; two examples per packed row."""
-    train = _colour_set(tmp_path, "train", 2, 0)  # 8 examples
-    held = _colour_set(tmp_path, "eval", 1, 1)
+# Each a tiny multimodal run through the CLI and transformers' loss (~2 min
+# for images on 2 cores, ~1 min for audio).
+KINDS = [
+    pytest.param((_colour_set, 2), id="image", marks=pytest.mark.slow),
+    pytest.param((_pitch_set, 4), id="audio", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_on_media_end_to_end(kind, checkpoint, tmp_path):
+    """`gemma4-keras train` on colour squares (tones): the loss falls
+    (training and held-out), and step 1's loss (the base: LoRA B starts at
+    0) equals transformers' over the same examples; packed rows."""
+    make, per_label = kind
+    train = make(tmp_path, "train", per_label, 0)  # 8 examples
+    held = make(tmp_path, "eval", 1, 1)
     tokenizer = hub.tokenizer_from_preset(str(checkpoint))
     examples = _encode(train, tokenizer)
     longest = max(len(e) - 1 for e in examples)
-    max_length = 2 * longest + 4  # two per row: 4 rows, the whole set a batch
+    max_length = 2 * longest + 4  # two or more per row: the whole set a batch
     workdir = tmp_path / "run"
     args = [
         "gemma4-keras",
