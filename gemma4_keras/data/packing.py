@@ -45,6 +45,8 @@ FIELDS = (
     "positions",
     "padding_mask",
 )
+# The tower inputs of rows with images or audio (`media_inputs`).
+MEDIA_FIELDS = ("pixel_values", "pixel_position_ids", "audio_features", "audio_mask")
 
 
 @dataclasses.dataclass
@@ -112,9 +114,13 @@ class MediaSlots:
     @classmethod
     def of(cls, rows: Sequence[Row], examples: Sequence[EncodedExample]):
         """The most any row of `rows` needs (0s: no media, no media arrays)."""
+        return cls.of_records(_row_records(rows, examples))
+
+    @classmethod
+    def of_records(cls, per_row: Sequence[Sequence[dict]]):
+        """The most any row needs; `per_row`: each row's media records, in order."""
         images = clips = frames = 0
-        for row in rows:
-            records = [m for i in row.members for m in examples[i].media]
+        for records in per_row:
             kinds = [m["type"] for m in records]
             images = max(images, kinds.count(media_lib.IMAGE))
             clips = max(clips, kinds.count(media_lib.AUDIO))
@@ -124,12 +130,21 @@ class MediaSlots:
         return cls(images, clips, frames)
 
 
-def _media_arrays(
-    rows: Sequence[Row], examples: Sequence[EncodedExample], slots: MediaSlots
+def _row_records(rows: Sequence[Row], examples: Sequence[EncodedExample]) -> list:
+    return [[m for i in row.members for m in examples[i].media] for row in rows]
+
+
+def media_inputs(
+    per_row: Sequence[Sequence[dict]], slots: MediaSlots | None = None
 ) -> dict[str, np.ndarray]:
-    """The tower inputs of `rows` (module docstring), read from the files."""
+    """The tower inputs of rows (module docstring), read from the files.
+
+    `per_row`: each row's media records in token order; `slots`: the slots
+    to pad to (None: the most these rows need).
+    """
+    slots = MediaSlots.of_records(per_row) if slots is None else slots
     out = {}
-    n = len(rows)
+    n = len(per_row)
     if slots.images:
         s = media_lib.PROCESSOR
         out["pixel_values"] = np.zeros(
@@ -144,20 +159,19 @@ def _media_arrays(
             np.float32,
         )
         out["audio_mask"] = np.zeros((n, slots.clips, slots.frames), bool)
-    for r, row in enumerate(rows):
+    for r, records in enumerate(per_row):
         image = clip = 0
-        for i in row.members:
-            for record in examples[i].media:
-                if record["type"] == media_lib.IMAGE:
-                    pixels, positions = media_lib.image_features(record)
-                    out["pixel_values"][r, image] = pixels
-                    out["pixel_position_ids"][r, image] = positions
-                    image += 1
-                else:
-                    features, mask = media_lib.audio_features(record)
-                    out["audio_features"][r, clip, : len(mask)] = features
-                    out["audio_mask"][r, clip, : len(mask)] = mask
-                    clip += 1
+        for record in records:
+            if record["type"] == media_lib.IMAGE:
+                pixels, positions = media_lib.image_features(record)
+                out["pixel_values"][r, image] = pixels
+                out["pixel_position_ids"][r, image] = positions
+                image += 1
+            else:
+                features, mask = media_lib.audio_features(record)
+                out["audio_features"][r, clip, : len(mask)] = features
+                out["audio_mask"][r, clip, : len(mask)] = mask
+                clip += 1
     return out
 
 
@@ -190,8 +204,7 @@ def materialise(
             out["positions"][r, start:end] = np.arange(end - start)
             start = end
     out["padding_mask"] = (out["segment_ids"] > 0).astype(np.int32)
-    media = MediaSlots.of(rows, examples) if media is None else media
-    out.update(_media_arrays(rows, examples, media))
+    out.update(media_inputs(_row_records(rows, examples), media))
     return out
 
 

@@ -310,7 +310,8 @@ class Gemma4LoraModel(keras.Model):
           cache_index: the cache position of `token_ids[:, 0]`.
           cache_update_mask: [B, t], False where the cache keeps its entry.
 
-        Images and audio (with `attach_towers`; no cache): `pixel_values`
+        Images and audio (with `attach_towers`; with a cache, in the
+        prefill of the whole buffer): `pixel_values`
         [N, patches, 3 * patch**2] and `pixel_position_ids` [N, patches, 2]
         (`data.media.image_features`, one row per image in token order),
         `audio_features` [M, frames, 128] and `audio_mask` [M, frames]
@@ -331,7 +332,9 @@ class Gemma4LoraModel(keras.Model):
             blocks = attention.vision_blocks(token_ids == self.towers.image_token_id)
         base_key = self.dropout_seed.next() if training else None
         if cache is not None:
-            masks = self._cache_masks(positions, segment_ids, cache, cache_index)
+            masks = self._cache_masks(
+                positions, segment_ids, cache, cache_index, blocks
+            )
         # (k, v) each layer attended over: what KV-shared layers read (the
         # training pass's handover) and, with a cache, the updated cache.
         kv: dict[int, tuple] = {}
@@ -365,9 +368,16 @@ class Gemma4LoraModel(keras.Model):
             kv[b.index] if b.has_kv else None for b in self.spec.blocks
         )
 
-    def _cache_masks(self, positions, segment_ids, cache, index) -> dict:
-        """{window: [B, t, T] mask} of queries at `positions` over the cache."""
+    def _cache_masks(self, positions, segment_ids, cache, index, blocks=None) -> dict:
+        """{window: [B, t, T] mask} of queries at `positions` over the cache.
+
+        `blocks` (bidirectional image tokens) count in the prefill of the
+        whole buffer only; a later step's soft token is a prompt token whose
+        cache entry the prefill wrote (`cache_update_mask`).
+        """
         length = next(c[0].shape[1] for c in cache if c is not None)
+        if blocks is not None and positions.shape[1] != length:
+            blocks = None
         key_valid = jax.lax.dynamic_update_slice_in_dim(
             jnp.ones((positions.shape[0], length), bool),
             segment_ids > 0,
@@ -375,7 +385,9 @@ class Gemma4LoraModel(keras.Model):
             axis=1,
         )
         windows = {b.sliding_window for b in self.spec.blocks}
-        return {w: attention.cache_mask(positions, key_valid, w) for w in windows}
+        return {
+            w: attention.cache_mask(positions, key_valid, w, blocks) for w in windows
+        }
 
     def embed(self, token_ids, media=None) -> tuple[jax.Array, jax.Array | None]:
         """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None).

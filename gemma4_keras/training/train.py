@@ -690,14 +690,6 @@ def sample_callback(
     every = int(config.train.sample_every)
     if every <= 0 or not prepared.holdout:
         return None
-    if has_media(prepared.holdout[:2]):
-        print(
-            "warning: no sample generations: generating from images or audio is "
-            "not built yet (the held-out prompts have media parts)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return None
     # Every process generates (one SPMD computation); process 0 writes.
     path = os.path.join(workdir, "samples.jsonl") if distributed.is_writer() else None
     return cb.SampleGenerations(
@@ -845,15 +837,6 @@ def evaluate_run(
 
     stopping.phase("evaluation")
     if not prepared.holdout:
-        return {}
-    if has_media(prepared.holdout):
-        print(
-            "warning: no eval report: generating from images or audio is not "
-            "built yet; the held-out examples gave the validation loss "
-            "(train_log.csv val_loss)",
-            file=sys.stderr,
-            flush=True,
-        )
         return {}
     # The model that trained, adapter off then on: no second backbone. Every
     # process generates (one SPMD computation); only process 0 keeps the report.
