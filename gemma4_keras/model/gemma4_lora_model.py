@@ -371,8 +371,8 @@ class Gemma4LoraModel(keras.Model):
     def _cache_masks(self, positions, segment_ids, cache, index, blocks=None) -> dict:
         """{window: [B, t, T] mask} of queries at `positions` over the cache.
 
-        `blocks` (bidirectional image tokens) count in the prefill of the
-        whole buffer only; a later step's soft token is a prompt token whose
+        `blocks` (bidirectional image tokens, on sliding layers) count in
+        the prefill of the whole buffer only; a later step's soft token is a prompt token whose
         cache entry the prefill wrote (`cache_update_mask`).
         """
         length = next(c[0].shape[1] for c in cache if c is not None)
@@ -385,8 +385,12 @@ class Gemma4LoraModel(keras.Model):
             axis=1,
         )
         windows = {b.sliding_window for b in self.spec.blocks}
+        # Bidirectional on sliding layers only, as `DecoderBlock.forward`.
         return {
-            w: attention.cache_mask(positions, key_valid, w, blocks) for w in windows
+            w: attention.cache_mask(
+                positions, key_valid, w, None if w is None else blocks
+            )
+            for w in windows
         }
 
     def embed(self, token_ids, media=None) -> tuple[jax.Array, jax.Array | None]:
