@@ -426,7 +426,8 @@ def test_data_render_shows_the_placeholders(tmp_path, capsys):
 
 
 def test_generation_refuses_media_with_a_clear_message(tmp_path):
-    """Training takes media (tests/test_media_train.py); generation not yet."""
+    """Training and the run's eval take media (tests/test_media_train.py); the
+    generate / chat commands (a model loaded without towers) not yet."""
     _image(tmp_path / "a.png", 30, 30)
     path = _write(tmp_path, [_record([{"type": "image", "path": "a.png"}])])
     conversations, _ = records.load_conversations({"path": str(path)})

@@ -269,6 +269,10 @@ def test_train_on_media_end_to_end(kind, checkpoint, tmp_path):
     state = json.loads((workdir / "run_state.json").read_text())
     assert state["status"] == "finished" and state["step"] == 6
     assert (workdir / "adapter" / "adapter_model.safetensors").exists()
+    # The eval report generated from the held-out images / clips.
+    predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == len(held.read_text().splitlines())
+    print("held-out answers:", [json.loads(x) for x in predictions])
     with open(workdir / "train_log.csv") as f:
         log = list(csv.DictReader(f))
     loss = [float(r["loss"]) for r in log]

@@ -354,8 +354,10 @@ def check_prompt(
         raise PromptError(f"{where}: {e}") from e
     if any(m.get("media") for m in normalised):
         raise PromptError(
-            f"{where}: image/audio parts: generating from images or audio is not "
-            "supported yet (text prompts are)"
+            f"{where}: image/audio parts: the generate and chat commands do not "
+            "load the vision/audio towers, so media prompts are not supported yet "
+            "there (text prompts are; a training run's eval report, and "
+            "Generator.from_model on a model with attach_towers, read media)"
         )
     last = normalised[-1]
     if last["role"] != "user" and not last.get("tool_responses"):
