@@ -229,6 +229,66 @@ def test_towers_and_merge_separately(models, tmp_path):
     assert err < MERGE_TOL
 
 
+def _prefill_logits(model, case, extra=7):
+    """Logits of the decoder's cached prefill (`Gemma4LoraCausalLM._build_cache`)
+    over the case's prompt right-padded by `extra`, its media per row."""
+    from gemma4_keras.model import decoding
+
+    ids = case.ours["token_ids"]
+    n = ids.shape[1]
+    token_ids = np.zeros((1, n + extra), np.int32)
+    token_ids[:, :n] = ids
+    padding = token_ids > 0
+    media_inputs = {
+        k: v[None]
+        for k, v in case.ours.items()
+        if k in ("pixel_values", "pixel_position_ids", "audio_features", "audio_mask")
+    }
+    lm = decoding.Gemma4LoraCausalLM(model)
+    hidden, _ = lm._build_cache(
+        jnp.asarray(token_ids), jnp.asarray(padding), media_inputs
+    )
+    return np.asarray(model.logits(hidden))[:, :n]
+
+
+def test_generation_prefill_with_media_equals_transformers(models, tmp_path):
+    """Generation reads images and audio: the cached prefill (per-row media,
+    right-padded buffer) gives transformers' logits; without the media it
+    does not."""
+    case = Case(models.directory, tmp_path, PARTS["image_audio"](tmp_path))
+    reference = models.reference(case)
+    err = rel(_prefill_logits(models.ours, case), reference)
+    print(f"prefill with media vs transformers {err:.2e}")
+    assert err < END_TO_END_TOL
+    blind = dict(case.ours)
+    for key in ("pixel_values", "audio_features"):
+        blind[key] = np.zeros_like(blind[key])
+    case.ours = blind
+    assert rel(_prefill_logits(models.ours, case), reference) > 0.1
+
+
+@pytest.mark.slow  # compiles KerasHub's generate loop over 500+ tokens (~30 s)
+def test_generator_decodes_prompts_with_media(models, tmp_path):
+    """Chat messages with an image and a clip: the prompt ids carry their soft
+    tokens, and a batch mixing them with a text prompt decodes."""
+    from gemma4_keras.eval.generate import Generator
+
+    messages = records.normalise_messages(
+        [{"role": "user", "content": PARTS["image_audio"](tmp_path)}]
+    )
+    tokenizer = hub.tokenizer_from_preset(str(models.directory))
+    gen = Generator.from_model(models.ours, tokenizer, template="small")
+    (ids,) = gen.prompt_ids([messages])
+    assert ids.count(IMAGE) == 252 and ids.count(AUDIO) == media.audio_soft_tokens(
+        20000
+    )
+    texts = gen.generate(
+        [messages, records.normalise_messages([{"role": "user", "content": "Hi"}])],
+        max_new_tokens=2,
+    )
+    assert len(texts) == 2
+
+
 @pytest.mark.slow  # ~6 s more on the shared fixture; the tolerance's margin
 def test_swapped_images_are_caught(models, tmp_path):
     """The comparison can fail: the images' order matters."""
@@ -248,6 +308,9 @@ def test_bidirectional_image_attention_equals_transformers(tmp_path):
     err = rel(models.logits(case), reference)
     print(f"bidirectional image attention: logits vs transformers {err:.2e}")
     assert err < END_TO_END_TOL
+    prefill = rel(_prefill_logits(models.ours, case), reference)
+    print(f"bidirectional image attention, cached prefill: {prefill:.2e}")
+    assert prefill < END_TO_END_TOL
     # Causal attention over the image would not do.
     causal = dataclasses.replace(models.ours.spec, vision_bidirectional=False)
     for blk in models.ours.blocks:

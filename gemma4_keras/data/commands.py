@@ -121,23 +121,9 @@ def _split_info(train: list, holdout: list, settings: DataSettings) -> dict:
     }
 
 
-def refuse_media(conversations: list[Conversation], what: str) -> None:
-    """Raises a DataError naming the first record with an image or audio part.
-
-    The data steps read, check, render and count media (`data check`,
-    `data render`, `data stats`, `data split`); the model does not take
-    them yet.
-    """
-    for c in conversations:
-        if any(m.get("media") for m in c.messages):
-            raise DataError(
-                Problem(
-                    c.source,
-                    f"has image/audio parts: {what} with images or audio is not "
-                    "supported yet (data check, data render, data stats and data "
-                    "split read them); remove the media parts or train on text",
-                )
-            )
+def has_media(conversations: list[Conversation]) -> bool:
+    """Whether any message of `conversations` has an image or audio part."""
+    return any(m.get("media") for c in conversations for m in c.messages)
 
 
 def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
@@ -153,7 +139,6 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
     """
     settings = DataSettings.of(data_cfg)
     train, holdout, read_stats, dedupe_stats = read_and_split(settings)
-    refuse_media(train + holdout, "training and evaluation")
     train_examples, encode_stats = encode_conversations(
         train, tokenizer, **_encode_kwargs(settings)
     )

@@ -453,6 +453,14 @@ def audio_samples(
     return _audio_samples(record["source"], None, settings)[1]
 
 
+def audio_frames(samples: int, settings: ProcessorSettings = PROCESSOR) -> int:
+    """Log-mel frames `audio_features` makes of a clip of `samples` samples."""
+    n = min(samples, settings.max_audio_samples)
+    padded = -(-n // settings.pad_to_multiple_of) * settings.pad_to_multiple_of
+    length = padded + settings.frame_length // 2
+    return max((length - settings.frame_length - 1) // settings.hop_length + 1, 0)
+
+
 def audio_features(
     record: Mapping, settings: ProcessorSettings = PROCESSOR
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,10 @@ class BatchStream:
     """Batches of `[batch_size, seq_len]` arrays; `batch(step)` is random access.
 
     Each batch is a dict with `token_ids`, `target_ids`, `loss_weights`
-    (float32), `segment_ids`, `positions` and `padding_mask` (int32).
+    (float32), `segment_ids`, `positions` and `padding_mask` (int32); with
+    images or audio, their tower inputs too, padded to the same image and
+    clip counts in every batch (`packing.MediaSlots`: the most any row of
+    the stream holds), so a training step compiles once.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class BatchStream:
         self.examples, self.rows = examples, list(rows)
         self.seq_len, self.batch_size, self.steps_per_epoch = seq_len, batch_size, n
         self.shuffle, self.seed = shuffle, seed
+        self.media_slots = packing_lib.MediaSlots.of(self.rows, examples)
         self._perm_epoch, self._perm = -1, None
         self.process_rows = None
         if process_rows is not None:
@@ -135,7 +139,9 @@ class BatchStream:
             picked = picked[self.process_rows]
         empty = packing_lib.Row(())
         rows = [self.rows[r] if r < len(self.rows) else empty for r in picked]
-        return packing_lib.materialise(rows, self.examples, self.seq_len)
+        return packing_lib.materialise(
+            rows, self.examples, self.seq_len, self.media_slots
+        )
 
 
 def build_dataset(

@@ -34,6 +34,8 @@ from gemma4_keras.data import (
     as_chat_tokenizer,
     chat,
     generation_prompt,
+    media,
+    packing,
     records,
     tool_format,
 )
@@ -209,9 +211,26 @@ class Generator:
         )
 
     def prompt_ids(self, messages_list, tools=None) -> list[list[int]]:
+        """Token ids of the serving prompts, each image / clip expanded into
+        its markers and soft tokens (`media.expand`, as in training)."""
         tools = tools_per_conversation(tools, len(messages_list))
         texts = [self.prompt_text(m, t) for m, t in zip(messages_list, tools)]
-        return self.chat_tokenizer.encode_texts(texts)
+        out = []
+        for ids, messages in zip(
+            self.chat_tokenizer.encode_texts(texts), messages_list
+        ):
+            records = media.media_of(messages)
+            if records:
+                ids = np.asarray(ids, np.int64)
+                ids, _ = media.expand(
+                    ids,
+                    np.zeros(len(ids), bool),
+                    records,
+                    self.chat_tokenizer.special_ids,
+                )
+                ids = [int(i) for i in ids]
+            out.append(list(ids))
+        return out
 
     def generate(
         self,
@@ -238,6 +257,7 @@ class Generator:
         if max_new_tokens < 1:
             raise PromptError(f"max_new_tokens={max_new_tokens} must be > 0")
         prompts = self.prompt_ids(messages_list, tools)
+        records = [media.media_of(m) for m in messages_list]
         for i, p in enumerate(prompts):
             if self.max_length and len(p) + max_new_tokens > self.max_length:
                 raise PromptError(
@@ -259,7 +279,11 @@ class Generator:
             rows = order[start : start + batch_size]
             batch = [prompts[i] for i in rows]
             batch += [batch[-1]] * (full - len(batch))
-            texts = self._generate_batch(batch, max_new_tokens, length)
+            media_rows = [records[i] for i in rows]
+            media_rows += [media_rows[-1]] * (full - len(media_rows))
+            texts = self._generate_batch(
+                batch, max_new_tokens, length, media_rows if any(records) else None
+            )
             for i, text in zip(rows, texts):
                 out[i] = text
         return out
@@ -268,8 +292,13 @@ class Generator:
         return decode_ids(self.tokenizer, ids)
 
     def _generate_batch(
-        self, prompts: list[list[int]], max_new_tokens: int, length: int | None = None
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        length: int | None = None,
+        media_rows: list | None = None,
     ) -> list[str]:
+        """Texts generated after `prompts`; `media_rows`: each prompt's media records."""
         length = length or buffer_length(max(map(len, prompts)), max_new_tokens)
         n = len(prompts)
         token_ids = np.zeros((n, length), np.int32)
@@ -277,8 +306,11 @@ class Generator:
         for i, p in enumerate(prompts):
             token_ids[i, : len(p)] = p
             padding_mask[i, : len(p)] = True
+        inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+        if media_rows is not None:  # each row's tower inputs, for the prefill
+            inputs.update(packing.media_inputs(media_rows))
         result = self.lm.generate(
-            {"token_ids": token_ids, "padding_mask": padding_mask},
+            inputs,
             stop_token_ids=self.stop_ids,
         )
         ids, mask = np.asarray(result["token_ids"]), np.asarray(result["padding_mask"])
@@ -322,8 +354,10 @@ def check_prompt(
         raise PromptError(f"{where}: {e}") from e
     if any(m.get("media") for m in normalised):
         raise PromptError(
-            f"{where}: image/audio parts: generating from images or audio is not "
-            "supported yet (text prompts are)"
+            f"{where}: image/audio parts: the generate and chat commands do not "
+            "load the vision/audio towers, so media prompts are not supported yet "
+            "there (text prompts are; a training run's eval report, and "
+            "Generator.from_model on a model with attach_towers, read media)"
         )
     last = normalised[-1]
     if last["role"] != "user" and not last.get("tool_responses"):

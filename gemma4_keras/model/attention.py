@@ -86,11 +86,14 @@ def vision_blocks(is_image: jax.Array) -> jax.Array:
     return jnp.where(is_image, ids, -1)
 
 
-def cache_mask(positions, key_valid, window: int | None) -> jax.Array:
+def cache_mask(positions, key_valid, window: int | None, blocks=None) -> jax.Array:
     """[B, t, T] mask of queries at `positions` [B, t] over a T-position cache.
 
     Causal, within `window` positions on sliding layers, and only keys that
-    `key_valid` [B, T] marks (prompt padding is not attended to).
+    `key_valid` [B, T] marks (prompt padding is not attended to). `blocks`
+    [B, T] (the prefill of the whole buffer, t = T: an image's soft tokens,
+    `vision_blocks`) also lets the tokens of one block see each other both
+    ways, as `attention_mask`.
 
     >>> cache_mask(jnp.array([[2]]), jnp.ones((1, 4), bool), 2).astype(int)
     Array([[[0, 1, 1, 0]]], dtype=int32)
@@ -98,6 +101,10 @@ def cache_mask(positions, key_valid, window: int | None) -> jax.Array:
     kpos = jnp.arange(key_valid.shape[1], dtype=positions.dtype)[None, None, :]
     q = positions[:, :, None]
     mask = kpos <= q
+    if blocks is not None:
+        mask = mask | (
+            (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+        )
     if window is not None:
         mask = mask & (q - kpos < window)
     return mask & key_valid[:, None, :]

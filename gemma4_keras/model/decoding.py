@@ -46,6 +46,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
+from gemma4_keras.data import packing
 from gemma4_keras.model import hub
 from gemma4_keras.model.xla_workarounds import weights_read_per_step
 
@@ -179,19 +180,25 @@ class Gemma4LoraCausalLM(hub.CausalLM):
         )
         return self.backbone.logits(hidden), hidden, cache
 
-    def _forward(self, token_ids, cache, index, padding_mask=None, update_mask=None):
+    def _forward(
+        self, token_ids, cache, index, padding_mask=None, update_mask=None, media=None
+    ):
         """(hidden, cache): the model's forward pass at `index` of the cache."""
         return self.backbone(
-            model_inputs(token_ids, index, padding_mask),
+            {**model_inputs(token_ids, index, padding_mask), **(media or {})},
             cache=cache,
             cache_index=jnp.asarray(index, jnp.int32),
             cache_update_mask=update_mask,
         )
 
-    def _build_cache(self, token_ids, padding_mask):
-        """Prefill: the whole right-padded buffer in one pass. Returns (hidden, cache)."""
+    def _build_cache(self, token_ids, padding_mask, media=None):
+        """Prefill: the whole right-padded buffer in one pass. Returns (hidden, cache).
+
+        `media`: the rows' tower inputs (`data.packing.media_inputs`), whose
+        soft tokens the prefill writes into the cache.
+        """
         cache = empty_cache(self.backbone, token_ids.shape[0], token_ids.shape[1])
-        return self._forward(token_ids, cache, 0, padding_mask)
+        return self._forward(token_ids, cache, 0, padding_mask, media=media)
 
     def generate_step(self, inputs, stop_token_ids=None):
         """One batch: prefill, then the sampler's loop from the shortest prompt on.
@@ -201,7 +208,8 @@ class Gemma4LoraCausalLM(hub.CausalLM):
         """
         token_ids = jnp.asarray(inputs["token_ids"])
         padding_mask = jnp.asarray(inputs["padding_mask"]).astype(bool)
-        hidden, cache = self._build_cache(token_ids, padding_mask)
+        media = {k: inputs[k] for k in packing.MEDIA_FIELDS if k in inputs}
+        hidden, cache = self._build_cache(token_ids, padding_mask, media)
         index = jnp.min(jnp.sum(padding_mask.astype(jnp.int32), axis=-1))
 
         def next(prompt, cache, index):

@@ -320,13 +320,18 @@ class Gemma4LoraModel(keras.Model):
           cache_index: the cache position of `token_ids[:, 0]`.
           cache_update_mask: [B, t], False where the cache keeps its entry.
 
-        Images and audio (with `attach_towers`; no cache): `pixel_values`
+        Images and audio (with `attach_towers`; with a cache, in the
+        prefill of the whole buffer): `pixel_values`
         [N, patches, 3 * patch**2] and `pixel_position_ids` [N, patches, 2]
         (`data.media.image_features`, one row per image in token order),
         `audio_features` [M, frames, 128] and `audio_mask` [M, frames]
         (`data.media.audio_features`). Their soft tokens replace the
         embeddings of the image / audio token ids, in order, as
-        transformers' `Gemma4Model.forward` does.
+        transformers' `Gemma4Model.forward` does. Batches of the data
+        pipeline carry them per row, [B, images, ...] and [B, clips, ...]
+        (`data.packing`: empty slots give no soft token), read row-major.
+        The towers are frozen: their outputs pass `stop_gradient`, so the
+        backward pass never reaches (or recomputes) them.
         """
         token_ids = inputs["token_ids"]
         positions = inputs["positions"]
@@ -337,7 +342,9 @@ class Gemma4LoraModel(keras.Model):
             blocks = attention.vision_blocks(token_ids == self.towers.image_token_id)
         base_key = self.dropout_seed.next() if training else None
         if cache is not None:
-            masks = self._cache_masks(positions, segment_ids, cache, cache_index)
+            masks = self._cache_masks(
+                positions, segment_ids, cache, cache_index, blocks
+            )
         # (k, v) each layer attended over: what KV-shared layers read (the
         # training pass's handover) and, with a cache, the updated cache.
         kv: dict[int, tuple] = {}
@@ -371,9 +378,16 @@ class Gemma4LoraModel(keras.Model):
             kv[b.index] if b.has_kv else None for b in self.spec.blocks
         )
 
-    def _cache_masks(self, positions, segment_ids, cache, index) -> dict:
-        """{window: [B, t, T] mask} of queries at `positions` over the cache."""
+    def _cache_masks(self, positions, segment_ids, cache, index, blocks=None) -> dict:
+        """{window: [B, t, T] mask} of queries at `positions` over the cache.
+
+        `blocks` (bidirectional image tokens, on sliding layers) count in
+        the prefill of the whole buffer only; a later step's soft token is a prompt token whose
+        cache entry the prefill wrote (`cache_update_mask`).
+        """
         length = next(c[0].shape[1] for c in cache if c is not None)
+        if blocks is not None and positions.shape[1] != length:
+            blocks = None
         key_valid = jax.lax.dynamic_update_slice_in_dim(
             jnp.ones((positions.shape[0], length), bool),
             segment_ids > 0,
@@ -381,7 +395,13 @@ class Gemma4LoraModel(keras.Model):
             axis=1,
         )
         windows = {b.sliding_window for b in self.spec.blocks}
-        return {w: attention.cache_mask(positions, key_valid, w) for w in windows}
+        # Bidirectional on sliding layers only, as `DecoderBlock.forward`.
+        return {
+            w: attention.cache_mask(
+                positions, key_valid, w, None if w is None else blocks
+            )
+            for w in windows
+        }
 
     def embed(self, token_ids, media=None) -> tuple[jax.Array, jax.Array | None]:
         """(scaled token embeddings [B, T, D], PLE inputs [B, T, L, P] or None).
@@ -420,16 +440,20 @@ class Gemma4LoraModel(keras.Model):
                     "pixel_values given, but the model has no vision tower"
                 )
             soft = t.image_soft_tokens(
-                media["pixel_values"], media["pixel_position_ids"]
+                _per_item(media["pixel_values"], 3),
+                _per_item(media["pixel_position_ids"], 3),
             )
-            x = _scatter(x, token_ids == t.image_token_id, soft)
+            x = _scatter(x, token_ids == t.image_token_id, _frozen(soft))
         if media.get("audio_features") is not None:
             if t.audio is None:
                 raise ValueError(
                     "audio_features given, but the model has no audio tower"
                 )
-            soft = t.audio_soft_tokens(media["audio_features"], media["audio_mask"])
-            x = _scatter(x, token_ids == t.audio_token_id, soft)
+            soft = t.audio_soft_tokens(
+                _per_item(media["audio_features"], 3),
+                _per_item(media["audio_mask"], 2),
+            )
+            x = _scatter(x, token_ids == t.audio_token_id, _frozen(soft))
         return x
 
     def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:
@@ -480,6 +504,20 @@ class Gemma4LoraModel(keras.Model):
         # by the number of micro-batches: Keras averages accumulated
         # gradients, so this gives the exact mean over the global batch.
         return total / x["loss_norm"][0]
+
+
+def _per_item(a, rank: int):
+    """[N, ...] tower inputs of rank `rank` from per-row [B, K, ...] ones (row-major)."""
+    a = jnp.asarray(a)
+    if a.ndim == rank + 1:
+        a = jnp.reshape(a, (-1,) + a.shape[2:])
+    return a
+
+
+def _frozen(soft):
+    """The towers' (soft tokens, valid) with no gradient into the frozen towers."""
+    values, valid = soft
+    return jax.lax.stop_gradient(values), valid
 
 
 def _scatter(x, where, soft):

@@ -375,6 +375,26 @@ def _load_model(preset: str, dtype, lora, options: dict):
     return Gemma4LoraModel.from_backbone(backbone, lora, **options)
 
 
+def attach_towers(model, preset: str) -> None:
+    """Attaches the frozen vision / audio towers of `preset` to `model`.
+
+    For data with images or audio. The towers (KerasHub's encoders, float32,
+    `hub.load_towers`) are read from a local or hf:// Hugging Face
+    multimodal checkpoint.
+
+    Raises:
+        PresetError: the preset is not a HF checkpoint, or has no towers.
+    """
+    directory = stream_load.local_checkpoint(preset)
+    if directory is None:
+        raise PresetError(
+            f"{preset}: images and audio need a Hugging Face multimodal checkpoint "
+            "(a local directory or hf://google/gemma-4-...); this preset is a "
+            "KerasHub one, whose towers are not read"
+        )
+    model.attach_towers(hub.load_towers(directory))
+
+
 def load_training_model(config):
     """Resolves `model.preset` and builds the model. Returns (model, tokenizer, preset)."""
     preset = resolve_preset(config.model.preset)
@@ -391,6 +411,7 @@ __all__ = [
     "gpu_has_bfloat16",
     "known_presets",
     "load_backbone",
+    "attach_towers",
     "build_training_model",
     "load_tokenizer",
     "load_training_model",

@@ -49,6 +49,7 @@ import numpy as np
 from absl import logging
 
 from gemma4_keras import atomic, config_lib, data, host_memory, workdir_lock
+from gemma4_keras.data.commands import has_media
 from gemma4_keras.eval import evaluate
 from gemma4_keras.exporters import peft
 from gemma4_keras.model import plan as plan_lib
@@ -140,6 +141,8 @@ def _run_locked(config, workdir: str) -> dict:
     stopping.phase("model loading")
     check_host_memory(config)
     model = presets.build_training_model(preset, presets.ModelSettings.of(config))
+    if has_media(prepared.train + prepared.holdout):
+        presets.attach_towers(model, preset)  # frozen; batches carry their inputs
     schedule = build_schedule(config.train, plan)
     compile_model(model, config.train, schedule)
     ckpt = build_checkpointer(config, workdir, model, preset)
