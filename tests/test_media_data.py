@@ -20,6 +20,7 @@ import pytest
 from gemma4_keras import cli
 from gemma4_keras.data import chat, commands, media, records, template, tokenize
 from gemma4_keras.data.records import DataError
+from gemma4_keras.testing import media as media_files
 from gemma4_keras.testing import tiny
 
 Image = pytest.importorskip("PIL.Image")
@@ -40,9 +41,7 @@ AUDIO_LENGTHS = [4000, 32123, 116800, 480000]
 
 
 def _image(path, height, width, seed=0, mode="RGB"):
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path)
+    media_files.write_image(path, height, width, seed, mode)
     return path
 
 
@@ -53,12 +52,7 @@ def _samples(n, seed=0):
 
 
 def _wav(path, n, seed=0, rate=16000):
-    pcm = np.round(_samples(n, seed) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
+    media_files.write_wav(path, _samples(n, seed), rate)
     return path
 
 

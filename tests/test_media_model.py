@@ -25,6 +25,7 @@ import pytest
 
 from gemma4_keras.data import media, records, tokenize
 from gemma4_keras.model import hub, stream_load
+from gemma4_keras.testing import media as media_files
 from gemma4_keras.testing import tiny
 
 torch = oracles.need("torch")
@@ -89,21 +90,12 @@ class Case:
 
 
 def _image(path, height, width, seed):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
-    Image.fromarray(pixels).save(path)
-    return str(path)
+    return media_files.write_image(path, height, width, seed)
 
 
 def _wav(path, n, seed):
-    import wave
-
     x = np.clip(0.3 * np.random.default_rng(seed).standard_normal(n), -1, 1)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16000)
-        f.writeframes(np.round(x * 32767).astype("<i2").tobytes())
-    return str(path)
+    return media_files.write_wav(path, x)
 
 
 PARTS = {

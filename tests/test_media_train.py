@@ -11,7 +11,6 @@ falls, and the first step's loss equals transformers' loss
 
 import csv
 import json
-import wave
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from gemma4_keras import cli
 from gemma4_keras.data import media, pipeline, records, tokenize
 from gemma4_keras.model import hub
+from gemma4_keras.testing import media as media_files
 from gemma4_keras.testing import tiny
 
 Image = pytest.importorskip("PIL.Image")
@@ -38,11 +38,7 @@ def _square(path, rgb, size=24):
 
 def _wav(path, n, seed):
     x = np.clip(0.3 * np.random.default_rng(seed).standard_normal(n), -1, 1)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16000)
-        f.writeframes(np.round(x * 32767).astype("<i2").tobytes())
+    media_files.write_wav(path, x)
     return path.name
 
 
@@ -74,12 +70,7 @@ def _colour_set(directory, name, per_colour, seed):
 
 
 def _tone(path, freq, n):
-    x = 0.5 * np.sin(2 * np.pi * freq * np.arange(n) / 16000)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(16000)
-        f.writeframes(np.round(x * 32767).astype("<i2").tobytes())
+    media_files.write_wav(path, 0.5 * np.sin(2 * np.pi * freq * np.arange(n) / 16000))
     return path.name
 
 
