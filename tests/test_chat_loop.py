@@ -53,7 +53,7 @@ def scripted(tokenizer, outputs, **kwargs) -> generate.Generator:
     script = iter(outputs) if not callable(outputs) else None
     gen.prompts = []
 
-    def decode(prompts, max_new_tokens, length=None):
+    def decode(prompts, max_new_tokens, length=None, media=None):
         gen.prompts.extend(prompts)
         return [outputs(p) if script is None else next(script) for p in prompts]
 
