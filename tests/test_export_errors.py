@@ -107,3 +107,23 @@ def test_bad_format_and_options(run, tmp_path):
     with pytest.raises(ExportError, match=r"--shard_size='lots'"):
         hf.parse_size("lots")
     assert hf.parse_size("2MB") == 2 * 1024**2
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "gguf-lora"])
+def test_a_missing_gguf_package_names_the_extra_before_any_work(
+    run, tmp_path, monkeypatch, fmt
+):
+    # `import gguf` fails as without the extra; the export stops before it
+    # reads the adapter or the base, naming both GGUF formats and the extra.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    monkeypatch.setattr(
+        commands, "read_checked_adapter", lambda *a: pytest.fail("read the adapter")
+    )
+    workdir, preset = run
+    with pytest.raises(ExportError) as e:
+        commands.export(config_for(preset), workdir, fmt, str(tmp_path / "out"))
+    assert "--format=gguf and --format=gguf-lora" in str(e.value)
+    assert "pip install 'gemma4-keras[gguf]'" in str(e.value)
+    assert not (tmp_path / "out").exists()
