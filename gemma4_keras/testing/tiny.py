@@ -338,21 +338,10 @@ def tiny_hf_config(
     text.update(overrides)
     if layout == "causal_lm":
         return {"architectures": ["Gemma4ForCausalLM"], **text}
-    if layout == "multimodal":
-        config = tiny_hf_config(
-            ple=ple,
-            kv_shared_layers=kv_shared_layers,
-            moe=moe,
-            k_eq_v=k_eq_v,
-            double_wide_mlp=double_wide_mlp,
-            layout="conditional_generation",
-            vision_bidirectional=vision_bidirectional,
-            **overrides,
-        )
-        return {**config, **tower_configs()}
-    if layout == "conditional_generation":
+    if layout in ("conditional_generation", "multimodal"):
         ids = {k: SPECIAL_TOKENS[t] for k, t in _MULTIMODAL_TOKENS.items()}
-        return conditional_generation(text, ids)
+        config = conditional_generation(text, ids)
+        return {**config, **tower_configs()} if layout == "multimodal" else config
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}.")
 
 
