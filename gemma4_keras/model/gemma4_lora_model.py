@@ -434,26 +434,33 @@ class Gemma4LoraModel(keras.Model):
     def _merge_media(self, token_ids, x, media):
         """`x` with the towers' soft tokens at the image / audio token ids, in order."""
         t = self.towers
-        if media.get("pixel_values") is not None:
-            if t.vision is None:
-                raise ValueError(
-                    "pixel_values given, but the model has no vision tower"
-                )
-            soft = t.image_soft_tokens(
-                _per_item(media["pixel_values"], 3),
-                _per_item(media["pixel_position_ids"], 3),
+        # (input, its companion and that one's rank, tower, soft tokens, token id)
+        for values, extra, rank, tower, soft_tokens, token in (
+            (
+                "pixel_values",
+                "pixel_position_ids",
+                3,
+                t.vision,
+                t.image_soft_tokens,
+                t.image_token_id,
+            ),
+            (
+                "audio_features",
+                "audio_mask",
+                2,
+                t.audio,
+                t.audio_soft_tokens,
+                t.audio_token_id,
+            ),
+        ):
+            if media.get(values) is None:
+                continue
+            if tower is None:
+                raise ValueError(f"{values} given, but the model has no such tower")
+            soft = soft_tokens(
+                _per_item(media[values], 3), _per_item(media[extra], rank)
             )
-            x = _scatter(x, token_ids == t.image_token_id, _frozen(soft))
-        if media.get("audio_features") is not None:
-            if t.audio is None:
-                raise ValueError(
-                    "audio_features given, but the model has no audio tower"
-                )
-            soft = t.audio_soft_tokens(
-                _per_item(media["audio_features"], 3),
-                _per_item(media["audio_mask"], 2),
-            )
-            x = _scatter(x, token_ids == t.audio_token_id, _frozen(soft))
+            x = _scatter(x, token_ids == token, _frozen(soft))
         return x
 
     def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:
