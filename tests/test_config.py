@@ -159,3 +159,20 @@ def test_resume_check_tolerates_fields_added_later_but_not_changes(tmp_path):
     config.lora.rank = 4
     with pytest.raises(train.WorkdirError, match="lora.rank was 16, now 4"):
         train.check_config(config, str(tmp_path))
+
+
+def test_a_run_recorded_with_another_moe_kernel_is_the_same_run(tmp_path):
+    # Runs trained before routed experts became the default recorded "dense";
+    # resuming, evaluating or exporting them must not ask for the old flag.
+    import json
+
+    from gemma4_keras.training import train
+
+    config = config_lib.get_config("tiny", "lora")
+    stored = json.loads(config.to_json_best_effort())
+    stored["model"]["moe_dispatch"] = "dense"
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    train.check_config(config, str(tmp_path))
+    config.model.remat = not config.model.remat  # other model fields still count
+    with pytest.raises(train.WorkdirError, match="model.remat"):
+        train.check_config(config, str(tmp_path))

@@ -297,6 +297,10 @@ _RESUMABLE = (
     "eval.",
     "checkpoint.max_to_keep",
     "distribution.",
+    # How experts are computed, not what: routed == dense to float32
+    # precision (tests/test_moe_routed.py). Runs recorded before `auto`
+    # became the default say "dense".
+    "model.moe_dispatch",
 )
 
 
