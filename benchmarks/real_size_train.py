@@ -3,6 +3,10 @@
 Run (the checkpoint is written once to ~/.cache/gemma4_keras/full_size/):
     python benchmarks/real_size_train.py --size=e2b --method=qlora
     python benchmarks/real_size_train.py --size=e4b --method=qlora --seq=512
+    # one image a row (280 soft tokens inside --seq), the released vision
+    # tower attached; --layers keeps the first N decoder layers (released
+    # widths) where the whole model's compile does not fit the host
+    python benchmarks/real_size_train.py --size=e4b --images=1 --layers=12
 
 Random weights at the true shapes exercise every code path and all of the
 memory. The model is built the way `gemma4-keras train` builds it
@@ -67,36 +71,68 @@ def build_config(args, preset: str):
     return config
 
 
-def batch(seq: int, size: int, vocab: int, seed: int = 0) -> dict:
+def batch(seq: int, size: int, vocab: int, seed: int = 0, images=None) -> dict:
+    """Random ids; with `images` ({image, begin, end token ids}, count), that
+    many images a row.
+
+    Each image is the processor's largest (280 soft tokens, 2,520 patches of
+    random pixels, a 42 x 60 patch grid) between its begin / end markers;
+    no loss on them. Text ids never take a media id.
+    """
     import numpy as np
+
+    from gemma4_keras.data import media
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab, (size, seq)).astype("int32")
+    weights = np.ones((size, seq), "float32")
+    out = {}
+    if images is not None:
+        marks, count = images
+        ids[np.isin(ids, list(marks.values()))] = 3
+        soft = media.PROCESSOR.max_soft_tokens
+        patches = media.PROCESSOR.max_patches
+        if count * (soft + 2) + 2 > seq:
+            raise SystemExit(f"--seq={seq} cannot hold {count} image(s) a row")
+        for k in range(count):
+            start = 1 + k * (soft + 2)
+            ids[:, start] = marks["boi_token_id"]
+            ids[:, start + 1 : start + 1 + soft] = marks["image_token_id"]
+            ids[:, start + 1 + soft] = marks["eoi_token_id"]
+            weights[:, start : start + soft + 2] = 0
+        grid = np.stack(np.meshgrid(np.arange(60), np.arange(42)), -1).reshape(-1, 2)
+        out["pixel_values"] = rng.random((size, count, patches, 768), "float32")
+        positions = np.broadcast_to(grid, (size, count, patches, 2))
+        out["pixel_position_ids"] = positions.astype("int32")
     return {
         "token_ids": ids,
         "positions": np.tile(np.arange(seq, dtype="int32"), (size, 1)),
         "segment_ids": np.ones((size, seq), "int32"),
         "target_ids": np.roll(ids, -1, axis=1),
-        "loss_weights": np.ones((size, seq), "float32"),
-        "loss_norm": np.full((size,), float(size * seq), "float32"),
+        "loss_weights": weights,
+        "loss_norm": np.full((size,), float(weights.sum()), "float32"),
+        **out,
     }
 
 
-def load(config, preset: str):
+def load(config, preset: str, images: int = 0):
     from gemma4_keras.model import presets
 
     reset_peak()
     start = time.time()
     model = presets.build_training_model(preset, presets.ModelSettings.of(config))
+    if images:
+        presets.attach_towers(model, preset, ("image",))  # as `train` does
     return model, {
         "seconds": round(time.time() - start, 1),
         "peak_rss_gib": peak_rss() / GIB,
     }
 
 
-def compile_step(model, config):
+def compile_step(model, config, images: int = 0):
     import jax
 
+    from gemma4_keras.model import presets
     from gemma4_keras.training import train
 
     plan = train.Plan(config.train.max_steps, 1, 0)
@@ -108,8 +144,16 @@ def compile_step(model, config):
         [v.value for v in model.optimizer.variables],
         [v.value for v in model.metrics_variables],
     )
+    raw = presets.read_config_json(config.model.preset)
+    marks = {k: raw[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id")}
+    shown = (marks, images) if images else None
     data = (
-        batch(config.data.max_length, config.train.batch_size, model.spec.vocab_size),
+        batch(
+            config.data.max_length,
+            config.train.batch_size,
+            model.spec.vocab_size,
+            images=shown,
+        ),
     )
     reset_peak()
     start = time.time()
@@ -150,11 +194,15 @@ def run_steps(compiled, state, data, steps: int) -> dict:
     }
 
 
-def plan_figures(config) -> dict:
+def plan_figures(config, images: int = 0) -> dict:
     from gemma4_keras.model import plan
 
-    estimate = plan.plan(config)
-    return {k: v for k, v in estimate.items() if isinstance(v, int | float)}
+    towers = ("image",) if images else ()
+    estimate = plan.plan(config, towers=towers, images_per_row=max(images, 1))
+    figures = {k: v for k, v in estimate.items() if isinstance(v, int | float)}
+    figures["per_device_gib"] = {k: v / GIB for k, v in estimate["per_device"].items()}
+    figures["towers"] = estimate["towers"]
+    return figures
 
 
 def main() -> None:
@@ -172,23 +220,51 @@ def main() -> None:
         help="the per-layer-embedding table in host memory (XLA's device figure "
         "then leaves it out; on this CPU the host is the device)",
     )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="images a row (each 280 soft tokens inside --seq); > 0 attaches the "
+        "vision tower (the checkpoint then carries the released towers)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="decoder layers kept at the released widths (0 = all): a smaller "
+        "compile, for what does not depend on depth (the towers, the loss)",
+    )
+    parser.add_argument(
+        "--towers",
+        action="store_true",
+        help="a checkpoint with the released towers even with --images=0 (the "
+        "text-only step of the same checkpoint, to compare)",
+    )
     args = parser.parse_args()
 
     from gemma4_keras.testing import full_size, tiny
 
     if args.size == "tiny":  # a smoke run of this script
-        preset = str(tiny.tiny_checkpoint(layout="conditional_generation"))
+        layout = "multimodal" if args.images else "conditional_generation"
+        preset = str(tiny.tiny_checkpoint(layout=layout))
     else:
-        preset = str(full_size.full_size_checkpoint(args.size))
+        preset = str(
+            full_size.full_size_checkpoint(
+                args.size,
+                towers=bool(args.images or args.towers),
+                layers=args.layers or None,
+            )
+        )
     config = build_config(args, preset)
     result = {"size": args.size, "method": args.method, "seq": args.seq,
               "batch": args.batch, "rank": args.rank,
-              "ple_on_host": args.ple_on_host}  # fmt: skip
-    model, result["load"] = load(config, preset)
+              "ple_on_host": args.ple_on_host, "images": args.images,
+              "layers": args.layers or "all"}  # fmt: skip
+    model, result["load"] = load(config, preset, args.images)
     print(
         json.dumps({"load": result["load"]}, default=float), file=sys.stderr, flush=True
     )
-    compiled, state, data, result["compile"] = compile_step(model, config)
+    compiled, state, data, result["compile"] = compile_step(model, config, args.images)
     print(
         json.dumps({"compile": result["compile"]}, default=float),
         file=sys.stderr,
@@ -196,7 +272,7 @@ def main() -> None:
     )
     result["step"] = run_steps(compiled, state, data, args.steps)
     try:
-        result["plan"] = plan_figures(config)
+        result["plan"] = plan_figures(config, args.images)
     except Exception as e:  # the plan is context; the measurement stands alone
         result["plan"] = f"{type(e).__name__}: {e}"
     print(json.dumps(result, indent=2, default=float))

@@ -3,6 +3,7 @@
     gemma4-keras train    --config=configs/tiny.py --workdir=runs/tiny
     gemma4-keras evaluate --config=configs/tiny.py --workdir=runs/tiny
     gemma4-keras generate --config=configs/tiny.py --workdir=runs/tiny --prompt="..."
+                          [--image=cat.png] [--audio=clip.wav]
     gemma4-keras export   --config=configs/tiny.py --workdir=runs/tiny --format=hf --out=DIR
     gemma4-keras data     check|stats|split|render --config=configs/tiny.py [--out=DIR]
     gemma4-keras review   --workdir=runs/tiny [--summary]
@@ -49,6 +50,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory of the run (created; rerun to resume).")
 flags.DEFINE_string("out", None, "Output directory (data split, export, eval report).")
 flags.DEFINE_multi_string("prompt", [], "generate: a user message (repeatable).")
+flags.DEFINE_multi_string(
+    "image", [], "generate: an image file put before each --prompt's text (repeatable)."
+)
+flags.DEFINE_multi_string(
+    "audio",
+    [],
+    "generate: a 16 kHz WAV file put before each --prompt's text (repeatable).",
+)
 flags.DEFINE_string(
     "prompts_file",
     None,
@@ -285,7 +294,9 @@ def _generate(config, args) -> int:
     api = _api()
     lines = api.answer_lines(
         config,
-        api.read_prompts(FLAGS.prompt, FLAGS.prompts_file),
+        api.read_prompts(
+            config, FLAGS.prompt, FLAGS.prompts_file, FLAGS.image, FLAGS.audio
+        ),
         workdir=FLAGS.workdir,
         adapter=FLAGS.adapter,
         max_new_tokens=FLAGS.max_new_tokens,

@@ -33,6 +33,10 @@ LORA_TARGETS = (
     "up_proj",
     "down_proj",
 )
+# lora.targets naming an MoE expert bank (26B-A4B) start with this; the names
+# are the schema's (`schema.EXPERT_TARGETS`, PEFT's `target_parameters`), not
+# part of all-linear (as in PEFT). One LoRA pair per expert (model/lora.py).
+EXPERT_PREFIX = "experts."
 QUANT_MODES = ("none", "nf4", "int8", "int4")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # data.template: auto = the checkpoint's chat_template.jinja, else the size table.
@@ -180,6 +184,11 @@ def get_config(
     # fetching only its tokens' rows: auto = on for one GPU/TPU (saves
     # 4.4 / 5.3 GiB of device memory), off on CPU and on a mesh | on | off.
     c.model.ple_on_host = "auto"
+    # The frozen vision / audio towers of a multimodal HF checkpoint: auto =
+    # loaded when the data (data.path, data.eval_path) has image or audio
+    # parts, only those | on (every tower the checkpoint has) | off (text
+    # only; data with media parts is refused).
+    c.model.towers = "auto"
     # Attention (model/attention.py): auto = cuDNN flash attention on GPUs
     # where it applies, else queries in chunks when rows are longer than
     # attention_chunk_size (memory heads x chunk x keys; sliding layers read
@@ -383,22 +392,33 @@ def parse_list(value: str | Sequence[str]) -> list[str]:
     return [str(v).strip() for v in value]
 
 
-def lora_targets(value: str | Sequence[str]) -> list[str]:
-    """Resolves `lora.targets` to HF module names, in canonical order."""
+def lora_targets(
+    value: str | Sequence[str], experts: Sequence[str] | None = None
+) -> list[str]:
+    """Resolves `lora.targets` to HF module names, in canonical order.
+
+    `experts`: the expert-bank targets the model knows (`schema.EXPERT_TARGETS`);
+    None (config validation, which cannot import the schema) passes any
+    `experts.*` name on, for the model to check.
+    """
     names = parse_list(value)
     if not names:
         raise ConfigError(
             "lora.targets is empty; give HF module names, e.g. q_proj,v_proj, or all-linear"
         )
-    if names == ["all-linear"]:
-        return list(LORA_TARGETS)
-    unknown = [n for n in names if n not in LORA_TARGETS]
+    if "all-linear" in names:
+        names = [n for n in names if n != "all-linear"] + list(LORA_TARGETS)
+    if experts is None:
+        experts = [n for n in names if n.startswith(EXPERT_PREFIX)]
+    known = LORA_TARGETS + tuple(experts)
+    unknown = [n for n in names if n not in known]
     if unknown:
+        banks = f" (MoE expert banks: {', '.join(experts)})" if experts else ""
         raise ConfigError(
             f"lora.targets has unknown module name(s) {unknown}; known: "
-            f"{', '.join(LORA_TARGETS)} or all-linear"
+            f"{', '.join(LORA_TARGETS)} or all-linear{banks}"
         )
-    return [t for t in LORA_TARGETS if t in names]
+    return list(dict.fromkeys(t for t in known if t in names))
 
 
 def lora_layers(value: str | Sequence[str]) -> list[int] | None:
@@ -430,6 +450,7 @@ CHOICES = {
     "model.moe_dispatch": ("auto", "ragged", "blocks", "dense"),
     "model.attention": ("auto", "dense", "chunked", "fused"),
     "model.ple_on_host": ("auto", "on", "off"),
+    "model.towers": ("auto", "on", "off"),
     "model.dtype": DTYPES,
 }
 # Counts and sizes that must be > 0.
@@ -494,7 +515,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for ok, field, rule in checks:
         if not ok:
             raise ConfigError(f"--config.{field}={_value(c, field)!r} {rule}")
-    lora_targets(c.lora.targets)
+    experts = [t for t in lora_targets(c.lora.targets) if t.startswith(EXPERT_PREFIX)]
+    if experts and float(c.lora.dropout) > 0:
+        raise ConfigError(
+            f"--config.lora.dropout={c.lora.dropout!r} with expert targets "
+            f"({', '.join(experts)}): PEFT's LoRA on expert banks has no dropout; "
+            "set --config.lora.dropout=0"
+        )
     lora_layers(c.lora.layers)
 
 

@@ -32,6 +32,7 @@ RECORD_FIELDS = (
     "instruction",
     "input",
     "output",
+    "image",  # prompt/completion and alpaca records: an image before the prompt
 )
 
 

@@ -17,13 +17,17 @@ from gemma4_keras.testing.tiny import tiny_checkpoint
 TOKENS = np.array([[2, 105, 120, 300, 451, 77, 600, 1000, 5, 106, 9, 200]], np.int32)
 
 
-def trained_model(preset: str, seed: int = 0, rank: int = 4) -> Gemma4LoraModel:
-    """The tiny base with an all-linear adapter set to seeded non-zero values."""
+def trained_model(
+    preset: str, seed: int = 0, rank: int = 4, targets=None
+) -> Gemma4LoraModel:
+    """The tiny base with an all-linear adapter (or `targets`, e.g. with the
+    MoE expert banks) set to seeded non-zero values."""
     import keras_hub
 
     backbone = keras_hub.models.Gemma4Backbone.from_preset(preset, dtype="float32")
+    kw = {} if targets is None else {"targets": tuple(targets)}
     model = Gemma4LoraModel.from_backbone(
-        backbone, LoraSpec(rank=rank, alpha=2.0 * rank), dtype="float32"
+        backbone, LoraSpec(rank=rank, alpha=2.0 * rank, **kw), dtype="float32"
     )
     rng = np.random.default_rng(seed)
     for adapter in model.adapters().values():
@@ -89,15 +93,20 @@ def _held(model, row, layer) -> np.ndarray:
 def merged_tensors(model, prefix: str = "model.") -> dict[str, np.ndarray]:
     """HF tensors (float32) of a `Gemma4LoraModel`, its active adapter merged:
     the Keras model's own weights, row by row of the schema, plus each site's
-    `LoraAdapter.delta_weight()` (the oracle of the streamed merge)."""
+    `LoraAdapter.delta_weight()` (the oracle of the streamed merge); an
+    expert bank row gets its part of its HF tensor's per-expert delta."""
     adapters = model.adapters() if model.active_adapter else {}
     out = {}
     for name, (_, parts) in schema.hf_tensors(model.spec).items():
         values = []
         for row, layer in parts:
             value = _held(model, row, layer)
-            if (layer, row.name) in adapters:
-                value = value + adapters[(layer, row.name)].delta_weight()
+            target = row.name
+            if row.kind == "bank":  # its HF tensor names the expert target
+                target = row.hf.removeprefix("layers.{i}.")
+            if (layer, target) in adapters:
+                delta = adapters[(layer, target)].delta_weight()
+                value = value + schema.part_of(row, delta)
             values.append((row, value))
         out[prefix + name] = np.ascontiguousarray(schema.hf_value(values), np.float32)
     return out

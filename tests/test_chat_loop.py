@@ -452,7 +452,7 @@ def loads(monkeypatch, tokenizer):
     """Replaces the model load by scripted generators; lists what loaded."""
     made = []
 
-    def load_generator(config, adapter=None):
+    def load_generator(config, adapter=None, media_kinds=()):
         made.append((adapter, scripted(tokenizer, made_outputs.pop(0))))
         return made[-1][1]
 

@@ -176,3 +176,18 @@ def test_a_run_recorded_with_another_moe_kernel_is_the_same_run(tmp_path):
     config.model.remat = not config.model.remat  # other model fields still count
     with pytest.raises(train.WorkdirError, match="model.remat"):
         train.check_config(config, str(tmp_path))
+
+
+def test_expert_targets_refuse_dropout_at_validation():
+    """Expert-bank LoRA has no dropout in PEFT: the config stops before any
+    data or model is read."""
+    c = config_lib.get_config("26b_a4b", "qlora")
+    c.lora.targets = "q_proj,experts.down_proj"
+    c.lora.dropout = 0.05
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"lora\.dropout=0\.05 with expert targets \(experts\.down_proj\)",
+    ):
+        config_lib.validate(c)
+    c.lora.dropout = 0.0
+    config_lib.validate(c)

@@ -3,10 +3,11 @@
 import pathlib
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gemma4_keras.data import DataError, load_conversations
+from gemma4_keras.data import DataError, load_conversations, media
 from gemma4_keras.data.records import parse_tfds_path
 
 CHATS = [
@@ -130,3 +131,76 @@ def test_tfds_data_dir_is_set_from_the_command_line(tmp_path, capsys):
     assert (data_dir / "gemma4_keras_test_chats").is_dir()  # built where it says
     lines = [*(out / "train.jsonl").open(), *(out / "holdout.jsonl").open()]
     assert len(lines) == 2  # the valid two of the three chats
+
+
+def _pixels(index):
+    rng = np.random.default_rng(index)
+    return rng.integers(0, 256, (30 + 10 * index, 40, 3), np.uint8)
+
+
+class Gemma4KerasTestImages(tfds.core.GeneratorBasedBuilder):
+    """A local image classification set: an RGB image and a class label."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(names=["cat", "dog"]),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(2):
+            yield i, {"image": _pixels(i), "label": i}
+
+
+def test_tfds_images_become_image_parts_in_memory(tmp_path, monkeypatch):
+    """An `Image` feature reaches the media layer as an inline PNG (no file is
+    written beside the data) with the pixels TFDS stored; the label answers."""
+    from PIL import Image
+
+    from gemma4_keras.testing import media as media_files
+
+    monkeypatch.chdir(tmp_path)
+    data_dir = tmp_path / "tfds"
+    path = "tfds:gemma4_keras_test_images:train"
+    conversations, stats = load_conversations(
+        _cfg(
+            path,
+            fields={"image": "image", "completion": "label"},
+            system_prompt="Cat or dog?",
+            tfds_data_dir=str(data_dir),
+        )
+    )
+    assert stats["valid"] == 2
+    for i, c in enumerate(conversations):
+        assert [m["role"] for m in c.messages] == ["system", "user", "model"]
+        assert c.messages[2]["content"] == ["cat", "dog"][i]
+        (record,) = c.messages[1]["media"]
+        assert record["source"] == "inline" and record["height"] == 30 + 10 * i
+        assert record["soft_tokens"] == media.image_soft_tokens(30 + 10 * i, 40)
+        # The same pixels as the array saved to a file and read from there.
+        file = media_files.write_image(tmp_path / f"{i}.png", 1, 1)
+        Image.fromarray(_pixels(i)).save(file)
+        from_file = media.describe_part({"type": "image", "path": file})
+        np.testing.assert_array_equal(
+            media.image_features(record)[0], media.image_features(from_file)[0]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.png", "1.png", "tfds"]
+
+
+def test_a_prompt_goes_after_the_image(tmp_path):
+    record = {"img": media.image_data_uri(_pixels(0)), "q": "Which?", "a": "cat"}
+    from gemma4_keras.data.records import record_to_conversation
+
+    fields = {"image": "img", "prompt": "q", "completion": "a"}
+    c = record_to_conversation(record, "x", "auto", fields)
+    assert c.messages[0]["content"] == "<|image|>Which?"
+    with pytest.raises(ValueError, match="missing field 'q'"):
+        record_to_conversation({"a": "cat"}, "x", "auto", fields)

@@ -32,15 +32,16 @@ from gemma4_keras.data import chat, records
 from gemma4_keras.exporters import commands
 from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.model.schema import EXPERT_TARGETS
 from gemma4_keras.testing import tiny
 
 gguf = oracles.need("gguf")
 
 
-def _export(tmp_path_factory, gguf_type, **variant):
+def _export(tmp_path_factory, gguf_type, targets=None, **variant):
     preset = variant_preset(**variant)
     root = str(tmp_path_factory.mktemp(f"gguf_{gguf_type}"))
-    model = trained_model(preset)
+    model = trained_model(preset, targets=targets)
     workdir = fake_workdir(root, model, preset)
     out = commands.export(
         config_for(preset),
@@ -164,6 +165,42 @@ def test_moe_f16_with_separate_scales(tmp_path_factory):
     ):
         np.testing.assert_allclose(
             _tensor(reader, name), merged[p + key], rtol=1e-3, atol=1e-4
+        )
+
+
+def test_moe_expert_lora_merged_into_every_expert(tmp_path_factory):
+    """Expert LoRA merged into the GGUF's expert tensors: every layer's
+    ffn_gate_up_exps / ffn_down_exps equals the merged HF tensor (f32) and
+    differs from the base's."""
+    targets = config_lib.LORA_TARGETS + EXPERT_TARGETS
+    _, model, _, reader = _export(tmp_path_factory, "f32", targets, moe=True)
+    merged = merged_tensors(model)
+    model.set_adapter(None)
+    base = merged_tensors(model)
+    model.set_adapter("default")
+    names = {t.name for t in reader.tensors}
+    for i in range(model.spec.num_layers):
+        for gguf_name, key in (
+            (f"blk.{i}.ffn_gate_up_exps.weight", "experts.gate_up_proj"),
+            (f"blk.{i}.ffn_down_exps.weight", "experts.down_proj"),
+        ):
+            assert gguf_name in names
+            want = merged[f"model.layers.{i}.{key}"]
+            np.testing.assert_array_equal(_tensor(reader, gguf_name), want)
+            assert np.abs(want - base[f"model.layers.{i}.{key}"]).max() > 1e-3
+
+
+def test_gguf_lora_refuses_expert_targets(tmp_path):
+    """gguf-lora stops before reading anything when the run adapts expert
+    banks, naming them and the formats that carry them."""
+    preset = variant_preset(moe=True)
+    config = config_for(preset)
+    config.lora = {"targets": "q_proj,experts.down_proj"}
+    with pytest.raises(
+        ExportError, match=r"gguf-lora.*experts\.down_proj.*--format=gguf"
+    ):
+        commands.export(
+            config, str(tmp_path / "nowhere"), "gguf-lora", str(tmp_path / "o")
         )
 
 

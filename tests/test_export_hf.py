@@ -21,9 +21,11 @@ from export_fixtures import (
 )
 from safetensors.numpy import load_file
 
+from gemma4_keras.config_lib import LORA_TARGETS
 from gemma4_keras.data import chat, records
 from gemma4_keras.exporters import commands
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.model.schema import EXPERT_TARGETS
 from gemma4_keras.testing import variants
 
 torch = oracles.need("torch")
@@ -64,11 +66,17 @@ def _hf_logits(directory, cls=transformers.AutoModelForCausalLM) -> np.ndarray:
     return out.logits.numpy()
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+# The MoE variant with expert LoRA too (both banks, one pair per expert).
+EXPERT_LORA = "moe_expert_lora"
+
+
+@pytest.fixture(scope="module", params=[*VARIANTS, EXPERT_LORA])
 def exported(request, tmp_path_factory):
-    preset = variant_preset(**VARIANTS[request.param])
+    experts = request.param == EXPERT_LORA
+    preset = variant_preset(**VARIANTS["moe" if experts else request.param])
     root = str(tmp_path_factory.mktemp(request.param))
-    model = trained_model(preset)
+    targets = LORA_TARGETS + EXPERT_TARGETS if experts else None
+    model = trained_model(preset, targets=targets)
     workdir = fake_workdir(root, model, preset)
     out = commands.export(config_for(preset), workdir, "hf", os.path.join(root, "hf"))
     return request.param, preset, model, out
@@ -130,6 +138,23 @@ def test_bit_for_bit_equal_to_the_in_memory_merge(exported):
     for key, value in want.items():
         assert got[key].dtype == value.dtype, key
         assert got[key].tobytes() == value.tobytes(), f"{name}: {key}"
+
+
+@pytest.mark.parametrize("exported", [EXPERT_LORA], indirect=True)
+def test_every_expert_tensor_merged(exported):
+    """Expert LoRA merged into every expert bank: as many expert tensors as
+    the base, each of the base's shape and changed by its delta (a merge
+    that drops or skips expert tensors fails here)."""
+    _, preset, model, out = exported
+    got = load_file(os.path.join(out, "model.safetensors"))
+    base = load_file(os.path.join(preset, "model.safetensors"))
+    experts = [k for k in base if any(k.endswith("." + t) for t in EXPERT_TARGETS)]
+    assert len(experts) == model.spec.num_layers * len(EXPERT_TARGETS)
+    assert len([k for k in got if k in experts]) == len(experts)
+    for k in experts:
+        assert got[k].shape == base[k].shape, k
+        changed = np.abs(got[k] - base[k]).max(axis=(1, 2))  # per expert
+        assert (changed > 1e-3).all(), k
 
 
 def test_sharded(tmp_path):

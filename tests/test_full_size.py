@@ -177,3 +177,61 @@ def test_full_size_refuses_to_fill_a_small_disk(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="needs 8.7 GiB"):
         full_size.write_full_size(tmp_path, "e2b")
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("size", full_size.SIZES)
+def test_released_towers_and_truncated_decoders(size):
+    """Towers at transformers' defaults (audio for E2B/E4B only); `plan`'s
+    tower counts equal the written tensors; `layers` keeps the widths."""
+    oracles.need("transformers")
+    from gemma4_keras.model import plan
+
+    config = full_size.released_config(size, towers=True, layers=12)
+    vision = config["vision_config"]
+    assert (vision["hidden_size"], vision["num_hidden_layers"]) == (768, 16)
+    assert ("audio_config" in config) == (size in ("e2b", "e4b"))
+    text, full = config["text_config"], full_size.released_config(size)["text_config"]
+    assert (
+        text["num_hidden_layers"] == 12
+        and text["layer_types"] == (full["layer_types"][:12])
+    )
+    assert text["hidden_size"] == full["hidden_size"]
+    shared = full["num_kv_shared_layers"]
+    assert text["num_kv_shared_layers"] == round(shared * 12 / len(full["layer_types"]))
+    specs = full_size.weight_specs(config)
+    towers = sum(
+        math.prod(s) for n, (s, _) in specs.items() if ".language_model." not in n
+    )
+    d = text["hidden_size"]
+    want = plan.vision_params(vision, d)
+    if "audio_config" in config:
+        want += plan.audio_params(config["audio_config"], d)
+    assert towers == want
+    if size == "e4b":
+        assert (plan.vision_params(vision, d), want) == (169_330_688, 478_087_936)
+
+
+def test_written_towers_load_in_transformers_and_keras_hub(tmp_path):
+    """The towers' random bfloat16 tensors (clip bounds, convolutions, tables)
+    load with no missing key and give finite soft tokens."""
+    transformers = oracles.need("transformers")
+    import jax.numpy as jnp
+    import torch
+
+    from gemma4_keras.data import media
+
+    config = tiny.tiny_hf_config(layout="multimodal", ple=True)
+    path = full_size.write_checkpoint(tmp_path, config, max_shard_bytes=200_000)
+    _, info = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        path, output_loading_info=True, dtype=torch.float32
+    )
+    assert not any(info.values()), info
+    towers = hub.load_towers(str(path))
+    n = media.PROCESSOR.max_patches
+    grid = np.stack(np.meshgrid(np.arange(60), np.arange(42)), -1).reshape(1, n, 2)
+    pixels = np.random.default_rng(0).random((1, n, 768), np.float32)
+    soft, valid = towers.image_soft_tokens(pixels, grid)
+    assert int(valid.sum()) == 280 and bool(jnp.isfinite(soft).all())
+    mel = np.random.default_rng(1).standard_normal((1, 200, 128)).astype(np.float32)
+    audio, _ = towers.audio_soft_tokens(mel, np.ones((1, 200), bool))
+    assert bool(jnp.isfinite(audio).all())

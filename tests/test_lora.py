@@ -16,7 +16,7 @@ import pytest
 
 from gemma4_keras import config_lib
 from gemma4_keras.exporters import peft as peft_lib
-from gemma4_keras.model import gemma4_lora_model, hub, lora
+from gemma4_keras.model import gemma4_lora_model, hub, lora, schema
 from gemma4_keras.testing import tiny
 
 SEQ = 20
@@ -326,6 +326,36 @@ def test_merge_refuses_quantised_base():
         match=r"layers\.0\.q_proj is stored as nf4.*merged_kernels",
     ):
         lora.merge_adapter(m)
+
+
+def test_expert_lora_merge_and_refusals():
+    """Expert LoRA (per-expert pairs, PEFT init) merges in place into the
+    float expert banks (fused gate_up split over experts_gate / experts_up)
+    with the adapter's logits; dropout on expert targets is refused."""
+    targets = ("q_proj",) + schema.EXPERT_TARGETS
+    m = build(lora.LoraSpec(rank=2, alpha=3.0, targets=targets), moe=True)
+    a = m.adapters()[(1, "experts.gate_up_proj")]
+    e, d, f = m.spec.num_experts, m.spec.hidden_dim, m.spec.expert_dim
+    assert a.lora_a.shape == (e, d, 2) and a.lora_b.shape == (e, 2, 2 * f)
+    bound = 1 / math.sqrt(d)  # PEFT's kaiming bound, fan-in `in`
+    assert 0.9 * bound < np.abs(np.asarray(a.lora_a.value)).max() <= bound
+    randomise(m, std=0.2)
+    adapted = logits(m, "default")
+    mk = lora.merged_kernels(m)
+    gate = np.asarray(m.blocks[1].extra["experts_gate"].value)
+    up = np.asarray(m.blocks[1].extra["experts_up"].value)
+    np.testing.assert_allclose(
+        mk[(1, "experts.gate_up_proj")],
+        np.concatenate([gate, up], -1) + a.delta_weight(),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    assert lora.merge_adapter(m) == m.spec.num_layers * 3
+    err = rel(logits(m), adapted)
+    print(f"expert LoRA merged vs adapter logits: {err:.2e}")
+    assert err < 1e-5 and rel(adapted, logits(build(moe=True))) > 1e-3
+    with pytest.raises(config_lib.ConfigError, match=r"lora\.dropout=0\.1 with expert"):
+        build(lora.LoraSpec(dropout=0.1, targets=schema.EXPERT_TARGETS), moe=True)
 
 
 # --- no full weight gradient -------------------------------------------------

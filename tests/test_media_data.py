@@ -202,6 +202,71 @@ def test_audio_ids_and_features_equal_the_hf_processor(
     np.testing.assert_allclose(features, out["input_features"][0], rtol=0, atol=1e-5)
 
 
+def test_processor_config_sets_the_soft_token_counts(
+    tmp_path, hf_processor, checkpoint, chat_tokenizer
+):
+    """A checkpoint's processor_config.json (here as transformers writes it,
+    with at most 70 soft tokens per image and a 20 ms mel hop) is read: ids, pixels
+    and features equal that processor's, and differ from the defaults'."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import (
+        Gemma4AudioFeatureExtractor,
+    )
+    from transformers.models.gemma4.image_processing_pil_gemma4 import (
+        Gemma4ImageProcessorPil,
+    )
+
+    hf = type(hf_processor)(
+        feature_extractor=Gemma4AudioFeatureExtractor(hop_length_ms=20.0),
+        image_processor=Gemma4ImageProcessorPil(max_soft_tokens=70),
+        tokenizer=hf_processor.tokenizer,
+        video_processor=None,
+        image_seq_length=70,
+    )
+    saved = {k: v for k, v in hf.to_dict().items() if k != "chat_template"}
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "processor_config.json").write_text(json.dumps(saved))
+    settings = media.processor_settings(tmp_path / "ckpt")
+    assert (settings.max_soft_tokens, settings.hop_length) == (70, 320)
+
+    _image(tmp_path / "img.png", 300, 500)
+    n = 116800  # 7.3 s: 183 soft tokens with 10 ms frames, 92 with 20 ms
+    _wav(tmp_path / "clip.wav", n, seed=n)
+    parts = [
+        {"type": "image", "path": "img.png"},
+        {"type": "audio", "path": "clip.wav"},
+        {"type": "text", "text": "Both?"},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(_record(parts)) + "\n")
+    (conversation,), _ = records.load_conversations({"path": str(path)}, settings)
+    (example,) = tokenize.encode_conversation(
+        conversation, chat_tokenizer, max_length=100_000, template="small"
+    )
+    out, _ = _hf_ids(
+        hf,
+        checkpoint,
+        conversation.messages,
+        [Image.open(tmp_path / "img.png")],
+        [_pcm_float(n, n)],
+    )
+    np.testing.assert_array_equal(example.token_ids, out["input_ids"][0][:-1])
+    image, clip = example.media
+    assert (image["soft_tokens"], clip["soft_tokens"]) == (60, 92)
+    assert (media.image_soft_tokens(300, 500), media.audio_soft_tokens(n)) == (
+        252,
+        183,
+    )
+    pixels, positions = media.image_features(image)  # the record's settings
+    assert pixels.shape[0] == 70 * 9
+    np.testing.assert_array_equal(pixels, out["pixel_values"][0])
+    np.testing.assert_array_equal(positions, out["image_position_ids"][0])
+    features, mask = media.audio_features(clip)
+    np.testing.assert_array_equal(mask, out["input_features_mask"][0])
+    np.testing.assert_allclose(features, out["input_features"][0], rtol=0, atol=1e-5)
+    with pytest.raises(media.MediaError, match="feature_extractor.dither=0.5"):
+        media.processor_settings({"feature_extractor": {"dither": 0.5}})
+
+
 def test_image_and_audio_in_one_message_and_several_turns(
     tmp_path, hf_processor, checkpoint, chat_tokenizer
 ):
@@ -419,24 +484,22 @@ def test_data_render_shows_the_placeholders(tmp_path, capsys):
     assert line["text"][start:end] == "A cat.<turn|>"
 
 
-def test_generation_refuses_media_with_a_clear_message(tmp_path):
-    """Training and the run's eval take media (tests/test_media_train.py); the
-    generate / chat commands (a model loaded without towers) not yet."""
+def test_generation_prompts_read_media_as_the_data_does(tmp_path):
+    """Prompts (generate, chat) read image parts as the records do: the same
+    media record, and a missing file named before any model loads
+    (tests/test_media_generate.py decodes with them)."""
     _image(tmp_path / "a.png", 30, 30)
     path = _write(tmp_path, [_record([{"type": "image", "path": "a.png"}])])
     conversations, _ = records.load_conversations({"path": str(path)})
     assert commands.has_media(conversations)
     from gemma4_keras.eval import generate
 
-    with pytest.raises(generate.PromptError, match="not supported yet"):
-        generate.check_prompt(
-            [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "path": str(tmp_path / "a.png")}],
-                }
-            ]
-        )
+    part = {"type": "image", "path": str(tmp_path / "a.png")}
+    messages, _ = generate.check_prompt([{"role": "user", "content": [part]}])
+    assert media.media_of(messages) == media.media_of(conversations[0].messages)
+    part["path"] = str(tmp_path / "b.png")
+    with pytest.raises(generate.PromptError, match="b.png: no such file"):
+        generate.check_prompt([{"role": "user", "content": [part]}])
 
 
 def test_media_in_a_model_message_is_refused(tmp_path):

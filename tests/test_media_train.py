@@ -183,6 +183,31 @@ def test_batches_carry_each_rows_media_in_token_order(checkpoint, tmp_path):
     assert len(shapes) == 1  # one compiled step
 
 
+def _assert_peft_loads(checkpoint, adapter):
+    """The run's adapter loads in transformers + PEFT on the multimodal model
+    (keys under `language_model`), every trained factor where it belongs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    safetensors = pytest.importorskip("safetensors.numpy")
+    base = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.float32
+    )
+    model = peft.PeftModel.from_pretrained(base, str(adapter))
+    saved = safetensors.load_file(str(adapter / "adapter_model.safetensors"))
+    loaded = {
+        k: v.detach().numpy()
+        for k, v in model.state_dict().items()
+        if "lora_B" in k  # the factors training moved off zero
+    }
+    assert saved and len(loaded) == sum("lora_B" in k for k in saved), loaded.keys()
+    for key, value in saved.items():
+        if "lora_B" in key:
+            name = key.replace("lora_B.weight", "lora_B.default.weight")
+            np.testing.assert_array_equal(loaded[name], value, err_msg=key)
+    assert any(np.abs(v).max() > 0 for v in loaded.values())
+
+
 def _hf_loss(checkpoint, examples):
     """transformers' mean next-token loss over the trained tokens of `examples`."""
     torch = pytest.importorskip("torch")
@@ -259,7 +284,7 @@ def test_train_on_media_end_to_end(kind, checkpoint, tmp_path):
     assert cli.main(args) == 0
     state = json.loads((workdir / "run_state.json").read_text())
     assert state["status"] == "finished" and state["step"] == 6
-    assert (workdir / "adapter" / "adapter_model.safetensors").exists()
+    _assert_peft_loads(checkpoint, workdir / "adapter")
     # The eval report generated from the held-out images / clips.
     predictions = (workdir / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == len(held.read_text().splitlines())

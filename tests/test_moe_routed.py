@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma4_keras.model import gemma4_lora_model, lora, moe
+from gemma4_keras import config_lib
+from gemma4_keras.model import gemma4_lora_model, lora, moe, schema
 from gemma4_keras.model import quant as quant_lib
 from gemma4_keras.testing import variants
 
@@ -57,10 +58,17 @@ def test_auto_kernel_and_rows():
 # --- the tiny MoE model -----------------------------------------------------
 
 
+# Every projection and both expert banks (one LoRA pair per expert).
+EXPERT_LORA = config_lib.LORA_TARGETS + schema.EXPERT_TARGETS
+
+
 @functools.cache
-def tiny_model(quant: str = "none"):
+def tiny_model(quant: str = "none", targets=config_lib.LORA_TARGETS):
     m = gemma4_lora_model.Gemma4LoraModel.from_backbone(
-        variants.backbone("moe"), lora.LoraSpec(rank=4), quant=quant, dtype="float32"
+        variants.backbone("moe"),
+        lora.LoraSpec(rank=4, targets=targets),
+        quant=quant,
+        dtype="float32",
     )
     r = np.random.default_rng(3)
     for a in m.adapters().values():  # a non-zero adapter: gradients reach A too
@@ -107,6 +115,31 @@ def test_tiny_model_routed_equals_dense(kernel):
     assert rel(hidden_r, hidden_d) < TOL
     assert abs(loss_r - loss_d) <= TOL * abs(loss_d)
     assert worst < TOL
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tiny_expert_lora_routed_equals_dense(kernel, quant):
+    """Expert LoRA (PEFT's per-expert pairs on gate_up_proj and down_proj):
+    routed == dense in values and every adapter gradient, expert A and B
+    included, on a float and an NF4 (QLoRA) bank."""
+    m = tiny_model(quant, EXPERT_LORA)
+    names = [v.path for v in m.trainable_variables]
+    experts = [i for i, n in enumerate(names) if "experts" in n]
+    assert len(experts) == m.spec.num_layers * 2 * 2  # 2 targets x (A, B)
+    loss_d, hidden_d, grads_d = loss_and_grads(m, "dense")
+    loss_r, hidden_r, grads_r = loss_and_grads(m, kernel)
+    worst = max(rel(grads_r[i], grads_d[i]) for i in range(len(grads_d)))
+    print(f"{kernel} {quant}: hidden {rel(hidden_r, hidden_d):.2e}, grads {worst:.2e}")
+    assert all(np.abs(grads_d[i]).max() > 0 for i in experts)
+    assert rel(hidden_r, hidden_d) < TOL
+    assert abs(loss_r - loss_d) <= TOL * abs(loss_d)
+    assert worst < TOL
+    # The expert adapter changes the output (else the test proves nothing).
+    m.set_adapter(None)
+    _, hidden_base, _ = loss_and_grads(m, "dense")
+    m.set_adapter("default")
+    assert rel(hidden_base, hidden_d) > 1e-3
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -288,3 +321,47 @@ def test_nf4_routed_step_holds_no_dequantised_bank():
         )
         assert routed < 8 * 2**20  # activations of 64 tokens only
         assert dense > 3 * bank
+
+
+# --- the router ----------------------------------------------------------------
+
+
+def test_router_is_frozen():
+    """The router (scale, projection, per-expert scale) is no trainable
+    variable, with or without expert LoRA: no gradient, not in the optimizer."""
+    m = tiny_model("none", EXPERT_LORA)
+    trainable = [v.path for v in m.trainable_variables]
+    assert trainable and all("lora" in p for p in trainable)
+    held = [
+        m.blocks[0].extra[n] for n in ("router_scale", "router_proj", "expert_scale")
+    ]
+    assert all(not v.trainable for v in held)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_equals_transformers(masked):
+    """`moe.load_balancing_loss` over layers == transformers'
+    `load_balancing_loss_func` (the Mixtral / Switch form) on the same
+    router logits, with and without a padding mask; the per-expert loads
+    are the top-k picks per row."""
+    torch = pytest.importorskip("torch")
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    r = np.random.default_rng(4)
+    e, k, batch_, seq = 8, 2, 2, 12
+    logits = [r.standard_normal((batch_ * seq, e)).astype(np.float32) for _ in range(3)]
+    mask = (np.arange(seq)[None] < np.array([[12], [7]])).astype(np.int64)
+    flat = mask.reshape(-1) if masked else None
+    stats = [moe.router_stats(jnp.asarray(g), k, flat) for g in logits]
+    ours = float(moe.load_balancing_loss(stats))
+    theirs = float(
+        mixtral.load_balancing_loss_func(
+            tuple(torch.tensor(g) for g in logits),
+            e,
+            k,
+            torch.tensor(mask) if masked else None,
+        )
+    )
+    print(f"masked={masked}: ours {ours:.6f} transformers {theirs:.6f}")
+    assert abs(ours - theirs) <= 1e-6 * abs(theirs)
+    loads = sum(s[0] for s in stats) / sum(s[2] for s in stats)
+    assert abs(float(loads.sum()) - k) < 1e-5  # k picks per routed row

@@ -158,11 +158,13 @@ def test_notebooks_are_found():
         "e4b_qlora_t4.ipynb",
         "e2b_lora.ipynb",
         "tpu.ipynb",
+        "e4b_vision_qlora_t4.ipynb",
     } <= names
 
 
 # Each takes 40-90 s on 2 CPU cores (kernel start, imports, a two-step run of
-# the tiny model, evaluation, exports): marked slow.
+# the tiny model, evaluation, exports; the vision notebook 130-190 s: 24
+# steps over images of 256 soft tokens): marked slow.
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_in_smoke_mode(path, tmp_path):

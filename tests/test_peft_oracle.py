@@ -23,9 +23,11 @@ import numpy as np
 import oracles
 import pytest
 
+from gemma4_keras.config_lib import LORA_TARGETS
 from gemma4_keras.exporters import peft as peft_lib
 from gemma4_keras.model import gemma4_lora_model
 from gemma4_keras.model.lora import LoraSpec
+from gemma4_keras.model.schema import EXPERT_TARGETS
 from gemma4_keras.testing import tiny, variants
 
 # Every test here compares with PEFT on transformers: without them the module
@@ -131,16 +133,25 @@ EXPORT_CASES = [
     ("moe", dict(rank=4, alpha=6.0, rslora=True)),
     ("k_eq_v", dict(rank=4, alpha=6.0)),
     ("double_wide_mlp", dict(rank=4, alpha=6.0, rslora=True)),
+    # Expert LoRA: PEFT's target_parameters on the 3-D expert banks, one
+    # pair per expert, beside every projection; then one bank on a layer
+    # subset (spelled per layer in target_parameters).
+    ("moe", dict(rank=4, alpha=6.0, targets=LORA_TARGETS + EXPERT_TARGETS)),
+    ("moe", dict(rank=2, alpha=3.0, targets=("experts.down_proj",), layers=(1, 2))),
 ]
 
 
 def lora_sites(peft_model) -> set[tuple[int, str]]:
-    """(layer, projection) of every LoRA layer PEFT injected."""
+    """(layer, projection) of every LoRA layer PEFT injected; an expert
+    bank's (a `ParamWrapper`) as (layer, `experts.<parameter>`)."""
     sites = set()
     for module_name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "layers." in module_name:
             parts = module_name.split(".")
-            sites.add((int(parts[parts.index("layers") + 1]), parts[-1]))
+            target = parts[-1]
+            if hasattr(module, "parameter_name"):
+                target = "experts." + module.parameter_name
+            sites.add((int(parts[parts.index("layers") + 1]), target))
     return sites
 
 
@@ -218,6 +229,16 @@ IMPORT_CASES = [
         dict(r=2, lora_alpha=4, target_modules=["q_proj", "gate_proj", "down_proj"]),
     ),
     ("k_eq_v", dict(r=4, lora_alpha=6, target_modules="all-linear")),
+    (
+        "moe",
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj"],
+            target_parameters=list(EXPERT_TARGETS),
+        ),
+    ),
+    ("moe", dict(r=3, lora_alpha=5, target_parameters=["experts.gate_up_proj"])),
 ]
 
 
@@ -280,3 +301,67 @@ def test_v_proj_adapter_on_a_k_eq_v_layer_is_refused(tmp_path):
         match=r"layers\.3\.self_attn\.v_proj: this layer has no v_proj \(V is computed by k_proj",
     ):
         peft_lib.load_adapter(fresh, path)
+
+
+def test_expert_lora_gradients_match_peft(tmp_path):
+    """Adapter gradients with expert LoRA equal PEFT's (transformers + PEFT
+    on the same tiny MoE checkpoint): d sum(logits * w) / d A, B for every
+    site, the per-expert pairs of both banks included. PEFT's gradients are
+    written as an adapter and read back by `read_adapter`, so they arrive in
+    our layout through the same (linear) key mapping as weights do."""
+    import jax  # the gradient of our model: only this test needs it
+
+    bb = backbone("moe")
+    lora = LoraSpec(rank=2, alpha=4.0, targets=("q_proj",) + EXPERT_TARGETS)
+    model = gemma4_lora_model.Gemma4LoraModel.from_backbone(bb, lora, dtype="float32")
+    randomise(model, "default", seed=5)
+    ids = token_ids(model.spec.vocab_size)
+    w = np.random.default_rng(2).standard_normal((2, SEQ, model.spec.vocab_size))
+    w = w.astype(np.float32)
+    batch = dict(
+        token_ids=ids,
+        positions=np.tile(np.arange(SEQ), (2, 1)),
+        segment_ids=np.ones(ids.shape, np.int32),
+    )
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+
+    def objective(tv):
+        hidden, _ = model.stateless_call(tv, ntv, batch)
+        return (model.logits(hidden) * w).sum()
+
+    grads = jax.jit(jax.grad(objective))(tv)
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    ours = {
+        site: (
+            np.asarray(grads[index[id(a.lora_a)]]),
+            np.asarray(grads[index[id(a.lora_b)]]),
+        )
+        for site, a in model.adapters().items()
+    }
+
+    path = peft_lib.save_adapter(
+        model, str(tmp_path / "adapter"), base_model=str(checkpoint("moe"))
+    )
+    peft_model = peft.PeftModel.from_pretrained(
+        hf_model("moe"), path, is_trainable=True
+    )
+    out = peft_model(input_ids=torch.tensor(ids), logits_to_keep=slice(None))
+    (out.logits * torch.tensor(w)).sum().backward()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.grad)
+    peft_model.save_pretrained(tmp_path / "grads")
+    _, theirs = peft_lib.read_adapter(str(tmp_path / "grads"))
+
+    assert set(theirs) == set(ours)
+    assert {t for _, t in ours} == {"q_proj", *EXPERT_TARGETS}
+    worst = 0.0
+    for site in sorted(ours):
+        for g_ours, g_theirs in zip(ours[site], theirs[site]):
+            assert g_ours.shape == g_theirs.shape, site
+            assert np.abs(g_theirs).max() > 0, site
+            worst = max(worst, rel(g_ours, g_theirs))
+    print(f"expert LoRA gradients vs PEFT: worst relative error {worst:.2e}")
+    assert worst < EFFECT_TOL

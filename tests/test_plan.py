@@ -21,7 +21,7 @@ import pytest
 from test_hub_contract import live_spec
 
 from gemma4_keras import config_lib
-from gemma4_keras.model import hub, plan, presets
+from gemma4_keras.model import hub, plan, presets, schema
 from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
@@ -306,3 +306,25 @@ def test_plan_models_routed_and_dense_moe(tmp_path):
     assert routed["activation_bytes"][act] < dense["activation_bytes"][act] / 2
     c.quant.mode, c.model.moe_dispatch = "none", "auto"
     assert plan.plan(c, accelerator_name="h100")["run"]["moe_kernel"] == "ragged"
+
+
+def test_expert_lora_counted_per_expert():
+    """Expert-bank adapters (one pair per expert) count E pairs: plan's
+    adapter parameters and variable list equal the built model's."""
+    path = tiny.tiny_checkpoint(moe=True)
+    _, spec = _arch(path)
+    backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
+    lora = LoraSpec(rank=2, targets=("q_proj",) + schema.EXPERT_TARGETS)
+    model = _model(backbone, lora)
+    trainable = {v.path: tuple(v.shape) for v in model.trainable_variables}
+    assert plan.adapter_params(spec, lora) == sum(
+        int(np.prod(s)) for s in trainable.values()
+    )
+    q = {"mode": "none", "double_quant": False, "block_size": 64}
+    planned = {
+        p: tuple(s)
+        for p, s, _ in plan.training_variables(spec, q, 4, lora)
+        if "lora_default" in p
+    }
+    assert sorted(planned.values()) == sorted(trainable.values())
+    assert (spec.num_experts, spec.hidden_dim, 2) in planned.values()

@@ -60,7 +60,9 @@ def _source_order(problem: Problem) -> tuple:
     return (match.group(1), int(match.group(2))) if match else (problem.source, 0)
 
 
-def load_checked(settings: DataSettings) -> tuple[list[Conversation], dict]:
+def load_checked(
+    settings: DataSettings, processor: media.ProcessorSettings = media.PROCESSOR
+) -> tuple[list[Conversation], dict]:
     """`records.load_conversations`, then every tool call checked against its declarations.
 
     A conversation with a call its `tools` refuse (`quality.call_problems`)
@@ -74,7 +76,7 @@ def load_checked(settings: DataSettings) -> tuple[list[Conversation], dict]:
     """
     collect = settings.on_error == "raise"  # read on to list the calls' problems too
     skip = dataclasses.replace(settings, on_error="skip") if collect else settings
-    conversations, read_stats = records.load_conversations(skip)
+    conversations, read_stats = records.load_conversations(skip, processor)
     kept, call_problems = quality.check_tool_calls(conversations)
     problems = [Problem(**p) for p in read_stats["skipped_records"]] + call_problems
     problems.sort(key=_source_order)
@@ -90,19 +92,23 @@ def load_checked(settings: DataSettings) -> tuple[list[Conversation], dict]:
     return kept, read_stats
 
 
-def read_and_split(settings: DataSettings) -> tuple[list, list, dict, dict | None]:
+def read_and_split(
+    settings: DataSettings, processor: media.ProcessorSettings = media.PROCESSOR
+) -> tuple[list, list, dict, dict | None]:
     """(train, holdout, read stats, dedupe stats) of the data, as a run splits it.
 
     No encoding: `data render`, `data split` and `evaluate`'s check against
-    a run's training examples read the split without a tokenizer.
+    a run's training examples read the split without a tokenizer. Images and
+    audio are sized as `processor` (the checkpoint's processor_config.json,
+    `presets.processor_settings`) says.
     """
-    conversations, read_stats = load_checked(settings)
+    conversations, read_stats = load_checked(settings, processor)
     dedupe_stats = None
     if settings.dedupe:
         conversations, dedupe_stats = quality.dedupe(conversations)
     if settings.eval_path:
         holdout, holdout_stats = load_checked(
-            dataclasses.replace(settings, path=settings.eval_path)
+            dataclasses.replace(settings, path=settings.eval_path), processor
         )
         read_stats["eval"] = holdout_stats
         return conversations, holdout, read_stats, dedupe_stats
@@ -123,10 +129,19 @@ def _split_info(train: list, holdout: list, settings: DataSettings) -> dict:
 
 def has_media(conversations: list[Conversation]) -> bool:
     """Whether any message of `conversations` has an image or audio part."""
-    return any(m.get("media") for c in conversations for m in c.messages)
+    return bool(media_kinds(conversations))
 
 
-def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
+def media_kinds(conversations: list[Conversation]) -> set[str]:
+    """The media part types (`media.IMAGE`, `media.AUDIO`) in `conversations`."""
+    return {
+        r["type"] for c in conversations for m in c.messages for r in m.get("media", ())
+    }
+
+
+def prepare(
+    data_cfg: Any, tokenizer: Any, processor: media.ProcessorSettings = media.PROCESSOR
+) -> PreparedData:
     """Read, validate, dedupe, split, encode and report, as a run does.
 
     Args:
@@ -138,7 +153,7 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
         PreparedData; `report` is the quality report (JSON-serialisable).
     """
     settings = DataSettings.of(data_cfg)
-    train, holdout, read_stats, dedupe_stats = read_and_split(settings)
+    train, holdout, read_stats, dedupe_stats = read_and_split(settings, processor)
     train_examples, encode_stats = encode_conversations(
         train, tokenizer, **_encode_kwargs(settings)
     )
@@ -165,10 +180,14 @@ def prepare(data_cfg: Any, tokenizer: Any) -> PreparedData:
     return PreparedData(train, holdout, train_examples, holdout_examples, report)
 
 
-def stats(data_cfg: Any, tokenizer: Any = None) -> dict:
+def stats(
+    data_cfg: Any,
+    tokenizer: Any = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> dict:
     """The quality report; bad records are listed, never fatal (`data stats`)."""
     settings = dataclasses.replace(DataSettings.of(data_cfg), on_error="skip")
-    train, holdout, read_stats, dedupe_stats = read_and_split(settings)
+    train, holdout, read_stats, dedupe_stats = read_and_split(settings, processor)
     encoded, encode_stats = None, None
     if tokenizer is not None:
         encoded, encode_stats = encode_conversations(
@@ -186,7 +205,11 @@ def stats(data_cfg: Any, tokenizer: Any = None) -> dict:
     )
 
 
-def check(data_cfg: Any, tokenizer: Any = None) -> dict:
+def check(
+    data_cfg: Any,
+    tokenizer: Any = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> dict:
     """`data check`: the report; in on_error=raise mode bad records fail it.
 
     Raises:
@@ -194,7 +217,7 @@ def check(data_cfg: Any, tokenizer: Any = None) -> dict:
             data.on_error is "raise"; the report is attached as `e.report`.
     """
     settings = DataSettings.of(data_cfg)
-    report = stats(settings, tokenizer)
+    report = stats(settings, tokenizer, processor)
     read = report["read"]
     if settings.on_error == "raise" and read["skipped"]:
         error = DataError([Problem(**p) for p in read["skipped_records"]])

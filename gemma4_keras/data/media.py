@@ -37,7 +37,11 @@ processor resamples with soxr, which this package does not reimplement),
 as is a clip longer than the 30 s the feature extractor keeps. Log-mel
 features follow `Gemma4AudioFeatureExtractor` in numpy. The values are the
 transformers classes' defaults (`PROCESSOR`), which the released Gemma 4
-`processor_config.json` files use (image_seq_length 280, audio 16 kHz).
+`processor_config.json` files use (image_seq_length 280, audio 16 kHz), or
+what a checkpoint's `processor_config.json` sets (`processor_settings`:
+image patch / pooling / max soft tokens, the mel settings); a record made
+with other values keeps them under "processor" (`settings_of`), so its
+features are made as it was counted.
 Tests: tests/test_media_data.py compares ids, pixel values and features with
 transformers' processor.
 """
@@ -48,6 +52,7 @@ import base64
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 import warnings
@@ -107,6 +112,80 @@ class ProcessorSettings:
 
 
 PROCESSOR = ProcessorSettings()
+
+# processor_config.json (as `Gemma4Processor.save_pretrained` writes it):
+# section -> {its key: our field}; "" is the top level.
+PROCESSOR_KEYS = {
+    "image_processor": {
+        "patch_size": "patch_size",
+        "pooling_kernel_size": "pooling_kernel_size",
+        "max_soft_tokens": "max_soft_tokens",
+    },
+    "feature_extractor": {
+        "sampling_rate": "sampling_rate",
+        "feature_size": "feature_size",
+        "frame_length": "frame_length",
+        "hop_length": "hop_length",
+        "fft_length": "fft_length",
+        "min_frequency": "min_frequency",
+        "max_frequency": "max_frequency",
+        "mel_floor": "mel_floor",
+    },
+}
+# Not read: `audio_seq_length` (the processor's `replace_audio_token` expands
+# a clip by its mask, without that cap; only its token-count helper caps).
+# Settings the processor has that this module does not reproduce: only
+# their defaults are accepted (another value would give other features).
+PROCESSOR_DEFAULTS_ONLY = {
+    "feature_extractor": {
+        "preemphasis": 0.0,
+        "dither": 0.0,
+        "input_scale_factor": 1.0,
+        "fft_overdrive": False,
+        "per_bin_mean": None,
+        "per_bin_stddev": None,
+    },
+    "image_processor": {"do_normalize": False, "do_rescale": True, "resample": 3},
+}
+
+
+def processor_settings(config: Mapping | str | os.PathLike | None) -> ProcessorSettings:
+    """The settings of a checkpoint's `processor_config.json` (a directory,
+    the file, or its parsed dict); the defaults for what it does not set
+    (the tiny checkpoints' file is empty).
+
+    Raises:
+        MediaError: a value this package does not reproduce, named.
+
+    Example:
+        >>> processor_settings({"image_processor": {"max_soft_tokens": 70}}).max_soft_tokens
+        70
+        >>> processor_settings(None) == PROCESSOR
+        True
+    """
+    source = "processor_config.json"
+    if isinstance(config, (str, os.PathLike)):
+        source = os.fspath(config)
+        if os.path.isdir(source):
+            source = os.path.join(source, "processor_config.json")
+        if not os.path.isfile(source):
+            return PROCESSOR
+        with open(source) as f:
+            config = json.load(f)
+    config = config or {}
+    values = {}
+    for section, keys in PROCESSOR_KEYS.items():
+        part = config.get(section) or {} if section else config
+        values.update({ours: part[k] for k, ours in keys.items() if k in part})
+    for section, defaults in PROCESSOR_DEFAULTS_ONLY.items():
+        part = config.get(section) or {}
+        for key, default in defaults.items():
+            if part.get(key, default) != default:
+                raise MediaError(
+                    f"{source}: {section}.{key}={part[key]!r}; this package "
+                    f"reproduces the processor only with {default!r}"
+                )
+    return dataclasses.replace(PROCESSOR, **values)
 
 
 class MediaError(ValueError):
@@ -355,7 +434,7 @@ def describe_part(
     kind = IMAGE if ptype in ("image", "image_url") else AUDIO
     ref = _reference(part, kind)
     if kind == AUDIO:
-        return _describe_audio(ref, base_dir, settings)
+        return _with_settings(_describe_audio(ref, base_dir, settings), settings)
     if not isinstance(ref, str):
         raise MediaError(
             f"an image reference must be a string, got {type(ref).__name__}"
@@ -364,7 +443,51 @@ def describe_part(
     record = _describe_image(source, data, settings)
     if source == "inline":
         record["data"] = base64.b64encode(data).decode("ascii")
+    return _with_settings(record, settings)
+
+
+def _with_settings(record: dict, settings: ProcessorSettings) -> dict:
+    """`record`, with the settings that differ from the defaults under
+    "processor" (the features are then made with them: `settings_of`)."""
+    changed = {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) != getattr(PROCESSOR, f.name)
+    }
+    if changed:
+        record["processor"] = changed
     return record
+
+
+def settings_of(record: Mapping) -> ProcessorSettings:
+    """The processor settings a media record was described with.
+
+    >>> settings_of({"processor": {"max_soft_tokens": 70}}).max_patches
+    630
+    """
+    return dataclasses.replace(PROCESSOR, **(record.get("processor") or {}))
+
+
+def image_data_uri(pixels: np.ndarray) -> str:
+    """A `data:image/png;base64,` URI of a uint8 [height, width(, 1|3|4)]
+    array (a TFDS `Image` feature), lossless: it decodes to the same pixels.
+
+    >>> image_data_uri(np.zeros((2, 2, 3), np.uint8))[:22]
+    'data:image/png;base64,'
+    """
+    from PIL import Image  # Pillow: only data with images needs it
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]  # grayscale
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        raise MediaError(
+            f"an image array must be uint8 [height, width(, channels)], got "
+            f"{pixels.dtype} {list(pixels.shape)}"
+        )
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def as_part(record: Mapping) -> dict:
@@ -394,7 +517,7 @@ def _record_bytes(record: Mapping) -> bytes:
 
 
 def image_features(
-    record: Mapping, settings: ProcessorSettings = PROCESSOR
+    record: Mapping, settings: ProcessorSettings | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(pixel_values [max_patches, 3 * patch**2] float32, position_ids [max_patches, 2] int64).
 
@@ -404,6 +527,7 @@ def image_features(
     """
     from PIL import Image  # Pillow: only data with images needs it
 
+    settings = settings or settings_of(record)
     image = _open_image(_record_bytes(record), record["source"])
     height, width = image.height, image.width
     target_h, target_w = image_target_size(height, width, settings)
@@ -462,7 +586,7 @@ def audio_frames(samples: int, settings: ProcessorSettings = PROCESSOR) -> int:
 
 
 def audio_features(
-    record: Mapping, settings: ProcessorSettings = PROCESSOR
+    record: Mapping, settings: ProcessorSettings | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log-mel features [frames, 128] float32, mask [frames] bool) of one clip.
 
@@ -470,6 +594,7 @@ def audio_features(
     of 128 samples, semicausal padding of half a frame, periodic Hann window,
     |rfft| through the HTK mel bank, log(x + 1e-3), masked frames zeroed.
     """
+    settings = settings or settings_of(record)
     x = audio_samples(record, settings)[: settings.max_audio_samples]
     n = len(x)
     m = settings.pad_to_multiple_of

@@ -145,8 +145,9 @@ def media_inputs(
     slots = MediaSlots.of_records(per_row) if slots is None else slots
     out = {}
     n = len(per_row)
-    if slots.images:
-        s = media_lib.PROCESSOR
+    if slots.images:  # one checkpoint's settings for every image
+        first = next(r for rs in per_row for r in rs if r["type"] == media_lib.IMAGE)
+        s = media_lib.settings_of(first)
         out["pixel_values"] = np.zeros(
             (n, slots.images, s.max_patches, 3 * s.patch_size**2), np.float32
         )

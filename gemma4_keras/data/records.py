@@ -121,6 +121,7 @@ def _content(
     *,
     media_allowed: bool,
     check: bool = True,
+    processor: media.ProcessorSettings = media.PROCESSOR,
 ) -> tuple[str, list[dict]]:
     """(text, media records) of message content: a string or a list of parts.
 
@@ -156,7 +157,7 @@ def _content(
                 "in user or system messages"
             )
         try:
-            record = media.describe_part(part, base_dir)
+            record = media.describe_part(part, base_dir, processor)
         except media.MediaError as e:
             raise ValueError(f"{where}: {e}") from e
         found.append(record)
@@ -247,7 +248,12 @@ def _tool_result(raw: Mapping, index: int) -> Any:
     return content
 
 
-def _normalise_message(raw: Any, index: int, base_dir: str | None = None) -> Message:
+def _normalise_message(
+    raw: Any,
+    index: int,
+    base_dir: str | None = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> Message:
     if not isinstance(raw, Mapping):
         raise ValueError(f"message {index} is not an object with role and content")
     if "role" not in raw:
@@ -274,7 +280,12 @@ def _normalise_message(raw: Any, index: int, base_dir: str | None = None) -> Mes
     else:
         media_allowed = role in ("user", "system")
         content, found = _content(
-            content, role, index, base_dir, media_allowed=media_allowed
+            content,
+            role,
+            index,
+            base_dir,
+            media_allowed=media_allowed,
+            processor=processor,
         )
     message: Message = {"role": role, "content": content.strip()}
     if found:
@@ -314,7 +325,11 @@ def _fold_tool_message(raw: Mapping, index: int, target: Message | None) -> None
     )
 
 
-def normalise_messages(raw_messages: Any, base_dir: str | None = None) -> list[Message]:
+def normalise_messages(
+    raw_messages: Any,
+    base_dir: str | None = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> list[Message]:
     """OpenAI- or Gemma-style messages in the package's form, shape checks only.
 
     Roles become system/user/model; text is trimmed and checked for control
@@ -353,7 +368,7 @@ def normalise_messages(raw_messages: Any, base_dir: str | None = None) -> list[M
                 raw, i, previous if previous and previous["role"] == "model" else None
             )
             continue
-        message = _normalise_message(raw, i, base_dir)
+        message = _normalise_message(raw, i, base_dir, processor)
         if message.get("tool_responses"):
             message["_native"] = True
         message["_index"] = i
@@ -387,7 +402,11 @@ def _split_answers_after_results(messages: list[Message]) -> list[Message]:
     return out
 
 
-def validate_messages(raw_messages: Any, base_dir: str | None = None) -> list[Message]:
+def validate_messages(
+    raw_messages: Any,
+    base_dir: str | None = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> list[Message]:
     """Normalises and checks one conversation; raises ValueError with the reason.
 
     Rules: a non-empty list; known roles; non-empty content (a model message
@@ -403,7 +422,7 @@ def validate_messages(raw_messages: Any, base_dir: str | None = None) -> list[Me
         ...                    {"role": "assistant", "content": "Hello"}])
         [{'role': 'system', 'content': 'Be brief'}, {'role': 'user', 'content': 'Hi'}, {'role': 'model', 'content': 'Hello'}]
     """
-    messages = normalise_messages(raw_messages, base_dir)
+    messages = normalise_messages(raw_messages, base_dir, processor)
     start = 1 if messages[0]["role"] == "system" else 0
     expected = "user"
     for i, message in enumerate(messages[start:], start):
@@ -460,15 +479,28 @@ def _as_text(value: Any, name: str) -> str:
     return value
 
 
+def _user_content(prompt: str, record: Mapping, fields: Mapping) -> str | list[dict]:
+    """The user turn: `prompt`, after the record's image (the `image` field:
+    a path, data URI or, from TFDS, an encoded array) when it has one."""
+    image = _field(record, fields, "image", required=False)
+    if image is None:
+        return prompt
+    parts = [{"type": "image", "image": image}]
+    return parts + ([{"type": "text", "text": prompt}] if prompt.strip() else [])
+
+
 def _prompt_completion(record: Mapping, fields: Mapping) -> list[dict]:
-    prompt = _as_text(_field(record, fields, "prompt"), "prompt")
+    # With an image the prompt may be absent (an image classification set).
+    with_image = _field(record, fields, "image", required=False) is not None
+    prompt = _field(record, fields, "prompt", required=not with_image)
+    prompt = "" if prompt is None else _as_text(prompt, "prompt")
     completion = _as_text(_field(record, fields, "completion"), "completion")
     system = _field(record, fields, "system", required=False)
     messages = (
         [{"role": "system", "content": _as_text(system, "system")}] if system else []
     )
     return messages + [
-        {"role": "user", "content": prompt},
+        {"role": "user", "content": _user_content(prompt, record, fields)},
         {"role": "model", "content": completion},
     ]
 
@@ -484,7 +516,7 @@ def _alpaca(record: Mapping, fields: Mapping) -> list[dict]:
         [{"role": "system", "content": _as_text(system, "system")}] if system else []
     )
     return messages + [
-        {"role": "user", "content": prompt},
+        {"role": "user", "content": _user_content(prompt, record, fields)},
         {"role": "model", "content": output},
     ]
 
@@ -710,28 +742,34 @@ def record_to_conversation(
     fields: Mapping,
     system_prompt: str = "",
     base_dir: str | None = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
 ) -> Conversation:
     """Converts one raw record; raises ValueError with the reason.
 
-    Media paths resolve against `base_dir` (the data file's directory).
+    Media paths resolve against `base_dir` (the data file's directory);
+    images and audio are sized as `processor` says (`media.processor_settings`).
     """
     if fmt in ("auto", "csv", "tfds"):
         fmt = detect_format(record, fields)
     raw = RECORD_PARSERS[fmt](record, fields)
-    messages = validate_messages(raw, base_dir)
+    messages = validate_messages(raw, base_dir, processor)
     tools = normalise_tools(record.get("tools")) if fmt == "messages" else []
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt.strip()})
     return Conversation(messages=messages, source=source, tools=tools)
 
 
-def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
+def load_conversations(
+    data_cfg: Any, processor: media.ProcessorSettings = media.PROCESSOR
+) -> tuple[list[Conversation], dict]:
     """Reads, converts and validates every record named by the config.
 
     Args:
         data_cfg: a `DataSettings`, or what `DataSettings.of` takes (a
             mapping or ConfigDict); reads `path`, `format`, `fields`,
             `on_error`, `system_prompt` and `tfds_data_dir`.
+        processor: the checkpoint's image / audio processor settings
+            (`media.processor_settings(checkpoint)`: its processor_config.json).
 
     Returns:
         (conversations, read_stats); read_stats = {"path", "format",
@@ -765,7 +803,7 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
         try:
             conversations.append(
                 record_to_conversation(
-                    record, source, fmt, fields, system_prompt, base_dir
+                    record, source, fmt, fields, system_prompt, base_dir, processor
                 )
             )
         except ValueError as e:
@@ -787,7 +825,8 @@ def load_conversations(data_cfg: Any) -> tuple[list[Conversation], dict]:
 # TFDS splits as plain records: `data.path = "tfds:name[/config]:split"`.
 #
 # Each example becomes a flat dict: text is decoded, a `ClassLabel` becomes its
-# name, nested features get dotted keys ("answers.text"), and a sequence of
+# name, an `Image` a PNG `data:` URI (`data.fields.image` names it; records
+# keep it inline, no file is written), nested features get dotted keys ("answers.text"), and a sequence of
 # {"role", "content"} dicts becomes a list of messages. `data.fields` then maps
 # the canonical keys onto these names, e.g. `{"prompt": "text", "completion":
 # "label"}`. TensorFlow Datasets is imported only when a TFDS path is used.
@@ -814,6 +853,8 @@ def _plain(value: Any, feature: Any) -> Any:
 
     if isinstance(feature, tfds.features.ClassLabel):
         return feature.int2str(int(value))
+    if isinstance(feature, tfds.features.Image):  # in memory: no file written
+        return media.image_data_uri(value)
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray):

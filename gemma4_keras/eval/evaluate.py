@@ -362,7 +362,7 @@ def evaluate_workdir(config, workdir: str, out_dir: str | None = None) -> dict:
         tokenizer = presets.load_tokenizer(preset)
         template = presets.chat_template(config, preset).variant
         settings = config_lib.data_settings(config.data, template)
-        prepared = data.prepare(settings, tokenizer)
+        prepared = data.prepare(settings, tokenizer, presets.processor_settings(preset))
         if not prepared.holdout:
             raise data.DataError(
                 f"{settings.path}: no held-out "
@@ -398,7 +398,9 @@ def verify_inputs(config, workdir: str, n: int) -> tuple:
     tokenizer = presets.load_tokenizer(preset)
     template = presets.chat_template(config, preset).variant
     settings = config_lib.data_settings(config.data, template)
-    examples = [held_out(c) for c in data.prepare(settings, tokenizer).holdout[:n]]
+    processor = presets.processor_settings(preset)
+    prepared = data.prepare(settings, tokenizer, processor)
+    examples = [held_out(c) for c in prepared.holdout[:n]]
     if not examples:
         raise data.DataError(
             f"{settings.path}: no held-out example to verify the export on; raise "

@@ -325,13 +325,23 @@ class Generator:
 
 
 def check_prompt(
-    messages: Any, tools: Any = None, where: str = "prompt"
+    messages: Any,
+    tools: Any = None,
+    where: str = "prompt",
+    base_dir: str | None = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
 ) -> tuple[list[dict], list[dict]]:
     """A prompt conversation in the package's form, and its tool declarations.
 
     Messages may be OpenAI-style (`records.normalise_messages`: assistant
     `tool_calls`, `tool` results); the conversation must end in a user
     message (a new model turn) or in tool results (the turn goes on).
+    Content may be a list of parts, images and audio as in the data records
+    (`{"type": "image", "path": ...}`, `{"type": "audio", "path": ...}`,
+    OpenAI's `image_url` / `input_audio`); each file is read and checked
+    here, paths resolving against `base_dir` (default the working
+    directory), so a bad one stops before the model loads; they are sized
+    as `processor` (the preset's processor_config.json) says.
 
     Raises:
       PromptError: `where` and what is wrong.
@@ -348,17 +358,10 @@ def check_prompt(
         if isinstance(m.get("content"), str) and not m["content"].strip():
             raise PromptError(f"{where}: empty user message")
     try:
-        normalised = records.normalise_messages(messages)
+        normalised = records.normalise_messages(messages, base_dir, processor)
         declared = records.normalise_tools(tools)
     except ValueError as e:
         raise PromptError(f"{where}: {e}") from e
-    if any(m.get("media") for m in normalised):
-        raise PromptError(
-            f"{where}: image/audio parts: the generate and chat commands do not "
-            "load the vision/audio towers, so media prompts are not supported yet "
-            "there (text prompts are; a training run's eval report, and "
-            "Generator.from_model on a model with attach_towers, read media)"
-        )
     last = normalised[-1]
     if last["role"] != "user" and not last.get("tool_responses"):
         raise PromptError(
@@ -381,12 +384,23 @@ def _read_prompt_lines(prompts_file: str) -> list[str]:
         ) from e
 
 
-def _prompt(messages: Any, tools: Any, where: str) -> records.Conversation:
-    messages, tools = check_prompt(messages, tools, where)
+def _prompt(
+    messages: Any,
+    tools: Any,
+    where: str,
+    base_dir: str | None = None,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> records.Conversation:
+    messages, tools = check_prompt(messages, tools, where, base_dir, processor)
     return records.Conversation(messages=messages, source=where, tools=tools)
 
 
-def _prompt_line(line: str, where: str) -> records.Conversation:
+def _prompt_line(
+    line: str,
+    where: str,
+    base_dir: str,
+    processor: media.ProcessorSettings = media.PROCESSOR,
+) -> records.Conversation:
     if not line.startswith("{"):
         return _prompt([{"role": "user", "content": line}], None, where)
     try:
@@ -396,31 +410,64 @@ def _prompt_line(line: str, where: str) -> records.Conversation:
         raise PromptError(
             f'{where}: expected {{"messages": [...], "tools"?: [...]}} ({e})'
         ) from e
-    return _prompt(messages, tools, where)
+    return _prompt(messages, tools, where, base_dir, processor)
+
+
+def media_parts(images: Sequence[str] = (), audio: Sequence[str] = ()) -> list[dict]:
+    """Content parts of --image / --audio paths, images first (as they are
+    written before the text in the Gemma 4 model card's examples).
+
+    >>> media_parts(["cat.png"], ["a.wav"])
+    [{'type': 'image', 'path': 'cat.png'}, {'type': 'audio', 'path': 'a.wav'}]
+    """
+    parts = [{"type": media.IMAGE, "path": p} for p in images]
+    return parts + [{"type": media.AUDIO, "path": p} for p in audio]
 
 
 def read_prompts(
-    prompts: list[str], prompts_file: str | None
+    prompts: list[str],
+    prompts_file: str | None,
+    images: Sequence[str] = (),
+    audio: Sequence[str] = (),
+    processor: media.ProcessorSettings = media.PROCESSOR,
 ) -> list[records.Conversation]:
     """Prompt conversations from --prompt flags and/or a prompts file.
 
     A prompts file holds per line one plain-text user message or one
     `{"messages": [...], "tools": [...]}` object (OpenAI-style messages and
-    tool declarations, `tools` optional). Each conversation ends in a user
-    message or in tool results (`check_prompt`).
+    tool declarations, `tools` optional; content may hold image and audio
+    parts, paths relative to the prompts file). Each conversation ends in a
+    user message or in tool results (`check_prompt`). `images` / `audio`
+    (--image, --audio; paths relative to the working directory) go before
+    the text of every --prompt message.
 
     Example:
       >>> [c.messages for c in read_prompts(["Hi"], None)]
       [[{'role': 'user', 'content': 'Hi'}]]
     """
+    parts = media_parts(images, audio)
+    if parts and not prompts:
+        raise PromptError(
+            "--image / --audio go with a --prompt=... message (the question "
+            "about them); a prompts file names its media in its messages"
+        )
     out = [
-        _prompt([{"role": "user", "content": p}], None, f"prompt {i + 1}")
+        _prompt(
+            [{"role": "user", "content": [*parts, {"type": "text", "text": p}]}]
+            if parts
+            else [{"role": "user", "content": p}],
+            None,
+            f"prompt {i + 1}",
+            processor=processor,
+        )
         for i, p in enumerate(prompts)
     ]
     if prompts_file:
+        base_dir = os.path.dirname(os.path.abspath(prompts_file))
         for n, line in enumerate(_read_prompt_lines(prompts_file), 1):
             if line.strip():
-                out.append(_prompt_line(line.strip(), f"{prompts_file}:{n}"))
+                where = f"{prompts_file}:{n}"
+                out.append(_prompt_line(line.strip(), where, base_dir, processor))
     if not out:
         raise PromptError("no prompt: give --prompt=... or --prompts_file=FILE")
     return out
@@ -447,12 +494,16 @@ def load_model(config, preset: str, adapter=None, source: str = "adapter"):
     return model
 
 
-def load_generator(config, adapter: str | None = None) -> Generator:
+def load_generator(
+    config, adapter: str | None = None, media_kinds: Sequence[str] = ()
+) -> Generator:
     """The model of `config`, with the PEFT adapter directory `adapter`, as a `Generator`.
 
     `adapter` None or "none" is the base alone. Decodes with the training
     model (the base quantised as `config.quant` says), never with a merged
     full-precision copy; the adapter is read before the slow model load.
+    `media_kinds`: the media the prompts hold ("image", "audio"); those
+    frozen towers of the preset are attached (`presets.attach_towers`).
 
     Example:
       >>> gen = load_generator(config, "runs/tiny/adapter")
@@ -470,6 +521,8 @@ def load_generator(config, adapter: str | None = None) -> Generator:
     preset = presets.resolve_preset(config.model.preset)
     tokenizer = presets.load_tokenizer(preset)
     model = load_model(config, preset, factors, source=str(adapter))
+    if media_kinds:
+        presets.attach_towers(model, preset, media_kinds)
     return Generator.from_model(
         model,
         tokenizer,

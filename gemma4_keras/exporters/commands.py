@@ -377,6 +377,8 @@ def export(
     """
 
     _check_options(fmt, shard_size, gguf_type, dtype)
+    if fmt == "gguf-lora" and "lora" in config:  # before anything is read
+        gguf_lib.check_lora_targets(config_lib.parse_list(config.lora.targets))
     if not os.path.isdir(workdir):
         raise ExportError(
             f"--workdir={workdir}: no such directory; point it at a finished run"
@@ -402,7 +404,6 @@ def _resolve_layout(fmt, layout, config_json, base_dir) -> str | None:
 
 
 def _export_locked(config, workdir, fmt, out, options, base_model, force) -> str:
-
     adapter_dir = check_workdir(workdir, force)
     check_adapter_finite(adapter_dir, force)
     adapter_sha256, verified = check_adapter_checksums(adapter_dir, force)

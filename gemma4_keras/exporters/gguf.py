@@ -45,7 +45,7 @@ import tqdm
 from gemma4_keras.exporters import hf
 from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model import hub, lora, safetensors_io, schema
-from gemma4_keras.model.spec import module_name
+from gemma4_keras.model.spec import is_expert_target, module_name
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 _NEEDS_LLAMA_CPP = ("q4_k_m",)
@@ -456,6 +456,22 @@ def write_gguf(
     return [fname]
 
 
+def check_lora_targets(targets) -> None:
+    """Refuses expert-bank targets for `gguf-lora`: what layout llama.cpp's
+    LoRA loader expects for adapters on Gemma 4's fused 3-D expert banks is
+    not verifiable here (no llama.cpp sources or binary in the test
+    environment), so none is invented. The merged GGUF carries them."""
+    experts = [t for t in targets if is_expert_target(t)]
+    if experts:
+        raise ExportError(
+            f"--format=gguf-lora: the adapter has expert-bank targets "
+            f"({', '.join(experts)}); a GGUF LoRA of MoE expert banks is not "
+            "written (llama.cpp's layout for it is unverified here). Export "
+            "--format=gguf (the adapter merged into every expert) or "
+            "--format=peft instead"
+        )
+
+
 def write_gguf_lora(
     directory: str,
     *,
@@ -485,6 +501,7 @@ def write_gguf_lora(
       # (the export writes the base too: write_gguf(..., factors={}, stem="base"))
     """
     check_type(gguf_type)
+    check_lora_targets(lora_spec.targets)
     gguf = _import_gguf()
     spec = hub.spec_from_config(hub.backbone_kwargs(config_json))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, spec.num_layers)

@@ -282,7 +282,10 @@ def check_dtype(dtype: str) -> None:
 def _sites_by_tensor(layout: str, factors: Factors) -> dict[str, tuple[int, str]]:
     """{HF tensor name: (layer, target)} of the adapter's sites."""
     prefix = PREFIXES[layout]
-    return {f"{prefix}{module_name(*site)}.weight": site for site in factors}
+    return {
+        prefix + schema.target_rows(target)[0].hf_name(layer): (layer, target)
+        for layer, target in factors
+    }
 
 
 def _check_sites(refs: dict, sites: dict, base_dir: str, factors: Factors) -> None:
@@ -294,7 +297,7 @@ def _check_sites(refs: dict, sites: dict, base_dir: str, factors: Factors) -> No
                 f"base has no tensor {name!r} (an adapter for another base?)"
             )
         a, b = factors[(layer, target)]
-        want = (b.shape[1], a.shape[0])
+        want = (*a.shape[:-2], b.shape[-1], a.shape[-2])  # HF (E,) out, in
         if refs[name].shape != want:
             raise ExportError(
                 f"{base_dir}: tensor {name!r} is {refs[name].shape}, the adapter's "
@@ -305,7 +308,8 @@ def _check_sites(refs: dict, sites: dict, base_dir: str, factors: Factors) -> No
 def merge_tensor(
     base: np.ndarray, lora_spec: LoraSpec, factors: Factors, site, out: np.dtype
 ) -> np.ndarray:
-    """`base + (scale * a @ b).T` in float32 (site None: `base`), cast to `out`.
+    """`base + (scale * a @ b).T` in float32 (site None: `base`), cast to `out`
+    (an expert bank: each expert's delta transposed, (E, out, in)).
 
     The delta is computed exactly as the in-memory merge computes it
     (`lora.deltas`: `(a @ b) * scale`, then transposed), so the streamed export
@@ -313,7 +317,7 @@ def merge_tensor(
     """
     if site is not None:
         delta = lora.deltas(lora_spec, {site: factors[site]})[site]
-        base = base.astype(np.float32) + delta.T
+        base = base.astype(np.float32) + np.swapaxes(delta, -1, -2)
         del delta
     if base.dtype == out or base.dtype.kind not in "fV":
         return base

@@ -10,6 +10,15 @@ PEFT's key names for a Gemma 4 base:
 our (in, r) / (r, out) factors. This is what `peft.PeftModel.from_pretrained`
 and vLLM's runtime LoRA loading read.
 
+Expert-bank adapters (26B-A4B, `schema.EXPERT_TARGETS`) are PEFT's
+`target_parameters` LoRA (`ParamWrapper`): listed under `target_parameters`,
+keyed by the `experts` module, one wrapper per parameter nested in the
+order the module registers them (gate_up_proj inside down_proj, so with
+both: `layers.N.experts.base_layer.lora_A.weight` is gate_up_proj's and
+`layers.N.experts.lora_A.weight` down_proj's). `lora_A.weight` is (E * r,
+in), expert e's A in rows e*r..e*r+r-1; `lora_B.weight` is (out, r * E), an
+(out, r, E) array flattened: our (E, in, r) / (E, r, out) reordered.
+
 This module owns the file format only: `read_adapter` gives a `LoraSpec` and
 factors, `write_adapter` takes them; putting them into a model is
 `model.lora`'s job. `save_adapter` / `load_adapter` compose the two.
@@ -33,9 +42,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gemma4_keras import atomic, config_lib, disk
-from gemma4_keras.model import lora
+from gemma4_keras.model import lora, schema
 from gemma4_keras.model.lora import Factors, LoraSpec
-from gemma4_keras.model.spec import MODULE_GROUPS, module_name
+from gemma4_keras.model.spec import MODULE_GROUPS, is_expert_target, module_name
 
 PREFIXES = {
     "causal_lm": "base_model.model.model.layers",
@@ -45,6 +54,35 @@ _KEY = re.compile(
     r"^base_model\.model\.model\.(?:language_model\.)?layers\.(\d+)\."
     rf"({'|'.join(MODULE_GROUPS)})\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
+# An expert bank's adapter: group 2 is the nesting (`base_layer.` per wrapper
+# outside it), which says which targeted parameter it is (`_expert_depths`).
+_EXPERT_KEY = re.compile(
+    r"^base_model\.model\.model\.(?:language_model\.)?layers\.(\d+)\."
+    r"experts\.((?:base_layer\.)*)lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+def _expert_depths(targets) -> dict[str, int]:
+    """{expert target: its wrapper's nesting depth} for the expert targets
+    among `targets`: PEFT wraps a module's parameters in the order the
+    module registers them (the schema's), each new wrapper outside the last."""
+    present = [t for t in schema.EXPERT_TARGETS if t in targets]
+    return {t: len(present) - 1 - i for i, t in enumerate(present)}
+
+
+def _expert_tensors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's (E * r, in) / (out, r * E) weights of our (E, in, r) / (E, r, out)."""
+    e, din, r = a.shape
+    return a.transpose(0, 2, 1).reshape(e * r, din), b.transpose(2, 1, 0).reshape(
+        b.shape[2], r * e
+    )
+
+
+def _expert_factors(wa: np.ndarray, wb: np.ndarray, rank: int):
+    """Our (E, in, r) / (E, r, out) of PEFT's expert weights (`_expert_tensors`)."""
+    e = wa.shape[0] // rank
+    a = wa.reshape(e, rank, wa.shape[1]).transpose(0, 2, 1)
+    return a, wb.reshape(wb.shape[0], rank, e).transpose(2, 1, 0)
 
 
 class AdapterFormatError(ValueError):
@@ -65,18 +103,33 @@ def adapter_tensors(
 ) -> dict[str, np.ndarray]:
     """{PEFT key: array}: `lora_A.weight` = a.T (r, in), `lora_B.weight` = b.T."""
     prefix = PREFIXES[layout].rsplit(".layers", 1)[0]
+    depths = _expert_depths({t for _, t in factors})
     out = {}
     for (layer, target), (a, b) in sorted(factors.items()):
-        base = f"{prefix}.{module_name(layer, target)}"
-        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
-        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if is_expert_target(target):
+            base = f"{prefix}.layers.{layer}.experts" + ".base_layer" * depths[target]
+            wa, wb = _expert_tensors(a, b)
+        else:
+            base = f"{prefix}.{module_name(layer, target)}"
+            wa, wb = a.T, b.T
+        out[f"{base}.lora_A.weight"] = np.ascontiguousarray(wa)
+        out[f"{base}.lora_B.weight"] = np.ascontiguousarray(wb)
     return out
 
 
 def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -> dict:
-    targets = list(spec.targets)
+    targets = [t for t in spec.targets if not is_expert_target(t)]
     layers = None if spec.layers is None else list(spec.layers)
-    if layout == "conditional_generation":
+    # PEFT matches target_parameters by name only (no layers_to_transform):
+    # a layer subset is spelled out, one full parameter path per layer.
+    experts = [t for t in spec.targets if is_expert_target(t)]
+    if layers is not None:
+        text = PREFIXES[layout].removeprefix("base_model.model.")
+        experts = [f"{text}.{i}.{t}" for i in layers for t in experts]
+    if not targets:
+        target_modules: list[str] | str = []
+    elif layout == "conditional_generation":
         # A plain name list would also match the vision tower's q_proj etc.
         # PEFT refuses `layers_to_transform` next to a regex, so a layer
         # subset goes into the regex itself.
@@ -100,7 +153,8 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
         "lora_dropout": spec.dropout,
         "use_rslora": spec.rslora,
         "target_modules": target_modules,
-        "layers_to_transform": layers,
+        "target_parameters": experts or None,
+        "layers_to_transform": layers if targets else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -320,7 +374,23 @@ def read_adapter(directory: str) -> tuple[LoraSpec, Factors]:
     """
     cfg, tensors = read_adapter_files(directory)
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    params = cfg.get("target_parameters") or []
+    by_depth = {
+        d: t
+        for t, d in _expert_depths(
+            [t for t in schema.EXPERT_TARGETS if any(p.endswith(t) for p in params)]
+        ).items()
+    }
     for key, value in tensors.items():
+        if m := _EXPERT_KEY.match(key):
+            depth = m[2].count("base_layer.")
+            if depth not in by_depth:
+                raise AdapterFormatError(
+                    f"{directory}: tensor {key!r} adapts an expert bank, but "
+                    f"target_parameters {params!r} names no such parameter"
+                )
+            halves.setdefault((int(m[1]), by_depth[depth]), {})[m[3]] = value
+            continue
         m = _KEY.match(key)
         if not m:
             raise AdapterFormatError(
@@ -339,20 +409,22 @@ def read_adapter(directory: str) -> tuple[LoraSpec, Factors]:
                 f"{directory}: {module_name(layer, target)}: lora_A or lora_B is missing"
             )
     rank = int(cfg["r"])
+    known = config_lib.LORA_TARGETS + schema.EXPERT_TARGETS
     spec = LoraSpec(
         rank=rank,
         alpha=float(cfg.get("lora_alpha", rank)),
         dropout=float(cfg.get("lora_dropout", 0.0)),
-        targets=tuple(
-            t for t in config_lib.LORA_TARGETS if any(t == k[1] for k in halves)
-        ),
+        targets=tuple(t for t in known if any(t == k[1] for k in halves)),
         layers=tuple(sorted({k[0] for k in halves})),
         rslora=bool(cfg.get("use_rslora", False)),
     )
     factors = {
         site: (
-            np.asarray(ab["A"], np.float32).T,
-            np.asarray(ab["B"], np.float32).T,
+            _expert_factors(
+                np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32), rank
+            )
+            if is_expert_target(site[1])
+            else (np.asarray(ab["A"], np.float32).T, np.asarray(ab["B"], np.float32).T)
         )
         for site, ab in halves.items()
     }

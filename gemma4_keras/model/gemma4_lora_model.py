@@ -112,8 +112,7 @@ class Gemma4LoraModel(keras.Model):
         self.lora_specs: dict[str, LoraSpec] = {}
         self.active_adapter: str | None = None
         self.dropout_seed = keras.random.SeedGenerator(0, name="lora_dropout_seed")
-        # The frozen vision / audio towers (`attach_towers`); a plain object,
-        # so Keras does not track their weights as the decoder's.
+        # The frozen vision / audio towers and the ids they fill (`attach_towers`).
         self.towers: hub.Towers | None = None
 
     # --- construction -------------------------------------------------------
@@ -198,8 +197,20 @@ class Gemma4LoraModel(keras.Model):
 
         Their outputs replace the embeddings of the image / audio soft
         tokens (`call`'s `pixel_values`, `audio_features` inputs).
+
+        The encoders are tracked as sub-layers, so their weights are
+        non-trainable variables of this model: the jitted train / eval step
+        takes them as arguments, as it takes the frozen base, instead of
+        embedding them as constants (hundreds of MB of HLO at real size).
         """
+        for layer in getattr(self, "tower_layers", ()):
+            self._tracker.untrack(layer)  # towers attached before these
         self.towers = towers
+        self.tower_layers = [t for t in (towers.vision, towers.audio) if t is not None]
+        for layer in self.tower_layers:
+            layer.trainable = False
+        # Steps compiled before this call would not take the towers' weights.
+        self.train_function = self.test_function = self.predict_function = None
 
     def set_attention(self, implementation: str = "auto", chunk_size: int = 512):
         """How every block computes attention (`model/attention.py`).
@@ -253,12 +264,13 @@ class Gemma4LoraModel(keras.Model):
                 lora.dropout,
                 lora.rslora,
                 seed=seed,
-                name=f"lora_{name}_layers_{layer}_{target}",
+                experts=self.spec.adapter_experts(target),
+                name=f"lora_{name}_layers_{layer}_{_attr(target)}",
             )
             seed += 1
             self.blocks[layer].adapters.setdefault(name, {})[target] = adapter
             # Track through the block so Keras sees the variables.
-            setattr(self.blocks[layer], f"_lora_{name}_{target}", adapter)
+            setattr(self.blocks[layer], f"_lora_{name}_{_attr(target)}", adapter)
         self.lora_specs[name] = lora
         if activate:
             self.set_adapter(name)
@@ -281,7 +293,7 @@ class Gemma4LoraModel(keras.Model):
             )
         for blk in self.blocks:
             for target, adapter in blk.adapters.pop(name, {}).items():
-                delattr(blk, f"_lora_{name}_{target}")
+                delattr(blk, f"_lora_{name}_{_attr(target)}")
                 # delattr does not untrack a sub-layer: without this its
                 # variables stay in `trainable_variables` (and the optimizer).
                 blk._tracker.untrack(adapter)
@@ -511,6 +523,11 @@ class Gemma4LoraModel(keras.Model):
         # by the number of micro-batches: Keras averages accumulated
         # gradients, so this gives the exact mean over the global batch.
         return total / x["loss_norm"][0]
+
+
+def _attr(target: str) -> str:
+    """A target as a name part: `experts.down_proj` -> `experts_down_proj`."""
+    return target.replace(".", "_")
 
 
 def _per_item(a, rank: int):

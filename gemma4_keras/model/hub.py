@@ -30,6 +30,7 @@ pyproject.toml: run `tests/test_hub_contract.py`, `tests/test_modeling.py` and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -354,6 +355,10 @@ def apply_deltas(backbone, deltas: dict, sign: float = 1.0) -> int:
 # The vision and audio towers of a multimodal checkpoint.
 
 
+# The media part type each tower reads -> its config.json field.
+TOWER_FIELDS = {"image": "vision_config", "audio": "audio_config"}
+
+
 @dataclasses.dataclass
 class Towers:
     """The frozen towers of a multimodal checkpoint and the ids they fill.
@@ -407,16 +412,20 @@ class Towers:
         return jnp.reshape(out, (-1, out.shape[-1])), jnp.reshape(valid, (-1,))
 
 
-def load_towers(directory: str) -> Towers:
+def load_towers(directory: str, kinds: Sequence[str] = ("image", "audio")) -> Towers:
     """The vision and audio towers of a local HF multimodal checkpoint, float32.
 
     Built and filled by KerasHub's HF converter (`convert_gemma4.py`: its
     `convert_backbone_config` builds the encoders, its tower converters
     port the weights), without building the text decoder. Tests compare
-    them with transformers' towers (tests/test_media_model.py).
+    them with transformers' towers (tests/test_media_model.py). float32:
+    KerasHub's `Gemma4VisionEncoder` builds itself in float32 whatever
+    dtype it is given ("to match other frameworks"). Only the towers of
+    `kinds` ("image": vision, "audio") are built: a tower the data never
+    reads would hold device memory in every step.
 
     Raises:
-        PresetError: the checkpoint has neither tower.
+        PresetError: the checkpoint lacks a tower of `kinds`.
     """
     # KerasHub has no public API that loads the towers alone.
     from keras_hub.src.utils.transformers import (  # internal
@@ -427,12 +436,20 @@ def load_towers(directory: str) -> Towers:
     )
 
     config = hf_config.read_config(directory)
-    if not (config.get("vision_config") or config.get("audio_config")):
+    fields = TOWER_FIELDS
+    missing = [fields[k] for k in kinds if not config.get(fields[k])]
+    if missing or not kinds:
         raise PresetError(
-            f"{directory}: config.json has no vision_config or audio_config; "
-            "images and audio need a multimodal Gemma 4 checkpoint"
+            f"{directory}: config.json has no "
+            f"{' or '.join(missing or fields.values())}; "
+            f"{' and '.join(kinds) or 'media'} need a multimodal Gemma 4 "
+            "checkpoint with that tower"
         )
-    kw = convert.convert_backbone_config(config)
+    # The converter builds every tower its config names.
+    unused = [f for k, f in fields.items() if k not in kinds]
+    kw = convert.convert_backbone_config(
+        {k: v for k, v in config.items() if k not in unused}
+    )
     vision, audio = kw.get("vision_encoder"), kw.get("audio_encoder")
     with SafetensorLoader(directory) as loader:
         if vision is not None:

@@ -475,8 +475,24 @@ class DecoderBlock(keras.layers.Layer):
         m = rms_norm(xf, self.norms["pre_ffw_moe"].value, s.eps)
         banks = {name: self._bank(name) for name in moe.BANKS}
         scale = e["expert_scale"].value
-        y = moe.experts(m, top_p, top_i, banks, scale, self.moe_dispatch)
+        y = moe.experts(
+            m, top_p, top_i, banks, scale, self.moe_dispatch, self._expert_lora()
+        )
         return rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
+
+    def _expert_lora(self) -> dict[str, moe.ExpertLora]:
+        """{bank row: (a, b, scale)} of the active adapter's expert targets;
+        a fused HF target (`experts.gate_up_proj`) shares A between its rows
+        and splits B (`schema.part_of`), as PEFT's one adapter on it does."""
+        adapters = self.adapters.get(self.active_adapter, {})
+        out = {}
+        for target in schema.EXPERT_TARGETS:
+            if (adapter := adapters.get(target)) is None:
+                continue
+            a, b = adapter.lora_a.value, adapter.lora_b.value
+            for row in schema.target_rows(target):
+                out[row.name] = (a, schema.part_of(row, b), adapter.scale)
+        return out
 
     def _bank(self, name: str):
         """An expert bank as stored: a float array or a per-expert NF4Weight."""

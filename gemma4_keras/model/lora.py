@@ -30,6 +30,8 @@ import keras
 import numpy as np
 
 from gemma4_keras import config_lib
+from gemma4_keras.model import schema
+from gemma4_keras.model import spec as spec_lib
 from gemma4_keras.model.spec import ModelSpec, module_name
 
 
@@ -39,6 +41,14 @@ class LoraAdapter(keras.layers.Layer):
     `lora_a` is (in, r) and `lora_b` is (r, out): PEFT's `lora_A.weight` and
     `lora_B.weight` transposed. Init as PEFT: A ~ U(+-1/sqrt(in)) (Kaiming
     uniform with a=sqrt(5)), B = 0, so a fresh adapter changes nothing.
+
+    `experts=E` (an MoE expert bank, `schema.EXPERT_TARGETS`): one pair per
+    expert, `lora_a` (E, in, r) and `lora_b` (E, r, out), as PEFT's
+    `target_parameters` LoRA on a 3-D parameter (its `lora_A.weight`
+    (E * r, in) holds expert e's A in rows e*r..e*r+r-1; its `lora_B.weight`
+    (out, r * E) is (out, r, E) flattened: `exporters/peft.py` converts).
+    Same init bound; no dropout (PEFT refuses it there: x cannot be
+    factored out of a weight delta).
     """
 
     def __init__(
@@ -50,9 +60,16 @@ class LoraAdapter(keras.layers.Layer):
         dropout: float = 0.0,
         rslora: bool = False,
         seed: int = 0,
+        experts: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if experts and dropout:
+            raise config_lib.ConfigError(
+                f"lora.dropout={dropout} with expert targets "
+                f"({self.name}): PEFT's LoRA on "
+                "expert banks has no dropout; set --config.lora.dropout=0"
+            )
         if rank > min(in_features, out_features):
             raise config_lib.ConfigError(
                 f"lora.rank={rank} is larger than {self.name}'s dimensions "
@@ -60,16 +77,18 @@ class LoraAdapter(keras.layers.Layer):
             )
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
+        self.experts = experts
+        lead = (experts,) if experts else ()
         bound = 1.0 / math.sqrt(in_features)
         self.lora_a = self.add_weight(
             name="lora_a",
-            shape=(in_features, rank),
+            shape=(*lead, in_features, rank),
             initializer=keras.initializers.RandomUniform(-bound, bound, seed=seed),
             dtype="float32",
         )
         self.lora_b = self.add_weight(
             name="lora_b",
-            shape=(rank, out_features),
+            shape=(*lead, rank, out_features),
             initializer="zeros",
             dtype="float32",
         )
@@ -92,7 +111,7 @@ class LoraAdapter(keras.layers.Layer):
         return ((x @ a) @ b) * jnp.asarray(self.scale, x.dtype)
 
     def delta_weight(self) -> np.ndarray:
-        """scale * A @ B, shape (in, out), float32."""
+        """scale * A @ B, shape (in, out) ((E, in, out) per expert), float32."""
         a = np.asarray(self.lora_a.value, np.float32)
         b = np.asarray(self.lora_b.value, np.float32)
         return (a @ b) * np.float32(self.scale)
@@ -117,7 +136,7 @@ class LoraSpec:
             rank=int(c.rank),
             alpha=float(c.alpha),
             dropout=float(c.dropout),
-            targets=tuple(config_lib.lora_targets(c.targets)),
+            targets=tuple(config_lib.lora_targets(c.targets, schema.EXPERT_TARGETS)),
             layers=None if layers is None else tuple(layers),
             rslora=bool(c.rslora),
             seed=int(c.seed),
@@ -145,8 +164,30 @@ def _adapter_name(model, name: str | None) -> str:
     return name
 
 
+def _site_weights(model, layer: int, target: str) -> list:
+    """[(schema row, its frozen holder)] a site adapts: the projection's
+    FrozenLinear, or an expert target's bank holders (fused rows share one
+    adapter, `schema.part_of`)."""
+    blk = model.blocks[layer]
+    return [
+        (r, blk.proj[r.name] if r.kind == "projection" else blk.extra[r.name])
+        for r in schema.target_rows(target)
+    ]
+
+
+def _held_float32(holder) -> np.ndarray:
+    """A frozen weight as float32 (in, out) / (E, in, out), dequantised."""
+    if hasattr(holder, "weight"):  # FrozenLinear
+        return np.asarray(holder.weight("float32"))
+    if hasattr(holder, "dequantize"):  # an NF4 expert bank
+        return np.asarray(holder.dequantize("float32"))
+    return np.asarray(holder.value, np.float32)
+
+
 def _float_kernel(model, layer: int, target: str):
     """The Dense kernel variable of a float site; raises for quantised ones."""
+    if spec_lib.is_expert_target(target):
+        return _float_banks(model, layer, target)
     proj = model.blocks[layer].proj[target]
     if proj.quant != "none":
         raise config_lib.ConfigError(
@@ -155,6 +196,19 @@ def _float_kernel(model, layer: int, target: str):
             "to get dequantised, merged float weights instead."
         )
     return proj.dense.kernel
+
+
+def _float_banks(model, layer: int, target: str) -> list:
+    """[(row, bank variable)] of a float expert target; raises for NF4."""
+    out = _site_weights(model, layer, target)
+    for row, holder in out:
+        if not isinstance(holder, keras.Variable):
+            raise config_lib.ConfigError(
+                f"layers.{layer}.{row.name} is stored as NF4; an in-place merge "
+                "would need a float bank. Use gemma4_keras.model.lora.merged_kernels(model) "
+                "to get dequantised, merged float weights instead."
+            )
+    return out
 
 
 def merge_adapter(model, name: str | None = None) -> int:
@@ -184,19 +238,23 @@ def merge_adapter(model, name: str | None = None) -> int:
     adapters = model.adapters(name)
     kernels = {site: _float_kernel(model, *site) for site in adapters}  # all first
     for site, adapter in adapters.items():
-        var = kernels[site]
-        dtype = np.asarray(var.value).dtype
-        # Add in float32, round once to the kernel's dtype.
-        var.assign(
-            (np.asarray(var.value, np.float32) + adapter.delta_weight()).astype(dtype)
-        )
+        delta = adapter.delta_weight()
+        held = kernels[site]
+        parts = held if isinstance(held, list) else [(None, held)]
+        for row, var in parts:
+            part = delta if row is None else schema.part_of(row, delta)
+            dtype = np.asarray(var.value).dtype
+            # Add in float32, round once to the kernel's dtype.
+            var.assign((np.asarray(var.value, np.float32) + part).astype(dtype))
     model._merged_adapter = name
     model.set_adapter(None)
     return len(adapters)
 
 
 def merged_kernels(model, name: str | None = None) -> dict[tuple[int, str], np.ndarray]:
-    """{(layer, target): W + scale * A @ B} as float32 (in, out) arrays.
+    """{(layer, target): W + scale * A @ B} as float32 (in, out) arrays (an
+    expert target: (E, in, out), the fused rows side by side as in its HF
+    tensor, e.g. [gate | up]).
 
     Works for every base: NF4 and Keras int8/int4 kernels are dequantised
     first (the merged weight is exactly what the adapter model computes with),
@@ -206,7 +264,8 @@ def merged_kernels(model, name: str | None = None) -> dict[tuple[int, str], np.n
     name = _adapter_name(model, name)
     out = {}
     for (layer, target), adapter in model.adapters(name).items():
-        base = np.asarray(model.blocks[layer].proj[target].weight("float32"))
+        held = [_held_float32(h) for _, h in _site_weights(model, layer, target)]
+        base = held[0] if len(held) == 1 else np.concatenate(held, axis=-1)
         out[(layer, target)] = base + adapter.delta_weight()
     return out
 
@@ -274,7 +333,15 @@ def check_factors(spec: ModelSpec, rank: int, factors: Factors) -> None:
             )
             raise AdapterMismatchError(f"{where}: this layer has no {target} ({why})")
         din, dout = spec.projection_shape(layer, target)
-        if a.shape != (din, rank) or b.shape != (rank, dout):
+        if experts := spec.adapter_experts(target):
+            want = (experts, din, rank), (experts, rank, dout)
+            if (a.shape, b.shape) != want:
+                raise AdapterMismatchError(
+                    f"{where}: A {tuple(a.shape)} / B {tuple(b.shape)} (ours: "
+                    f"(E, in, r) / (E, r, out)) do not fit rank {rank} on "
+                    f"{experts} experts of ({din}, {dout}); expected {want[0]} / {want[1]}"
+                )
+        elif a.shape != (din, rank) or b.shape != (rank, dout):
             raise AdapterMismatchError(
                 f"{where}: lora_A {tuple(a.shape[::-1])} / lora_B {tuple(b.shape[::-1])} "
                 f"do not fit rank {rank} on a ({dout}, {din}) weight; expected "

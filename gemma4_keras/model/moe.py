@@ -58,6 +58,9 @@ MAX_BLOCK = 128
 UNROLL_BLOCKS = False
 
 Bank = Any  # a float (E, in, out) array or a per-expert `quant.NF4Weight`
+# An expert LoRA on one bank: (a (E, in, r), b (E, r, out), scale); the bank's
+# rows get `scale * (x @ a[e]) @ b[e]` (PEFT's `target_parameters` LoRA).
+ExpertLora = tuple[jax.Array, jax.Array, float]
 
 
 def check_dispatch(dispatch: str) -> None:
@@ -126,12 +129,55 @@ def route(
     dispatch.
     """
     dt = normed.dtype
-    r = normed * jnp.asarray(normed.shape[-1] ** -0.5, dt) * router_scale.astype(dt)
-    logits = (r @ router_proj.astype(dt)).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, -1)
+    probs = jax.nn.softmax(router_logits(normed, router_scale, router_proj), -1)
     top_p, top_i = jax.lax.top_k(probs.astype(dt), top_k)
     denom = jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
     return top_p / denom, top_i
+
+
+def router_logits(
+    normed: jax.Array, router_scale: jax.Array, router_proj: jax.Array
+) -> jax.Array:
+    """The router's float32 logits [T, E] (`route` takes softmax and top-k)."""
+    dt = normed.dtype
+    r = normed * jnp.asarray(normed.shape[-1] ** -0.5, dt) * router_scale.astype(dt)
+    return (r @ router_proj.astype(dt)).astype(jnp.float32)
+
+
+def router_stats(
+    logits: jax.Array, top_k: int, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's routing statistics: (tokens per expert [E] (top-k picks,
+    float32), router probability summed per expert [E], rows), padding rows
+    (`mask` 0) left out. Summed over layers they give `load_balancing_loss`;
+    `tokens / rows` is each expert's load (max / min: how even routing is).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+    _, top_i = jax.lax.top_k(probs, top_k)
+    w = (
+        jnp.ones(logits.shape[0], jnp.float32)
+        if mask is None
+        else mask.astype(jnp.float32)
+    )
+    num_experts = logits.shape[-1]
+    picks = jax.nn.one_hot(top_i, num_experts, dtype=jnp.float32).sum(1)  # [T, E]
+    return (picks * w[:, None]).sum(0), (probs * w[:, None]).sum(0), w.sum()
+
+
+def load_balancing_loss(stats) -> jax.Array:
+    """The Switch / Mixtral auxiliary load-balancing loss over layers.
+
+    `stats`: `router_stats` of each layer. `E * sum_e f_e * p_e`, with `f_e`
+    the top-k picks of expert e per routed row and `p_e` its mean router
+    probability, both over every layer's rows: transformers'
+    `load_balancing_loss_func` (Mixtral; Gemma 4's own code has none, and
+    the released model was trained without one). 1.0 is perfectly even at
+    top-1; top-k multiplies it by k.
+    """
+    tokens = sum(s[0] for s in stats)
+    probs = sum(s[1] for s in stats)
+    rows = sum(s[2] for s in stats)
+    return jnp.sum((tokens / rows) * (probs / rows)) * tokens.shape[0]
 
 
 def experts(
@@ -141,11 +187,14 @@ def experts(
     banks: dict[str, Bank],
     expert_scale: jax.Array,
     dispatch: str = "auto",
+    lora: dict[str, ExpertLora] | None = None,
 ) -> jax.Array:
     """The experts' weighted sum for each token of `m` [T, d] (normed input).
 
     `banks` holds `experts_gate` / `experts_up` (E, d, f) and `experts_down`
     (E, f, d), float arrays or per-expert NF4 (`quant.nf4_quantize_experts`).
+    `lora`: optional expert adapters by bank name (`ExpertLora`), applied
+    as a separate branch on the same rows in every dispatch.
     """
     nf4 = isinstance(banks["experts_gate"], quant_lib.NF4Weight)
     how = kernel(
@@ -153,26 +202,36 @@ def experts(
     )
     expert_scale = jnp.asarray(expert_scale)
     if how == "dense":
-        return dense(m, top_p, top_i, banks, expert_scale)
-    return routed(m, top_p, top_i, banks, expert_scale, how)
+        return dense(m, top_p, top_i, banks, expert_scale, lora)
+    return routed(m, top_p, top_i, banks, expert_scale, how, lora)
 
 
-def dense(m, top_p, top_i, banks, expert_scale) -> jax.Array:
+def dense(m, top_p, top_i, banks, expert_scale, lora=None) -> jax.Array:
     """KerasHub's dense MoE: every expert on every token, one batched einsum."""
     num_experts = expert_scale.shape[0]
     dispatch = jnp.sum(
         jax.nn.one_hot(top_i, num_experts, dtype=top_p.dtype) * top_p[..., None],
         axis=1,
     )  # [T, E]
-    gate = jnp.einsum("th,ehi->eti", m, whole_bank(banks["experts_gate"], m.dtype))
-    up = jnp.einsum("th,ehi->eti", m, whole_bank(banks["experts_up"], m.dtype))
+    lora = lora or {}
+
+    def mm(h, name, spec):  # spec: "th" (every expert reads h) or "eti"
+        y = jnp.einsum(f"{spec},e{spec[-1]}o->eto", h, whole_bank(banks[name], m.dtype))
+        if name in lora:
+            a, b, scale = _lora_cast(lora[name], h.dtype)
+            y = y + jnp.einsum(f"{spec},e{spec[-1]}r,ero->eto", h, a, b) * scale
+        return y
+
+    gate, up = mm(m, "experts_gate", "th"), mm(m, "experts_up", "th")
     hid = gelu_tanh(gate.astype(jnp.float32)).astype(m.dtype) * up
-    out = jnp.einsum("eti,eih->eth", hid, whole_bank(banks["experts_down"], m.dtype))
+    out = mm(hid, "experts_down", "eti")
     out = out * expert_scale.astype(m.dtype)[:, None, None]
     return jnp.sum(out * dispatch.T[:, :, None], axis=0)
 
 
-def routed(m, top_p, top_i, banks, expert_scale, how: str = "blocks") -> jax.Array:
+def routed(
+    m, top_p, top_i, banks, expert_scale, how: str = "blocks", lora=None
+) -> jax.Array:
     """Each expert on its own tokens only (`how`: ragged | blocks); exact."""
     t, k = top_i.shape
     num_experts = expert_scale.shape[0]
@@ -199,7 +258,10 @@ def routed(m, top_p, top_i, banks, expert_scale, how: str = "blocks") -> jax.Arr
             return h[pos]
 
     def mm(h, name):
-        return grouped_matmul(h, banks[name], groups, how)
+        y = grouped_matmul(h, banks[name], groups, how)
+        if lora and name in lora:
+            y = y + grouped_lora(h, lora[name], groups, how)
+        return y
 
     xp = place(xs)
     hid = gelu_tanh(mm(xp, "experts_gate").astype(jnp.float32)).astype(m.dtype)
@@ -281,6 +343,32 @@ def _grouped(x, bank, groups, how: str, transpose: bool) -> jax.Array:
 
     _, y = jax.lax.scan(one_block, None, (xb, groups), unroll=UNROLL_BLOCKS)
     return y.reshape(x.shape[0], -1)
+
+
+def _lora_cast(lora: ExpertLora, dtype) -> ExpertLora:
+    a, b, scale = lora
+    return a.astype(dtype), b.astype(dtype), jnp.asarray(scale, dtype)
+
+
+def grouped_lora(x: jax.Array, lora: ExpertLora, groups: jax.Array, how: str):
+    """`scale * (x @ a[e]) @ b[e]` for rows grouped as `grouped_matmul`'s.
+
+    Plain JAX (no custom gradient): the adapter factors are trainable.
+    """
+    a, b, scale = _lora_cast(lora, x.dtype)
+    if how == "ragged":
+        return jax.lax.ragged_dot(jax.lax.ragged_dot(x, a, groups), b, groups) * scale
+    n_blocks = groups.shape[0]
+    xb = x.reshape(n_blocks, x.shape[0] // n_blocks, x.shape[-1])
+
+    def one_block(_, inputs):
+        rows, e = inputs
+        ae = jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+        be = jax.lax.dynamic_index_in_dim(b, e, keepdims=False)
+        return None, (rows @ ae) @ be
+
+    _, y = jax.lax.scan(one_block, None, (xb, groups), unroll=UNROLL_BLOCKS)
+    return y.reshape(x.shape[0], -1) * scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -9,6 +9,9 @@ loaded, no model is built), derives the same per-block facts as
     adapters        LoRA params + grads (+ accumulators) + AdamW m, v    [bytes]
     activations     per micro-batch, with and without `model.remat`      [bytes]
     loss temp       one chunk of the chunked loss                        [bytes]
+    towers          the frozen vision / audio towers a run attaches
+                    (`model.towers`): parameters (float32), soft tokens
+                    per image, the vision pass's temporaries              [bytes]
     flops           per optimiser step                                   [FLOP]
     time            per step at `tflops` x `mfu`                         [s]
     per device      on the mesh of `config.distribution` over `devices`:
@@ -35,11 +38,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from gemma4_keras import config_lib
+from gemma4_keras.data import commands as data_commands
+from gemma4_keras.data import media
 from gemma4_keras.model import hub, moe, presets, quant, schema, sharding
 from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.lora import LoraSpec
@@ -153,9 +159,12 @@ def base_bytes(spec: ModelSpec, q: dict, s: int) -> dict[str, int]:
 
 
 def adapter_params(spec: ModelSpec, lora: LoraSpec) -> int:
-    """LoRA parameters: sum over sites of r * (in + out) [count]."""
+    """LoRA parameters: sum over sites of r * (in + out) [count] (times the
+    experts for an expert-bank target: one pair per expert)."""
     return sum(
-        lora.rank * sum(spec.projection_shape(layer, t))
+        lora.rank
+        * sum(spec.projection_shape(layer, t))
+        * max(1, spec.adapter_experts(t))
         for layer, t in lora.sites(spec)
     )
 
@@ -474,10 +483,11 @@ def training_variables(
         out += _row_variables(row, layer, tuple(shape), q, s)
     for layer, t in lora.sites(spec) if lora is not None else ():
         din, dout = spec.projection_shape(layer, t)
-        name = f"lora_default_layers_{layer}_{t}"
+        lead = (e,) if (e := spec.adapter_experts(t)) else ()
+        name = f"lora_default_layers_{layer}_{t.replace('.', '_')}"
         out += [
-            (f"{name}/lora_a", (din, lora.rank), 4),
-            (f"{name}/lora_b", (lora.rank, dout), 4),
+            (f"{name}/lora_a", (*lead, din, lora.rank), 4),
+            (f"{name}/lora_b", (*lead, lora.rank, dout), 4),
         ]
     return out
 
@@ -702,6 +712,118 @@ def moe_kernel(config, target: tuple | None, devices: int) -> str:
     return moe.kernel(str(config.model.moe_dispatch), nf4, backend, devices > 1)
 
 
+# ----------------------------------------------------------------------------
+# The frozen vision / audio towers (`model.towers`, `hub.load_towers`).
+
+# float32: KerasHub builds the vision encoder in float32 whatever its dtype.
+TOWER_BYTES = 4
+# The vision pass's temporaries, float32 [heads, patches, patches] tensors
+# kept at once (scores, probabilities, ...: 3.0 in XLA's memory_analysis of
+# the tower at widths 32-768) beside [patches, intermediate] ones.
+_TOWER_ATTN_F32 = 3
+
+
+def vision_params(vision: dict, text_hidden: int) -> int:
+    """Parameters of KerasHub's `Gemma4VisionEncoder` (its projection included)."""
+    h, i = vision["hidden_size"], vision["intermediate_size"]
+    heads = vision["num_attention_heads"]
+    kv = vision.get("num_key_value_heads") or heads
+    d = vision.get("head_dim", 64)
+    clips = 7 * 4 if vision.get("use_clipped_linears", True) else 0  # per linear
+    layer = 4 * h + (2 * heads + 2 * kv) * h * d + 2 * d + 3 * h * i + clips
+    return (
+        2 * vision.get("position_embedding_size", 10240) * h
+        + 3 * vision["patch_size"] ** 2 * h
+        + vision["num_hidden_layers"] * layer
+        + h * text_hidden
+        + (2 * h if vision.get("standardize") else 0)
+    )
+
+
+def audio_params(audio: dict, text_hidden: int) -> int:
+    """Parameters of KerasHub's `Gemma4AudioEncoder` (its projection included)."""
+    a, heads = audio["hidden_size"], audio["num_attention_heads"]
+    c0, c1 = audio["subsampling_conv_channels"]
+    out = audio["output_proj_dims"]
+    mel = media.PROCESSOR.feature_size
+    # Two 3x3 convolutions (+ norms), the input projection of the pooled mel
+    # bins, the output projection (+ bias) and the one into the text width.
+    head = 9 * c0 + c0 + 9 * c0 * c1 + c1 + mel // 4 * c1 * a
+    head += a * out + out + out * text_hidden
+    # Per conformer layer: 9 norms, per-dim scale, two 4x FFNs (16 a^2),
+    # q/k/v/out/position projections (5 a^2), the light conv (3 a^2 and
+    # its depthwise kernel), 10 clipped linears x 4 bounds.
+    layer = 9 * a + a // heads + 24 * a * a + audio["conv_kernel_size"] * a + 40
+    return head + audio["num_hidden_layers"] * layer
+
+
+def vision_temp_bytes(vision: dict, processor=media.PROCESSOR) -> int:
+    """Peak temporaries of the vision tower over one image [bytes].
+
+    The tower runs once per image (`hub.Towers.image_soft_tokens`), over the
+    processor's `max_patches` (280 soft tokens x 3 x 3 = 2,520 patches by
+    default), with no backward pass: its temporaries are freed before the
+    decoder runs.
+    """
+    n = processor.max_patches
+    heads = vision["num_attention_heads"]
+    return TOWER_BYTES * (
+        _TOWER_ATTN_F32 * heads * n * n + n * vision["intermediate_size"]
+    )
+
+
+def tower_bytes(
+    raw: dict, kinds, batch: int, images_per_row: int, processor=media.PROCESSOR
+) -> dict:
+    """The towers of `kinds` of checkpoint config `raw`, for a micro-batch.
+
+    Returns {kinds, params {vision, audio} [count], weights [bytes],
+    soft_tokens_per_image, images_per_row, soft_tokens [bytes: the merged
+    outputs of the batch's images], temp [bytes: one vision pass]}.
+    """
+    text_hidden = hub.model_spec(raw).hidden_dim
+    params = {}
+    if "image" in kinds and raw.get("vision_config"):
+        params["vision"] = vision_params(raw["vision_config"], text_hidden)
+    if "audio" in kinds and raw.get("audio_config"):
+        params["audio"] = audio_params(raw["audio_config"], text_hidden)
+    vision = "vision" in params
+    per_image = processor.max_soft_tokens if vision else 0
+    images = batch * images_per_row if vision else 0
+    return {
+        "kinds": sorted(kinds),
+        "params": params,
+        "weights": TOWER_BYTES * sum(params.values()),
+        "soft_tokens_per_image": per_image,
+        "images_per_row": images_per_row if vision else 0,
+        "soft_tokens": TOWER_BYTES * images * per_image * text_hidden,
+        "temp": vision_temp_bytes(raw["vision_config"], processor) if vision else 0,
+    }
+
+
+def _planned_tower_kinds(config, towers, raw: dict) -> tuple[str, ...]:
+    """`towers`, or those the run would attach (`presets.tower_kinds`).
+
+    With `model.towers=auto` the data decides (read only when checkpoint
+    config `raw` has a tower); data that cannot be read yet counts as text
+    only (`data check` names what is wrong with it).
+    """
+    if towers is not None:
+        return tuple(towers)
+    if not any(raw.get(field) for field in hub.TOWER_FIELDS.values()):
+        return ()
+
+    def data_kinds() -> set[str]:
+        try:
+            settings = config_lib.data_settings(config.data)
+            train, holdout, _, _ = data_commands.read_and_split(settings)
+        except (OSError, ValueError):  # missing or bad data: `data check`'s job
+            return set()
+        return data_commands.media_kinds(train + holdout)
+
+    return presets.tower_kinds(config.model, data_kinds, str(config.model.preset))
+
+
 def plan(
     config,
     tflops: float = 100.0,
@@ -709,6 +831,8 @@ def plan(
     *,
     devices: int | None = None,
     accelerator_name: str | None = None,
+    towers: Sequence[str] | None = None,
+    images_per_row: int = 1,
 ) -> dict:
     """Memory and speed estimate of a run, from its config alone.
 
@@ -721,13 +845,18 @@ def plan(
         else 1); with `config.distribution` they give the mesh.
       accelerator_name: a key of `ACCELERATORS` (optionally `2xt4`,
         `v5e-8`): the device whose memory the per-device total must fit.
+      towers: the towers the run attaches ("image", "audio"); default: as
+        the run decides (`model.towers`; auto reads the data's part types).
+      images_per_row: images in each row of a micro-batch (each becomes the
+        processor's `max_soft_tokens` soft tokens inside `data.max_length`).
 
     Returns:
       A JSON-serialisable dict: `model`, `params` [count], `base_bytes`,
       `adapter_params` [count], `adapter_bytes`, `activation_bytes`,
       `loss_temp_bytes`, `total_bytes` [bytes] (one device holding it all),
       `mesh`, `per_device` [bytes], `fits` {accelerator: bool},
-      `accelerator` (the named one, or None), `flops_per_step` [FLOP],
+      `accelerator` (the named one, or None), `towers` (`tower_bytes`),
+      `flops_per_step` [FLOP],
       `seconds_per_step`, `tokens_per_second`, `steps`, `hours`.
 
     Example:
@@ -789,6 +918,15 @@ def plan(
         grad_accum=accum, chunk=chunk, remat=bool(config.model.remat), attn_chunk=attn_chunk,
         storage=st, moe_kernel=how,
     )  # fmt: skip
+    kinds = _planned_tower_kinds(config, towers, raw)
+    tw = tower_bytes(raw, kinds, batch // mesh["data"], images_per_row)
+    if kinds:
+        # Tower weights are replicated; the vision pass's temporaries are
+        # freed before the decoder runs, so only what exceeds the decoder's
+        # activations and loss chunk adds to the peak.
+        dev = {**dev, "towers": tw["weights"] + tw["soft_tokens"]}
+        dev["tower_temp"] = max(0, tw["temp"] - dev["activations"] - dev["loss_temp"])
+        dev["total"] += dev["towers"] + dev["tower_temp"]
     host_table = ple_host_bytes(config, spec, st, mesh)
     if host_table:  # `model.ple_on_host`: in host memory, off the device
         base = {**base, "embedding": base["embedding"] - host_table}
@@ -832,7 +970,13 @@ def plan(
         "adapter_bytes": adapters,
         "activation_bytes": act,
         "loss_temp_bytes": loss,
-        "total_bytes": base["total"] + adapters["total"] + act_used + loss,
+        "total_bytes": base["total"]
+        + adapters["total"]
+        + act_used
+        + loss
+        + dev.get("towers", 0)
+        + dev.get("tower_temp", 0),
+        "towers": tw,
         "mesh": mesh,
         "per_device": dev,
         "fits": {k: fits(dev["total"], a[1]) for k, a in ACCELERATORS.items()},
@@ -871,6 +1015,8 @@ def _why_not(dev: dict, run: dict) -> str:
         "loss_temp": "a smaller --config.model.loss_chunk_size",
         "adapter_state": "a smaller --config.lora.rank",
         "adapters": "a smaller --config.lora.rank",
+        "towers": "only the towers the data needs (--config.model.towers=auto)",
+        "tower_temp": "images at fewer soft tokens (the processor's max_soft_tokens)",
     }
     parts = sorted(
         ((k, v) for k, v in dev.items() if k != "total"), key=lambda kv: -kv[1]
@@ -941,6 +1087,15 @@ def format_plan(p: dict) -> str:
         )
     lines += [f"  adapter {k:14s} {_gib(v)}" for k, v in p["adapter_bytes"].items()]
     act = p["activation_bytes"]
+    tw = p["towers"]
+    if tw["kinds"]:
+        params = ", ".join(f"{k} {v:,}" for k, v in tw["params"].items())
+        lines += [
+            f"  towers ({params} params, float32) {_gib(tw['weights']).strip()}",
+            f"  images: {tw['images_per_row']} per row x "
+            f"{tw['soft_tokens_per_image']} soft tokens (inside max_length); "
+            f"vision pass temporaries {_gib(tw['temp']).strip()} per image",
+        ]
     lines += [
         f"  activations no remat  {_gib(act['no_remat_saved'])}",
         f"  activations remat     {_gib(act['remat_peak'])} (peak; "

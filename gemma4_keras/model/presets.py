@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 
 import jax
 import keras
 from absl import logging
 
 from gemma4_keras import _quiet, config_lib
-from gemma4_keras.data import template
+from gemma4_keras.data import commands as data_commands
+from gemma4_keras.data import media, template
 from gemma4_keras.model import hf_config, hub, stream_load
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.hub import PresetError
@@ -33,7 +35,9 @@ def known_presets() -> list[str]:
     return hub.preset_names()
 
 
-TINY_FEATURES = ("ple", "kv_shared", "moe", "k_eq_v", "double_wide_mlp")
+# `multimodal`: the Gemma4ForConditionalGeneration layout with tiny vision and
+# audio towers (written with transformers' tower configs: the test extra).
+TINY_FEATURES = ("ple", "kv_shared", "moe", "k_eq_v", "double_wide_mlp", "multimodal")
 
 
 def tiny_variant(preset: str) -> dict:
@@ -41,6 +45,8 @@ def tiny_variant(preset: str) -> dict:
 
     >>> tiny_variant("tiny:moe,k_eq_v")
     {'moe': True, 'k_eq_v': True}
+    >>> tiny_variant("tiny:ple,multimodal")
+    {'ple': True, 'layout': 'multimodal'}
     """
     names = [n.strip() for n in preset.partition(":")[2].split(",") if n.strip()]
     unknown = [n for n in names if n not in TINY_FEATURES]
@@ -49,10 +55,11 @@ def tiny_variant(preset: str) -> dict:
             f"--config.model.preset={preset!r}: unknown tiny feature(s) {unknown}; "
             f"known: {', '.join(TINY_FEATURES)}"
         )
-    return {
-        ("kv_shared_layers" if n == "kv_shared" else n): 2 if n == "kv_shared" else True
-        for n in names
+    spelled = {
+        "kv_shared": ("kv_shared_layers", 2),
+        "multimodal": ("layout", "multimodal"),
     }
+    return dict(spelled.get(n, (n, True)) for n in names)
 
 
 def resolve_preset(preset: str) -> str:
@@ -122,6 +129,19 @@ def chat_template(config, preset: str):
         size_variant=facts.template if facts else None,
         preset_dir=preset if os.path.isdir(str(preset)) else None,
     )
+
+
+def processor_settings(preset: str) -> media.ProcessorSettings:
+    """Image / audio sizing of `preset`: its `processor_config.json` when it
+    is a local directory (as `chat_template` reads its template), else the
+    processor's defaults, which the released checkpoints use.
+
+    >>> processor_settings("gemma4_instruct_4b") == media.PROCESSOR
+    True
+    """
+    if os.path.isdir(str(preset)):
+        return media.processor_settings(str(preset))
+    return media.PROCESSOR
 
 
 def read_config_json(preset: str) -> dict:
@@ -375,15 +395,17 @@ def _load_model(preset: str, dtype, lora, options: dict):
     return Gemma4LoraModel.from_backbone(backbone, lora, **options)
 
 
-def attach_towers(model, preset: str) -> None:
-    """Attaches the frozen vision / audio towers of `preset` to `model`.
+def attach_towers(
+    model, preset: str, kinds: Sequence[str] = ("image", "audio")
+) -> None:
+    """Attaches the frozen towers of `kinds` ("image", "audio") of `preset`.
 
     For data with images or audio. The towers (KerasHub's encoders, float32,
     `hub.load_towers`) are read from a local or hf:// Hugging Face
     multimodal checkpoint.
 
     Raises:
-        PresetError: the preset is not a HF checkpoint, or has no towers.
+        PresetError: the preset is not a HF checkpoint, or lacks a tower.
     """
     directory = stream_load.local_checkpoint(preset)
     if directory is None:
@@ -392,14 +414,56 @@ def attach_towers(model, preset: str) -> None:
             "(a local directory or hf://google/gemma-4-...); this preset is a "
             "KerasHub one, whose towers are not read"
         )
-    model.attach_towers(hub.load_towers(directory))
+    model.attach_towers(hub.load_towers(directory, kinds))
+
+
+def tower_kinds(
+    model_cfg, data_kinds: Callable[[], set[str]], preset: str | None = None
+) -> tuple[str, ...]:
+    """The towers a run attaches (`model.towers`): () or some of image, audio.
+
+    `data_kinds()` gives the media part types of the run's data
+    (`data.commands.media_kinds`); auto attaches those, on every tower
+    `preset`'s config.json names (26B-A4B and 31B have no audio tower),
+    off none.
+
+    Raises:
+        ConfigError: `model.towers=off` with data that has media parts.
+    """
+    setting = str(model_cfg.towers)
+    if setting == "on":
+        raw = read_config_json(preset or str(model_cfg.preset))
+        return tuple(k for k, field in hub.TOWER_FIELDS.items() if raw.get(field))
+    kinds = tuple(k for k in ("image", "audio") if k in data_kinds())
+    if kinds and setting == "off":
+        raise config_lib.ConfigError(
+            f"model.towers=off, but the data has {' and '.join(kinds)} parts: set "
+            "--config.model.towers=auto (or on), or remove the media parts"
+        )
+    return kinds
+
+
+def _data_kinds(config, preset: str) -> set[str]:
+    """The media part types of `config.data` (training and held-out records)."""
+    variant = chat_template(config, preset).variant
+    train, holdout, _, _ = data_commands.read_and_split(
+        config_lib.data_settings(config.data, variant)
+    )
+    return data_commands.media_kinds(train + holdout)
 
 
 def load_training_model(config):
-    """Resolves `model.preset` and builds the model. Returns (model, tokenizer, preset)."""
+    """Resolves `model.preset` and builds the model. Returns (model, tokenizer, preset).
+
+    The preset's frozen towers of `tower_kinds` (with `model.towers=auto`:
+    those the data's image / audio parts need) are attached, as `train` does.
+    """
     preset = resolve_preset(config.model.preset)
     tokenizer = load_tokenizer(preset)
+    towers = tower_kinds(config.model, lambda: _data_kinds(config, preset), preset)
     model = build_training_model(preset, ModelSettings.of(config))
+    if towers:
+        attach_towers(model, preset, towers)
     return model, tokenizer, preset
 
 
@@ -412,6 +476,8 @@ __all__ = [
     "known_presets",
     "load_backbone",
     "attach_towers",
+    "tower_kinds",
+    "processor_settings",
     "build_training_model",
     "load_tokenizer",
     "load_training_model",

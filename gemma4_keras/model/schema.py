@@ -219,6 +219,34 @@ BLOCK: list[Row] = [
 ]  # fmt: skip
 
 
+# The LoRA targets on MoE expert banks: the banks' HF tensors, as PEFT's
+# `target_parameters` names them (`lora.targets`, config_lib.EXPERT_PREFIX).
+EXPERT_TARGETS: tuple[str, ...] = tuple(
+    dict.fromkeys(r.hf.removeprefix("layers.{i}.") for r in BLOCK if r.kind == "bank")
+)
+
+
+def target_rows(target: str) -> list[Row]:
+    """The block rows a LoRA target adapts: a projection's own row, or the
+    bank rows of an expert target (`experts.gate_up_proj`: `experts_gate`,
+    `experts_up`, the parts of that one HF tensor, `Row.fused`).
+
+    >>> [r.name for r in target_rows("experts.gate_up_proj")]
+    ['experts_gate', 'experts_up']
+    """
+    return [r for r in BLOCK if r.name == target or r.hf == "layers.{i}." + target]
+
+
+def part_of(row: Row, value: np.ndarray) -> np.ndarray:
+    """`row`'s part of a value over its whole HF tensor, in our layout (out
+    last): a fused bank row's slice of an expert LoRA's B or delta."""
+    if not row.fused:
+        return value
+    part, parts = row.fused
+    width = value.shape[-1] // parts
+    return value[..., part * width : (part + 1) * width]
+
+
 def global_rows(spec: ModelSpec) -> list[Row]:
     """The model-level rows `spec` has, in loading order."""
     return [r for r in GLOBALS if r.present(spec, None)]

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from gemma4_keras.config_lib import EXPERT_PREFIX
+
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
+
+
+def is_expert_target(target: str) -> bool:
+    """An MoE expert bank (`schema.EXPERT_TARGETS`): a 3-D parameter (E, out,
+    in) of HF's `layers.N.experts`, one LoRA pair per expert."""
+    return target.startswith(EXPERT_PREFIX)
 
 
 # Hugging Face's module of each projection group.
@@ -20,7 +28,10 @@ MODULE_GROUPS = {"self_attn": ATTN_TARGETS, "mlp": MLP_TARGETS}
 
 
 def module_name(layer: int | str, target: str) -> str:
-    """Hugging Face's module path of a projection: `layers.3.self_attn.q_proj`."""
+    """Hugging Face's module path of a projection: `layers.3.self_attn.q_proj`
+    (an expert bank: `layers.3.experts.gate_up_proj`, a parameter)."""
+    if is_expert_target(target):
+        return f"layers.{layer}.{target}"
     group = next(g for g, targets in MODULE_GROUPS.items() if target in targets)
     return f"layers.{layer}.{group}.{target}"
 
@@ -87,7 +98,15 @@ class ModelSpec:
             "up_proj": (d, b.ffn_dim),
             "down_proj": (b.ffn_dim, d),
         }
+        if is_expert_target(target):  # per expert; gate_up is [gate; up]
+            f = self.expert_dim
+            shapes = {"gate_up_proj": (d, 2 * f), "down_proj": (f, d)}
+            return shapes[target.removeprefix(EXPERT_PREFIX)]
         return shapes[target]
+
+    def adapter_experts(self, target: str) -> int:
+        """Experts of a target's LoRA (0: a plain 2-D adapter)."""
+        return self.num_experts if is_expert_target(target) else 0
 
     def has_projection(self, layer: int, target: str) -> bool:
         """Whether `layer` owns this projection (KV-shared layers own no k/v)."""
@@ -96,4 +115,6 @@ class ModelSpec:
             return b.has_kv
         if target == "v_proj":
             return b.has_kv and not b.k_eq_v
+        if is_expert_target(target):
+            return self.moe
         return True

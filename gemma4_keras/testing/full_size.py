@@ -4,12 +4,15 @@ Memory is a property of the real sizes: a tiny model proves a code path
 correct, not that it fits. This module writes a Hugging Face checkpoint with
 the released `config.json` of a size and seeded random bfloat16 weights,
 in the released `Gemma4ForConditionalGeneration` key layout
-(`model.language_model.*`; no vision or audio tower) as sharded safetensors
-with `model.safetensors.index.json`, plus the shipped tiny tokenizer (the
-model keeps the real 262,144-entry vocabulary):
+(`model.language_model.*`; with `towers=True` also the vision tower, and
+the audio tower of E2B/E4B, under transformers' names) as sharded
+safetensors with `model.safetensors.index.json`, plus the shipped tiny
+tokenizer (the model keeps the real 262,144-entry vocabulary):
 
     path = full_size.full_size_checkpoint("e2b")    # ~9.3 GB, cached
     full_size.write_full_size(d, "31b", weights=False)   # config.json only
+    config = full_size.released_config("e4b", towers=True, layers=12)
+    full_size.write_checkpoint(d, config)  # released widths, 12 decoder layers
 
 Weights are generated and written in pieces of at most `CHUNK_BYTES`, so
 writing never holds even one whole tensor (E2B's per-layer-embedding table
@@ -19,7 +22,10 @@ is 4.7 GB). E2B is ~9.3 GB and E4B ~16 GB on disk; 26B-A4B (~52 GB) and 31B
 
 The text configs are those of transformers' `convert_gemma4_weights.py`
 (`_VARIANTS`), completed with `Gemma4TextConfig`'s defaults, with
-`global_head_dim` at the top level as the released files carry it. Like
+`global_head_dim` at the top level as the released files carry it. The
+towers' configs are `Gemma4VisionConfig`'s and `Gemma4AudioConfig`'s
+defaults (the released E2B/E4B towers: a 16-layer, 768-wide vision encoder
+of ~169M parameters; a 12-layer, 1024-wide conformer of ~309M). Like
 the released checkpoints (`shared/GEMMA4.md`, "What serving stacks
 expect"), the KV-shared layers carry K/V projections (and a K norm) that
 the model never uses (`shared_kv_weights=False` leaves them out, as
@@ -121,12 +127,17 @@ _MULTIMODAL_IDS = dict(
 )
 
 
-def released_config(size: str) -> dict:
-    """The released `config.json` of `size`, text decoder only.
+def released_config(size: str, towers: bool = False, layers: int | None = None) -> dict:
+    """The released `config.json` of `size`.
 
     `Gemma4ForConditionalGeneration` layout: the text config under
-    `text_config`; `vision_config` / `audio_config` are left out (there
-    are no towers; KerasHub builds a vision encoder whenever the key exists).
+    `text_config`. Without `towers`, `vision_config` / `audio_config` are
+    left out (KerasHub builds a vision encoder whenever the key exists);
+    with it, the vision tower (every size) and the audio tower (E2B, E4B)
+    are in (`tiny.tower_configs` at transformers' defaults; needs
+    transformers). `layers` keeps the first `layers` decoder layers at the
+    released widths (the KV-shared ones in proportion): a model whose step
+    compiles in less memory, for measuring what does not depend on depth.
 
     Example:
 
@@ -137,7 +148,19 @@ def released_config(size: str) -> dict:
     if size not in _VARIANTS:
         raise ValueError(f"size={size!r}: expected one of {SIZES}")
     text = json.loads(json.dumps({**tiny.TEXT_DEFAULTS, **_VARIANTS[size]}))
-    return tiny.conditional_generation(text, _MULTIMODAL_IDS)
+    if layers is not None:
+        full = text["num_hidden_layers"]
+        shared = text.get("num_kv_shared_layers") or 0
+        text.update(
+            num_hidden_layers=layers,
+            layer_types=text["layer_types"][:layers],
+            num_kv_shared_layers=round(shared * layers / full),
+        )
+    config = tiny.conditional_generation(text, _MULTIMODAL_IDS)
+    if towers:
+        audio = {} if size in ("e2b", "e4b") else None
+        config.update(tiny.tower_configs(vision={}, audio=audio))
+    return config
 
 
 # ----------------------------------------------------------------------------
@@ -221,6 +244,13 @@ def _pieces(seed: int, name: str, shape: tuple[int, ...], kind: str):
         n = min(step, total - start)
         if kind == "scalar":
             x = rng.uniform(0.6, 1.0, n).astype(np.float32)
+        elif kind in ("clip_min", "clip_max"):  # a tower's clipping bounds
+            x = rng.uniform(1.0, 3.0, n).astype(np.float32)
+            x *= np.float32(-1 if kind == "clip_min" else 1)
+        elif kind in ("small", "conv"):  # tower biases, position tables, convs
+            fan_in = math.prod(shape[1:]) if kind == "conv" else 400
+            x = rng.standard_normal(n, dtype=np.float32)
+            x *= np.float32(0.5 / math.sqrt(fan_in))
         else:
             x = rng.standard_normal(n, dtype=np.float32)
             if kind == "norm":
@@ -303,10 +333,17 @@ def _check_disk(path: pathlib.Path, config: dict, shared_kv_weights: bool) -> No
 
 
 def write_full_size(
-    path: str | os.PathLike, size: str, *, seed: int = 0, **kwargs
+    path: str | os.PathLike,
+    size: str,
+    *,
+    seed: int = 0,
+    towers: bool = False,
+    layers: int | None = None,
+    **kwargs,
 ) -> pathlib.Path:
-    """`write_checkpoint(path, released_config(size), ...)`."""
-    return write_checkpoint(path, released_config(size), seed=seed, **kwargs)
+    """`write_checkpoint(path, released_config(size, towers, layers), ...)`."""
+    config = released_config(size, towers, layers)
+    return write_checkpoint(path, config, seed=seed, **kwargs)
 
 
 def cache_dir(size: str) -> pathlib.Path:
@@ -318,14 +355,21 @@ def cache_dir(size: str) -> pathlib.Path:
     return base / "full_size" / f"{size}-v{FORMAT_VERSION}"
 
 
-def full_size_checkpoint(size: str, *, seed: int = 0) -> pathlib.Path:
+def full_size_checkpoint(
+    size: str, *, seed: int = 0, towers: bool = False, layers: int | None = None
+) -> pathlib.Path:
     """The cached random-weight checkpoint of `size`, written on first use.
 
-    Never written inside the repository (`tiny.write_once`); delete the
-    cache directory to free the disk.
+    `towers`, `layers` as `released_config` (each variant has its own cache
+    directory). Never written inside the repository (`tiny.write_once`);
+    delete the cache directory to free the disk.
     """
-    final = cache_dir(size) if seed == 0 else cache_dir(f"{size}-seed{seed}")
-    return tiny.write_once(final, lambda tmp: write_full_size(tmp, size, seed=seed))
+    name = size + ("-towers" if towers else "") + (f"-{layers}layers" if layers else "")
+    final = cache_dir(name) if seed == 0 else cache_dir(f"{name}-seed{seed}")
+    return tiny.write_once(
+        final,
+        lambda tmp: write_full_size(tmp, size, seed=seed, towers=towers, layers=layers),
+    )
 
 
 __all__ = [

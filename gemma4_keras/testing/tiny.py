@@ -345,12 +345,15 @@ def tiny_hf_config(
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}.")
 
 
-def tower_configs() -> dict:
+def tower_configs(
+    vision: dict | None = VISION_TOWER, audio: dict | None = AUDIO_TOWER
+) -> dict:
     """`vision_config` and `audio_config` of the multimodal layout.
 
     Written by transformers' own `Gemma4VisionConfig` / `Gemma4AudioConfig`
-    (`VISION_TOWER`, `AUDIO_TOWER` over their defaults), so every field a
-    reader looks for is there.
+    (`vision`, `audio` over their defaults; None leaves a tower out), so
+    every field a reader looks for is there. `{}` gives the defaults, which
+    are the released towers' (`full_size.released_config`).
     """
     from transformers.models.gemma4 import (  # test-only layout: the towers' config is transformers'
         configuration_gemma4 as hf,
@@ -362,10 +365,12 @@ def tower_configs() -> dict:
             d.pop(key, None)
         return d
 
-    return {
-        "vision_config": plain(hf.Gemma4VisionConfig(**VISION_TOWER)),
-        "audio_config": plain(hf.Gemma4AudioConfig(**AUDIO_TOWER)),
-    }
+    out = {}
+    if vision is not None:
+        out["vision_config"] = plain(hf.Gemma4VisionConfig(**vision))
+    if audio is not None:
+        out["audio_config"] = plain(hf.Gemma4AudioConfig(**audio))
+    return out
 
 
 def tower_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:

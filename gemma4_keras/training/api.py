@@ -214,7 +214,8 @@ def _report(verb: str, config, out: str | None) -> dict:
     except presets.PresetError as e:  # a download needs credentials / network
         logging.warning("no tokenizer (%s): token statistics are skipped", e)
         tokenizer = None
-    report = getattr(data_lib, verb)(settings, tokenizer)
+    processor = presets.processor_settings(preset)
+    report = getattr(data_lib, verb)(settings, tokenizer, processor)
     print(data_lib.format_report(report), flush=True)
     if out:
         outputs.write_json(out, f"data_{verb}.json", report)
@@ -422,7 +423,9 @@ def training_data(config, tokenizer, preset: str) -> TrainingData:
     Prints the data quality report. Raises DataError (file:line) on bad data.
     """
     template = presets.chat_template(config, preset)
-    prepared = train.prepare_data(config.data, tokenizer, template)
+    prepared = train.prepare_data(
+        config.data, tokenizer, template, presets.processor_settings(preset)
+    )
     stream, steps = train.build_batches(
         prepared.train_examples, config.data, config.train
     )
@@ -470,7 +473,12 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
     return evaluate_lib.evaluate_workdir(config, workdir, out)
 
 
-def _prompts(prompts, tools) -> tuple[list[list[dict]], list, bool]:
+def _processor(config):
+    """The image / audio sizing of `config`'s preset (processor_config.json)."""
+    return presets.processor_settings(presets.resolve_preset(config.model.preset))
+
+
+def _prompts(prompts, tools, processor) -> tuple[list[list[dict]], list, bool]:
     """(checked conversations, declarations per conversation, any tools?)."""
     if isinstance(prompts, str | Mapping):
         prompts = [prompts]
@@ -486,21 +494,35 @@ def _prompts(prompts, tools) -> tuple[list[list[dict]], list, bool]:
             list(p) if isinstance(p, Sequence) else p,
             own if own is not None else tools,
             f"prompts[{i}]",
+            processor=processor,
         )
         conversations.append(messages)
         declarations.append(declared)
     return conversations, declarations, structured
 
 
-def _generator(config, adapter) -> generate_lib.Generator:
+def _media_kinds(conversations) -> tuple[str, ...]:
+    """The media part types the prompts hold: the towers to attach."""
+    found = {r["type"] for c in conversations for r in data_lib.media.media_of(c)}
+    return tuple(k for k in data_lib.media.KINDS if k in found)
+
+
+def _generator(
+    config, adapter, media_kinds: tuple[str, ...] = ()
+) -> generate_lib.Generator:
     """A `Generator` for `adapter` (see `generate`).
 
     A trained `Gemma4LoraModel` decodes as it is (its active adapter, its own
-    base): no second base is built.
+    base): no second base is built. `media_kinds`: the media the prompts
+    hold ("image", "audio"); those frozen towers of the preset are attached
+    if the model has none (`presets.attach_towers`, the one place they are
+    read; an unused tower is never loaded).
     """
     if adapter is None or isinstance(adapter, str):
-        return generate_lib.load_generator(config, adapter or "none")
+        return generate_lib.load_generator(config, adapter or "none", media_kinds)
     preset = presets.resolve_preset(config.model.preset)
+    if media_kinds and getattr(adapter, "towers", None) is None:
+        presets.attach_towers(adapter, preset, media_kinds)
     return generate_lib.Generator.from_model(
         adapter,
         presets.load_tokenizer(preset),
@@ -519,7 +541,7 @@ def _answers(config, conversations, tools, adapter, max_new_tokens) -> list[str]
         raise generate_lib.PromptError("no prompt: give a message or a list of them")
     batch_size = int(config.eval.batch_size)
     rows = _pad_to_data_parallel(list(range(len(conversations))), batch_size)
-    gen = _generator(config, adapter)
+    gen = _generator(config, adapter, _media_kinds(conversations))
     return gen.generate(
         [conversations[i] for i in rows],
         tools=None if tools is None else [tools[i] for i in rows],
@@ -542,7 +564,12 @@ def generate(
       config: the run config (`model.preset`, `data.template`, ...).
       prompts: a user message, a list of them, or chat conversations
         (lists of OpenAI-style messages ending in a user turn or in `tool`
-        results), or `{"messages": [...], "tools": [...]}` objects.
+        results), or `{"messages": [...], "tools": [...]}` objects. A
+        message's content may be a list of parts with images and audio, as
+        in the data records (`{"type": "image", "path": "cat.png"}`,
+        `{"type": "audio", "path": "a.wav"}`, OpenAI's `image_url` /
+        `input_audio`; paths relative to the working directory); the
+        preset's vision / audio towers are then loaded.
       adapter: None for the base model, a PEFT adapter directory
         (`<workdir>/adapter`), or a trained `Gemma4LoraModel` (decoded as
         it is, with its active adapter: no second base is built).
@@ -563,7 +590,9 @@ def generate(
       ...          tools=[{"type": "function", "function": {"name": "weather", ...}}])
       [{'content': '', 'tool_calls': [{'name': 'weather', 'arguments': {'city': 'Oslo'}}]}]
     """
-    conversations, declarations, structured = _prompts(prompts, tools)
+    conversations, declarations, structured = _prompts(
+        prompts, tools, _processor(config)
+    )
     answers = _answers(
         config,
         conversations,
@@ -576,7 +605,14 @@ def generate(
     return [generate_lib.structured_answer(a) for a in answers]
 
 
-read_prompts = generate_lib.read_prompts  # --prompt flags and a prompts file
+def read_prompts(
+    config, prompts, prompts_file, images=(), audio=()
+) -> list[data_lib.Conversation]:
+    """`generate_lib.read_prompts` (--prompt, --prompts_file, --image,
+    --audio), media sized as `config`'s preset says."""
+    return generate_lib.read_prompts(
+        prompts, prompts_file, images, audio, _processor(config)
+    )
 
 
 def answer_lines(
@@ -666,8 +702,10 @@ def chat(
     declared = generate_lib.declare(functions, declarations)
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    history, _ = generate_lib.check_prompt(list(messages), None, "messages")
-    gen = _generator(config, adapter)
+    history, _ = generate_lib.check_prompt(
+        list(messages), None, "messages", processor=_processor(config)
+    )
+    gen = _generator(config, adapter, _media_kinds([history]))
     return generate_lib.chat_loop(
         gen,
         history,

@@ -49,9 +49,9 @@ import numpy as np
 from absl import logging
 
 from gemma4_keras import atomic, config_lib, data, host_memory, workdir_lock
-from gemma4_keras.data.commands import has_media
+from gemma4_keras.data.commands import media_kinds
 from gemma4_keras.eval import evaluate
-from gemma4_keras.exporters import peft
+from gemma4_keras.exporters import hf, peft
 from gemma4_keras.model import plan as plan_lib
 from gemma4_keras.model import presets
 from gemma4_keras.model.layers import float16_islands
@@ -126,7 +126,8 @@ def _run_locked(config, workdir: str) -> dict:
     tokenizer = presets.load_tokenizer(preset)
     # Bad data, or a package rendering that differs from the checkpoint's
     # chat_template.jinja, stops the run here, before a large model is loaded.
-    prepared = prepare_data(config.data, tokenizer, template)
+    processor = presets.processor_settings(preset)
+    prepared = prepare_data(config.data, tokenizer, template, processor)
     distributed.setup(config.distribution, int(config.train.batch_size))
     stream, plan = build_batches(prepared.train_examples, config.data, config.train)
     if not prepared.holdout:
@@ -138,11 +139,15 @@ def _run_locked(config, workdir: str) -> dict:
             flush=True,
         )
 
+    towers = presets.tower_kinds(
+        config.model, lambda: media_kinds(prepared.train + prepared.holdout), preset
+    )
+
     stopping.phase("model loading")
-    check_host_memory(config)
+    check_host_memory(config, towers)
     model = presets.build_training_model(preset, presets.ModelSettings.of(config))
-    if has_media(prepared.train + prepared.holdout):
-        presets.attach_towers(model, preset)  # frozen; batches carry their inputs
+    if towers:
+        presets.attach_towers(model, preset, towers)  # frozen; batches carry inputs
     schedule = build_schedule(config.train, plan)
     compile_model(model, config.train, schedule)
     ckpt = build_checkpointer(config, workdir, model, preset)
@@ -168,7 +173,7 @@ def _run_locked(config, workdir: str) -> dict:
     return write_run_state(workdir, **end, **summary)
 
 
-def check_host_memory(config) -> None:
+def check_host_memory(config, towers: tuple[str, ...] = ()) -> None:
     """Stops before loading when `plan` says training needs more host memory
     than this machine has available (`train.memory_check=False` skips it).
 
@@ -180,7 +185,7 @@ def check_host_memory(config) -> None:
     available = plan_lib.host_memory_available()
     if not config.train.memory_check or available is None:
         return
-    estimate = plan_lib.plan(config)
+    estimate = plan_lib.plan(config, towers=towers)
     need = max(estimate["host_bytes"][k] for k in ("load", "train"))
     # The estimate counts the process itself (up to PROCESS_BYTES): that
     # part is resident already. Anything more (a notebook's other objects)
@@ -452,7 +457,12 @@ def checkpoint_meta(config, model, preset: str) -> dict:
 # --- data -------------------------------------------------------------------
 
 
-def prepare_data(data_cfg, tokenizer, template: data.ChatTemplate):
+def prepare_data(
+    data_cfg,
+    tokenizer,
+    template: data.ChatTemplate,
+    processor: data.media.ProcessorSettings = data.media.PROCESSOR,
+):
     """Reads, checks, splits and encodes the data; prints the quality report.
 
     `template` (`presets.chat_template`) is the chat template variant; when
@@ -460,7 +470,7 @@ def prepare_data(data_cfg, tokenizer, template: data.ChatTemplate):
     rendered with it must equal the package's rendering (else TemplateError).
     """
     settings = config_lib.data_settings(data_cfg, template.variant)
-    prepared = data.prepare(settings, tokenizer)
+    prepared = data.prepare(settings, tokenizer, processor)
     checked = data.check_conversations(
         prepared.train + prepared.holdout,
         template,
@@ -814,11 +824,20 @@ def _find(callbacks: list, kind: type):
 
 
 def save_adapter(model, config, preset: str, workdir: str) -> None:
-    """Writes the final adapter in PEFT format to workdir/adapter (process 0)."""
+    """Writes the final adapter in PEFT format to workdir/adapter (process 0).
+
+    In the base's own key layout, as `export --format=peft` writes by
+    default (`hf.base_layout`): a multimodal checkpoint's adapter is keyed
+    under `language_model`, so PEFT loads it on Gemma4ForConditionalGeneration.
+    """
     if not distributed.is_writer():
         return
     peft.save_adapter(
-        model, os.path.join(workdir, "adapter"), base_model=preset, overwrite=True
+        model,
+        os.path.join(workdir, "adapter"),
+        base_model=preset,
+        layout=hf.base_layout(presets.read_config_json(preset)),
+        overwrite=True,
     )
 
 
