@@ -7,6 +7,9 @@ Run (the checkpoint is written once to ~/.cache/gemma4_keras/full_size/):
     # tower attached; --layers keeps the first N decoder layers (released
     # widths) where the whole model's compile does not fit the host
     python benchmarks/real_size_train.py --size=e4b --images=1 --layers=12
+    # 26B-A4B's MoE layers (routed experts, NF4) at seq 4096, compiled only:
+    # XLA's device bytes of the truncated model next to `plan`'s
+    python benchmarks/real_size_train.py --size=26b_a4b --seq=4096 --layers=6 --steps=0
 
 Random weights at the true shapes exercise every code path and all of the
 memory. The model is built the way `gemma4-keras train` builds it
@@ -63,10 +66,11 @@ def build_config(args, preset: str):
     config.train.batch_size = args.batch
     config.train.grad_accum = 1
     config.model.remat = True
-    config.train.max_steps = args.steps
+    config.train.max_steps = max(args.steps, 1)  # --steps=0: compile only
     config.lora.rank = args.rank
     config.lora.alpha = 2.0 * args.rank
     config.model.ple_on_host = args.ple_on_host
+    config.model.moe_dispatch = args.moe_dispatch
     config_lib.validate(config)
     return config
 
@@ -207,11 +211,21 @@ def plan_figures(config, images: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="e2b", choices=["e2b", "e4b", "tiny"])
+    parser.add_argument(
+        "--size", default="e2b", choices=["e2b", "e4b", "26b_a4b", "tiny"]
+    )
     parser.add_argument("--method", default="qlora", choices=["qlora", "lora"])
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--steps", type=int, default=3, help="optimiser steps run (0: compile only)"
+    )
+    parser.add_argument(
+        "--moe_dispatch",
+        default="auto",
+        choices=["auto", "ragged", "blocks", "dense"],
+        help="model.moe_dispatch (26B-A4B)",
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
         "--ple_on_host",
@@ -259,7 +273,8 @@ def main() -> None:
     result = {"size": args.size, "method": args.method, "seq": args.seq,
               "batch": args.batch, "rank": args.rank,
               "ple_on_host": args.ple_on_host, "images": args.images,
-              "layers": args.layers or "all"}  # fmt: skip
+              "layers": args.layers or "all",
+              "moe_dispatch": args.moe_dispatch}  # fmt: skip
     model, result["load"] = load(config, preset, args.images)
     print(
         json.dumps({"load": result["load"]}, default=float), file=sys.stderr, flush=True

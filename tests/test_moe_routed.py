@@ -32,8 +32,8 @@ def rel(a, b) -> float:
 
 
 def test_block_size_and_layout():
-    assert moe.block_size(4096 * 8, 128) == 128  # seq 4096 at 26B-A4B
-    assert moe.block_size(256 * 8, 128) == 8
+    assert moe.block_size(4096 * 8, 128) == 64  # seq 4096 at 26B-A4B
+    assert moe.block_size(256 * 8, 128) == 4
     assert moe.block_size(8, 128) == 1  # one token (decoding): no padding
     block_expert, pos, rows = moe.block_layout(jnp.array([0, 0, 0, 2, 2]), 3, 2)
     assert rows == 8
@@ -50,8 +50,8 @@ def test_auto_kernel_and_rows():
     with pytest.raises(ValueError, match="model.moe_dispatch='sparse'"):
         moe.kernel("sparse", False)
     # The compiled step's row count is expert_rows' (what plan counts).
-    _, pos, rows = moe.block_layout(jnp.zeros(256 * 8, jnp.int32), 128, 8)
-    assert rows == moe.expert_rows(256, 8, 128, "blocks") == 2944
+    _, pos, rows = moe.block_layout(jnp.zeros(256 * 8, jnp.int32), 128, 4)
+    assert rows == moe.expert_rows(256, 8, 128, "blocks") == 2432
     assert moe.expert_rows(256, 8, 128, "dense") == 256 * 128
 
 

@@ -104,7 +104,7 @@ def expert_rows(tokens: int, top_k: int, num_experts: int, how: str) -> int:
     compiled step is shaped for, `block_layout`).
 
     >>> expert_rows(4096, 8, 128, "dense"), expert_rows(4096, 8, 128, "blocks")
-    (524288, 49024)
+    (524288, 40832)
     """
     pairs = tokens * top_k
     if how == "dense":
@@ -273,16 +273,17 @@ def routed(
 def block_size(pairs: int, num_experts: int) -> int:
     """Rows per block of the `blocks` kernel for `pairs` (token, slot) pairs.
 
-    The largest power of two up to `pairs / (2 * num_experts)` (at most
+    The largest power of two up to `pairs / (4 * num_experts)` (at most
     `MAX_BLOCK`, at least 1), so the padding (`num_experts * block` rows at
-    most) stays within half the routed rows: expert FLOPs at most 1.5x the
-    active count. One token (decoding) gets blocks of one row, no padding.
+    most) stays within a quarter of the routed rows: expert FLOPs at most
+    1.25x the active count. Smaller blocks cost more loop steps, not FLOPs;
+    one token (decoding) gets blocks of one row, no padding.
 
     >>> block_size(4096 * 8, 128), block_size(256 * 8, 128), block_size(8, 128)
-    (128, 8, 1)
+    (64, 4, 1)
     """
     block = 1
-    while block * 2 <= min(MAX_BLOCK, pairs / (2 * num_experts)):
+    while block * 2 <= min(MAX_BLOCK, pairs / (4 * num_experts)):
         block *= 2
     return block
 

@@ -246,8 +246,8 @@ def _moe_per_token(spec: ModelSpec, n_tok: int, moe_kernel: str) -> float:
     grouped input and output) + 3*k*D (the gathered input, the output and
     the weighted output of each (token, slot)); both + 4*D (norms, router).
     XLA's count at 26B-A4B's widths, 4096 tokens, float32
-    (`benchmarks/moe_dispatch.py`, each further layer): routed 2.70 GiB,
-    this 2.62; dense 13.89 GiB, this 9.8.
+    (`benchmarks/moe_dispatch.py`, each further layer, blocks of 64):
+    routed 2.26-2.30 GiB, this 2.38; dense 13.89 GiB, this 9.8.
     """
     d, i = spec.hidden_dim, spec.expert_dim
     rows = moe.expert_rows(n_tok, spec.top_k, spec.num_experts, moe_kernel) / n_tok
