@@ -52,9 +52,8 @@ from gemma4_keras import atomic, config_lib, data, host_memory, workdir_lock
 from gemma4_keras.data.commands import media_kinds
 from gemma4_keras.eval import evaluate
 from gemma4_keras.exporters import hf, peft
-from gemma4_keras.model import hub
+from gemma4_keras.model import hub, presets
 from gemma4_keras.model import plan as plan_lib
-from gemma4_keras.model import presets
 from gemma4_keras.model.layers import float16_islands
 from gemma4_keras.training import callbacks as cb
 from gemma4_keras.training import checkpointing, distributed, stopping
