@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import gemma4_keras as g4
 from gemma4_keras import config_lib
 from gemma4_keras.model import gemma4_lora_model, lora, presets
 from gemma4_keras.testing import variants
+from gemma4_keras.training import callbacks as cb
 from gemma4_keras.training import train
 
 COEF = 0.05
@@ -174,10 +176,10 @@ def test_expert_loads():
 
 
 @pytest.mark.parametrize("size", ["26b_a4b", "tiny"])
-def test_train_log_has_router_columns_for_moe_only(size, tmp_path):
+def test_train_log_has_router_columns_for_moe_only(size, tmp_path, capsys):
     """A short tiny MoE run logs router_aux_loss and the expert loads per
-    step in train_log.csv (through Keras' logs); a dense run's log is
-    unchanged."""
+    step in train_log.csv and the progress line (through Keras' logs); a
+    dense run's are unchanged."""
     config = g4.get_config(
         size,
         "lora",
@@ -192,18 +194,25 @@ def test_train_log_has_router_columns_for_moe_only(size, tmp_path):
         data.batches,
         steps_per_epoch=1,
         epochs=2,
-        callbacks=[train.StepCSVLogger(path)],
+        callbacks=[
+            train.StepCSVLogger(path),
+            cb.Progress(2, data.plan.tokens_per_step, every=1),
+        ],
         shuffle=False,
         verbose=0,
     )
+    printed = re.findall(r"^step \d/2 .*$", capsys.readouterr().out, re.M)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     router = set(gemma4_lora_model.ROUTER_LOGS)
+    assert len(printed) == 2
     if size == "tiny":
         assert not router & set(rows[0])
+        assert not any(n in line for n in router for line in printed)
         return
     assert router <= set(rows[0])
+    assert all(f" {n}=" in line for n in router for line in printed)
     for r in rows:
         aux, high, low = (float(r[n]) for n in gemma4_lora_model.ROUTER_LOGS)
         print(

@@ -543,7 +543,7 @@ class Gemma4LoraModel(keras.Model):
         and, inside Keras' step, the `ROUTER_LOGS` metrics.
         """
         ce = self._cross_entropy(x, y_pred)
-        router = getattr(self, "_router", None)
+        router = self._router
         if router is None or router[0] is not y_pred:
             if self.router_aux_loss_coef > 0:
                 raise ValueError(

@@ -54,6 +54,7 @@ from gemma4_keras.eval import evaluate
 from gemma4_keras.exporters import hf, peft
 from gemma4_keras.model import hub, presets
 from gemma4_keras.model import plan as plan_lib
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.layers import float16_islands
 from gemma4_keras.training import callbacks as cb
 from gemma4_keras.training import checkpointing, distributed, stopping
@@ -609,7 +610,8 @@ def check_router_aux_loss(train_cfg, preset: str) -> None:
 def compile_model(model, train_cfg, schedule: cb.WarmupDecay) -> None:
     """AdamW driven by `schedule`, with `schedule.grad_accum` micro-batches a
     step; the loss adds `train.router_aux_loss_coef` x the load-balancing loss."""
-    model.set_router_aux_loss(float(train_cfg.router_aux_loss_coef))
+    if isinstance(model, Gemma4LoraModel):  # not a user's own Keras model
+        model.set_router_aux_loss(float(train_cfg.router_aux_loss_coef))
     accum = schedule.grad_accum
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule,  # evaluated by the optimiser at its own step count
