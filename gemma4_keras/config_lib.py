@@ -230,6 +230,11 @@ def get_config(
     c.train.weight_decay = 0.0
     c.train.max_grad_norm = 1.0  # global-norm clipping; 0 = off
     c.train.seed = 0
+    # MoE models (26B-A4B) only: adds coef x the load-balancing loss
+    # (Switch / Mixtral, transformers' router_aux_loss_coef; top_k when
+    # routing is even) to the loss; 0 = off, as the released model was trained.
+    # train_log.csv has router_aux_loss and expert loads either way.
+    c.train.router_aux_loss_coef = 0.0
     # Stop before loading when `plan`'s host-memory estimate exceeds the
     # machine's available memory; False = try anyway.
     c.train.memory_check = True
@@ -490,6 +495,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "must be >= 0 (0 = off)",
         ),
         (c.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = off)"),
+        (
+            c.train.router_aux_loss_coef >= 0,
+            "train.router_aux_loss_coef",
+            "must be >= 0 (0 = off)",
+        ),
         (
             c.train.max_steps > 0 or c.train.max_steps == -1,
             "train.max_steps",

@@ -118,7 +118,9 @@ def test_float16_gradients_match_float32_under_loss_scale():
 
 def compiled(dtype: str):
     m = build(dtype)
-    cfg = ml_collections.ConfigDict(dict(weight_decay=0.0, max_grad_norm=1.0))
+    cfg = ml_collections.ConfigDict(
+        dict(weight_decay=0.0, max_grad_norm=1.0, router_aux_loss_coef=0.0)
+    )
     train.compile_model(m, cfg, cb.WarmupDecay(3e-3, total_steps=8, decay="constant"))
     return m
 

@@ -20,6 +20,9 @@ import keras
 import numpy as np
 import tqdm
 
+# Keras has no public way to ask whether its step maps the metric variables.
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+
 from gemma4_keras.model import attention, hub, loss, moe, xla_workarounds
 from gemma4_keras.model.layers import (
     DecoderBlock,
@@ -35,6 +38,14 @@ from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import ModelSpec
 
 PLE_TABLE = "ple_embedding"
+# A MoE model's router logs (`compute_loss`), one value per step:
+# router_aux_loss: `moe.load_balancing_loss` over every MoE layer's
+#   non-padding tokens (logged whatever `router_aux_loss_coef`; top_k when
+#   routing is even, larger when it is not);
+# expert_load_max / expert_load_min: the largest / smallest share of the
+#   routed picks any expert of any MoE layer got, relative to an even share
+#   (1.0 = even; 0 = an expert no token picked).
+ROUTER_LOGS = ("router_aux_loss", "expert_load_max", "expert_load_min")
 MEDIA_INPUTS = ("pixel_values", "audio_features")
 
 
@@ -114,6 +125,13 @@ class Gemma4LoraModel(keras.Model):
         self.dropout_seed = keras.random.SeedGenerator(0, name="lora_dropout_seed")
         # The frozen vision / audio towers and the ids they fill (`attach_towers`).
         self.towers: hub.Towers | None = None
+        self.router_aux_loss_coef = 0.0  # `set_router_aux_loss`
+        self._router = None  # (hidden, router stats) of the last `call`
+        if spec.moe:
+            # Per optimiser step in Keras' logs (mean over its micro-batches).
+            self.router_metrics = {
+                name: keras.metrics.Mean(name=name) for name in ROUTER_LOGS
+            }
 
     # --- construction -------------------------------------------------------
 
@@ -360,6 +378,7 @@ class Gemma4LoraModel(keras.Model):
         # (k, v) each layer attended over: what KV-shared layers read (the
         # training pass's handover) and, with a cache, the updated cache.
         kv: dict[int, tuple] = {}
+        router: dict[int, tuple | None] = {}  # MoE layers' `moe.router_stats`
         for blk in self.blocks:
             b = blk.bspec
             keys = self._dropout_keys(base_key, blk)
@@ -371,7 +390,7 @@ class Gemma4LoraModel(keras.Model):
                     cache_index, cache_update_mask, masks[b.sliding_window],
                 )  # fmt: skip
             elif self.remat:
-                x, kv[b.index] = xla_workarounds.remat(
+                x, kv[b.index], router[b.index] = xla_workarounds.remat(
                     blk,
                     lambda x, ple, shared, pos, seg, keys, blocks, blk=blk: blk.forward(
                         x, pos, seg, ple, shared, keys, blocks
@@ -380,11 +399,16 @@ class Gemma4LoraModel(keras.Model):
                     (positions, segment_ids, keys, blocks),
                 )
             else:
-                x, kv[b.index] = blk.forward(
+                x, kv[b.index], router[b.index] = blk.forward(
                     x, positions, segment_ids, ple_i, shared, keys, blocks
                 )
         hidden = rms_norm(x, self.globals["final_norm"].value, self.spec.eps)
         if cache is None:
+            if self.spec.moe:
+                # Keras' train / test step calls `compute_loss` with what
+                # `call` returned, in the same trace: the router statistics
+                # ride along, tagged with the hidden states they belong to.
+                self._router = (hidden, [router[i] for i in sorted(router)])
             return hidden
         return hidden, tuple(
             kv[b.index] if b.has_kv else None for b in self.spec.blocks
@@ -511,6 +535,51 @@ class Gemma4LoraModel(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        """The step's loss: the token-mean cross-entropy over the global batch,
+        plus `router_aux_loss_coef` x the load-balancing loss on a MoE model.
+
+        On a MoE model, `y_pred` must be what `call` just returned (Keras'
+        train / test step): its router statistics give the auxiliary loss
+        and, inside Keras' step, the `ROUTER_LOGS` metrics.
+        """
+        ce = self._cross_entropy(x, y_pred)
+        router = self._router
+        if router is None or router[0] is not y_pred:
+            if self.router_aux_loss_coef > 0:
+                raise ValueError(
+                    "router_aux_loss_coef > 0 needs the router statistics of "
+                    "the call that returned y_pred; call the model first"
+                )
+            return ce
+        self._router = None
+        stats = [s for s in router[1] if s is not None]
+        aux = moe.load_balancing_loss(stats)
+        if in_stateless_scope():  # Keras' step: metric updates are returned
+            loads = expert_loads(stats)
+            for name, value in zip(ROUTER_LOGS, (aux, jnp.max(loads), jnp.min(loads))):
+                self.router_metrics[name].update_state(value)
+        if self.router_aux_loss_coef > 0:
+            return ce + jnp.asarray(self.router_aux_loss_coef, ce.dtype) * aux
+        return ce
+
+    def set_router_aux_loss(self, coef: float) -> None:
+        """Adds `coef` x the load-balancing loss to the training loss.
+
+        `coef` is `train.router_aux_loss_coef` (0 = off, the default, as
+        the released model was trained). MoE models only.
+        """
+        if coef < 0:
+            raise ValueError(
+                f"train.router_aux_loss_coef={coef}: must be >= 0 (0 = off)"
+            )
+        if coef > 0 and not self.spec.moe:
+            raise ValueError(
+                f"train.router_aux_loss_coef={coef}: this model has no experts "
+                "(only 26B-A4B is a mixture of experts); set it to 0"
+            )
+        self.router_aux_loss_coef = float(coef)
+
+    def _cross_entropy(self, x, y_pred):
         total, _ = loss.chunked_cross_entropy(
             y_pred,
             self.globals["embedding"].value,
@@ -523,6 +592,15 @@ class Gemma4LoraModel(keras.Model):
         # by the number of micro-batches: Keras averages accumulated
         # gradients, so this gives the exact mean over the global batch.
         return total / x["loss_norm"][0]
+
+
+def expert_loads(stats) -> jax.Array:
+    """Each MoE layer's expert loads [layers, E]: an expert's share of the
+    layer's top-k picks relative to an even share (1.0 = even), from
+    `moe.router_stats` of each layer."""
+    tokens = jnp.stack([s[0] for s in stats])  # picks per expert
+    picks = jnp.maximum(tokens.sum(-1, keepdims=True), 1.0)  # all padding: 0s
+    return tokens * tokens.shape[-1] / picks
 
 
 def _attr(target: str) -> str:
@@ -587,4 +665,4 @@ def _cached_block(
             attention.write_cache(c, n, index, update_mask) for c, n in zip(cache, new)
         )
     att = attention.dot_attention(q, k, v, mask, blk.bspec.attn_soft_cap)
-    return blk.attention_output(x, att, ple_input, keys), (k, v)
+    return blk.attention_output(x, att, ple_input, keys)[0], (k, v)

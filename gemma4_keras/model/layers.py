@@ -389,8 +389,11 @@ class DecoderBlock(keras.layers.Layer):
     def forward(
         self, x, positions, segment_ids, ple_input, shared_kv, keys, blocks=None
     ):
-        """One block over whole packed rows; returns (x, (k, v)) for KV sharing.
+        """One block over whole packed rows: (x, (k, v) for KV sharing, router).
 
+        `router`: the MoE layer's `moe.router_stats` over the non-padding
+        tokens (`segment_ids` > 0), None without experts; the model's loss
+        reads them (`Gemma4LoraModel.compute_loss`).
         `blocks`: image soft tokens' ids (`attention.vision_blocks`), which
         attend to each other both ways on sliding layers of a model whose
         config says `use_bidirectional_attention: "vision"`.
@@ -410,7 +413,8 @@ class DecoderBlock(keras.layers.Layer):
             self.attention_chunk_size,
             blocks=blocks if bidirectional else None,
         )
-        return self.attention_output(x, att, ple_input, keys), (k, v)
+        x, router = self.attention_output(x, att, ple_input, keys, segment_ids > 0)
+        return x, (k, v), router
 
     def attention_inputs(self, x, positions, keys):
         """(q, (k, v)) of the tokens in `x`, normed and rotated.
@@ -439,9 +443,15 @@ class DecoderBlock(keras.layers.Layer):
         )
         return q, (k, rms_norm(raw_v, None, s.eps))
 
-    def attention_output(self, x, att, ple_input, keys):
-        """The rest of the block after attention: o_proj, MLP (+ MoE), PLE."""
+    def attention_output(self, x, att, ple_input, keys, mask=None):
+        """The rest of the block after attention: o_proj, MLP (+ MoE), PLE.
+
+        Returns (x, router): `router` is the MoE layer's `moe.router_stats`
+        over the tokens where `mask` [B, T] is True; None without experts or
+        without `mask` (decoding).
+        """
         s = self.spec
+        router = None
         att = self.linear("o_proj", att, keys)
         x = x + rms_norm(att, self.norms["post_attn"].value, s.eps)
 
@@ -449,36 +459,40 @@ class DecoderBlock(keras.layers.Layer):
         f = self.mlp(h, keys)
         if s.moe:
             f = rms_norm(f, self.norms["post_ffw_dense"].value, s.eps)
-            f = f + self._moe(x)
+            y, router = self._moe(x, mask)
+            f = f + y
         x = x + rms_norm(f, self.norms["post_ffw"].value, s.eps)
         if s.ple_dim and ple_input is not None:
             g = gelu_tanh(x @ self.extra["ple_gate"].value.astype(x.dtype)) * ple_input
             g = g @ self.extra["ple_up"].value.astype(x.dtype)
             x = x + rms_norm(g, self.norms["post_ple"].value, s.eps)
-        return x * self.extra["layer_scalar"].value.astype(x.dtype)
+        return x * self.extra["layer_scalar"].value.astype(x.dtype), router
 
-    def _moe(self, x: jax.Array) -> jax.Array:
+    def _moe(self, x: jax.Array, mask: jax.Array | None = None):
         """The MoE path (router on raw x, experts on normed x), frozen.
 
-        `moe_dispatch` picks routed (each expert on its own tokens) or dense
-        compute (`model/moe.py`).
+        Returns (output, `moe.router_stats` over the tokens where `mask`,
+        or None without a mask). `moe_dispatch` picks routed (each expert on
+        its own tokens) or dense compute (`model/moe.py`).
         """
         s, e = self.spec, self.extra
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
-        top_p, top_i = moe.route(
-            rms_norm(xf, None, s.eps),
-            e["router_scale"].value,
-            e["router_proj"].value,
-            s.top_k,
-        )
+        normed = rms_norm(xf, None, s.eps)
+        router = e["router_scale"].value, e["router_proj"].value
+        top_p, top_i = moe.route(normed, *router, s.top_k)
+        stats = None
+        if mask is not None:
+            logits = moe.router_logits(normed, *router)
+            stats = moe.router_stats(logits, s.top_k, mask.reshape(-1))
         m = rms_norm(xf, self.norms["pre_ffw_moe"].value, s.eps)
         banks = {name: self._bank(name) for name in moe.BANKS}
         scale = e["expert_scale"].value
         y = moe.experts(
             m, top_p, top_i, banks, scale, self.moe_dispatch, self._expert_lora()
         )
-        return rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
+        y = rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
+        return y, stats
 
     def _expert_lora(self) -> dict[str, moe.ExpertLora]:
         """{bank row: (a, b, scale)} of the active adapter's expert targets;

@@ -24,6 +24,7 @@ from absl import logging
 
 from gemma4_keras.eval import evaluate
 from gemma4_keras.eval.generate import Generator
+from gemma4_keras.model.gemma4_lora_model import ROUTER_LOGS
 from gemma4_keras.training import distributed, stopping
 
 
@@ -189,7 +190,8 @@ class LearningRateLogger(StepCallback):
 
 
 class Progress(StepCallback):
-    """Logs loss, tokens/s and ETA every `every` optimiser steps.
+    """Logs loss, tokens/s and ETA every `every` optimiser steps (and a MoE
+    model's router statistics, `gemma4_lora_model.ROUTER_LOGS`).
 
     `counts` maps optimiser step -> real (non-padding) tokens of that step, as
     `train.step_batches` fills it; without it, `tokens_per_step` (padded
@@ -231,7 +233,8 @@ class Progress(StepCallback):
         steps_per_s = (step - self.start) / elapsed
         eta = (self.total - step) / max(steps_per_s, 1e-9)
         tok_s = self.tokens_done(step) / elapsed
-        extra = "".join(f" {k}={logs[k]:.4f}" for k in ("val_loss",) if k in logs)
+        shown = ("val_loss", *ROUTER_LOGS)  # the router's: MoE models only
+        extra = "".join(f" {k}={logs[k]:.4f}" for k in shown if k in logs)
         line = (
             f"step {step}/{self.total} loss={logs.get('loss', float('nan')):.4f}{extra} "
             f"lr={logs.get('learning_rate', float('nan')):.2e} {tok_s:.0f} tok/s "

@@ -52,8 +52,9 @@ from gemma4_keras import atomic, config_lib, data, host_memory, workdir_lock
 from gemma4_keras.data.commands import media_kinds
 from gemma4_keras.eval import evaluate
 from gemma4_keras.exporters import hf, peft
+from gemma4_keras.model import hub, presets
 from gemma4_keras.model import plan as plan_lib
-from gemma4_keras.model import presets
+from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.layers import float16_islands
 from gemma4_keras.training import callbacks as cb
 from gemma4_keras.training import checkpointing, distributed, stopping
@@ -122,6 +123,7 @@ def _run_locked(config, workdir: str) -> dict:
         return state
     stopping.phase("data preparation")
     preset = presets.resolve_preset(config.model.preset)
+    check_router_aux_loss(config.train, preset)
     template = presets.chat_template(config, preset)
     tokenizer = presets.load_tokenizer(preset)
     # Bad data, or a package rendering that differs from the checkpoint's
@@ -594,8 +596,22 @@ def build_schedule(train_cfg, plan: Plan) -> cb.WarmupDecay:
     )
 
 
+def check_router_aux_loss(train_cfg, preset: str) -> None:
+    """Refuses `train.router_aux_loss_coef` > 0 for a model without experts,
+    from the preset's config alone (before data preparation and loading)."""
+    coef = float(train_cfg.router_aux_loss_coef)
+    if coef > 0 and not hub.model_spec(presets.read_config_json(preset)).moe:
+        raise config_lib.ConfigError(
+            f"--config.train.router_aux_loss_coef={coef}: {preset} has no "
+            "experts (only 26B-A4B is a mixture of experts); set it to 0"
+        )
+
+
 def compile_model(model, train_cfg, schedule: cb.WarmupDecay) -> None:
-    """AdamW driven by `schedule`, with `schedule.grad_accum` micro-batches a step."""
+    """AdamW driven by `schedule`, with `schedule.grad_accum` micro-batches a
+    step; the loss adds `train.router_aux_loss_coef` x the load-balancing loss."""
+    if isinstance(model, Gemma4LoraModel):  # not a user's own Keras model
+        model.set_router_aux_loss(float(train_cfg.router_aux_loss_coef))
     accum = schedule.grad_accum
     optimizer = keras.optimizers.AdamW(
         learning_rate=schedule,  # evaluated by the optimiser at its own step count
