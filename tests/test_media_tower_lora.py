@@ -1,0 +1,125 @@
+"""LoRA on the vision tower's linear layers, against transformers + PEFT.
+
+Oracle: PEFT's LoRA on transformers' `Gemma4ForConditionalGeneration` (the
+tiny multimodal checkpoint), built with the same target modules, alpha and
+rank, its A / B set from ours (`enable_tower_lora`: Keras' `enable_lora` on
+the KerasHub encoder's layers). Logits with an image and the gradients
+w.r.t. every tower LoRA factor must agree; the default model keeps the
+tower frozen.
+"""
+
+import re
+
+import jax
+import keras
+import numpy as np
+import oracles
+import pytest
+from test_media_model import PARTS, Case, Models, rel
+
+from gemma4_keras import config_lib
+from gemma4_keras.model import hub, schema, stream_load
+from gemma4_keras.testing import tiny
+
+torch = oracles.need("torch")
+peft = oracles.need("peft")
+
+RANK, ALPHA = 4, 8.0
+TARGETS = tuple(schema.TOWER_TARGETS)
+# Relative max-abs error. The towers alone differ from transformers' by
+# ~3e-6 (float32 summation order), which the decoder amplifies to ~6e-5 at
+# the soft tokens (test_media_model's END_TO_END_TOL); a LoRA factor
+# transposed, mis-scaled or on the wrong layer gives > 1e-2.
+LOGIT_TOL, GRAD_TOL = 1.5e-4, 1e-3
+
+
+def _one_image(tmp):
+    return [PARTS["image"](tmp)[2], {"type": "text", "text": "What is it?"}]
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    """Ours and PEFT's, tower LoRA on every target with the same non-zero A, B."""
+    m = Models(ple=True)
+    sites = m.ours.enable_tower_lora(TARGETS, RANK, ALPHA, seed=3)
+    rng = np.random.default_rng(0)
+    for _, _, layer in sites:
+        b = layer.lora_kernel_b
+        b.assign(0.05 * rng.standard_normal(b.shape).astype("float32"))
+    names = "|".join(re.escape(schema.TOWER_TARGETS[t][0]) for t in TARGETS)
+    pattern = rf".*vision_tower\.encoder\.layers\.\d+\.({names})"
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=pattern)
+    hf = peft.get_peft_model(m.hf, config).eval()
+    modules = dict(hf.base_model.model.named_modules())
+    for i, target, layer in sites:
+        module = modules["model." + schema.tower_module(i, target)]
+        a = np.asarray(layer.lora_kernel_a).reshape(-1, RANK)
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(torch.tensor(a.T))
+            module.lora_B["default"].weight.copy_(
+                torch.tensor(np.asarray(layer.lora_kernel_b).T)
+            )
+    m.peft = hf
+    m.sites = sites
+    return m
+
+
+def _loss_weights(shape):
+    return np.random.default_rng(1).standard_normal(shape).astype("float32")
+
+
+def test_logits_and_gradients_equal_peft(tuned, tmp_path):
+    case = Case(tuned.directory, tmp_path, _one_image(tmp_path))
+    inputs = case.hf_inputs
+    out = tuned.peft(**inputs).logits
+    w = _loss_weights(tuple(out.shape))
+    (out * torch.tensor(w)).sum().backward()
+    variables = [v for _, _, layer in tuned.sites for v in layer.trainable_weights]
+    # Every tower LoRA factor, and nothing else of the tower, is trainable.
+    assert len(variables) == 2 * len(tuned.sites)
+    tower = tuned.towers.vision.trainable_weights
+    assert {id(v) for v in tower} == {id(v) for v in variables}
+
+    def loss(values):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            logits = tuned.ours.logits(tuned.ours(case.ours))
+        return (logits * w).sum(), logits
+
+    values = [v.value for v in variables]
+    grads, logits = jax.grad(loss, has_aux=True)(values)
+    err = rel(logits, out.detach().numpy())
+    base = rel(tuned.logits(case), out.detach().numpy())
+    print(f"tower LoRA logits vs PEFT {err:.2e} (ours read outside grad {base:.2e})")
+    assert err < LOGIT_TOL
+    with torch.no_grad(), tuned.peft.disable_adapter():
+        plain = tuned.peft(**inputs).logits.numpy()
+    effect = rel(plain, out.detach().numpy())
+    print(f"tower LoRA's own effect on the logits {effect:.2e}")
+    assert effect > 100 * LOGIT_TOL  # the comparison can fail
+    modules = dict(tuned.peft.base_model.model.named_modules())
+    worst = 0.0
+    for k, (i, target, _) in enumerate(tuned.sites):
+        module = modules["model." + schema.tower_module(i, target)]
+        ga = module.lora_A["default"].weight.grad.numpy().T
+        gb = module.lora_B["default"].weight.grad.numpy().T
+        ours_a = np.asarray(grads[2 * k]).reshape(-1, RANK)
+        ours_b = np.asarray(grads[2 * k + 1])
+        assert np.abs(gb).max() > 0 and np.abs(ga).max() > 0
+        worst = max(worst, rel(ours_a, ga), rel(ours_b, gb))
+    print(f"tower LoRA gradients vs PEFT, worst relative {worst:.2e}")
+    assert worst < GRAD_TOL
+
+
+def test_default_keeps_the_tower_frozen():
+    directory = tiny.tiny_checkpoint(layout="multimodal", ple=True)
+    model = stream_load.stream_training_model(directory, dtype="float32")
+    model.attach_towers(hub.load_towers(str(directory)))
+    assert model.towers.vision.trainable_weights == []
+    assert not any("vision" in v.path for v in model.trainable_variables)
+
+
+def test_tower_targets_need_a_vision_tower():
+    directory = tiny.tiny_checkpoint()
+    model = stream_load.stream_training_model(directory, dtype="float32")
+    with pytest.raises(config_lib.ConfigError, match="model.towers=on"):
+        model.enable_tower_lora(("o_proj",), RANK, ALPHA)
