@@ -211,16 +211,26 @@ class Gemma4LoraModel(keras.Model):
         for layer in self.tower_layers:
             layer.trainable = False
         self.tower_lora = []  # enable_tower_lora's sites
+        lora = self.lora_specs.get("default")
+        if lora is not None and lora.tower_targets:
+            self.enable_tower_lora(
+                lora.tower_targets, lora.rank, lora.alpha, lora.seed, lora.rslora
+            )
         # Steps compiled before this call would not take the towers' weights.
         self.train_function = self.test_function = self.predict_function = None
 
     def enable_tower_lora(
-        self, targets, rank: int, alpha: float, seed: int = 0
+        self,
+        targets,
+        rank: int,
+        alpha: float,
+        seed: int = 0,
+        rslora: bool = False,
     ) -> list[tuple[int, str, keras.layers.Layer]]:
         """LoRA on the vision tower's `targets` (`schema.TOWER_TARGETS`), PEFT's.
 
         Keras' own `enable_lora` on each target layer of every encoder block,
-        scaled alpha / rank as PEFT; A ~ U(+-1/sqrt(in)), B = 0 (as the
+        scaled as PEFT (`LoraAdapter.scale_of`); A ~ U(+-1/sqrt(in)), B = 0 (as the
         decoder's `LoraAdapter`). The A / B variables are the tower's only
         trainable ones, and its soft tokens carry gradients from then on.
         Call after `attach_towers`. Returns (layer, target, Keras layer).
@@ -248,7 +258,8 @@ class Gemma4LoraModel(keras.Model):
                 bound = 1.0 / math.sqrt(fan_in)
                 layer.enable_lora(
                     rank,
-                    lora_alpha=alpha,
+                    # Keras scales lora_alpha / rank.
+                    lora_alpha=LoraAdapter.scale_of(rank, alpha, rslora) * rank,
                     a_initializer=keras.initializers.RandomUniform(
                         -bound, bound, seed=seed + 1000 * i + len(sites)
                     ),
