@@ -139,8 +139,11 @@ def test_logits_and_gradients_equal_peft(tuned, tmp_path):
 
 def test_default_keeps_the_tower_frozen():
     directory = tiny.tiny_checkpoint(layout="multimodal", ple=True)
-    model = stream_load.stream_training_model(directory, dtype="float32")
+    spec = LoraSpec.from_config(config_lib.get_config("tiny", "lora").lora)
+    assert spec.tower_targets == ()  # the default: the decoder only
+    model = stream_load.stream_training_model(directory, spec, dtype="float32")
     model.attach_towers(hub.load_towers(str(directory)))
+    assert model.trainable_variables  # the decoder's LoRA
     assert model.towers.vision.trainable_weights == []
     assert not any("vision" in v.path for v in model.trainable_variables)
 
