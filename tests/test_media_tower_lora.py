@@ -107,6 +107,12 @@ def test_logits_and_gradients_equal_peft(tuned, tmp_path):
     assert len(variables) == 2 * len(tuned.sites)
     tower = tuned.towers.vision.trainable_weights
     assert {id(v) for v in tower} == {id(v) for v in variables}
+    # The train step, optimizer and checkpoints take the model's trainable
+    # variables (keyed by path): the tower's LoRA is among them, uniquely named.
+    model_vars = {id(v) for v in tuned.ours.trainable_variables}
+    assert {id(v) for v in variables} <= model_vars
+    paths = [v.path for v in tuned.ours.trainable_variables]
+    assert len(set(paths)) == len(paths)
 
     def loss(values):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
@@ -116,7 +122,8 @@ def test_logits_and_gradients_equal_peft(tuned, tmp_path):
     values = [v.value for v in variables]
     grads, logits = jax.grad(loss, has_aux=True)(values)
     err = rel(logits, out.detach().numpy())
-    print(f"tower LoRA logits vs PEFT {err:.2e}")
+    diff = np.abs(np.asarray(logits) - out.detach().numpy()).max()
+    print(f"tower LoRA logits vs PEFT {err:.2e} relative, max |diff| {diff:.2e}")
     assert err < LOGIT_TOL
     with torch.no_grad(), tuned.peft.disable_adapter():
         plain = tuned.peft(**inputs).logits.numpy()
@@ -124,7 +131,7 @@ def test_logits_and_gradients_equal_peft(tuned, tmp_path):
     print(f"tower LoRA's own effect on the logits {effect:.2e}")
     assert effect > 100 * LOGIT_TOL  # the comparison can fail
     modules = dict(tuned.peft.base_model.model.named_modules())
-    worst = 0.0
+    worst = most = 0.0
     for k, (i, target, _) in enumerate(tuned.sites):
         module = modules["model." + schema.tower_module(i, target)]
         ga = module.lora_A["default"].weight.grad.numpy().T
@@ -133,7 +140,10 @@ def test_logits_and_gradients_equal_peft(tuned, tmp_path):
         ours_b = np.asarray(grads[2 * k + 1])
         assert np.abs(gb).max() > 0 and np.abs(ga).max() > 0
         worst = max(worst, rel(ours_a, ga), rel(ours_b, gb))
-    print(f"tower LoRA gradients vs PEFT, worst relative {worst:.2e}")
+        most = max(most, np.abs(ours_a - ga).max(), np.abs(ours_b - gb).max())
+    print(
+        f"tower LoRA gradients vs PEFT, worst relative {worst:.2e}, |diff| {most:.2e}"
+    )
     assert worst < GRAD_TOL
 
 
