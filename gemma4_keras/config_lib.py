@@ -37,6 +37,10 @@ LORA_TARGETS = (
 # are the schema's (`schema.EXPERT_TARGETS`, PEFT's `target_parameters`), not
 # part of all-linear (as in PEFT). One LoRA pair per expert (model/lora.py).
 EXPERT_PREFIX = "experts."
+# lora.targets naming a layer of the vision tower start with this
+# (`vision_tower.o_proj`; the names are `schema.TOWER_TARGETS`', not part of
+# all-linear): LoRA on the tower, the decoder's targets as they are.
+TOWER_PREFIX = "vision_tower."
 QUANT_MODES = ("none", "nf4", "int8", "int4")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # data.template: auto = the checkpoint's chat_template.jinja, else the size table.
@@ -411,6 +415,12 @@ def lora_targets(
         raise ConfigError(
             "lora.targets is empty; give HF module names, e.g. q_proj,v_proj, or all-linear"
         )
+    names = [n for n in names if not n.startswith(TOWER_PREFIX)]
+    if not names:
+        raise ConfigError(
+            f"lora.targets={value!r} names only vision tower layers; add the "
+            "decoder's, e.g. all-linear," + ",".join(parse_list(value))
+        )
     if "all-linear" in names:
         names = [n for n in names if n != "all-linear"] + list(LORA_TARGETS)
     if experts is None:
@@ -424,6 +434,13 @@ def lora_targets(
             f"{', '.join(LORA_TARGETS)} or all-linear{banks}"
         )
     return list(dict.fromkeys(t for t in known if t in names))
+
+
+def lora_tower_targets(value: str | Sequence[str]) -> list[str]:
+    """The vision tower targets of `lora.targets` (`vision_tower.<name>`), as
+    `<name>`s; the model checks them (`schema.TOWER_TARGETS`)."""
+    names = parse_list(value)
+    return [n.removeprefix(TOWER_PREFIX) for n in names if n.startswith(TOWER_PREFIX)]
 
 
 def lora_layers(value: str | Sequence[str]) -> list[int] | None:
@@ -531,6 +548,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"--config.lora.dropout={c.lora.dropout!r} with expert targets "
             f"({', '.join(experts)}): PEFT's LoRA on expert banks has no dropout; "
             "set --config.lora.dropout=0"
+        )
+    towers = lora_tower_targets(c.lora.targets)
+    if towers and float(c.lora.dropout) > 0:
+        raise ConfigError(
+            f"--config.lora.dropout={c.lora.dropout!r} with vision tower targets "
+            f"({', '.join(TOWER_PREFIX + t for t in towers)}): the tower's LoRA "
+            "(Keras' enable_lora) has no dropout; set --config.lora.dropout=0"
         )
     lora_layers(c.lora.layers)
 

@@ -107,7 +107,18 @@ def adapter_tensors(
     out = {}
     for (layer, target), (a, b) in sorted(factors.items()):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        if is_expert_target(target):
+        if target.startswith(config_lib.TOWER_PREFIX):
+            if layout != "conditional_generation":
+                raise AdapterFormatError(
+                    f"vision tower LoRA ({target}) needs the multimodal layout "
+                    "(layout='conditional_generation'), where the tower is"
+                )
+            tower = schema.tower_module(
+                layer, target.removeprefix(config_lib.TOWER_PREFIX)
+            )
+            base = f"base_model.model.model.{tower}"
+            wa, wb = a.T, b.T
+        elif is_expert_target(target):
             base = f"{prefix}.layers.{layer}.experts" + ".base_layer" * depths[target]
             wa, wb = _expert_tensors(a, b)
         else:
@@ -144,6 +155,15 @@ def adapter_config(spec: LoraSpec, base_model: str, layout: str = "causal_lm") -
         layers = None
     else:
         target_modules = targets
+    if spec.tower_targets:
+        # The tower's modules are `Gemma4ClippableLinear.linear`s.
+        tower = "|".join(
+            re.escape(schema.TOWER_TARGETS[t][0]) for t in spec.tower_targets
+        )
+        tower_re = r".*vision_tower\.encoder\.layers\.\d+\.(" + tower + ")"
+        target_modules = (
+            f"({target_modules})|({tower_re})" if target_modules else tower_re
+        )
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -301,6 +321,8 @@ def save_adapter(
     if (name or model.active_adapter) not in model.lora_specs:
         raise AdapterFormatError("the model has no active adapter to save")
     spec, factors = lora.adapter_factors(model, name)
+    if spec.tower_targets:
+        factors = {**factors, **lora.tower_factors(model)}
     return write_adapter(
         directory,
         spec,
@@ -392,6 +414,12 @@ def read_adapter(directory: str) -> tuple[LoraSpec, Factors]:
             halves.setdefault((int(m[1]), by_depth[depth]), {})[m[3]] = value
             continue
         m = _KEY.match(key)
+        if not m and ".vision_tower." in key:
+            raise AdapterFormatError(
+                f"{directory}: tensor {key!r} is a vision tower LoRA weight; "
+                "the package saves those (lora.targets vision_tower.*) but does "
+                "not load them back yet: load this adapter with transformers + PEFT"
+            )
         if not m:
             raise AdapterFormatError(
                 f"{directory}: tensor {key!r} is not a Gemma 4 text-decoder LoRA weight"

@@ -23,7 +23,8 @@ import tqdm
 # Keras has no public way to ask whether its step maps the metric variables.
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from gemma4_keras.model import attention, hub, loss, moe, xla_workarounds
+from gemma4_keras import config_lib
+from gemma4_keras.model import attention, hub, loss, moe, schema, xla_workarounds
 from gemma4_keras.model.layers import (
     DecoderBlock,
     fill_model,
@@ -227,8 +228,65 @@ class Gemma4LoraModel(keras.Model):
         self.tower_layers = [t for t in (towers.vision, towers.audio) if t is not None]
         for layer in self.tower_layers:
             layer.trainable = False
+        self.tower_lora = []  # enable_tower_lora's sites
+        lora = self.lora_specs.get("default")
+        if lora is not None and lora.tower_targets:
+            self.enable_tower_lora(
+                lora.tower_targets, lora.rank, lora.alpha, lora.seed, lora.rslora
+            )
         # Steps compiled before this call would not take the towers' weights.
         self.train_function = self.test_function = self.predict_function = None
+
+    def enable_tower_lora(
+        self,
+        targets,
+        rank: int,
+        alpha: float,
+        seed: int = 0,
+        rslora: bool = False,
+    ) -> list[tuple[int, str, keras.layers.Layer]]:
+        """LoRA on the vision tower's `targets` (`schema.TOWER_TARGETS`), PEFT's.
+
+        Keras' own `enable_lora` on each target layer of every encoder block,
+        scaled as PEFT (`LoraAdapter.scale_of`); A ~ U(+-1/sqrt(in)), B = 0 (as the
+        decoder's `LoraAdapter`). The A / B variables are the tower's only
+        trainable ones, and its soft tokens carry gradients from then on.
+        Call after `attach_towers`. Returns (layer, target, Keras layer).
+        """
+        vision = self.towers.vision if self.towers is not None else None
+        if vision is None:
+            raise config_lib.ConfigError(
+                f"lora.targets names vision tower targets {list(targets)}, but "
+                "the model has no vision tower: set model.towers=on on a "
+                "multimodal checkpoint, or drop the vision_tower.* targets"
+            )
+        # A layer with trainable=False hides its sublayers' weights: the
+        # tower is trainable, each of its variables but the LoRA ones is not.
+        vision.trainable = True
+        for variable in vision.weights:
+            variable.trainable = False
+        blocks = vision.get_layer("image_encoder").encoder_blocks
+        sites = []
+        for i, block in enumerate(blocks):
+            for target in targets:
+                layer = block
+                for attr in schema.TOWER_TARGETS[target][1].split("."):
+                    layer = getattr(layer, attr)
+                fan_in = int(np.prod(layer.kernel.shape[:-1]))
+                bound = 1.0 / math.sqrt(fan_in)
+                layer.enable_lora(
+                    rank,
+                    # Keras scales lora_alpha / rank.
+                    lora_alpha=LoraAdapter.scale_of(rank, alpha, rslora) * rank,
+                    a_initializer=keras.initializers.RandomUniform(
+                        -bound, bound, seed=seed + 1000 * i + len(sites)
+                    ),
+                    b_initializer="zeros",
+                )
+                sites.append((i, target, layer))
+        self.tower_lora = sites
+        self.train_function = self.test_function = self.predict_function = None
+        return sites
 
     def set_attention(self, implementation: str = "auto", chunk_size: int = 512):
         """How every block computes attention (`model/attention.py`).
@@ -496,7 +554,9 @@ class Gemma4LoraModel(keras.Model):
             soft = soft_tokens(
                 _per_item(media[values], 3), _per_item(media[extra], rank)
             )
-            x = _scatter(x, token_ids == token, _frozen(soft))
+            # Tower LoRA (`enable_tower_lora`) trains through the vision tower.
+            tuned = tower is t.vision and getattr(self, "tower_lora", None)
+            x = _scatter(x, token_ids == token, soft if tuned else _frozen(soft))
         return x
 
     def _dropout_keys(self, base_key, blk: DecoderBlock) -> dict | None:

@@ -117,6 +117,20 @@ class LoraAdapter(keras.layers.Layer):
         return (a @ b) * np.float32(self.scale)
 
 
+def tower_targets(value) -> tuple[str, ...]:
+    """`lora.targets`' vision tower targets, checked against the schema."""
+    names = config_lib.lora_tower_targets(value)
+    unknown = [n for n in names if n not in schema.TOWER_TARGETS]
+    if unknown:
+        known = ", ".join(config_lib.TOWER_PREFIX + t for t in schema.TOWER_TARGETS)
+        raise config_lib.ConfigError(
+            f"lora.targets has unknown vision tower target(s) "
+            f"{[config_lib.TOWER_PREFIX + n for n in unknown]}; known: {known} "
+            "(q/k/v_proj: Keras' LoRA on their per-head kernels is not PEFT's)"
+        )
+    return tuple(t for t in schema.TOWER_TARGETS if t in names)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """Which projections get adapters and how (config `lora.*`)."""
@@ -128,6 +142,9 @@ class LoraSpec:
     layers: tuple[int, ...] | None = None
     rslora: bool = False
     seed: int = 0
+    # The vision tower's targets (`schema.TOWER_TARGETS`; `lora.targets`
+    # `vision_tower.<name>`): `Gemma4LoraModel.attach_towers` adapts them.
+    tower_targets: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, c) -> LoraSpec:
@@ -140,6 +157,7 @@ class LoraSpec:
             layers=None if layers is None else tuple(layers),
             rslora=bool(c.rslora),
             seed=int(c.seed),
+            tower_targets=tower_targets(c.targets),
         )
 
     def sites(self, spec: ModelSpec) -> list[tuple[int, str]]:
@@ -295,6 +313,20 @@ def adapter_factors(model, name: str | None = None) -> tuple[LoraSpec, Factors]:
         for site, a in sorted(model.adapters(name).items())
     }
     return model.lora_specs[name], factors
+
+
+def tower_factors(model) -> Factors:
+    """{(layer, "vision_tower.<target>"): (a (in, r), b (r, out))}, float32, of
+    the vision tower's LoRA (`Gemma4LoraModel.enable_tower_lora`); {} if none.
+
+    o_proj's Keras A (N, H, r) flattens to (N * H, r), its input order.
+    """
+    out = {}
+    for layer, target, keras_layer in getattr(model, "tower_lora", None) or ():
+        a = np.asarray(keras_layer.lora_kernel_a.value, np.float32)
+        b = np.asarray(keras_layer.lora_kernel_b.value, np.float32)
+        out[(layer, config_lib.TOWER_PREFIX + target)] = (a.reshape(-1, a.shape[-1]), b)
+    return out
 
 
 def add_adapter_from_factors(

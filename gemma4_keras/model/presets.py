@@ -417,6 +417,18 @@ def attach_towers(
     model.attach_towers(hub.load_towers(directory, kinds))
 
 
+def check_tower_targets(lora: LoraSpec, kinds: Sequence[str]) -> None:
+    """Stops a run whose `lora.targets` name vision tower layers it has no
+    vision tower for (`tower_kinds`: no "image")."""
+    if lora.tower_targets and "image" not in kinds:
+        names = ", ".join(config_lib.TOWER_PREFIX + t for t in lora.tower_targets)
+        raise config_lib.ConfigError(
+            f"lora.targets names vision tower targets ({names}), but the run "
+            "attaches no vision tower: set --config.model.towers=on on a "
+            "multimodal checkpoint, or drop them from lora.targets"
+        )
+
+
 def tower_kinds(
     model_cfg, data_kinds: Callable[[], set[str]], preset: str | None = None
 ) -> tuple[str, ...]:
@@ -461,7 +473,9 @@ def load_training_model(config):
     preset = resolve_preset(config.model.preset)
     tokenizer = load_tokenizer(preset)
     towers = tower_kinds(config.model, lambda: _data_kinds(config, preset), preset)
-    model = build_training_model(preset, ModelSettings.of(config))
+    settings = ModelSettings.of(config)
+    check_tower_targets(settings.lora, towers)
+    model = build_training_model(preset, settings)
     if towers:
         attach_towers(model, preset, towers)
     return model, tokenizer, preset
@@ -476,6 +490,7 @@ __all__ = [
     "known_presets",
     "load_backbone",
     "attach_towers",
+    "check_tower_targets",
     "tower_kinds",
     "processor_settings",
     "build_training_model",

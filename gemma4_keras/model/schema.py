@@ -296,3 +296,30 @@ def hf_value(parts: list[tuple[Row, np.ndarray]]) -> np.ndarray:
     """The HF tensor of its rows' values (ours): `to_hf`, fused along axis 1."""
     arrays = [row.to_hf(value) for row, value in parts]
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+
+
+# LoRA on the vision tower's linear layers (`Gemma4LoraModel.enable_tower_lora`):
+# {target: (HF module under `TOWER_MODULE`, KerasHub layer under the encoder
+# block)}. Keras' `enable_lora` factors a kernel as (all axes but the last, r)
+# @ (r, last); that equals PEFT's `B @ A` only where the kernel's last axis is
+# the whole output: the MLP's Dense kernels and o_proj's (N, H, D). q/k/v's
+# EinsumDense kernels are (N, D, H): Keras would share B across heads, a
+# different adapter that PEFT cannot load, so they are no tower targets.
+TOWER_TARGETS: dict[str, tuple[str, str]] = {
+    "o_proj": ("self_attn.o_proj.linear", "attention.output_dense.dense"),
+    "gate_proj": ("mlp.gate_proj.linear", "gating_ffw.dense"),
+    "up_proj": ("mlp.up_proj.linear", "gating_ffw_2.dense"),
+    "down_proj": ("mlp.down_proj.linear", "ffw_linear.dense"),
+}
+# The HF module of vision encoder layer {i} (under `model.`), and the name
+# PEFT's `target_modules` regex and the adapter's keys use for a tower target.
+TOWER_MODULE = "vision_tower.encoder.layers.{i}."
+
+
+def tower_module(layer: int, target: str) -> str:
+    """The HF module (under `model.`) of vision tower target `target` in `layer`.
+
+    >>> tower_module(0, "o_proj")
+    'vision_tower.encoder.layers.0.self_attn.o_proj.linear'
+    """
+    return TOWER_MODULE.format(i=layer) + TOWER_TARGETS[target][0]

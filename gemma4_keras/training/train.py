@@ -147,7 +147,9 @@ def _run_locked(config, workdir: str) -> dict:
 
     stopping.phase("model loading")
     check_host_memory(config, towers)
-    model = presets.build_training_model(preset, presets.ModelSettings.of(config))
+    settings = presets.ModelSettings.of(config)
+    presets.check_tower_targets(settings.lora, towers)
+    model = presets.build_training_model(preset, settings)
     if towers:
         presets.attach_towers(model, preset, towers)  # frozen; batches carry inputs
     schedule = build_schedule(config.train, plan)
