@@ -196,6 +196,7 @@ def run_ours(args, ckpt: pathlib.Path, nf4: bool) -> dict:
     import jax
     import numpy as np
 
+    from gemma4_keras import testing
     from gemma4_keras.model import presets
     from gemma4_keras.training import train
 
@@ -206,12 +207,7 @@ def run_ours(args, ckpt: pathlib.Path, nf4: bool) -> dict:
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)
     load_s = time.perf_counter() - start
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    state = testing.train_step_state(model)
     step = jax.jit(model.train_step, donate_argnums=0)
     positions = np.tile(np.arange(args.seq, dtype="int32"), (args.batch, 1))
     times, losses = [], []

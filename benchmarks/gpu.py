@@ -163,7 +163,7 @@ def peak_tflops(args, device) -> float | None:
 def run_ours(args, method: str) -> dict:
     import jax
 
-    from gemma4_keras import config_lib
+    from gemma4_keras import config_lib, testing
     from gemma4_keras.training import train
 
     quant = "nf4" if method == "qlora" else "none"
@@ -175,12 +175,7 @@ def run_ours(args, method: str) -> dict:
     train.compile_model(model, train_cfg, train.build_schedule(train_cfg, plan))
     model.optimizer.build(model.trainable_variables)
     build_s = time.perf_counter() - t0
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    state = testing.train_step_state(model)
     data = (batch(args, model.spec.vocab_size),)
     t0 = time.perf_counter()
     compiled = jax.jit(model.train_step, donate_argnums=0).lower(state, data).compile()

@@ -136,18 +136,14 @@ def load(config, preset: str, images: int = 0):
 def compile_step(model, config, images: int = 0):
     import jax
 
+    from gemma4_keras import testing
     from gemma4_keras.model import presets
     from gemma4_keras.training import train
 
     plan = train.Plan(config.train.max_steps, 1, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    state = testing.train_step_state(model)
     raw = presets.read_config_json(config.model.preset)
     marks = {k: raw[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id")}
     shown = (marks, images) if images else None

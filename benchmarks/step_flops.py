@@ -72,6 +72,7 @@ def compiled_step(args, ckpt, nf4: bool):
     import jax
     import numpy as np
 
+    from gemma4_keras import testing
     from gemma4_keras.model import presets
     from gemma4_keras.training import train
 
@@ -81,12 +82,7 @@ def compiled_step(args, ckpt, nf4: bool):
     plan = train.Plan(args.steps, 1, 0)
     train.compile_model(model, config.train, train.build_schedule(config.train, plan))
     model.optimizer.build(model.trainable_variables)
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    state = testing.train_step_state(model)
     ids, targets = compare.batches(args, model.spec.vocab_size)[0]
     data = {
         "token_ids": ids,

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from gemma4_keras import testing
 from gemma4_keras.model import presets, stream_load
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import full_size, tiny
@@ -90,12 +91,7 @@ def test_train_step_updates_the_frozen_base_in_place(model):
 
 def test_step_outputs_beyond_aliases_are_the_trainable_state(model):
     model.optimizer.build(model.trainable_variables)
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    state = testing.train_step_state(model)
     step = jax.jit(model.train_step, donate_argnums=0)
     mem = step.lower(state, (_batch(),)).compile().memory_analysis()
     trainable = _nbytes(

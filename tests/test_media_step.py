@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import gemma4_keras as g4
-from gemma4_keras import config_lib
+from gemma4_keras import config_lib, testing
 from gemma4_keras.data import pipeline, records, tokenize
 from gemma4_keras.model import gemma4_lora_model, hub, stream_load
 from gemma4_keras.model.lora import LoraSpec
@@ -79,15 +79,7 @@ def setup(image_data):
 
 
 def _lower(model, batch):
-    state = tuple(
-        [v.value for v in variables]
-        for variables in (
-            model.trainable_variables,
-            model.non_trainable_variables,
-            model.optimizer.variables,
-            model.metrics_variables,
-        )
-    )
+    state = testing.train_step_state(model)
     return jax.jit(model.train_step).lower(state, (batch,))
 
 

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 
-from gemma4_keras import config_lib
+from gemma4_keras import config_lib, testing
 from gemma4_keras.data import media
 from gemma4_keras.model import hub, plan, presets
 from gemma4_keras.testing import media as media_files
@@ -146,15 +146,7 @@ def test_plan_with_an_image_a_row_against_xla(tmp_path):
     assert batch["pixel_values"].shape[:2] == (1, 1)
     train.compile_model(model, cfg.train, train.build_schedule(cfg.train, steps))
     model.optimizer.build(model.trainable_variables)
-    state = tuple(
-        [v.value for v in variables]
-        for variables in (
-            model.trainable_variables,
-            model.non_trainable_variables,
-            model.optimizer.variables,
-            model.metrics_variables,
-        )
-    )
+    state = testing.train_step_state(model)
     compiled = jax.jit(model.train_step).lower(state, (batch,)).compile()
     mem = compiled.memory_analysis()
     xla = mem.argument_size_in_bytes + mem.temp_size_in_bytes

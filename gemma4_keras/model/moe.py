@@ -216,7 +216,10 @@ def dense(m, top_p, top_i, banks, expert_scale, lora=None) -> jax.Array:
     lora = lora or {}
 
     def mm(h, name, spec):  # spec: "th" (every expert reads h) or "eti"
-        y = jnp.einsum(f"{spec},e{spec[-1]}o->eto", h, whole_bank(banks[name], m.dtype))
+        # Tied to `h`: a bank's dequantisation reads only weights, and XLA
+        # would otherwise run every layer's at the start of the step.
+        bank = whole_bank(tie_to(banks[name], h, integers=True), m.dtype)
+        y = jnp.einsum(f"{spec},e{spec[-1]}o->eto", h, bank)
         if name in lora:
             a, b, scale = _lora_cast(lora[name], h.dtype)
             y = y + jnp.einsum(f"{spec},e{spec[-1]}r,ero->eto", h, a, b) * scale
