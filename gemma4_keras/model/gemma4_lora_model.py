@@ -126,6 +126,7 @@ class Gemma4LoraModel(keras.Model):
         self.dropout_seed = keras.random.SeedGenerator(0, name="lora_dropout_seed")
         # The frozen vision / audio towers and the ids they fill (`attach_towers`).
         self.towers: hub.Towers | None = None
+        self.tower_lora = []  # (layer, target, Keras layer): enable_tower_lora
         self.router_aux_loss_coef = 0.0  # `set_router_aux_loss`
         self._router = None  # (hidden, router stats) of the last `call`
         if spec.moe:
@@ -555,7 +556,7 @@ class Gemma4LoraModel(keras.Model):
                 _per_item(media[values], 3), _per_item(media[extra], rank)
             )
             # Tower LoRA (`enable_tower_lora`) trains through the vision tower.
-            tuned = tower is t.vision and getattr(self, "tower_lora", None)
+            tuned = tower is t.vision and self.tower_lora
             x = _scatter(x, token_ids == token, soft if tuned else _frozen(soft))
         return x
 

@@ -479,11 +479,13 @@ class DecoderBlock(keras.layers.Layer):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         normed = rms_norm(xf, None, s.eps)
-        router = e["router_scale"].value, e["router_proj"].value
-        top_p, top_i = moe.route(normed, *router, s.top_k)
+        # The logits once, for the routing and its statistics.
+        logits = moe.router_logits(
+            normed, e["router_scale"].value, e["router_proj"].value
+        )
+        top_p, top_i = moe.pick(logits, s.top_k, normed.dtype)
         stats = None
         if mask is not None:
-            logits = moe.router_logits(normed, *router)
             stats = moe.router_stats(logits, s.top_k, mask.reshape(-1))
         m = rms_norm(xf, self.norms["pre_ffw_moe"].value, s.eps)
         banks = {name: self._bank(name) for name in moe.BANKS}

@@ -128,9 +128,15 @@ def route(
     go to the lower expert index (`jax.lax.top_k`), the same for every
     dispatch.
     """
-    dt = normed.dtype
-    probs = jax.nn.softmax(router_logits(normed, router_scale, router_proj), -1)
-    top_p, top_i = jax.lax.top_k(probs.astype(dt), top_k)
+    logits = router_logits(normed, router_scale, router_proj)
+    return pick(logits, top_k, normed.dtype)
+
+
+def pick(logits: jax.Array, top_k: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """`route` from the router's logits: top-k probabilities in `dtype`
+    (renormalised) and indices, [T, k] each."""
+    probs = jax.nn.softmax(logits, -1)
+    top_p, top_i = jax.lax.top_k(probs.astype(dtype), top_k)
     denom = jnp.maximum(top_p.sum(-1, keepdims=True), 1e-9).astype(top_p.dtype)
     return top_p / denom, top_i
 
