@@ -10,6 +10,10 @@ Run (the checkpoint is written once to ~/.cache/gemma4_keras/full_size/):
     # 26B-A4B's MoE layers (routed experts, NF4) at seq 4096, compiled only:
     # XLA's device bytes of the truncated model next to `plan`'s
     python benchmarks/real_size_train.py --size=26b_a4b --seq=4096 --layers=6 --steps=0
+    # the same with the memory settings of a 16 GB card (docs/real_size.md)
+    python benchmarks/real_size_train.py --size=26b_a4b --seq=4096 --layers=6 --steps=0 \
+        --set=model.moe_token_chunk=1024 --set=model.loss_chunk_size=256 \
+        --set=model.attention_chunk_size=256
 
 Random weights at the true shapes exercise every code path and all of the
 memory. The model is built the way `gemma4-keras train` builds it
@@ -71,6 +75,13 @@ def build_config(args, preset: str):
     config.lora.alpha = 2.0 * args.rank
     config.model.ple_on_host = args.ple_on_host
     config.model.moe_dispatch = args.moe_dispatch
+    for setting in args.set:  # --set model.moe_token_chunk=1024
+        field, _, value = setting.partition("=")
+        section, name = field.split(".")
+        old = config[section][name]
+        config[section][name] = (
+            value.lower() == "true" if isinstance(old, bool) else type(old)(value)
+        )
     config_lib.validate(config)
     return config
 
@@ -223,6 +234,14 @@ def main() -> None:
         help="model.moe_dispatch (26B-A4B)",
     )
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="a config field, as --config.SECTION.FIELD of gemma4-keras train "
+        "(repeatable), e.g. --set=model.moe_token_chunk=1024",
+    )
     parser.add_argument(
         "--ple_on_host",
         default="off",

@@ -184,6 +184,11 @@ def get_config(
     # blocks of rows, one matmul per block) | ragged | blocks | dense (every
     # expert on every token, KerasHub's dispatch: 16x the expert FLOPs).
     c.model.moe_dispatch = "auto"
+    # Tokens per chunk of the routed experts (auto / ragged / blocks), each
+    # chunk recomputed in the backward pass: one layer's expert rows (about
+    # 1.2 GiB at 26B-A4B, 4,096 tokens, bfloat16) become 1/chunks of that,
+    # for one more forward pass of the experts. 0 = every token at once.
+    c.model.moe_token_chunk = 0
     # The per-layer-embedding table (E2B/E4B) in host memory, each step
     # fetching only its tokens' rows: auto = on for one GPU/TPU (saves
     # 4.4 / 5.3 GiB of device memory), off on CPU and on a mesh | on | off.
@@ -505,6 +510,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (c.data.max_length > 1, "data.max_length", "must be > 1"),
         (0 <= c.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (c.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (
+            c.model.moe_token_chunk >= 0,
+            "model.moe_token_chunk",
+            "must be >= 0 (0 = every token at once)",
+        ),
         (c.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0"),
         (
             c.train.overfit_patience >= 0,

@@ -144,7 +144,10 @@ def test_remat_same_outputs_and_gradients():
     np.testing.assert_array_equal(np.asarray(plain(data)), np.asarray(remat(data)))
     loss_p, grads_p = _loss_and_grads(plain, data)
     loss_r, grads_r = _loss_and_grads(remat, data)
-    assert float(loss_p) == float(loss_r)
+    # remat stores each block's input (`xla_workarounds.stored`), plain
+    # reads it through XLA's fused chain: the same float32 values rounded in
+    # another order (16.1824379 vs 16.1824341), a few ulps.
+    assert float(loss_r) == pytest.approx(float(loss_p), rel=1e-6)
     worst = max(
         float(
             np.abs(np.asarray(gp) - np.asarray(gr)).max()
@@ -154,5 +157,7 @@ def test_remat_same_outputs_and_gradients():
     )
     print(f"remat vs plain gradients: worst relative difference {worst:.2e}")
     # The backward pass really recomputes each block (XLA fuses the
-    # recomputation differently from the forward pass): a few float32 ulps.
-    assert worst < 5e-6
+    # recomputation differently from the forward pass, and with each block's
+    # input stored, differently again): float32 rounding, 9.9e-06 (1.1e-06
+    # before `stored`); a wrong gradient differs at 1e-2 or more.
+    assert worst < 2e-5

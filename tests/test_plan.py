@@ -21,7 +21,7 @@ import pytest
 from test_hub_contract import live_spec
 
 from gemma4_keras import config_lib
-from gemma4_keras.model import hub, plan, presets, schema
+from gemma4_keras.model import hub, moe, plan, presets, schema
 from gemma4_keras.model import loss as loss_lib
 from gemma4_keras.model.gemma4_lora_model import Gemma4LoraModel
 from gemma4_keras.model.lora import LoraSpec
@@ -306,6 +306,41 @@ def test_plan_models_routed_and_dense_moe(tmp_path):
     assert routed["activation_bytes"][act] < dense["activation_bytes"][act] / 2
     c.quant.mode, c.model.moe_dispatch = "none", "auto"
     assert plan.plan(c, accelerator_name="h100")["run"]["moe_kernel"] == "ragged"
+
+
+def test_plan_models_moe_token_chunks(tmp_path):
+    """`model.moe_token_chunk`: one chunk's expert rows in the backward
+    pass (1/4 of them at 4,096 tokens in chunks of 1,024) for one more
+    forward pass of the experts; plan says so and suggests it when
+    activations are among the largest parts."""
+    from gemma4_keras.testing import full_size
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(full_size.released_config("26b_a4b"))
+    )
+    c = config_lib.get_config("26b_a4b", "qlora")
+    c.model.preset, c.model.dtype = str(tmp_path), "bfloat16"
+    c.train.batch_size, c.data.max_length = 1, 4096
+    whole = plan.plan(c, accelerator_name="t4")
+    assert "--config.model.moe_token_chunk=1024" in plan.format_plan(whole)
+    c.model.moe_token_chunk = 1024
+    chunked = plan.plan(c, accelerator_name="t4")
+    assert "blocks experts, 1024-token chunks" in plan.format_plan(chunked)
+    spec = hub.spec_from_config(
+        hub.backbone_kwargs(presets.read_config_json(c.model.preset))
+    )
+    d, i, k = spec.hidden_dim, spec.expert_dim, spec.top_k
+    rows = [moe.expert_rows(t, k, spec.num_experts, "blocks") for t in (4096, 1024)]
+    held = [r * (3 * i + 2 * d) + t * 3 * k * d for r, t in zip(rows, (4096, 1024))]
+    saving = (held[0] - held[1] - 4096 * d) * 2  # + the chunks' output, bfloat16
+    act = "remat_peak"
+    assert whole["activation_bytes"][act] - chunked["activation_bytes"][act] == (
+        pytest.approx(saving)
+    )
+    assert saving > 0.75 * 2**30  # 0.81 of one layer's 1.19 GiB of expert rows
+    # Each chunk's forward pass is recomputed: 6 passes of the experts, not 4.
+    flops = [p["flops_per_step"]["experts"] for p in (whole, chunked)]
+    assert flops[1] / flops[0] == pytest.approx(1.5 * 4 * rows[1] / rows[0])
 
 
 def test_expert_lora_counted_per_expert():

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_keras.model import hub, plan, presets, quant, stream_load, xla_workarounds
 from gemma4_keras.model import moe as moe_lib
-from gemma4_keras.model import presets, quant, stream_load, xla_workarounds
 from gemma4_keras.model.lora import LoraSpec
 from gemma4_keras.testing import full_size, tiny
 
@@ -58,7 +58,7 @@ def _compiled_loss_step(model, ids, chunk_size: int, training: bool):
     return jax.jit(jax.value_and_grad(loss_fn)).lower(tv, ntv).compile(), tv, ntv
 
 
-def _step_temp_bytes(path, remat: bool, seq: int = 32) -> int:
+def _step_temp_bytes(path, remat: bool, seq: int = 32, moe_token_chunk: int = 0) -> int:
     with presets.on_host():
         model = stream_load.stream_training_model(
             path,
@@ -68,6 +68,7 @@ def _step_temp_bytes(path, remat: bool, seq: int = 32) -> int:
             double_quant=True,
         )
     model.remat = remat
+    model.set_moe("auto", moe_token_chunk)
     ids = np.arange(seq, dtype=np.int32)[None] % 50 + 3
     compiled, _, _ = _compiled_loss_step(model, ids, 32, training=True)
     return compiled.memory_analysis().temp_size_in_bytes
@@ -85,6 +86,27 @@ def test_rematerialised_step_holds_no_layer_of_float_kernels_per_layer(tmp_path)
         f"one layer's float32 MLP kernels {layer_kernels / 2**20:.2f} MiB"
     )
     assert growth < 0.5 * layer_kernels
+
+
+def test_long_rows_keep_one_input_per_layer(tmp_path):
+    # At seq 1024 a rematerialised layer must add only its stored input
+    # (one float32 [seq, d]) to the step. It added 10: each norm's scale
+    # broadcast to [seq, d], shared by the forward and backward passes
+    # (`layers.weight_for`); the previous layers' projection outputs, read
+    # through the residual stream's fused chain (`xla_workarounds.stored`);
+    # the sliding layers' zero-padded keys and the attention chunks' output
+    # stacks, created at the start of the step (`attention.chunked_attention`).
+    seq = 1024
+    shallow = _step_temp_bytes(_checkpoint(tmp_path, 4), True, seq)
+    deep = _step_temp_bytes(_checkpoint(tmp_path, 8), True, seq)
+    one_input = 4 * seq * WIDTH
+    growth = (deep - shallow) / 4
+    print(
+        f"seq {seq}: temporaries {shallow / 2**20:.2f} MiB (4 layers), "
+        f"{deep / 2**20:.2f} MiB (8 layers): {growth / one_input:.2f} inputs "
+        "per layer"
+    )
+    assert growth < 1.5 * one_input  # 10.0 before, 0.99 after
 
 
 def test_routed_moe_step_holds_no_layer_of_expert_rows_per_layer(tmp_path):
@@ -106,6 +128,33 @@ def test_routed_moe_step_holds_no_layer_of_expert_rows_per_layer(tmp_path):
         f"buffer {placed / 2**20:.2f} MiB"
     )
     assert growth < 3 * placed  # 7.1x before, 1.8x after
+
+
+def test_moe_token_chunks_hold_one_chunk_of_expert_rows(tmp_path):
+    # model.moe_token_chunk: the backward pass recomputes one chunk of
+    # tokens' expert rows at a time. The step's temporaries must fall by
+    # most of what `plan` says the unchunked layer's expert rows hold
+    # beyond one chunk's. Experts 512 wide, so that they set the peak:
+    # 132.3 MiB, in chunks 106.3 (plan's saving 18.5 MiB); chunks mapped
+    # without rematerialisation held 167.3 MiB.
+    seq, experts, top_k, chunk = 1024, 8, 2, 256
+    moe = dict(
+        moe=True, num_experts=experts, top_k_experts=top_k, moe_intermediate_size=512
+    )
+    path = _checkpoint(tmp_path, 2, **moe)
+    whole = _step_temp_bytes(path, True, seq)
+    chunked = _step_temp_bytes(path, True, seq, moe_token_chunk=chunk)
+    spec = hub.spec_from_config(hub.backbone_kwargs(presets.read_config_json(path)))
+    planned = [
+        plan.activation_bytes(spec, LoraSpec(rank=4), 1, seq, 4, None, "blocks", c)
+        for c in (0, chunk)
+    ]
+    saving = planned[0]["remat_peak"] - planned[1]["remat_peak"]
+    print(
+        f"temporaries {whole / 2**20:.2f} MiB, in {chunk}-token chunks "
+        f"{chunked / 2**20:.2f} MiB; plan's saving {saving / 2**20:.2f} MiB"
+    )
+    assert whole - chunked > 0.5 * saving
 
 
 def test_nf4_matmul_equals_the_dequantised_matmul_with_gradients():

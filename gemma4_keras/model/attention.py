@@ -41,6 +41,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from gemma4_keras.model import xla_workarounds
+
 IMPLEMENTATIONS = ("auto", "dense", "chunked", "fused")
 _NEG = jnp.finfo(jnp.float32).min
 
@@ -146,33 +148,36 @@ def dot_attention(q, k, v, mask, soft_cap):
 def chunked_attention(q, k, v, segment_ids, window, soft_cap, chunk_size):
     """`dot_attention` computed `chunk_size` queries at a time.
 
-    Each chunk's body is a `jax.checkpoint` inside a `lax.map` (a scan): the
+    Each chunk is rematerialised (`xla_workarounds.remat_chunks`): the
     backward pass recomputes one chunk's logits at a time, so neither pass
     holds more than one chunk's [B, heads, chunk, keys] block. On a sliding
     layer the chunk starting at query i*c reads keys [i*c - window + 1,
     i*c + c) only, taken from keys padded with `window - 1` padding tokens
-    in front (segment 0: masked out).
+    in front (segment 0: masked out). The padding and the chunks' output
+    are built from the inputs, never zero buffers of their own: those read
+    only a constant, and XLA created every layer's at the start of the step
+    (26B-A4B, seq 4096: 52 MiB a sliding layer, all alive at once).
     """
     b, t, n, h = q.shape
     c = min(chunk_size, t)
     n_chunks = -(-t // c)
     tail = n_chunks * c - t
     q_seg = jnp.pad(segment_ids, ((0, 0), (0, tail)))
-    q_pad = jnp.pad(q, ((0, 0), (0, tail), (0, 0), (0, 0)))
     sliding = window is not None and c + window - 1 < t
     lead = window - 1 if sliding else 0
     span = c + lead if sliding else t
     if sliding:
-        width = ((0, 0), (lead, tail), (0, 0), (0, 0))
-        k, v = jnp.pad(k, width), jnp.pad(v, width)
+        k, v = _pad_rows(k, lead, tail), _pad_rows(v, lead, tail)
         k_seg = jnp.pad(segment_ids, ((0, 0), (lead, tail)))
     else:
         k_seg = segment_ids
+    # [chunks, B, c, ...]: one chunk of queries per step.
+    q_chunks = jnp.moveaxis(_pad_rows(q, 0, tail).reshape(b, n_chunks, c, n, h), 1, 0)
+    seg_chunks = jnp.moveaxis(q_seg.reshape(b, n_chunks, c), 1, 0)
 
-    def one_chunk(i):
-        start = i * c
-        qc = jax.lax.dynamic_slice_in_dim(q_pad, start, c, axis=1)
-        qs = jax.lax.dynamic_slice_in_dim(q_seg, start, c, axis=1)
+    def one_chunk(qc, ints, kv, k_seg):
+        qs, start = ints
+        k, v = kv
         q_idx = start + jnp.arange(c)
         if sliding:  # padded key index start + j is token start - lead + j
             kc = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
@@ -184,10 +189,25 @@ def chunked_attention(q, k, v, segment_ids, window, soft_cap, chunk_size):
         mask = _mask(qs, ks, q_idx, k_idx, window)
         return dot_attention(qc, kc, vc, mask, soft_cap)
 
-    body = jax.checkpoint(one_chunk, prevent_cse=False)  # inside a scan
-    out = jax.lax.map(body, jnp.arange(n_chunks))  # [chunks, B, c, N*H]
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * c
+    out = xla_workarounds.remat_chunks(
+        one_chunk, q_chunks, (seg_chunks, starts), (k, v), k_seg
+    )  # [chunks, B, c, N*H]
     out = jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * c, n * h)
     return out[:, :t]
+
+
+def _pad_rows(x: jax.Array, lead: int, tail: int) -> jax.Array:
+    """`x` with `lead` / `tail` zero rows around axis 1, the zeros tied to `x`
+    (`xla_workarounds.tie_to`; `jnp.pad` fills a zero buffer first)."""
+    if not lead and not tail:
+        return x
+
+    def zeros(rows):
+        z = jnp.zeros(x.shape[:1] + (rows,) + x.shape[2:], x.dtype)
+        return xla_workarounds.tie_to(z, x)
+
+    return jnp.concatenate([zeros(lead), x, zeros(tail)], axis=1)
 
 
 def fused_attention(q, k, v, segment_ids, window, implementation=None):

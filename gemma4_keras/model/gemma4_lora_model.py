@@ -150,7 +150,6 @@ class Gemma4LoraModel(keras.Model):
         block_size: int = 64,
         remat: bool = False,
         loss_chunk_size: int = 1024,
-        moe_dispatch: str = "auto",
         ple_on_host: bool = False,
     ) -> Gemma4LoraModel:
         """The training model of `spec`, its frozen base loaded by `fill`.
@@ -167,7 +166,7 @@ class Gemma4LoraModel(keras.Model):
             dtype=dtype,
         )
         fill(model, quant=quant, double_quant=double_quant, block_size=block_size)
-        return model.finish_loading(lora, moe_dispatch)
+        return model.finish_loading(lora)
 
     @classmethod
     def from_backbone(
@@ -195,19 +194,14 @@ class Gemma4LoraModel(keras.Model):
                 **options,
             )
 
-    def finish_loading(
-        self, lora: LoraSpec | None, moe_dispatch: str = "auto"
-    ) -> Gemma4LoraModel:
-        """Marks a filled model built, sets MoE dispatch, adds adapter `default`.
+    def finish_loading(self, lora: LoraSpec | None) -> Gemma4LoraModel:
+        """Marks a filled model built and adds adapter `default`.
 
         Every loader (`from_backbone`, `stream_load`) calls it once every base
         variable exists: marking the model built lets `stateless_call` (the
         jitted train step) run without an eager call.
         """
         self.built = True
-        moe.check_dispatch(moe_dispatch)
-        for blk in self.blocks:
-            blk.moe_dispatch = moe_dispatch
         if lora is not None:
             self.add_adapter("default", lora)
         return self
@@ -303,6 +297,21 @@ class Gemma4LoraModel(keras.Model):
         for blk in self.blocks:
             blk.attention = implementation
             blk.attention_chunk_size = int(chunk_size)
+
+    def set_moe(self, dispatch: str = "auto", token_chunk: int = 0) -> None:
+        """How every MoE block computes its experts (`model/moe.py`).
+
+        Args:
+          dispatch: auto | ragged | blocks | dense (`model.moe_dispatch`).
+          token_chunk: tokens per chunk of the routed experts, each chunk
+            recomputed in the backward pass (`model.moe_token_chunk`;
+            0 = every token at once).
+        """
+        moe.check_dispatch(dispatch)
+        moe.check_token_chunk(token_chunk)
+        for blk in self.blocks:
+            blk.moe_dispatch = dispatch
+            blk.moe_token_chunk = int(token_chunk)
 
     def add_global(self, name: str, shape, blocks, dtype=None) -> None:
         """Holds model-level tensor `name`, given as consecutive blocks of rows.

@@ -32,6 +32,7 @@ from gemma4_keras.model.lora import LoraAdapter
 from gemma4_keras.model.moe import gelu_tanh
 from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
+from gemma4_keras.model.xla_workarounds import tie_to
 
 # ----------------------------------------------------------------------------
 # Pure functions of the forward pass.
@@ -42,8 +43,21 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if scale is not None:
-        y = y * scale.astype(jnp.float32)
+        y = y * weight_for(scale, x, jnp.float32)
     return y.astype(x.dtype)
+
+
+def weight_for(w: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """Frozen weight `w` (a norm's scale, a layer scalar) in `dtype`, tied to
+    the activation `x` it multiplies (`xla_workarounds.tie_to`).
+
+    Untied, `broadcast(w)` to x's shape reads only a weight: XLA:CPU
+    materialised it once per weight and shared it between the forward pass
+    and the rematerialised backward pass, so every layer's broadcasts lived
+    through the whole step (26B-A4B, 6 layers, seq 4096: 42 float32
+    [4096, 2816] buffers and 12 more, 2.9 GiB; `tests/test_step_memory.py`).
+    """
+    return tie_to(w.astype(dtype), x)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, spec: BlockSpec) -> jax.Array:
@@ -309,7 +323,9 @@ class DecoderBlock(keras.layers.Layer):
         self.extra: dict[str, keras.Variable] = {}
         self.adapters: dict[str, dict[str, LoraAdapter]] = {}
         self.active_adapter: str | None = None
-        self.moe_dispatch = "auto"  # model.moe_dispatch (model/moe.py)
+        # model.moe_dispatch / model.moe_token_chunk (model/moe.py)
+        self.moe_dispatch = "auto"
+        self.moe_token_chunk = 0
         # model.attention / model.attention_chunk_size (model/attention.py)
         self.attention = "auto"
         self.attention_chunk_size = 512
@@ -466,7 +482,7 @@ class DecoderBlock(keras.layers.Layer):
             g = gelu_tanh(x @ self.extra["ple_gate"].value.astype(x.dtype)) * ple_input
             g = g @ self.extra["ple_up"].value.astype(x.dtype)
             x = x + rms_norm(g, self.norms["post_ple"].value, s.eps)
-        return x * self.extra["layer_scalar"].value.astype(x.dtype), router
+        return x * weight_for(self.extra["layer_scalar"].value, x, x.dtype), router
 
     def _moe(self, x: jax.Array, mask: jax.Array | None = None):
         """The MoE path (router on raw x, experts on normed x), frozen.
@@ -491,8 +507,9 @@ class DecoderBlock(keras.layers.Layer):
         banks = {name: self._bank(name) for name in moe.BANKS}
         scale = e["expert_scale"].value
         y = moe.experts(
-            m, top_p, top_i, banks, scale, self.moe_dispatch, self._expert_lora()
-        )
+            m, top_p, top_i, banks, scale, self.moe_dispatch, self._expert_lora(),
+            self.moe_token_chunk,
+        )  # fmt: skip
         y = rms_norm(y.reshape(shape), self.norms["post_ffw_moe"].value, s.eps)
         return y, stats
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import keras
 
 from gemma4_keras.model import quant as quant_lib
-from gemma4_keras.model.xla_workarounds import no_cotangent, tie_to
+from gemma4_keras.model.xla_workarounds import no_cotangent, remat_chunks, tie_to
 
 # model.moe_dispatch values; `kernel` resolves auto to one of the rest.
 DISPATCHES = ("auto", "ragged", "blocks", "dense")
@@ -146,7 +146,9 @@ def router_logits(
 ) -> jax.Array:
     """The router's float32 logits [T, E] (`route` takes softmax and top-k)."""
     dt = normed.dtype
-    r = normed * jnp.asarray(normed.shape[-1] ** -0.5, dt) * router_scale.astype(dt)
+    # Tied to `normed`, as `layers.weight_for` (not imported: layers imports moe).
+    scale = tie_to(router_scale.astype(dt), normed)
+    r = normed * jnp.asarray(normed.shape[-1] ** -0.5, dt) * scale
     return (r @ router_proj.astype(dt)).astype(jnp.float32)
 
 
@@ -194,6 +196,7 @@ def experts(
     expert_scale: jax.Array,
     dispatch: str = "auto",
     lora: dict[str, ExpertLora] | None = None,
+    token_chunk: int = 0,
 ) -> jax.Array:
     """The experts' weighted sum for each token of `m` [T, d] (normed input).
 
@@ -201,6 +204,8 @@ def experts(
     (E, f, d), float arrays or per-expert NF4 (`quant.nf4_quantize_experts`).
     `lora`: optional expert adapters by bank name (`ExpertLora`), applied
     as a separate branch on the same rows in every dispatch.
+    `token_chunk` (`model.moe_token_chunk`; 0 = off): the routed kernels
+    take at most this many tokens at a time (`routed_in_chunks`).
     """
     nf4 = isinstance(banks["experts_gate"], quant_lib.NF4Weight)
     how = kernel(
@@ -209,7 +214,71 @@ def experts(
     expert_scale = jnp.asarray(expert_scale)
     if how == "dense":
         return dense(m, top_p, top_i, banks, expert_scale, lora)
+    if chunks(m.shape[0], token_chunk) > 1:
+        return routed_in_chunks(
+            m, top_p, top_i, banks, expert_scale, how, lora, token_chunk
+        )
     return routed(m, top_p, top_i, banks, expert_scale, how, lora)
+
+
+def check_token_chunk(token_chunk: int) -> None:
+    if token_chunk < 0:
+        raise ValueError(
+            f"model.moe_token_chunk={token_chunk}: must be >= 0 (tokens per "
+            "chunk of the routed experts; 0 = every token at once)"
+        )
+
+
+def chunks(tokens: int, token_chunk: int) -> int:
+    """How many chunks `routed_in_chunks` splits `tokens` tokens into
+    (1: no chunking). Chunks are equal, at most `token_chunk` tokens.
+
+    >>> chunks(4096, 1024), chunks(4096, 0), chunks(1000, 512), chunks(8, 512)
+    (4, 1, 2, 1)
+    """
+    return -(-tokens // token_chunk) if token_chunk else 1
+
+
+def routed_in_chunks(
+    m, top_p, top_i, banks, expert_scale, how: str, lora, token_chunk: int
+) -> jax.Array:
+    """`routed` over equal chunks of at most `token_chunk` tokens, each
+    chunk rematerialised: the backward pass recomputes one chunk's expert
+    rows at a time instead of keeping every token's.
+
+    A MoE layer's expert rows (gate, up, their product [rows, f], the
+    gathered inputs and outputs [rows, d]) are most of what one 26B-A4B
+    block holds during its backward pass (about 1.2 GiB in bfloat16 at
+    4,096 tokens); in n chunks that is 1/n, for one more forward pass of
+    the experts. Blocks are sized per chunk (`block_size`), so the padding
+    share and the expert FLOPs per pass stay as unchunked. Equal to
+    `routed` to float32 precision (`tests/test_moe_routed.py`). When the
+    tokens do not split evenly, the last chunk is padded with zero rows of
+    weight 0 (routed to expert 0, they add nothing).
+    """
+    t, k = top_i.shape
+    n = chunks(t, token_chunk)
+    size = -(-t // n)
+    pad = n * size - t
+    if pad:
+        m = jnp.pad(m, ((0, pad), (0, 0)))
+        top_p = jnp.pad(top_p, ((0, pad), (0, 0)))
+        top_i = jnp.pad(top_i, ((0, pad), (0, 0)))
+
+    lora = lora or {}
+
+    def one_chunk(floats, top_i, lora, consts):
+        banks, expert_scale = consts
+        return routed(*floats, top_i, banks, expert_scale, how, lora)
+
+    y = remat_chunks(
+        one_chunk,
+        (m.reshape(n, size, -1), top_p.reshape(n, size, k)),
+        top_i.reshape(n, size, k),
+        lora,
+        (banks, expert_scale),
+    )
+    return y.reshape(n * size, -1)[:t]
 
 
 def dense(m, top_p, top_i, banks, expert_scale, lora=None) -> jax.Array:

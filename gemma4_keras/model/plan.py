@@ -222,6 +222,7 @@ def _block_internal_bytes(
     s: int,
     attn_chunk: int | None = None,
     moe_kernel: str = "dense",
+    moe_chunk: int = 0,
 ) -> int:
     """Residuals one block keeps for its backward pass [bytes]."""
     d, n_tok = spec.hidden_dim, batch * seq
@@ -230,7 +231,7 @@ def _block_internal_bytes(
         per_tok += _RESID_KV * b.num_kv_heads * b.head_dim
     per_tok += sites * lora_rank  # x @ A per adapter
     if spec.moe:
-        per_tok += _moe_per_token(spec, n_tok, moe_kernel)
+        per_tok += _moe_per_token(spec, n_tok, moe_kernel, moe_chunk)
     if spec.ple_dim:
         per_tok += 2 * spec.ple_dim + 2 * d
     queries, keys = attention_block(b, seq, attn_chunk)
@@ -238,22 +239,30 @@ def _block_internal_bytes(
     return n_tok * per_tok * s + attn
 
 
-def _moe_per_token(spec: ModelSpec, n_tok: int, moe_kernel: str) -> float:
-    """Values the MoE path keeps per token for the backward pass [count].
+def _moe_per_token(
+    spec: ModelSpec, n_tok: int, moe_kernel: str, moe_chunk: int = 0
+) -> float:
+    """Values the MoE path holds per token in its backward pass [count].
 
     dense: gate, up, hid [I] and out [D] of every expert, E*(3*I + D);
-    routed (`moe.expert_rows` rows R): R/T*(3*I + 2*D) (gate, up, hid, the
-    grouped input and output) + 3*k*D (the gathered input, the output and
-    the weighted output of each (token, slot)); both + 4*D (norms, router).
+    routed (`moe.expert_rows` rows R of the tokens taken at once: all T,
+    or one chunk of C under `model.moe_token_chunk`): (R*(3*I + 2*D) (gate,
+    up, hid, the grouped input and output) + C*3*k*D (the gathered input,
+    the output and the weighted output of each (token, slot))) / T; both
+    + 4*D (norms, router), + D in chunks (their stacked output).
     XLA's count at 26B-A4B's widths, 4096 tokens, float32
     (`benchmarks/moe_dispatch.py`, each further layer, blocks of 64):
     routed 2.26-2.30 GiB, this 2.38; dense 13.89 GiB, this 9.8.
     """
-    d, i = spec.hidden_dim, spec.expert_dim
-    rows = moe.expert_rows(n_tok, spec.top_k, spec.num_experts, moe_kernel) / n_tok
+    d, i, k = spec.hidden_dim, spec.expert_dim, spec.top_k
     if moe_kernel == "dense":
+        rows = moe.expert_rows(n_tok, k, spec.num_experts, moe_kernel) / n_tok
         return rows * (3 * i + d) + 4 * d
-    return rows * (3 * i + 2 * d) + 3 * spec.top_k * d + 4 * d
+    n = moe.chunks(n_tok, moe_chunk)
+    size = -(-n_tok // n)
+    rows = moe.expert_rows(size, k, spec.num_experts, moe_kernel)
+    kept = (4 + (n > 1)) * d
+    return (rows * (3 * i + 2 * d) + size * 3 * k * d) / n_tok + kept
 
 
 def activation_bytes(
@@ -264,6 +273,7 @@ def activation_bytes(
     s: int,
     attn_chunk: int | None = None,
     moe_kernel: str = "dense",
+    moe_chunk: int = 0,
 ) -> dict[str, int]:
     """Activation memory of one micro-batch of `batch` x `seq` tokens [bytes].
 
@@ -297,6 +307,7 @@ def activation_bytes(
             s,
             attn_chunk,
             moe_kernel,
+            moe_chunk,
         )
         for b in spec.blocks
     ]
@@ -339,6 +350,7 @@ def step_flops(
     attn_chunk: int | None = None,
     moe_kernel: str = "dense",
     micro_tokens: int | None = None,
+    moe_chunk: int = 0,
 ) -> dict[str, int]:
     """FLOPs of one optimiser step of `tokens` tokens in rows of `seq` [FLOP].
 
@@ -346,7 +358,9 @@ def step_flops(
                P: own projections, MoE router, PLE projection/gate/up
     experts    4 * R * 3 * D * I per MoE layer, R the rows its expert
                projections multiply (`moe.expert_rows` per micro-batch of
-               `micro_tokens`, default T: T * E dense, about T * k routed)
+               `micro_tokens`, default T: T * E dense, about T * k routed,
+               per chunk of `moe_chunk` tokens if set: 6 * R * 3 * D * I,
+               each chunk's forward recomputed)
     adapters   6 * T * r * sum_sites (in + out)
     attention  12 * T * keys * H * h_l per layer (QK^T and PV, forward and
                backward): keys = seq on the full square; chunked, 16 * T *
@@ -363,9 +377,12 @@ def step_flops(
     if spec.moe:
         frozen_p += n * d * spec.num_experts
         micro = micro_tokens or tokens
-        rows = moe.expert_rows(micro, spec.top_k, spec.num_experts, moe_kernel)
-        rows = rows * tokens // micro
-        experts = 4 * n * rows * 3 * d * spec.expert_dim
+        parts = 1 if moe_kernel == "dense" else moe.chunks(micro, moe_chunk)
+        size = -(-micro // parts)
+        rows = moe.expert_rows(size, spec.top_k, spec.num_experts, moe_kernel)
+        rows = rows * parts * tokens // micro
+        passes = 4 if parts == 1 else 6
+        experts = passes * n * rows * 3 * d * spec.expert_dim
     if spec.ple_dim:
         frozen_p += d * n * spec.ple_dim + n * 2 * d * spec.ple_dim
     out = {
@@ -560,6 +577,7 @@ def per_device_bytes(
     attn_chunk: int | None = None,
     storage: int | None = None,
     moe_kernel: str = "dense",
+    moe_chunk: int = 0,
 ) -> dict[str, int]:
     """Bytes one device of `mesh` holds during a step [bytes].
 
@@ -586,7 +604,7 @@ def per_device_bytes(
     adapters = sharding.per_device_bytes(adapter_vars, mesh["model"])
     state = adapters * (3 + (grad_accum > 1))  # grads (+ accumulators) + m, v
     b_dev = batch // mesh["data"]
-    act = activation_bytes(spec, lora, b_dev, seq, s, attn_chunk, moe_kernel)
+    act = activation_bytes(spec, lora, b_dev, seq, s, attn_chunk, moe_kernel, moe_chunk)
     out = {
         "base": base,
         "adapters": adapters,
@@ -904,19 +922,20 @@ def plan(
         )
     mesh = device_mesh(config.distribution, int(devices))
     how = moe_kernel(config, target, mesh["devices"])
-    act = activation_bytes(spec, lora, batch, seq, s, attn_chunk, how)
+    moe_chunk = int(config.model.moe_token_chunk)
+    act = activation_bytes(spec, lora, batch, seq, s, attn_chunk, how, moe_chunk)
     base = base_bytes(spec, quant, st)
     adapters = adapter_bytes(n_adapter, accum)
     loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
     act_used = act["remat_peak"] if config.model.remat else act["no_remat_saved"]
     tokens = batch * accum * seq
-    flops = step_flops(spec, lora, tokens, seq, attn_chunk, how, batch * seq)
+    flops = step_flops(spec, lora, tokens, seq, attn_chunk, how, batch * seq, moe_chunk)
     sec = flops["total"] / (tflops * 1e12 * mfu)
     steps = optimizer_steps(config)
     dev = per_device_bytes(
         spec, lora, quant, s, mesh, batch=batch, seq=seq,
         grad_accum=accum, chunk=chunk, remat=bool(config.model.remat), attn_chunk=attn_chunk,
-        storage=st, moe_kernel=how,
+        storage=st, moe_kernel=how, moe_chunk=moe_chunk,
     )  # fmt: skip
     kinds = _planned_tower_kinds(config, towers, raw)
     tw = tower_bytes(raw, kinds, batch // mesh["data"], images_per_row)
@@ -959,6 +978,7 @@ def plan(
             # model.moe_dispatch and the kernel it runs on the planned device
             "moe_dispatch": str(config.model.moe_dispatch),
             "moe_kernel": how if spec.moe else None,
+            "moe_token_chunk": moe_chunk,
             "tflops": tflops,
             "mfu": mfu,
         },
@@ -1010,6 +1030,11 @@ def _why_not(dev: dict, run: dict) -> str:
         "base": "more --config.distribution.model_parallel (mode=model)"
         + ("" if run["quant"]["mode"] == "nf4" else " or --config.quant.mode=nf4"),
         "activations": ("" if run["remat"] else "--config.model.remat=True, ")
+        + (
+            "--config.model.moe_token_chunk=1024, "
+            if run["moe_kernel"] not in (None, "dense") and not run["moe_token_chunk"]
+            else ""
+        )
         + "a smaller --config.data.max_length or --config.train.batch_size "
         "(raise grad_accum to keep the batch)",
         "loss_temp": "a smaller --config.model.loss_chunk_size",
@@ -1070,7 +1095,13 @@ def format_plan(p: dict) -> str:
         f"rank {r['lora_rank']}, batch {r['batch_size']} x accum {r['grad_accum']} "
         f"x {r['max_length']} tokens, remat={r['remat']}"
         + (
-            f", moe_dispatch={r['moe_dispatch']} ({r['moe_kernel']} experts)"
+            f", moe_dispatch={r['moe_dispatch']} ({r['moe_kernel']} experts"
+            + (
+                f", {r['moe_token_chunk']}-token chunks"
+                if r["moe_token_chunk"] and r["moe_kernel"] != "dense"
+                else ""
+            )
+            + ")"
             if m["moe"]
             else ""
         ),

@@ -322,6 +322,7 @@ class ModelSettings:
     remat: bool  # rematerialise each decoder block
     loss_chunk_size: int  # tokens per chunk of the vocab projection
     moe_dispatch: str  # auto | ragged | blocks | dense (model/moe.py)
+    moe_token_chunk: int  # tokens per chunk of the routed experts; 0 = off
     ple_on_host: str  # auto | on | off (`ple_on_host`)
     attention: str  # auto | dense | chunked | fused
     attention_chunk_size: int  # queries per chunk [tokens]
@@ -342,6 +343,7 @@ class ModelSettings:
             remat=bool(m.remat),
             loss_chunk_size=int(m.loss_chunk_size),
             moe_dispatch=str(m.moe_dispatch),
+            moe_token_chunk=int(m.moe_token_chunk),
             ple_on_host=str(m.ple_on_host),
             attention=str(m.attention),
             attention_chunk_size=int(m.attention_chunk_size),
@@ -366,11 +368,11 @@ def build_training_model(preset: str, model_settings: ModelSettings):
         remat=s.remat,
         loss_chunk_size=s.loss_chunk_size,
         dtype=dtype,
-        moe_dispatch=s.moe_dispatch,
         ple_on_host=ple_on_host(s),
     )
     model = _load_model(preset, dtype, s.lora, options)
     model.set_attention(s.attention, s.attention_chunk_size)
+    model.set_moe(s.moe_dispatch, s.moe_token_chunk)
     return model
 
 

@@ -310,6 +310,7 @@ _RESUMABLE = (
     # precision (tests/test_moe_routed.py). Runs recorded before `auto`
     # became the default say "dense".
     "model.moe_dispatch",
+    "model.moe_token_chunk",
 )
 
 
