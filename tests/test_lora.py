@@ -109,7 +109,7 @@ def test_dropout_only_in_training_and_only_on_adapter():
     a = m.adapters()[(0, "q_proj")]
     x = np.random.default_rng(1).normal(size=(2, 3, 64)).astype(np.float32)
     key = jax.random.key(7)
-    keep = np.asarray(jax.random.bernoulli(key, 0.5, x.shape))
+    keep = np.asarray(lora.dropout_keep(key, 0.5, x.shape))
     want = (np.where(keep, x / 0.5, 0) @ a.lora_a.value @ a.lora_b.value) * a.scale
     np.testing.assert_allclose(np.asarray(a.delta(x, key)), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
@@ -118,6 +118,21 @@ def test_dropout_only_in_training_and_only_on_adapter():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_dropout_keep_rate_and_independence():
+    """`dropout_keep` drops p of the elements (16-bit threshold), each of its
+    two 16-bit halves a word independently of the other."""
+    key = jax.random.key(3)
+    for p in (0.05, 0.1, 0.5):
+        keep = np.asarray(lora.dropout_keep(key, p, (512, 1001)))
+        n = keep.size
+        drop = 1 - keep.mean()
+        assert abs(drop - p) < 5 * np.sqrt(p * (1 - p) / n), (p, drop)
+        # The two halves of each word: as often both dropped as independence says.
+        hi, lo = ~keep[:, :500], ~keep[:, 501:1001]
+        both = (hi & lo).mean()
+        assert abs(both - p * p) < 5 * np.sqrt(p * p / hi.size) + 1e-4, (p, both)
 
 
 # --- targets and errors ----------------------------------------------------

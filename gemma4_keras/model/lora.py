@@ -104,7 +104,7 @@ class LoraAdapter(keras.layers.Layer):
 
     def delta(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         if key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            keep = dropout_keep(key, self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         a = jnp.asarray(self.lora_a.value).astype(x.dtype)
         b = jnp.asarray(self.lora_b.value).astype(x.dtype)
@@ -115,6 +115,21 @@ class LoraAdapter(keras.layers.Layer):
         a = np.asarray(self.lora_a.value, np.float32)
         b = np.asarray(self.lora_b.value, np.float32)
         return (a @ b) * np.float32(self.scale)
+
+
+def dropout_keep(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """LoRA dropout's keep mask: True with probability 1 - p (to 2**-17).
+
+    16 random bits an element, two from each 32-bit word (kept where the
+    bits are >= round(p * 2**16)): half the words of
+    `jax.random.bernoulli`, whose generator holds two words an element
+    while it runs (a layer's masks are part of the step's peak: 26B-A4B,
+    seq 4096, 674 MiB on XLA:CPU). A drop rate of 0.05 is 0.0500031.
+    """
+    half = -(-shape[-1] // 2)
+    words = jax.random.bits(key, (*shape[:-1], half), jnp.uint32)
+    bits = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)[..., : shape[-1]]
+    return bits >= round(p * 65536)
 
 
 def tower_targets(value) -> tuple[str, ...]:

@@ -95,7 +95,9 @@ def tie_to(tree: Any, anchor: jax.Array, integers: bool = False) -> Any:
     # it once per output element; a reduction over two elements is not fused
     # there, so the scalar is computed once. Issue 17: in a QLoRA step this
     # made the dequantisations 2-3x slower (docs/performance.md, section 3).
-    first = jnp.max(jnp.ravel(anchor)[:2])
+    # No gradient through the tie: a weight tied to an activation would
+    # otherwise make autodiff keep that activation to differentiate a zero.
+    first = jnp.max(jnp.ravel(jax.lax.stop_gradient(anchor))[:2])
     zero = first.astype(jnp.float32) * jnp.float32(0)
 
     def tie(leaf):
@@ -250,7 +252,7 @@ def remat_chunks(fn: Callable, floats: Any, ints: Any, params: Any, consts: Any)
 
 def stored(tree: Any) -> Any:
     """`tree` with each float leaf written to a buffer of its own; values
-    unchanged.
+    and gradients unchanged.
 
     XLA fuses an elementwise chain into each of its readers instead of
     storing it. The residual stream is one such chain from the embedding
@@ -259,16 +261,27 @@ def stored(tree: Any) -> Any:
     previous layers' projection outputs, which stayed alive until then
     (XLA:CPU, width 256, seq 1024: 8.1 MiB of temporaries per layer; 1 MiB
     is the input itself). An optimization barrier does not stop the fusion
-    on XLA:CPU. A reduction does: XLA does not fuse it into its readers, so
-    the sum of the leaf and a zero, stacked, is stored once.
+    on XLA:CPU. A reduction does: XLA does not fuse it into its readers. It
+    runs on the leaf's bits (an unsigned max with zero), so a bfloat16 leaf
+    is stored in bfloat16 (XLA:CPU computes a bfloat16 sum in float32).
     """
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf
+        if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.floating)
+        else _store(leaf),
+        tree,
+    )
 
-    def store(leaf):
-        if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf
-        return jnp.stack([leaf, jnp.zeros_like(leaf)]).sum(0)
 
-    return jax.tree_util.tree_map(store, tree)
+@jax.custom_vjp
+def _store(leaf: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(leaf, _UINT[leaf.dtype.itemsize])
+    bits = jnp.stack([bits, jnp.zeros_like(bits)]).max(0)
+    return jax.lax.bitcast_convert_type(bits, leaf.dtype)
+
+
+_UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+_store.defvjp(lambda leaf: (_store(leaf), None), lambda _, g: (g,))
 
 
 def materialise(x: jax.Array) -> jax.Array:
