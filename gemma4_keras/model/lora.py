@@ -33,6 +33,7 @@ from gemma4_keras import config_lib
 from gemma4_keras.model import schema
 from gemma4_keras.model import spec as spec_lib
 from gemma4_keras.model.spec import ModelSpec, module_name
+from gemma4_keras.model.xla_workarounds import stored, tie_to
 
 
 class LoraAdapter(keras.layers.Layer):
@@ -104,7 +105,9 @@ class LoraAdapter(keras.layers.Layer):
 
     def delta(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
         if key is not None and self.dropout > 0:
-            keep = dropout_keep(key, self.dropout, x.shape)
+            # Tied to x: made when this adapter runs, not with the layer's
+            # others at its start (their generators would all be alive).
+            keep = dropout_keep(tie_to(key, x, integers=True), self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         a = jnp.asarray(self.lora_a.value).astype(x.dtype)
         b = jnp.asarray(self.lora_b.value).astype(x.dtype)
@@ -128,8 +131,11 @@ def dropout_keep(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
     """
     half = -(-shape[-1] // 2)
     words = jax.random.bits(key, (*shape[:-1], half), jnp.uint32)
-    bits = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)[..., : shape[-1]]
-    return bits >= round(p * 65536)
+    halves = [(words >> 16).astype(jnp.uint16), (words & 0xFFFF).astype(jnp.uint16)]
+    bits = jnp.concatenate(halves, axis=-1)[..., : shape[-1]]
+    # Stored as booleans, one byte an element, for the backward pass (XLA
+    # would keep the bits and compare them again there).
+    return stored(bits >= round(p * 65536))
 
 
 def tower_targets(value) -> tuple[str, ...]:

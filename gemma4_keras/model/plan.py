@@ -62,10 +62,10 @@ _RESID_KV = 2  # k and v after norm (x kv_heads*head_dim), own K/V only
 _RESID_F = 8  # gate, up, GELU-tanh internals, product (x ffn)
 _ATTN_F32 = 4  # float32 [B, heads, T, T] tensors kept: logits, tanh, probs, ...
 _ATTN_BOOL = 2  # boolean [B, heads, T, T] masks kept by the `where`s
-# LoRA dropout, per element of an adapter's input [bytes]: the generator's
-# 32-bit words (one per two elements, two while it runs) and the boolean
-# mask (`lora.dropout_keep`); XLA makes a layer's masks together.
-_DROPOUT_BYTES = 5
+# LoRA dropout's random words while one mask is made, per element of that
+# adapter's input [bytes]: one 32-bit word per two elements, two while the
+# generator runs (`lora.dropout_keep`).
+_DROPOUT_WORDS = 4
 
 
 # ----------------------------------------------------------------------------
@@ -227,10 +227,10 @@ def _block_internal_bytes(
     attn_chunk: int | None = None,
     moe_kernel: str = "dense",
     moe_chunk: int = 0,
-    dropout_in: int = 0,
+    dropout_in: tuple[int, ...] = (),
 ) -> int:
     """Residuals one block keeps for its backward pass [bytes];
-    `dropout_in`: the input widths of its adapters with dropout, summed."""
+    `dropout_in`: the input widths of its adapters with dropout."""
     d, n_tok = spec.hidden_dim, batch * seq
     per_tok = _RESID_D * d + _RESID_Q * b.num_heads * b.head_dim + _RESID_F * b.ffn_dim
     if b.has_kv:
@@ -242,7 +242,10 @@ def _block_internal_bytes(
         per_tok += 2 * spec.ple_dim + 2 * d
     queries, keys = attention_block(b, seq, attn_chunk)
     attn = batch * b.num_heads * queries * keys * (_ATTN_F32 * 4 + _ATTN_BOOL)
-    return n_tok * per_tok * s + attn + n_tok * dropout_in * _DROPOUT_BYTES
+    # With dropout, each adapter keeps its dropped input (s) and its boolean
+    # mask (1) per element; one mask's generator runs at a time.
+    dropout = sum(dropout_in) * (s + 1) + max(dropout_in, default=0) * _DROPOUT_WORDS
+    return n_tok * (per_tok * s + dropout) + attn
 
 
 def _moe_per_token(
@@ -289,8 +292,9 @@ def activation_bytes(
     attention B*H*Tq*Tk*(4 float32 + 2 bool) bytes: the full square (Tq = Tk
     = T) when `attn_chunk` is None or T <= attn_chunk, else one chunk's block
     (`attention_block`; chunks are recomputed, so this bounds what a layer
-    holds at once), plus, with LoRA dropout, `_DROPOUT_BYTES` x the block's
-    adapter input widths summed, per token (its masks).
+    holds at once), plus, with LoRA dropout, (s + 1) bytes per element of
+    each adapter's input (the dropped input, the mask) and `_DROPOUT_WORDS`
+    for the widest (its mask's generator).
 
     With remat each block keeps only its input: L*B*T*D*s, plus the PLE
     inputs B*T*L*P*s (masks are rebuilt from the segment ids inside each
@@ -301,12 +305,12 @@ def activation_bytes(
     residuals); `*_peak` adds, with remat, one block's recomputed internals.
     """
     sites: dict[int, int] = {}
-    dropout_in: dict[int, int] = {}
+    dropout_in: dict[int, tuple[int, ...]] = {}
     for layer, target in lora.sites(spec):
         sites[layer] = sites.get(layer, 0) + 1
         if lora.dropout > 0:
             width = spec.projection_shape(layer, target)[0]
-            dropout_in[layer] = dropout_in.get(layer, 0) + width
+            dropout_in[layer] = (*dropout_in.get(layer, ()), width)
     internals = [
         _block_internal_bytes(
             spec,
@@ -319,7 +323,7 @@ def activation_bytes(
             attn_chunk,
             moe_kernel,
             moe_chunk,
-            dropout_in.get(b.index, 0),
+            dropout_in.get(b.index, ()),
         )
         for b in spec.blocks
     ]

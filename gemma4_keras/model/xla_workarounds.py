@@ -251,8 +251,8 @@ def remat_chunks(fn: Callable, floats: Any, ints: Any, params: Any, consts: Any)
 
 
 def stored(tree: Any) -> Any:
-    """`tree` with each float leaf written to a buffer of its own; values
-    and gradients unchanged.
+    """`tree` with each leaf written to a buffer of its own; values and
+    gradients unchanged.
 
     XLA fuses an elementwise chain into each of its readers instead of
     storing it. The residual stream is one such chain from the embedding
@@ -260,28 +260,40 @@ def stored(tree: Any) -> Any:
     the backward pass was read there through its chain's inputs, the
     previous layers' projection outputs, which stayed alive until then
     (XLA:CPU, width 256, seq 1024: 8.1 MiB of temporaries per layer; 1 MiB
-    is the input itself). An optimization barrier does not stop the fusion
-    on XLA:CPU. A reduction does: XLA does not fuse it into its readers. It
-    runs on the leaf's bits (an unsigned max with zero), so a bfloat16 leaf
-    is stored in bfloat16 (XLA:CPU computes a bfloat16 sum in float32).
+    is the input itself). A dropout mask was kept as the random bits it is
+    compared from (2 to 4 bytes an element, not 1). An optimization barrier
+    does not stop the fusion on XLA:CPU. A reduction does: XLA does not
+    fuse it into its readers. It is a max of the leaf with itself, over
+    the leaf's bits for a float (XLA:CPU computes bfloat16 in float32: a
+    bfloat16 leaf is stored in bfloat16).
     """
-    return jax.tree_util.tree_map(
-        lambda leaf: leaf
-        if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.floating)
-        else _store(leaf),
-        tree,
-    )
+
+    def store(leaf):
+        if leaf is None:
+            return leaf
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return _store_float(leaf)
+        if leaf.dtype == jnp.bool_:
+            return _store_bits(leaf.astype(jnp.uint8)).astype(jnp.bool_)
+        if jnp.issubdtype(leaf.dtype, jnp.unsignedinteger):
+            return _store_bits(leaf)
+        return leaf  # signed integers (ids, positions): never a long chain
+
+    return jax.tree_util.tree_map(store, tree)
+
+
+def _store_bits(x: jax.Array) -> jax.Array:
+    return jnp.stack([x, jnp.zeros_like(x)]).max(0)  # unsigned: x
 
 
 @jax.custom_vjp
-def _store(leaf: jax.Array) -> jax.Array:
+def _store_float(leaf: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(leaf, _UINT[leaf.dtype.itemsize])
-    bits = jnp.stack([bits, jnp.zeros_like(bits)]).max(0)
-    return jax.lax.bitcast_convert_type(bits, leaf.dtype)
+    return jax.lax.bitcast_convert_type(_store_bits(bits), leaf.dtype)
 
 
 _UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-_store.defvjp(lambda leaf: (_store(leaf), None), lambda _, g: (g,))
+_store_float.defvjp(lambda leaf: (_store_float(leaf), None), lambda _, g: (g,))
 
 
 def materialise(x: jax.Array) -> jax.Array:
