@@ -195,12 +195,12 @@ def remat_chunks(fn: Callable, floats: Any, ints: Any, params: Any, consts: Any)
     n = tree.tree_leaves(floats)[0].shape[0]
     params = tree.tree_map(jnp.asarray, params)  # a Python float scale too
 
-    def take(t, c):
+    def chunk_of(t, c):
         return tree.tree_map(
             lambda a: jax.lax.dynamic_index_in_dim(a, c, keepdims=False), t
         )
 
-    def put(buffers, values, c):
+    def put_chunk(buffers, values, c):
         return tree.tree_map(
             lambda b, v: jax.lax.dynamic_update_index_in_dim(
                 b, v.astype(b.dtype), c, 0
@@ -209,20 +209,22 @@ def remat_chunks(fn: Callable, floats: Any, ints: Any, params: Any, consts: Any)
             values,
         )
 
-    def zeros(shapes, anchor, stacked=True):
+    def tied_zeros(shapes, anchor, stacked=True):
         lead = (n,) if stacked else ()
         return tie_to(
-            tree.tree_map(lambda a: jnp.zeros(lead + a.shape, a.dtype), shapes),
+            tree.tree_map(lambda a: jnp.tied_zeros(lead + a.shape, a.dtype), shapes),
             anchor,
         )
 
     @jax.custom_vjp
     def run(floats, ints, params, consts):
-        def one(c):
-            return fn(take(floats, c), take(ints, c), params, consts)
+        def run_chunk(c):
+            return fn(chunk_of(floats, c), chunk_of(ints, c), params, consts)
 
-        out = zeros(jax.eval_shape(one, 0), tree.tree_leaves(floats)[0])
-        return jax.lax.fori_loop(0, n, lambda c, out: put(out, one(c), c), out)
+        out = tied_zeros(jax.eval_shape(run_chunk, 0), tree.tree_leaves(floats)[0])
+        return jax.lax.fori_loop(
+            0, n, lambda c, out: put_chunk(out, run_chunk(c), c), out
+        )
 
     def run_fwd(floats, ints, params, consts):
         return run(floats, ints, params, consts), (floats, ints, params, consts)
@@ -231,18 +233,21 @@ def remat_chunks(fn: Callable, floats: Any, ints: Any, params: Any, consts: Any)
         floats, ints, params, consts = residuals
         anchor = tree.tree_leaves(g)[0]
 
-        def one(c, carry):
+        def run_chunk(c, carry):
             total, d_floats = carry
-            gc = take(g, c)
+            gc = chunk_of(g, c)
             tie = tree.tree_leaves(gc)[0]
-            f = tie_to(take(floats, c), tie)
-            i = tie_to(take(ints, c), tie, integers=True)
+            f = tie_to(chunk_of(floats, c), tie)
+            i = tie_to(chunk_of(ints, c), tie, integers=True)
             _, vjp = jax.vjp(lambda f, p: fn(f, i, p, consts), f, params)
             df, dp = vjp(gc)
-            return tree.tree_map(jnp.add, total, dp), put(d_floats, df, c)
+            return tree.tree_map(jnp.add, total, dp), put_chunk(d_floats, df, c)
 
-        carry = (zeros(params, anchor, stacked=False), zeros(take(floats, 0), anchor))
-        total, d_floats = jax.lax.fori_loop(0, n, one, carry)
+        carry = (
+            tied_zeros(params, anchor, stacked=False),
+            tied_zeros(chunk_of(floats, 0), anchor),
+        )
+        total, d_floats = jax.lax.fori_loop(0, n, run_chunk, carry)
         nondiff = tree.tree_map(no_cotangent, (ints, consts))
         return d_floats, nondiff[0], total, nondiff[1]
 
