@@ -212,7 +212,7 @@ def remat_chunks(fn: Callable, floats: Any, ints: Any, params: Any, consts: Any)
     def tied_zeros(shapes, anchor, stacked=True):
         lead = (n,) if stacked else ()
         return tie_to(
-            tree.tree_map(lambda a: jnp.tied_zeros(lead + a.shape, a.dtype), shapes),
+            tree.tree_map(lambda a: jnp.zeros(lead + a.shape, a.dtype), shapes),
             anchor,
         )
 
