@@ -32,7 +32,7 @@ from gemma4_keras.model.lora import LoraAdapter
 from gemma4_keras.model.moe import gelu_tanh
 from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import BlockSpec, ModelSpec
-from gemma4_keras.model.xla_workarounds import tie_to
+from gemma4_keras.model.xla_workarounds import weight_for
 
 # ----------------------------------------------------------------------------
 # Pure functions of the forward pass.
@@ -45,19 +45,6 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
     if scale is not None:
         y = y * weight_for(scale, x, jnp.float32)
     return y.astype(x.dtype)
-
-
-def weight_for(w: jax.Array, x: jax.Array, dtype) -> jax.Array:
-    """Frozen weight `w` (a norm's scale, a layer scalar) in `dtype`, tied to
-    the activation `x` it multiplies (`xla_workarounds.tie_to`).
-
-    Untied, `broadcast(w)` to x's shape reads only a weight: XLA:CPU
-    materialised it once per weight and shared it between the forward pass
-    and the rematerialised backward pass, so every layer's broadcasts lived
-    through the whole step (26B-A4B, 6 layers, seq 4096: 42 float32
-    [4096, 2816] buffers and 12 more, 2.9 GiB; `tests/test_step_memory.py`).
-    """
-    return tie_to(w.astype(dtype), x)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, spec: BlockSpec) -> jax.Array:

@@ -44,7 +44,12 @@ import jax.numpy as jnp
 import keras
 
 from gemma4_keras.model import quant as quant_lib
-from gemma4_keras.model.xla_workarounds import no_cotangent, remat_chunks, tie_to
+from gemma4_keras.model.xla_workarounds import (
+    no_cotangent,
+    remat_chunks,
+    tie_to,
+    weight_for,
+)
 
 # model.moe_dispatch values; `kernel` resolves auto to one of the rest.
 DISPATCHES = ("auto", "ragged", "blocks", "dense")
@@ -146,8 +151,7 @@ def router_logits(
 ) -> jax.Array:
     """The router's float32 logits [T, E] (`route` takes softmax and top-k)."""
     dt = normed.dtype
-    # Tied to `normed`, as `layers.weight_for` (not imported: layers imports moe).
-    scale = tie_to(router_scale.astype(dt), normed)
+    scale = weight_for(router_scale, normed, dt)
     r = normed * jnp.asarray(normed.shape[-1] ** -0.5, dt) * scale
     return (r @ router_proj.astype(dt)).astype(jnp.float32)
 
