@@ -89,6 +89,11 @@ def test_guide_defaults():
             "fp4",
             "--config.quant.mode='fp4' must be one of none, nf4, int8, int4",
         ),
+        (
+            "quant.embedding",
+            "nf4",
+            "--config.quant.embedding='nf4' must be one of none, int8",
+        ),
         ("lora.targets", "", "lora.targets is empty"),
         ("lora.targets", "q_proj,qkv", "unknown module name(s) ['qkv']"),
         ("lora.layers", "1,x", "lora.layers must be comma-separated integers"),

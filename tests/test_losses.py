@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gemma4_keras.model import loss as loss_lib
+from gemma4_keras.model.quant import Int8Rows
 
 RTOL = 1e-5
 
@@ -305,6 +306,70 @@ def test_narrower_stored_embedding_is_never_upcast_whole():
 
     assert temp(cast=True) >= table  # the old way: the whole table in float32
     assert temp(cast=False) < table / 10, temp(cast=False) / table
+
+
+@pytest.mark.parametrize("tile,tiles", [(loss_lib.INT8_TILE, 1), (50, 6), (16, 20)])
+def test_int8_table_equals_its_dequantised_copy(monkeypatch, tile, tiles):
+    """An int8 table (`quant.Int8Rows`, whole or over vocabulary tiles of at
+    most `tile` rows) gives the loss, d(hidden) and logits of its float32
+    dequantisation (`values / scale`), to float32 precision."""
+    monkeypatch.setattr(loss_lib, "INT8_TILE", tile)
+    hidden, embedding, targets, weights = _inputs(2, 37, 16, 300)
+    table = Int8Rows.quantize(np.asarray(embedding))
+    dense = table.dequantize()
+    assert loss_lib.int8_tiles(300) == tiles
+
+    def value_and_grad(e):
+        def mean(h):
+            total, count = loss_lib.chunked_cross_entropy(
+                h, e, targets, weights, chunk_size=16
+            )
+            return total / count
+
+        return jax.jit(jax.value_and_grad(mean))(hidden)
+
+    (loss, d_h), (ref, ref_d_h) = value_and_grad(table), value_and_grad(dense)
+    assert abs(float(loss) / float(ref) - 1) < 1e-6
+    assert _rel_err(d_h, ref_d_h) < 1e-6
+    logits = loss_lib._dot("...d,vd->...v", hidden, table)
+    assert logits.shape == (2, 37, 300)
+    assert _rel_err(logits, jnp.einsum("btd,vd->btv", hidden, dense)) < 1e-6
+
+
+def test_int8_table_is_never_converted_whole():
+    """An int8 table's step holds one converted tile of rows, not the table
+    in the compute dtype (vocab x dim x 4 bytes under float32, x 2 under
+    bfloat16: `loss._int8_dot`). Converting the table first, as a plain
+    dequantisation does, must show here."""
+    vocab, dim, chunk = 65536, 1024, 16
+
+    def temp(dtype, whole: bool) -> int:
+        def step(h, values, scale, t, w):
+            def mean(h):
+                table = Int8Rows(values, scale)
+                e = table.dequantize(dtype) if whole else table
+                total, count = loss_lib.chunked_cross_entropy(
+                    h, e, t, w, chunk_size=chunk
+                )
+                return total / count
+
+            return jax.grad(mean)(h)
+
+        args = (
+            jax.ShapeDtypeStruct((2, chunk, dim), dtype),
+            jax.ShapeDtypeStruct((vocab, dim), jnp.int8),
+            jax.ShapeDtypeStruct((vocab,), jnp.float32),
+            jax.ShapeDtypeStruct((2, chunk), jnp.int32),
+            jax.ShapeDtypeStruct((2, chunk), jnp.float32),
+        )
+        mem = jax.jit(step).lower(*args).compile().memory_analysis()
+        return mem.temp_size_in_bytes
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        table = vocab * dim * jnp.dtype(dtype).itemsize
+        assert temp(dtype, whole=True) >= table  # the table, converted
+        # One tile of INT8_TILE rows (table / 8) and a chunk's logits.
+        assert temp(dtype, whole=False) < table / 5, (dtype, temp(dtype, False))
 
 
 def test_docstring_examples():

@@ -83,14 +83,25 @@ def test_spec_and_counts_match_the_real_model(variant):
     assert plan.base_bytes(spec, q, 4)["total"] == _bytes(model.non_trainable_variables)
 
 
-@pytest.mark.parametrize("mode,dq", QUANTS[1:])
-def test_quantised_base_bytes_match_the_real_model(mode, dq):
+@pytest.mark.parametrize(
+    "mode,dq,embedding",
+    [(*q, "none") for q in QUANTS[1:]]
+    + [("nf4", True, "int8"), ("none", False, "int8")],
+)
+def test_quantised_base_bytes_match_the_real_model(mode, dq, embedding):
     # One variant with every feature: PLE, KV-shared layers, MoE expert banks.
     path = tiny.tiny_checkpoint(ple=True, kv_shared_layers=2, moe=True)
     kw, spec = _arch(path)
     backbone = keras_hub.models.Gemma4Backbone.from_preset(str(path), dtype="float32")
-    model = _model(backbone, LORA, mode, dq)
-    q = {"mode": mode, "double_quant": dq, "block_size": 64}
+    model = Gemma4LoraModel.from_backbone(
+        backbone,
+        LORA,
+        quant=mode,
+        double_quant=dq,
+        dtype="float32",
+        embedding_quant=embedding,
+    )
+    q = {"mode": mode, "double_quant": dq, "block_size": 64, "embedding": embedding}
     estimate = plan.base_bytes(spec, q, 4)
     assert estimate["total"] == _bytes(model.non_trainable_variables)
 

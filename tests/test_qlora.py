@@ -169,3 +169,65 @@ def test_lora_trains_on_quantised_base(quant):
         atol=1e-7,
     )
     model.unload_adapter("train")
+
+
+def test_int8_embedding_is_keras_abs_max_and_reads_as_its_dequantisation():
+    """quant.embedding=int8, loaded through `stream_load` (the CLI's path):
+    the table is Keras' abs-max int8 of the checkpoint's (the oracle:
+    `keras.quantizers.abs_max_quantize` on the whole table, on the device),
+    and the embeddings, logits, loss and adapter gradients equal those of
+    the same model holding the dequantised table in float32."""
+    import keras
+
+    from gemma4_keras.model import stream_load
+    from gemma4_keras.testing import tiny
+
+    path = tiny.tiny_checkpoint()
+    spec = lora.LoraSpec(rank=4)
+
+    def load(embedding):
+        return stream_load.stream_training_model(
+            path, spec, dtype="float32", quant="nf4", double_quant=True,
+            embedding_quant=embedding,
+        )  # fmt: skip
+
+    model, reference = load("int8"), load("none")
+    table = model.globals["embedding"].value
+    float_table = reference.globals["embedding"].value
+    values, scale = keras.quantizers.abs_max_quantize(float_table, axis=-1)
+    np.testing.assert_array_equal(np.asarray(table.values), np.asarray(values))
+    np.testing.assert_array_equal(np.asarray(table.scale), np.asarray(scale)[:, 0])
+    assert table.values.dtype == np.int8 and table.scale.dtype == np.float32
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(2, 3, model.spec.hidden_dim)).astype(np.float32)
+    # What int8 changes: the tiny model's logits move by 0.6 % (norm-wise;
+    # docs/real_size.md has the figure at the released width).
+    assert 1e-4 < _rel(model.logits(hidden), reference.logits(hidden)) < 0.02
+    reference.globals["embedding"].assign(np.asarray(table.dequantize()))
+    for m in (model, reference):  # the same non-zero adapters
+        for a in m.adapters().values():
+            a.lora_b.assign(np.random.default_rng(0).normal(0, 0.05, a.lora_b.shape))
+    data = batch()
+    ids = data["token_ids"]
+    (x, _), (x_ref, _) = model.embed(ids), reference.embed(ids)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), rtol=1e-6)
+    assert _rel(model.logits(hidden), reference.logits(hidden)) < 1e-6
+
+    def value_and_grad(m):
+        def loss_fn(tv, ntv):
+            out, _ = m.stateless_call(tv, ntv, data, training=False)
+            return m.compute_loss(x=data, y_pred=out)
+
+        tv = [v.value for v in m.trainable_variables]
+        ntv = [v.value for v in m.non_trainable_variables]
+        return jax.jit(jax.value_and_grad(loss_fn))(tv, ntv)
+
+    (loss, grads), (ref, ref_grads) = value_and_grad(model), value_and_grad(reference)
+    assert np.isfinite(float(loss)) and abs(float(loss) / float(ref) - 1) < 1e-6
+    assert max(_rel(g, r) for g, r in zip(grads, ref_grads)) < 1e-5
+
+
+def _rel(actual, expected) -> float:
+    """Norm-wise relative error."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))

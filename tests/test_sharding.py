@@ -71,8 +71,8 @@ def _released(size):
 def test_no_array_over_1_mib_is_replicated_at_released_widths(size):
     spec = _released(size)
     lora = LoraSpec(rank=16)
-    for mode, dq in QUANTS:
-        q = {"mode": mode, "double_quant": dq, "block_size": 64}
+    for mode, dq, embedding in [(*q, "none") for q in QUANTS] + [("nf4", True, "int8")]:
+        q = {"mode": mode, "double_quant": dq, "block_size": 64, "embedding": embedding}
         variables = plan.training_variables(spec, q, 2, lora)
         for model_size in (2, 4, 8):
             replicated = [
@@ -97,26 +97,34 @@ def backbone():
 # int8 is left out: its variables are int4's less two (and Keras' int8
 # quantisation of the tiny model takes 13 s); test_plan checks its bytes.
 @pytest.mark.parametrize(
-    "mode,dq",
+    "mode,dq,embedding",
     [
-        pytest.param(*q, marks=pytest.mark.slow) if q[0] == "int4" else q
+        pytest.param(*q, "none", marks=pytest.mark.slow)
+        if q[0] == "int4"
+        else (*q, "none")
         for q in QUANTS
         if q[0] != "int8"
-    ],
+    ]
+    + [("nf4", True, "int8")],  # quant.embedding=int8: values + row scales
 )
-def test_plan_lists_the_variables_of_the_built_model(backbone, mode, dq):
+def test_plan_lists_the_variables_of_the_built_model(backbone, mode, dq, embedding):
     kw = backbone.get_config()
     spec = hub.spec_from_config(kw)
     lora = LoraSpec(rank=4, targets=("q_proj", "k_proj", "v_proj", "down_proj"))
     model = Gemma4LoraModel.from_backbone(
-        backbone, lora, quant=mode, double_quant=dq, dtype="float32"
+        backbone,
+        lora,
+        quant=mode,
+        double_quant=dq,
+        dtype="float32",
+        embedding_quant=embedding,
     )
     real = sorted(
         (_kind(v.path), tuple(v.shape), np.dtype(v.dtype).itemsize)
         for v in model.variables
         if "seed" not in v.path
     )
-    q = {"mode": mode, "double_quant": dq, "block_size": 64}
+    q = {"mode": mode, "double_quant": dq, "block_size": 64, "embedding": embedding}
     listed = sorted(
         (_kind(p), tuple(s), i) for p, s, i in plan.training_variables(spec, q, 4, lora)
     )

@@ -322,13 +322,22 @@ def _summary(results: dict, evaluated_on: str, markdown: str) -> dict:
     return summary
 
 
+def _unquantised_config(config):
+    """A copy of `config` whose base is read unquantised (the projections,
+    the experts and the tied embedding in `model.dtype`): what merged
+    exports serve."""
+    unquantised = config.copy_and_resolve_references()
+    unquantised.quant.mode = "none"
+    unquantised.quant.embedding = "none"
+    return unquantised
+
+
 def merged_model(model, config):
     """An unquantised base in `config.model.dtype` with `model`'s active
     adapter merged into its kernels (`lora.merge_adapter`): what a merged
     export (`--format=hf|gguf|keras`) serves. Built beside `model`.
     """
-    unquantised = config.copy_and_resolve_references()
-    unquantised.quant.mode = "none"
+    unquantised = _unquantised_config(config)
     preset = presets.resolve_preset(config.model.preset)
     merged = load_model(unquantised, preset, lora.adapter_factors(model))
     lora.merge_adapter(merged, "default")
@@ -392,8 +401,7 @@ def verify_inputs(config, workdir: str, n: int) -> tuple:
     renders them; plain is the id of a plain-text token ("a").
     """
     adapter = check_adapter(workdir)
-    unquantised = config.copy_and_resolve_references()
-    unquantised.quant.mode = "none"
+    unquantised = _unquantised_config(config)
     preset = presets.resolve_preset(config.model.preset)
     tokenizer = presets.load_tokenizer(preset)
     template = presets.chat_template(config, preset).variant

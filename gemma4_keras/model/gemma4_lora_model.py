@@ -29,12 +29,14 @@ from gemma4_keras.model.layers import (
     DecoderBlock,
     fill_model,
     float16_islands,
+    frozen_int8_rows,
     frozen_rows,
     np_dtype,
     rms_norm,
     storage_dtype,
 )
 from gemma4_keras.model.lora import LoraAdapter, LoraSpec
+from gemma4_keras.model.quant import Int8Rows
 from gemma4_keras.model.safetensors_io import aligned_empty
 from gemma4_keras.model.spec import ModelSpec
 
@@ -108,6 +110,7 @@ class Gemma4LoraModel(keras.Model):
         remat: bool = False,
         loss_chunk_size: int = 1024,
         ple_on_host: bool = False,
+        embedding_quant: str = "none",
         dtype=None,
         **kwargs,
     ):
@@ -115,6 +118,13 @@ class Gemma4LoraModel(keras.Model):
         self.spec = spec
         self.remat = remat
         self.ple_on_host = bool(ple_on_host and spec.ple_dim)
+        if embedding_quant not in config_lib.EMBEDDING_QUANTS:
+            raise ValueError(
+                f"quant.embedding={embedding_quant!r}: must be one of "
+                f"{', '.join(config_lib.EMBEDDING_QUANTS)}"
+            )
+        # How the tied embedding is stored (`config_lib.EMBEDDING_QUANTS`).
+        self.embedding_quant = embedding_quant
         self.loss_chunk_size = loss_chunk_size
         self.blocks = [
             DecoderBlock(spec, i, dtype=self.dtype_policy, name=f"block_{i}")
@@ -151,6 +161,7 @@ class Gemma4LoraModel(keras.Model):
         remat: bool = False,
         loss_chunk_size: int = 1024,
         ple_on_host: bool = False,
+        embedding_quant: str = "none",
     ) -> Gemma4LoraModel:
         """The training model of `spec`, its frozen base loaded by `fill`.
 
@@ -162,6 +173,7 @@ class Gemma4LoraModel(keras.Model):
             remat=remat,
             loss_chunk_size=loss_chunk_size,
             ple_on_host=ple_on_host,
+            embedding_quant=embedding_quant,
             name="gemma4_lora_model",
             dtype=dtype,
         )
@@ -317,7 +329,8 @@ class Gemma4LoraModel(keras.Model):
         """Holds model-level tensor `name`, given as consecutive blocks of rows.
 
         Kept in `storage_dtype(source dtype, dtype or the variable dtype)`,
-        frozen; the PLE table stays in host memory under `ple_on_host`.
+        frozen; the PLE table stays in host memory under `ple_on_host`, the
+        tied embedding as int8 rows under `embedding_quant="int8"`.
         """
         blocks = iter(blocks)
         first = next(blocks)
@@ -330,6 +343,8 @@ class Gemma4LoraModel(keras.Model):
                 table[start : start + len(b)] = b
                 start += len(b)
             self.globals[name] = HostTable(table, storage)  # stays in host memory
+        elif name == "embedding" and self.embedding_quant == "int8":
+            self.globals[name] = frozen_int8_rows(self, name, shape, blocks)
         else:
             self.globals[name] = frozen_rows(self, name, shape, blocks, storage)
 
@@ -528,7 +543,11 @@ class Gemma4LoraModel(keras.Model):
             t = self.towers
             soft = (token_ids == t.image_token_id) | (token_ids == t.audio_token_id)
             ids = jnp.where(soft, t.pad_token_id, token_ids)
-        x = jnp.take(self.globals["embedding"].value, ids, axis=0).astype(dtype)
+        table = self.globals["embedding"].value
+        if isinstance(table, Int8Rows):
+            x = table.take(ids, dtype)
+        else:
+            x = jnp.take(table, ids, axis=0).astype(dtype)
         x = x * jnp.asarray(math.sqrt(self.spec.hidden_dim), dtype)
         if self.towers is not None and media is not None:
             x = self._merge_media(token_ids, x, media)
@@ -597,7 +616,8 @@ class Gemma4LoraModel(keras.Model):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Full soft-capped logits (small vocabularies / tests only)."""
-        # In hidden's dtype; an embedding stored narrower is not converted.
+        # In hidden's dtype; an embedding stored narrower (or as int8) is not
+        # converted whole.
         z = loss._dot("...d,vd->...v", hidden, self.globals["embedding"].value)
         cap = self.spec.final_soft_cap
         return jnp.tanh(z / cap) * cap if cap else z

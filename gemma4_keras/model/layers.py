@@ -171,15 +171,50 @@ def frozen_rows(layer: keras.layers.Layer, name: str, shape, blocks, storage):
     created from an array filled block by block (`_owned_array`): the table
     plus one block of rows. Under `presets.on_host()` that is host memory.
     """
-    pending = [_owned_array(tuple(shape), storage, (cast(b, storage) for b in blocks))]
+    array = _owned_array(tuple(shape), storage, (cast(b, storage) for b in blocks))
+    return _frozen_weight(layer, name, array)
+
+
+def frozen_int8_rows(
+    layer: keras.layers.Layer, name: str, shape, blocks
+) -> quant_lib.Int8Rows:
+    """`frozen_rows` of a table kept as int8 rows (`quant.Int8Rows`).
+
+    Each block of rows is quantised as it arrives: the host holds the int8
+    table plus one float32 block, never the float table. The variables are
+    `name` (int8 [rows, dim]) and `name`_scale (float32 [rows]).
+    """
+    scales = []
+
+    def quantised():
+        for b in blocks:
+            rows = quant_lib.Int8Rows.quantize(b)
+            scales.append(np.asarray(rows.scale))
+            yield rows.values
+
+    values = _owned_array(tuple(shape), "int8", quantised())
+    scale = jnp.asarray(np.concatenate(scales))
+    return quant_lib.Int8Rows(
+        _frozen_weight(layer, name, values),
+        # Never autocast to a mixed-precision compute dtype: exact scales.
+        _frozen_weight(layer, f"{name}_scale", scale, autocast=False),
+    )
+
+
+def _frozen_weight(
+    layer: keras.layers.Layer, name: str, array, autocast: bool = True
+) -> keras.Variable:
+    """A non-trainable variable that takes over `array` (its dtype exactly)."""
+    pending = [array]
     return layer.add_weight(
         name=name,
-        shape=tuple(shape),
-        dtype=storage,
+        shape=tuple(array.shape),
+        dtype=keras.backend.standardize_dtype(array.dtype),
         # Hands the array over once: a closure holding it would keep a second
         # copy alive once Keras lays the variable out on a mesh.
         initializer=lambda shape, dtype: pending.pop(),
         trainable=False,
+        autocast=autocast,
     )
 
 

@@ -20,8 +20,13 @@ It returns the *sum* of weighted token losses and the sum of weights, so the
 caller divides by a global token count; that keeps gradient accumulation over
 micro-batches exact.
 
-This module depends on JAX only (and on `xla_workarounds` for the two places
-where XLA:CPU must be told which [chunk, vocab] blocks to share).
+The embedding may be an int8 table (`quant.Int8Rows`, `quant.embedding=
+int8`): its products run over tiles of vocabulary rows (`_int8_dot`), each
+converted when it is used, so the step never holds the table converted.
+
+This module depends on JAX (with `xla_workarounds` for the places where
+XLA:CPU must be told which [chunk, vocab] blocks to share) and on
+`quant.Int8Rows`, the int8 table's layout.
 """
 
 import functools
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma4_keras.model import xla_workarounds
+from gemma4_keras.model.quant import Int8Rows
 
 __all__ = ["chunked_cross_entropy", "full_cross_entropy"]
 
@@ -71,6 +77,8 @@ def _logits(h: jax.Array, embedding: jax.Array) -> jax.Array:
 
 def _times_embedding(d_logits: jax.Array, embedding: jax.Array, dtype) -> jax.Array:
     """`d_logits @ embedding` in `dtype` with float32 accumulation, [n, dim]."""
+    if isinstance(embedding, Int8Rows):  # scaled in float32, then cast
+        return _int8_dot("nv,vd->nd", d_logits, embedding, dtype)
     return _dot("nv,vd->nd", d_logits.astype(dtype), embedding)
 
 
@@ -97,6 +105,8 @@ def _dot(spec: str, x: jax.Array, embedding: jax.Array) -> jax.Array:
     on XLA:CPU the loss takes about 1.4-1.7x as long (128-token chunks are
     about 15% slower than 256, for half the temporaries).
     """
+    if isinstance(embedding, Int8Rows):
+        return _int8_dot(spec, x, embedding, x.dtype)
     if embedding.dtype == x.dtype:
         return jnp.einsum(spec, x, embedding, preferred_element_type=jnp.float32)
     total, rest = None, x.astype(jnp.float32)
@@ -106,6 +116,70 @@ def _dot(spec: str, x: jax.Array, embedding: jax.Array) -> jax.Array:
         total = product if total is None else total + product
         rest = rest - part.astype(jnp.float32)
     return total
+
+
+# Vocabulary rows an int8 table converts at a time (`_int8_dot`): at
+# 26B-A4B's width 44 MiB in bfloat16.
+INT8_TILE = 8192
+
+
+def int8_tiles(vocab: int) -> int:
+    """How many tiles `_int8_dot` cuts a table of `vocab` rows into: the
+    smallest divisor of `vocab` that leaves at most `INT8_TILE` rows a tile."""
+    return next(k for k in range(-(-vocab // INT8_TILE), vocab + 1) if vocab % k == 0)
+
+
+def _int8_dot(spec: str, x: jax.Array, table: Int8Rows, dtype) -> jax.Array:
+    """`einsum(spec, x, table.dequantize())` without the dequantised table.
+
+    `spec` is "...d,vd->...v" (logits) or "nv,vd->nd" (d_logits times the
+    table). Tile i holds rows i, i + k, i + 2k, ... of the k tiles: a table
+    split by vocabulary row over a mesh keeps each tile's rows on their
+    device, and the tile's logits are column i of a [n, rows / k, k] block,
+    the logits in vocabulary order. Each tile is converted to `dtype` (int8
+    exactly) inside the loop and multiplied in `dtype` with float32
+    accumulation; the row scales divide the logits, or d_logits before its
+    cast, in float32.
+    """
+    vocab, dim = table.shape
+    k = int8_tiles(vocab)
+    rows = vocab // k
+    values = table.values.reshape(rows, k, dim)
+    scale = table.scale.reshape(rows, k)
+
+    def tile(i):
+        q = jax.lax.dynamic_index_in_dim(values, i, axis=1, keepdims=False)
+        s = jax.lax.dynamic_index_in_dim(scale, i, axis=1, keepdims=False)
+        return q.astype(dtype), s
+
+    if spec == "nv,vd->nd":
+        d_logits = x.reshape(x.shape[0], rows, k)
+
+        def add_tile(i, total):
+            q, s = tile(i)
+            d = jax.lax.dynamic_index_in_dim(d_logits, i, axis=2, keepdims=False)
+            d = (d.astype(jnp.float32) / s).astype(dtype)
+            return total + jnp.einsum(
+                "nr,rd->nd", d, q, preferred_element_type=jnp.float32
+            )
+
+        total = xla_workarounds.tie_to(jnp.zeros((x.shape[0], dim), jnp.float32), x)
+        return jax.lax.fori_loop(0, k, add_tile, total)
+    if spec != "...d,vd->...v" and spec != "nd,vd->nv":
+        raise ValueError(f"no int8 product for {spec!r}")
+    lead = x.shape[:-1]
+    h = x.reshape(-1, dim)
+
+    def put_tile(i, out):
+        q, s = tile(i)
+        z = jnp.einsum("nd,rd->nr", h, q, preferred_element_type=jnp.float32) / s
+        return jax.lax.dynamic_update_index_in_dim(out, z, i, axis=2)
+
+    # Tied to x: a zero buffer made from constants alone would be hoisted
+    # out of the loss's scan and copied into each chunk.
+    out = xla_workarounds.tie_to(jnp.zeros((h.shape[0], rows, k), jnp.float32), h)
+    out = jax.lax.fori_loop(0, k, put_tile, out)
+    return out.reshape(*lead, vocab)
 
 
 def _soft_cap(raw: jax.Array, soft_cap: float | None) -> tuple[jax.Array, jax.Array]:
@@ -250,8 +324,9 @@ def _chunked_loss_sum_bwd(soft_cap, residuals, g):
     d_h_unit, embedding, nll, w_chunks, h_dtype = residuals
     d_h = (g * d_h_unit).astype(h_dtype.dtype)
     # The tied embedding is frozen; a zero cotangent that no one reads is
-    # removed by XLA, so this costs nothing in the train step.
-    d_embedding = jnp.zeros_like(embedding)
+    # removed by XLA, so this costs nothing in the train step. (None: an
+    # int8 table has no float cotangent.)
+    d_embedding = None if isinstance(embedding, Int8Rows) else jnp.zeros_like(embedding)
     # d(loss)/d(weight) is the token's nll, saved anyway: exact for free.
     return d_h, d_embedding, None, (g * nll).astype(w_chunks.dtype)
 
@@ -310,7 +385,8 @@ def chunked_cross_entropy(
       hidden: `[batch, seq, dim]` final hidden states (after the final norm),
         any float dtype.
       embedding: `[vocab, dim]` tied token embedding, multiplied in
-        `hidden.dtype` (one stored narrower is never converted: `_dot`).
+        `hidden.dtype` (one stored narrower is never converted: `_dot`), or
+        an int8 `quant.Int8Rows` table (converted a tile at a time).
       targets: `[batch, seq]` integer next-token ids.
       weights: `[batch, seq]` per-token loss weights; 0 ignores a token.
       soft_cap: final logit soft-cap (Gemma 4: 30.0); None for plain logits.
@@ -338,7 +414,7 @@ def chunked_cross_entropy(
       3.4657
     """
     _check_inputs(hidden, embedding, targets, weights)
-    if embedding.dtype != hidden.dtype:
+    if not isinstance(embedding, Int8Rows) and embedding.dtype != hidden.dtype:
         chunk_size = min(chunk_size, SPLIT_CHUNK)
     h, t, w = _to_chunks(hidden, targets, weights, chunk_size)
     loss_sum = _chunked_loss_sum(h, embedding, t, w, soft_cap)

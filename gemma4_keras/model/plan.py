@@ -143,7 +143,8 @@ def base_bytes(spec: ModelSpec, q: dict, s: int) -> dict[str, int]:
                  G = ceil(in / 128) groups)
     experts      MoE banks: NF4 per expert under nf4, else s B/weight
                  (Keras int8/int4 apply to Dense kernels only)
-    embedding    embedding, PLE table/projection/gate/up, router, scales: s B
+    embedding    embedding, PLE table/projection/gate/up, router, scales: s B;
+                 the tied embedding under quant.embedding=int8: V*D + 4*V
     norms        RMSNorm scales in float32 (4 B); the layer scalar in s B
     """
     out = dict.fromkeys(("projections", "experts", "embedding", "norms"), 0)
@@ -156,10 +157,22 @@ def base_bytes(spec: ModelSpec, q: dict, s: int) -> dict[str, int]:
             out["experts"] += shape[0] * per if q["mode"] == "nf4" else n * s
         elif row.float32:
             out["norms"] += 4 * n
+        elif _int8_embedding(row, q):
+            out["embedding"] += n + 4 * shape[0]
         else:
             out["norms" if row.group == "norms" else "embedding"] += n * s
     out["total"] = sum(out.values())
     return out
+
+
+def _int8_loss(q: dict) -> bool:
+    """Whether the loss reads an int8 table (`loss._int8_dot`)."""
+    return q.get("embedding", "none") == "int8"
+
+
+def _int8_embedding(row: schema.Row, q: dict) -> bool:
+    """Whether `row` is the tied embedding stored as int8 rows."""
+    return row.name == "embedding" and _int8_loss(q)
 
 
 def adapter_params(spec: ModelSpec, lora: LoraSpec) -> int:
@@ -342,7 +355,12 @@ def activation_bytes(
 
 
 def loss_temp_bytes(
-    spec: ModelSpec, micro_tokens: int, chunk: int, split: bool = False
+    spec: ModelSpec,
+    micro_tokens: int,
+    chunk: int,
+    split: bool = False,
+    int8: bool = False,
+    s: int = 2,
 ) -> int:
     """Chunked loss temp [bytes]: min(chunk, tokens) x V x 4 (one float32
     block of one chunk's logits, turned into their gradient in place: the
@@ -350,7 +368,16 @@ def loss_temp_bytes(
     d(hidden), kept for the backward pass; `docs/real_size.md` compares
     plan with XLA's count at E2B and E4B). With `split` (an embedding stored
     narrower than the compute dtype, `loss._dot`) chunks are at most
-    `loss.SPLIT_CHUNK` tokens and d_logits' parts add 3 x chunk x V x 2."""
+    `loss.SPLIT_CHUNK` tokens and d_logits' parts add 3 x chunk x V x 2.
+    With `int8` (quant.embedding=int8, `loss._int8_dot`) one tile of
+    V / `loss.int8_tiles(V)` rows converted to the compute dtype (`s` B)
+    and its [chunk, tile] float32 products add tile x (D x s + chunk x 4);
+    nothing is split."""
+    if int8:
+        tile = spec.vocab_size // loss_lib.int8_tiles(spec.vocab_size)
+        rows = min(chunk, micro_tokens)
+        extra = tile * (spec.hidden_dim * s + rows * 4)
+        return loss_temp_bytes(spec, micro_tokens, chunk) + extra
     if split:
         chunk = min(chunk, loss_lib.SPLIT_CHUNK)
     rows = min(chunk, micro_tokens)
@@ -480,6 +507,11 @@ def _row_variables(
     row: schema.Row, layer: int | None, shape, q: dict, s: int
 ) -> list[tuple[str, tuple[int, ...], int]]:
     """Variables holding one schema row (`layers.DecoderBlock.add`)."""
+    if layer is None and _int8_embedding(row, q):  # quant.Int8Rows
+        return [
+            (f"gemma4_lora_model/{row.name}", shape, 1),
+            (f"gemma4_lora_model/{row.name}_scale", shape[:1], 4),
+        ]
     if layer is None:
         return [(f"gemma4_lora_model/{row.name}", shape, 4 if row.float32 else s)]
     if row.kind == "projection":
@@ -626,7 +658,9 @@ def per_device_bytes(
         "adapters": adapters,
         "adapter_state": state,
         "activations": act["remat_peak"] if remat else act["no_remat_saved"],
-        "loss_temp": loss_temp_bytes(spec, b_dev * seq, chunk, split=st < s),
+        "loss_temp": loss_temp_bytes(
+            spec, b_dev * seq, chunk, split=st < s, int8=_int8_loss(q), s=s
+        ),
     }
     out["total"] = sum(out.values())
     return out
@@ -926,6 +960,7 @@ def plan(
         "mode": config.quant.mode,
         "double_quant": bool(config.quant.double_quant),
         "block_size": int(config.quant.block_size),
+        "embedding": str(config.quant.embedding),
     }
     n_adapter = adapter_params(spec, lora)
     attn_chunk = attention_chunk(config.model)
@@ -942,7 +977,9 @@ def plan(
     act = activation_bytes(spec, lora, batch, seq, s, attn_chunk, how, moe_chunk)
     base = base_bytes(spec, quant, st)
     adapters = adapter_bytes(n_adapter, accum)
-    loss = loss_temp_bytes(spec, batch * seq, chunk, split=st < s)
+    loss = loss_temp_bytes(
+        spec, batch * seq, chunk, split=st < s, int8=_int8_loss(quant), s=s
+    )
     act_used = act["remat_peak"] if config.model.remat else act["no_remat_saved"]
     tokens = batch * accum * seq
     flops = step_flops(spec, lora, tokens, seq, attn_chunk, how, batch * seq, moe_chunk)
@@ -1044,7 +1081,12 @@ def _why_not(dev: dict, run: dict) -> str:
     """The two largest parts of a per-device total and what shrinks each."""
     fixes = {
         "base": "more --config.distribution.model_parallel (mode=model)"
-        + ("" if run["quant"]["mode"] == "nf4" else " or --config.quant.mode=nf4"),
+        + ("" if run["quant"]["mode"] == "nf4" else " or --config.quant.mode=nf4")
+        + (
+            ""
+            if run["quant"].get("embedding") == "int8"
+            else " or --config.quant.embedding=int8 (an int8 LM head)"
+        ),
         "activations": ("" if run["remat"] else "--config.model.remat=True, ")
         + (
             "--config.model.moe_token_chunk=1024, "
@@ -1107,7 +1149,8 @@ def format_plan(p: dict) -> str:
         f"model  {m['preset']}: {m['layers']} layers, d={m['hidden_dim']}, "
         f"vocab {m['vocab_size']}, {m['kv_shared_layers']} KV-shared, "
         f"moe={m['moe']}, ple={m['ple_dim']}, {m['dtype']}",
-        f"run    quant={q['mode']}{' +dq' if q['double_quant'] and q['mode'] == 'nf4' else ''}, "
+        f"run    quant={q['mode']}{' +dq' if q['double_quant'] and q['mode'] == 'nf4' else ''}"
+        f"{', int8 embedding' if q.get('embedding') == 'int8' else ''}, "
         f"rank {r['lora_rank']}, batch {r['batch_size']} x accum {r['grad_accum']} "
         f"x {r['max_length']} tokens, remat={r['remat']}"
         + (

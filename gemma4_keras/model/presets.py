@@ -318,6 +318,7 @@ class ModelSettings:
     quant: str  # quant.mode: none | nf4 | int8 | int4
     double_quant: bool
     block_size: int  # NF4 block
+    embedding_quant: str  # quant.embedding: none | int8 (the tied embedding)
     lora: LoraSpec
     remat: bool  # rematerialise each decoder block
     loss_chunk_size: int  # tokens per chunk of the vocab projection
@@ -339,6 +340,7 @@ class ModelSettings:
             quant=str(q.mode),
             double_quant=bool(q.double_quant),
             block_size=int(q.block_size),
+            embedding_quant=str(q.embedding),
             lora=LoraSpec.from_config(config.lora),
             remat=bool(m.remat),
             loss_chunk_size=int(m.loss_chunk_size),
@@ -369,6 +371,7 @@ def build_training_model(preset: str, model_settings: ModelSettings):
         loss_chunk_size=s.loss_chunk_size,
         dtype=dtype,
         ple_on_host=ple_on_host(s),
+        embedding_quant=s.embedding_quant,
     )
     model = _load_model(preset, dtype, s.lora, options)
     model.set_attention(s.attention, s.attention_chunk_size)

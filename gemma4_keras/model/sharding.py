@@ -18,6 +18,7 @@ replicated, and the whole variable is replicated over the `batch` axis.
     MoE expert banks (float, NF4) block_N/experts_*,                    0 (expert)
                                   block_N_experts_*/{leaf}
     embedding, PLE table          gemma4_lora_model/{embedding,         0 (vocab)
+                                    embedding_scale (int8),
                                     ple_embedding}
     PLE projection, gate / up     .../ple_projection, block_N/ple_gate -1
                                   block_N/ple_up                        0
@@ -75,7 +76,7 @@ LAYOUT_RULES: tuple[tuple[str, int], ...] = (
     (rf"block_\d+_({_COLUMN}|{_ROW})_nf4/{_NF4_FLAT}", 0),
     (rf"block_\d+/{_BANK}", 0),
     (rf"block_\d+_{_BANK}/{_NF4_ALL}", 0),
-    (r"gemma4_lora_model/(embedding|ple_embedding)", 0),
+    (r"gemma4_lora_model/(embedding|embedding_scale|ple_embedding)", 0),
     (r"gemma4_lora_model/ple_projection", -1),
     (r"block_\d+/ple_gate", -1),
     (r"block_\d+/ple_up", 0),
