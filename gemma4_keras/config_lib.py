@@ -154,7 +154,9 @@ def get_config(
         the tiny model for a couple of steps (tests, smoke runs); `embedded`
         (tiny only) sets `EMBEDDED_DEFAULT`, the run of `configs/tiny.py`;
         `tools` (tiny only) sets `TOOLS_DEFAULT`, the run of
-        `configs/tiny_tools.py` (with `runlocal`: only its data fields).
+        `configs/tiny_tools.py` (with `runlocal`: only its data fields);
+        `16gb` sets `LOW_MEMORY` (26B-A4B QLoRA at 4k tokens in 16 GB).
+        Comma-separated switches combine.
 
     Example:
       >>> cfg = get_config("e4b", "qlora")
@@ -332,12 +334,29 @@ TOOLS_DEFAULT: dict[str, object] = {
 }
 
 
+# `:16gb`: what fits 26B-A4B QLoRA at seq 4,096 (batch 1) in 16 GB (16e9
+# bytes) per `plan` (14.78 GiB; 15.63 with the float table; docs/real_size.md):
+# an int8 tied embedding (the LM head reads int8 weights: logits move by
+# about 1 %), the routed experts, loss and attention in smaller chunks
+# (memory for a little speed; the values are the same). Any size takes it.
+LOW_MEMORY: dict[str, object] = {
+    "quant.embedding": "int8",
+    "model.moe_token_chunk": 256,
+    "model.loss_chunk_size": 128,
+    "model.attention_chunk_size": 128,
+}
+
+
 def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
     """Applies the `:arg` switches (comma-separated); runlocal first."""
     switches = arg.split(",")
     for switch in sorted(switches, key=lambda s: s != "runlocal"):
         if switch == "runlocal":
             _shrink_to_tiny(c)
+        elif switch == "16gb":
+            for field, value in LOW_MEMORY.items():
+                section, name = field.split(".")
+                c[section][name] = value
         elif switch in ("embedded", "tools"):
             if c.size != "tiny":
                 raise ConfigError(
@@ -353,7 +372,7 @@ def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
         else:
             raise ConfigError(
                 f"unknown config switch {switch!r}; known switches: runlocal, "
-                "embedded, tools"
+                "16gb, embedded, tools"
             )
 
 

@@ -110,6 +110,34 @@ def test_every_runlocal_config_trains_two_steps(config, tmp_path, capsys):
     assert os.path.getmtime(workdir / "train_log.csv") == mtime
 
 
+@pytest.mark.slow  # a third runlocal training and a merged export (45 s)
+def test_16gb_run_trains_and_its_merged_export_keeps_the_float_embedding(tmp_path):
+    """`:16gb` through the front door (26B-A4B's tiny stand-in): the run
+    trains on the int8 tied embedding, and the merged HF export carries the
+    checkpoint's own float table, bit for bit, not a dequantised one."""
+    safetensors_numpy = oracles.need("safetensors.numpy")
+    from gemma4_keras.model import presets
+
+    config = f"--config={CONFIGS}/26b_a4b_qlora.py:runlocal,16gb"
+    workdir, out = tmp_path / "run", tmp_path / "hf"
+    assert run_cli("train", config, f"--workdir={workdir}") == 0
+    stored = json.loads((workdir / "config.json").read_text())
+    assert stored["quant"]["embedding"] == "int8"
+    assert json.loads((workdir / "run_state.json").read_text())["step"] == 2
+    assert (
+        run_cli("export", config, f"--workdir={workdir}", "--format=hf", f"--out={out}")
+        == 0
+    )
+    base_dir = pathlib.Path(presets.resolve_preset("tiny:moe,k_eq_v"))
+    base = {}
+    for f in base_dir.glob("*.safetensors"):
+        base.update(safetensors_numpy.load_file(str(f)))
+    merged = safetensors_numpy.load_file(str(out / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    assert merged[name].dtype == base[name].dtype
+    assert (merged[name] == base[name]).all()
+
+
 def test_data_check_reports_planted_problems(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = {

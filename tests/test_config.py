@@ -196,3 +196,18 @@ def test_expert_targets_refuse_dropout_at_validation():
         config_lib.validate(c)
     c.lora.dropout = 0.0
     config_lib.validate(c)
+
+
+def test_16gb_switch_sets_the_low_memory_fields():
+    """`--config=configs/26b_a4b_qlora.py:16gb` (tests/test_plan.py checks
+    that it fits 26B-A4B QLoRA at 4k tokens in 16 GB); it combines with
+    runlocal and an unknown switch names it."""
+    c = config_lib.get_config("26b_a4b", "qlora", "16gb")
+    config_lib.validate(c)
+    assert (c.quant.embedding, c.model.moe_token_chunk) == ("int8", 256)
+    assert (c.model.loss_chunk_size, c.model.attention_chunk_size) == (128, 128)
+    assert config_lib.get_config("26b_a4b", "qlora").quant.embedding == "none"
+    tiny = config_lib.get_config("26b_a4b", "qlora", "runlocal,16gb")
+    assert tiny.quant.embedding == "int8" and tiny.model.preset.startswith("tiny")
+    with pytest.raises(config_lib.ConfigError, match="known switches: runlocal, 16gb"):
+        config_lib.get_config("26b_a4b", "qlora", "8gb")

@@ -354,6 +354,33 @@ def test_plan_models_moe_token_chunks(tmp_path):
     assert flops[1] / flops[0] == pytest.approx(1.5 * 4 * rows[1] / rows[0])
 
 
+def test_26b_a4b_qlora_at_4k_tokens_fits_16_gb_with_the_16gb_switch(tmp_path):
+    """Issue 27's target, per `plan`: 26B-A4B QLoRA (NF4 + double quant, r16
+    all linear, dropout 0.05) at seq 4,096, batch 1, bfloat16, within 16 GB
+    (16e9 bytes) with `:16gb` (config_lib.LOW_MEMORY), not without it.
+    docs/real_size.md checks plan against XLA on the first 6 layers."""
+    from gemma4_keras.testing import full_size
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(full_size.released_config("26b_a4b"))
+    )
+    plans = {}
+    for arg in (None, "16gb"):
+        c = config_lib.get_config("26b_a4b", "qlora", arg)
+        c.model.preset, c.model.dtype = str(tmp_path), "bfloat16"
+        c.train.batch_size, c.data.max_length = 1, 4096
+        plans[arg] = p = plan.plan(c, accelerator_name="h100")
+        assert p["per_device"]["total"] == p["total_bytes"]
+    totals = {arg: p["total_bytes"] for arg, p in plans.items()}
+    assert totals["16gb"] <= 16e9 < totals[None], totals
+    assert "int8 embedding" in plan.format_plan(plans["16gb"])
+    # The table: V x D x 2 bytes in bfloat16, V x D + a float32 scale per
+    # row in int8.
+    v, d = p["model"]["vocab_size"], p["model"]["hidden_dim"]
+    emb = [plans[arg]["base_bytes"]["embedding"] for arg in (None, "16gb")]
+    assert emb[0] - emb[1] == v * d * 2 - (v * d + 4 * v)
+
+
 def test_expert_lora_counted_per_expert():
     """Expert-bank adapters (one pair per expert) count E pairs: plan's
     adapter parameters and variable list equal the built model's."""
