@@ -178,9 +178,10 @@ SCRIPT = textwrap.dedent("""
         "loss_norm": np.full((1,), b * t, "float32"),
     }
 
-    def loss_and_grads(mode):
+    def loss_and_grads(mode, embedding="none"):
         c = config_lib.get_config("tiny", "qlora", "runlocal")
         c.model.preset, c.model.dtype = ckpt, "float32"
+        c.quant.embedding = embedding
         c.distribution.mode, c.distribution.model_parallel = mode, 4
         c.lora.dropout = 0.0
         # The dispatch `auto` runs on a mesh (model/moe.py), on both sides:
@@ -229,18 +230,32 @@ SCRIPT = textwrap.dedent("""
         ]
 
     rows, p = layout(model), plan.plan(c, devices=8)
+    # The int8 tied embedding (quant.embedding=int8): values and row scales
+    # split by row, its vocabulary tiles read on the mesh.
+    _, _, int8_loss, int8_grads, _ = loss_and_grads("none", "int8")
+    c8, int8_model, int8_mesh_loss, int8_mesh_grads, _ = loss_and_grads("model", "int8")
+    int8_grad_err = max(
+        float(np.abs(a - g).max() / (np.abs(a).max() + 1e-30))
+        for a, g in zip(int8_grads, int8_mesh_grads)
+    )
     # Keras' int4 Dense kernels and scales, placed by the same rules.
     c.quant.mode = "int4"
     int4 = presets.load_training_model(c)[0]
     json.dump({"vars": rows, "plan": p["per_device"], "mesh": p["mesh"],
                "int4": layout(int4), "int4_plan": plan.plan(c, devices=8)["per_device"],
                "losses": [one_loss, mesh_loss], "grad_err": grad_err,
+               "int8": layout(int8_model),
+               "int8_plan": plan.plan(c8, devices=8)["per_device"],
+               "int8_losses": [int8_loss, int8_mesh_loss],
+               "int8_grad_err": int8_grad_err,
                "xla_bytes": [one_mem, mesh_mem]},
               open(f"{out}/layout.json", "w"))
 """)
 
 
-@pytest.mark.slow  # two compiled value_and_grad steps, one over 8 fake devices
+# Four compiled value_and_grad steps (float and int8 embedding), two over 8
+# fake devices.
+@pytest.mark.slow
 def test_qlora_moe_ple_on_a_2x4_mesh(tmp_path):
     ckpt = tiny.write_checkpoint(
         tmp_path / "ckpt", tiny.tiny_hf_config(ple=True, moe=True, **WIDE)
@@ -282,7 +297,16 @@ def test_qlora_moe_ple_on_a_2x4_mesh(tmp_path):
         "block_0_experts_down/absmax_offset",
     ):
         assert path in split, path
-    placed = ((rows, facts["plan"]), (facts["int4"], facts["int4_plan"]))
+    one8, mesh8 = facts["int8_losses"]
+    assert mesh8 == pytest.approx(one8, rel=1e-5) and facts["int8_grad_err"] < 1e-4
+    int8 = {r["path"]: r for r in facts["int8"]}
+    for path in ("gemma4_lora_model/embedding", "gemma4_lora_model/embedding_scale"):
+        assert not int8[path]["replicated"], path
+    placed = (
+        (rows, facts["plan"]),
+        (facts["int4"], facts["int4_plan"]),
+        (facts["int8"], facts["int8_plan"]),
+    )
     for variables, estimate in placed:
         held = sum(r["per_device"][0] for r in variables)
         assert held == estimate["base"] + estimate["adapters"]
