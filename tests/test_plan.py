@@ -317,6 +317,14 @@ def test_plan_models_routed_and_dense_moe(tmp_path):
     assert routed["activation_bytes"][act] < dense["activation_bytes"][act] / 2
     c.quant.mode, c.model.moe_dispatch = "none", "auto"
     assert plan.plan(c, accelerator_name="h100")["run"]["moe_kernel"] == "ragged"
+    # On a mesh: each device routes its own tokens where it holds every
+    # expert (data parallel, `moe.per_shard`); banks split over a model
+    # axis run dense.
+    c.quant.mode, c.train.batch_size = "nf4", 8
+    c.distribution.mode = "data"
+    assert plan.plan(c, accelerator_name="v5e-8")["run"]["moe_kernel"] == "blocks"
+    c.distribution.mode, c.distribution.model_parallel = "model", 8
+    assert plan.plan(c, accelerator_name="v5e-8")["run"]["moe_kernel"] == "dense"
 
 
 def test_plan_models_moe_token_chunks(tmp_path):

@@ -25,8 +25,11 @@ probability and the expert's `per_expert_scale`. Two ways to compute it
 `auto` (the default) is `ragged` on GPU / TPU for a float bank and
 `blocks` elsewhere: on CPU, and for an NF4 bank everywhere, whose experts
 are dequantised only where a block uses them (`ragged_dot` needs the whole
-bank in float); under a Keras distribution (a mesh) it is still `dense`
-(see `kernel`).
+bank in float). On a mesh whose devices each hold every expert (data
+parallel: `distribution.mode=data`, or a model axis of 1) each device routes
+its own tokens (`jax.shard_map` over the batch axis, `per_shard`); where
+the banks are split by expert over a model axis, `auto` is `dense` (see
+`kernel`).
 
 Example:
 
@@ -81,13 +84,14 @@ def kernel(
     """The kernel `dispatch` runs on `backend` (default: JAX's) for a float
     (`nf4=False`) or NF4 bank: ragged | blocks | dense.
 
-    `distributed` (a Keras distribution is set: a data or model mesh): auto
-    keeps the dense dispatch there. The routed kernels sort every token of
-    the global batch by expert and index expert-sharded banks with a traced
-    expert id, which GSPMD may turn into cross-device gathers; that is not
-    measured yet (the tiny 2 x 4 mesh of `tests/test_sharding.py` ran the
-    routed step at 2.89 MiB of temporaries per device, dense 3.10, too small
-    to tell). Routing per shard (`shard_map`) is to come.
+    `distributed`: the banks are split by expert over a model axis (a
+    Keras distribution with a model axis of more than one device): auto
+    keeps the dense dispatch there. The routed kernels index expert-sharded
+    banks with a traced expert id, which GSPMD may turn into cross-device
+    gathers of the banks; not measured yet (the tiny 2 x 4 mesh of
+    `tests/test_sharding.py` ran the routed step at 2.89 MiB of temporaries
+    per device, dense 3.10, too small to tell). Where every device holds
+    every expert (data parallel), each routes its own tokens (`per_shard`).
 
     >>> kernel("auto", False, "gpu"), kernel("auto", True, "gpu")
     ('ragged', 'blocks')
@@ -212,17 +216,76 @@ def experts(
     take at most this many tokens at a time (`routed_in_chunks`).
     """
     nf4 = isinstance(banks["experts_gate"], quant_lib.NF4Weight)
-    how = kernel(
-        dispatch, nf4, distributed=keras.distribution.distribution() is not None
-    )
+    distribution = keras.distribution.distribution()
+    shards = token_shards(distribution)
+    split = distribution is not None and shards is None
+    how = kernel(dispatch, nf4, distributed=split)
     expert_scale = jnp.asarray(expert_scale)
     if how == "dense":
         return dense(m, top_p, top_i, banks, expert_scale, lora)
+    if shards is not None:
+        return per_shard(
+            shards, m, top_p, top_i, banks, expert_scale, how, lora, token_chunk
+        )
+    return _routed(m, top_p, top_i, banks, expert_scale, how, lora, token_chunk)
+
+
+def _routed(m, top_p, top_i, banks, expert_scale, how, lora, token_chunk):
+    """`routed`, over chunks of tokens when `token_chunk` asks for them."""
     if chunks(m.shape[0], token_chunk) > 1:
         return routed_in_chunks(
             m, top_p, top_i, banks, expert_scale, how, lora, token_chunk
         )
     return routed(m, top_p, top_i, banks, expert_scale, how, lora)
+
+
+def token_shards(distribution) -> tuple[Any, str] | None:
+    """(JAX mesh, batch axis) of a Keras distribution whose devices each
+    hold every expert (only the batch axis has more than one device), or
+    None (no distribution, or banks split over a model axis)."""
+    if distribution is None:
+        return None
+    mesh = distribution.device_mesh
+    batch = getattr(distribution, "batch_dim_name", mesh.axis_names[0])
+    sizes = dict(zip(mesh.axis_names, mesh.shape, strict=True))
+    if any(n > 1 for name, n in sizes.items() if name != batch):
+        return None
+    return mesh.backend_mesh, batch
+
+
+def per_shard(
+    shards, m, top_p, top_i, banks, expert_scale, how: str, lora, token_chunk: int
+) -> jax.Array:
+    """`routed` on each device's own tokens (`jax.shard_map` over the batch
+    axis of `shards`, `token_shards`); the banks, their scales and the
+    expert adapters are whole on every device.
+
+    Under GSPMD alone the routed kernels sort every token of the global
+    batch by expert: each device would gather and compute all of them. Per
+    shard each sorts and multiplies its own T / devices tokens; the adapter
+    gradients are summed over the devices by `shard_map`'s transpose. The
+    result equals one device's (`tests/test_moe_routed.py`).
+    """
+    mesh, axis = shards
+    lora = lora or {}
+    scales = {name: scale for name, (_, _, scale) in lora.items()}
+    factors = {name: (a, b) for name, (a, b, _) in lora.items()}
+
+    def local(m, top_p, top_i, banks, expert_scale, factors):
+        adapters = {name: (*ab, scales[name]) for name, ab in factors.items()}
+        return _routed(m, top_p, top_i, banks, expert_scale, how, adapters, token_chunk)
+
+    tokens, whole = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, whole, whole, whole),
+        out_specs=tokens,
+        # The custom VJPs inside (`remat_chunks`) return cotangents of the
+        # whole-on-every-device adapters without a varying-axis type;
+        # unchecked, shard_map's transpose sums them over the devices.
+        check_vma=False,
+    )(m, top_p, top_i, banks, expert_scale, factors)
 
 
 def check_token_chunk(token_chunk: int) -> None:

@@ -768,16 +768,17 @@ def fits(total: float, memory: float) -> bool:
 # The plan.
 
 
-def moe_kernel(config, target: tuple | None, devices: int) -> str:
+def moe_kernel(config, target: tuple | None, model_devices: int) -> str:
     """The MoE kernel a run of `config` uses on the planned device (`target`,
-    an `accelerator()`; None: this machine) over `devices` devices (a mesh:
-    dense, `moe.kernel`): ragged | blocks | dense."""
+    an `accelerator()`; None: this machine) with the banks split over
+    `model_devices` devices (more than one: dense, `moe.kernel`; a data
+    mesh routes each device's tokens): ragged | blocks | dense."""
     if target is None:
         backend = jax.default_backend()
     else:
         backend = "tpu" if target[0].startswith("v5") else "gpu"
     nf4 = config.quant.mode == "nf4"
-    return moe.kernel(str(config.model.moe_dispatch), nf4, backend, devices > 1)
+    return moe.kernel(str(config.model.moe_dispatch), nf4, backend, model_devices > 1)
 
 
 # ----------------------------------------------------------------------------
@@ -972,7 +973,7 @@ def plan(
             else 1,
         )
     mesh = device_mesh(config.distribution, int(devices))
-    how = moe_kernel(config, target, mesh["devices"])
+    how = moe_kernel(config, target, mesh["model"])
     moe_chunk = int(config.model.moe_token_chunk)
     act = activation_bytes(spec, lora, batch, seq, s, attn_chunk, how, moe_chunk)
     base = base_bytes(spec, quant, st)
