@@ -133,9 +133,10 @@ def random_factors(preset: str, lora_spec, seed: int = 0) -> dict:
     factors = {}
     for layer, target in lora_spec.sites(spec):
         din, dout = spec.projection_shape(layer, target)
+        lead = (e,) if (e := spec.adapter_experts(target)) else ()  # per expert
         factors[(layer, target)] = (
-            rng.normal(0, 0.2, (din, lora_spec.rank)).astype(np.float32),
-            rng.normal(0, 0.2, (lora_spec.rank, dout)).astype(np.float32),
+            rng.normal(0, 0.2, (*lead, din, lora_spec.rank)).astype(np.float32),
+            rng.normal(0, 0.2, (*lead, lora_spec.rank, dout)).astype(np.float32),
         )
     return factors
 

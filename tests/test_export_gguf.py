@@ -190,20 +190,6 @@ def test_moe_expert_lora_merged_into_every_expert(tmp_path_factory):
             assert np.abs(want - base[f"model.layers.{i}.{key}"]).max() > 1e-3
 
 
-def test_gguf_lora_refuses_expert_targets(tmp_path):
-    """gguf-lora stops before reading anything when the run adapts expert
-    banks, naming them and the formats that carry them."""
-    preset = variant_preset(moe=True)
-    config = config_for(preset)
-    config.lora = {"targets": "q_proj,experts.down_proj"}
-    with pytest.raises(
-        ExportError, match=r"gguf-lora.*experts\.down_proj.*--format=gguf"
-    ):
-        commands.export(
-            config, str(tmp_path / "nowhere"), "gguf-lora", str(tmp_path / "o")
-        )
-
-
 @pytest.fixture(scope="module", params=["base", "run"])
 def templated_small(request, tmp_path_factory):
     """A merged f32 GGUF of a trained model whose chat template is the small one:
@@ -480,3 +466,68 @@ def test_gguf_chat_template_renders_tool_conversations_like_the_package(
         **flags,
     )
     assert got == want == case["expected"]
+
+
+# ----------------------------------------------------------------------------
+# gguf-lora with expert-bank targets (26B-A4B's experts.gate_up_proj /
+# experts.down_proj): one (lora_a, lora_b) pair per expert, 3-D.
+
+
+@pytest.fixture(scope="module")
+def moe_lora_run(tmp_path_factory):
+    """Every projection and both expert banks adapted, on the tiny MoE base."""
+    preset = variant_preset(moe=True)
+    spec = LoraSpec(rank=4, alpha=8.0, targets=config_lib.LORA_TARGETS + EXPERT_TARGETS)
+    factors = random_factors(preset, spec, seed=7)
+    root = tmp_path_factory.mktemp("gguf_moe_lora")
+    workdir = factor_workdir(str(root), preset, spec, factors)
+    lora_dir = commands.export(
+        config_for(preset), workdir, "gguf-lora", str(root / "lora"), gguf_type="f32"
+    )
+    merged_dir = commands.export(
+        config_for(preset), workdir, "gguf", str(root / "merged"), gguf_type="f32"
+    )
+    return preset, spec, factors, lora_dir, merged_dir
+
+
+def test_gguf_lora_expert_tensors_are_per_expert_pairs(moe_lora_run):
+    """`blk.N.ffn_gate_up_exps.weight.lora_a` (E, r, in) and `.lora_b`
+    (E, out, r): each expert's A and B transposed, B times the adapter's
+    scale (alpha / r = 2) and, for down_proj, the expert's own scale
+    (`router.per_expert_scale`, which llama.cpp applies to the base product
+    only)."""
+    preset, spec, factors, lora_dir, _ = moe_lora_run
+    reader = gguf.GGUFReader(os.path.join(lora_dir, "adapter-f32.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert len(names) == 2 * len(factors)
+    per_expert = load_file(os.path.join(preset, "model.safetensors"))[
+        "model.layers.1.router.per_expert_scale"
+    ]
+    assert np.abs(per_expert - 1).max() > 0.01  # a scale that shows
+    for target, stem, scale in (
+        ("experts.gate_up_proj", "ffn_gate_up_exps", np.ones_like(per_expert)),
+        ("experts.down_proj", "ffn_down_exps", per_expert),
+    ):
+        a, b = factors[(1, target)]
+        got_a = _tensor(reader, f"blk.1.{stem}.weight.lora_a")
+        got_b = _tensor(reader, f"blk.1.{stem}.weight.lora_b")
+        np.testing.assert_array_equal(got_a, np.swapaxes(a, 1, 2))
+        want_b = np.swapaxes(b, 1, 2) * 2.0 * scale[:, None, None]
+        np.testing.assert_allclose(got_b, want_b, rtol=1e-6)
+
+
+def test_llama_cpp_base_plus_expert_gguf_lora_equals_merged(moe_lora_run):
+    """llama.cpp applies the expert pairs (`build_lora_mm_id`): base +
+    adapter answers as the merged GGUF (every expert merged) does, and the
+    expert pairs are not a no-op: without them the answer moves."""
+    preset, spec, factors, lora_dir, merged_dir = moe_lora_run
+    tokens = [int(t) for t in np.asarray(TOKENS).reshape(-1)]
+
+    def logprobs(model, lora=None):
+        return llama_logprobs(llama_server(model, lora_path=lora), tokens, 1024)
+
+    want = logprobs(os.path.join(merged_dir, "model-f32.gguf"))
+    base = os.path.join(lora_dir, "base-f32.gguf")
+    got = logprobs(base, os.path.join(lora_dir, "adapter-f32.gguf"))
+    assert rel_err(got, want) < 1e-3, rel_err(got, want)
+    assert (got.argmax(-1) == want.argmax(-1)).all()

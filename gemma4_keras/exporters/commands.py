@@ -377,8 +377,6 @@ def export(
     """
 
     _check_options(fmt, shard_size, gguf_type, dtype)
-    if fmt == "gguf-lora" and "lora" in config:  # before anything is read
-        gguf_lib.check_lora_targets(config_lib.parse_list(config.lora.targets))
     if not os.path.isdir(workdir):
         raise ExportError(
             f"--workdir={workdir}: no such directory; point it at a finished run"
@@ -560,6 +558,7 @@ def _write(tmp: str, job: dict) -> list[str]:
             lora_spec=job["lora_spec"],
             factors=job["factors"],
             gguf_type=job["gguf_type"],
+            base_dir=job["base_dir"],
         )
     return gguf_lib.write_gguf(tmp, factors=job["factors"], **merged)
 

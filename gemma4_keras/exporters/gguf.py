@@ -45,7 +45,7 @@ import tqdm
 from gemma4_keras.exporters import hf
 from gemma4_keras.exporters.hf import ExportError
 from gemma4_keras.model import hub, lora, safetensors_io, schema
-from gemma4_keras.model.spec import is_expert_target, module_name
+from gemma4_keras.model.spec import module_name
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 _NEEDS_LLAMA_CPP = ("q4_k_m",)
@@ -456,20 +456,32 @@ def write_gguf(
     return [fname]
 
 
-def check_lora_targets(targets) -> None:
-    """Refuses expert-bank targets for `gguf-lora`: what layout llama.cpp's
-    LoRA loader expects for adapters on Gemma 4's fused 3-D expert banks is
-    not verifiable here (no llama.cpp sources or binary in the test
-    environment), so none is invented. The merged GGUF carries them."""
-    experts = [t for t in targets if is_expert_target(t)]
-    if experts:
+# The expert target whose GGUF LoRA carries the per-expert scale.
+_EXPERTS_DOWN = "experts.down_proj"
+
+
+def _down_expert_scales(base_dir: str | None, factors) -> dict[int, np.ndarray]:
+    """{layer: `router.per_expert_scale` [E] float32} of the layers whose
+    `experts.down_proj` the adapter targets, read from the base's
+    safetensors (`write_gguf_lora`)."""
+    layers = sorted({layer for layer, target in factors if target == _EXPERTS_DOWN})
+    if not layers:
+        return {}
+    if base_dir is None:
         raise ExportError(
-            f"--format=gguf-lora: the adapter has expert-bank targets "
-            f"({', '.join(experts)}); a GGUF LoRA of MoE expert banks is not "
-            "written (llama.cpp's layout for it is unverified here). Export "
-            "--format=gguf (the adapter merged into every expert) or "
-            "--format=peft instead"
+            "--format=gguf-lora with experts.down_proj targets needs the base's "
+            "safetensors (a local Hugging Face directory) for its per-expert scales"
         )
+    base_config = hf.read_base_config(base_dir)
+    prefix = hf.PREFIXES[hf.base_layout(base_config)]
+    refs = safetensors_io.tensor_refs(base_dir)
+    row = schema.row("expert_scale")
+    return {
+        layer: np.asarray(
+            safetensors_io.read_tensor(refs[prefix + row.hf_name(layer)]), np.float32
+        )
+        for layer in layers
+    }
 
 
 def write_gguf_lora(
@@ -480,6 +492,7 @@ def write_gguf_lora(
     lora_spec,
     factors,
     gguf_type: str = "f16",
+    base_dir: str | None = None,
 ) -> list[str]:
     """Writes `adapter-<type>.gguf`: the LoRA adapter for llama.cpp / Ollama.
 
@@ -489,7 +502,17 @@ def write_gguf_lora(
     (numpy order). llama.cpp scales by `alpha / r` and ignores PEFT's
     `use_rslora`, so the adapter's own scale (alpha / r, or alpha / sqrt(r)
     with rsLoRA) is folded into `lora_b` and `alpha` is written as `r`
-    (scale 1). No base weights are read: only the base's config (for names).
+    (scale 1).
+
+    Expert-bank targets (26B-A4B) are one pair per expert, 3-D: `lora_a`
+    (E, r, in) and `lora_b` (E, out, r), which llama.cpp's
+    `build_lora_mm_id` multiplies for each token's selected experts. Its
+    Gemma 4 graph applies `ffn_down_exps.scale` (HF's
+    `router.per_expert_scale`) to the base product only, so each expert's
+    `experts.down_proj` B is multiplied by its scale here; that is the only
+    base weight read (from `base_dir`'s safetensors). Checked against
+    llama-server (xllamacpp): base + adapter answers as the merged GGUF
+    (`tests/test_export_gguf.py`).
 
     Returns:
         The file names written.
@@ -501,7 +524,6 @@ def write_gguf_lora(
       # (the export writes the base too: write_gguf(..., factors={}, stem="base"))
     """
     check_type(gguf_type)
-    check_lora_targets(lora_spec.targets)
     gguf = _import_gguf()
     spec = hub.spec_from_config(hub.backbone_kwargs(config_json))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, spec.num_layers)
@@ -514,10 +536,18 @@ def write_gguf_lora(
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_spec.rank))
     writer.add_name(os.path.basename(os.path.normpath(str(preset))) + "-lora")
+    expert_scales = _down_expert_scales(base_dir, factors)
     for (layer, target), (a, b) in sorted(factors.items()):
         base = gguf_name(f"model.{module_name(layer, target)}.weight", names)
-        lora_a = np.ascontiguousarray(np.asarray(a, np.float32).T)
-        lora_b = np.ascontiguousarray(np.asarray(b, np.float32).T * scale)
+        if layer in expert_scales and target == _EXPERTS_DOWN:
+            b = np.asarray(b, np.float32) * expert_scales[layer][:, None, None]
+        # (in, r) -> (r, in) and (r, out) -> (out, r); an expert target's
+        # (E, in, r) and (E, r, out) per expert, as llama.cpp's
+        # `build_lora_mm_id` multiplies the selected experts' pairs.
+        lora_a = np.ascontiguousarray(np.swapaxes(np.asarray(a, np.float32), -1, -2))
+        lora_b = np.ascontiguousarray(
+            np.swapaxes(np.asarray(b, np.float32), -1, -2) * scale
+        )
         for suffix, value in ((".lora_a", lora_a), (".lora_b", lora_b)):
             data, raw = _encode(gguf, value, gguf_type)
             writer.add_tensor(base + suffix, data, raw_dtype=raw)
