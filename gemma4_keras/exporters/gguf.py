@@ -456,15 +456,17 @@ def write_gguf(
     return [fname]
 
 
-# The expert target whose GGUF LoRA carries the per-expert scale.
-_EXPERTS_DOWN = "experts.down_proj"
+def _is_experts_down(target: str) -> bool:
+    """Whether `target` is the expert bank whose GGUF LoRA carries the
+    per-expert scale (HF's experts' down projection, row `experts_down`)."""
+    return [r.name for r in schema.target_rows(target)] == ["experts_down"]
 
 
 def _down_expert_scales(base_dir: str | None, factors) -> dict[int, np.ndarray]:
     """{layer: `router.per_expert_scale` [E] float32} of the layers whose
     `experts.down_proj` the adapter targets, read from the base's
     safetensors (`write_gguf_lora`)."""
-    layers = sorted({layer for layer, target in factors if target == _EXPERTS_DOWN})
+    layers = sorted({layer for layer, target in factors if _is_experts_down(target)})
     if not layers:
         return {}
     if base_dir is None:
@@ -539,7 +541,7 @@ def write_gguf_lora(
     expert_scales = _down_expert_scales(base_dir, factors)
     for (layer, target), (a, b) in sorted(factors.items()):
         base = gguf_name(f"model.{module_name(layer, target)}.weight", names)
-        if layer in expert_scales and target == _EXPERTS_DOWN:
+        if layer in expert_scales and _is_experts_down(target):
             b = np.asarray(b, np.float32) * expert_scales[layer][:, None, None]
         # (in, r) -> (r, in) and (r, out) -> (out, r); an expert target's
         # (E, in, r) and (E, r, out) per expert, as llama.cpp's
