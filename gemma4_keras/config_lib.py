@@ -354,9 +354,7 @@ def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
         if switch == "runlocal":
             _shrink_to_tiny(c)
         elif switch == "16gb":
-            for field, value in LOW_MEMORY.items():
-                section, name = field.split(".")
-                c[section][name] = value
+            _set_fields(c, LOW_MEMORY)
         elif switch in ("embedded", "tools"):
             if c.size != "tiny":
                 raise ConfigError(
@@ -364,16 +362,27 @@ def _apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
                     f"size {c.size!r} has none (use runlocal)"
                 )
             fields = EMBEDDED_DEFAULT if switch == "embedded" else TOOLS_DEFAULT
-            for field, value in fields.items():
-                # A smoke run keeps only the data of the switch (long enough rows).
-                if "runlocal" not in switches or field.startswith("data."):
-                    section, name = field.split(".")
-                    c[section][name] = value
+            # A smoke run keeps only the data of the switch (long enough rows).
+            _set_fields(
+                c,
+                {
+                    f: v
+                    for f, v in fields.items()
+                    if "runlocal" not in switches or f.startswith("data.")
+                },
+            )
         else:
             raise ConfigError(
                 f"unknown config switch {switch!r}; known switches: runlocal, "
                 "16gb, embedded, tools"
             )
+
+
+def _set_fields(c: ml_collections.ConfigDict, fields: dict[str, object]) -> None:
+    """Sets each `section.name` field of `fields` in `c`."""
+    for field, value in fields.items():
+        section, name = field.split(".")
+        c[section][name] = value
 
 
 def _shrink_to_tiny(c: ml_collections.ConfigDict) -> None:

@@ -252,6 +252,18 @@ def test_train_step_temp_memory_is_under_a_tenth_of_full_logits():
     assert chunked <= 2 * chunk * vocab * 4, chunked
 
 
+def _mean_and_grad(hidden, embedding, targets, weights, chunk_size=16):
+    """(mean chunked loss, its d(hidden)), jitted."""
+
+    def mean(h):
+        total, count = loss_lib.chunked_cross_entropy(
+            h, embedding, targets, weights, chunk_size=chunk_size
+        )
+        return total / count
+
+    return jax.jit(jax.value_and_grad(mean))(hidden)
+
+
 def test_narrower_stored_embedding_equals_its_float32_copy():
     """A bfloat16 embedding under float32 hidden states (a bfloat16
     checkpoint, float32 compute) gives the loss and d(hidden) of its
@@ -260,13 +272,7 @@ def test_narrower_stored_embedding_equals_its_float32_copy():
     stored = embedding.astype(jnp.bfloat16)
 
     def value_and_grad(e):
-        def mean(h):
-            total, count = loss_lib.chunked_cross_entropy(
-                h, e, targets, weights, chunk_size=16
-            )
-            return total / count
-
-        return jax.jit(jax.value_and_grad(mean))(hidden)
+        return _mean_and_grad(hidden, e, targets, weights)
 
     (loss, d_h), (ref, ref_d_h) = (
         value_and_grad(stored),
@@ -320,13 +326,7 @@ def test_int8_table_equals_its_dequantised_copy(monkeypatch, tile, tiles):
     assert loss_lib.int8_tiles(300) == tiles
 
     def value_and_grad(e):
-        def mean(h):
-            total, count = loss_lib.chunked_cross_entropy(
-                h, e, targets, weights, chunk_size=16
-            )
-            return total / count
-
-        return jax.jit(jax.value_and_grad(mean))(hidden)
+        return _mean_and_grad(hidden, e, targets, weights)
 
     (loss, d_h), (ref, ref_d_h) = value_and_grad(table), value_and_grad(dense)
     assert abs(float(loss) / float(ref) - 1) < 1e-6
